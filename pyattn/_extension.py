@@ -1,0 +1,37 @@
+"""The compiled extension ``pyattn._C``: loaded once, its absence reported rather than raised."""
+
+from __future__ import annotations
+
+import functools
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> tuple[object | None, str | None]:
+    try:
+        import torch  # noqa: F401  (the extension links against libtorch)
+
+        from pyattn import _C  # type: ignore[attr-defined]
+    except ImportError as error:
+        return None, f"extension pyattn._C is not built ({error}); reinstall with CUDA and nvcc present"
+    if not getattr(_C, "built_with_cuda", False):
+        return _C, "extension pyattn._C was built without CUDA kernels"
+    return _C, None
+
+
+def unavailable_reason() -> str | None:
+    module, reason = _load()
+    if reason is not None:
+        return reason
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible to torch"
+    return None
+
+
+def extension_module():
+    """The loaded ``pyattn._C`` (raises ImportError with the reason when it is not built)."""
+    module, reason = _load()
+    if module is None:
+        raise ImportError(reason)
+    return module

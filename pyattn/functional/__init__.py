@@ -1,0 +1,15 @@
+"""Functional API: validates once (messages name the argument), builds a dispatch request, calls."""
+
+from pyattn.functional.attention import (  # noqa: F401
+    flash_attention,
+    flash_attention_varlen,
+    scaled_dot_product_attention,
+)
+from pyattn.functional.lstm import lstm, lstm_cell  # noqa: F401
+
+__all__ = ["scaled_dot_product_attention", "flash_attention", "flash_attention_varlen", "lstm", "lstm_cell"]
+
+from pyattn.functional import attention as _attention, lstm as _lstm  # noqa: E402
+
+# name -> function(*same args) returning the dispatch Request the call would make (for explain()).
+REQUEST_BUILDERS = {**_attention.REQUEST_BUILDERS, **_lstm.REQUEST_BUILDERS}

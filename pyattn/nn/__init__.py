@@ -1,0 +1,6 @@
+"""Drop-in modules: torch's constructor arguments, parameter names and forward signatures."""
+
+from pyattn.nn.attention import MultiheadAttention  # noqa: F401
+from pyattn.nn.lstm import LSTM, LSTMCell  # noqa: F401
+
+__all__ = ["LSTM", "LSTMCell", "MultiheadAttention"]

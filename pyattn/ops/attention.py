@@ -1,0 +1,1 @@
+"""Attention ops: reference registration and the Triton custom ops with their autograd."""

@@ -1,0 +1,1 @@
+"""LSTM ops of the CUDA extension (pyattn._C): fake kernels, autograd, dispatch registration."""
