@@ -9,7 +9,11 @@ from pyattn.functional.lstm import lstm, lstm_cell  # noqa: F401
 
 __all__ = ["scaled_dot_product_attention", "flash_attention", "flash_attention_varlen", "lstm", "lstm_cell"]
 
-from pyattn.functional import attention as _attention, lstm as _lstm  # noqa: E402
+import sys as _sys  # noqa: E402
 
 # name -> function(*same args) returning the dispatch Request the call would make (for explain()).
-REQUEST_BUILDERS = {**_attention.REQUEST_BUILDERS, **_lstm.REQUEST_BUILDERS}
+# (Through sys.modules: the names `lstm` etc. here are the functions, not the submodules.)
+REQUEST_BUILDERS = {
+    **_sys.modules["pyattn.functional.attention"].REQUEST_BUILDERS,
+    **_sys.modules["pyattn.functional.lstm"].REQUEST_BUILDERS,
+}
