@@ -1,11 +1,457 @@
-"""LSTM functional API (in progress)."""
+"""LSTM functional API: ``torch.nn.LSTMCell`` / ``torch.nn.LSTM`` semantics on pyattn's dispatched ops.
 
-REQUEST_BUILDERS: dict = {}
+    lstm_cell(input, hx, weight_ih, weight_hh, bias_ih=None, bias_hh=None) -> (h', c')
+    lstm(input, hx, params, *, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+         training=False, bidirectional=False, proj_size=0) -> (output, (h_n, c_n))
+
+Every argument is validated here, once, with messages that name it; the dispatch ops below
+(``lstm_cell``, ``lstm_layer``, see ``pyattn/ops/lstm.py``) trust what they are given. Gate order and
+math are torch's: (i, f, g, o); c' = σ(f)c + σ(i)tanh(g); h' = σ(o)tanh(c') (then h'·W_hrᵀ).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.utils.rnn import PackedSequence
+
+from pyattn import _dispatch
+
+__all__ = ["lstm_cell", "lstm"]
 
 
-def lstm_cell(*args, **kwargs):
-    raise NotImplementedError
+def _size(tensor: torch.Tensor) -> tuple[int, ...]:
+    return tuple(tensor.shape)
 
 
-def lstm(*args, **kwargs):
-    raise NotImplementedError
+def _require_tensor(value, name: str) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(value).__name__}")
+
+
+def _autocast_dtype(device: torch.device, op: str) -> torch.dtype | None:
+    """The dtype torch's autocast would run this op in on ``device``, or None when it would not cast."""
+    if device.type not in ("cpu", "cuda"):
+        return None
+    # Torch's CPU autocast lists the sequence LSTM but leaves lstm_cell in fp32; its CUDA one lists both.
+    if op == "lstm_cell" and device.type == "cpu":
+        return None
+    if not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)
+
+
+def _check_matches_input(input: torch.Tensor, named: list[tuple[str, torch.Tensor]], check_dtype: bool) -> None:
+    for name, tensor in named:
+        if check_dtype and tensor.dtype != input.dtype:
+            raise ValueError(
+                f"{name} dtype ({tensor.dtype}) does not match input dtype ({input.dtype}); "
+                f"convert one of them (e.g. input.to({tensor.dtype}) or the module .to({input.dtype}))"
+            )
+        if tensor.device != input.device:
+            raise RuntimeError(f"{name} is on {tensor.device} but input is on {input.device}; move them to one device")
+
+
+def _cast_all(tensors, dtype: torch.dtype | None):
+    if dtype is None:
+        return tensors
+    return [None if t is None else t.to(dtype) for t in tensors]
+
+
+def _kernel_context(autocast_dtype: torch.dtype | None, device: torch.device):
+    # The kernels choose their own precision (fp32 gate math); autocast must not re-cast inside them.
+    if autocast_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# lstm_cell
+
+
+@dataclass(frozen=True)
+class _CellShape:
+    batched: bool
+    batch: int
+    hidden_size: int
+    autocast_dtype: torch.dtype | None
+    request: _dispatch.Request
+
+
+def _validate_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh) -> _CellShape:
+    _require_tensor(input, "input")
+    _require_tensor(weight_ih, "weight_ih")
+    _require_tensor(weight_hh, "weight_hh")
+    if input.dim() not in (1, 2):
+        raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
+    batched = input.dim() == 2
+    if weight_ih.dim() != 2 or weight_ih.size(0) % 4 != 0:
+        raise RuntimeError(f"weight_ih must have shape (4 * hidden_size, input_size), got {_size(weight_ih)}")
+    hidden_size, input_size = weight_ih.size(0) // 4, weight_ih.size(1)
+    if _size(weight_hh) != (4 * hidden_size, hidden_size):
+        raise RuntimeError(
+            f"weight_hh must have shape (4 * hidden_size, hidden_size) = {(4 * hidden_size, hidden_size)} "
+            f"(hidden_size from weight_ih), got {_size(weight_hh)}"
+        )
+    named = [("weight_ih", weight_ih), ("weight_hh", weight_hh)]
+    for name, bias in (("bias_ih", bias_ih), ("bias_hh", bias_hh)):
+        if bias is None:
+            continue
+        _require_tensor(bias, name)
+        if _size(bias) != (4 * hidden_size,):
+            raise RuntimeError(f"{name} must have shape (4 * hidden_size,) = ({4 * hidden_size},), got {_size(bias)}")
+        named.append((name, bias))
+    if input.size(-1) != input_size:
+        raise RuntimeError(f"input has inconsistent input_size: got {input.size(-1)} expected {input_size}")
+    batch = input.size(0) if batched else 1
+    if hx is not None:
+        if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+            raise TypeError(f"hx must be None or a pair (h, c) of tensors, got {type(hx).__name__}")
+        for index, (name, state) in enumerate(zip(("h", "c"), hx)):
+            _require_tensor(state, f"hx[{index}]")
+            if state.dim() not in (1, 2):
+                raise ValueError(f"LSTMCell: Expected hx[{index}] to be 1D or 2D, got {state.dim()}D instead")
+            expected = (batch, hidden_size) if batched else (hidden_size,)
+            if _size(state) != expected:
+                layout = "(batch, hidden_size)" if batched else "(hidden_size,) for unbatched input"
+                raise RuntimeError(f"hx[{index}] ({name}) must have shape {layout} = {expected}, got {_size(state)}")
+            named.append((f"hx[{index}]", state))
+    autocast_dtype = _autocast_dtype(input.device, "lstm_cell")
+    _check_matches_input(input, named, check_dtype=autocast_dtype is None)
+    dtype = autocast_dtype if autocast_dtype is not None else input.dtype
+    request = _dispatch.Request(op="lstm_cell", device=input.device, dtype=dtype)
+    return _CellShape(batched, batch, hidden_size, autocast_dtype, request)
+
+
+def lstm_cell_request(input, hx, weight_ih, weight_hh, bias_ih=None, bias_hh=None) -> _dispatch.Request:
+    """The dispatch request :func:`lstm_cell` would make (validates; reads no tensor data)."""
+    return _validate_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh).request
+
+
+def lstm_cell(
+    input: torch.Tensor,
+    hx: tuple[torch.Tensor, torch.Tensor] | None,
+    weight_ih: torch.Tensor,
+    weight_hh: torch.Tensor,
+    bias_ih: torch.Tensor | None = None,
+    bias_hh: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One LSTM step, as ``torch.nn.LSTMCell``.
+
+    Args:
+        input: (B, I) or unbatched (I,).
+        hx: ``(h, c)`` each (B, H) (or (H,) when unbatched), or None for zeros.
+        weight_ih: (4H, I); weight_hh: (4H, H); bias_ih, bias_hh: (4H,) or None. Gate order (i, f, g, o).
+
+    Returns:
+        ``(h', c')`` each (B, H) (or (H,)), in the input dtype; fp16/bf16 gate math runs in fp32.
+        Under autocast on CUDA the step runs in the autocast dtype, as torch's does.
+    """
+    shape = _validate_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh)
+    _, implementation = _dispatch.choose(shape.request)
+    if not shape.batched:
+        input = input.unsqueeze(0)
+    if hx is None:
+        zeros = input.new_zeros(shape.batch, shape.hidden_size, dtype=shape.request.dtype)
+        h, c = zeros, zeros
+    else:
+        h, c = hx if shape.batched else (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
+    input, h, c, weight_ih, weight_hh, bias_ih, bias_hh = _cast_all(
+        [input, h, c, weight_ih, weight_hh, bias_ih, bias_hh], shape.autocast_dtype
+    )
+    with _kernel_context(shape.autocast_dtype, input.device):
+        hy, cy = implementation(input, h, c, weight_ih, weight_hh, bias_ih, bias_hh)
+    if not shape.batched:
+        hy, cy = hy.squeeze(0), cy.squeeze(0)
+    return hy, cy
+
+
+# ---------------------------------------------------------------------------------------------------
+# lstm (multi-layer, bidirectional, packed)
+
+@dataclass(frozen=True)
+class _SequenceShape:
+    batched: bool
+    steps: int
+    batch: int
+    hidden_size: int
+    output_size: int  # P: proj_size when projecting, else hidden_size
+    directions: int
+    per_direction: int  # tensors in params per (layer, direction)
+    ragged: bool  # a PackedSequence whose lengths differ: the "lengths" feature
+    autocast_dtype: torch.dtype | None
+    request: _dispatch.Request
+
+
+def _parameter_kinds(bias: bool, proj_size: int) -> list[str]:
+    """The tensors of one (layer, direction) in torch's flat order."""
+    biases = ["bias_ih", "bias_hh"] if bias else []
+    return ["weight_ih", "weight_hh", *biases] + (["weight_hr"] if proj_size > 0 else [])
+
+
+def _validate_options(num_layers, bias, batch_first, dropout, training, bidirectional, proj_size) -> None:
+    flags = (("bias", bias), ("batch_first", batch_first), ("training", training), ("bidirectional", bidirectional))
+    for name, flag in flags:
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} should be of type bool, got: {type(flag).__name__}")
+    if not isinstance(num_layers, int) or num_layers <= 0:
+        raise ValueError(f"num_layers must be an int greater than zero, got {num_layers!r}")
+    if not isinstance(proj_size, int) or proj_size < 0:
+        raise ValueError(f"proj_size should be a positive integer or zero to disable projections, got {proj_size!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout <= 1:
+        raise ValueError(f"dropout should be a number in range [0, 1], got {dropout!r}")
+
+
+def _sequence_extent(input, batch_first: bool) -> tuple[torch.Tensor, bool, int, int]:
+    """(data tensor, batched, steps, batch) of a padded, unbatched or packed input."""
+    if isinstance(input, PackedSequence):
+        _require_tensor(input.data, "input.data")
+        if input.data.dim() != 2:
+            raise RuntimeError(f"input (PackedSequence) data must have 2 dimensions, got {input.data.dim()}")
+        return input.data, True, input.batch_sizes.numel(), int(input.batch_sizes[0])
+    _require_tensor(input, "input")
+    if input.dim() not in (2, 3):
+        raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
+    if input.dim() == 2:
+        return input, False, input.size(0), 1
+    steps, batch = (input.size(1), input.size(0)) if batch_first else (input.size(0), input.size(1))
+    return input, True, steps, batch
+
+
+def _validate_params(params, num_layers, directions, bias, proj_size) -> tuple[int, int, list]:
+    """(hidden_size, input_size, [(label, tensor)]) after checking every parameter's shape."""
+    kinds = _parameter_kinds(bias, proj_size)
+    if not isinstance(params, (list, tuple)):
+        raise TypeError(f"params must be a list of tensors, got {type(params).__name__}")
+    expected_count = num_layers * directions * len(kinds)
+    if len(params) != expected_count:
+        raise ValueError(
+            f"params must hold {expected_count} tensors (num_layers={num_layers} x directions={directions} x "
+            f"{len(kinds)} per direction for bias={bias}, proj_size={proj_size}), got {len(params)}"
+        )
+    first = params[0]
+    _require_tensor(first, "params[0] (weight_ih_l0)")
+    if first.dim() != 2 or first.size(0) % 4 != 0 or first.size(0) == 0:
+        raise RuntimeError(
+            f"params[0] (weight_ih_l0) must have shape (4 * hidden_size, input_size), got {_size(first)}"
+        )
+    hidden_size, input_size = first.size(0) // 4, first.size(1)
+    if proj_size >= hidden_size:
+        raise ValueError(f"proj_size has to be smaller than hidden_size ({hidden_size}), got {proj_size}")
+    output_size = proj_size if proj_size > 0 else hidden_size
+    named = []
+    for layer in range(num_layers):
+        expected_shapes = {
+            "weight_ih": (4 * hidden_size, input_size if layer == 0 else output_size * directions),
+            "weight_hh": (4 * hidden_size, output_size),
+            "bias_ih": (4 * hidden_size,),
+            "bias_hh": (4 * hidden_size,),
+            "weight_hr": (proj_size, hidden_size),
+        }
+        for direction in range(directions):
+            start = (layer * directions + direction) * len(kinds)
+            suffix = "_reverse" if direction == 1 else ""
+            for offset, kind in enumerate(kinds):
+                label = f"params[{start + offset}] ({kind}_l{layer}{suffix})"
+                tensor = params[start + offset]
+                _require_tensor(tensor, label)
+                if _size(tensor) != expected_shapes[kind]:
+                    raise RuntimeError(f"{label} must have shape {expected_shapes[kind]}, got {_size(tensor)}")
+                named.append((label, tensor))
+    return hidden_size, input_size, named
+
+
+def _validate_hx(hx, batched: bool, layers: int, batch: int, hidden_size: int, output_size: int) -> list:
+    """[(label, tensor)] of h_0 and c_0 after checking their shapes (empty when hx is None)."""
+    if hx is None:
+        return []
+    if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+        raise TypeError(f"hx must be None or a pair (h_0, c_0) of tensors, got {type(hx).__name__}")
+    _require_tensor(hx[0], "hx[0]")
+    _require_tensor(hx[1], "hx[1]")
+    state_dims = 3 if batched else 2
+    if hx[0].dim() != state_dims or hx[1].dim() != state_dims:
+        kind = "batched 3-D" if batched else "unbatched 2-D"
+        raise RuntimeError(
+            f"For {kind} input, hx and cx should also be {state_dims}-D but got "
+            f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
+        )
+    states = (("h_0", output_size, "proj_size or hidden_size"), ("c_0", hidden_size, "hidden_size"))
+    for index, (name, size, size_name) in enumerate(states):
+        expected = (layers, batch, size) if batched else (layers, size)
+        layout = "(num_layers * num_directions" + (", batch" if batched else "") + f", {size_name})"
+        if _size(hx[index]) != expected:
+            raise RuntimeError(
+                f"Expected hidden[{index}] ({name}) size {layout} = {expected}, got {_size(hx[index])}"
+            )
+    return [("hx[0]", hx[0]), ("hx[1]", hx[1])]
+
+
+def _validate_lstm(
+    input, hx, params, num_layers, bias, batch_first, dropout, training, bidirectional, proj_size
+) -> _SequenceShape:
+    _validate_options(num_layers, bias, batch_first, dropout, training, bidirectional, proj_size)
+    data, batched, steps, batch = _sequence_extent(input, batch_first)
+    if steps == 0:
+        raise RuntimeError("Expected sequence length to be larger than 0 in RNN (input has 0 time steps)")
+    directions = 2 if bidirectional else 1
+    hidden_size, input_size, named = _validate_params(params, num_layers, directions, bias, proj_size)
+    output_size = proj_size if proj_size > 0 else hidden_size
+    if data.size(-1) != input_size:
+        raise RuntimeError(
+            "input.size(-1) must be equal to input_size (weight_ih_l0.size(1)). "
+            f"Expected {input_size}, got {data.size(-1)}"
+        )
+    named += _validate_hx(hx, batched, num_layers * directions, batch, hidden_size, output_size)
+    autocast_dtype = _autocast_dtype(data.device, "lstm")
+    if autocast_dtype is None and params[0].dtype != data.dtype:
+        raise ValueError(
+            f"RNN input dtype ({data.dtype}) does not match weight dtype ({params[0].dtype}). "
+            f"Convert input: input.to({params[0].dtype}), or convert model: model.to({data.dtype})"
+        )
+    _check_matches_input(data, named, check_dtype=autocast_dtype is None)
+
+    # Equal lengths need no masking: such a PackedSequence is served as a dense batch.
+    ragged = isinstance(input, PackedSequence) and int(input.batch_sizes[-1]) != batch
+    features = ({"projection"} if proj_size > 0 else set()) | ({"lengths"} if ragged else set())
+    dtype = autocast_dtype if autocast_dtype is not None else data.dtype
+    request = _dispatch.Request(op="lstm_layer", device=data.device, dtype=dtype, features=frozenset(features))
+    per_direction = len(params) // (num_layers * directions)
+    return _SequenceShape(
+        batched, steps, batch, hidden_size, output_size, directions, per_direction, ragged, autocast_dtype, request
+    )
+
+
+def lstm_request(
+    input, hx, params, *, num_layers=1, bias=True, batch_first=False, dropout=0.0, training=False,
+    bidirectional=False, proj_size=0,
+) -> _dispatch.Request:
+    """The dispatch request of :func:`lstm`'s (first) ``lstm_layer`` call (validates; reads no tensor data)."""
+    return _validate_lstm(
+        input, hx, params, num_layers, bias, batch_first, dropout, training, bidirectional, proj_size
+    ).request
+
+
+def _packed_layout(packed: PackedSequence, device: torch.device):
+    """Where each packed row lives in the padded (T, B) grid, and each sequence's length, in user order.
+
+    Packed rows are time-major; within step t the first ``batch_sizes[t]`` sequences in sorted order
+    take part, and sorted position j is the user's sequence ``sorted_indices[j]``.
+    """
+    batch_sizes = packed.batch_sizes  # always an int64 CPU tensor
+    steps, rows = batch_sizes.numel(), int(batch_sizes.sum())
+    time_index = torch.repeat_interleave(torch.arange(steps), batch_sizes)
+    step_start = torch.cumsum(batch_sizes, 0) - batch_sizes
+    sorted_position = torch.arange(rows) - torch.repeat_interleave(step_start, batch_sizes)
+    sorted_lengths = (batch_sizes[None, :] > torch.arange(int(batch_sizes[0]))[:, None]).sum(1)
+    if packed.sorted_indices is None:
+        batch_index, lengths = sorted_position, sorted_lengths
+    else:
+        batch_index = packed.sorted_indices.cpu()[sorted_position]
+        lengths = sorted_lengths[packed.unsorted_indices.cpu()]
+    return time_index.to(device), batch_index.to(device), lengths.to(device)
+
+
+def lstm(
+    input: torch.Tensor | PackedSequence,
+    hx: tuple[torch.Tensor, torch.Tensor] | None,
+    params: list[torch.Tensor],
+    *,
+    num_layers: int = 1,
+    bias: bool = True,
+    batch_first: bool = False,
+    dropout: float = 0.0,
+    training: bool = False,
+    bidirectional: bool = False,
+    proj_size: int = 0,
+) -> tuple[torch.Tensor | PackedSequence, tuple[torch.Tensor, torch.Tensor]]:
+    """A multi-layer LSTM over a sequence, as ``torch.nn.LSTM`` (whose module calls this with its parameters).
+
+    Args:
+        input: (T, B, I), or (B, T, I) with ``batch_first``, or unbatched (T, I), or a
+            :class:`~torch.nn.utils.rnn.PackedSequence` (lengths in any order; ``enforce_sorted=False`` fine).
+        hx: ``(h_0, c_0)`` with h_0 (L·D, B, P) and c_0 (L·D, B, H) (no B axis when unbatched), batch in the
+            user's order also for packed input; or None for zeros. L = num_layers, D = 2 if bidirectional
+            else 1, H = hidden size (``params[0].size(0) // 4``), P = ``proj_size`` or H.
+        params: flat list in torch's order, per layer then direction (forward, reverse):
+            ``weight_ih (4H, I or D·P), weight_hh (4H, P)``, then ``bias_ih, bias_hh (4H,)`` if ``bias``,
+            then ``weight_hr (P, H)`` if ``proj_size > 0`` (``torch.nn.LSTM._flat_weights`` order).
+        dropout: applied with :func:`torch.nn.functional.dropout` to every layer's output except the last,
+            only when ``training``.
+
+    Returns:
+        ``(output, (h_n, c_n))``: output (T, B, D·P) (batch_first/unbatched/packed as the input), h_n
+        (L·D, B, P), c_n (L·D, B, H). A packed input gives a packed output with the same ``batch_sizes``,
+        ``sorted_indices`` and ``unsorted_indices``; h_n/c_n are in the user's batch order, as torch's.
+        Half-precision inputs run their gate math in fp32 and return the input dtype; under autocast the
+        call runs in the autocast dtype, as torch's does.
+    """
+    shape = _validate_lstm(
+        input, hx, params, num_layers, bias, batch_first, dropout, training, bidirectional, proj_size
+    )
+    _, layer_forward = _dispatch.choose(shape.request)
+
+    packed = isinstance(input, PackedSequence)
+    lengths = None
+    if packed:
+        data = input.data
+        time_index, batch_index, sequence_lengths = _packed_layout(input, data.device)
+        sequence = data.new_zeros(shape.steps, shape.batch, data.size(-1)).index_put((time_index, batch_index), data)
+        if shape.ragged:
+            lengths = sequence_lengths
+    elif not shape.batched:
+        sequence = input.unsqueeze(1)
+    else:
+        sequence = input.transpose(0, 1) if batch_first else input
+    sequence = sequence.contiguous()
+
+    layers = num_layers * shape.directions
+    if hx is None:
+        dtype = shape.request.dtype
+        h_0 = sequence.new_zeros(layers, shape.batch, shape.output_size, dtype=dtype)
+        c_0 = sequence.new_zeros(layers, shape.batch, shape.hidden_size, dtype=dtype)
+    elif shape.batched:
+        h_0, c_0 = hx
+    else:
+        h_0, c_0 = hx[0].unsqueeze(1), hx[1].unsqueeze(1)
+    sequence, h_0, c_0 = _cast_all([sequence, h_0, c_0], shape.autocast_dtype)
+    params = _cast_all(list(params), shape.autocast_dtype)
+
+    final_h, final_c = [], []
+    layer_input = sequence
+    with _kernel_context(shape.autocast_dtype, sequence.device):
+        for layer in range(num_layers):
+            direction_outputs = []
+            for direction in range(shape.directions):
+                index = layer * shape.directions + direction
+                weights = params[index * shape.per_direction : (index + 1) * shape.per_direction]
+                bias_ih, bias_hh = (weights[2], weights[3]) if bias else (None, None)
+                weight_hr = weights[-1] if proj_size > 0 else None
+                output, h_n, c_n = layer_forward(
+                    layer_input, h_0[index].contiguous(), c_0[index].contiguous(), weights[0], weights[1],
+                    bias_ih, bias_hh, weight_hr, direction == 1, lengths,
+                )
+                direction_outputs.append(output)
+                final_h.append(h_n)
+                final_c.append(c_n)
+            layer_input = direction_outputs[0] if shape.directions == 1 else torch.cat(direction_outputs, dim=-1)
+            if dropout > 0 and training and layer < num_layers - 1:
+                layer_input = F.dropout(layer_input, dropout, training=True)
+    output, h_n, c_n = layer_input, torch.stack(final_h), torch.stack(final_c)
+
+    if packed:
+        output = PackedSequence(
+            output[time_index, batch_index], input.batch_sizes, input.sorted_indices, input.unsorted_indices
+        )
+    elif not shape.batched:
+        output, h_n, c_n = output.squeeze(1), h_n.squeeze(1), c_n.squeeze(1)
+    elif batch_first:
+        output = output.transpose(0, 1)
+    return output, (h_n, c_n)
+
+
+# name -> function of the functional's arguments returning the Request it would dispatch (pyattn.explain).
+REQUEST_BUILDERS = {"lstm_cell": lstm_cell_request, "lstm": lstm_request}

@@ -1,0 +1,351 @@
+// LSTM ops: checks (messages name the argument), allocation, GEMMs through ATen, kernel launches.
+#include "lstm/lstm_api.h"
+
+// Per-op ATen headers rather than ATen/ATen.h: they compile faster, and ATen.h (like
+// ATen/cuda/CUDAContext.h, which needs cusparse.h) is not usable under every toolchain we build on.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <climits>
+#include <initializer_list>
+
+#include "lstm/lstm_launch.h"
+
+namespace pyattn::lstm {
+namespace {
+
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+// Calls f(Tag<element type>) for the kernels' dtypes.
+template <typename F>
+void dispatch_dtype(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kFloat:
+      return f(Tag<float>{});
+    case at::kHalf:
+      return f(Tag<__half>{});
+    case at::kBFloat16:
+      return f(Tag<__nv_bfloat16>{});
+    default:
+      TORCH_CHECK(false, "input: dtype ", dtype, " is not supported by the CUDA LSTM kernels (float32, float16, bfloat16)");
+  }
+}
+
+void check_input(const at::Tensor& input, int64_t dims) {
+  TORCH_CHECK(input.is_cuda(), "input must be a CUDA tensor, got device ", input.device());
+  TORCH_CHECK(input.dim() == dims, "input must be ", dims, "-D, got shape ", input.sizes());
+  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kHalf ||
+                  input.scalar_type() == at::kBFloat16,
+              "input: dtype ", input.scalar_type(), " is not supported (float32, float16, bfloat16)");
+  TORCH_CHECK(input.is_contiguous(), "input must be contiguous");
+}
+
+// Device, dtype (both as input's), shape and contiguity of one tensor argument.
+void check_like_input(const at::Tensor& tensor, const char* name, const at::Tensor& input,
+                      std::initializer_list<int64_t> shape) {
+  TORCH_CHECK(tensor.device() == input.device(), name, " must be on ", input.device(), " like input, got ",
+              tensor.device());
+  TORCH_CHECK(tensor.scalar_type() == input.scalar_type(), name, " must have dtype ", input.scalar_type(),
+              " like input, got ", tensor.scalar_type());
+  TORCH_CHECK(tensor.sizes() == at::IntArrayRef(shape), name, " must have shape ", at::IntArrayRef(shape), ", got ",
+              tensor.sizes());
+  TORCH_CHECK(tensor.is_contiguous(), name, " must be contiguous");
+}
+
+void check_float_state(const at::Tensor& tensor, const char* name, const at::Tensor& input,
+                       std::initializer_list<int64_t> shape) {
+  TORCH_CHECK(tensor.device() == input.device(), name, " must be on ", input.device(), ", got ", tensor.device());
+  TORCH_CHECK(tensor.scalar_type() == at::kFloat, name, " must be float32, got ", tensor.scalar_type());
+  TORCH_CHECK(tensor.sizes() == at::IntArrayRef(shape), name, " must have shape ", at::IntArrayRef(shape), ", got ",
+              tensor.sizes());
+  TORCH_CHECK(tensor.is_contiguous(), name, " must be contiguous");
+}
+
+void check_fits_int(int64_t value, const char* what) {
+  TORCH_CHECK(value <= INT_MAX, what, " = ", value, " exceeds the kernels' 32-bit index range");
+}
+
+void check_bias(const std::optional<at::Tensor>& bias, const char* name, const at::Tensor& input, int64_t hidden) {
+  if (bias.has_value()) check_like_input(*bias, name, input, {4 * hidden});
+}
+
+// b_ih + b_hh summed in float32 and rounded once, or nullopt when neither is given.
+std::optional<at::Tensor> combined_bias(const std::optional<at::Tensor>& bias_ih,
+                                        const std::optional<at::Tensor>& bias_hh, at::ScalarType dtype) {
+  if (!bias_ih.has_value() && !bias_hh.has_value()) return std::nullopt;
+  at::Tensor sum = bias_ih.has_value() ? bias_ih->to(at::kFloat) : bias_hh->to(at::kFloat);
+  if (bias_ih.has_value() && bias_hh.has_value()) sum = sum + bias_hh->to(at::kFloat);
+  return sum.to(dtype);
+}
+
+const void* data_or_null(const std::optional<at::Tensor>& tensor) {
+  return tensor.has_value() ? tensor->data_ptr() : nullptr;
+}
+
+Recurrence checked_recurrence(int64_t recurrence) {
+  TORCH_CHECK(recurrence == kAuto || recurrence == kPersistent || recurrence == kStepwise,
+              "recurrence must be 0 (auto), 1 (persistent) or 2 (stepwise), got ", recurrence);
+  return static_cast<Recurrence>(recurrence);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward(
+    const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& weight_ih,
+    const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih, const std::optional<at::Tensor>& bias_hh,
+    bool save_workspace) {
+  check_input(input, 2);
+  TORCH_CHECK(hx.dim() == 2, "hx must be 2-D (batch, hidden_size), got shape ", hx.sizes());
+  const int64_t batch = input.size(0), input_size = input.size(1), hidden = hx.size(1);
+  check_like_input(hx, "hx", input, {batch, hidden});
+  check_like_input(cx, "cx", input, {batch, hidden});
+  check_like_input(weight_ih, "weight_ih", input, {4 * hidden, input_size});
+  check_like_input(weight_hh, "weight_hh", input, {4 * hidden, hidden});
+  check_bias(bias_ih, "bias_ih", input, hidden);
+  check_bias(bias_hh, "bias_hh", input, hidden);
+  check_fits_int(batch, "batch");
+  check_fits_int(input_size, "input_size");
+  check_fits_int(4 * hidden, "4 * hidden_size");
+
+  const c10::cuda::CUDAGuard guard(input.device());
+  at::Tensor hy = at::empty({batch, hidden}, input.options());
+  at::Tensor cy = at::empty({batch, hidden}, input.options());
+  at::Tensor workspace = at::empty({save_workspace ? batch : 0, 4 * hidden}, input.options());
+  if (batch == 0 || hidden == 0) return {hy, cy, workspace};
+
+  StepForwardParams params{};
+  params.a0 = input.data_ptr();
+  params.w0 = weight_ih.data_ptr();
+  params.k0 = static_cast<int>(input_size);
+  params.a1 = hx.data_ptr();
+  params.w1 = weight_hh.data_ptr();
+  params.k1 = static_cast<int>(hidden);
+  params.bias0 = data_or_null(bias_ih);
+  params.bias1 = data_or_null(bias_hh);
+  params.c_prev = cx.data_ptr();
+  params.h_out = hy.data_ptr();
+  params.c_out = cy.data_ptr();
+  params.gates_out = save_workspace ? workspace.data_ptr() : nullptr;
+  params.batch = static_cast<int>(batch);
+  params.hidden = static_cast<int>(hidden);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_dtype(input.scalar_type(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    C10_CUDA_CHECK(launch_step_forward<T>(params, stream));
+  });
+  return {hy, cy, workspace};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_cell_backward(
+    const at::Tensor& grad_hy, const at::Tensor& grad_cy, const at::Tensor& input, const at::Tensor& hx,
+    const at::Tensor& cx, const at::Tensor& weight_ih, const at::Tensor& weight_hh, const at::Tensor& cy,
+    const at::Tensor& workspace) {
+  check_input(input, 2);
+  TORCH_CHECK(hx.dim() == 2, "hx must be 2-D (batch, hidden_size), got shape ", hx.sizes());
+  const int64_t batch = input.size(0), input_size = input.size(1), hidden = hx.size(1);
+  check_like_input(hx, "hx", input, {batch, hidden});
+  check_like_input(cx, "cx", input, {batch, hidden});
+  check_like_input(weight_ih, "weight_ih", input, {4 * hidden, input_size});
+  check_like_input(weight_hh, "weight_hh", input, {4 * hidden, hidden});
+  check_like_input(cy, "cy", input, {batch, hidden});
+  check_like_input(grad_hy, "grad_hy", input, {batch, hidden});
+  check_like_input(grad_cy, "grad_cy", input, {batch, hidden});
+  check_like_input(workspace, "workspace", input, {batch, 4 * hidden});
+  check_fits_int(batch, "batch");
+  check_fits_int(4 * hidden, "4 * hidden_size");
+
+  const c10::cuda::CUDAGuard guard(input.device());
+  at::Tensor grad_gates = at::empty({batch, 4 * hidden}, input.options());
+  at::Tensor grad_cx = at::empty({batch, hidden}, input.options());
+  if (batch > 0 && hidden > 0) {
+    CellBackwardParams params{};
+    params.grad_hy = grad_hy.data_ptr();
+    params.grad_cy = grad_cy.data_ptr();
+    params.gates = workspace.data_ptr();
+    params.cx = cx.data_ptr();
+    params.cy = cy.data_ptr();
+    params.grad_gates = grad_gates.data_ptr();
+    params.grad_cx = grad_cx.data_ptr();
+    params.batch = static_cast<int>(batch);
+    params.hidden = static_cast<int>(hidden);
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    dispatch_dtype(input.scalar_type(), [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      C10_CUDA_CHECK(launch_cell_backward<T>(params, stream));
+    });
+  }
+  at::Tensor grad_bias = at::sum(grad_gates, {0}, false, at::kFloat).to(input.scalar_type());
+  return {at::mm(grad_gates, weight_ih), at::mm(grad_gates, weight_hh), grad_cx, at::mm(grad_gates.t(), input),
+          at::mm(grad_gates.t(), hx), grad_bias};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward(
+    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& weight_ih,
+    const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih, const std::optional<at::Tensor>& bias_hh,
+    bool reverse, bool save_workspace, int64_t recurrence) {
+  check_input(input, 3);
+  const Recurrence mode = checked_recurrence(recurrence);
+  TORCH_CHECK(h0.dim() == 2, "h0 must be 2-D (batch, hidden_size), got shape ", h0.sizes());
+  const int64_t steps = input.size(0), batch = input.size(1), input_size = input.size(2), hidden = h0.size(1);
+  check_like_input(h0, "h0", input, {batch, hidden});
+  check_like_input(c0, "c0", input, {batch, hidden});
+  check_like_input(weight_ih, "weight_ih", input, {4 * hidden, input_size});
+  check_like_input(weight_hh, "weight_hh", input, {4 * hidden, hidden});
+  check_bias(bias_ih, "bias_ih", input, hidden);
+  check_bias(bias_hh, "bias_hh", input, hidden);
+  check_fits_int(steps, "sequence length");
+  check_fits_int(batch, "batch");
+  check_fits_int(4 * hidden, "4 * hidden_size");
+
+  const c10::cuda::CUDAGuard guard(input.device());
+  at::Tensor output = at::empty({steps, batch, hidden}, input.options());
+  at::Tensor gates = at::empty({save_workspace ? steps : 0, batch, 4 * hidden}, input.options());
+  at::Tensor cell_states = at::empty({save_workspace ? steps : 0, batch, hidden}, input.options().dtype(at::kFloat));
+  if (steps == 0 || batch == 0 || hidden == 0) return {output, h0.clone(), c0.clone(), gates, cell_states};
+
+  // Every step's input projection at once: one GEMM with both biases folded in.
+  const at::Tensor input_2d = input.view({steps * batch, input_size});
+  const std::optional<at::Tensor> bias = combined_bias(bias_ih, bias_hh, input.scalar_type());
+  const at::Tensor projection =
+      bias.has_value() ? at::addmm(*bias, input_2d, weight_ih.t()) : at::mm(input_2d, weight_ih.t());
+  // Without saving, the float32 cell state lives in one slot that each step updates in place.
+  at::Tensor state = save_workspace ? cell_states : at::empty({1, batch, hidden}, cell_states.options());
+
+  LayerForwardParams layer{};
+  layer.input_projection = projection.data_ptr();
+  layer.weight_hh = weight_hh.data_ptr();
+  layer.h0 = h0.data_ptr();
+  layer.c0 = c0.data_ptr();
+  layer.output = output.data_ptr();
+  layer.cell_states = state.data_ptr<float>();
+  layer.save_all_cell_states = save_workspace;
+  layer.gates = save_workspace ? gates.data_ptr() : nullptr;
+  layer.steps = static_cast<int>(steps);
+  layer.batch = static_cast<int>(batch);
+  layer.hidden = static_cast<int>(hidden);
+  layer.reverse = reverse;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  dispatch_dtype(input.scalar_type(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    bool fits = false;
+    if (mode != kStepwise) C10_CUDA_CHECK(launch_persistent_forward<T>(layer, stream, fits));
+    TORCH_CHECK(fits || mode != kPersistent, "recurrence=persistent: hidden_size ", hidden,
+                " with this dtype and batch does not fit on chip (W_hh slices in shared memory, all CTAs "
+                "co-resident); use auto or stepwise");
+    if (fits) return;
+    const int64_t state_size = batch * hidden;
+    auto* output_data = static_cast<T*>(output.data_ptr());
+    auto* state_data = state.data_ptr<float>();
+    for (int64_t s = 0; s < steps; ++s) {
+      const int64_t t = reverse ? steps - 1 - s : s;
+      const int64_t t_prev = reverse ? t + 1 : t - 1;
+      StepForwardParams step{};
+      step.a0 = s == 0 ? h0.data_ptr() : static_cast<const void*>(output_data + t_prev * state_size);
+      step.w0 = weight_hh.data_ptr();
+      step.k0 = static_cast<int>(hidden);
+      step.pre_gates = static_cast<const T*>(projection.data_ptr()) + t * 4 * state_size;
+      step.c_prev = s == 0 ? c0.data_ptr() : nullptr;
+      step.c_prev_f32 = s == 0 ? nullptr : state_data + (save_workspace ? t_prev * state_size : 0);
+      step.h_out = output_data + t * state_size;
+      step.c_out_f32 = state_data + (save_workspace ? t * state_size : 0);
+      step.gates_out = save_workspace ? static_cast<T*>(gates.data_ptr()) + t * 4 * state_size : nullptr;
+      step.batch = static_cast<int>(batch);
+      step.hidden = static_cast<int>(hidden);
+      C10_CUDA_CHECK(launch_step_forward<T>(step, stream));
+    }
+  });
+
+  const int64_t last = reverse ? 0 : steps - 1;
+  at::Tensor h_n = output.select(0, last).clone();
+  at::Tensor c_n = state.select(0, save_workspace ? last : 0).to(input.scalar_type(), false, /*copy=*/true);
+  return {output, h_n, c_n, gates, cell_states};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_backward(
+    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n, const at::Tensor& input,
+    const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+    const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cell_states, bool reverse,
+    int64_t recurrence) {
+  check_input(input, 3);
+  const Recurrence mode = checked_recurrence(recurrence);
+  TORCH_CHECK(h0.dim() == 2, "h0 must be 2-D (batch, hidden_size), got shape ", h0.sizes());
+  const int64_t steps = input.size(0), batch = input.size(1), input_size = input.size(2), hidden = h0.size(1);
+  check_like_input(h0, "h0", input, {batch, hidden});
+  check_like_input(c0, "c0", input, {batch, hidden});
+  check_like_input(weight_ih, "weight_ih", input, {4 * hidden, input_size});
+  check_like_input(weight_hh, "weight_hh", input, {4 * hidden, hidden});
+  check_like_input(output, "output", input, {steps, batch, hidden});
+  check_like_input(grad_output, "grad_output", input, {steps, batch, hidden});
+  check_like_input(grad_h_n, "grad_h_n", input, {batch, hidden});
+  check_like_input(grad_c_n, "grad_c_n", input, {batch, hidden});
+  check_like_input(gates, "gates", input, {steps, batch, 4 * hidden});
+  check_float_state(cell_states, "cell_states", input, {steps, batch, hidden});
+  check_fits_int(steps, "sequence length");
+  check_fits_int(batch, "batch");
+  check_fits_int(4 * hidden, "4 * hidden_size");
+
+  const c10::cuda::CUDAGuard guard(input.device());
+  const at::ScalarType dtype = input.scalar_type();
+  if (steps == 0 || batch == 0 || hidden == 0) {
+    return {at::zeros_like(input), grad_h_n.clone(), grad_c_n.clone(), at::zeros_like(weight_ih),
+            at::zeros_like(weight_hh), at::zeros({4 * hidden}, input.options())};
+  }
+  at::Tensor grad_gates = at::empty({steps, batch, 4 * hidden}, input.options());
+  at::Tensor grad_cell = at::empty({batch, hidden}, input.options().dtype(at::kFloat));
+  const at::Tensor weight_hh_t = weight_hh.t().contiguous();
+
+  LayerBackwardParams layer{};
+  layer.weight_hh_t = weight_hh_t.data_ptr();
+  layer.grad_output = grad_output.data_ptr();
+  layer.grad_h_n = grad_h_n.data_ptr();
+  layer.grad_c_n = grad_c_n.data_ptr();
+  layer.gates = gates.data_ptr();
+  layer.cell_states = cell_states.data_ptr<float>();
+  layer.c0 = c0.data_ptr();
+  layer.grad_gates = grad_gates.data_ptr();
+  layer.grad_cell = grad_cell.data_ptr<float>();
+  layer.steps = static_cast<int>(steps);
+  layer.batch = static_cast<int>(batch);
+  layer.hidden = static_cast<int>(hidden);
+  layer.reverse = reverse;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    bool fits = false;
+    if (mode != kStepwise) C10_CUDA_CHECK(launch_persistent_backward<T>(layer, stream, fits));
+    TORCH_CHECK(fits || mode != kPersistent, "recurrence=persistent: hidden_size ", hidden,
+                " with this dtype and batch does not fit on chip for backward; use auto or stepwise");
+    if (fits) return;
+    for (int s = 0; s < layer.steps; ++s) C10_CUDA_CHECK(launch_step_backward<T>(layer, s, stream));
+  });
+
+  // The weight gradients over all steps at once, from the stacked gate gradients: step t's
+  // recurrent input is output[t ∓ 1], except the forward's first step, whose is h0.
+  const int64_t first = reverse ? steps - 1 : 0;
+  const at::Tensor grad_gates_2d = grad_gates.view({steps * batch, 4 * hidden});
+  const at::Tensor grad_gates_first = grad_gates.select(0, first);
+  const at::Tensor grad_gates_rest = grad_gates.narrow(0, reverse ? 0 : 1, steps - 1).view({-1, 4 * hidden});
+  const at::Tensor previous_h = output.narrow(0, reverse ? 1 : 0, steps - 1).view({-1, hidden});
+  at::Tensor grad_weight_hh = at::addmm(at::mm(grad_gates_first.t(), h0), grad_gates_rest.t(), previous_h);
+  at::Tensor grad_weight_ih = at::mm(grad_gates_2d.t(), input.view({steps * batch, input_size}));
+  at::Tensor grad_input = at::mm(grad_gates_2d, weight_ih).view({steps, batch, input_size});
+  at::Tensor grad_h0 = at::mm(grad_gates_first, weight_hh);
+  at::Tensor grad_bias = at::sum(grad_gates_2d, {0}, false, at::kFloat).to(dtype);
+  return {grad_input, grad_h0, grad_cell.to(dtype), grad_weight_ih, grad_weight_hh, grad_bias};
+}
+
+}  // namespace pyattn::lstm

@@ -1,0 +1,43 @@
+// The LSTM ops of pyattn._C (schemas in csrc/registration.cpp): argument checks, output
+// allocation and kernel launches on the current stream. Shapes: B batch, I input size, H hidden
+// size, T steps; gates are (i, f, g, o) blocks of H, as torch orders them.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <tuple>
+
+namespace pyattn::lstm {
+
+// Recurrence strategy of the layer ops: persistent kernel when the layer fits on chip, else one
+// launch per step (kAuto); or forced (kPersistent raises when it does not fit).
+enum Recurrence : int64_t { kAuto = 0, kPersistent = 1, kStepwise = 2 };
+
+// -> hy (B, H), cy (B, H), workspace: activated gates (B, 4H) when save_workspace, else empty.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward(
+    const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& weight_ih,
+    const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih, const std::optional<at::Tensor>& bias_hh,
+    bool save_workspace);
+
+// -> grad_input, grad_hx, grad_cx, grad_weight_ih, grad_weight_hh, grad_bias (4H,: both biases').
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_cell_backward(
+    const at::Tensor& grad_hy, const at::Tensor& grad_cy, const at::Tensor& input, const at::Tensor& hx,
+    const at::Tensor& cx, const at::Tensor& weight_ih, const at::Tensor& weight_hh, const at::Tensor& cy,
+    const at::Tensor& workspace);
+
+// -> output (T, B, H), h_n (B, H), c_n (B, H), and for backward (empty unless save_workspace):
+//    gates (T, B, 4H) activated, cell_states (T, B, H) float32.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward(
+    const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& weight_ih,
+    const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih, const std::optional<at::Tensor>& bias_hh,
+    bool reverse, bool save_workspace, int64_t recurrence);
+
+// -> grad_input, grad_h0, grad_c0, grad_weight_ih, grad_weight_hh, grad_bias (4H,: both biases').
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_backward(
+    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n, const at::Tensor& input,
+    const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+    const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cell_states, bool reverse,
+    int64_t recurrence);
+
+}  // namespace pyattn::lstm

@@ -1,0 +1,7 @@
+// fp16 instantiations of the LSTM forward launchers (one small file per dtype: parallel builds).
+#include "lstm/lstm_kernels.cuh"
+
+namespace pyattn::lstm {
+template cudaError_t launch_step_forward<__half>(const StepForwardParams&, cudaStream_t);
+template cudaError_t launch_persistent_forward<__half>(const LayerForwardParams&, cudaStream_t, bool&);
+}  // namespace pyattn::lstm

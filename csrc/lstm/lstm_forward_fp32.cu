@@ -1,0 +1,7 @@
+// fp32 instantiations of the LSTM forward launchers (one small file per dtype: parallel builds).
+#include "lstm/lstm_kernels.cuh"
+
+namespace pyattn::lstm {
+template cudaError_t launch_step_forward<float>(const StepForwardParams&, cudaStream_t);
+template cudaError_t launch_persistent_forward<float>(const LayerForwardParams&, cudaStream_t, bool&);
+}  // namespace pyattn::lstm

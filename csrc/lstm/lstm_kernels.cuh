@@ -1,0 +1,698 @@
+// LSTM kernels: templated on the element type (float, __half, __nv_bfloat16); instantiated by the
+// small lstm_{forward,backward}_<dtype>.cu files so the build compiles them in parallel.
+//
+// Every GEMM here has the same shape: a CTA computes C[BM × BN] = A[BM × K] · Wᵀ where W is
+// [BN × K] (rows gathered from a weight matrix), K walked in kBlockK-deep shared-memory slices.
+// fp16/bf16 run it on tensor cores (WMMA 16×16×16, fp32 accumulators); fp32 runs exact FMA so it
+// meets the 1e-5 bound (tf32 would not). C lands in shared memory and the epilogue that follows —
+// the LSTM cell update forward, the gate gradients backward — reads it from there, so gate
+// pre-activations never round-trip global memory.
+#pragma once
+
+#include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "lstm/lstm_launch.h"
+
+namespace pyattn::lstm {
+
+constexpr int kThreads = 128;  // four warps in every CTA
+constexpr int kBlockK = 64;    // depth of one shared-memory K slice
+
+__host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
+__host__ __device__ constexpr int round_up(int a, int b) { return ceil_div(a, b) * b; }
+__host__ __device__ constexpr size_t align128(size_t bytes) { return (bytes + 127) / 128 * 128; }
+
+template <typename T>
+struct Element;
+
+template <>
+struct Element<float> {
+  static constexpr bool kTensorCores = false;
+  __device__ static float to_float(float x) { return x; }
+  __device__ static float from_float(float x) { return x; }
+  __device__ static float load_l2(const float* p) { return __ldcg(p); }
+};
+
+template <>
+struct Element<__half> {
+  static constexpr bool kTensorCores = true;
+  __device__ static float to_float(__half x) { return __half2float(x); }
+  __device__ static __half from_float(float x) { return __float2half_rn(x); }
+  __device__ static __half load_l2(const __half* p) {
+    return __ushort_as_half(__ldcg(reinterpret_cast<const unsigned short*>(p)));
+  }
+};
+
+template <>
+struct Element<__nv_bfloat16> {
+  static constexpr bool kTensorCores = true;
+  __device__ static float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+  __device__ static __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
+  __device__ static __nv_bfloat16 load_l2(const __nv_bfloat16* p) {
+    return __ushort_as_bfloat16(__ldcg(reinterpret_cast<const unsigned short*>(p)));
+  }
+};
+
+// Shared-memory row padding. fp32 rows get one word, so the FMA loop's column reads (16 rows, same
+// k) fall in 16 distinct banks; 16-bit rows get 16 bytes, which keeps WMMA's 32-byte alignment for
+// fragments starting on rows that are multiples of 16 and staggers banks between rows.
+template <typename T>
+constexpr int kRowPad = sizeof(T) == 4 ? 1 : 8;
+
+// Shared memory of one CTA: the W region (one staged slice, or all of K resident), then the A
+// slice, then the fp32 C tile (one copy per K split, summed by the epilogue).
+template <typename T, int BM, int BN, int SPLITS>
+struct TileShape {
+  static constexpr int kSplits = Element<T>::kTensorCores ? SPLITS : 1;
+  static constexpr int kLdA = kBlockK + kRowPad<T>;
+  static constexpr int kLdC = BN + 4;
+  static constexpr size_t kABytes = align128(size_t(BM) * kLdA * sizeof(T));
+  static constexpr size_t kCBytes = align128(size_t(kSplits) * BM * kLdC * sizeof(float));
+  __host__ __device__ static int w_ld(int k_size, bool resident) {
+    return (resident ? round_up(k_size, kBlockK) : kBlockK) + kRowPad<T>;
+  }
+  __host__ __device__ static size_t w_bytes(int k_size, bool resident) {
+    return align128(size_t(BN) * w_ld(k_size, resident) * sizeof(T));
+  }
+  __host__ __device__ static size_t total_bytes(int k_size, bool resident) {
+    return w_bytes(k_size, resident) + kABytes + kCBytes;
+  }
+};
+
+template <typename T>
+__host__ __device__ inline bool is_vectorizable(const void* base, int64_t row_stride) {
+  return reinterpret_cast<uintptr_t>(base) % 16 == 0 && row_stride % (16 / int64_t(sizeof(T))) == 0;
+}
+
+// Stages rows [0, ROWS) × columns [k0, k0 + kBlockK) of a row-major global matrix into shared
+// memory with 16-byte loads. row_of(r) gives the global row or -1; absent rows and columns past
+// k_size become zeros, so the padded edges add nothing to the product (odd sizes need no special
+// case). kFromL2 reads through L2 only: data another CTA wrote earlier in the same persistent
+// kernel must not come from this SM's (non-coherent) L1.
+template <typename T, int ROWS, bool kFromL2, typename RowOf>
+__device__ __forceinline__ void load_tile(T* tile, int ld, const T* src, int64_t src_stride, int k0, int k_size,
+                                          bool vectorized, RowOf row_of) {
+  constexpr int kVec = 16 / sizeof(T);
+  constexpr int kChunksPerRow = kBlockK / kVec;
+  for (int chunk = threadIdx.x; chunk < ROWS * kChunksPerRow; chunk += kThreads) {
+    const int r = chunk / kChunksPerRow;
+    const int c = (chunk % kChunksPerRow) * kVec;
+    const int64_t row = row_of(r);
+    const int k = k0 + c;
+    uint4 raw;
+    T* values = reinterpret_cast<T*>(&raw);
+    if (row >= 0 && vectorized && k + kVec <= k_size) {
+      const uint4* p = reinterpret_cast<const uint4*>(src + row * src_stride + k);
+      if constexpr (kFromL2) {
+        raw = __ldcg(p);
+      } else {
+        raw = *p;
+      }
+    } else {
+#pragma unroll
+      for (int v = 0; v < kVec; ++v) {
+        if (row >= 0 && k + v < k_size) {
+          const T* p = src + row * src_stride + k + v;
+          if constexpr (kFromL2) {
+            values[v] = Element<T>::load_l2(p);
+          } else {
+            values[v] = *p;
+          }
+        } else {
+          values[v] = Element<T>::from_float(0.f);
+        }
+      }
+    }
+    if constexpr (sizeof(T) == 2) {
+      *reinterpret_cast<uint4*>(tile + r * ld + c) = raw;
+    } else {
+#pragma unroll
+      for (int v = 0; v < kVec; ++v) tile[r * ld + c + v] = values[v];
+    }
+  }
+}
+
+// Tensor-core accumulator: the (BM/16)·(BN/16) output fragments times SPLITS K-splits are spread
+// over the four warps; a split takes every SPLITS-th 16-deep step of a slice, so a small batch
+// still keeps all warps busy.
+template <typename T, int BM, int BN, int SPLITS>
+struct TensorCoreTile {
+  static constexpr int kFragmentsM = BM / 16;
+  static constexpr int kFragmentsN = BN / 16;
+  static constexpr int kTasks = kFragmentsM * kFragmentsN * SPLITS;
+  static constexpr int kTasksPerWarp = kTasks / (kThreads / 32);
+  static_assert(BM % 16 == 0 && BN % 16 == 0, "tiles are whole 16×16 fragments");
+  static_assert(kTasks % (kThreads / 32) == 0, "every warp gets the same number of fragments");
+  static_assert((kBlockK / 16) % SPLITS == 0, "K splits divide a slice");
+
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> accumulator[kTasksPerWarp];
+
+  __device__ void zero() {
+#pragma unroll
+    for (int i = 0; i < kTasksPerWarp; ++i) nvcuda::wmma::fill_fragment(accumulator[i], 0.f);
+  }
+
+  __device__ static void task_coordinates(int i, int& split, int& fragment_m, int& fragment_n) {
+    const int task = threadIdx.x / 32 + i * (kThreads / 32);
+    split = task % SPLITS;
+    fragment_m = (task / SPLITS) % kFragmentsM;
+    fragment_n = (task / SPLITS) / kFragmentsM;
+  }
+
+  // A slice: a[m * lda + k]; W slice: w[n * ldw + k] (the column-major view of Wᵀ).
+  __device__ void accumulate(const T* a, int lda, const T* w, int ldw) {
+    using namespace nvcuda;
+#pragma unroll
+    for (int i = 0; i < kTasksPerWarp; ++i) {
+      int split, fm, fn;
+      task_coordinates(i, split, fm, fn);
+#pragma unroll
+      for (int kk = split; kk < kBlockK / 16; kk += SPLITS) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a_fragment;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> w_fragment;
+        wmma::load_matrix_sync(a_fragment, a + fm * 16 * lda + kk * 16, lda);
+        wmma::load_matrix_sync(w_fragment, w + fn * 16 * ldw + kk * 16, ldw);
+        wmma::mma_sync(accumulator[i], a_fragment, w_fragment, accumulator[i]);
+      }
+    }
+  }
+
+  // C tile: c[(split * BM + m) * ldc + n].
+  __device__ void store(float* c, int ldc) {
+#pragma unroll
+    for (int i = 0; i < kTasksPerWarp; ++i) {
+      int split, fm, fn;
+      task_coordinates(i, split, fm, fn);
+      nvcuda::wmma::store_matrix_sync(c + (split * BM + fm * 16) * ldc + fn * 16, accumulator[i], ldc,
+                                      nvcuda::wmma::mem_row_major);
+    }
+  }
+};
+
+// fp32 accumulator: thread (row group g, lane l) owns rows g + 8i and columns l + 16j.
+template <int BM, int BN>
+struct FmaTile {
+  static constexpr int kRowGroups = kThreads / 16;
+  static constexpr int kRowsPerThread = BM / kRowGroups;
+  static constexpr int kColumnsPerThread = BN / 16;
+  static_assert(BM % kRowGroups == 0 && BN % 16 == 0, "tile must divide among the threads");
+
+  float accumulator[kRowsPerThread][kColumnsPerThread];
+
+  __device__ void zero() {
+#pragma unroll
+    for (int i = 0; i < kRowsPerThread; ++i)
+#pragma unroll
+      for (int j = 0; j < kColumnsPerThread; ++j) accumulator[i][j] = 0.f;
+  }
+
+  __device__ void accumulate(const float* a, int lda, const float* w, int ldw) {
+    const int group = threadIdx.x / 16, lane = threadIdx.x % 16;
+#pragma unroll 8
+    for (int k = 0; k < kBlockK; ++k) {
+      float a_values[kRowsPerThread], w_values[kColumnsPerThread];
+#pragma unroll
+      for (int i = 0; i < kRowsPerThread; ++i) a_values[i] = a[(group + i * kRowGroups) * lda + k];
+#pragma unroll
+      for (int j = 0; j < kColumnsPerThread; ++j) w_values[j] = w[(lane + j * 16) * ldw + k];
+#pragma unroll
+      for (int i = 0; i < kRowsPerThread; ++i)
+#pragma unroll
+        for (int j = 0; j < kColumnsPerThread; ++j) accumulator[i][j] = fmaf(a_values[i], w_values[j], accumulator[i][j]);
+    }
+  }
+
+  __device__ void store(float* c, int ldc) {
+    const int group = threadIdx.x / 16, lane = threadIdx.x % 16;
+#pragma unroll
+    for (int i = 0; i < kRowsPerThread; ++i)
+#pragma unroll
+      for (int j = 0; j < kColumnsPerThread; ++j) c[(group + i * kRowGroups) * ldc + lane + j * 16] = accumulator[i][j];
+  }
+};
+
+template <typename T, int BM, int BN, int SPLITS>
+using TileAccumulator =
+    std::conditional_t<Element<T>::kTensorCores, TensorCoreTile<T, BM, BN, SPLITS>, FmaTile<BM, BN>>;
+
+__device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + __expf(-x)); }
+
+// tanh from one exponential; a short series near zero, where 1 - e^{-2|x|} would cancel.
+__device__ __forceinline__ float tanh_fast(float x) {
+  const float magnitude = fabsf(x);
+  if (magnitude < 0.125f) {
+    const float x2 = x * x;
+    return x * (1.f + x2 * (-1.f / 3.f + x2 * (2.f / 15.f - x2 * (17.f / 315.f))));
+  }
+  const float e = __expf(-2.f * magnitude);
+  return copysignf((1.f - e) / (1.f + e), x);
+}
+
+// Gradients w.r.t. the four pre-activation gates of one unit, from the activated gates (i, f, g, o),
+// the incoming dh and dc, and the cell states around the step; returns dc for the previous step.
+__device__ __forceinline__ float gate_gradients(float dh, float dc, float i, float f, float g, float o, float c_prev,
+                                                float c_cur, float (&grad_gates)[4]) {
+  const float tanh_c = tanh_fast(c_cur);
+  dc += dh * o * (1.f - tanh_c * tanh_c);
+  grad_gates[0] = dc * g * i * (1.f - i);
+  grad_gates[1] = dc * c_prev * f * (1.f - f);
+  grad_gates[2] = dc * i * (1.f - g * g);
+  grad_gates[3] = dh * tanh_c * o * (1.f - o);
+  return dc * f;
+}
+
+// Where one forward step's epilogue reads and writes; row strides are H (state) and 4H (gates).
+template <typename T>
+struct ForwardStep {
+  const T* pre_gates;
+  const T* bias0;
+  const T* bias1;
+  const T* c_prev;
+  const float* c_prev_f32;
+  T* h_out;
+  T* c_out;
+  float* c_out_f32;
+  T* gates_out;
+};
+
+// The cell update for the CTA's BM batch rows × BJ hidden units; the C tile holds the four gates of
+// unit jj in columns jj, BJ + jj, 2BJ + jj, 3BJ + jj.
+template <typename T, int BM, int BJ, int SPLITS>
+__device__ __forceinline__ void forward_epilogue(const float* c_tile, int ldc, int b0, int j0, int batch, int hidden,
+                                                 const ForwardStep<T>& step) {
+  using E = Element<T>;
+  for (int index = threadIdx.x; index < BM * BJ; index += kThreads) {
+    const int m = index / BJ, jj = index % BJ;
+    const int b = b0 + m, j = j0 + jj;
+    if (b >= batch || j >= hidden) continue;
+    const int64_t state = int64_t(b) * hidden + j;
+    const int64_t gate_row = int64_t(b) * 4 * hidden;
+    float pre[4];
+#pragma unroll
+    for (int gate = 0; gate < 4; ++gate) {
+      float value = 0.f;
+#pragma unroll
+      for (int split = 0; split < SPLITS; ++split) value += c_tile[(split * BM + m) * ldc + gate * BJ + jj];
+      const int column = gate * hidden + j;
+      if (step.pre_gates) value += E::to_float(step.pre_gates[gate_row + column]);
+      if (step.bias0) value += E::to_float(step.bias0[column]);
+      if (step.bias1) value += E::to_float(step.bias1[column]);
+      pre[gate] = value;
+    }
+    const float input_gate = sigmoid(pre[0]), forget_gate = sigmoid(pre[1]);
+    const float cell_gate = tanh_fast(pre[2]), output_gate = sigmoid(pre[3]);
+    const float c_old = step.c_prev_f32 ? step.c_prev_f32[state] : E::to_float(step.c_prev[state]);
+    const float c_new = forget_gate * c_old + input_gate * cell_gate;
+    const float h_new = output_gate * tanh_fast(c_new);
+    step.h_out[state] = E::from_float(h_new);
+    if (step.c_out) step.c_out[state] = E::from_float(c_new);
+    if (step.c_out_f32) step.c_out_f32[state] = c_new;
+    if (step.gates_out) {
+      step.gates_out[gate_row + j] = E::from_float(input_gate);
+      step.gates_out[gate_row + hidden + j] = E::from_float(forget_gate);
+      step.gates_out[gate_row + 2 * hidden + j] = E::from_float(cell_gate);
+      step.gates_out[gate_row + 3 * hidden + j] = E::from_float(output_gate);
+    }
+  }
+}
+
+// lstm_cell forward, and one step of a layer when it does not fit on chip.
+// Grid: (ceil(H / BJ), ceil(batch / BM)); W rows are streamed through shared memory.
+template <typename T, int BM, int BJ>
+__global__ void __launch_bounds__(kThreads) lstm_step_forward_kernel(const StepForwardParams p) {
+  constexpr int BN = 4 * BJ;
+  using Shape = TileShape<T, BM, BN, 1>;
+  extern __shared__ __align__(128) unsigned char shared[];
+  const int w_ld = Shape::w_ld(0, false);
+  T* w_tile = reinterpret_cast<T*>(shared);
+  T* a_tile = reinterpret_cast<T*>(shared + Shape::w_bytes(0, false));
+  float* c_tile = reinterpret_cast<float*>(shared + Shape::w_bytes(0, false) + Shape::kABytes);
+
+  const int j0 = blockIdx.x * BJ, b0 = blockIdx.y * BM;
+  auto batch_row = [&](int r) -> int64_t { return b0 + r < p.batch ? int64_t(b0 + r) : -1; };
+  auto gate_row = [&](int n) -> int64_t {
+    const int j = j0 + n % BJ;
+    return j < p.hidden ? int64_t(n / BJ) * p.hidden + j : -1;
+  };
+
+  TileAccumulator<T, BM, BN, 1> accumulator;
+  accumulator.zero();
+  for (int source = 0; source < 2; ++source) {
+    const T* a = static_cast<const T*>(source == 0 ? p.a0 : p.a1);
+    const T* w = static_cast<const T*>(source == 0 ? p.w0 : p.w1);
+    const int k_size = source == 0 ? p.k0 : p.k1;
+    if (a == nullptr) continue;
+    const bool a_vectorized = is_vectorizable<T>(a, k_size), w_vectorized = is_vectorizable<T>(w, k_size);
+    for (int k0 = 0; k0 < k_size; k0 += kBlockK) {
+      load_tile<T, BM, false>(a_tile, Shape::kLdA, a, k_size, k0, k_size, a_vectorized, batch_row);
+      load_tile<T, BN, false>(w_tile, w_ld, w, k_size, k0, k_size, w_vectorized, gate_row);
+      __syncthreads();
+      accumulator.accumulate(a_tile, Shape::kLdA, w_tile, w_ld);
+      __syncthreads();
+    }
+  }
+  accumulator.store(c_tile, Shape::kLdC);
+  __syncthreads();
+
+  ForwardStep<T> step;
+  step.pre_gates = static_cast<const T*>(p.pre_gates);
+  step.bias0 = static_cast<const T*>(p.bias0);
+  step.bias1 = static_cast<const T*>(p.bias1);
+  step.c_prev = static_cast<const T*>(p.c_prev);
+  step.c_prev_f32 = p.c_prev_f32;
+  step.h_out = static_cast<T*>(p.h_out);
+  step.c_out = static_cast<T*>(p.c_out);
+  step.c_out_f32 = p.c_out_f32;
+  step.gates_out = static_cast<T*>(p.gates_out);
+  forward_epilogue<T, BM, BJ, Shape::kSplits>(c_tile, Shape::kLdC, b0, j0, p.batch, p.hidden, step);
+}
+
+// A layer's whole recurrence: CTA x owns hidden units [x·BJ, x·BJ + BJ) — their 4·BJ rows of W_hh stay
+// in shared memory for all T steps — and computes them for every batch row; a grid-wide barrier
+// per step publishes h_t (written into output[t]) before any CTA reads it.
+template <typename T, int BM, int BJ, int SPLITS>
+__global__ void __launch_bounds__(kThreads) lstm_persistent_forward_kernel(const LayerForwardParams p) {
+  constexpr int BN = 4 * BJ;
+  using Shape = TileShape<T, BM, BN, SPLITS>;
+  extern __shared__ __align__(128) unsigned char shared[];
+  const int hidden = p.hidden, batch = p.batch;
+  const int w_ld = Shape::w_ld(hidden, true);
+  T* w_resident = reinterpret_cast<T*>(shared);
+  T* a_tile = reinterpret_cast<T*>(shared + Shape::w_bytes(hidden, true));
+  float* c_tile = reinterpret_cast<float*>(shared + Shape::w_bytes(hidden, true) + Shape::kABytes);
+
+  const int j0 = blockIdx.x * BJ;
+  const T* weight_hh = static_cast<const T*>(p.weight_hh);
+  auto gate_row = [&](int n) -> int64_t {
+    const int j = j0 + n % BJ;
+    return j < hidden ? int64_t(n / BJ) * hidden + j : -1;
+  };
+  const bool w_vectorized = is_vectorizable<T>(weight_hh, hidden);
+  for (int k0 = 0; k0 < round_up(hidden, kBlockK); k0 += kBlockK) {
+    load_tile<T, BN, false>(w_resident + k0, w_ld, weight_hh, hidden, k0, hidden, w_vectorized, gate_row);
+  }
+  __syncthreads();
+
+  const T* h0 = static_cast<const T*>(p.h0);
+  T* output = static_cast<T*>(p.output);
+  T* gates = static_cast<T*>(p.gates);
+  const T* input_projection = static_cast<const T*>(p.input_projection);
+  const bool h_vectorized = is_vectorizable<T>(h0, hidden) && is_vectorizable<T>(output, hidden);
+  const int64_t state_size = int64_t(batch) * hidden;
+  cooperative_groups::grid_group grid = cooperative_groups::this_grid();
+
+  for (int s = 0; s < p.steps; ++s) {
+    const int t = p.reverse ? p.steps - 1 - s : s;
+    const int t_prev = p.reverse ? t + 1 : t - 1;
+    const T* h_prev = s == 0 ? h0 : output + t_prev * state_size;
+    ForwardStep<T> step;
+    step.pre_gates = input_projection + t * 4 * state_size;
+    step.bias0 = nullptr;
+    step.bias1 = nullptr;
+    step.c_prev = s == 0 ? static_cast<const T*>(p.c0) : nullptr;
+    step.c_prev_f32 = s == 0 ? nullptr : p.cell_states + (p.save_all_cell_states ? t_prev * state_size : 0);
+    step.h_out = output + t * state_size;
+    step.c_out = nullptr;
+    step.c_out_f32 = p.cell_states + (p.save_all_cell_states ? t * state_size : 0);
+    step.gates_out = gates ? gates + t * 4 * state_size : nullptr;
+
+    for (int b0 = 0; b0 < batch; b0 += BM) {
+      auto batch_row = [&](int r) -> int64_t { return b0 + r < batch ? int64_t(b0 + r) : -1; };
+      TileAccumulator<T, BM, BN, SPLITS> accumulator;
+      accumulator.zero();
+      for (int k0 = 0; k0 < hidden; k0 += kBlockK) {
+        load_tile<T, BM, true>(a_tile, Shape::kLdA, h_prev, hidden, k0, hidden, h_vectorized, batch_row);
+        __syncthreads();
+        accumulator.accumulate(a_tile, Shape::kLdA, w_resident + k0, w_ld);
+        __syncthreads();
+      }
+      accumulator.store(c_tile, Shape::kLdC);
+      __syncthreads();
+      forward_epilogue<T, BM, BJ, Shape::kSplits>(c_tile, Shape::kLdC, b0, j0, batch, hidden, step);
+      __syncthreads();
+    }
+    if (s + 1 < p.steps) grid.sync();
+  }
+}
+
+// One backward step s of a layer for batch rows [b0, b0 + BM) × hidden units [j0, j0 + BJ):
+// dh_t = dgates_{t_next} · W_hh[:, units] + grad_output[t] (+ grad_h_n when s = 0), then the gate
+// gradients. The W slice is W_hhᵀ's rows for the units: resident in shared memory (persistent
+// kernel) or streamed (one launch per step).
+template <typename T, int BM, int BJ, int SPLITS, bool kResident>
+__device__ __forceinline__ void backward_step(const LayerBackwardParams& p, int s, int b0, int j0, const T* w_resident,
+                                              T* w_tile, int w_ld, T* a_tile, float* c_tile) {
+  using Shape = TileShape<T, BM, BJ, SPLITS>;
+  using E = Element<T>;
+  const int hidden = p.hidden, batch = p.batch, gates_width = 4 * hidden;
+  const int64_t state_size = int64_t(batch) * hidden;
+  const int t = p.reverse ? s : p.steps - 1 - s;
+  const int t_next = p.reverse ? t - 1 : t + 1;  // the forward step after t, processed just before
+  const int t_prev = p.reverse ? t + 1 : t - 1;
+  const bool first = s == 0, forward_first = s == p.steps - 1;
+  T* grad_gates = static_cast<T*>(p.grad_gates);
+
+  auto batch_row = [&](int r) -> int64_t { return b0 + r < batch ? int64_t(b0 + r) : -1; };
+  TileAccumulator<T, BM, BJ, SPLITS> accumulator;
+  accumulator.zero();
+  if (!first) {
+    const T* grad_gates_next = grad_gates + t_next * 4 * state_size;
+    const T* weight_hh_t = static_cast<const T*>(p.weight_hh_t);
+    const bool a_vectorized = is_vectorizable<T>(grad_gates, gates_width);
+    const bool w_vectorized = is_vectorizable<T>(weight_hh_t, gates_width);
+    auto unit_row = [&](int n) -> int64_t { return j0 + n < hidden ? int64_t(j0 + n) : -1; };
+    for (int k0 = 0; k0 < gates_width; k0 += kBlockK) {
+      load_tile<T, BM, kResident>(a_tile, Shape::kLdA, grad_gates_next, gates_width, k0, gates_width, a_vectorized,
+                                  batch_row);
+      if constexpr (!kResident) {
+        load_tile<T, BJ, false>(w_tile, w_ld, weight_hh_t, gates_width, k0, gates_width, w_vectorized, unit_row);
+      }
+      __syncthreads();
+      accumulator.accumulate(a_tile, Shape::kLdA, kResident ? w_resident + k0 : w_tile, w_ld);
+      __syncthreads();
+    }
+  }
+  accumulator.store(c_tile, Shape::kLdC);
+  __syncthreads();
+
+  const T* grad_output = static_cast<const T*>(p.grad_output) + t * state_size;
+  const T* gates = static_cast<const T*>(p.gates) + t * 4 * state_size;
+  const float* c_cur = p.cell_states + t * state_size;
+  for (int index = threadIdx.x; index < BM * BJ; index += kThreads) {
+    const int m = index / BJ, jj = index % BJ;
+    const int b = b0 + m, j = j0 + jj;
+    if (b >= batch || j >= hidden) continue;
+    const int64_t state = int64_t(b) * hidden + j;
+    const int64_t gate_row = int64_t(b) * gates_width;
+    float dh = E::to_float(grad_output[state]);
+#pragma unroll
+    for (int split = 0; split < Shape::kSplits; ++split) dh += c_tile[(split * BM + m) * Shape::kLdC + jj];
+    float dc;
+    if (first) {
+      dh += E::to_float(static_cast<const T*>(p.grad_h_n)[state]);
+      dc = E::to_float(static_cast<const T*>(p.grad_c_n)[state]);
+    } else {
+      dc = p.grad_cell[state];
+    }
+    const float c_prev = forward_first ? E::to_float(static_cast<const T*>(p.c0)[state])
+                                       : p.cell_states[t_prev * state_size + state];
+    float grads[4];
+    p.grad_cell[state] = gate_gradients(dh, dc, E::to_float(gates[gate_row + j]),
+                                        E::to_float(gates[gate_row + hidden + j]),
+                                        E::to_float(gates[gate_row + 2 * hidden + j]),
+                                        E::to_float(gates[gate_row + 3 * hidden + j]), c_prev, c_cur[state], grads);
+    T* out = grad_gates + t * 4 * state_size + gate_row;
+#pragma unroll
+    for (int gate = 0; gate < 4; ++gate) out[gate * hidden + j] = E::from_float(grads[gate]);
+  }
+}
+
+// Backward through time, one launch per step. Grid: (ceil(H / BJ), ceil(batch / BM)).
+template <typename T, int BM, int BJ, int SPLITS>
+__global__ void __launch_bounds__(kThreads) lstm_step_backward_kernel(const LayerBackwardParams p, int s) {
+  using Shape = TileShape<T, BM, BJ, SPLITS>;
+  extern __shared__ __align__(128) unsigned char shared[];
+  T* w_tile = reinterpret_cast<T*>(shared);
+  T* a_tile = reinterpret_cast<T*>(shared + Shape::w_bytes(0, false));
+  float* c_tile = reinterpret_cast<float*>(shared + Shape::w_bytes(0, false) + Shape::kABytes);
+  backward_step<T, BM, BJ, SPLITS, false>(p, s, blockIdx.y * BM, blockIdx.x * BJ, nullptr, w_tile,
+                                          Shape::w_ld(0, false), a_tile, c_tile);
+}
+
+// Backward through time in one persistent kernel: CTA x keeps W_hhᵀ rows [x·BJ, x·BJ + BJ) (all 4H
+// columns) on chip; a grid-wide barrier per step publishes dgates_t before any CTA reads it.
+template <typename T, int BM, int BJ, int SPLITS>
+__global__ void __launch_bounds__(kThreads) lstm_persistent_backward_kernel(const LayerBackwardParams p) {
+  using Shape = TileShape<T, BM, BJ, SPLITS>;
+  extern __shared__ __align__(128) unsigned char shared[];
+  const int gates_width = 4 * p.hidden;
+  const int w_ld = Shape::w_ld(gates_width, true);
+  T* w_resident = reinterpret_cast<T*>(shared);
+  T* a_tile = reinterpret_cast<T*>(shared + Shape::w_bytes(gates_width, true));
+  float* c_tile = reinterpret_cast<float*>(shared + Shape::w_bytes(gates_width, true) + Shape::kABytes);
+
+  const int j0 = blockIdx.x * BJ;
+  const T* weight_hh_t = static_cast<const T*>(p.weight_hh_t);
+  auto unit_row = [&](int n) -> int64_t { return j0 + n < p.hidden ? int64_t(j0 + n) : -1; };
+  const bool w_vectorized = is_vectorizable<T>(weight_hh_t, gates_width);
+  for (int k0 = 0; k0 < round_up(gates_width, kBlockK); k0 += kBlockK) {
+    load_tile<T, BJ, false>(w_resident + k0, w_ld, weight_hh_t, gates_width, k0, gates_width, w_vectorized, unit_row);
+  }
+  __syncthreads();
+
+  cooperative_groups::grid_group grid = cooperative_groups::this_grid();
+  for (int s = 0; s < p.steps; ++s) {
+    for (int b0 = 0; b0 < p.batch; b0 += BM) {
+      backward_step<T, BM, BJ, SPLITS, true>(p, s, b0, j0, w_resident, nullptr, w_ld, a_tile, c_tile);
+      __syncthreads();
+    }
+    if (s + 1 < p.steps) grid.sync();
+  }
+}
+
+// lstm_cell backward: the pointwise gate gradients, one thread per (batch row, hidden unit).
+template <typename T>
+__global__ void __launch_bounds__(256) lstm_cell_backward_kernel(const CellBackwardParams p) {
+  using E = Element<T>;
+  const T* grad_hy = static_cast<const T*>(p.grad_hy);
+  const T* grad_cy = static_cast<const T*>(p.grad_cy);
+  const T* gates = static_cast<const T*>(p.gates);
+  const T* cx = static_cast<const T*>(p.cx);
+  const T* cy = static_cast<const T*>(p.cy);
+  T* grad_gates = static_cast<T*>(p.grad_gates);
+  T* grad_cx = static_cast<T*>(p.grad_cx);
+  const int hidden = p.hidden;
+  const int64_t total = int64_t(p.batch) * hidden;
+  for (int64_t index = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; index < total;
+       index += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t b = index / hidden, j = index % hidden;
+    const T* gate_row = gates + b * 4 * hidden;
+    float grads[4];
+    const float grad_c_prev =
+        gate_gradients(E::to_float(grad_hy[index]), E::to_float(grad_cy[index]), E::to_float(gate_row[j]),
+                       E::to_float(gate_row[hidden + j]), E::to_float(gate_row[2 * hidden + j]),
+                       E::to_float(gate_row[3 * hidden + j]), E::to_float(cx[index]), E::to_float(cy[index]), grads);
+    grad_cx[index] = E::from_float(grad_c_prev);
+    T* out = grad_gates + b * 4 * hidden;
+#pragma unroll
+    for (int gate = 0; gate < 4; ++gate) out[gate * hidden + j] = E::from_float(grads[gate]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Launchers. Tile choices: a batch of at most 16 rows takes BM = 16 (with K split across warps so
+// all four stay busy); larger batches take BM = 64 and loop over batch chunks.
+
+template <typename Kernel>
+cudaError_t set_shared_memory(Kernel kernel, size_t bytes) {
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+}
+
+// Whether `grid` CTAs of `kernel` can all be resident at once (what a cooperative launch needs).
+template <typename Kernel>
+cudaError_t fits_on_chip(Kernel kernel, size_t shared_bytes, int grid, bool& fits) {
+  fits = false;
+  int device = 0, cooperative = 0, multiprocessors = 0, shared_limit = 0;
+  cudaError_t error = cudaGetDevice(&device);
+  if (error == cudaSuccess) error = cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device);
+  if (error == cudaSuccess) error = cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device);
+  if (error == cudaSuccess)
+    error = cudaDeviceGetAttribute(&shared_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (error != cudaSuccess || !cooperative || shared_bytes > static_cast<size_t>(shared_limit)) return error;
+  error = set_shared_memory(kernel, shared_bytes);
+  int per_multiprocessor = 0;
+  if (error == cudaSuccess)
+    error = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_multiprocessor, kernel, kThreads, shared_bytes);
+  fits = error == cudaSuccess && per_multiprocessor * multiprocessors >= grid;
+  return error;
+}
+
+template <typename T, int BM, int BJ>
+cudaError_t launch_step_forward_tiles(const StepForwardParams& p, cudaStream_t stream) {
+  const size_t shared_bytes = TileShape<T, BM, 4 * BJ, 1>::total_bytes(0, false);
+  auto kernel = lstm_step_forward_kernel<T, BM, BJ>;
+  cudaError_t error = set_shared_memory(kernel, shared_bytes);
+  if (error != cudaSuccess) return error;
+  kernel<<<dim3(ceil_div(p.hidden, BJ), ceil_div(p.batch, BM)), kThreads, shared_bytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_step_forward(const StepForwardParams& p, cudaStream_t stream) {
+  return p.batch <= 16 ? launch_step_forward_tiles<T, 16, 16>(p, stream) : launch_step_forward_tiles<T, 64, 16>(p, stream);
+}
+
+template <typename T, int BM, int BJ, int SPLITS>
+cudaError_t launch_persistent_forward_tiles(const LayerForwardParams& p, cudaStream_t stream, bool& fits) {
+  const size_t shared_bytes = TileShape<T, BM, 4 * BJ, SPLITS>::total_bytes(p.hidden, true);
+  auto kernel = lstm_persistent_forward_kernel<T, BM, BJ, SPLITS>;
+  const int grid = ceil_div(p.hidden, BJ);
+  cudaError_t error = fits_on_chip(kernel, shared_bytes, grid, fits);
+  if (error != cudaSuccess || !fits) return error;
+  LayerForwardParams params = p;
+  void* arguments[] = {&params};
+  return cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(grid), dim3(kThreads), arguments,
+                                     shared_bytes, stream);
+}
+
+// Eight units per CTA: H = 1024 spreads over 128 CTAs, one per SM on an H100 (132 SMs).
+template <typename T>
+cudaError_t launch_persistent_forward(const LayerForwardParams& p, cudaStream_t stream, bool& fits) {
+  return p.batch <= 16 ? launch_persistent_forward_tiles<T, 16, 8, 2>(p, stream, fits)
+                       : launch_persistent_forward_tiles<T, 64, 8, 1>(p, stream, fits);
+}
+
+template <typename T, int BM, int BJ, int SPLITS>
+cudaError_t launch_step_backward_tiles(const LayerBackwardParams& p, int s, cudaStream_t stream) {
+  const size_t shared_bytes = TileShape<T, BM, BJ, SPLITS>::total_bytes(0, false);
+  auto kernel = lstm_step_backward_kernel<T, BM, BJ, SPLITS>;
+  cudaError_t error = set_shared_memory(kernel, shared_bytes);
+  if (error != cudaSuccess) return error;
+  kernel<<<dim3(ceil_div(p.hidden, BJ), ceil_div(p.batch, BM)), kThreads, shared_bytes, stream>>>(p, s);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_step_backward(const LayerBackwardParams& p, int s, cudaStream_t stream) {
+  return p.batch <= 16 ? launch_step_backward_tiles<T, 16, 16, 4>(p, s, stream)
+                       : launch_step_backward_tiles<T, 64, 16, 1>(p, s, stream);
+}
+
+template <typename T, int BM, int BJ, int SPLITS>
+cudaError_t launch_persistent_backward_tiles(const LayerBackwardParams& p, cudaStream_t stream, bool& fits) {
+  const size_t shared_bytes = TileShape<T, BM, BJ, SPLITS>::total_bytes(4 * p.hidden, true);
+  auto kernel = lstm_persistent_backward_kernel<T, BM, BJ, SPLITS>;
+  const int grid = ceil_div(p.hidden, BJ);
+  cudaError_t error = fits_on_chip(kernel, shared_bytes, grid, fits);
+  if (error != cudaSuccess || !fits) return error;
+  LayerBackwardParams params = p;
+  void* arguments[] = {&params};
+  return cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(grid), dim3(kThreads), arguments,
+                                     shared_bytes, stream);
+}
+
+// Sixteen units per CTA (W_hhᵀ rows are 4H long, so a CTA holds as many bytes as forward's eight).
+template <typename T>
+cudaError_t launch_persistent_backward(const LayerBackwardParams& p, cudaStream_t stream, bool& fits) {
+  return p.batch <= 16 ? launch_persistent_backward_tiles<T, 16, 16, 4>(p, stream, fits)
+                       : launch_persistent_backward_tiles<T, 64, 16, 1>(p, stream, fits);
+}
+
+template <typename T>
+cudaError_t launch_cell_backward(const CellBackwardParams& p, cudaStream_t stream) {
+  constexpr int kCellThreads = 256;
+  const int64_t total = int64_t(p.batch) * p.hidden;
+  const int blocks = static_cast<int>(std::min<int64_t>((total + kCellThreads - 1) / kCellThreads, 65536));
+  lstm_cell_backward_kernel<T><<<blocks, kCellThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace pyattn::lstm

@@ -1,0 +1,103 @@
+// Host-side interface between lstm_api.cpp (torch) and the CUDA kernels (no torch headers).
+//
+// Every tensor is row-major and contiguous; pointers are raw device pointers of the element type
+// named by the launcher's template argument (float, __half or __nv_bfloat16). Gate rows follow
+// torch: rows [0,H) input gate, [H,2H) forget, [2H,3H) cell candidate, [3H,4H) output gate.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace pyattn::lstm {
+
+// One step: gates = pre_gates + a0 · w0ᵀ + a1 · w1ᵀ + bias0 + bias1, then the cell update.
+// The lstm_cell op uses a0 = input, a1 = hx; a layer's per-step fallback uses a0 = h_{t-1} and
+// pre_gates = the step's slice of the precomputed input projection (biases folded in).
+struct StepForwardParams {
+  const void* a0;  // (batch, k0)
+  const void* w0;  // (4H, k0)
+  int k0;
+  const void* a1;  // (batch, k1) or null
+  const void* w1;  // (4H, k1) or null
+  int k1;
+  const void* pre_gates;  // (batch, 4H) or null
+  const void* bias0;      // (4H,) or null
+  const void* bias1;      // (4H,) or null
+  const void* c_prev;        // (batch, H) element type, or null when c_prev_f32 is given
+  const float* c_prev_f32;   // (batch, H) float32 cell state (a layer's carried state)
+  void* h_out;               // (batch, H)
+  void* c_out;               // (batch, H) or null
+  float* c_out_f32;          // (batch, H) or null
+  void* gates_out;           // (batch, 4H) activated gates (σi, σf, tanh g, σo) for backward, or null
+  int batch;
+  int hidden;
+};
+
+// A whole layer's recurrence in one persistent kernel (W_hh held on chip, grid-wide sync per step).
+struct LayerForwardParams {
+  const void* input_projection;  // (T, batch, 4H): x_t · W_ihᵀ + b_ih + b_hh
+  const void* weight_hh;         // (4H, H)
+  const void* h0;                // (batch, H)
+  const void* c0;                // (batch, H)
+  void* output;                  // (T, batch, H); output[t] is also h_t for the next step
+  float* cell_states;            // (T, batch, H) when saving for backward, else (1, batch, H) scratch
+  bool save_all_cell_states;     // cell_states holds every step (training) or one reused slot
+  void* gates;                   // (T, batch, 4H) activated gates, or null
+  int steps;
+  int batch;
+  int hidden;
+  bool reverse;
+};
+
+// Backward through time of one layer. Processing runs opposite to the forward's order; at each
+// step t: dh_t = grad_output[t] + dgates_{t_next} · W_hh (+ grad_h_n on the first), the fused
+// pointwise gate gradients write dgates_t and carry dc in float32.
+struct LayerBackwardParams {
+  const void* weight_hh_t;    // (H, 4H): W_hhᵀ, contiguous
+  const void* grad_output;    // (T, batch, H)
+  const void* grad_h_n;       // (batch, H)
+  const void* grad_c_n;       // (batch, H)
+  const void* gates;          // (T, batch, 4H) activated gates saved by the forward
+  const float* cell_states;   // (T, batch, H)
+  const void* c0;             // (batch, H)
+  void* grad_gates;           // (T, batch, 4H) output: gradient w.r.t. pre-activation gates
+  float* grad_cell;           // (batch, H) carried dc; holds grad_c0 at the end
+  int steps;
+  int batch;
+  int hidden;
+  bool reverse;
+};
+
+// lstm_cell backward: pointwise gate gradients of one step (the GEMMs are done by the caller).
+struct CellBackwardParams {
+  const void* grad_hy;  // (batch, H)
+  const void* grad_cy;  // (batch, H)
+  const void* gates;    // (batch, 4H) activated gates saved by the forward
+  const void* cx;       // (batch, H)
+  const void* cy;       // (batch, H)
+  void* grad_gates;     // (batch, 4H)
+  void* grad_cx;        // (batch, H)
+  int batch;
+  int hidden;
+};
+
+template <typename T>
+cudaError_t launch_step_forward(const StepForwardParams& params, cudaStream_t stream);
+
+// `fits` is set false (and nothing launched) when the layer does not fit on chip; the caller
+// then runs the per-step kernels instead.
+template <typename T>
+cudaError_t launch_persistent_forward(const LayerForwardParams& params, cudaStream_t stream, bool& fits);
+
+// One backward step `step` (0 = the first processed) of LayerBackwardParams, for the fallback loop.
+template <typename T>
+cudaError_t launch_step_backward(const LayerBackwardParams& params, int step, cudaStream_t stream);
+
+template <typename T>
+cudaError_t launch_persistent_backward(const LayerBackwardParams& params, cudaStream_t stream, bool& fits);
+
+template <typename T>
+cudaError_t launch_cell_backward(const CellBackwardParams& params, cudaStream_t stream);
+
+}  // namespace pyattn::lstm

@@ -1,0 +1,221 @@
+"""LSTM workloads: pyattn.nn.LSTM / LSTMCell per backend against nn.LSTM (cuDNN on a GPU) and nn.LSTMCell.
+
+Every backend is the module a user would run, loaded from one torch module's state_dict, so all of
+them compute with the same weights.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+
+import pyattn
+from pyattn.bench.flops import FORWARD
+from pyattn.bench.measure import rotation_copies
+from pyattn.bench.suites import LSTMCase
+from pyattn.bench.workload import (
+    Unsupported,
+    Workload,
+    all_finite,
+    bounds_from,
+    errors,
+    poison_allocator,
+    probe,
+    random_tensor,
+    seeded_generator,
+)
+from pyattn.reference import lstm as lstm_reference
+
+PARAMETER_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")  # torch's, without nn.LSTM's "_l0"
+ROW_SLICED = ("output", "h_n", "c_n", "grad_input")  # per batch row; weight gradients are whole
+
+
+class LSTMData:
+    """One case's inputs and weights (torch's initialisation), and its float64 reference on the first
+    and last batch row (rows are independent; the last catches offset overflows)."""
+
+    def __init__(self, case: LSTMCase, device: torch.device, seed: int = 0):
+        self.case, self.device = case, device
+        generator = seeded_generator(device, seed)
+        hidden, inputs, batch = case.hidden_size, case.input_size, case.batch
+        bound = 1.0 / math.sqrt(hidden)  # torch's LSTM initialisation: U(-1/√H, 1/√H)
+        shapes = {"weight_ih": (4 * hidden, inputs), "weight_hh": (4 * hidden, hidden), "bias_ih": (4 * hidden,), "bias_hh": (4 * hidden,)}
+        self.parameters = {
+            name: ((torch.rand(shape, generator=generator, device=device) * 2 - 1) * bound).to(case.dtype)
+            for name, shape in shapes.items()
+        }
+        self.x = random_tensor((batch, inputs) if case.cell else (case.steps, batch, inputs), case.dtype, device, generator)
+        self.h0, self.c0 = (random_tensor((batch, hidden), case.dtype, device, generator, scale=0.5) for _ in range(2))
+        output_shape = (batch, hidden) if case.cell else (case.steps, batch, hidden)
+        self.douts = [random_tensor(output_shape, case.dtype, device, generator)]
+        if case.cell:  # a step inside a loop receives gradients for both h' and c'
+            self.douts.append(random_tensor((batch, hidden), case.dtype, device, generator))
+        self.rows = torch.tensor(sorted({0, batch - 1}), device=device)
+        self._reference: dict[str, torch.Tensor] | None = None
+        self._bounds: dict[str, float] | None = None
+
+    @property
+    def training(self) -> bool:
+        return self.case.mode != FORWARD
+
+    def batch_dim(self, name: str) -> int:
+        return 1 if name in ("output", "grad_input") and not self.case.cell else 0
+
+    def _rows(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.index_select(self.batch_dim(name), self.rows)
+
+    def run(self, function, parameters: dict[str, torch.Tensor], rows_only: bool, douts) -> dict[str, torch.Tensor]:
+        """Outputs of ``function(x, h0, c0)`` and, when training, the gradients of x and ``parameters``."""
+        x, h0, c0 = self.x, self.h0, self.c0
+        if rows_only:
+            x, h0, c0 = self._rows("grad_input", x), self._rows("h_n", h0), self._rows("h_n", c0)
+        dtype = next(iter(parameters.values())).dtype
+        x = x.detach().to(dtype).requires_grad_(self.training)
+        with torch.set_grad_enabled(self.training):
+            output, h_n, c_n = function(x, h0.to(dtype), c0.to(dtype))
+        named = {"output": output, "h_n": h_n, "c_n": c_n}
+        if self.training:
+            targets = [output, c_n] if self.case.cell else [output]
+            grads = torch.autograd.grad(targets, [x, *parameters.values()], [d.to(dtype) for d in douts])
+            named["grad_input"] = grads[0]
+            named.update({f"grad_{name}": grad for name, grad in zip(parameters, grads[1:])})
+        return {name: value.detach() for name, value in named.items()}
+
+    def _checked_douts(self, rows_only: bool) -> list[torch.Tensor]:
+        """The output gradients of the checked rows; full size and zero on the other rows unless
+        ``rows_only``, so a full-batch backward's weight gradients are those of the checked rows."""
+        if rows_only:
+            return [self._rows("output", d) for d in self.douts]
+        keep = torch.zeros(self.case.batch, dtype=torch.bool, device=self.device)
+        keep[self.rows] = True
+        shape = [1] * self.douts[0].dim()
+        shape[self.batch_dim("output")] = -1
+        return [torch.where(keep.view(shape), d, torch.zeros_like(d)) for d in self.douts]
+
+    def reference(self) -> dict[str, torch.Tensor]:
+        if self._reference is None:
+            leaves = {name: p.to(torch.float64).requires_grad_(self.training) for name, p in self.parameters.items()}
+            values = list(leaves.values())
+            if self.case.cell:
+                def function(x, h0, c0):
+                    h, c = lstm_reference.lstm_cell(x, h0, c0, *values)
+                    return h, h, c
+            else:
+                def function(x, h0, c0):
+                    return lstm_reference.lstm_layer(x, h0, c0, *values)
+
+            self._reference = self.run(function, leaves, True, self._checked_douts(True))
+        return self._reference
+
+    def bounds(self) -> dict[str, float]:
+        if self._bounds is None:
+            torch_function, torch_parameters = lstm_function(
+                "torch:lstmcell" if self.case.cell else "torch:lstm", self.case, self.parameters
+            )
+            own = errors(self.run(torch_function, torch_parameters, True, self._checked_douts(True)), self.reference())
+            self._bounds = bounds_from(own, self.case.dtype, self.device)
+        return self._bounds
+
+    def check(self, function, parameters: dict[str, torch.Tensor]) -> tuple[dict[str, float], bool]:
+        poison_allocator(self.device, 8 * self.x.numel() * self.x.element_size())
+        outputs = self.run(function, parameters, False, self._checked_douts(False))
+        checked = {name: self._rows(name, value) if name in ROW_SLICED else value for name, value in outputs.items()}
+        return errors(checked, self.reference()), all_finite(outputs.values())
+
+
+def _torch_module(module_type, case: LSTMCase, parameters: dict[str, torch.Tensor]) -> torch.nn.Module:
+    module = module_type(case.input_size, case.hidden_size).to(device=parameters["weight_ih"].device, dtype=case.dtype)
+    suffix = "_l0" if module_type is torch.nn.LSTM else ""
+    module.load_state_dict({name + suffix: value for name, value in parameters.items()})
+    return module
+
+
+def _canonical_parameters(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    named = dict(module.named_parameters())
+    return {name: named.get(name, named.get(name + "_l0")) for name in PARAMETER_NAMES}
+
+
+def lstm_function(backend: str, case: LSTMCase, parameters: dict[str, torch.Tensor]):
+    """``(x, h0, c0) -> (output, h_n, c_n)`` on one backend (a cell step gives (h', h', c')) and the
+    module's parameters by torch's LSTMCell names."""
+    kind, name = backend.split(":", 1)
+    if kind == "pyattn":
+        torch_type = torch.nn.LSTMCell if case.cell else torch.nn.LSTM
+        module = (pyattn.nn.LSTMCell if case.cell else pyattn.nn.LSTM)(case.input_size, case.hidden_size)
+        module = module.to(device=parameters["weight_ih"].device, dtype=case.dtype)
+        module.load_state_dict(_torch_module(torch_type, case, parameters).state_dict())
+        inner = _cell_call(module) if case.cell else _sequence_call(module, case)
+
+        def run_pyattn(x, h0, c0):
+            with pyattn.use_backend(name):
+                return inner(x, h0, c0)
+
+        return run_pyattn, _canonical_parameters(module)
+    if name == "lstm":
+        module = _torch_module(torch.nn.LSTM, case, parameters)
+        return _sequence_call(module, case), _canonical_parameters(module)
+    if name == "lstmcell" and case.cell:
+        module = _torch_module(torch.nn.LSTMCell, case, parameters)
+        return _cell_call(module), _canonical_parameters(module)
+    if name == "lstmcell-loop" and not case.cell:
+        module = _torch_module(torch.nn.LSTMCell, case, parameters)
+
+        def run_loop(x, h0, c0):
+            h, c, outputs = h0, c0, []
+            for step in x.unbind(0):
+                h, c = module(step, (h, c))
+                outputs.append(h)
+            return torch.stack(outputs), h, c
+
+        return run_loop, _canonical_parameters(module)
+    raise Unsupported(f"{backend} does not run {case.op}")
+
+
+def _cell_call(module):
+    def run_cell(x, h0, c0):
+        h, c = module(x, (h0, c0))
+        return h, h, c
+
+    return run_cell
+
+
+def _sequence_call(module, case: LSTMCase):
+    """An nn.LSTM-style module; on a cell case, over a one-step sequence."""
+
+    def run_sequence(x, h0, c0):
+        output, (h_n, c_n) = module(x[None] if case.cell else x, (h0[None], c0[None]))
+        return (output[0] if case.cell else output), h_n[0], c_n[0]
+
+    return run_sequence
+
+
+def prepare_lstm(case: LSTMCase, backend: str, data: LSTMData) -> Workload:
+    device = data.device
+    function, parameters = lstm_function(backend, case, data.parameters)
+    probe(lambda: function(data.x, data.h0, data.c0))
+    check = lambda: data.check(function, parameters)  # noqa: E731
+    if case.mode != FORWARD:
+        x = data.x.detach().requires_grad_()
+
+        def call():
+            output, _, c_n = function(x, data.h0, data.c0)
+            torch.autograd.backward([output, c_n] if case.cell else [output], data.douts)
+
+        return Workload(case, backend, device, call, check, data.bounds, grad_to_none=[x, *parameters.values()])
+    # A forward cell step takes microseconds: timed in a CUDA graph, cycling through enough copies of
+    # its weights and inputs that no call finds them in L2 (the graph does not flush it).
+    graphed = case.cell and device.type == "cuda"
+    sets = [(function, data.x, data.h0, data.c0)]
+    for _ in range(rotation_copies(int(case.bytes()), device) - 1 if graphed else 0):
+        copy_function, _ = lstm_function(backend, case, {n: p.clone() for n, p in data.parameters.items()})
+        sets.append((copy_function, data.x.clone(), data.h0.clone(), data.c0.clone()))
+    rotation = itertools.cycle(sets)
+
+    def call():
+        run, x, h0, c0 = next(rotation)
+        with torch.no_grad():
+            return run(x, h0, c0)
+
+    return Workload(case, backend, device, call, check, data.bounds, cuda_graph=graphed)

@@ -1,0 +1,150 @@
+"""Timing and peak memory of one callable, on a GPU or a CPU, and the device's roofline.
+
+GPU: CUDA events through ``triton.testing.do_bench``, which runs the warm-up outside the figures and
+flushes L2 before every timed call, so each call starts with cold caches as it would inside a model.
+Short calls (an LSTM cell step, a few microseconds) are timed inside a CUDA graph
+(``do_bench_cudagraph``), where launch overhead does not swamp them; the graph does not flush L2,
+so the caller rotates through enough input copies to overflow it (:func:`rotation_copies`).
+Min / median / max come from the same samples (quantiles 0, ½, 1).
+
+CPU: ``time.perf_counter`` around each call, median over repeats; memory is not measured (null).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+GPU_WARMUP_MS = 25
+GPU_REPEAT_MS = 100
+CPU_WARMUP_CALLS = 2
+CPU_MIN_REPEATS = 5
+CPU_MAX_REPEATS = 50
+CPU_MIN_SECONDS = 0.05
+DEFAULT_L2_BYTES = 50 * 2**20  # H100's L2, for a device whose properties do not report it
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Milliseconds per call; ``method`` says how they were taken."""
+
+    min_ms: float
+    median_ms: float
+    max_ms: float
+    method: str
+
+    def as_dict(self) -> dict:
+        return {"min": self.min_ms, "median": self.median_ms, "max": self.max_ms, "method": self.method}
+
+
+def _clear_grads(tensors: Sequence[torch.Tensor]) -> None:
+    for tensor in tensors:
+        tensor.grad = None
+
+
+def time_gpu(fn: Callable[[], object], grad_to_none: Sequence[torch.Tensor] = (), cuda_graph: bool = False) -> Timing:
+    """CUDA-event timing of ``fn`` (see the module docstring)."""
+    import triton.testing
+
+    quantiles = [0.0, 0.5, 1.0]
+    if cuda_graph:
+        low, median, high = triton.testing.do_bench_cudagraph(
+            fn, rep=GPU_REPEAT_MS, grad_to_none=list(grad_to_none) or None, quantiles=quantiles
+        )
+        return Timing(low, median, high, "cuda-events, cuda-graph replay")
+    low, median, high = triton.testing.do_bench(
+        fn, warmup=GPU_WARMUP_MS, rep=GPU_REPEAT_MS, grad_to_none=list(grad_to_none) or None, quantiles=quantiles
+    )
+    return Timing(low, median, high, "cuda-events, L2 flushed per call")
+
+
+def time_cpu(fn: Callable[[], object], grad_to_none: Sequence[torch.Tensor] = ()) -> Timing:
+    """Wall-clock timing of ``fn`` on the CPU: at least CPU_MIN_REPEATS calls and CPU_MIN_SECONDS."""
+    for _ in range(CPU_WARMUP_CALLS):
+        _clear_grads(grad_to_none)
+        fn()
+    samples: list[float] = []
+    while len(samples) < CPU_MAX_REPEATS and (len(samples) < CPU_MIN_REPEATS or sum(samples) < CPU_MIN_SECONDS):
+        _clear_grads(grad_to_none)
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    milliseconds = [s * 1e3 for s in samples]
+    return Timing(min(milliseconds), statistics.median(milliseconds), max(milliseconds), "perf_counter (CPU)")
+
+
+def time_call(
+    fn: Callable[[], object], device: torch.device, grad_to_none: Sequence[torch.Tensor] = (), cuda_graph: bool = False
+) -> Timing:
+    if device.type == "cuda":
+        return time_gpu(fn, grad_to_none, cuda_graph)
+    return time_cpu(fn, grad_to_none)
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: torch.device, grad_to_none: Sequence[torch.Tensor] = ()) -> int | None:
+    """Peak bytes ``fn`` allocates above what was allocated before it (None on a CPU: not measured)."""
+    if device.type != "cuda":
+        return None
+    _clear_grads(grad_to_none)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def l2_cache_bytes(device: torch.device) -> int:
+    return getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or DEFAULT_L2_BYTES
+
+
+def rotation_copies(bytes_per_call: int, device: torch.device) -> int:
+    """How many input copies a CUDA-graph loop must cycle through so no call finds its inputs in L2."""
+    if device.type != "cuda":
+        return 1
+    return min(64, max(1, math.ceil(2 * l2_cache_bytes(device) / max(bytes_per_call, 1))))
+
+
+def measure_roofline(device: torch.device) -> dict:
+    """The device's limits, measured once: a large matmul (TFLOP/s) and a device-to-device copy (GB/s).
+
+    GPU: bf16 8192² matmul and a 1 GiB copy. CPU: fp32 1024² matmul and a 64 MiB copy. A copy moves
+    its bytes twice (read + write), which is what GB/s counts elsewhere too.
+    """
+    if device.type == "cuda":
+        size, dtype, copy_bytes = 8192, torch.bfloat16, 2**30
+    else:
+        size, dtype, copy_bytes = 1024, torch.float32, 64 * 2**20
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    matmul = time_call(lambda: torch.mm(a, b), device)
+    source = torch.empty(copy_bytes // 4, dtype=torch.float32, device=device).uniform_()
+    target = torch.empty_like(source)
+    copy = time_call(lambda: target.copy_(source), device)
+    dtype_name = str(dtype).removeprefix("torch.")
+    roofline = {
+        "matmul_tflops": 2.0 * size**3 / (matmul.median_ms * 1e-3) / 1e12,
+        "matmul": f"{dtype_name} {size}x{size}x{size} torch.mm",
+        "copy_gbps": 2.0 * copy_bytes / (copy.median_ms * 1e-3) / 1e9,
+        "copy": f"{copy_bytes / 2**20:.0f} MiB device-to-device copy (read + write counted)",
+        "method": matmul.method,
+    }
+    if device.type == "cpu":
+        roofline["label"] = f"CPU, {torch.get_num_threads()} torch threads: fp32, not the GPU's limits"
+    del a, b, source, target
+    return roofline
+
+
+def attainable_fraction(flops: float | None, bytes_moved: float | None, seconds: float, roofline: dict | None) -> float | None:
+    """Achieved / attainable, where attainable = min(peak FLOP/s, intensity × peak bandwidth)."""
+    if roofline is None or not flops or seconds <= 0:
+        return None
+    peak = roofline["matmul_tflops"] * 1e12
+    if bytes_moved:
+        peak = min(peak, flops / bytes_moved * roofline["copy_gbps"] * 1e9)
+    return flops / seconds / peak

@@ -1,0 +1,100 @@
+"""What every op's benchmark shares: the prepared call, the check's measure and bound, input factories.
+
+The check runs a backend's outputs (and gradients, when the mode has a backward) against float64 on
+a slice whose rows are independent of the rest (first and last (batch, head) of attention, first and
+last batch row of the LSTM), so it stays cheap at 16k tokens and is still exact. Its bound is
+flash-attention's rule: error ≤ max(RTOL[dtype], 2 × the error of PyTorch's own computation in that
+dtype), both against the same float64 reference.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+import pyattn
+
+# ‖out − ref‖/‖ref‖ floor per dtype against float64: the values of tests/conftest.py's RTOL table.
+RTOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+RTOL_TF32 = 3e-4  # fp32 on a GPU: kernels may multiply in TF32
+
+
+class Unsupported(Exception):
+    """This backend cannot run this case (the message says why): a skipped row, not an error."""
+
+
+@dataclass
+class Workload:
+    """One backend on one case, ready to run. ``call`` is the measured call."""
+
+    case: object
+    backend: str
+    device: torch.device
+    call: Callable[[], object]
+    check: Callable[[], tuple[dict[str, float], bool]]  # -> (relative error per tensor, all finite)
+    bounds: Callable[[], dict[str, float]]  # -> the bound per tensor
+    grad_to_none: list[torch.Tensor] = field(default_factory=list)
+    cuda_graph: bool = False  # time inside a CUDA graph (inputs rotate so none is found in L2)
+    correctness_only: str | None = None  # why its timings are no speed figure (the Triton interpreter)
+
+    def synchronized_call(self) -> None:
+        self.call()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64 (the measure of tests/conftest.py)."""
+    out64, ref64 = out.detach().to(torch.float64), ref.detach().to(torch.float64)
+    denominator = ref64.norm().item()
+    difference = (out64 - ref64).norm().item()
+    return difference / denominator if denominator else difference
+
+
+def errors(outputs: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {name: relative_error(outputs[name], reference[name]) for name in reference}
+
+
+def bounds_from(torch_errors: dict[str, float], dtype: torch.dtype, device: torch.device) -> dict[str, float]:
+    floor = RTOL_TF32 if dtype == torch.float32 and device.type == "cuda" else RTOL[dtype]
+    return {name: max(floor, 2.0 * error) for name, error in torch_errors.items()}
+
+
+def all_finite(tensors) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def random_tensor(shape, dtype, device, generator, scale=1.0) -> torch.Tensor:
+    """Fresh normal values (never zeros), drawn in float32 so every dtype sees the same numbers."""
+    return (torch.randn(*shape, generator=generator, device=device) * scale).to(dtype)
+
+
+def seeded_generator(device: torch.device, seed: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def poison_allocator(device: torch.device, nbytes: int) -> None:
+    """Leave NaN-filled blocks in the caching allocator for the next allocations, so an output element
+    a kernel never writes reads as NaN (caught by the finiteness check), not a stale plausible value."""
+    if device.type == "cuda":
+        torch.empty(nbytes // 4 + 1, dtype=torch.float32, device=device).fill_(float("nan"))
+
+
+def probe(call: Callable[[], object]) -> None:
+    """Call once without grad; "no kernel for these inputs" becomes :class:`Unsupported` with torch's
+    or pyattn's reasons (SDPA explains in warnings why each kernel declined)."""
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        try:
+            call()
+        except pyattn.BackendUnavailableError as error:
+            raise Unsupported(str(error)) from None
+        except RuntimeError as error:
+            message = str(error)
+            if "No available kernel" not in message and "No viable backend" not in message:
+                raise
+            reasons = "; ".join(dict.fromkeys(str(w.message).strip() for w in caught))
+            raise Unsupported(f"no kernel for these inputs: {reasons or message.splitlines()[0]}") from None

@@ -1,0 +1,458 @@
+"""The attention API on the reference backend (float64, CPU): torch's SDPA semantics, flash-attn's options.
+
+Forced onto the "reference" backend, so what is tested is the functional layer: argument handling,
+layouts, mask broadcasting, alignment, validation and dispatch. The kernels have their own tests.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pyattn
+from pyattn.functional import attention as functional
+from pyattn.functional import flash_attention, flash_attention_varlen, scaled_dot_product_attention
+from pyattn.reference.attention import attention as reference_attention
+from tests.conftest import RTOL, assert_close, random_tensor
+
+F64 = torch.float64
+RTOL64 = RTOL[F64]
+
+
+@pytest.fixture(autouse=True)
+def _reference_backend():
+    with pyattn.use_backend("reference"):
+        yield
+
+
+def _qkv(q_shape, k_shape, v_shape, dtype=F64, requires_grad=False):
+    return tuple(random_tensor(*shape, dtype=dtype, requires_grad=requires_grad) for shape in (q_shape, k_shape, v_shape))
+
+
+def _torch_sdpa(*args, **kwargs):
+    """torch's result, with its NaN rows (no key takes part) replaced by pyattn's documented 0."""
+    return torch.nan_to_num(F.scaled_dot_product_attention(*args, **kwargs), nan=0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# scaled_dot_product_attention against torch's
+
+
+@pytest.mark.parametrize("leading", [(), (3,), (2, 3), (2, 1, 3)], ids=str)
+def test_sdpa_leading_dims(leading):
+    q, k, v = _qkv((*leading, 5, 8), (*leading, 7, 8), (*leading, 7, 6))
+    out = scaled_dot_product_attention(q, k, v)
+    assert out.shape == (*leading, 5, 6)
+    assert_close(out, F.scaled_dot_product_attention(q, k, v), RTOL64)
+
+
+def _every_broadcast_shape(full):
+    return [tuple(size if keep else 1 for size, keep in zip(full, keeps))
+            for keeps in itertools.product((False, True), repeat=len(full))]
+
+
+_MASK_SHAPES = (_every_broadcast_shape((2, 3, 5, 7)) + _every_broadcast_shape((3, 5, 7))[:-1]  # 3-D, not (3,5,7) twice
+                + [(5, 7), (1, 7), (5, 1), (7,)])
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("mask_shape", sorted(set(_MASK_SHAPES)), ids=str)
+def test_sdpa_mask_broadcast(mask_shape, kind):
+    q, k, v = _qkv((2, 3, 5, 8), (2, 3, 7, 8), (2, 3, 7, 8))
+    if kind == "bool":
+        mask = torch.rand(mask_shape) > 0.3
+    else:
+        mask = random_tensor(*mask_shape, dtype=F64)
+    out = scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch_mask = mask if mask.dim() >= 2 else mask.expand(5, 7)  # torch's own SDPA rejects 1-dim masks
+    assert_close(out, _torch_sdpa(q, k, v, attn_mask=torch_mask), RTOL64)
+
+
+@pytest.mark.parametrize("mask_shape", [(2, 1, 1, 1, 7), (1, 4, 1, 5, 7), (2, 4, 3, 5, 7), (4, 1, 1, 7)], ids=str)
+def test_sdpa_mask_with_several_batch_dims(mask_shape):
+    q, k, v = _qkv((2, 4, 3, 5, 8), (2, 4, 3, 7, 8), (2, 4, 3, 7, 8))
+    mask = torch.rand(mask_shape) > 0.3
+    assert_close(scaled_dot_product_attention(q, k, v, attn_mask=mask), _torch_sdpa(q, k, v, attn_mask=mask), RTOL64)
+
+
+@pytest.mark.parametrize("mask_shape", [(2, 1, 1, 7), (1, 3, 5, 7), (5, 7), (7,)], ids=str)
+def test_sdpa_mask_reaches_the_backend_unmaterialised(mask_shape):
+    q, k, v = _qkv((2, 3, 5, 8), (2, 3, 7, 8), (2, 3, 7, 8))
+    mask = torch.rand(mask_shape) > 0.3
+    plan = functional._plan_sdpa(q, k, v, attn_mask=mask)
+    passed = plan.options["mask"]
+    assert passed.dim() == 4
+    assert all(size in (1, full) for size, full in zip(passed.shape, (2, 3, 5, 7)))
+    assert passed.untyped_storage().data_ptr() == mask.untyped_storage().data_ptr()
+    assert passed.numel() == mask.numel()
+
+
+@pytest.mark.parametrize("seqlen_q,seqlen_k", [(5, 5), (3, 7), (7, 3)])
+def test_sdpa_causal_is_top_left(seqlen_q, seqlen_k):
+    q, k, v = _qkv((2, 3, seqlen_q, 8), (2, 3, seqlen_k, 8), (2, 3, seqlen_k, 8))
+    out = scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True), RTOL64)
+
+
+@pytest.mark.parametrize("heads_k", [1, 2])
+def test_sdpa_gqa(heads_k):
+    q, k, v = _qkv((2, 4, 5, 8), (2, heads_k, 7, 8), (2, heads_k, 7, 6))
+    out = scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), RTOL64)
+
+
+def test_sdpa_value_dim_and_scale():
+    q, k, v = _qkv((2, 3, 5, 8), (2, 3, 7, 8), (2, 3, 7, 13))
+    mask = random_tensor(5, 7, dtype=F64)
+    out = scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
+    assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3), RTOL64)
+
+
+def test_sdpa_gradients_match_torch():
+    q, k, v = _qkv((2, 3, 5, 8), (2, 3, 7, 8), (2, 3, 7, 6), requires_grad=True)
+    mask = random_tensor(1, 3, 5, 7, dtype=F64, requires_grad=True)
+    grad_out = random_tensor(2, 3, 5, 6, dtype=F64)
+    ours = torch.autograd.grad(scaled_dot_product_attention(q, k, v, attn_mask=mask), (q, k, v, mask), grad_out)
+    theirs = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, attn_mask=mask), (q, k, v, mask), grad_out)
+    for name, ours_grad, their_grad in zip(("q", "k", "v", "mask"), ours, theirs):
+        assert_close(ours_grad, their_grad, RTOL64, name=f"grad {name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# dropout
+
+
+def _dropout_probe(dropout_p, seqlen=64):
+    """v = identity, so the output is the dropped-out probability matrix itself."""
+    q, k, _ = _qkv((2, 2, seqlen, 8), (2, 2, seqlen, 8), (1,))
+    v = torch.eye(seqlen, dtype=F64).expand(2, 2, seqlen, seqlen)
+    return q, k, v
+
+
+@pytest.mark.parametrize("dropout_p", [0.2, 0.5])
+def test_sdpa_dropout_statistics(dropout_p):
+    q, k, v = _dropout_probe(dropout_p)
+    probabilities = scaled_dot_product_attention(q, k, v)
+    dropped = scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    kept = dropped != 0
+    samples = kept.numel()
+    tolerance = 5 * (dropout_p * (1 - dropout_p) / samples) ** 0.5
+    assert abs((1 - kept.double().mean().item()) - dropout_p) < tolerance
+    # Kept probabilities are scaled by 1 / (1 - p), so the expectation is preserved.
+    assert_close(dropped[kept], probabilities[kept] / (1 - dropout_p), RTOL64, name="kept probabilities")
+    assert abs(dropped.sum().item() / probabilities.sum().item() - 1) < 10 * tolerance
+
+
+def test_sdpa_dropout_is_reproducible_with_manual_seed():
+    q, k, v = _dropout_probe(0.3, seqlen=16)
+    torch.manual_seed(1234)
+    first = scaled_dot_product_attention(q, k, v, dropout_p=0.3)
+    torch.manual_seed(1234)
+    second = scaled_dot_product_attention(q, k, v, dropout_p=0.3)
+    third = scaled_dot_product_attention(q, k, v, dropout_p=0.3)
+    assert torch.equal(first, second)
+    assert not torch.equal(second, third)
+
+
+def test_sdpa_without_dropout_draws_no_random_numbers():
+    q, k, v = _qkv((1, 2, 5, 8), (1, 2, 7, 8), (1, 2, 7, 8))
+    state = torch.get_rng_state()
+    scaled_dot_product_attention(q, k, v)
+    assert torch.equal(state, torch.get_rng_state())
+
+
+# ---------------------------------------------------------------------------------------------
+# flash_attention: every option against a direct reference call
+
+
+def _band_mask(seqlen_q, seqlen_k, left, right):
+    """Independent of the reference: flash-attn's bottom-right aligned band as a bool (L, S) mask."""
+    rows = torch.arange(seqlen_q)[:, None] + seqlen_k - seqlen_q
+    cols = torch.arange(seqlen_k)[None, :]
+    visible = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool)
+    if left >= 0:
+        visible &= cols >= rows - left
+    if right >= 0:
+        visible &= cols <= rows + right
+    return visible
+
+
+@pytest.mark.parametrize("seqlen_q,seqlen_k", [(5, 5), (3, 8), (8, 3)])
+@pytest.mark.parametrize("causal,window", [(True, (-1, -1)), (False, (2, 1)), (True, (2, -1)), (False, (-1, 0))])
+def test_flash_causal_and_window_are_bottom_right(seqlen_q, seqlen_k, causal, window):
+    q, k, v = _qkv((2, 2, seqlen_q, 8), (2, 2, seqlen_k, 8), (2, 2, seqlen_k, 8))
+    out = flash_attention(q, k, v, causal=causal, window=window)
+    band = _band_mask(seqlen_q, seqlen_k, window[0], 0 if causal else window[1])
+    assert_close(out, _torch_sdpa(q, k, v, attn_mask=band), RTOL64)
+
+
+def test_flash_causal_documented_example():
+    """The docstring's seqlen_q=2, seqlen_k=5 example: row 0 sees keys 0..3."""
+    assert _band_mask(2, 5, -1, 0).int().tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+    q, k, v = _qkv((1, 1, 2, 4), (1, 1, 5, 4), (1, 1, 5, 4))
+    out = flash_attention(q, k, v, causal=True)
+    assert_close(out[:, :, :1], F.scaled_dot_product_attention(q[:, :, :1], k[:, :, :4], v[:, :, :4]), RTOL64)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(softcap=2.0),
+        dict(alibi="heads"),
+        dict(alibi="batch_heads", causal=True),
+        dict(scale=0.7, window=(3, 2), softcap=1.5),
+        dict(causal=True, alibi="heads", softcap=3.0),
+    ],
+    ids=lambda options: ",".join(options),
+)
+@pytest.mark.parametrize("heads_k", [4, 2])
+def test_flash_options_match_reference(options, heads_k):
+    options = dict(options)
+    batch, heads, seqlen_q, seqlen_k = 2, 4, 5, 9
+    q, k, v = _qkv((batch, heads, seqlen_q, 8), (batch, heads_k, seqlen_k, 8), (batch, heads_k, seqlen_k, 6))
+    alibi = options.pop("alibi", None)
+    if alibi is not None:
+        shape = (heads,) if alibi == "heads" else (batch, heads)
+        options["alibi_slopes"] = torch.rand(shape, dtype=torch.float32) + 0.1
+    out, lse = flash_attention(q, k, v, return_lse=True, **options)
+    window = options.get("window", (-1, -1))
+    expected, expected_lse = reference_attention(
+        q, k, v, scale=options.get("scale", 8 ** -0.5), window_left=window[0],
+        window_right=0 if options.get("causal") else window[1], diagonal_offset=seqlen_k - seqlen_q,
+        softcap=options.get("softcap", 0.0), alibi_slopes=options.get("alibi_slopes"))
+    assert_close(out, expected, RTOL64)
+    assert lse.shape == (batch, heads, seqlen_q) and not lse.requires_grad
+    _assert_lse_close(lse, expected_lse)
+
+
+def test_flash_bshd_layout_is_a_transposed_view():
+    q, k, v = _qkv((2, 5, 4, 8), (2, 9, 2, 8), (2, 9, 2, 6))  # (B, S, H, D)
+    out = flash_attention(q, k, v, causal=True, layout="bshd")
+    assert out.shape == (2, 5, 4, 6)
+    expected = flash_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+    assert_close(out, expected.transpose(1, 2), RTOL64)
+    plan = functional._plan_flash(q, k, v, layout="bshd")
+    assert plan.q.data_ptr() == q.data_ptr() and plan.q.shape == (2, 4, 5, 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# flash_attention_varlen against per-sequence dense calls
+
+
+def _packed(lengths_q, lengths_k, heads=4, heads_k=2, head_dim=8, head_dim_v=6, requires_grad=False):
+    q = random_tensor(sum(lengths_q), heads, head_dim, dtype=F64, requires_grad=requires_grad)
+    k = random_tensor(sum(lengths_k), heads_k, head_dim, dtype=F64, requires_grad=requires_grad)
+    v = random_tensor(sum(lengths_k), heads_k, head_dim_v, dtype=F64, requires_grad=requires_grad)
+    cu_q = torch.tensor([0, *itertools.accumulate(lengths_q)], dtype=torch.int32)
+    cu_k = torch.tensor([0, *itertools.accumulate(lengths_k)], dtype=torch.int32)
+    return q, k, v, cu_q, cu_k
+
+
+@pytest.mark.parametrize(
+    "lengths_q,lengths_k,options",
+    [
+        ([3, 7, 1], [5, 2, 6], dict()),
+        ([3, 7, 1], [3, 7, 1], dict(causal=True)),
+        ([3, 7, 1], [5, 9, 3], dict(causal=True, window=(2, -1))),  # seqlen_k - seqlen_q = 2 everywhere
+        ([4, 2], [4, 2], dict(alibi_slopes="batch_heads", softcap=2.0)),
+    ],
+)
+def test_varlen_matches_dense_per_sequence(lengths_q, lengths_k, options):
+    q, k, v, cu_q, cu_k = _packed(lengths_q, lengths_k)
+    options = dict(options)
+    slopes = None
+    if options.get("alibi_slopes") == "batch_heads":
+        slopes = options["alibi_slopes"] = torch.rand(len(lengths_q), 4, dtype=torch.float32)
+    out, lse = flash_attention_varlen(q, k, v, cu_q, cu_k, max(lengths_q), max(lengths_k), return_lse=True, **options)
+    assert out.shape == (sum(lengths_q), 4, 6) and lse.shape == (4, sum(lengths_q))
+    for b in range(len(lengths_q)):
+        rows, cols = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+        dense_options = dict(options)
+        if slopes is not None:
+            dense_options["alibi_slopes"] = slopes[b]
+        expected, expected_lse = flash_attention(q[rows][None], k[cols][None], v[cols][None], layout="bshd",
+                                                 return_lse=True, **dense_options)
+        assert_close(out[rows], expected[0], RTOL64, name=f"sequence {b}")
+        _assert_lse_close(lse[:, rows], expected_lse[0])
+
+
+def _assert_lse_close(lse, expected):
+    finite = torch.isfinite(expected)
+    assert torch.equal(finite, torch.isfinite(lse)), "lse: -inf rows differ"
+    assert_close(lse[finite], expected[finite], RTOL64, name="lse")
+
+
+def test_varlen_causal_needs_one_length_difference():
+    q, k, v, cu_q, cu_k = _packed([3, 4], [3, 6])
+    with pytest.raises(ValueError, match="seqlen_k - seqlen_q"):
+        flash_attention_varlen(q, k, v, cu_q, cu_k, 4, 6, causal=True)
+    flash_attention_varlen(q, k, v, cu_q, cu_k, 4, 6)  # no alignment needed without causal/window/alibi
+
+
+# ---------------------------------------------------------------------------------------------
+# rows that no key takes part in
+
+
+def test_fully_masked_rows_give_zero_and_no_nan_gradient():
+    q, k, v = _qkv((1, 2, 4, 8), (1, 2, 6, 8), (1, 2, 6, 8), requires_grad=True)
+    mask = torch.rand(1, 2, 4, 6) > 0.3
+    mask[0, 1, 2] = False
+    out = scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert torch.isfinite(out).all() and (out[0, 1, 2] == 0).all()
+    out.backward(random_tensor(*out.shape, dtype=F64))
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        assert torch.isfinite(tensor.grad).all(), f"grad {name} has NaN"
+    assert (q.grad[0, 1, 2] == 0).all()
+
+
+def test_flash_causal_with_more_queries_than_keys_zeroes_the_top_rows():
+    q, k, v = _qkv((1, 2, 6, 8), (1, 2, 3, 8), (1, 2, 3, 8), requires_grad=True)
+    out, lse = flash_attention(q, k, v, causal=True, return_lse=True)
+    assert (out[:, :, :3] == 0).all() and torch.isneginf(lse[:, :, :3]).all()
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all() and (q.grad[:, :, :3] == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# validation: each bad argument gets an error naming it
+
+
+def _bad_calls():
+    q, k, v = _qkv((2, 4, 5, 8), (2, 4, 7, 8), (2, 4, 7, 8))
+    sdpa, flash = scaled_dot_product_attention, flash_attention
+    packed_q, packed_k, packed_v, cu_q, cu_k = _packed([2, 3], [4, 3])
+    varlen = flash_attention_varlen
+    return [
+        ("key dtype", lambda: sdpa(q, k.float(), v), TypeError, "key has dtype torch.float32"),
+        ("value device", lambda: sdpa(q, k, v.to("meta")), ValueError, "value is on meta"),
+        ("not a tensor", lambda: sdpa(q, k.tolist(), v), TypeError, "key must be a torch.Tensor"),
+        ("integer query", lambda: sdpa(q.long(), k.long(), v.long()), TypeError, "query must be a floating-point"),
+        ("query dims", lambda: sdpa(q[0, 0, 0], k, v), ValueError, "query must have at least 2 dims"),
+        ("key dims", lambda: sdpa(q, k[0], v), ValueError, "key has 3 dims"),
+        ("head dim", lambda: sdpa(q, k[..., :4], v), ValueError, "key's last dim 4"),
+        ("value length", lambda: sdpa(q, k, v[..., :3, :]), ValueError, "value's sequence length"),
+        ("batch dims", lambda: sdpa(q, k[:1], v[:1]), ValueError, "key's batch dims"),
+        ("gqa off", lambda: sdpa(q, k[:, :2], v[:, :2]), ValueError, "set enable_gqa=True"),
+        ("gqa ratio", lambda: sdpa(q, k[:, :3], v[:, :3], enable_gqa=True), ValueError, "multiple of key/value's 3"),
+        ("value heads", lambda: sdpa(q, k[:, :2], v, enable_gqa=True), ValueError, "value has 4 heads"),
+        ("mask shape", lambda: sdpa(q, k, v, attn_mask=torch.ones(5, 6, dtype=torch.bool)), ValueError,
+         "attn_mask of shape (5, 6) is not broadcastable"),
+        ("mask dims", lambda: sdpa(q, k, v, attn_mask=torch.ones(1, 2, 4, 5, 7, dtype=torch.bool)), ValueError,
+         "attn_mask of shape"),
+        ("mask dtype int", lambda: sdpa(q, k, v, attn_mask=torch.ones(5, 7, dtype=torch.int64)), TypeError,
+         "attn_mask must be bool"),
+        ("mask dtype float", lambda: sdpa(q, k, v, attn_mask=torch.ones(5, 7)), TypeError, "attn_mask must be bool"),
+        ("mask device", lambda: sdpa(q, k, v, attn_mask=torch.ones(5, 7, dtype=torch.bool, device="meta")),
+         ValueError, "attn_mask is on meta"),
+        ("mask and causal", lambda: sdpa(q, k, v, attn_mask=torch.ones(5, 7, dtype=torch.bool), is_causal=True),
+         ValueError, "attn_mask should not be set when is_causal=True"),
+        ("dropout", lambda: sdpa(q, k, v, dropout_p=1.0), ValueError, "dropout_p must be a number in [0, 1)"),
+        ("scale", lambda: sdpa(q, k, v, scale=float("nan")), ValueError, "scale must be a finite number"),
+        ("layout", lambda: flash(q, k, v, layout="sbhd"), ValueError, "layout must be one of"),
+        ("flash dims", lambda: flash(q[0], k, v), ValueError, "q must have 4 dims"),
+        ("flash batch", lambda: flash(q, k[:1], v[:1]), ValueError, "k has batch size 1"),
+        ("flash window", lambda: flash(q, k, v, window=(-2, 0)), ValueError, "window must be a pair"),
+        ("flash window type", lambda: flash(q, k, v, window=3), ValueError, "window must be a pair"),
+        ("softcap", lambda: flash(q, k, v, softcap=-1.0), ValueError, "softcap must be a finite number >= 0"),
+        ("alibi dtype", lambda: flash(q, k, v, alibi_slopes=torch.ones(4, dtype=F64)), TypeError,
+         "alibi_slopes must be float32"),
+        ("alibi shape", lambda: flash(q, k, v, alibi_slopes=torch.ones(3)), ValueError,
+         "alibi_slopes must have shape (nheads,) = (4,)"),
+        ("varlen dims", lambda: varlen(q, k, v, cu_q, cu_k, 3, 4), ValueError, "q must have 3 dims"),
+        ("cu_seqlens dtype", lambda: varlen(packed_q, packed_k, packed_v, cu_q.long(), cu_k, 3, 4), ValueError,
+         "cu_seqlens_q must be a 1-dim int32 tensor"),
+        ("cu_seqlens count", lambda: varlen(packed_q, packed_k, packed_v, cu_q[:2], cu_k, 3, 4), ValueError,
+         "cu_seqlens_q has 2 entries"),
+        ("max_seqlen", lambda: varlen(packed_q, packed_k, packed_v, cu_q, cu_k, -1, 4), ValueError,
+         "max_seqlen_q must be an int >= 1"),
+        ("varlen v rows", lambda: varlen(packed_q, packed_k, packed_v[:3], cu_q, cu_k, 3, 4), ValueError,
+         "v has 3 rows"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_calls())), ids=[case[0] for case in _bad_calls()])
+def test_validation_error_names_the_argument(case):
+    _, call, error, message = _bad_calls()[case]
+    with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        call()
+
+
+def test_forced_triton_without_gpu_or_interpreter_is_unavailable(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q, k, v = _qkv((1, 2, 5, 8), (1, 2, 7, 8), (1, 2, 7, 8))
+    with pyattn.use_backend("triton"), pytest.raises(pyattn.BackendUnavailableError, match="'triton'"):
+        scaled_dot_product_attention(q.float(), k.float(), v.float())
+
+
+def test_reference_serves_head_dims_over_256_and_triton_says_why_not(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # Triton available on CPU, so its per-call reasons show
+    q, k, v = _qkv((1, 1, 3, 300), (1, 1, 4, 300), (1, 1, 4, 300))
+    assert_close(scaled_dot_product_attention(q, k, v), F.scaled_dot_product_attention(q, k, v), RTOL64)
+    report = pyattn.explain("scaled_dot_product_attention", *(x.float().to("meta") for x in (q, k, v)))
+    assert "head dim 300 > 256" in report
+
+
+# ---------------------------------------------------------------------------------------------
+# requests and explain (on meta tensors: nothing is computed)
+
+
+def _meta(*shapes, dtype=torch.float16):
+    return tuple(torch.empty(shape, dtype=dtype, device="meta") for shape in shapes)
+
+
+def test_request_builders_report_features():
+    q, k, v = _meta((2, 4, 5, 64), (2, 2, 7, 64), (2, 2, 7, 32))
+    mask = torch.empty(5, 7, dtype=torch.float16, device="meta", requires_grad=True)
+    request = functional.REQUEST_BUILDERS["scaled_dot_product_attention"](q, k, v, mask, 0.1, enable_gqa=True)
+    assert request.op == "attention" and request.head_dim == 64 and request.dtype == torch.float16
+    assert request.features == {"mask", "mask_grad", "dropout", "gqa"}
+    slopes = torch.empty(4, device="meta")
+    request = functional.REQUEST_BUILDERS["flash_attention"](q, k, v, causal=True, window=(8, -1), softcap=5.0,
+                                                              alibi_slopes=slopes)
+    assert request.features == {"causal", "window", "softcap", "alibi", "gqa"}
+    packed_q, packed_k, packed_v = _meta((12, 4, 64), (10, 2, 64), (10, 2, 64))
+    cu = torch.empty(3, dtype=torch.int32, device="meta")
+    request = functional.REQUEST_BUILDERS["flash_attention_varlen"](packed_q, packed_k, packed_v, cu, cu, 8, 6,
+                                                                     dropout_p=0.1)
+    assert request.op == "attention_varlen" and request.features == {"dropout", "gqa"}
+
+
+def test_explain_on_meta_tensors_prints_each_backend(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q, k, v = _meta((2, 4, 128, 64), (2, 4, 128, 64), (2, 4, 128, 64))
+    with pyattn.use_backend("auto"):
+        report = pyattn.explain(pyattn.functional.scaled_dot_product_attention, q, k, v, is_causal=True)
+    lines = report.splitlines()
+    assert lines[0] == "op=attention device=meta dtype=float16 head_dim=64 features=causal"
+    assert [line.split()[0] for line in lines[1:4]] == ["cuda", "triton", "reference"]
+    assert "triton    no: device meta not in ['cpu', 'cuda']" in report
+    assert lines[-1] == "  auto picks: reference"
+    assert "flash_attention_varlen" in pyattn.functional.REQUEST_BUILDERS
+
+
+# ---------------------------------------------------------------------------------------------
+# gradcheck on tiny float64 cases
+
+
+def test_gradcheck_sdpa_with_float_mask_and_gqa():
+    q, k, v = _qkv((1, 2, 3, 4), (1, 1, 5, 4), (1, 1, 5, 3), requires_grad=True)
+    mask = random_tensor(3, 5, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v, mask: scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True), (q, k, v, mask))
+
+
+def test_gradcheck_flash_with_options():
+    q, k, v = _qkv((1, 2, 3, 4), (1, 2, 5, 4), (1, 2, 5, 3), requires_grad=True)
+    slopes = torch.rand(2) + 0.1
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: flash_attention(q, k, v, causal=True, window=(2, -1), softcap=2.0, alibi_slopes=slopes),
+        (q, k, v))
+
+
+def test_gradcheck_varlen():
+    q, k, v, cu_q, cu_k = _packed([2, 3], [2, 3], heads=2, heads_k=1, head_dim=4, head_dim_v=3, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda q, k, v: flash_attention_varlen(q, k, v, cu_q, cu_k, 3, 3, causal=True),
+                                    (q, k, v))

@@ -1,0 +1,419 @@
+"""``pyattn.nn.LSTM`` / ``LSTMCell`` and ``pyattn.functional.lstm*`` against torch's modules.
+
+Every call runs on the reference backend in float64 (so results do not depend on which kernels are
+installed) and is compared with ``torch.nn.LSTM`` / ``LSTMCell`` holding the same state_dict:
+outputs, final states, and the gradients of the input, hx and every parameter.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import pytest
+import torch
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
+import pyattn
+from conftest import RTOL, assert_close, random_tensor
+
+F64 = torch.float64
+STEPS, BATCH, INPUT_SIZE, HIDDEN_SIZE, PROJ_SIZE = 5, 3, 4, 6, 3
+# One full-length sequence, the rest shorter, in an order whose sorting permutation is not its own
+# inverse (so mixing up sorted_indices and unsorted_indices shows).
+RAGGED_LENGTHS = torch.tensor([3, 1, STEPS])
+
+
+@pytest.fixture(autouse=True)
+def _reference_backend():
+    with pyattn.use_backend("reference"):
+        yield
+
+
+def _module_pair(**kwargs):
+    """(ours, torch's) built from the same seed, which must give identical parameters."""
+    torch.manual_seed(1234)
+    theirs = torch.nn.LSTM(INPUT_SIZE, HIDDEN_SIZE, dtype=F64, **kwargs)
+    torch.manual_seed(1234)
+    ours = pyattn.nn.LSTM(INPUT_SIZE, HIDDEN_SIZE, dtype=F64, **kwargs)
+    for (name, a), (other_name, b) in zip(ours.state_dict().items(), theirs.state_dict().items(), strict=True):
+        assert name == other_name and torch.equal(a, b), f"{name}: initialisation differs from torch's"
+    return ours, theirs
+
+
+def _make_input(kind: str, batch_first: bool):
+    """(input for the module, leaf tensor to take the gradient of, batch size of hx)."""
+    if kind == "unbatched":
+        leaf = random_tensor(STEPS, INPUT_SIZE, dtype=F64, requires_grad=True)
+        return leaf, leaf, None
+    shape = (BATCH, STEPS, INPUT_SIZE) if batch_first else (STEPS, BATCH, INPUT_SIZE)
+    leaf = random_tensor(*shape, dtype=F64, requires_grad=True)
+    if kind == "dense":
+        return leaf, leaf, BATCH
+    lengths = RAGGED_LENGTHS.sort(descending=True).values if kind == "packed_sorted" else RAGGED_LENGTHS
+    packed = pack_padded_sequence(leaf, lengths, batch_first=batch_first, enforce_sorted=kind == "packed_sorted")
+    return packed, leaf, BATCH
+
+
+def _loss(output, h_n, c_n, weights):
+    data = output.data if isinstance(output, PackedSequence) else output
+    return (data * weights[0]).sum() + (h_n * weights[1]).sum() + (c_n * weights[2]).sum()
+
+
+def _assert_same_result(ours, theirs, ours_result, theirs_result):
+    (output, (h_n, c_n)), (expected, (expected_h, expected_c)) = ours_result, theirs_result
+    if isinstance(expected, PackedSequence):
+        assert isinstance(output, PackedSequence), "a packed input must give a packed output"
+        assert torch.equal(output.batch_sizes, expected.batch_sizes)
+        for name in ("sorted_indices", "unsorted_indices"):
+            got, want = getattr(output, name), getattr(expected, name)
+            assert (got is None) == (want is None) and (got is None or torch.equal(got, want)), name
+    assert_close(output.data if isinstance(output, PackedSequence) else output,
+                 expected.data if isinstance(expected, PackedSequence) else expected, RTOL[F64], "output")
+    assert_close(h_n, expected_h, RTOL[F64], "h_n")
+    assert_close(c_n, expected_c, RTOL[F64], "c_n")
+
+
+MODULE_GRID = list(
+    itertools.product(
+        [1, 2, 3],  # num_layers
+        [False, True],  # bidirectional
+        [False, True],  # batch_first
+        [0, PROJ_SIZE],  # proj_size
+        [True, False],  # bias
+        ["dense", "unbatched", "packed_sorted", "packed_unsorted"],
+        [False, True],  # hx given
+    )
+)
+
+
+@pytest.mark.parametrize("num_layers,bidirectional,batch_first,proj_size,bias,input_kind,hx_given", MODULE_GRID)
+def test_lstm_matches_torch(num_layers, bidirectional, batch_first, proj_size, bias, input_kind, hx_given):
+    ours, theirs = _module_pair(
+        num_layers=num_layers, bidirectional=bidirectional, batch_first=batch_first, proj_size=proj_size, bias=bias
+    )
+    module_input, leaf, batch = _make_input(input_kind, batch_first)
+    hx, hx_leaves = None, []
+    if hx_given:
+        layers = num_layers * (2 if bidirectional else 1)
+        batch_axis = () if batch is None else (batch,)
+        hx_leaves = [
+            random_tensor(layers, *batch_axis, proj_size or HIDDEN_SIZE, dtype=F64, requires_grad=True),
+            random_tensor(layers, *batch_axis, HIDDEN_SIZE, dtype=F64, requires_grad=True),
+        ]
+        hx = tuple(hx_leaves)
+
+    ours_result, theirs_result = ours(module_input, hx), theirs(module_input, hx)
+    _assert_same_result(ours, theirs, ours_result, theirs_result)
+
+    output, (h_n, c_n) = theirs_result
+    output_shape = (output.data if isinstance(output, PackedSequence) else output).shape
+    upstream = [random_tensor(*shape, dtype=F64) for shape in (output_shape, h_n.shape, c_n.shape)]
+    leaves = [leaf, *hx_leaves]
+    # The packing step is shared by both graphs: keep it for the second backward.
+    got = torch.autograd.grad(
+        _loss(*ours_result[0:1], *ours_result[1], upstream), [*leaves, *ours.parameters()], retain_graph=True
+    )
+    want = torch.autograd.grad(_loss(*theirs_result[0:1], *theirs_result[1], upstream), [*leaves, *theirs.parameters()])
+    names = ["input", "h_0", "c_0"][: len(leaves)] + [name for name, _ in theirs.named_parameters()]
+    for name, got_grad, want_grad in zip(names, got, want, strict=True):
+        assert_close(got_grad, want_grad, RTOL[F64], f"grad {name}")
+
+
+def test_lstm_packed_equal_lengths_matches_torch():
+    """Equal lengths are served as a dense batch (no "lengths" feature); the result must not change."""
+    ours, theirs = _module_pair(num_layers=2, bidirectional=True)
+    packed = pack_padded_sequence(random_tensor(STEPS, BATCH, INPUT_SIZE, dtype=F64), torch.full((BATCH,), STEPS))
+    _assert_same_result(ours, theirs, ours(packed), theirs(packed))
+
+
+def test_dropout_in_eval_is_exact():
+    ours, theirs = _module_pair(num_layers=3, dropout=0.5)
+    ours.eval()
+    theirs.eval()
+    x = random_tensor(STEPS, BATCH, INPUT_SIZE, dtype=F64)
+    _assert_same_result(ours, theirs, ours(x), theirs(x))
+
+
+def test_dropout_one_in_training_matches_torch():
+    """p = 1 zeroes every inner layer's output deterministically, so training can be compared exactly."""
+    ours, theirs = _module_pair(num_layers=3, dropout=1.0, bidirectional=True)
+    x = random_tensor(STEPS, BATCH, INPUT_SIZE, dtype=F64)
+    _assert_same_result(ours, theirs, ours(x), theirs(x))
+
+
+def test_dropout_in_training_is_reproducible_and_drops_inner_layers_only(monkeypatch):
+    probability, num_layers = 0.25, 3
+    ours, _ = _module_pair(num_layers=num_layers, dropout=probability)
+    x = random_tensor(8, 16, INPUT_SIZE, dtype=F64)
+
+    torch.manual_seed(7)
+    first, _ = ours(x)
+    torch.manual_seed(7)
+    again, _ = ours(x)
+    torch.manual_seed(8)
+    other, _ = ours(x)
+    ours.eval()
+    evaluated, _ = ours(x)
+    assert torch.equal(first, again), "the same seed must give the same dropout masks"
+    assert not torch.equal(first, other), "another seed must give other dropout masks"
+    assert not torch.equal(first, evaluated), "training must apply dropout"
+
+    dropped = []
+    original_dropout = torch.nn.functional.dropout
+
+    def recording_dropout(values, p, training, *args, **kwargs):
+        result = original_dropout(values, p, training, *args, **kwargs)
+        dropped.append((values.detach(), p, training, result.detach()))
+        return result
+
+    monkeypatch.setattr(torch.nn.functional, "dropout", recording_dropout)
+    ours.train()
+    ours(x)
+    assert len(dropped) == num_layers - 1, "dropout goes after every layer but the last"
+    for values, p, training, result in dropped:
+        assert (p, training) == (probability, True)
+        kept = result != 0
+        fraction_dropped = 1.0 - kept.double().mean().item()
+        elements = values.numel()
+        sigma = (probability * (1 - probability) / elements) ** 0.5
+        assert abs(fraction_dropped - probability) < 5 * sigma, f"dropped {fraction_dropped:.3f}, expected {probability}"
+        torch.testing.assert_close(result[kept], values[kept] / (1 - probability))
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"num_layers": 2, "bidirectional": True, "proj_size": 2, "bias": False, "batch_first": True}]
+)
+def test_state_dict_interchange_both_ways(kwargs):
+    x = random_tensor(STEPS, BATCH, INPUT_SIZE, dtype=F64)
+    if kwargs.get("batch_first"):
+        x = x.transpose(0, 1)
+    theirs = torch.nn.LSTM(INPUT_SIZE, HIDDEN_SIZE, dtype=F64, **kwargs)
+    ours = pyattn.nn.LSTM(INPUT_SIZE, HIDDEN_SIZE, dtype=F64, **kwargs)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    _assert_same_result(ours, theirs, ours(x), theirs(x))
+
+    theirs = torch.nn.LSTM(INPUT_SIZE, HIDDEN_SIZE, dtype=F64, **kwargs)
+    ours.reset_parameters()
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    _assert_same_result(ours, theirs, ours(x), theirs(x))
+
+    assert [[tuple(p.shape) for p in group] for group in ours.all_weights] == [
+        [tuple(p.shape) for p in group] for group in theirs.all_weights
+    ]
+    assert [name for name, _ in ours.named_parameters()] == [name for name, _ in theirs.named_parameters()]
+
+
+def test_cell_state_dict_interchange_both_ways():
+    x = random_tensor(BATCH, INPUT_SIZE, dtype=F64)
+    theirs = torch.nn.LSTMCell(INPUT_SIZE, HIDDEN_SIZE, dtype=F64)
+    ours = pyattn.nn.LSTMCell(INPUT_SIZE, HIDDEN_SIZE, dtype=F64)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    for got, want in zip(ours(x), theirs(x)):
+        assert_close(got, want, RTOL[F64])
+    ours.reset_parameters()
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    for got, want in zip(ours(x), theirs(x)):
+        assert_close(got, want, RTOL[F64])
+
+
+def test_parameters_follow_reassignment():
+    """functional_call and assigned parameters are read at call time, as torch's LSTM does."""
+    ours, theirs = _module_pair(num_layers=2)
+    replacement = {name: random_tensor(*p.shape, dtype=F64, scale=0.3) for name, p in theirs.named_parameters()}
+    x = random_tensor(STEPS, BATCH, INPUT_SIZE, dtype=F64)
+    got = torch.func.functional_call(ours, replacement, (x,))
+    want = torch.func.functional_call(theirs, replacement, (x,))
+    _assert_same_result(ours, theirs, got, want)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"num_layers": 2, "bias": False},
+        {"proj_size": 2, "batch_first": True, "dropout": 0.5, "num_layers": 3, "bidirectional": True},
+    ],
+)
+def test_repr_matches_torch(kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert repr(pyattn.nn.LSTM(3, 4, **kwargs)) == repr(torch.nn.LSTM(3, 4, **kwargs))
+    assert repr(pyattn.nn.LSTMCell(3, 4)) == repr(torch.nn.LSTMCell(3, 4))
+    assert repr(pyattn.nn.LSTMCell(3, 4, bias=False)) == repr(torch.nn.LSTMCell(3, 4, bias=False))
+
+
+def test_flatten_parameters_is_a_harmless_no_op():
+    ours, theirs = _module_pair(num_layers=2)
+    ours.flatten_parameters()
+    x = random_tensor(STEPS, BATCH, INPUT_SIZE, dtype=F64)
+    _assert_same_result(ours, theirs, ours(x), theirs(x))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"dropout": 1.5}, ValueError, "dropout should be a number in range"),
+        ({"dropout": True}, ValueError, "dropout should be a number in range"),
+        ({"proj_size": HIDDEN_SIZE}, ValueError, "proj_size has to be smaller than hidden_size"),
+        ({"proj_size": -1}, ValueError, "proj_size should be a positive integer"),
+        ({"num_layers": 0}, ValueError, "num_layers must be greater than zero"),
+        ({"bias": 1}, TypeError, "bias should be of type bool"),
+        ({"batch_first": None}, TypeError, "batch_first should be of type bool"),
+    ],
+)
+def test_constructor_errors_match_torch(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        torch.nn.LSTM(INPUT_SIZE, HIDDEN_SIZE, **kwargs)
+    with pytest.raises(error, match=message):
+        pyattn.nn.LSTM(INPUT_SIZE, HIDDEN_SIZE, **kwargs)
+
+
+def test_dropout_with_one_layer_warns_as_torch():
+    with pytest.warns(UserWarning, match="non-zero dropout expects num_layers greater than 1"):
+        pyattn.nn.LSTM(INPUT_SIZE, HIDDEN_SIZE, dropout=0.5)
+
+
+def _bad_lstm_calls():
+    x = random_tensor(STEPS, BATCH, INPUT_SIZE, dtype=F64)
+    h = random_tensor(2, BATCH, HIDDEN_SIZE, dtype=F64)
+    return [
+        ("input 4-D", (random_tensor(2, STEPS, BATCH, INPUT_SIZE, dtype=F64),), ValueError, "Expected input to be 2D or 3D, got 4D"),
+        ("input size", (random_tensor(STEPS, BATCH, INPUT_SIZE + 1, dtype=F64),), RuntimeError, r"input.size\(-1\) must be equal to input_size"),
+        ("no steps", (random_tensor(0, BATCH, INPUT_SIZE, dtype=F64),), RuntimeError, "sequence length to be larger than 0"),
+        ("input dtype", (x.float(),), ValueError, r"input dtype \(torch.float32\) does not match weight dtype"),
+        ("h_0 batch", (x, (random_tensor(2, BATCH + 1, HIDDEN_SIZE, dtype=F64), h)), RuntimeError, r"hidden\[0\].*\(2, 3, 6\)"),
+        ("c_0 layers", (x, (h, random_tensor(1, BATCH, HIDDEN_SIZE, dtype=F64))), RuntimeError, r"hidden\[1\].*\(2, 3, 6\)"),
+        ("hx 2-D", (x, (h[0], h)), RuntimeError, "hx and cx should also be 3-D but got"),
+        ("hx unbatched 3-D", (x[:, 0], (h, h)), RuntimeError, "hx and cx should also be 2-D but got"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_lstm_calls())))
+def test_forward_errors_name_the_argument_as_torch(case):
+    description, args, error, message = _bad_lstm_calls()[case]
+    ours, theirs = _module_pair(num_layers=2)
+    with pytest.raises(error, match=message):
+        ours(*args)
+    with pytest.raises(error):
+        theirs(*args)
+
+
+def test_functional_errors_name_the_argument():
+    x = random_tensor(STEPS, BATCH, INPUT_SIZE, dtype=F64)
+    ours, _ = _module_pair(num_layers=2, bidirectional=True)
+    params = list(ours.parameters())
+    with pytest.raises(ValueError, match="params must hold 16 tensors"):
+        pyattn.functional.lstm(x, None, params[:-1], num_layers=2, bidirectional=True)
+    broken = list(params)
+    broken[5] = random_tensor(4 * HIDDEN_SIZE, HIDDEN_SIZE + 1, dtype=F64)
+    with pytest.raises(RuntimeError, match=r"params\[5\] \(weight_hh_l0_reverse\) must have shape \(24, 6\)"):
+        pyattn.functional.lstm(x, None, broken, num_layers=2, bidirectional=True)
+    with pytest.raises(ValueError, match=r"params\[3\] \(bias_hh_l0\) dtype"):
+        pyattn.functional.lstm(x, None, params[:3] + [params[3].float()] + params[4:], num_layers=2, bidirectional=True)
+    with pytest.raises(RuntimeError, match=r"hx\[0\] is on meta but input is on cpu"):
+        h_0 = torch.empty(4, BATCH, HIDDEN_SIZE, dtype=F64, device="meta")
+        c_0 = random_tensor(4, BATCH, HIDDEN_SIZE, dtype=F64)
+        pyattn.functional.lstm(x, (h_0, c_0), params, num_layers=2, bidirectional=True)
+    with pytest.raises(ValueError, match="dropout should be a number in range"):
+        pyattn.functional.lstm(x, None, params, num_layers=2, bidirectional=True, dropout=2.0)
+
+
+def test_cell_errors_name_the_argument():
+    cell = pyattn.nn.LSTMCell(INPUT_SIZE, HIDDEN_SIZE, dtype=F64)
+    x = random_tensor(BATCH, INPUT_SIZE, dtype=F64)
+    state = random_tensor(BATCH, HIDDEN_SIZE, dtype=F64)
+    with pytest.raises(ValueError, match="Expected input to be 1D or 2D, got 3D"):
+        cell(x[None])
+    with pytest.raises(RuntimeError, match="input has inconsistent input_size: got 5 expected 4"):
+        cell(random_tensor(BATCH, INPUT_SIZE + 1, dtype=F64))
+    with pytest.raises(RuntimeError, match=r"hx\[0\] \(h\) must have shape .* = \(3, 6\), got \(4, 6\)"):
+        cell(x, (random_tensor(BATCH + 1, HIDDEN_SIZE, dtype=F64), state))
+    with pytest.raises(RuntimeError, match=r"hx\[1\] \(c\) must have shape .* = \(6,\), got \(1, 6\)"):
+        cell(x[0], (state[0], state[:1]))
+    with pytest.raises(ValueError, match=r"Expected hx\[1\] to be 1D or 2D, got 3D"):
+        cell(x, (state, state[None]))
+    with pytest.raises(ValueError, match=r"hx\[0\] dtype \(torch.float32\) does not match input dtype"):
+        cell(x, (state.float(), state))
+    with pytest.raises(RuntimeError, match=r"weight_hh must have shape"):
+        pyattn.functional.lstm_cell(x, None, cell.weight_ih, cell.weight_hh[:, :-1])
+
+
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("hx_given", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_cell_matches_torch(batched, hx_given, bias):
+    torch.manual_seed(99)
+    theirs = torch.nn.LSTMCell(INPUT_SIZE, HIDDEN_SIZE, bias=bias, dtype=F64)
+    torch.manual_seed(99)
+    ours = pyattn.nn.LSTMCell(INPUT_SIZE, HIDDEN_SIZE, bias=bias, dtype=F64)
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        assert torch.equal(a, b), "initialisation differs from torch's"
+    batch_axis = (BATCH,) if batched else ()
+    x = random_tensor(*batch_axis, INPUT_SIZE, dtype=F64, requires_grad=True)
+    leaves = [x]
+    hx = None
+    if hx_given:
+        hx = tuple(random_tensor(*batch_axis, HIDDEN_SIZE, dtype=F64, requires_grad=True) for _ in range(2))
+        leaves += list(hx)
+    got, want = ours(x, hx), theirs(x, hx)
+    upstream = [random_tensor(*batch_axis, HIDDEN_SIZE, dtype=F64) for _ in range(2)]
+    for name, g, w in zip(("h'", "c'"), got, want):
+        assert_close(g, w, RTOL[F64], name)
+    got_grads = torch.autograd.grad(got, [*leaves, *ours.parameters()], upstream)
+    want_grads = torch.autograd.grad(want, [*leaves, *theirs.parameters()], upstream)
+    for index, (g, w) in enumerate(zip(got_grads, want_grads, strict=True)):
+        assert_close(g, w, RTOL[F64], f"grad {index}")
+
+
+def test_lstm_under_autocast_runs_in_the_autocast_dtype():
+    ours, theirs = _module_pair(num_layers=2)
+    ours.float()
+    theirs.float()
+    x = random_tensor(STEPS, BATCH, INPUT_SIZE)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output, (h_n, c_n) = ours(x)
+        expected, _ = theirs(x)
+    assert output.dtype == h_n.dtype == c_n.dtype == expected.dtype == torch.bfloat16
+    ours.double()
+    reference, _ = ours(x.double())
+    assert_close(output, reference, RTOL[torch.bfloat16], "output under autocast")
+
+
+@pytest.mark.parametrize("make_module", ["lstm", "cell"])
+def test_forcing_triton_without_a_gpu_or_interpreter_raises(make_module, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible: Triton can run here")
+    if make_module == "lstm":
+        module, x = pyattn.nn.LSTM(INPUT_SIZE, HIDDEN_SIZE), random_tensor(STEPS, BATCH, INPUT_SIZE)
+    else:
+        module, x = pyattn.nn.LSTMCell(INPUT_SIZE, HIDDEN_SIZE), random_tensor(BATCH, INPUT_SIZE)
+    with pyattn.use_backend("triton"), pytest.raises(pyattn.BackendUnavailableError, match="'triton' cannot serve"):
+        module(x)
+
+
+def test_explain_on_meta_tensors():
+    module = pyattn.nn.LSTM(INPUT_SIZE, HIDDEN_SIZE, num_layers=2, proj_size=2, device="meta")
+    padded = torch.empty(STEPS, BATCH, INPUT_SIZE, device="meta")
+    packed = pack_padded_sequence(padded, RAGGED_LENGTHS, enforce_sorted=False)
+    report = pyattn.explain("lstm", packed, None, module._flat_weights, num_layers=2, proj_size=2)
+    assert "op=lstm_layer device=meta dtype=float32 features=lengths,projection" in report
+    assert "reference serves" in " ".join(report.split())
+    assert "auto picks:" in report
+
+    cell = pyattn.nn.LSTMCell(INPUT_SIZE, HIDDEN_SIZE, device="meta")
+    report = pyattn.explain(pyattn.functional.lstm_cell, torch.empty(BATCH, INPUT_SIZE, device="meta"), None,
+                            cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
+    assert "op=lstm_cell device=meta dtype=float32" in report
+    with pytest.raises(RuntimeError, match="input has inconsistent input_size"):
+        pyattn.explain("lstm_cell", torch.empty(BATCH, INPUT_SIZE + 1, device="meta"), None, cell.weight_ih, cell.weight_hh)
+
+
+def test_cell_compiles_without_graph_breaks():
+    cell = pyattn.nn.LSTMCell(INPUT_SIZE, HIDDEN_SIZE, dtype=F64)
+    x = random_tensor(BATCH, INPUT_SIZE, dtype=F64)
+    state = (random_tensor(BATCH, HIDDEN_SIZE, dtype=F64), random_tensor(BATCH, HIDDEN_SIZE, dtype=F64))
+    compiled = torch.compile(cell, fullgraph=True, backend="aot_eager")
+    for got, want in zip(compiled(x, state), cell(x, state)):
+        assert_close(got, want, RTOL[F64])

@@ -1,0 +1,317 @@
+"""Triton LSTM backend vs the float64 reference: outputs and every gradient, both recurrence kernels.
+
+Interpreter tests (CPU, TRITON_INTERPRET=1):
+    TRITON_INTERPRET=1 python -m pytest -m interpreter tests/test_lstm_triton.py
+GPU tests (``requires_cuda``) run in the plain process on a machine with a GPU, bf16 included
+(the interpreter's bf16 arithmetic is wrong, so bf16 is only checked there).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pyattn
+from pyattn._dispatch import BackendUnavailableError, Request, choose
+from pyattn.reference import lstm as reference
+from tests.conftest import RTOL, assert_close, poison_, random_tensor, relative_error
+
+RECURRENCES = ["persistent", "per_step"]
+
+
+@pytest.fixture
+def kernels():
+    from pyattn.kernels import lstm
+
+    return lstm
+
+
+@pytest.fixture
+def poisoned_allocations(monkeypatch, kernels):
+    """Every tensor the launchers allocate with torch.empty starts as NaN: an unwritten element shows."""
+
+    class PoisonedTorch:
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        @staticmethod
+        def empty(*args, **kwargs):
+            return poison_(torch.empty(*args, **kwargs))
+
+    monkeypatch.setattr(kernels, "torch", PoisonedTorch())
+
+
+@pytest.fixture(params=RECURRENCES)
+def recurrence(request, monkeypatch, kernels):
+    """Forces the layer's recurrence kernel (forward and backward) for the duration of a test."""
+    monkeypatch.setattr(kernels, "persistent_supported", lambda hidden_size, dtype: request.param == "persistent")
+    return request.param
+
+
+def _layer_request(dtype, device="cpu", features=frozenset()):
+    return Request(op="lstm_layer", device=torch.device(device), dtype=dtype, features=frozenset(features))
+
+
+def _triton_op(op, dtype, device="cpu", features=frozenset()):
+    name, implementation = choose(Request(op=op, device=torch.device(device), dtype=dtype, features=frozenset(features)), "triton")
+    assert name == "triton"
+    return implementation
+
+
+def _make_weights(input_size, hidden_size, dtype, device, bias):
+    """bias: "both", "ih", "hh" or "none". Scaled like torch's init so gates are not saturated."""
+    scale = hidden_size**-0.5
+    weights = {
+        "weight_ih": random_tensor(4 * hidden_size, input_size, dtype=dtype, device=device, scale=scale, requires_grad=True),
+        "weight_hh": random_tensor(4 * hidden_size, hidden_size, dtype=dtype, device=device, scale=scale, requires_grad=True),
+        "bias_ih": None,
+        "bias_hh": None,
+    }
+    for name in ("bias_ih", "bias_hh"):
+        if bias in ("both", name.removeprefix("bias_")):
+            weights[name] = random_tensor(4 * hidden_size, dtype=dtype, device=device, scale=0.5, requires_grad=True)
+    return weights
+
+
+def _float64(tensors: dict) -> dict:
+    return {name: None if t is None else t.detach().double().requires_grad_(t.requires_grad) for name, t in tensors.items()}
+
+
+def _check_outputs_and_gradients(run_triton, run_reference, leaves: dict, dtype, output_names):
+    """Forward (with and without grad) and the gradient of a random projection of every output."""
+    with torch.no_grad():
+        inference_outputs = run_triton(leaves)
+    outputs = run_triton(leaves)
+    reference_leaves = _float64(leaves)
+    reference_outputs = run_reference(reference_leaves)
+    rtol = RTOL[dtype]
+    for name, out, inference_out, ref in zip(output_names, outputs, inference_outputs, reference_outputs):
+        assert out.dtype == dtype, f"{name}: dtype {out.dtype} != {dtype}"
+        assert_close(out, ref, rtol, name)
+        assert_close(inference_out, ref, rtol, f"{name} (no grad)")
+    upstream = [random_tensor(*out.shape, dtype=torch.float64, device=out.device) for out in outputs]
+    torch.autograd.backward(outputs, [grad.to(dtype) for grad in upstream])
+    torch.autograd.backward(reference_outputs, upstream)
+    for name, leaf in leaves.items():
+        if leaf is None or not leaf.requires_grad:
+            continue
+        assert leaf.grad is not None, f"grad of {name} was not computed"
+        assert leaf.grad.dtype == dtype, f"grad of {name}: dtype {leaf.grad.dtype} != {dtype}"
+        assert_close(leaf.grad, reference_leaves[name].grad, rtol, f"grad of {name}")
+
+
+class TestInterpreter:
+    pytestmark = pytest.mark.interpreter
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+    @pytest.mark.parametrize(
+        "batch,input_size,hidden_size,bias",
+        [(1, 8, 8, "both"), (5, 12, 24, "none"), (3, 20, 40, "ih"), (2, 16, 64, "both"), (4, 70, 24, "hh")],
+    )
+    def test_cell(self, poisoned_allocations, dtype, batch, input_size, hidden_size, bias):
+        leaves = {
+            "input": random_tensor(batch, input_size, dtype=dtype, requires_grad=True),
+            "hx": random_tensor(batch, hidden_size, dtype=dtype, requires_grad=True),
+            "cx": random_tensor(batch, hidden_size, dtype=dtype, requires_grad=True),
+            **_make_weights(input_size, hidden_size, dtype, "cpu", bias),
+        }
+        lstm_cell = _triton_op("lstm_cell", dtype)
+        _check_outputs_and_gradients(
+            lambda t: lstm_cell(**t), lambda t: reference.lstm_cell(**t), leaves, dtype, ["hy", "cy"]
+        )
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+    @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+    @pytest.mark.parametrize(
+        "steps,batch,input_size,hidden_size,bias",
+        [(1, 1, 8, 8, "both"), (4, 3, 12, 24, "none"), (9, 5, 20, 40, "both"), (3, 2, 16, 64, "ih"), (5, 17, 6, 16, "hh")],
+    )
+    def test_layer(self, poisoned_allocations, recurrence, dtype, reverse, steps, batch, input_size, hidden_size, bias):
+        leaves = {
+            "input": random_tensor(steps, batch, input_size, dtype=dtype, requires_grad=True),
+            "h0": random_tensor(batch, hidden_size, dtype=dtype, requires_grad=True),
+            "c0": random_tensor(batch, hidden_size, dtype=dtype, requires_grad=True),
+            **_make_weights(input_size, hidden_size, dtype, "cpu", bias),
+        }
+        lstm_layer = _triton_op("lstm_layer", dtype)
+        _check_outputs_and_gradients(
+            lambda t: lstm_layer(**t, reverse=reverse),
+            lambda t: reference.lstm_layer(**t, reverse=reverse),
+            leaves, dtype, ["output", "h_n", "c_n"],
+        )
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+    @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+    def test_layer_ragged_lengths(self, poisoned_allocations, recurrence, dtype, reverse):
+        steps, batch, input_size, hidden_size = 7, 5, 10, 24
+        lengths = torch.tensor([3, 7, 1, 0, 5])  # any order; a row of length 0 keeps its initial state
+        leaves = {
+            "input": random_tensor(steps, batch, input_size, dtype=dtype, requires_grad=True),
+            "h0": random_tensor(batch, hidden_size, dtype=dtype, requires_grad=True),
+            "c0": random_tensor(batch, hidden_size, dtype=dtype, requires_grad=True),
+            **_make_weights(input_size, hidden_size, dtype, "cpu", "both"),
+        }
+        lstm_layer = _triton_op("lstm_layer", dtype, features={"lengths"})
+        _check_outputs_and_gradients(
+            lambda t: lstm_layer(**t, reverse=reverse, lengths=lengths),
+            lambda t: reference.lstm_layer(**t, reverse=reverse, lengths=lengths),
+            leaves, dtype, ["output", "h_n", "c_n"],
+        )
+
+    @pytest.mark.parametrize("used", ["output", "h_n", "c_n"])
+    def test_layer_gradient_of_one_output(self, recurrence, used):
+        """Only one output reaches the loss: the others' gradients arrive as None, not zeros."""
+        steps, batch, input_size, hidden_size = 4, 3, 6, 16
+        leaves = {
+            "input": random_tensor(steps, batch, input_size, requires_grad=True),
+            "h0": random_tensor(batch, hidden_size, requires_grad=True),
+            "c0": random_tensor(batch, hidden_size, requires_grad=True),
+            **_make_weights(input_size, hidden_size, torch.float32, "cpu", "both"),
+        }
+        reference_leaves = _float64(leaves)
+        index = ["output", "h_n", "c_n"].index(used)
+        with pyattn.use_backend("triton"):
+            _, lstm_layer = choose(_layer_request(torch.float32))
+        out = lstm_layer(**leaves)[index]
+        ref = reference.lstm_layer(**reference_leaves)[index]
+        upstream = random_tensor(*out.shape, dtype=torch.float64)
+        out.backward(upstream.float())
+        ref.backward(upstream)
+        for name, leaf in leaves.items():
+            assert_close(leaf.grad, reference_leaves[name].grad, RTOL[torch.float32], f"grad of {name}")
+
+    @pytest.mark.parametrize("used", ["hy", "cy"])
+    def test_cell_gradient_of_one_output(self, used):
+        batch, input_size, hidden_size = 3, 5, 16
+        leaves = {
+            "input": random_tensor(batch, input_size, requires_grad=True),
+            "hx": random_tensor(batch, hidden_size, requires_grad=True),
+            "cx": random_tensor(batch, hidden_size, requires_grad=True),
+            **_make_weights(input_size, hidden_size, torch.float32, "cpu", "both"),
+        }
+        reference_leaves = _float64(leaves)
+        index = ["hy", "cy"].index(used)
+        out = _triton_op("lstm_cell", torch.float32)(**leaves)[index]
+        ref = reference.lstm_cell(**reference_leaves)[index]
+        upstream = random_tensor(*out.shape, dtype=torch.float64)
+        out.backward(upstream.float())
+        ref.backward(upstream)
+        for name, leaf in leaves.items():
+            assert_close(leaf.grad, reference_leaves[name].grad, RTOL[torch.float32], f"grad of {name}")
+
+    def test_inference_saves_nothing(self):
+        """Without grad the forward op returns empty saved tensors and keeps only two cell-state slots."""
+        steps, batch, input_size, hidden_size = 3, 2, 4, 8
+        weights = _make_weights(input_size, hidden_size, torch.float32, "cpu", "both")
+        with torch.no_grad():
+            outputs = torch.ops.pyattn.triton_lstm_layer_fwd(
+                random_tensor(steps, batch, input_size), random_tensor(batch, hidden_size),
+                random_tensor(batch, hidden_size), *weights.values(), None, False, False,
+            )
+        assert [t.numel() for t in outputs[3:]] == [0, 0, 0]
+
+    def test_layer_dispatch_declares_support(self):
+        with pyattn.use_backend("triton"):
+            assert choose(_layer_request(torch.float16, features={"lengths"}))[0] == "triton"
+            with pytest.raises(BackendUnavailableError, match="projection"):
+                choose(_layer_request(torch.float32, features={"projection"}))
+            with pytest.raises(BackendUnavailableError, match="float64"):
+                choose(_layer_request(torch.float64))
+        # Automatic choice falls back to the reference for what the triton backend does not serve.
+        assert choose(_layer_request(torch.float32, features={"projection"}), "auto")[0] == "reference"
+
+    def test_layer_rejects_projection(self):
+        hidden_size, proj_size = 8, 4
+        weights = _make_weights(4, hidden_size, torch.float32, "cpu", "none")
+        weights["weight_hh"] = random_tensor(4 * hidden_size, proj_size)
+        with pytest.raises(ValueError, match="weight_hr"):
+            _triton_op("lstm_layer", torch.float32)(
+                random_tensor(2, 1, 4), random_tensor(1, proj_size), random_tensor(1, hidden_size),
+                **weights, weight_hr=random_tensor(proj_size, hidden_size),
+            )
+
+    def test_opcheck_cell_ops(self):
+        batch, input_size, hidden_size = 2, 5, 16
+        args = [
+            random_tensor(batch, input_size, requires_grad=True),
+            random_tensor(batch, hidden_size, requires_grad=True),
+            random_tensor(batch, hidden_size, requires_grad=True),
+            *_make_weights(input_size, hidden_size, torch.float32, "cpu", "both").values(),
+        ]
+        torch.library.opcheck(torch.ops.pyattn.triton_lstm_cell_fwd, (*args, True))
+        torch.library.opcheck(torch.ops.pyattn.triton_lstm_cell_fwd, (*[a.detach() for a in args], False))
+        input, hx, cx, weight_ih, weight_hh, _, _ = [a.detach() for a in args]
+        _, _, gates = torch.ops.pyattn.triton_lstm_cell_fwd(*[a.detach() for a in args], True)
+        grad_hy, grad_cy = random_tensor(batch, hidden_size), random_tensor(batch, hidden_size)
+        torch.library.opcheck(
+            torch.ops.pyattn.triton_lstm_cell_bwd, (grad_hy, grad_cy, input, hx, cx, weight_ih, weight_hh, gates)
+        )
+        torch.library.opcheck(
+            torch.ops.pyattn.triton_lstm_cell_bwd, (None, grad_cy, input, hx, cx, weight_ih, weight_hh, gates)
+        )
+
+    @pytest.mark.parametrize("lengths", [None, torch.tensor([2, 3])], ids=["dense", "ragged"])
+    def test_opcheck_layer_ops(self, lengths):
+        steps, batch, input_size, hidden_size = 3, 2, 5, 16
+        args = [
+            random_tensor(steps, batch, input_size, requires_grad=True),
+            random_tensor(batch, hidden_size, requires_grad=True),
+            random_tensor(batch, hidden_size, requires_grad=True),
+            *_make_weights(input_size, hidden_size, torch.float32, "cpu", "both").values(),
+        ]
+        torch.library.opcheck(torch.ops.pyattn.triton_lstm_layer_fwd, (*args, lengths, True, True))
+        detached = [a.detach() for a in args]
+        torch.library.opcheck(torch.ops.pyattn.triton_lstm_layer_fwd, (*detached, lengths, False, False))
+        _, _, _, gates, cell_states, hidden_before = torch.ops.pyattn.triton_lstm_layer_fwd(
+            *detached, lengths, True, True
+        )
+        input, _, _, weight_ih, weight_hh, _, _ = detached
+        grads = (random_tensor(steps, batch, hidden_size), random_tensor(batch, hidden_size), random_tensor(batch, hidden_size))
+        saved = (lengths, gates, cell_states, hidden_before, True)
+        torch.library.opcheck(torch.ops.pyattn.triton_lstm_layer_bwd, (*grads, input, weight_ih, weight_hh, *saved))
+        torch.library.opcheck(
+            torch.ops.pyattn.triton_lstm_layer_bwd, (grads[0], None, None, input, weight_ih, weight_hh, *saved)
+        )
+
+
+def _gpu_tolerance(dtype, torch_error: float) -> float:
+    """flash-attention's rule on GPU: within RTOL, or within 2× PyTorch's own error in that dtype."""
+    return max(RTOL[dtype], 2.0 * torch_error)
+
+
+@pytest.mark.requires_cuda
+class TestGPU:
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+    @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+    @pytest.mark.parametrize("ragged", [False, True], ids=["dense", "ragged"])
+    @pytest.mark.parametrize("steps,batch,input_size,hidden_size", [(33, 16, 96, 40), (17, 70, 200, 256), (9, 5, 64, 768)])
+    def test_layer(self, kernels, poisoned_allocations, recurrence, dtype, reverse, ragged, steps, batch, input_size, hidden_size):
+        if recurrence == "persistent" and kernels.hidden_pad(hidden_size) > kernels.PERSISTENT_MAX_HIDDEN[dtype]:
+            pytest.skip(f"the persistent kernel keeps W_hh in registers only up to H={kernels.PERSISTENT_MAX_HIDDEN[dtype]}")
+        device = "cuda"
+        lengths = torch.randint(0, steps + 1, (batch,), device=device) if ragged else None
+        leaves = {
+            "input": random_tensor(steps, batch, input_size, dtype=dtype, device=device, requires_grad=True),
+            "h0": random_tensor(batch, hidden_size, dtype=dtype, device=device, requires_grad=True),
+            "c0": random_tensor(batch, hidden_size, dtype=dtype, device=device, requires_grad=True),
+            **_make_weights(input_size, hidden_size, dtype, device, "both"),
+        }
+        features = {"lengths"} if ragged else set()
+        lstm_layer = _triton_op("lstm_layer", dtype, device, features)
+        outputs = lstm_layer(**leaves, reverse=reverse, lengths=lengths)
+        reference_leaves = _float64(leaves)
+        reference_outputs = reference.lstm_layer(**reference_leaves, reverse=reverse, lengths=lengths)
+        torch_outputs = reference.lstm_layer(**leaves, reverse=reverse, lengths=lengths)
+        upstream = [random_tensor(*out.shape, dtype=torch.float64, device=device) for out in outputs]
+        torch.autograd.backward(outputs, [grad.to(dtype) for grad in upstream])
+        triton_grads = {name: leaf.grad.clone() for name, leaf in leaves.items()}
+        for leaf in leaves.values():
+            leaf.grad = None
+        torch.autograd.backward(torch_outputs, [grad.to(dtype) for grad in upstream])
+        torch.autograd.backward(reference_outputs, upstream)
+        for name, out, torch_out, ref in zip(["output", "h_n", "c_n"], outputs, torch_outputs, reference_outputs):
+            assert_close(out, ref, _gpu_tolerance(dtype, relative_error(torch_out, ref)), name)
+        for name, leaf in leaves.items():
+            ref_grad = reference_leaves[name].grad
+            rtol = _gpu_tolerance(dtype, relative_error(leaf.grad, ref_grad))
+            assert_close(triton_grads[name], ref_grad, rtol, f"grad of {name}")
