@@ -18,6 +18,7 @@ The algorithm and its invariants are in docs/attention.md; the option semantics 
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -936,15 +937,19 @@ def attention_dropout_keep_mask(batch, heads, seqlen_q, seqlen_k, *, dropout_p, 
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _INT32_ARGS = {"num_heads", "group_size", "seqlen_q", "seqlen_k", "window_left", "window_right", "diagonal_offset"}
 _FLOAT_ARGS = {"scale", "softcap", "dropout_p"}
-# Optional features a call can switch on: each kernel compiles with none and with each full set.
+# Optional features a call can switch on, compiled together (the plain specs have none).
 _AOT_FEATURES = {
     "plain": {},
     "dense-all": dict(MASK_KIND=_BOOL_MASK, HAS_SOFTCAP=True, HAS_ALIBI=True, HAS_WINDOW_LEFT=True,
                       HAS_WINDOW_RIGHT=True, HAS_DROPOUT=True),
-    "float-mask": dict(MASK_KIND=_ADDITIVE_MASK, HAS_WINDOW_RIGHT=True),
+    "additive-mask-all": dict(MASK_KIND=_ADDITIVE_MASK, HAS_SOFTCAP=True, HAS_ALIBI=True, HAS_WINDOW_LEFT=True,
+                              HAS_WINDOW_RIGHT=True, HAS_DROPOUT=True),
     "varlen-all": dict(IS_VARLEN=True, HAS_SOFTCAP=True, HAS_ALIBI=True, HAS_WINDOW_LEFT=True,
                        HAS_WINDOW_RIGHT=True, HAS_DROPOUT=True),
 }
+# Feature variants per dtype: each set once (they compile slowly: Philox and three copies of the loop).
+_AOT_FEATURE_VARIANTS = ((torch.bfloat16, "dense-all"), (torch.bfloat16, "varlen-all"),
+                         (torch.float16, "additive-mask-all"))
 _AOT_HEAD_DIMS = (64, 128, 256)
 
 
@@ -966,9 +971,9 @@ def _aot_spec(name, kernel, dtype, head_dim, config, feature_set="plain", fixed=
                 "CuSeqlensQ": "*i32" if constexprs["IS_VARLEN"] else None,
                 "CuSeqlensK": "*i32" if constexprs["IS_VARLEN"] else None}
     signature, values = {}, {}
-    for param in kernel.params:
-        arg = param.name
-        if param.is_constexpr:
+    # Parameters from the Python function: under TRITON_INTERPRET the kernel object has no ``params``.
+    for arg, param in inspect.signature(kernel.fn).parameters.items():
+        if "constexpr" in str(param.annotation):
             signature[arg], values[arg] = "constexpr", constexprs[arg]
         elif arg.startswith("stride_") and arg.endswith("d"):
             signature[arg], values[arg] = "constexpr", 1
@@ -1001,15 +1006,16 @@ def _aot_specs() -> list[CompileSpec]:
             for head_dim in _AOT_HEAD_DIMS:
                 specs += [_aot_spec(name, kernel, dtype, head_dim, config, fixed=fixed, dq_type=dq_type)
                           for config in table[head_dim]]
-            # Every optional feature at once, at the most common head dim and an odd one (masked padding).
-            for feature_set in ("dense-all", "float-mask", "varlen-all"):
-                specs.append(_aot_spec(name, kernel, dtype, 128, table[128][0], feature_set, fixed, dq_type))
-            specs.append(_aot_spec(name, kernel, dtype, 80, table[128][0], "dense-all", fixed, dq_type))
+        for dtype, feature_set in _AOT_FEATURE_VARIANTS:
+            specs.append(_aot_spec(name, kernel, dtype, 128, table[128][0], feature_set, fixed, dq_type))
+        # A head dim that is not a power of two: padded to 128 with masked loads and stores.
+        specs.append(_aot_spec(name, kernel, torch.float16, 80, table[128][0], fixed=fixed, dq_type=dq_type))
     for dtype in _TRITON_DTYPE:
         for head_dim in (*_AOT_HEAD_DIMS, 80):
-            for feature_set in ("plain", "varlen-all"):
-                specs.append(_aot_spec("attention_backward_preprocess", _attention_backward_preprocess_kernel, dtype,
-                                       head_dim, (_PREPROCESS_BLOCK_M, 0, 4, 1), feature_set))
+            specs.append(_aot_spec("attention_backward_preprocess", _attention_backward_preprocess_kernel, dtype,
+                                   head_dim, (_PREPROCESS_BLOCK_M, 0, 4, 1)))
+    specs.append(_aot_spec("attention_backward_preprocess", _attention_backward_preprocess_kernel, torch.bfloat16,
+                           128, (_PREPROCESS_BLOCK_M, 0, 4, 1), "varlen-all"))
     specs.append(_aot_spec("attention_dropout_keep_mask", _attention_dropout_keep_mask_kernel, torch.float32, 64,
                            (64, 64, 4, 1)))
     return specs

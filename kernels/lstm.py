@@ -40,7 +40,8 @@ STEP_CONFIGS = {
     64: (64, 64, 64, 8, 3),
 }
 # Persistent kernels keep all of W_hh (4H × H) in registers: the largest padded hidden size per dtype
-# whose four gate blocks fit the register file of one program without spilling.
+# that fits one program's registers (ptxas -v, sm_90: no spills up to 64; at 128 in 16-bit types,
+# ~70 bytes a thread spill to L1, still far cheaper than a launch per step).
 PERSISTENT_MAX_HIDDEN = {torch.float16: 128, torch.bfloat16: 128, torch.float32: 64}
 PERSISTENT_BLOCK_B = 16
 
@@ -60,8 +61,10 @@ def persistent_supported(hidden_size: int, dtype: torch.dtype) -> bool:
     return hidden_pad(hidden_size) <= PERSISTENT_MAX_HIDDEN[dtype]
 
 
-def _persistent_warps(padded_hidden: int) -> int:
-    return 4 if padded_hidden <= 32 else 8
+def _persistent_warps(padded_hidden: int, dtype: torch.dtype) -> int:
+    # Spread the resident W_hh (4 · HIDDEN² elements) so each thread holds at most ~64 registers of it.
+    weight_bytes = 4 * padded_hidden * padded_hidden * torch.finfo(dtype).bits // 8
+    return 4 if weight_bytes <= 16384 else 8 if weight_bytes <= 32768 else 16
 
 
 # ----------------------------------------------------------------------------- shared device code
@@ -439,13 +442,13 @@ def _step_meta(config: tuple[int, int, int, int, int]) -> dict:
     )
 
 
-def _persistent_meta(hidden_size: int) -> dict:
+def _persistent_meta(hidden_size: int, dtype: torch.dtype) -> dict:
     padded = hidden_pad(hidden_size)
     # num_stages=1: the software pipeliner would prefetch next step's h (or dgates) before this
     # step's stores and the barrier, reading a stale state.
     return dict(
         BLOCK_B=PERSISTENT_BLOCK_B, HIDDEN=padded, DOT_PRECISION=_DOT_PRECISION,
-        num_warps=_persistent_warps(padded), num_stages=1,
+        num_warps=_persistent_warps(padded, dtype), num_stages=1,
     )
 
 
@@ -537,7 +540,7 @@ def lstm_sequence_forward(
         lstm_sequence_forward_persistent_kernel[(triton.cdiv(batch, PERSISTENT_BLOCK_B),)](
             projection, weight_hh, bias_arg, lengths_arg, h_state, c_state, c_slots,
             output, hidden_arg, gates_arg, batch, hidden_size, steps,
-            **flags, **_persistent_meta(hidden_size),
+            **flags, **_persistent_meta(hidden_size, dtype),
         )
     else:
         config = step_config(batch)
@@ -586,7 +589,7 @@ def lstm_sequence_backward(
         lstm_sequence_backward_persistent_kernel[(triton.cdiv(batch, PERSISTENT_BLOCK_B),)](
             dgates, weight_hh, grad_output_arg, grad_h_n_arg, dc, gates, cell_states, lengths_arg,
             batch, hidden_size, steps,
-            **flags, **_persistent_meta(hidden_size),
+            **flags, **_persistent_meta(hidden_size, dtype),
         )
     else:
         config = step_config(batch)
@@ -662,7 +665,7 @@ def _aot_specs() -> list[CompileSpec]:
                 ))
         padded = 16
         while padded <= PERSISTENT_MAX_HIDDEN[dtype]:
-            meta = _persistent_meta(padded)
+            meta = _persistent_meta(padded, dtype)
             launch = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"))
             tag = f"{name},H{padded}"
             specs.append(CompileSpec(

@@ -29,7 +29,8 @@ def _reference_backend():
 
 
 def _qkv(q_shape, k_shape, v_shape, dtype=F64, requires_grad=False):
-    return tuple(random_tensor(*shape, dtype=dtype, requires_grad=requires_grad) for shape in (q_shape, k_shape, v_shape))
+    return tuple(random_tensor(*shape, dtype=dtype, requires_grad=requires_grad)
+                 for shape in (q_shape, k_shape, v_shape))
 
 
 def _torch_sdpa(*args, **kwargs):
@@ -335,6 +336,8 @@ def _bad_calls():
         ("head dim", lambda: sdpa(q, k[..., :4], v), ValueError, "key's last dim 4"),
         ("value length", lambda: sdpa(q, k, v[..., :3, :]), ValueError, "value's sequence length"),
         ("batch dims", lambda: sdpa(q, k[:1], v[:1]), ValueError, "key's batch dims"),
+        ("no keys", lambda: sdpa(q, k[..., :0, :], v[..., :0, :]), ValueError, "key and value have sequence length 0"),
+        ("flash no keys", lambda: flash(q, k[:, :, :0], v[:, :, :0]), ValueError, "k and v have sequence length 0"),
         ("gqa off", lambda: sdpa(q, k[:, :2], v[:, :2]), ValueError, "set enable_gqa=True"),
         ("gqa ratio", lambda: sdpa(q, k[:, :3], v[:, :3], enable_gqa=True), ValueError, "multiple of key/value's 3"),
         ("value heads", lambda: sdpa(q, k[:, :2], v, enable_gqa=True), ValueError, "value has 4 heads"),

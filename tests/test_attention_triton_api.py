@@ -30,13 +30,16 @@ TOLERANCE = {**RTOL, torch.float32: RTOL_TF32}
 
 @pytest.fixture
 def poisoned_allocations(monkeypatch):
-    """Fill every tensor the launchers allocate with NaN, so an element a kernel never writes fails."""
+    """Fill every float tensor the launchers allocate with NaN, so an element a kernel never writes fails."""
     count = {"allocations": 0}
 
     def poisoning(allocate):
         def allocate_poisoned(*args, **kwargs):
+            tensor = allocate(*args, **kwargs)
+            if not tensor.is_floating_point():
+                return tensor
             count["allocations"] += 1
-            return poison_(allocate(*args, **kwargs))
+            return poison_(tensor)
 
         return allocate_poisoned
 
@@ -146,18 +149,55 @@ def test_flash_lse_matches_reference(device):
 
 
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
-@pytest.mark.parametrize("causal", [False, True])
-def test_varlen_matches_reference(causal, device, dtype, poisoned_allocations):
-    lengths = [5, 17, 1]
-    total = sum(lengths)
-    cu_seqlens = torch.tensor([0, 5, 22, 23], dtype=torch.int32, device=device)
-    tensors = (random_tensor(total, 4, 16), random_tensor(total, 2, 16), random_tensor(total, 2, 16))
+@pytest.mark.parametrize(
+    "lengths_k,options",
+    [([5, 17, 1], dict()), ([9, 4, 6], dict()), ([5, 17, 1], dict(causal=True)),
+     ([7, 19, 3], dict(causal=True, window=(3, -1), alibi=True))],  # seqlen_k - seqlen_q = 2 in every sequence
+    ids=["ragged", "k-lengths-differ", "causal", "causal-window-alibi"],
+)
+def test_varlen_matches_reference(lengths_k, options, device, dtype, poisoned_allocations):
+    lengths_q = [5, 17, 1]
+    options = dict(options)
+    if options.pop("alibi", False):
+        options["alibi_slopes"] = torch.rand(len(lengths_q), 4, device=device) + 0.1
+    cu_seqlens_q = torch.tensor([0, 5, 22, 23], dtype=torch.int32, device=device)
+    cu_seqlens_k = torch.tensor([0, *torch.tensor(lengths_k).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    tensors = (random_tensor(sum(lengths_q), 4, 16), random_tensor(sum(lengths_k), 2, 16),
+               random_tensor(sum(lengths_k), 2, 24))
 
     def call(q, k, v):
-        cu = cu_seqlens.to(q.device)
-        return flash_attention_varlen(q, k, v, cu, cu, max(lengths), max(lengths), causal=causal)
+        slopes = options.get("alibi_slopes")
+        return flash_attention_varlen(q, k, v, cu_seqlens_q.to(q.device), cu_seqlens_k.to(q.device), max(lengths_q),
+                                      max(lengths_k), **{**options, "alibi_slopes": None if slopes is None else
+                                                         slopes.to(q.device)})
 
     _compare_with_reference(call, tensors, dtype, device, poisoned_allocations)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_multihead_attention_matches_torch(device, batch_first, poisoned_allocations):
+    """need_weights=False on the Triton backend (fp32) vs torch's module in float64, masks and gradients."""
+    theirs = torch.nn.MultiheadAttention(32, 4, add_bias_kv=True, batch_first=batch_first, dtype=torch.float64)
+    ours = pyattn.nn.MultiheadAttention(32, 4, add_bias_kv=True, batch_first=batch_first, device=device)
+    ours.load_state_dict(theirs.state_dict())
+    shape_q, shape_k = ((2, 7, 32), (2, 11, 32)) if batch_first else ((7, 2, 32), (11, 2, 32))
+    query, key = random_tensor(*shape_q), random_tensor(*shape_k)
+    padding = torch.rand(2, 11) > 0.7
+    padding[:, 0] = False
+    blocked = torch.rand(7, 11) > 0.7
+    grad_out = random_tensor(*shape_q)
+    results = []
+    for module, dtype, module_device in ((ours, torch.float32, device), (theirs, torch.float64, "cpu")):
+        inputs = [tensor.to(module_device, dtype).requires_grad_() for tensor in (query, key)]
+        with pyattn.use_backend("triton" if module is ours else "reference"):
+            out, _ = module(inputs[0], inputs[1], inputs[1], key_padding_mask=padding.to(module_device),
+                            attn_mask=blocked.to(module_device), need_weights=False)
+            grads = torch.autograd.grad(out, inputs, grad_out.to(module_device, dtype))
+        results.append((out.cpu(), *(grad.cpu() for grad in grads)))
+    assert poisoned_allocations["allocations"] > 0
+    for name, ours_result, their_result in zip(("output", "grad query", "grad key"), *results):
+        assert_close(ours_result, their_result, RTOL_TF32, name=name)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -245,13 +285,15 @@ def test_opcheck_backward(device, varlen, deterministic):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_compile_fullgraph_reaches_the_triton_ops(device):
+    from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
     targets = []
 
     def recording_compiler(graph_module, example_inputs):
+        """aot_eager that also records which functions the forward and backward graphs call."""
         targets.extend(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
-        return graph_module.forward
+        return make_boxed_func(graph_module.forward)
 
     module = pyattn.nn.MultiheadAttention(32, 2, batch_first=True, device=device).eval()
     query = random_tensor(2, 9, 32, device=device, requires_grad=True)

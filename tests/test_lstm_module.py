@@ -1,8 +1,10 @@
 """``pyattn.nn.LSTM`` / ``LSTMCell`` and ``pyattn.functional.lstm*`` against torch's modules.
 
-Every call runs on the reference backend in float64 (so results do not depend on which kernels are
-installed) and is compared with ``torch.nn.LSTM`` / ``LSTMCell`` holding the same state_dict:
-outputs, final states, and the gradients of the input, hx and every parameter.
+The plain tests run on the reference backend in float64 (so results do not depend on which kernels
+are installed) and compare with ``torch.nn.LSTM`` / ``LSTMCell`` holding the same state_dict:
+outputs, final states, and the gradients of the input, hx and every parameter. The tests at the end
+run the same modules on the kernels: Triton on the CPU (``TRITON_INTERPRET=1 pytest -m interpreter``)
+and whatever ``auto`` picks on a GPU (``requires_cuda``), against torch in float64.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import pyattn
-from conftest import RTOL, assert_close, random_tensor
+from tests.conftest import RTOL, RTOL_TF32, assert_close, relative_error, random_tensor
 
 F64 = torch.float64
 STEPS, BATCH, INPUT_SIZE, HIDDEN_SIZE, PROJ_SIZE = 5, 3, 4, 6, 3
@@ -177,7 +179,7 @@ def test_dropout_in_training_is_reproducible_and_drops_inner_layers_only(monkeyp
         fraction_dropped = 1.0 - kept.double().mean().item()
         elements = values.numel()
         sigma = (probability * (1 - probability) / elements) ** 0.5
-        assert abs(fraction_dropped - probability) < 5 * sigma, f"dropped {fraction_dropped:.3f}, expected {probability}"
+        assert abs(fraction_dropped - probability) < 5 * sigma, f"dropped {fraction_dropped:.3f}, not {probability}"
         torch.testing.assert_close(result[kept], values[kept] / (1 - probability))
 
 
@@ -277,13 +279,14 @@ def test_dropout_with_one_layer_warns_as_torch():
 def _bad_lstm_calls():
     x = random_tensor(STEPS, BATCH, INPUT_SIZE, dtype=F64)
     h = random_tensor(2, BATCH, HIDDEN_SIZE, dtype=F64)
+    wide = random_tensor(STEPS, BATCH, INPUT_SIZE + 1, dtype=F64)
     return [
-        ("input 4-D", (random_tensor(2, STEPS, BATCH, INPUT_SIZE, dtype=F64),), ValueError, "Expected input to be 2D or 3D, got 4D"),
-        ("input size", (random_tensor(STEPS, BATCH, INPUT_SIZE + 1, dtype=F64),), RuntimeError, r"input.size\(-1\) must be equal to input_size"),
-        ("no steps", (random_tensor(0, BATCH, INPUT_SIZE, dtype=F64),), RuntimeError, "sequence length to be larger than 0"),
+        ("input 4-D", (x[None],), ValueError, "Expected input to be 2D or 3D, got 4D"),
+        ("input size", (wide,), RuntimeError, r"input.size\(-1\) must be equal to input_size"),
+        ("no steps", (x[:0],), RuntimeError, "sequence length to be larger than 0"),
         ("input dtype", (x.float(),), ValueError, r"input dtype \(torch.float32\) does not match weight dtype"),
-        ("h_0 batch", (x, (random_tensor(2, BATCH + 1, HIDDEN_SIZE, dtype=F64), h)), RuntimeError, r"hidden\[0\].*\(2, 3, 6\)"),
-        ("c_0 layers", (x, (h, random_tensor(1, BATCH, HIDDEN_SIZE, dtype=F64))), RuntimeError, r"hidden\[1\].*\(2, 3, 6\)"),
+        ("h_0 batch", (x, (torch.cat([h, h[:, :1]], 1), h)), RuntimeError, r"hidden\[0\].*\(2, 3, 6\)"),
+        ("c_0 layers", (x, (h, h[:1])), RuntimeError, r"hidden\[1\].*\(2, 3, 6\)"),
         ("hx 2-D", (x, (h[0], h)), RuntimeError, "hx and cx should also be 3-D but got"),
         ("hx unbatched 3-D", (x[:, 0], (h, h)), RuntimeError, "hx and cx should also be 2-D but got"),
     ]
@@ -310,7 +313,8 @@ def test_functional_errors_name_the_argument():
     with pytest.raises(RuntimeError, match=r"params\[5\] \(weight_hh_l0_reverse\) must have shape \(24, 6\)"):
         pyattn.functional.lstm(x, None, broken, num_layers=2, bidirectional=True)
     with pytest.raises(ValueError, match=r"params\[3\] \(bias_hh_l0\) dtype"):
-        pyattn.functional.lstm(x, None, params[:3] + [params[3].float()] + params[4:], num_layers=2, bidirectional=True)
+        mixed = params[:3] + [params[3].float()] + params[4:]
+        pyattn.functional.lstm(x, None, mixed, num_layers=2, bidirectional=True)
     with pytest.raises(RuntimeError, match=r"hx\[0\] is on meta but input is on cpu"):
         h_0 = torch.empty(4, BATCH, HIDDEN_SIZE, dtype=F64, device="meta")
         c_0 = random_tensor(4, BATCH, HIDDEN_SIZE, dtype=F64)
@@ -407,13 +411,147 @@ def test_explain_on_meta_tensors():
                             cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
     assert "op=lstm_cell device=meta dtype=float32" in report
     with pytest.raises(RuntimeError, match="input has inconsistent input_size"):
-        pyattn.explain("lstm_cell", torch.empty(BATCH, INPUT_SIZE + 1, device="meta"), None, cell.weight_ih, cell.weight_hh)
+        wide = torch.empty(BATCH, INPUT_SIZE + 1, device="meta")
+        pyattn.explain("lstm_cell", wide, None, cell.weight_ih, cell.weight_hh)
 
 
-def test_cell_compiles_without_graph_breaks():
-    cell = pyattn.nn.LSTMCell(INPUT_SIZE, HIDDEN_SIZE, dtype=F64)
-    x = random_tensor(BATCH, INPUT_SIZE, dtype=F64)
-    state = (random_tensor(BATCH, HIDDEN_SIZE, dtype=F64), random_tensor(BATCH, HIDDEN_SIZE, dtype=F64))
-    compiled = torch.compile(cell, fullgraph=True, backend="aot_eager")
-    for got, want in zip(compiled(x, state), cell(x, state)):
-        assert_close(got, want, RTOL[F64])
+@pytest.mark.parametrize("module_kind", ["cell", "lstm"])
+def test_compiles_without_graph_breaks(module_kind):
+    if module_kind == "cell":
+        module = pyattn.nn.LSTMCell(INPUT_SIZE, HIDDEN_SIZE, dtype=F64)
+        args = (random_tensor(BATCH, INPUT_SIZE, dtype=F64),
+                (random_tensor(BATCH, HIDDEN_SIZE, dtype=F64), random_tensor(BATCH, HIDDEN_SIZE, dtype=F64)))
+    else:
+        module = pyattn.nn.LSTM(INPUT_SIZE, HIDDEN_SIZE, num_layers=2, bidirectional=True, dtype=F64)
+        args = (random_tensor(STEPS, BATCH, INPUT_SIZE, dtype=F64),)
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    got, want = compiled(*args), module(*args)
+    if module_kind == "lstm":
+        got, want = (got[0], *got[1]), (want[0], *want[1])
+    for got_tensor, want_tensor in zip(got, want, strict=True):
+        assert_close(got_tensor, want_tensor, RTOL[F64])
+
+
+# ---- the same modules on the kernels: Triton in the interpreter (CPU), every backend on a GPU ----
+
+
+def _run_with_gradients(module, values, packed, upstream):
+    """Output, final states, and the gradients of the input and every parameter, all as float64 on the CPU."""
+    leaf = values.detach().requires_grad_()
+    module_input = pack_padded_sequence(leaf, RAGGED_LENGTHS, enforce_sorted=False) if packed else leaf
+    output, (h_n, c_n) = module(module_input)
+    data = output.data if packed else output
+    loss = sum((t.double() * u.to(t.device)).sum() for t, u in zip((data, h_n, c_n), upstream))
+    grads = torch.autograd.grad(loss, [leaf, *module.parameters()])
+    return [t.detach().cpu().double() for t in (data, h_n, c_n, *grads)]
+
+
+def _run_three_ways(device, dtype, packed, bidirectional, proj_size=0):
+    """(names, ours in dtype on device, torch's in dtype on device, torch's in float64 on the CPU).
+
+    All three hold the same weights, rounded to ``dtype``, and see the same rounded input.
+    """
+    kwargs = dict(num_layers=2, bidirectional=bidirectional, proj_size=proj_size)
+    baseline = torch.nn.LSTM(INPUT_SIZE, HIDDEN_SIZE, **kwargs).to(dtype)
+    ours = pyattn.nn.LSTM(INPUT_SIZE, HIDDEN_SIZE, **kwargs, device=device, dtype=dtype)
+    ours.load_state_dict(baseline.state_dict())
+    torch_in_dtype = baseline.to(device)
+    expected = torch.nn.LSTM(INPUT_SIZE, HIDDEN_SIZE, **kwargs, dtype=F64)
+    expected.load_state_dict(baseline.state_dict())
+    x = random_tensor(STEPS, BATCH, INPUT_SIZE, dtype=dtype, device=device)
+    output_rows = int(RAGGED_LENGTHS.sum()) if packed else STEPS
+    directions = 2 if bidirectional else 1
+    output_shape = (output_rows,) + (() if packed else (BATCH,)) + (directions * (proj_size or HIDDEN_SIZE),)
+    layers = 2 * directions
+    upstream = [
+        random_tensor(*output_shape, dtype=F64),
+        random_tensor(layers, BATCH, proj_size or HIDDEN_SIZE, dtype=F64),
+        random_tensor(layers, BATCH, HIDDEN_SIZE, dtype=F64),
+    ]
+    names = ["output", "h_n", "c_n", "grad input"] + [f"grad {name}" for name, _ in expected.named_parameters()]
+    return (
+        names,
+        _run_with_gradients(ours, x, packed, upstream),
+        _run_with_gradients(torch_in_dtype, x, packed, upstream),
+        _run_with_gradients(expected, x.cpu().double(), packed, upstream),
+    )
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("packed", [False, True])
+def test_lstm_on_triton_interpreter_matches_torch(packed):
+    with pyattn.use_backend("triton"):
+        names, got, _, expected = _run_three_ways("cpu", torch.float32, packed, bidirectional=True)
+    for name, g, e in zip(names, got, expected, strict=True):
+        assert_close(g, e, RTOL_TF32, name)
+
+
+@pytest.mark.interpreter
+def test_cell_on_triton_interpreter_matches_torch():
+    theirs = torch.nn.LSTMCell(INPUT_SIZE, HIDDEN_SIZE, dtype=F64)
+    ours = pyattn.nn.LSTMCell(INPUT_SIZE, HIDDEN_SIZE)
+    ours.load_state_dict(theirs.state_dict())
+    theirs.load_state_dict(ours.state_dict())  # float64 copies of the float32 weights
+    x = random_tensor(BATCH, INPUT_SIZE)
+    state = (random_tensor(BATCH, HIDDEN_SIZE), random_tensor(BATCH, HIDDEN_SIZE))
+    with pyattn.use_backend("triton"):
+        got = ours(x, state)
+    for name, g, e in zip(("h'", "c'"), got, theirs(x.double(), tuple(s.double() for s in state))):
+        assert_close(g, e, RTOL_TF32, name)
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "packed, bidirectional, proj_size",
+    # dense (served by the cuda kernels where built), ragged (lengths), projection: each path auto takes
+    [(False, True, 0), (True, True, 0), (True, False, 2)],
+)
+def test_lstm_on_gpu_auto_backend_matches_torch(dtype, packed, bidirectional, proj_size):
+    with pyattn.use_backend("auto"):
+        names, got, torch_in_dtype, expected = _run_three_ways("cuda", dtype, packed, bidirectional, proj_size)
+    table_bound = RTOL_TF32 if dtype == torch.float32 else RTOL[dtype]
+    for name, g, t, e in zip(names, got, torch_in_dtype, expected, strict=True):
+        # flash-attention's rule: within twice the error of torch's own LSTM in this dtype, or the table's bound.
+        assert_close(g, e, max(table_bound, 2 * relative_error(t, e)), name)
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cell_on_gpu_auto_backend_matches_torch(dtype):
+    baseline = torch.nn.LSTMCell(INPUT_SIZE, HIDDEN_SIZE).to(dtype)
+    ours = pyattn.nn.LSTMCell(INPUT_SIZE, HIDDEN_SIZE, device="cuda", dtype=dtype)
+    ours.load_state_dict(baseline.state_dict())
+    expected_cell = torch.nn.LSTMCell(INPUT_SIZE, HIDDEN_SIZE, dtype=F64)
+    expected_cell.load_state_dict(baseline.state_dict())
+    x = random_tensor(BATCH, INPUT_SIZE, dtype=dtype, device="cuda")
+    state = tuple(random_tensor(BATCH, HIDDEN_SIZE, dtype=dtype, device="cuda") for _ in range(2))
+    with pyattn.use_backend("auto"):
+        got = ours(x, state)
+    torch_in_dtype = baseline.cuda()(x, state)
+    expected = expected_cell(x.cpu().double(), tuple(s.cpu().double() for s in state))
+    table_bound = RTOL_TF32 if dtype == torch.float32 else RTOL[dtype]
+    for name, g, t, e in zip(("h'", "c'"), got, torch_in_dtype, expected):
+        assert g.dtype == dtype
+        assert_close(g.cpu(), e, max(table_bound, 2 * relative_error(t.cpu(), e)), name)
+
+
+@pytest.mark.requires_cuda
+def test_autocast_on_gpu_runs_in_the_autocast_dtype_as_torch():
+    torch.manual_seed(3)
+    theirs = torch.nn.LSTM(INPUT_SIZE, HIDDEN_SIZE, num_layers=2, device="cuda")
+    ours = pyattn.nn.LSTM(INPUT_SIZE, HIDDEN_SIZE, num_layers=2, device="cuda")
+    ours.load_state_dict(theirs.state_dict())
+    their_cell = torch.nn.LSTMCell(INPUT_SIZE, HIDDEN_SIZE, device="cuda")
+    our_cell = pyattn.nn.LSTMCell(INPUT_SIZE, HIDDEN_SIZE, device="cuda")
+    our_cell.load_state_dict(their_cell.state_dict())
+    x = random_tensor(STEPS, BATCH, INPUT_SIZE, device="cuda")
+    with pyattn.use_backend("auto"), torch.autocast("cuda", dtype=torch.float16):
+        output, (h_n, c_n) = ours(x)
+        expected, _ = theirs(x)
+        hy, cy = our_cell(x[0])
+        expected_hy, _ = their_cell(x[0])
+    assert output.dtype == h_n.dtype == c_n.dtype == expected.dtype == torch.float16
+    assert hy.dtype == cy.dtype == expected_hy.dtype == torch.float16
+    assert_close(output, theirs.double()(x.double())[0], RTOL[torch.float16], "output under autocast")
+    assert_close(hy, their_cell.double()(x[0].double())[0], RTOL[torch.float16], "cell h' under autocast")

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from conftest import RTOL, assert_close, random_tensor
+from tests.conftest import RTOL, assert_close, random_tensor
 from pyattn.reference import lstm as reference
 
 F64 = torch.float64
@@ -23,7 +23,8 @@ def _layer_weights(input_size, hidden_size, proj_size, dtype=F64, requires_grad=
     output_size = proj_size or hidden_size
     shapes = [(4 * hidden_size, input_size), (4 * hidden_size, output_size), (4 * hidden_size,), (4 * hidden_size,)]
     weights = [random_tensor(*shape, dtype=dtype, scale=0.5, requires_grad=requires_grad) for shape in shapes]
-    weights.append(random_tensor(proj_size, hidden_size, dtype=dtype, scale=0.5, requires_grad=requires_grad) if proj_size else None)
+    projection = random_tensor(proj_size, hidden_size, dtype=dtype, scale=0.5, requires_grad=requires_grad)
+    weights.append(projection if proj_size else None)
     return weights
 
 

@@ -230,6 +230,32 @@ class TestInterpreter:
                 **weights, weight_hr=random_tensor(proj_size, hidden_size),
             )
 
+    @pytest.mark.parametrize("op", ["lstm_cell", "lstm_layer"])
+    def test_torch_compile_fullgraph(self, op):
+        """The ops trace into one graph (fake kernels, autograd) and match eager, gradients included."""
+        steps, batch, input_size, hidden_size = 3, 2, 5, 16
+        prefix = (steps,) if op == "lstm_layer" else ()
+        leaves = {
+            "input": random_tensor(*prefix, batch, input_size, requires_grad=True),
+            "h0" if op == "lstm_layer" else "hx": random_tensor(batch, hidden_size, requires_grad=True),
+            "c0" if op == "lstm_layer" else "cx": random_tensor(batch, hidden_size, requires_grad=True),
+            **_make_weights(input_size, hidden_size, torch.float32, "cpu", "both"),
+        }
+        implementation = _triton_op(op, torch.float32)
+        compiled = torch.compile(implementation, backend="aot_eager", fullgraph=True)
+        results = []
+        for run in (implementation, compiled):
+            outputs = run(**leaves)
+            torch.autograd.backward(outputs, [torch.ones_like(out) for out in outputs])
+            results.append(([out.detach() for out in outputs], {name: leaf.grad for name, leaf in leaves.items()}))
+            for leaf in leaves.values():
+                leaf.grad = None
+        (eager_outputs, eager_grads), (compiled_outputs, compiled_grads) = results
+        for eager, compiled_out in zip(eager_outputs, compiled_outputs):
+            torch.testing.assert_close(compiled_out, eager, rtol=0, atol=0)
+        for name in leaves:
+            torch.testing.assert_close(compiled_grads[name], eager_grads[name], rtol=0, atol=0, msg=f"grad of {name}")
+
     def test_opcheck_cell_ops(self):
         batch, input_size, hidden_size = 2, 5, 16
         args = [

@@ -79,7 +79,8 @@ CONSTRUCTIONS = [
 
 @pytest.mark.parametrize("need_weights,average", [(True, True), (True, False), (False, True)])
 @pytest.mark.parametrize("batched", [True, False])
-@pytest.mark.parametrize("construction", CONSTRUCTIONS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default")
+@pytest.mark.parametrize("construction", CONSTRUCTIONS,
+                         ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default")
 def test_matches_torch(construction, batched, need_weights, average):
     theirs, ours = _modules(**construction)
     query, key, value = _inputs(batched, construction.get("batch_first", False), construction.get("kdim", EMBED),
@@ -233,9 +234,9 @@ def test_dropout_preserves_the_expected_output(need_weights):
     ours.eval()
     expected = ours(query, key, value, need_weights=need_weights)[0]
     ours.train()
-    draws = torch.stack([ours(query, key, value, need_weights=need_weights)[0] for _ in range(400)])
-    # The mean of 400 draws: its error shrinks as 1/sqrt(400); a missing 1/(1-p) rescale would be 20% off.
-    assert_close(draws.mean(0), expected, 0.05, name="mean over dropout draws")
+    draws = torch.stack([ours(query, key, value, need_weights=need_weights)[0] for _ in range(200)])
+    # The mean of 200 draws is ~3.5% off (seeded); a missing 1/(1-p) rescale would be 20% off.
+    assert_close(draws.mean(0), expected, 0.1, name="mean over dropout draws")
 
 
 # ---------------------------------------------------------------------------------------------

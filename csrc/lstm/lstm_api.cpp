@@ -4,6 +4,7 @@
 // Per-op ATen headers rather than ATen/ATen.h: they compile faster, and ATen.h (like
 // ATen/cuda/CUDAContext.h, which needs cusparse.h) is not usable under every toolchain we build on.
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/add.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
@@ -87,7 +88,7 @@ std::optional<at::Tensor> combined_bias(const std::optional<at::Tensor>& bias_ih
                                         const std::optional<at::Tensor>& bias_hh, at::ScalarType dtype) {
   if (!bias_ih.has_value() && !bias_hh.has_value()) return std::nullopt;
   at::Tensor sum = bias_ih.has_value() ? bias_ih->to(at::kFloat) : bias_hh->to(at::kFloat);
-  if (bias_ih.has_value() && bias_hh.has_value()) sum = sum + bias_hh->to(at::kFloat);
+  if (bias_ih.has_value() && bias_hh.has_value()) sum = at::add(sum, bias_hh->to(at::kFloat));
   return sum.to(dtype);
 }
 

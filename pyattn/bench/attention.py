@@ -22,8 +22,13 @@ from pyattn.bench.workload import (
     seeded_generator,
 )
 
-# Dense L×S score matrices the math path keeps, in fp32: scores and probabilities; a backward adds two.
-DENSE_SCORE_COPIES = {FORWARD: 2, BACKWARD: 4, FORWARD_BACKWARD: 4}
+# How many fp32 L×S matrices the dense paths keep alive at their peak (from reading their code): torch's
+# math SDPA holds scores and probabilities, pyattn's reference also its masked and exponentiated
+# scores; a backward about doubles either. Used to skip a case that would not fit, with the reason.
+DENSE_SCORE_COPIES = {
+    "torch:sdpa-math": {FORWARD: 2, BACKWARD: 4, FORWARD_BACKWARD: 4},
+    "pyattn:reference": {FORWARD: 4, BACKWARD: 8, FORWARD_BACKWARD: 8},
+}
 FREE_MEMORY_MARGIN = 0.85
 GRADIENT_NAMES = ("grad_query", "grad_key", "grad_value")
 
@@ -131,8 +136,10 @@ def _flex_function(case: AttentionCase, mask: torch.Tensor | None, device: torch
     return lambda q, k, v: flex_attention(q, k, v, block_mask=block_mask)
 
 
-def _require_dense_scores_fit(case: AttentionCase, device: torch.device) -> None:
-    needed = case.batch * case.heads * case.seq_len**2 * 4 * DENSE_SCORE_COPIES[case.mode]
+def _require_dense_scores_fit(backend: str, case: AttentionCase, device: torch.device) -> None:
+    if backend not in DENSE_SCORE_COPIES or device.type != "cuda":
+        return
+    needed = case.batch * case.heads * case.seq_len**2 * 4 * DENSE_SCORE_COPIES[backend][case.mode]
     free, _ = torch.cuda.mem_get_info(device)
     if needed > FREE_MEMORY_MARGIN * free:
         raise Unsupported(
@@ -145,6 +152,7 @@ def attention_function(backend: str, case: AttentionCase, mask: torch.Tensor | N
     """``(q, k, v) -> out`` on one backend (a mask already holds the causal triangle)."""
     is_causal = case.causal and mask is None
     kind, name = backend.split(":", 1)
+    _require_dense_scores_fit(backend, case, device)
     if kind == "pyattn":
         def run_pyattn(q, k, v):
             with pyattn.use_backend(name):
@@ -160,8 +168,6 @@ def attention_function(backend: str, case: AttentionCase, mask: torch.Tensor | N
     kernel = getattr(SDPBackend, SDPA_BASELINES[name], None)
     if kernel is None:
         raise Unsupported(f"torch {torch.__version__} has no SDPBackend.{SDPA_BASELINES[name]}")
-    if name == "sdpa-math" and device.type == "cuda":
-        _require_dense_scores_fit(case, device)
 
     def run_sdpa(q, k, v):
         with sdpa_kernel(kernel):
@@ -172,24 +178,24 @@ def attention_function(backend: str, case: AttentionCase, mask: torch.Tensor | N
 
 def prepare_attention(case: AttentionCase, backend: str, data: AttentionData) -> Workload:
     function = attention_function(backend, case, data.mask, data.device)
-    probe(lambda: function(data.q, data.k, data.v))
+    training = case.mode != FORWARD
+    leaves = [t.detach().requires_grad_(training) for t in (data.q, data.k, data.v)]
+    probe(lambda: function(*leaves))
     dout = data.dout
-    leaves: list[torch.Tensor] = []
     if case.mode == FORWARD:
         def call():
             with torch.no_grad():
-                return function(data.q, data.k, data.v)
+                return function(*leaves)
+    elif case.mode == FORWARD_BACKWARD:
+        def call():
+            function(*leaves).backward(dout)
     else:
-        leaves = [t.detach().requires_grad_() for t in (data.q, data.k, data.v)]
-        if case.mode == FORWARD_BACKWARD:
-            def call():
-                function(*leaves).backward(dout)
-        else:
-            out = function(*leaves)  # the forward stays out of a backward-only figure
+        out = function(*leaves)  # the forward stays out of a backward-only figure
 
-            def call():
-                out.backward(dout, retain_graph=True)
+        def call():
+            out.backward(dout, retain_graph=True)
 
     return Workload(
-        case, backend, data.device, call, check=lambda: data.check(function), bounds=data.bounds, grad_to_none=leaves
+        case, backend, data.device, call, check=lambda: data.check(function), bounds=data.bounds,
+        grad_to_none=leaves if training else [],
     )

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 
+from pyattn.bench.flops import MODES
+
 
 def _pyplot():
     import matplotlib
@@ -17,13 +19,17 @@ def _pyplot():
 
 
 def _series(rows: list[dict], panel_key, x_key, y_key) -> dict:
-    """panel -> backend -> sorted [(x, y)] over rows whose ``y_key`` was measured."""
+    """panel title -> backend -> sorted [(x, y)] over rows whose ``y_key`` was measured; ``panel_key``
+    gives (sort key, title), so panels run mode by mode."""
     panels: dict = defaultdict(lambda: defaultdict(list))
     for row in rows:
         y = y_key(row)
         if y is not None:
             panels[panel_key(row)][row["backend"]].append((x_key(row), y))
-    return {panel: {backend: sorted(points) for backend, points in lines.items()} for panel, lines in sorted(panels.items())}
+    return {
+        title: {backend: sorted(points) for backend, points in lines.items()}
+        for (_, title), lines in sorted(panels.items())
+    }
 
 
 def _draw(panels: dict, path: str, title: str, xlabel: str, ylabel: str, log_y: bool = False) -> str | None:
@@ -54,9 +60,10 @@ def _draw(panels: dict, path: str, title: str, xlabel: str, ylabel: str, log_y: 
     return path
 
 
-def _attention_panel(row: dict) -> str:
+def _attention_panel(row: dict) -> tuple:
     case = row["case"]
-    return f"{row['mode']}, D{case['head_dim']}{', causal' if case['causal'] else ''}"
+    title = f"{row['mode']}, D{case['head_dim']}{', causal' if case['causal'] else ''}"
+    return (MODES.index(row["mode"]), case["head_dim"], case["causal"]), title
 
 
 def write_plots(rows: list[dict], out_dir: str, device_label: str) -> list[str]:
@@ -96,10 +103,11 @@ def write_plots(rows: list[dict], out_dir: str, device_label: str) -> list[str]:
     return [path for path in written if path is not None]
 
 
-def _lstm_panel(row: dict) -> str:
+def _lstm_panel(row: dict) -> tuple:
     case = row["case"]
     kind = "cell step" if case["cell"] else f"T{case['steps']}"
-    return f"{kind}, H{case['hidden_size']}, {row['mode']}"
+    title = f"{kind}, H{case['hidden_size']}, {row['mode']}"
+    return (MODES.index(row["mode"]), case["cell"], case["steps"], case["hidden_size"]), title
 
 
 def _mib(value: int | None) -> float | None:

@@ -4,6 +4,7 @@ cases with a progress bar, and the files it writes as it goes."""
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import time
@@ -14,9 +15,8 @@ import pyattn
 from pyattn.bench import plots, report
 from pyattn.bench.measure import measure_roofline
 from pyattn.bench.runner import CORRECTNESS_ONLY, ERROR, Result, empty_result, first_line, case_data, fill_speedups, run_case
-from pyattn.bench.suites import DTYPES, PYATTN_BACKENDS, SUITES, baselines_for, build_cases
+from pyattn.bench.suites import DTYPES, PYATTN_BACKENDS, SUITE_BASELINES, SUITES, baselines_for, build_cases, dtype_name
 
-CPU_BASELINES = ("sdpa-flash", "sdpa-math", "lstm", "lstmcell-loop", "lstmcell")
 GPU_ONLY = {
     "sdpa-efficient": "torch's memory-efficient SDPA kernel runs on CUDA only",
     "sdpa-cudnn": "torch's cuDNN SDPA kernel runs on CUDA only",
@@ -35,7 +35,7 @@ class Session:
             self.dtypes = [torch.bfloat16, torch.float16] if self.shapes == "full" else [torch.bfloat16]
         else:
             self.dtypes = [torch.float32]
-        self.suites = args.suites or list(SUITES)
+        self.suites = list(dict.fromkeys(args.suites)) or list(SUITES)
         self.skipped: list[dict] = []
         self.backends = self._pyattn_backends()
         self.baselines = self._baselines()
@@ -43,6 +43,7 @@ class Session:
         self.not_run: dict | None = None
         self.plots: list[str] = []
         self.roofline: dict | None = None
+        self.environment: dict = {}
 
     # -- what runs here ---------------------------------------------------------------------------
 
@@ -67,29 +68,33 @@ class Session:
         return chosen
 
     def _baselines(self) -> list[str]:
+        relevant = [name for suite in self.suites for name in SUITE_BASELINES[suite]]
         if self.args.baselines is not None:
-            return [f"torch:{name}" for name in self.args.baselines]
-        if self.device.type == "cpu":
-            for name, reason in GPU_ONLY.items():
-                self._skip(f"torch:{name}", reason)
-            return [f"torch:{name}" for name in CPU_BASELINES]
-        from pyattn.bench.suites import BASELINES
-
-        if self.shapes != "full":
+            names = self.args.baselines
+        elif self.device.type == "cpu":
+            names = [name for name in relevant if name not in GPU_ONLY]
+            for name in (name for name in relevant if name in GPU_ONLY):
+                self._skip(f"torch:{name}", GPU_ONLY[name])
+        elif self.shapes != "full" and "flex" in relevant:
             self._skip("torch:flex", FLEX_LEFT_OUT)
-            return [f"torch:{name}" for name in BASELINES if name != "flex"]
-        return [f"torch:{name}" for name in BASELINES]
+            names = [name for name in relevant if name != "flex"]
+        else:
+            names = relevant
+        return [f"torch:{name}" for name in dict.fromkeys(names)]
 
     def _tasks(self) -> list[tuple]:
-        """(case, backends) in order: every backend of a case runs on the same inputs, one after another."""
-        tasks = []
+        """(case, backends): every backend of a case runs on the same inputs, one after another. The
+        suites take turns case by case, so a run cut short by --time-budget still covers each."""
+        per_suite = []
         for suite in self.suites:
+            tasks = []
             for case in build_cases(suite, self.shapes, self.dtypes, self.args.modes):
                 applicable = set(baselines_for(case))
                 backends = self.backends + [b for b in self.baselines if b.split(":", 1)[1] in applicable]
                 if backends:
                     tasks.append((case, backends))
-        return tasks
+            per_suite.append(tasks)
+        return [task for turn in itertools.zip_longest(*per_suite) for task in turn if task is not None]
 
     # -- the run ----------------------------------------------------------------------------------
 
@@ -113,6 +118,7 @@ class Session:
             self._run_case(case, backends, progress)
             self._write()
         progress.close()
+        self.results.sort(key=lambda result: result.op)  # stable: each op's rows in run order
         fill_speedups(self.results)
         rows = [result.as_dict() for result in self.results]
         label = self.environment["device"] if self.device.type == "cuda" else f"CPU ({self.environment['device']})"
@@ -150,7 +156,7 @@ class Session:
             torch.cuda.empty_cache()
 
     def _print_header(self, runs: int) -> None:
-        dtypes = ",".join(str(d).removeprefix("torch.") for d in self.dtypes)
+        dtypes = ",".join(dtype_name(d) for d in self.dtypes)
         print(
             f"pyattn-bench on {self.device.type}: suites {','.join(self.suites)}, shapes {self.shapes}, dtypes {dtypes}, "
             f"{runs} runs; backends {', '.join(self.backends) or 'none'}; baselines {', '.join(self.baselines) or 'none'}",
@@ -171,7 +177,7 @@ class Session:
                 "device": self.device.type,
                 "suites": self.suites,
                 "shapes": self.shapes,
-                "dtypes": [str(d).removeprefix("torch.") for d in self.dtypes],
+                "dtypes": [dtype_name(d) for d in self.dtypes],
                 "modes": self.args.modes,
                 "backends": self.backends,
                 "baselines": self.baselines,
@@ -201,8 +207,8 @@ class Session:
         checked = [r for r in self.results if r.check is not None]
         passed = sum(r.check["passed"] for r in checked)
         print(
-            f"\n{len(self.results)} runs in {seconds:.0f} s: "
-            + ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+            f"\n{len(self.results)} runs in {seconds:.0f} s"
+            + "".join(f", {n} {status}" for status, n in sorted(counts.items()))
             + f"; checks passed {passed}/{len(checked)}"
             + (f"; {self.not_run['count']} not run ({self.not_run['reason']})" if self.not_run else "")
         )
@@ -222,7 +228,27 @@ def _one_line(result: Result) -> str:
     return f"{head}: {result.status}" + (f" ({result.reason})" if result.reason else "")
 
 
-def _progress(total: int):
-    from tqdm import tqdm
+class _LinesOnly:
+    """Progress without tqdm (an optional dependency): one line per run, as tqdm does off a terminal."""
 
+    disable = True
+
+    def __init__(self, total: int):
+        self.total = total
+
+    def update(self, count: int) -> None:
+        pass
+
+    def write(self, text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _LinesOnly(total)
     return tqdm(total=total, disable=None, file=sys.stderr, unit="run", dynamic_ncols=True)

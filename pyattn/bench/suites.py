@@ -27,6 +27,10 @@ ATTENTION_BASELINES = (*SDPA_BASELINES, "flex")
 LSTM_SEQUENCE_BASELINES = ("lstm", "lstmcell-loop")  # nn.LSTM (cuDNN on a GPU); nn.LSTMCell over the steps
 LSTM_CELL_BASELINES = ("lstmcell", "lstm")  # nn.LSTMCell; nn.LSTM over one step
 BASELINES = tuple(dict.fromkeys(ATTENTION_BASELINES + LSTM_SEQUENCE_BASELINES + LSTM_CELL_BASELINES))
+SUITE_BASELINES = {
+    "attention": ATTENTION_BASELINES,
+    "lstm": tuple(dict.fromkeys(LSTM_SEQUENCE_BASELINES + LSTM_CELL_BASELINES)),
+}
 SHAPE_SETS = ("small", "default", "full")
 SUITES = ("attention", "lstm")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -84,9 +84,10 @@ def poison_allocator(device: torch.device, nbytes: int) -> None:
 
 
 def probe(call: Callable[[], object]) -> None:
-    """Call once without grad; "no kernel for these inputs" becomes :class:`Unsupported` with torch's
-    or pyattn's reasons (SDPA explains in warnings why each kernel declined)."""
-    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+    """Call once (with the inputs the workload uses: kernel choice depends on requires_grad); "no
+    kernel for these inputs" becomes :class:`Unsupported` with torch's or pyattn's reasons (SDPA
+    explains in warnings why each of its kernels declined)."""
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             call()

@@ -99,13 +99,13 @@ def _check_alibi(function: str, alibi_slopes, query: Tensor, batch: int, heads: 
         raise ValueError(f"{function}: alibi_slopes is on {alibi_slopes.device} but q is on {query.device}")
 
 
-def _check_heads(function: str, heads_q: int, heads_k: int, heads_v: int, gqa_hint: str) -> None:
+def _check_heads(function: str, heads_q: int, heads_k: int, heads_v: int) -> None:
     if heads_v != heads_k:
         raise ValueError(f"{function}: value has {heads_v} heads but key has {heads_k}; key and value must have "
                          "the same number of heads")
     if heads_q % heads_k:
         raise ValueError(f"{function}: query's {heads_q} heads must be a multiple of key/value's {heads_k} "
-                         f"(grouped-query attention){gqa_hint}")
+                         "(grouped-query attention)")
 
 
 def _requires_grad(tensor: Tensor | None) -> bool:
@@ -161,6 +161,8 @@ def _plan_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
                          "must share the embedding dim E")
     if value.shape[-2] != seqlen_k:
         raise ValueError(f"{_SDPA}: value's sequence length (dim -2) {value.shape[-2]} != key's {seqlen_k}")
+    if seqlen_k == 0:
+        raise ValueError(f"{_SDPA}: key and value have sequence length 0; attention needs at least one key")
     batch_dims = tuple(query.shape[:-3])
     for name, tensor in (("key", key), ("value", value)):
         if tuple(tensor.shape[:-3]) != batch_dims:
@@ -169,7 +171,7 @@ def _plan_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
     if heads_q != heads_k and not enable_gqa:
         raise ValueError(f"{_SDPA}: query has {heads_q} heads (dim -3) but key has {heads_k}; set enable_gqa=True "
                          "for grouped-query attention")
-    _check_heads(_SDPA, heads_q, heads_k, value.shape[-3] if value.dim() >= 3 else 1, "")
+    _check_heads(_SDPA, heads_q, heads_k, value.shape[-3] if value.dim() >= 3 else 1)
     scale = _checked_scale(_SDPA, scale, head_dim)
     dropout_p = _checked_dropout(_SDPA, dropout_p)
     if is_causal and attn_mask is not None:
@@ -177,7 +179,7 @@ def _plan_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
     batch = math.prod(batch_dims)
     mask = None
     if attn_mask is not None:
-        mask = _mask_as_4d(attn_mask, query, (*batch_dims, heads_q, seqlen_q, seqlen_k)[-max(query.dim(), 2):], batch)
+        mask = _mask_as_4d(attn_mask, query, (*query.shape[:-1], seqlen_k), batch)
     features = {name for name, used in (("mask", mask is not None), ("causal", is_causal), ("dropout", dropout_p > 0),
                                         ("gqa", heads_q != heads_k)) if used}
     if mask is not None and mask.is_floating_point() and _requires_grad(mask):
@@ -266,7 +268,9 @@ def _plan_flash(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0
         raise ValueError(f"{_FLASH}: k's head dim {k.shape[-1]} != q's head dim {head_dim}")
     if v.shape[2] != seqlen_k:
         raise ValueError(f"{_FLASH}: v's sequence length {v.shape[2]} != k's {seqlen_k}")
-    _check_heads(_FLASH, heads_q, heads_k, v.shape[1], "")
+    if seqlen_k == 0:
+        raise ValueError(f"{_FLASH}: k and v have sequence length 0; attention needs at least one key")
+    _check_heads(_FLASH, heads_q, heads_k, v.shape[1])
     scale = _checked_scale(_FLASH, scale, head_dim)
     window_left, window_right = _checked_window(_FLASH, window, causal)
     softcap = _checked_softcap(_FLASH, softcap)
@@ -330,7 +334,8 @@ def _check_cu_seqlens(name: str, cu_seqlens, q: Tensor) -> None:
         raise TypeError(f"{_FLASH_VARLEN}: {name} must be a torch.Tensor, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"{_FLASH_VARLEN}: {name} must be a 1-dim int32 tensor (batch + 1,) of cumulative "
-                         f"sequence lengths starting at 0, got dtype {cu_seqlens.dtype} shape {tuple(cu_seqlens.shape)}")
+                         f"sequence lengths starting at 0, got dtype {cu_seqlens.dtype} shape "
+                         f"{tuple(cu_seqlens.shape)}")
     if cu_seqlens.device != q.device:
         raise ValueError(f"{_FLASH_VARLEN}: {name} is on {cu_seqlens.device} but q is on {q.device}")
 
@@ -352,7 +357,7 @@ def _plan_flash_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_se
         raise ValueError(f"{_FLASH_VARLEN}: k's head dim {k.shape[-1]} != q's head dim {head_dim}")
     if v.shape[0] != total_k:
         raise ValueError(f"{_FLASH_VARLEN}: v has {v.shape[0]} rows (total_k) but k has {total_k}")
-    _check_heads(_FLASH_VARLEN, heads_q, heads_k, v.shape[1], "")
+    _check_heads(_FLASH_VARLEN, heads_q, heads_k, v.shape[1])
     _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q)
     _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q)
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():

@@ -172,6 +172,7 @@ def lstm_cell(
 # ---------------------------------------------------------------------------------------------------
 # lstm (multi-layer, bidirectional, packed)
 
+
 @dataclass(frozen=True)
 class _SequenceShape:
     batched: bool
@@ -347,12 +348,14 @@ def _packed_layout(packed: PackedSequence, device: torch.device):
     step_start = torch.cumsum(batch_sizes, 0) - batch_sizes
     sorted_position = torch.arange(rows) - torch.repeat_interleave(step_start, batch_sizes)
     sorted_lengths = (batch_sizes[None, :] > torch.arange(int(batch_sizes[0]))[:, None]).sum(1)
+    # The permutations live on the data's device: index there rather than copy them back (a sync).
+    sorted_position, sorted_lengths = sorted_position.to(device), sorted_lengths.to(device)
     if packed.sorted_indices is None:
         batch_index, lengths = sorted_position, sorted_lengths
     else:
-        batch_index = packed.sorted_indices.cpu()[sorted_position]
-        lengths = sorted_lengths[packed.unsorted_indices.cpu()]
-    return time_index.to(device), batch_index.to(device), lengths.to(device)
+        batch_index = packed.sorted_indices[sorted_position]
+        lengths = sorted_lengths[packed.unsorted_indices]
+    return time_index.to(device), batch_index, lengths
 
 
 def lstm(

@@ -228,7 +228,8 @@ class MultiheadAttention(torch.nn.Module):
         batched = self._check_inputs(query, key, value, key_padding_mask, attn_mask)
         if is_causal and attn_mask is None:
             raise ValueError(f"{_NAME}: is_causal=True is a hint that attn_mask is the causal mask, so attn_mask is "
-                             "required with it (as in torch); e.g. torch.nn.Transformer.generate_square_subsequent_mask")
+                             "required with it (as in torch), e.g. from "
+                             "torch.nn.Transformer.generate_square_subsequent_mask")
         # Work batch-first: (N, L, E).
         if not batched:
             query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)

@@ -134,7 +134,8 @@ def _(grad_out, q, k, v, out, lse, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as the kernels allocate
 
 
-_FORWARD_PARAMETERS = tuple(argument.name for argument in torch.ops.pyattn.triton_attention_fwd.default._schema.arguments)
+_FORWARD_PARAMETERS = tuple(argument.name
+                            for argument in torch.ops.pyattn.triton_attention_fwd.default._schema.arguments)
 _SAVED_TENSORS = ("q", "k", "v", "mask", "alibi_slopes", "cu_seqlens_q", "cu_seqlens_k", "dropout_seed")
 _OPTIONS = ("scale", "window_left", "window_right", "diagonal_offset", "softcap", "dropout_p", "max_seqlen_q",
             "max_seqlen_k", "deterministic")

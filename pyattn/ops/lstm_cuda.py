@@ -128,10 +128,18 @@ def _fake_layer_backward(
 # ---- autograd ----
 
 
+def _skip_workspace_gradients(ctx, *workspace):
+    """Workspace outputs carry no gradient; without this autograd would build zero tensors as big as
+    them for every backward (and zeros for unused results, which _gradient makes only when needed)."""
+    ctx.mark_non_differentiable(*workspace)
+    ctx.set_materialize_grads(False)
+
+
 def _cell_setup_context(ctx, inputs, output):
     input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, _save_workspace = inputs
     _hy, cy, workspace = output
     ctx.save_for_backward(input, hx, cx, weight_ih, weight_hh, cy, workspace)
+    _skip_workspace_gradients(ctx, workspace)
     ctx.has_bias_ih, ctx.has_bias_hh = bias_ih is not None, bias_hh is not None
 
 
@@ -155,8 +163,9 @@ def _cell_backward(ctx, grad_hy, grad_cy, _grad_workspace):
 
 def _layer_setup_context(ctx, inputs, output):
     input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, reverse, _save_workspace, recurrence = inputs
-    layer_output, _h_n, c_n, gates, cell_states = output
+    layer_output, _h_n, _c_n, gates, cell_states = output
     ctx.save_for_backward(input, h0, c0, weight_ih, weight_hh, layer_output, gates, cell_states)
+    _skip_workspace_gradients(ctx, gates, cell_states)
     ctx.has_bias_ih, ctx.has_bias_hh = bias_ih is not None, bias_hh is not None
     ctx.reverse, ctx.recurrence = reverse, recurrence
 

@@ -1,0 +1,231 @@
+// The LSTM kernels of lstm_kernels.cuh run on the CPU against a float64 model: every kernel, every
+// tile configuration (BM 16 with K splits, BM 64), persistent and stepwise recurrences, both
+// directions, fp32/fp16/bf16, odd sizes, NaN-poisoned outputs and shared memory.
+//
+// Without a GPU this is how the kernels' indexing, tiling, barriers and gradient math get checked.
+// include/ emulates what the kernels use — one OS thread per CUDA thread, std::barrier for
+// __syncthreads and grid.sync, per-CTA shared buffers, WMMA computed whole by every lane — and
+// tests/test_lstm_cuda.py builds it with g++ against a copy of lstm_kernels.cuh whose dynamic
+// shared-memory declaration points at the CTA's buffer and whose launchers (host CUDA API) are cut.
+// Run: ./lstm_emulation [all|fp32|fp16|bf16]; exit status 0 when every comparison passes.
+#include "lstm_kernels_emulated.cuh"
+#include <cstdio>
+#include <random>
+#include <string>
+using namespace pyattn::lstm;
+
+static std::mt19937 rng(1);
+template <class T> std::vector<T> random_vector(size_t n, float scale) {
+  std::normal_distribution<float> normal;
+  std::vector<T> v(n);
+  for (auto& x : v) x = Element<T>::from_float(normal(rng) * scale);
+  return v;
+}
+template <class T> std::vector<T> poisoned(size_t n) { return std::vector<T>(n, Element<T>::from_float(NAN)); }
+template <class T> double value(T x) { return Element<T>::to_float(x); }
+static double sig(double x) { return 1 / (1 + std::exp(-x)); }
+
+static int failures = 0;
+template <class V> void check(const char* what, const V& got, const std::vector<double>& want, double tol) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < want.size(); ++i) { double d = value(got[i]) - want[i]; num += d * d; den += want[i] * want[i]; }
+  double err = std::sqrt(num) / std::sqrt(den);
+  bool ok = err <= tol;  // NaN fails
+  failures += !ok;
+  printf("  %-40s rel err %.2e %s\n", what, err, ok ? "ok" : "FAIL");
+}
+template <> double value<double>(double x) { return x; }
+
+// Float64 model of one layer: forward then BPTT, in the kernels' conventions.
+struct Model {
+  std::vector<double> output, cells, gates, grad_gates, grad_cell;
+};
+template <class T>
+Model model(int steps, int batch, int hidden, bool reverse, const std::vector<T>& proj, const std::vector<T>& whh,
+            const std::vector<T>& h0, const std::vector<T>& c0, const std::vector<T>& gout, const std::vector<T>& ghn,
+            const std::vector<T>& gcn) {
+  const int H = hidden, G = 4 * H;
+  Model m;
+  m.output.assign(size_t(steps) * batch * H, 0); m.cells = m.output; m.gates.assign(size_t(steps) * batch * G, 0);
+  m.grad_gates = m.gates;
+  std::vector<int> order(steps);
+  for (int s = 0; s < steps; ++s) order[s] = reverse ? steps - 1 - s : s;
+  for (int b = 0; b < batch; ++b) {
+    std::vector<double> h(H), c(H);
+    for (int j = 0; j < H; ++j) { h[j] = value(h0[b * H + j]); c[j] = value(c0[b * H + j]); }
+    for (int t : order) {
+      std::vector<double> hn(H), cn(H);
+      for (int j = 0; j < H; ++j) {
+        double pre[4];
+        for (int g = 0; g < 4; ++g) {
+          double v = value(proj[(size_t(t) * batch + b) * G + g * H + j]);
+          for (int k = 0; k < H; ++k) v += value(whh[size_t(g * H + j) * H + k]) * h[k];
+          pre[g] = v;
+        }
+        double i = sig(pre[0]), f = sig(pre[1]), gg = std::tanh(pre[2]), o = sig(pre[3]);
+        cn[j] = f * c[j] + i * gg; hn[j] = o * std::tanh(cn[j]);
+        double* gr = &m.gates[(size_t(t) * batch + b) * G];
+        gr[j] = i; gr[H + j] = f; gr[2 * H + j] = gg; gr[3 * H + j] = o;
+      }
+      h = hn; c = cn;
+      for (int j = 0; j < H; ++j) { m.output[(size_t(t) * batch + b) * H + j] = h[j]; m.cells[(size_t(t) * batch + b) * H + j] = c[j]; }
+    }
+  }
+  // BPTT
+  m.grad_cell.assign(size_t(batch) * H, 0);
+  for (int b = 0; b < batch; ++b) {
+    std::vector<double> dc(H);
+    for (int j = 0; j < H; ++j) dc[j] = value(gcn[b * H + j]);
+    for (int s = steps - 1; s >= 0; --s) {
+      int t = order[s];
+      bool first = s == steps - 1;
+      int t_next = first ? -1 : order[s + 1];
+      for (int j = 0; j < H; ++j) {
+        double dh = value(gout[(size_t(t) * batch + b) * H + j]);
+        if (first) dh += value(ghn[b * H + j]);
+        else for (int n = 0; n < G; ++n) dh += m.grad_gates[(size_t(t_next) * batch + b) * G + n] * value(whh[size_t(n) * H + j]);
+        const double* gr = &m.gates[(size_t(t) * batch + b) * G];
+        double i = gr[j], f = gr[H + j], g = gr[2 * H + j], o = gr[3 * H + j];
+        double cc = m.cells[(size_t(t) * batch + b) * H + j];
+        double cp = s == 0 ? value(c0[b * H + j]) : m.cells[(size_t(order[s - 1]) * batch + b) * H + j];
+        double th = std::tanh(cc), d = dc[j] + dh * o * (1 - th * th);
+        double* out = &m.grad_gates[(size_t(t) * batch + b) * G];
+        out[j] = d * g * i * (1 - i); out[H + j] = d * cp * f * (1 - f); out[2 * H + j] = d * i * (1 - g * g);
+        out[3 * H + j] = dh * th * o * (1 - o);
+        dc[j] = d * f;
+      }
+    }
+    for (int j = 0; j < H; ++j) m.grad_cell[b * H + j] = dc[j];
+  }
+  return m;
+}
+
+template <class T, int BM, int S>
+void run_layer(const char* dtype, int steps, int batch, int hidden, bool reverse, bool persistent, double tol) {
+  printf("layer %s T=%d B=%d H=%d reverse=%d %s\n", dtype, steps, batch, hidden, reverse, persistent ? "persistent" : "stepwise");
+  const int H = hidden, G = 4 * H;
+  const size_t state = size_t(batch) * H;
+  auto proj = random_vector<T>(steps * state * 4, 1.0f);
+  auto whh = random_vector<T>(size_t(G) * H, 1.0f / std::sqrt(float(H)));
+  auto h0 = random_vector<T>(state, 1), c0 = random_vector<T>(state, 1);
+  auto gout = random_vector<T>(steps * state, 1), ghn = random_vector<T>(state, 1), gcn = random_vector<T>(state, 1);
+  Model want = model(steps, batch, H, reverse, proj, whh, h0, c0, gout, ghn, gcn);
+
+  auto output = poisoned<T>(steps * state);
+  std::vector<float> cells(steps * state, NAN);
+  auto gates = poisoned<T>(steps * state * 4);
+  if (persistent) {
+    LayerForwardParams p{proj.data(), whh.data(), h0.data(), c0.data(), output.data(), cells.data(), true, gates.data(), steps, batch, H, reverse};
+    constexpr int BJ = 8;
+    emu::launch(dim3(ceil_div(H, BJ)), kThreads, TileShape<T, BM, 4 * BJ, S>::total_bytes(H, true),
+                [&] { lstm_persistent_forward_kernel<T, BM, BJ, S>(p); });
+  } else {
+    for (int s = 0; s < steps; ++s) {
+      int t = reverse ? steps - 1 - s : s, tp = reverse ? t + 1 : t - 1;
+      StepForwardParams q{};
+      q.a0 = s == 0 ? (const void*)h0.data() : (const void*)(output.data() + tp * state);
+      q.w0 = whh.data(); q.k0 = H;
+      q.pre_gates = proj.data() + t * state * 4;
+      q.c_prev = s == 0 ? c0.data() : nullptr;
+      q.c_prev_f32 = s == 0 ? nullptr : cells.data() + tp * state;
+      q.h_out = output.data() + t * state; q.c_out_f32 = cells.data() + t * state; q.gates_out = gates.data() + t * state * 4;
+      q.batch = batch; q.hidden = H;
+      emu::launch(dim3(ceil_div(H, 16), ceil_div(batch, BM)), kThreads, TileShape<T, BM, 64, 1>::total_bytes(0, false),
+                  [&] { lstm_step_forward_kernel<T, BM, 16>(q); });
+    }
+  }
+  check("output", output, want.output, tol);
+  check("cell states", cells, want.cells, tol);
+  check("gates", gates, want.gates, tol);
+
+  // Backward from the model's own saved tensors, rounded like the forward would save them.
+  std::vector<T> saved_gates(want.gates.size());
+  for (size_t i = 0; i < saved_gates.size(); ++i) saved_gates[i] = Element<T>::from_float(float(want.gates[i]));
+  std::vector<float> saved_cells(want.cells.begin(), want.cells.end());
+  std::vector<T> whh_t(size_t(G) * H);
+  for (int n = 0; n < G; ++n) for (int k = 0; k < H; ++k) whh_t[size_t(k) * G + n] = whh[size_t(n) * H + k];
+  auto grad_gates = poisoned<T>(steps * state * 4);
+  std::vector<float> grad_cell(state, NAN);
+  LayerBackwardParams b{whh_t.data(), gout.data(), ghn.data(), gcn.data(), saved_gates.data(), saved_cells.data(), c0.data(),
+                        grad_gates.data(), grad_cell.data(), steps, batch, H, reverse};
+  constexpr int BJB = 16;
+  constexpr int SB = BM == 16 ? 4 : 1;
+  if (persistent) {
+    emu::launch(dim3(ceil_div(H, BJB)), kThreads, TileShape<T, BM, BJB, SB>::total_bytes(G, true),
+                [&] { lstm_persistent_backward_kernel<T, BM, BJB, SB>(b); });
+  } else {
+    for (int s = 0; s < steps; ++s)
+      emu::launch(dim3(ceil_div(H, BJB), ceil_div(batch, BM)), kThreads, TileShape<T, BM, BJB, SB>::total_bytes(0, false),
+                  [&] { lstm_step_backward_kernel<T, BM, BJB, SB>(b, s); });
+  }
+  check("grad gates", grad_gates, want.grad_gates, tol);
+  check("grad c0", grad_cell, want.grad_cell, tol);
+}
+
+template <class T, int BM>
+void run_cell(const char* dtype, int batch, int input, int hidden, double tol) {
+  printf("cell %s B=%d I=%d H=%d\n", dtype, batch, input, hidden);
+  const int H = hidden, G = 4 * H;
+  auto x = random_vector<T>(size_t(batch) * input, 1), hx = random_vector<T>(size_t(batch) * H, 1), cx = random_vector<T>(size_t(batch) * H, 1);
+  auto wih = random_vector<T>(size_t(G) * input, 0.3f), whh = random_vector<T>(size_t(G) * H, 0.3f);
+  auto bih = random_vector<T>(G, 0.3f), bhh = random_vector<T>(G, 0.3f);
+  std::vector<double> hy_want(size_t(batch) * H), cy_want(hy_want.size()), gates_want(size_t(batch) * G);
+  for (int b = 0; b < batch; ++b) for (int j = 0; j < H; ++j) {
+    double pre[4];
+    for (int g = 0; g < 4; ++g) {
+      int n = g * H + j; double v = value(bih[n]) + value(bhh[n]);
+      for (int k = 0; k < input; ++k) v += value(x[b * input + k]) * value(wih[size_t(n) * input + k]);
+      for (int k = 0; k < H; ++k) v += value(hx[b * H + k]) * value(whh[size_t(n) * H + k]);
+      pre[g] = v;
+    }
+    double i = sig(pre[0]), f = sig(pre[1]), g = std::tanh(pre[2]), o = sig(pre[3]);
+    cy_want[b * H + j] = f * value(cx[b * H + j]) + i * g; hy_want[b * H + j] = o * std::tanh(cy_want[b * H + j]);
+    gates_want[b * G + j] = i; gates_want[b * G + H + j] = f; gates_want[b * G + 2 * H + j] = g; gates_want[b * G + 3 * H + j] = o;
+  }
+  auto hy = poisoned<T>(hy_want.size()), cy = poisoned<T>(hy_want.size()), gates = poisoned<T>(gates_want.size());
+  StepForwardParams q{x.data(), wih.data(), input, hx.data(), whh.data(), H, nullptr, bih.data(), bhh.data(), cx.data(), nullptr,
+                      hy.data(), cy.data(), nullptr, gates.data(), batch, H};
+  emu::launch(dim3(ceil_div(H, 16), ceil_div(batch, BM)), kThreads, TileShape<T, BM, 64, 1>::total_bytes(0, false),
+              [&] { lstm_step_forward_kernel<T, BM, 16>(q); });
+  check("hy", hy, hy_want, tol); check("cy", cy, cy_want, tol); check("gates", gates, gates_want, tol);
+
+  auto ghy = random_vector<T>(hy.size(), 1), gcy = random_vector<T>(hy.size(), 1);
+  std::vector<double> gg_want(gates_want.size()), gcx_want(hy.size());
+  for (int b = 0; b < batch; ++b) for (int j = 0; j < H; ++j) {
+    double i = value(gates[b * G + j]), f = value(gates[b * G + H + j]), g = value(gates[b * G + 2 * H + j]), o = value(gates[b * G + 3 * H + j]);
+    double th = std::tanh(value(cy[b * H + j])), dh = value(ghy[b * H + j]), d = value(gcy[b * H + j]) + dh * o * (1 - th * th);
+    gg_want[b * G + j] = d * g * i * (1 - i); gg_want[b * G + H + j] = d * value(cx[b * H + j]) * f * (1 - f);
+    gg_want[b * G + 2 * H + j] = d * i * (1 - g * g); gg_want[b * G + 3 * H + j] = dh * th * o * (1 - o); gcx_want[b * H + j] = d * f;
+  }
+  auto grad_gates = poisoned<T>(gates.size()), grad_cx = poisoned<T>(hy.size());
+  CellBackwardParams c{ghy.data(), gcy.data(), gates.data(), cx.data(), cy.data(), grad_gates.data(), grad_cx.data(), batch, H};
+  emu::launch(dim3(2), 256, 0, [&] { lstm_cell_backward_kernel<T>(c); });
+  check("cell grad gates", grad_gates, gg_want, tol); check("cell grad cx", grad_cx, gcx_want, tol);
+}
+
+int main(int argc, char** argv) {
+  std::string which = argc > 1 ? argv[1] : "all";
+  if (which == "all" || which == "fp32") {
+    run_cell<float, 16>("fp32", 3, 19, 37, 1e-5);
+    run_cell<float, 64>("fp32", 20, 72, 40, 1e-5);
+    for (bool reverse : {false, true}) for (bool persistent : {true, false}) {
+      run_layer<float, 16, 2>("fp32", 5, 3, 37, reverse, persistent, 1e-5);
+      run_layer<float, 64, 1>("fp32", 4, 20, 40, reverse, persistent, 1e-5);
+    }
+  }
+  if (which == "all" || which == "fp16") {
+    run_cell<__half, 16>("fp16", 3, 19, 37, 1e-2);
+    run_cell<__half, 64>("fp16", 20, 72, 40, 1e-2);
+    for (bool reverse : {false, true}) for (bool persistent : {true, false}) {
+      run_layer<__half, 16, 2>("fp16", 5, 3, 37, reverse, persistent, 1e-2);
+      run_layer<__half, 64, 1>("fp16", 4, 20, 40, reverse, persistent, 1e-2);
+    }
+  }
+  if (which == "all" || which == "bf16") {
+    run_cell<__nv_bfloat16, 64>("bf16", 20, 72, 40, 1e-2);
+    run_layer<__nv_bfloat16, 16, 2>("bf16", 5, 3, 40, true, true, 1e-2);
+    run_layer<__nv_bfloat16, 64, 1>("bf16", 4, 20, 37, false, false, 1e-2);
+  }
+  printf("%d failure(s)\n", failures);
+  return failures != 0;
+}

@@ -1,0 +1,319 @@
+"""Triton flash-attention launchers vs the float64 reference, on CPU through the Triton interpreter.
+
+Run: ``TRITON_INTERPRET=1 .venv/bin/python -m pytest -m interpreter tests/test_attention_kernels.py``.
+Every launcher output is allocated NaN-filled (``poisoned_outputs``), so an element a kernel forgets to
+write fails the comparison. The interpreter runs 16×16 tiles, so these short sequences still cross
+several tiles: band edges, interiors and ragged ends are all exercised.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tests.conftest import RTOL, assert_close, poison_, random_tensor, relative_error
+
+pytest.importorskip("triton", reason="triton is not installed")
+
+from pyattn.kernels import attention as kernels  # noqa: E402
+from pyattn.reference.attention import attention as reference_attention  # noqa: E402
+
+pytestmark = pytest.mark.interpreter
+
+DTYPES = [torch.float32, torch.float16]  # bf16 arithmetic is wrong in the interpreter: GPU tests cover it
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    def poisoned_empty(shape, dtype, device):
+        tensor = torch.empty(shape, dtype=dtype, device=device)
+        return poison_(tensor) if tensor.is_floating_point() else tensor.fill_(-7)
+
+    monkeypatch.setattr(kernels, "_empty", poisoned_empty)
+
+
+def make_inputs(batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, head_dim_v, dtype):
+    q = random_tensor(batch, heads, seqlen_q, head_dim, dtype=dtype)
+    k = random_tensor(batch, kv_heads, seqlen_k, head_dim, dtype=dtype)
+    v = random_tensor(batch, kv_heads, seqlen_k, head_dim_v, dtype=dtype)
+    return q, k, v
+
+
+def reference_with_grads(q, k, v, grad_out, **options):
+    """(out, lse, dq, dk, dv) of the reference in float64 on the same (rounded) inputs."""
+    leaves = [x.detach().to(torch.float64).requires_grad_() for x in (q, k, v)]
+    out, lse = reference_attention(*leaves, **options)
+    out.backward(grad_out.to(torch.float64))
+    return (out.detach(), lse.detach(), *(leaf.grad for leaf in leaves))
+
+
+def check_against_reference(q, k, v, *, deterministic=False, dropout_keep_mask=None, **options):
+    """Runs forward + backward through the launchers and compares all five results with the reference."""
+    rtol = RTOL[q.dtype]
+    out, lse = kernels.attention_forward(q, k, v, **options)
+    grad_out = random_tensor(*out.shape, dtype=q.dtype)
+    dq, dk, dv = kernels.attention_backward(grad_out, q, k, v, out, lse, deterministic=deterministic, **options)
+    reference_options = {key: value for key, value in options.items() if key != "seed"}
+    ref_out, ref_lse, ref_dq, ref_dk, ref_dv = reference_with_grads(
+        q, k, v, grad_out, dropout_keep_mask=dropout_keep_mask, **reference_options)
+    assert out.dtype == q.dtype and lse.dtype == torch.float32
+    assert dq.dtype == q.dtype and dk.dtype == k.dtype and dv.dtype == v.dtype
+    # lse is −inf exactly where the reference's is (rows with no visible key); compare the rest.
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse)), "lse: −inf rows differ from the reference"
+    finite = torch.isfinite(ref_lse)
+    assert_close(lse[finite], ref_lse[finite], RTOL[torch.float32], "lse")
+    assert_close(out, ref_out, rtol, "out")
+    assert_close(dq, ref_dq, rtol, "dq")
+    if ref_dk.norm() == 0:
+        # One key per row (S = 1) makes dK ≡ 0 exactly; the kernel's dS = P (dP − delta) leaves rounding
+        # noise, bounded against dV, whose terms have the same size.
+        assert torch.isfinite(dk).all() and dk.double().norm() <= rtol * ref_dv.norm(), "dk: not ~0 with one key"
+    else:
+        assert_close(dk, ref_dk, rtol, "dk")
+    assert_close(dv, ref_dv, rtol, "dv")
+    return out, lse, dq, dk, dv
+
+
+# (batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, head_dim_v): lengths {1, 17, 64, 129} and head
+# dims {16, 32, 64, 80, 128} covered pairwise rather than as a full product; GQA, MQA and Dv ≠ D included.
+SHAPES = [
+    (1, 2, 2, 1, 17, 16, 16),
+    (2, 2, 1, 17, 64, 32, 32),
+    (1, 4, 2, 64, 17, 64, 64),
+    (1, 4, 1, 129, 64, 80, 80),
+    (1, 1, 1, 64, 129, 128, 64),
+    (1, 2, 1, 129, 1, 16, 32),
+    (1, 1, 1, 17, 17, 80, 128),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}_H{}_Hk{}_L{}_S{}_D{}_Dv{}".format(*s))
+def test_matches_reference(shape, dtype):
+    q, k, v = make_inputs(*shape, dtype)
+    check_against_reference(q, k, v, scale=shape[5] ** -0.5)
+
+
+# Alignment and band options on L ≠ S, with the band's edge tiles, interiors and ragged ends.
+OPTIONS = {
+    "causal-top-left": dict(window_right=0),
+    "causal-bottom-right": dict(window_right=0, diagonal_offset=47 - 33),
+    "causal-bottom-right-fewer-keys": dict(window_right=0, diagonal_offset=-14),  # rows 0..13 see no key
+    "sliding-window": dict(window_left=5, window_right=3),
+    "window-left-only": dict(window_left=20, diagonal_offset=9),
+    "local-causal": dict(window_left=16, window_right=0, diagonal_offset=14),
+    "softcap": dict(softcap=3.0),
+    "alibi-per-head": dict(alibi_slopes=torch.tensor([0.5, 0.0625])),
+    "alibi-per-batch-causal": dict(alibi_slopes=torch.tensor([[0.3, 0.1], [0.02, 0.7]]), window_right=0,
+                                   diagonal_offset=14),
+    "softcap-alibi-window": dict(softcap=2.0, alibi_slopes=torch.tensor([0.25, 0.125]), window_left=8, window_right=8),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", OPTIONS)
+def test_options_match_reference(name, dtype):
+    q, k, v = make_inputs(2, 2, 1, 33, 47, 32, 32, dtype)
+    check_against_reference(q, k, v, scale=0.3, deterministic=name.startswith("causal"), **OPTIONS[name])
+
+
+MASK_SHAPES = [(2, 1, 1, 47), (1, 2, 33, 47), (1, 1, 33, 47), (2, 2, 33, 47), (1, 1, 1, 1)]
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("mask_shape", MASK_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_masks_of_broadcast_shapes(mask_shape, kind):
+    q, k, v = make_inputs(2, 2, 2, 33, 47, 16, 16, torch.float32)
+    if kind == "bool":
+        mask = torch.rand(mask_shape) > 0.3
+    else:
+        mask = torch.randn(mask_shape) * 2
+        mask[torch.rand(mask_shape) < 0.2] = float("-inf")
+    if mask_shape == (1, 1, 1, 1):  # the single element must not hide every key
+        mask.fill_(True if kind == "bool" else 0.5)
+    # Broadcast views (stride 0), as users make them: the kernel must read them through their strides.
+    mask = mask.expand(2, 2, 33, 47)
+    check_against_reference(q, k, v, scale=0.25, mask=mask, window_right=4)
+
+
+def test_mask_broadcast_view_is_read_not_materialised():
+    q, k, v = make_inputs(1, 2, 2, 33, 47, 16, 16, torch.float16)
+    mask = torch.randn(1, 1, 1, 47).to(torch.float16).expand(1, 2, 33, 47)
+    assert mask.stride() == (47, 0, 0, 1)
+    check_against_reference(q, k, v, scale=0.25, mask=mask)
+
+
+def test_fully_masked_rows_give_zero_output_and_gradient():
+    q, k, v = make_inputs(1, 2, 1, 33, 40, 16, 16, torch.float32)
+    mask = torch.rand(1, 2, 33, 40) > 0.5
+    mask[:, :, 3] = False  # a whole row
+    mask[:, 1, 20:] = False  # a whole tile of rows in one head
+    out, lse, dq, _, _ = check_against_reference(q, k, v, scale=0.25, mask=mask)
+    empty = ~mask.any(-1).expand(1, 2, 33)
+    assert torch.isneginf(lse[empty]).all()
+    assert (out[empty] == 0).all() and (dq[empty] == 0).all()
+
+    float_mask = torch.zeros(1, 1, 33, 40)
+    float_mask[:, :, 5:9] = float("-inf")
+    out, lse, dq, dk, dv = check_against_reference(q, k, v, scale=0.25, mask=float_mask.expand(1, 2, 33, 40))
+    assert torch.isneginf(lse[:, :, 5:9]).all() and (out[:, :, 5:9] == 0).all() and (dq[:, :, 5:9] == 0).all()
+
+
+def test_window_outside_every_key_gives_zeros():
+    q, k, v = make_inputs(1, 1, 1, 20, 20, 16, 16, torch.float32)
+    out, lse, dq, dk, dv = check_against_reference(q, k, v, scale=0.25, window_right=0, diagonal_offset=-40)
+    assert torch.isneginf(lse).all() and (out == 0).all()
+    assert (dq == 0).all() and (dk == 0).all() and (dv == 0).all()
+
+
+def varlen_inputs(lengths_q, lengths_k, heads, kv_heads, head_dim, head_dim_v, dtype):
+    cu_q = torch.tensor([0, *torch.tensor(lengths_q).cumsum(0).tolist()], dtype=torch.int32)
+    cu_k = torch.tensor([0, *torch.tensor(lengths_k).cumsum(0).tolist()], dtype=torch.int32)
+    q = random_tensor(int(cu_q[-1]), heads, head_dim, dtype=dtype)
+    k = random_tensor(int(cu_k[-1]), kv_heads, head_dim, dtype=dtype)
+    v = random_tensor(int(cu_k[-1]), kv_heads, head_dim_v, dtype=dtype)
+    layout = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(lengths_q), max_seqlen_k=max(lengths_k))
+    return q, k, v, layout
+
+
+VARLEN_OPTIONS = {
+    "plain": {},
+    "causal-bottom-right": dict(window_right=0, diagonal_offset=3),
+    "alibi-window": dict(alibi_slopes=torch.tensor([[0.3, 0.1], [0.2, 0.05], [0.5, 0.5], [0.01, 0.2]]),
+                         window_left=6, window_right=2),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", VARLEN_OPTIONS)
+def test_varlen_ragged_lengths(name, dtype):
+    # Ragged lengths around the tile size, one empty query sequence, and L_b ≠ S_b.
+    q, k, v, layout = varlen_inputs([5, 17, 0, 33], [9, 16, 3, 40], 2, 1, 32, 16, dtype)
+    check_against_reference(q, k, v, scale=0.2, **layout, **VARLEN_OPTIONS[name])
+
+
+def test_non_contiguous_inputs():
+    # Transposed (batch, seqlen, heads, dim) views, and a feature stride of 2: nothing may be copied.
+    q = random_tensor(2, 33, 4, 32).transpose(1, 2)
+    k = random_tensor(2, 40, 2, 64)[..., ::2].transpose(1, 2)
+    v = random_tensor(2, 2, 16, 40).transpose(2, 3)
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    check_against_reference(q, k, v, scale=0.2, window_right=0, diagonal_offset=7)
+    check_against_reference(q, k, v, scale=0.2, deterministic=True)
+
+
+def test_non_contiguous_varlen_inputs():
+    q, k, v, layout = varlen_inputs([20, 7], [11, 30], 4, 2, 16, 16, torch.float32)
+    q_wide = random_tensor(q.shape[0], 4, 32)[..., 16:]
+    check_against_reference(q_wide, k, v, scale=0.2, **layout)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_deterministic_and_atomic_backward_agree(dtype):
+    q, k, v = make_inputs(1, 4, 2, 40, 50, 32, 32, dtype)
+    options = dict(scale=0.2, window_left=20, window_right=0, diagonal_offset=10)
+    out, lse = kernels.attention_forward(q, k, v, **options)
+    grad_out = random_tensor(*out.shape, dtype=dtype)
+    atomic = kernels.attention_backward(grad_out, q, k, v, out, lse, deterministic=False, **options)
+    deterministic = kernels.attention_backward(grad_out, q, k, v, out, lse, deterministic=True, **options)
+    repeated = kernels.attention_backward(grad_out, q, k, v, out, lse, deterministic=True, **options)
+    for name, a, b, c in zip(("dq", "dk", "dv"), atomic, deterministic, repeated):
+        assert torch.equal(b, c), f"{name}: deterministic backward is not bit-reproducible"
+        # Only the summation order of dQ differs: agreement to rounding, not to the tolerance.
+        assert relative_error(a, b) <= (1e-6 if dtype == torch.float32 else 2e-3), name
+    _, _, ref_dq, ref_dk, ref_dv = reference_with_grads(q, k, v, grad_out, **options)
+    assert_close(atomic[0], ref_dq, RTOL[dtype], "atomic dq")
+    assert_close(deterministic[0], ref_dq, RTOL[dtype], "deterministic dq")
+
+
+DROPOUT = dict(dropout_p=0.3, seed=1234)
+
+
+def test_dropout_same_seed_is_bit_identical_and_seeds_differ():
+    q, k, v = make_inputs(1, 2, 1, 33, 40, 16, 16, torch.float32)
+    first, first_lse = kernels.attention_forward(q, k, v, scale=0.25, **DROPOUT)
+    second, second_lse = kernels.attention_forward(q, k, v, scale=0.25, **DROPOUT)
+    other, _ = kernels.attention_forward(q, k, v, scale=0.25, dropout_p=0.3, seed=1235)
+    assert torch.equal(first, second) and torch.equal(first_lse, second_lse)
+    assert not torch.equal(first, other)
+    grad_out = random_tensor(*first.shape)
+    grads = [kernels.attention_backward(grad_out, q, k, v, first, first_lse, scale=0.25, deterministic=True,
+                                        **DROPOUT) for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_dropout_keep_fraction_and_independence():
+    p = 0.3
+    keep = kernels.attention_dropout_keep_mask(2, 3, 64, 129, dropout_p=p, seed=7, device="cpu")
+    assert keep.dtype == torch.bool and keep.shape == (2, 3, 64, 129)
+    fraction = keep.double().mean().item()
+    sigma = math.sqrt(p * (1 - p) / keep.numel())
+    assert abs(fraction - (1 - p)) < 5 * sigma, f"keep fraction {fraction:.4f}, expected {1 - p} ± {5 * sigma:.4f}"
+    # Every (batch, head) draws its own pattern; the same seed redraws the same one.
+    flat = keep.reshape(6, -1)
+    for a in range(6):
+        for b in range(a + 1, 6):
+            assert not torch.equal(flat[a], flat[b])
+    again = kernels.attention_dropout_keep_mask(2, 3, 64, 129, dropout_p=p, seed=7, device="cpu")
+    assert torch.equal(keep, again)
+    assert kernels.attention_dropout_keep_mask(1, 1, 8, 8, dropout_p=0.0, seed=7, device="cpu").all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dropout_matches_reference_given_keep_mask(dtype):
+    q, k, v = make_inputs(2, 2, 1, 33, 47, 32, 32, dtype)
+    keep = kernels.attention_dropout_keep_mask(2, 2, 33, 47, **DROPOUT, device="cpu")
+    check_against_reference(q, k, v, scale=0.3, dropout_keep_mask=keep, window_right=0, diagonal_offset=14,
+                            **DROPOUT)
+    check_against_reference(q, k, v, scale=0.3, dropout_keep_mask=keep, deterministic=True, softcap=2.0, **DROPOUT)
+
+
+def test_dropout_varlen_matches_reference_given_keep_mask():
+    q, k, v, layout = varlen_inputs([5, 33, 17], [40, 9, 17], 2, 2, 16, 16, torch.float32)
+    keep = kernels.attention_dropout_keep_mask(3, 2, layout["max_seqlen_q"], layout["max_seqlen_k"], **DROPOUT,
+                                               device="cpu")
+    check_against_reference(q, k, v, scale=0.3, dropout_keep_mask=keep, **layout, **DROPOUT)
+
+
+def test_reference_matches_torch_sdpa():
+    q, k, v = make_inputs(2, 4, 2, 33, 47, 16, 16, torch.float64)
+    mask = torch.randn(2, 1, 33, 47, dtype=torch.float64)
+    for options, sdpa_options in (
+        (dict(window_right=0), dict(is_causal=True)),
+        (dict(mask=mask), dict(attn_mask=mask)),
+        (dict(mask=mask > 0), dict(attn_mask=mask > 0)),
+    ):
+        out, _ = reference_attention(q, k, v, scale=0.3, **options)
+        expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.3, enable_gqa=True, **sdpa_options)
+        assert relative_error(out, expected) < 1e-12
+
+
+BAD_INPUTS = [
+    (dict(k_heads=3), ValueError, "multiple of k/v's 3 heads"),
+    (dict(head_dim=257), ValueError, "head dims"),
+    (dict(k_dtype=torch.float16), TypeError, "share a dtype"),
+    (dict(q_dtype=torch.int32), TypeError, "q has dtype"),
+    (dict(mask=torch.ones(1, 1, 5, 7, dtype=torch.bool)), ValueError, "mask must have 4 dims"),
+    (dict(mask=torch.ones(1, 1, 8, dtype=torch.bool)), ValueError, "mask must have 4 dims"),
+    (dict(mask=torch.ones(1, 1, 8, 8, dtype=torch.int64)), TypeError, "mask must be bool"),
+    (dict(alibi_slopes=torch.ones(3)), ValueError, "alibi_slopes"),
+    (dict(dropout_p=1.0), ValueError, "dropout_p"),
+    (dict(softcap=-1.0), ValueError, "softcap"),
+    (dict(seed=-1), ValueError, "seed"),
+    (dict(cu_seqlens_q=torch.tensor([0, 8], dtype=torch.int64)), ValueError, "cu_seqlens"),
+]
+
+
+@pytest.mark.parametrize("bad, error, message", BAD_INPUTS, ids=lambda x: str(x)[:40] if isinstance(x, dict) else "")
+def test_bad_input_raises_naming_the_argument(bad, error, message):
+    bad = dict(bad)
+    q = random_tensor(1, 2, 8, bad.pop("head_dim", 16), dtype=bad.pop("q_dtype", torch.float32))
+    k = random_tensor(1, bad.pop("k_heads", 1), 8, q.shape[-1], dtype=bad.pop("k_dtype", torch.float32))
+    v = random_tensor(*k.shape[:-1], 16)
+    if "cu_seqlens_q" in bad:
+        q, k, v = q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1)
+        bad.update(cu_seqlens_k=torch.tensor([0, 8], dtype=torch.int32), max_seqlen_q=8, max_seqlen_k=8)
+    with pytest.raises(error, match=message):
+        kernels.attention_forward(q, k, v, scale=0.25, **bad)

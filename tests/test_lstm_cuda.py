@@ -1,0 +1,665 @@
+"""CUDA extension LSTM ops (pyattn._C) vs the float64 reference: outputs, every gradient, both recurrences.
+
+Plain-process tests (no GPU needed): the extension loads, every op's schema and CUDA kernel are
+registered, fake kernels give the right shapes, dispatch registration is what the ops serve.
+GPU tests (``requires_cuda``): every op in fp32/fp16/bf16 against ``pyattn.reference.lstm`` in
+float64 with the RTOL table, outputs allocated in NaN-poisoned memory, all gradients, the
+persistent and the stepwise recurrence (forced through PYATTN_LSTM_CUDA_RECURRENCE), cuDNN, opcheck.
+
+    python -m pytest tests/test_lstm_cuda.py
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from pyattn import _dispatch, _extension
+from pyattn.ops import lstm_cuda
+from pyattn.reference import lstm as reference
+from tests.conftest import RTOL, assert_close, poison_, random_tensor, relative_error
+
+TOOLKIT_PRESENT = shutil.which("nvcc") is not None or bool(os.environ.get("CUDA_HOME"))
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+OP_NAMES = ["cuda_lstm_cell_fwd", "cuda_lstm_cell_bwd", "cuda_lstm_layer_fwd", "cuda_lstm_layer_bwd"]
+# (batch, input_size, hidden_size): tiny, odd (no 16-byte vector path), a batch above 16 (BM = 64 tiles), H = 1024.
+CELL_SHAPES = [(1, 3, 5), (5, 59, 97), (16, 64, 128), (33, 200, 256), (64, 512, 1024)]
+# (steps, batch, input_size, hidden_size)
+LAYER_SHAPES = [(1, 1, 3, 5), (9, 5, 59, 97), (64, 16, 128, 256), (64, 40, 96, 512), (1024, 4, 64, 128)]
+RECURRENCES = ["persistent", "stepwise"]
+
+
+def _extension_or_skip():
+    try:
+        return _extension.extension_module()
+    except ImportError as error:
+        if TOOLKIT_PRESENT:
+            raise  # a toolkit is here, so the build should have produced the extension
+        pytest.skip(f"no CUDA toolkit on this machine: the extension is not built ({error})")
+
+
+@pytest.fixture
+def ops():
+    _extension_or_skip()
+    return torch.ops.pyattn
+
+
+@pytest.fixture(autouse=True)
+def _exact_float32_matmul():
+    """fp32 is held to 1e-5: keep torch's own GEMMs (backward, reference) off tf32 whatever the defaults."""
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+
+
+@pytest.fixture(params=RECURRENCES)
+def recurrence(request, monkeypatch):
+    monkeypatch.setenv(lstm_cuda.RECURRENCE_ENVIRONMENT_VARIABLE, request.param)
+    return request.param
+
+
+def poison_cuda_allocator() -> None:
+    """Fill the caching allocator's free blocks with NaN: tensors the ops allocate next start as NaN,
+    so an element a kernel forgets to write fails the comparison."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    # Small-pool blocks (<= 1 MiB, carved from 2 MiB segments) and one large block to split from.
+    small = [poison_(torch.empty((1 << 18) - 256, device="cuda")) for _ in range(16)]
+    large = poison_(torch.empty(1 << 28, device="cuda"))  # 1 GiB
+    torch.cuda.synchronize()
+    del small, large
+
+
+# ---- plain process: registration and fake kernels ----
+
+
+def test_extension_reports_cuda_kernels():
+    assert _extension_or_skip().built_with_cuda is True
+
+
+@pytest.mark.parametrize("name", OP_NAMES)
+def test_op_schema_and_cuda_kernel_are_registered(ops, name):
+    op = getattr(ops, name).default
+    assert op._schema.name == f"pyattn::{name}"
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CUDA")
+
+
+def test_forward_ops_have_autograd_and_dispatch_registration(ops):
+    assert lstm_cuda.EXTENSION_OPS_LOADED
+    for name in ("cuda_lstm_cell_fwd", "cuda_lstm_layer_fwd"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pyattn::{name}", "Autograd")
+    for op in ("lstm_cell", "lstm_layer"):
+        support, implementation = _dispatch._REGISTRY["cuda"].implementations[op]
+        assert implementation is getattr(lstm_cuda, op)
+        assert support.devices == frozenset({"cuda"})
+        assert support.dtypes == frozenset(DTYPES)
+        assert support.features == frozenset()  # projection and lengths go to the next backend
+
+
+def test_module_registers_nothing_without_the_extension(monkeypatch):
+    def missing():
+        raise ImportError("extension pyattn._C is not built")
+
+    monkeypatch.setattr(_extension, "extension_module", missing)
+    assert lstm_cuda._extension_ops_loaded() is False
+
+
+def test_recurrence_environment_variable(monkeypatch):
+    monkeypatch.delenv(lstm_cuda.RECURRENCE_ENVIRONMENT_VARIABLE, raising=False)
+    assert lstm_cuda.recurrence_code() == 0
+    monkeypatch.setenv(lstm_cuda.RECURRENCE_ENVIRONMENT_VARIABLE, "stepwise")
+    assert lstm_cuda.recurrence_code() == 2
+    monkeypatch.setenv(lstm_cuda.RECURRENCE_ENVIRONMENT_VARIABLE, "fast")
+    with pytest.raises(ValueError, match=lstm_cuda.RECURRENCE_ENVIRONMENT_VARIABLE):
+        lstm_cuda.recurrence_code()
+
+
+def _cell_args(batch, input_size, hidden, dtype, device, bias=True, requires_grad=False):
+    def make(*shape, scale=1.0):
+        return random_tensor(*shape, dtype=dtype, device=device, scale=scale, requires_grad=requires_grad)
+
+    weight_scale = hidden**-0.5
+    return [
+        make(batch, input_size),
+        make(batch, hidden),
+        make(batch, hidden),
+        make(4 * hidden, input_size, scale=weight_scale),
+        make(4 * hidden, hidden, scale=weight_scale),
+        make(4 * hidden, scale=weight_scale) if bias else None,
+        make(4 * hidden, scale=weight_scale) if bias else None,
+    ]
+
+
+def _layer_args(steps, batch, input_size, hidden, dtype, device, bias=True, requires_grad=False):
+    cell = _cell_args(batch, input_size, hidden, dtype, device, bias, requires_grad)
+    sequence = random_tensor(steps, batch, input_size, dtype=dtype, device=device, requires_grad=requires_grad)
+    return [sequence, *cell[1:]]
+
+
+@pytest.mark.parametrize("device", ["meta", "fake-cuda"])
+@pytest.mark.parametrize("save_workspace", [True, False])
+def test_fake_cell_ops_give_shapes(ops, device, save_workspace):
+    batch, input_size, hidden = 3, 7, 5
+
+    def run(device_name):
+        args = _cell_args(batch, input_size, hidden, torch.float16, device_name)
+        hy, cy, workspace = ops.cuda_lstm_cell_fwd(*args, save_workspace)
+        assert hy.shape == cy.shape == (batch, hidden) and hy.dtype == torch.float16
+        assert workspace.shape == ((batch, 4 * hidden) if save_workspace else (0, 4 * hidden))
+        grads = ops.cuda_lstm_cell_bwd(hy, cy, *args[:5], cy, args[0].new_empty(batch, 4 * hidden))
+        assert [tuple(g.shape) for g in grads] == [
+            (batch, input_size), (batch, hidden), (batch, hidden), (4 * hidden, input_size), (4 * hidden, hidden), (4 * hidden,)
+        ]
+
+    if device == "meta":
+        run("meta")
+    else:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        with FakeTensorMode():
+            run("cuda")
+
+
+@pytest.mark.parametrize("device", ["meta", "fake-cuda"])
+@pytest.mark.parametrize("save_workspace", [True, False])
+def test_fake_layer_ops_give_shapes(ops, device, save_workspace):
+    steps, batch, input_size, hidden = 4, 3, 7, 5
+
+    def run(device_name):
+        args = _layer_args(steps, batch, input_size, hidden, torch.bfloat16, device_name)
+        output, h_n, c_n, gates, cell_states = ops.cuda_lstm_layer_fwd(*args, False, save_workspace, 0)
+        assert output.shape == (steps, batch, hidden) and output.dtype == torch.bfloat16
+        assert h_n.shape == c_n.shape == (batch, hidden)
+        saved = steps if save_workspace else 0
+        assert gates.shape == (saved, batch, 4 * hidden) and cell_states.shape == (saved, batch, hidden)
+        assert cell_states.dtype == torch.float32
+        workspace_gates = args[0].new_empty(steps, batch, 4 * hidden)
+        workspace_cells = args[0].new_empty(steps, batch, hidden, dtype=torch.float32)
+        grads = ops.cuda_lstm_layer_bwd(output, h_n, c_n, *args[:5], output, workspace_gates, workspace_cells, False, 0)
+        assert [tuple(g.shape) for g in grads] == [
+            (steps, batch, input_size), (batch, hidden), (batch, hidden), (4 * hidden, input_size), (4 * hidden, hidden),
+            (4 * hidden,),
+        ]
+
+    if device == "meta":
+        run("meta")
+    else:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        with FakeTensorMode():
+            run("cuda")
+
+
+# ---- plain process: the autograd wiring, on CPU stand-ins that model the CUDA algorithm ----
+#
+# CPU kernels for the four ops, written in torch the way csrc/lstm computes: activated gates and
+# float32 cell states saved forward; backward through time in the kernels' order (dh from the
+# step processed just before, dc carried) with the weight gradients as stacked GEMMs, as
+# lstm_api.cpp does. They let the Python glue (setup_context, backward argument order, bias and
+# None gradients, torch.compile) and the BPTT indexing run and be checked without a GPU.
+
+
+def _model_gate_gradients(dh, dc, gates, c_prev, c_cur):
+    i, f, g, o = gates.float().chunk(4, dim=-1)
+    tanh_c = torch.tanh(c_cur.float())
+    dc = dc.float() + dh.float() * o * (1 - tanh_c * tanh_c)
+    grad_gates = torch.cat([dc * g * i * (1 - i), dc * c_prev.float() * f * (1 - f), dc * i * (1 - g * g),
+                            dh.float() * tanh_c * o * (1 - o)], dim=-1)
+    return grad_gates, dc * f
+
+
+def _model_cell_fwd(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, save_workspace):
+    pre = input.float() @ weight_ih.float().t() + hx.float() @ weight_hh.float().t()
+    for bias in (bias_ih, bias_hh):
+        if bias is not None:
+            pre = pre + bias.float()
+    i, f, g, o = pre.chunk(4, dim=-1)
+    gates = torch.cat([torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)], dim=-1)
+    i, f, g, o = gates.chunk(4, dim=-1)
+    cy = f * cx.float() + i * g
+    hy = o * torch.tanh(cy)
+    workspace = gates if save_workspace else gates[:0]
+    return hy.to(input.dtype), cy.to(input.dtype), workspace.to(input.dtype).clone()
+
+
+def _model_cell_bwd(grad_hy, grad_cy, input, hx, cx, weight_ih, weight_hh, cy, workspace):
+    grad_gates, grad_cx = _model_gate_gradients(grad_hy, grad_cy, workspace, cx, cy)
+    grad_gates = grad_gates.to(input.dtype)
+    return (grad_gates @ weight_ih, grad_gates @ weight_hh, grad_cx.to(input.dtype), grad_gates.t() @ input,
+            grad_gates.t() @ hx, grad_gates.float().sum(0).to(input.dtype))
+
+
+def _model_layer_fwd(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, reverse, save_workspace, recurrence):
+    steps, batch, hidden = input.shape[0], input.shape[1], h0.shape[1]
+    output = input.new_empty(steps, batch, hidden)
+    gates = input.new_empty(steps, batch, 4 * hidden)
+    cell_states = input.new_empty(steps, batch, hidden, dtype=torch.float32)
+    h, c = h0, c0.float()
+    for s in range(steps):
+        t = steps - 1 - s if reverse else s
+        h, c_out, gates[t] = _model_cell_fwd(input[t], h, c, weight_ih, weight_hh, bias_ih, bias_hh, True)
+        output[t] = h
+        i, f, g, _ = gates[t].float().chunk(4, dim=-1)
+        c = cell_states[t] = f * c + i * g
+    saved = steps if save_workspace else 0
+    return output, h.clone(), c.to(input.dtype), gates[:saved].clone(), cell_states[:saved].clone()
+
+
+def _model_layer_bwd(grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih, weight_hh, output, gates, cell_states,
+                     reverse, recurrence):
+    steps, batch, hidden = input.shape[0], input.shape[1], h0.shape[1]
+    grad_gates = input.new_empty(steps, batch, 4 * hidden)
+    grad_cell = grad_c_n.float()
+    for s in range(steps):
+        t = s if reverse else steps - 1 - s
+        t_next, t_prev = (t - 1, t + 1) if reverse else (t + 1, t - 1)
+        dh = grad_output[t].float() + (grad_h_n.float() if s == 0 else grad_gates[t_next].float() @ weight_hh.float())
+        c_prev = c0.float() if s == steps - 1 else cell_states[t_prev]
+        step_grad, grad_cell = _model_gate_gradients(dh, grad_cell, gates[t], c_prev, cell_states[t])
+        grad_gates[t] = step_grad.to(input.dtype)
+    first = steps - 1 if reverse else 0
+    rest = grad_gates.narrow(0, 0 if reverse else 1, steps - 1).reshape(-1, 4 * hidden)
+    previous_h = output.narrow(0, 1 if reverse else 0, steps - 1).reshape(-1, hidden)
+    flat = grad_gates.reshape(-1, 4 * hidden)
+    return (flat @ weight_ih).view_as(input), grad_gates[first] @ weight_hh, grad_cell.to(input.dtype), \
+        flat.t() @ input.reshape(-1, input.shape[-1]), grad_gates[first].t() @ h0 + rest.t() @ previous_h, \
+        flat.float().sum(0).to(input.dtype)
+
+
+@pytest.fixture
+def cpu_model_kernels(ops):
+    library = torch.library.Library("pyattn", "IMPL")
+    for name, kernel in [("cuda_lstm_cell_fwd", _model_cell_fwd), ("cuda_lstm_cell_bwd", _model_cell_bwd),
+                         ("cuda_lstm_layer_fwd", _model_layer_fwd), ("cuda_lstm_layer_bwd", _model_layer_bwd)]:
+        library.impl(name, kernel, "CPU")
+    yield
+    library._destroy()
+
+
+def test_cell_autograd_wiring_on_cpu_model(cpu_model_kernels):
+    args = _cell_args(3, 6, 5, torch.float32, "cpu", requires_grad=True)
+    args64 = _float64(args)
+    grad_hy, grad_cy = torch.randn(3, 5), torch.randn(3, 5)
+    torch.autograd.backward(reference.lstm_cell(*args64), (grad_hy.double(), grad_cy.double()))
+    torch.autograd.backward(lstm_cuda.lstm_cell(*args), (grad_hy, grad_cy))
+    for name, grad, expected in zip(GRAD_NAMES, _grads(args), _grads(args64)):
+        assert_close(grad, expected, RTOL[torch.float32], f"grad {name}")
+
+
+def test_cell_without_bias_returns_no_bias_gradient_on_cpu_model(cpu_model_kernels):
+    args = _cell_args(3, 6, 5, torch.float32, "cpu", bias=False, requires_grad=True)
+    lstm_cuda.lstm_cell(*args)[1].sum().backward()  # hy unused: its gradient arrives as None
+    args64 = _float64(args)
+    reference.lstm_cell(*args64)[1].sum().backward()
+    for name, grad, expected in zip(GRAD_NAMES[:5], _grads(args[:5]), _grads(args64[:5])):
+        assert_close(grad, expected, RTOL[torch.float32], f"grad {name}")
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("steps", [1, 5])
+def test_layer_autograd_wiring_and_bptt_order_on_cpu_model(cpu_model_kernels, reverse, steps):
+    args = _layer_args(steps, 3, 6, 5, torch.float32, "cpu", requires_grad=True)
+    upstream = [torch.randn(steps, 3, 5), torch.randn(3, 5), torch.randn(3, 5)]
+    args64 = _float64(args)
+    torch.autograd.backward(reference.lstm_layer(*args64, reverse=reverse), [g.double() for g in upstream])
+    results = lstm_cuda.lstm_layer(*args, reverse=reverse)
+    for name, result, expected in zip(("output", "h_n", "c_n"), results, reference.lstm_layer(*args64, reverse=reverse)):
+        assert_close(result, expected, RTOL[torch.float32], name)
+    torch.autograd.backward(results, upstream)
+    for name, grad, expected in zip(LAYER_GRAD_NAMES, _grads(args), _grads(args64)):
+        assert_close(grad, expected, RTOL[torch.float32], f"grad {name}")
+
+
+def test_workspace_is_saved_only_when_grad_is_needed_on_cpu_model(cpu_model_kernels, monkeypatch):
+    save_flags = []
+    forward = torch.ops.pyattn.cuda_lstm_layer_fwd
+    monkeypatch.setattr(torch.ops.pyattn, "cuda_lstm_layer_fwd", lambda *args: save_flags.append(args[8]) or forward(*args))
+    args = _layer_args(4, 2, 3, 5, torch.float32, "cpu")
+    lstm_cuda.lstm_layer(*args)  # nothing requires grad
+    for tensor in args:
+        tensor.requires_grad_()
+    with torch.no_grad():
+        lstm_cuda.lstm_layer(*args)
+    lstm_cuda.lstm_layer(*args)
+    assert save_flags == [False, False, True]
+
+
+def test_layer_refuses_projection_and_lengths_it_does_not_serve():
+    args = _layer_args(4, 2, 3, 5, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="weight_hr"):
+        lstm_cuda.lstm_layer(*args, weight_hr=torch.randn(3, 5))
+    with pytest.raises(ValueError, match="lengths"):
+        lstm_cuda.lstm_layer(*args, lengths=torch.tensor([4, 2]))
+
+
+def test_layer_compiles_fullgraph_on_cpu_model(cpu_model_kernels):
+    args = _layer_args(4, 2, 3, 5, torch.float32, "cpu", requires_grad=True)
+    compiled = torch.compile(lambda *a: lstm_cuda.lstm_layer(*a, reverse=True)[0].square().sum(), fullgraph=True, backend="aot_eager")
+    compiled(*args).backward()
+    compiled_grads = [t.grad.clone() for t in args]
+    for t in args:
+        t.grad = None
+    lstm_cuda.lstm_layer(*args, reverse=True)[0].square().sum().backward()
+    for name, compiled_grad, eager_grad in zip(LAYER_GRAD_NAMES, compiled_grads, _grads(args)):
+        assert_close(compiled_grad, eager_grad, 1e-6, f"compiled grad {name}")
+
+
+# ---- plain process: the kernels themselves, emulated on the CPU ----
+
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
+EMULATION = CSRC / "lstm" / "emulation"
+SHARED_DECLARATION = "extern __shared__ __align__(128) unsigned char shared[];"
+LAUNCHERS_MARKER = "// Launchers."
+
+
+@pytest.fixture(scope="module")
+def emulation_binary(tmp_path_factory):
+    """csrc/lstm/emulation/lstm_emulation.cc built with g++ against lstm_kernels.cuh as it is now."""
+    compiler = shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no g++ to build the CPU emulation of the CUDA kernels")
+    source = (CSRC / "lstm" / "lstm_kernels.cuh").read_text()
+    assert SHARED_DECLARATION in source and LAUNCHERS_MARKER in source, "lstm_kernels.cuh changed shape: update the emulation"
+    emulated = source.replace(SHARED_DECLARATION, "unsigned char* shared = emu::cta_shared;")
+    emulated = emulated[: emulated.index(LAUNCHERS_MARKER)] + "}  // namespace pyattn::lstm\n"
+    build = tmp_path_factory.mktemp("lstm_emulation")
+    (build / "lstm_kernels_emulated.cuh").write_text(emulated)
+    binary = build / "lstm_emulation"
+    command = [compiler, "-std=c++20", "-O1", "-pthread", "-w", f"-I{EMULATION / 'include'}", f"-I{CSRC}", f"-I{build}",
+               str(EMULATION / "lstm_emulation.cc"), "-o", str(binary)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, f"emulation build failed:\n{result.stderr[-4000:]}"
+    return binary
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+def test_kernels_match_float64_model_in_cpu_emulation(emulation_binary, dtype):
+    """Every kernel and tile configuration vs a float64 model, outputs NaN-poisoned (see lstm_emulation.cc)."""
+    result = subprocess.run([str(emulation_binary), dtype], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "0 failure(s)" in result.stdout, result.stdout + result.stderr
+
+
+# ---- GPU: accuracy against the float64 reference ----
+
+
+def _float64(tensors):
+    return [None if t is None else t.detach().to(torch.float64).requires_grad_(t.requires_grad) for t in tensors]
+
+
+def _grads(tensors):
+    return [None if t is None else t.grad for t in tensors]
+
+
+GRAD_NAMES = ["input", "hx", "cx", "weight_ih", "weight_hh", "bias_ih", "bias_hh"]
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", CELL_SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_cell_forward_matches_reference(dtype, shape, bias):
+    args = _cell_args(*shape, dtype, "cuda", bias)
+    expected_hy, expected_cy = reference.lstm_cell(*_float64(args))
+    with torch.no_grad():
+        poison_cuda_allocator()
+        hy, cy = lstm_cuda.lstm_cell(*args)
+    assert hy.dtype == cy.dtype == dtype
+    assert_close(hy, expected_hy, RTOL[dtype], "hy")
+    assert_close(cy, expected_cy, RTOL[dtype], "cy")
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", CELL_SHAPES)
+def test_cell_gradients_match_reference(dtype, shape):
+    args = _cell_args(*shape, dtype, "cuda", bias=True, requires_grad=True)
+    grad_hy = random_tensor(shape[0], shape[2], dtype=dtype, device="cuda")
+    grad_cy = random_tensor(shape[0], shape[2], dtype=dtype, device="cuda")
+    args64 = _float64(args)
+    hy64, cy64 = reference.lstm_cell(*args64)
+    torch.autograd.backward((hy64, cy64), (grad_hy.double(), grad_cy.double()))
+
+    poison_cuda_allocator()
+    hy, cy = lstm_cuda.lstm_cell(*args)
+    torch.autograd.backward((hy, cy), (grad_hy, grad_cy))
+    for name, grad, expected in zip(GRAD_NAMES, _grads(args), _grads(args64)):
+        assert grad is not None and grad.dtype == dtype, name
+        assert_close(grad, expected, RTOL[dtype], f"grad {name}")
+
+
+@pytest.mark.requires_cuda
+def test_cell_gradient_of_one_output_only():
+    """Autograd passes no gradient for an unused output; the backward must treat it as zero."""
+    args = _cell_args(4, 8, 16, torch.float32, "cuda", requires_grad=True)
+    args64 = _float64(args)
+    reference.lstm_cell(*args64)[0].sum().backward()
+    lstm_cuda.lstm_cell(*args)[0].sum().backward()  # an expanded (stride 0) gradient, cy unused
+    for name, grad, expected in zip(GRAD_NAMES, _grads(args), _grads(args64)):
+        assert_close(grad, expected, RTOL[torch.float32], f"grad {name}")
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", LAYER_SHAPES)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_layer_forward_matches_reference(dtype, shape, reverse, recurrence):
+    args = _layer_args(*shape, dtype, "cuda")
+    expected = reference.lstm_layer(*_float64(args), reverse=reverse)
+    with torch.no_grad():
+        poison_cuda_allocator()
+        results = lstm_cuda.lstm_layer(*args, reverse=reverse)
+    for name, result, want in zip(("output", "h_n", "c_n"), results, expected):
+        assert result.dtype == dtype
+        assert_close(result, want, RTOL[dtype], name)
+
+
+LAYER_GRAD_NAMES = ["input", "h0", "c0", "weight_ih", "weight_hh", "bias_ih", "bias_hh"]
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", LAYER_SHAPES)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_layer_gradients_match_reference(dtype, shape, reverse, recurrence):
+    steps, batch, _, hidden = shape
+    args = _layer_args(*shape, dtype, "cuda", requires_grad=True)
+    upstream = [
+        random_tensor(steps, batch, hidden, dtype=dtype, device="cuda"),
+        random_tensor(batch, hidden, dtype=dtype, device="cuda"),
+        random_tensor(batch, hidden, dtype=dtype, device="cuda"),
+    ]
+    args64 = _float64(args)
+    torch.autograd.backward(reference.lstm_layer(*args64, reverse=reverse), [g.double() for g in upstream])
+
+    poison_cuda_allocator()
+    results = lstm_cuda.lstm_layer(*args, reverse=reverse)
+    # Poison again: the backward's own outputs must not inherit the forward's freed values.
+    poison_cuda_allocator()
+    torch.autograd.backward(results, upstream)
+    for name, grad, expected in zip(LAYER_GRAD_NAMES, _grads(args), _grads(args64)):
+        assert grad is not None and grad.dtype == dtype, name
+        assert_close(grad, expected, RTOL[dtype], f"grad {name}")
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("hidden", [1024])
+def test_layer_hidden_1024_persistent_and_stepwise_agree_with_reference(dtype, hidden, recurrence):
+    """The on-chip limit case of the issue: H = 1024 in 16-bit fits the persistent kernels on an H100."""
+    args = _layer_args(64, 8, 256, hidden, dtype, "cuda", requires_grad=True)
+    upstream = random_tensor(64, 8, hidden, dtype=dtype, device="cuda")
+    args64 = _float64(args)
+    expected = reference.lstm_layer(*args64)
+    expected[0].backward(upstream.double())
+    output, _, _ = lstm_cuda.lstm_layer(*args)
+    output.backward(upstream)
+    assert_close(output, expected[0], RTOL[dtype], "output")
+    for name, grad, want in zip(LAYER_GRAD_NAMES, _grads(args), _grads(args64)):
+        assert_close(grad, want, RTOL[dtype], f"grad {name}")
+
+
+@pytest.mark.requires_cuda
+def test_persistent_recurrence_that_does_not_fit_raises_and_auto_falls_back(monkeypatch):
+    # fp16 H = 2048: 256 CTAs of 8 units with 130 KiB of W_hh each cannot all be resident.
+    args = _layer_args(3, 2, 16, 2048, torch.float16, "cuda")
+    monkeypatch.setenv(lstm_cuda.RECURRENCE_ENVIRONMENT_VARIABLE, "persistent")
+    with torch.no_grad(), pytest.raises(RuntimeError, match="does not fit on chip"):
+        lstm_cuda.lstm_layer(*args)
+    monkeypatch.setenv(lstm_cuda.RECURRENCE_ENVIRONMENT_VARIABLE, "auto")
+    expected = reference.lstm_layer(*_float64(args))
+    with torch.no_grad():
+        output, h_n, c_n = lstm_cuda.lstm_layer(*args)
+    assert_close(output, expected[0], RTOL[torch.float16], "output")
+    assert_close(c_n, expected[2], RTOL[torch.float16], "c_n")
+
+
+@pytest.mark.requires_cuda
+def test_float32_backward_at_hidden_1024_falls_back_to_stepwise():
+    """fp32 W_hhᵀ slices for backward need 256 KiB per CTA (> 227 KiB): auto must still be right."""
+    args = _layer_args(8, 4, 32, 1024, torch.float32, "cuda", requires_grad=True)
+    args64 = _float64(args)
+    reference.lstm_layer(*args64)[0].sum().backward()
+    lstm_cuda.lstm_layer(*args)[0].sum().backward()
+    for name, grad, want in zip(LAYER_GRAD_NAMES, _grads(args), _grads(args64)):
+        assert_close(grad, want, RTOL[torch.float32], f"grad {name}")
+
+
+@pytest.mark.requires_cuda
+def test_poisoned_allocator_really_poisons():
+    """The poisoning above is what makes unwritten outputs visible: check it does."""
+    poison_cuda_allocator()
+    assert torch.isnan(torch.empty(1000, device="cuda")).all()
+    assert torch.isnan(torch.empty(1 << 22, device="cuda")).all()
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_layer_against_cudnn(dtype, reverse):
+    """Error vs float64 within twice cuDNN's own (or a tenth of the table bound), outputs and gradients."""
+    steps, batch, input_size, hidden = 128, 16, 64, 256
+    module = torch.nn.LSTM(input_size, hidden, bidirectional=reverse).to(device="cuda", dtype=dtype)
+    suffix = "_reverse" if reverse else ""
+    weights = [getattr(module, f"{name}_l0{suffix}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+    sequence = random_tensor(steps, batch, input_size, dtype=dtype, device="cuda", requires_grad=True)
+    h0 = random_tensor(batch, hidden, dtype=dtype, device="cuda")
+    c0 = random_tensor(batch, hidden, dtype=dtype, device="cuda")
+    upstream = random_tensor(steps, batch, hidden, dtype=dtype, device="cuda")
+
+    def run(fn, tensors):
+        for t in tensors:
+            t.grad = None
+        output = fn()
+        output.backward(upstream.to(output.dtype))
+        return [output.detach()] + [t.grad.clone() for t in tensors]
+
+    inputs64 = [t.detach().double().requires_grad_() for t in [sequence, *weights]]
+    ours = run(lambda: lstm_cuda.lstm_layer(sequence, h0, c0, *weights, reverse=reverse)[0], [sequence, *weights])
+    expected = run(
+        lambda: reference.lstm_layer(inputs64[0], h0.double(), c0.double(), *inputs64[1:], reverse=reverse)[0], inputs64
+    )
+
+    def cudnn_output():
+        zeros = torch.zeros(2 if reverse else 1, batch, hidden, dtype=dtype, device="cuda")
+        h, c = zeros.clone(), zeros.clone()
+        h[-1], c[-1] = h0, c0
+        output = module(sequence, (h, c))[0]
+        return output[..., hidden:] if reverse else output
+
+    try:
+        cudnn = run(cudnn_output, [sequence, *weights])
+    except RuntimeError as error:  # a torch/cuDNN build without this dtype's RNN: nothing to compare with
+        pytest.skip(f"torch.nn.LSTM cannot run {dtype} on this GPU: {error}")
+    for name, mine, theirs, want in zip(["output", "grad input", *GRAD_NAMES[3:]], ours, cudnn, expected):
+        bound = max(2 * relative_error(theirs, want), RTOL[dtype] / 10)
+        assert relative_error(mine, want) <= bound, f"{name}: {relative_error(mine, want):.2e} > {bound:.2e} (cuDNN 2x)"
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_opcheck_every_op(dtype):
+    cell = _cell_args(5, 24, 32, dtype, "cuda", requires_grad=True)
+    torch.library.opcheck(torch.ops.pyattn.cuda_lstm_cell_fwd.default, (*cell, True))
+    plain_cell = [t.detach() for t in cell]
+    hy, cy, workspace = torch.ops.pyattn.cuda_lstm_cell_fwd(*plain_cell, True)
+    torch.library.opcheck(
+        torch.ops.pyattn.cuda_lstm_cell_bwd.default, (torch.randn_like(hy), torch.randn_like(cy), *plain_cell[:5], cy, workspace)
+    )
+
+    layer = _layer_args(6, 5, 24, 32, dtype, "cuda", requires_grad=True)
+    for recurrence in (0, 2):
+        torch.library.opcheck(torch.ops.pyattn.cuda_lstm_layer_fwd.default, (*layer, True, True, recurrence))
+    plain_layer = [t.detach() for t in layer]
+    output, h_n, c_n, gates, cell_states = torch.ops.pyattn.cuda_lstm_layer_fwd(*plain_layer, False, True, 0)
+    torch.library.opcheck(
+        torch.ops.pyattn.cuda_lstm_layer_bwd.default,
+        (torch.randn_like(output), torch.randn_like(h_n), torch.randn_like(c_n), *plain_layer[:5], output, gates,
+         cell_states, False, 0),
+    )
+
+
+@pytest.mark.requires_cuda
+def test_compiles_with_fullgraph():
+    args = _layer_args(5, 3, 8, 16, torch.float16, "cuda", requires_grad=True)
+    compiled = torch.compile(lambda *a: lstm_cuda.lstm_layer(*a)[0].float().square().sum(), fullgraph=True)
+    compiled(*args).backward()
+    grads = [t.grad.clone() for t in args]
+    for t in args:
+        t.grad = None
+    lstm_cuda.lstm_layer(*args)[0].float().square().sum().backward()
+    for name, compiled_grad, eager_grad in zip(LAYER_GRAD_NAMES, grads, _grads(args)):
+        assert_close(compiled_grad, eager_grad, 1e-6, f"compiled grad {name}")
+
+
+@pytest.mark.requires_cuda
+def test_backward_without_saved_workspace_raises_clearly():
+    args = _cell_args(2, 4, 8, torch.float32, "cuda", requires_grad=True)
+    hy, _, _ = torch.ops.pyattn.cuda_lstm_cell_fwd(*args, False)
+    with pytest.raises(RuntimeError, match="save_workspace"):
+        hy.sum().backward()
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize(
+    ("argument", "change", "message"),
+    [
+        ("hx", lambda t: t.half(), "hx must have dtype"),
+        ("cx", lambda t: t[:, :-1].contiguous(), "cx must have shape"),
+        ("weight_ih", lambda t: t[:-4].contiguous(), "weight_ih must have shape"),
+        ("weight_hh", lambda t: t.t(), "weight_hh must"),
+        ("bias_hh", lambda t: t[:-1].contiguous(), "bias_hh must have shape"),
+        ("input", lambda t: t.double(), "input: dtype"),
+        ("hx", lambda t: t.cpu(), "hx must be on"),
+    ],
+)
+def test_cell_rejects_bad_arguments_naming_them(argument, change, message):
+    args = dict(zip(GRAD_NAMES, _cell_args(3, 8, 8, torch.float32, "cuda")))
+    args[argument] = change(args[argument])
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.pyattn.cuda_lstm_cell_fwd(*args.values(), False)
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize(
+    ("argument", "change", "message"),
+    [
+        ("h0", lambda t: t.bfloat16(), "h0 must have dtype"),
+        ("c0", lambda t: t[:-1].contiguous(), "c0 must have shape"),
+        ("weight_hh", lambda t: t[:, :-1].contiguous(), "weight_hh must have shape"),
+        ("input", lambda t: t[0], "input must be 3-D"),
+    ],
+)
+def test_layer_rejects_bad_arguments_naming_them(argument, change, message):
+    args = dict(zip(LAYER_GRAD_NAMES, _layer_args(4, 3, 8, 8, torch.float32, "cuda")))
+    args[argument] = change(args[argument])
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.pyattn.cuda_lstm_layer_fwd(*args.values(), False, False, 0)
+    with pytest.raises(RuntimeError, match="recurrence must be"):
+        torch.ops.pyattn.cuda_lstm_layer_fwd(*_layer_args(4, 3, 8, 8, torch.float32, "cuda"), False, False, 7)
