@@ -138,6 +138,34 @@ void run_layer(const char* dtype, int steps, int batch, int hidden, bool reverse
   check("cell states", cells, want.cells, tol);
   check("gates", gates, want.gates, tol);
 
+  // Inference: nothing saved, the float32 cell state updated in place in one slot.
+  auto output_inference = poisoned<T>(steps * state);
+  std::vector<float> cell_slot(state, NAN);
+  if (persistent) {
+    LayerForwardParams p{proj.data(), whh.data(), h0.data(), c0.data(), output_inference.data(), cell_slot.data(), false,
+                         nullptr, steps, batch, H, reverse};
+    constexpr int BJ = 8;
+    emu::launch(dim3(ceil_div(H, BJ)), kThreads, TileShape<T, BM, 4 * BJ, S>::total_bytes(H, true),
+                [&] { lstm_persistent_forward_kernel<T, BM, BJ, S>(p); });
+  } else {
+    for (int s = 0; s < steps; ++s) {
+      int t = reverse ? steps - 1 - s : s, tp = reverse ? t + 1 : t - 1;
+      StepForwardParams q{};
+      q.a0 = s == 0 ? (const void*)h0.data() : (const void*)(output_inference.data() + tp * state);
+      q.w0 = whh.data(); q.k0 = H;
+      q.pre_gates = proj.data() + t * state * 4;
+      q.c_prev = s == 0 ? c0.data() : nullptr;
+      q.c_prev_f32 = s == 0 ? nullptr : cell_slot.data();
+      q.h_out = output_inference.data() + t * state; q.c_out_f32 = cell_slot.data();
+      q.batch = batch; q.hidden = H;
+      emu::launch(dim3(ceil_div(H, 16), ceil_div(batch, BM)), kThreads, TileShape<T, BM, 64, 1>::total_bytes(0, false),
+                  [&] { lstm_step_forward_kernel<T, BM, 16>(q); });
+    }
+  }
+  const int last = reverse ? 0 : steps - 1;
+  check("inference output", output_inference, want.output, tol);
+  check("inference c_n", cell_slot, std::vector<double>(want.cells.begin() + last * state, want.cells.begin() + (last + 1) * state), tol);
+
   // Backward from the model's own saved tensors, rounded like the forward would save them.
   std::vector<T> saved_gates(want.gates.size());
   for (size_t i = 0; i < saved_gates.size(); ++i) saved_gates[i] = Element<T>::from_float(float(want.gates[i]));
