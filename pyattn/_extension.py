@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-import functools
+# Filled on first call; a plain global (not functools.lru_cache) so torch.compile traces it quietly.
+_load_cache: list[tuple[object | None, str | None]] = []
 
 
-@functools.lru_cache(maxsize=None)
 def _load() -> tuple[object | None, str | None]:
+    if not _load_cache:
+        _load_cache.append(_import_extension())
+    return _load_cache[0]
+
+
+def _import_extension() -> tuple[object | None, str | None]:
     try:
         import torch  # noqa: F401  (the extension links against libtorch)
 

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-import functools
 import os
 
+# Filled on first call; a plain global (not functools.lru_cache) so torch.compile traces it quietly.
+_import_error_cache: list[str | None] = []
 
-@functools.lru_cache(maxsize=None)
+
 def _import_error() -> str | None:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except ImportError as error:
-        return f"triton is not installed ({error})"
-    return None
+    if not _import_error_cache:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+        except ImportError as error:
+            _import_error_cache.append(f"triton is not installed ({error})")
+        else:
+            _import_error_cache.append(None)
+    return _import_error_cache[0]
 
 
 def unavailable_reason() -> str | None:
