@@ -14,7 +14,9 @@ import torch
 from pyattn.bench import Unsupported, case_data, evaluate, prepare
 from pyattn.bench.measure import measure_roofline
 
-REASON_NO_GPU = "pyattn's benchmarks time GPU kernels; torch sees no CUDA device (CPU figures: pyattn-bench --shapes small)"
+REASON_NO_GPU = (
+    "pyattn's benchmarks time GPU kernels; torch sees no CUDA device (CPU figures: pyattn-bench --shapes small)"
+)
 FIGURES = ("time_ms", "tflops", "tokens_per_s", "gbps", "peak_memory_bytes", "roofline_fraction", "check")
 PEDANTIC_SECONDS = 0.2  # pytest-benchmark's own timing of one test, on top of the CUDA-event figures
 

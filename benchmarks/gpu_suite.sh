@@ -27,6 +27,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-python}
 SUITE_SECONDS=${PYATTN_SUITE_SECONDS:-540}
 PACKING_SECONDS=15  # kept back for the tarballs and the summary
+KILL_GRACE=10       # a step that ignores SIGTERM at its limit is killed this much later
 LOGS=$(mktemp -d)
 SUMMARY="$OUT/summary.txt"
 deadline=$((SECONDS + SUITE_SECONDS - PACKING_SECONDS))
@@ -41,7 +42,7 @@ echo "pyattn GPU suite: $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse -
 step() {
     local name=$1 limit=$2
     shift 2
-    local left=$((deadline - SECONDS))
+    local left=$((deadline - SECONDS - KILL_GRACE))
     if [ "$limit" -gt "$left" ]; then limit=$left; fi
     if [ "$limit" -lt 10 ]; then
         echo "$name: not run (the suite's ${SUITE_SECONDS} s were spent)" | tee -a "$SUMMARY"
@@ -49,7 +50,7 @@ step() {
         return
     fi
     local start=$SECONDS
-    timeout --kill-after=10 "$limit" "$@" > "$LOGS/$name.log" 2>&1
+    timeout --kill-after="$KILL_GRACE" "$limit" "$@" > "$LOGS/$name.log" 2>&1
     local status=$?
     local verdict="ok"
     if [ "$status" -eq 124 ] || [ "$status" -eq 137 ]; then verdict="TIMED OUT"; elif [ "$status" -ne 0 ]; then verdict="FAILED"; fi
@@ -75,7 +76,7 @@ step tests "${TEST_SECONDS:-120}" "$PYTHON" -m pytest tests -m "not interpreter"
 tail -n 3 "$LOGS/tests.log" 2>/dev/null | sed 's/^/  tests: /' >> "$SUMMARY"
 
 # The bench stops starting cases 45 s before its limit, so it ends itself with its files written.
-bench_limit=$((deadline - SECONDS))
+bench_limit=$((deadline - SECONDS - KILL_GRACE))
 # shellcheck disable=SC2086  (BENCH_ARGS is a list of flags)
 step bench "$bench_limit" "$PYTHON" -m pyattn.bench ${BENCH_ARGS:---shapes default} --out "$OUT/bench" \
     --time-budget $((bench_limit > 90 ? bench_limit - 45 : 45))

@@ -635,8 +635,8 @@ _PREPROCESS_BLOCK_M = 16 if _INTERPRET else 64
 _TUNING_KEY = ["seqlen_q", "seqlen_k", "HEAD_DIM", "HEAD_DIM_V", "IS_VARLEN", "MASK_KIND", "HAS_DROPOUT"]
 
 
-def _head_dim_class(named_args: dict) -> int:
-    widest = max(named_args["HEAD_DIM_PADDED"], named_args["HEAD_DIM_V_PADDED"])
+def _head_dim_class(arguments: dict) -> int:
+    widest = max(arguments["HEAD_DIM_PADDED"], arguments["HEAD_DIM_V_PADDED"])
     return next(limit for limit in sorted(_FORWARD_CONFIGS) if widest <= limit)
 
 
@@ -657,10 +657,11 @@ def _config_pruner(table: dict):
     def prune(configs, named_args, **kwargs):
         if _INTERPRET:
             return configs
-        wanted = set(table[_head_dim_class(named_args)])
+        arguments = {**named_args, **kwargs}  # Triton passes the positional arguments and the constexprs apart
+        wanted = set(table[_head_dim_class(arguments)])
         chosen = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
-        longest_q = triton.next_power_of_2(max(int(named_args["seqlen_q"]), 16))
-        longest_k = triton.next_power_of_2(max(int(named_args["seqlen_k"]), 16))
+        longest_q = triton.next_power_of_2(max(int(arguments["seqlen_q"]), 16))
+        longest_k = triton.next_power_of_2(max(int(arguments["seqlen_k"]), 16))
         fitting = [c for c in chosen if c.kwargs["BLOCK_M"] <= longest_q and c.kwargs["BLOCK_N"] <= longest_k]
         # A short sequence may fit no config: then the smallest tiles of the class still run correctly.
         return fitting or [min(chosen, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]

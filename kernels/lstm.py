@@ -41,7 +41,7 @@ STEP_CONFIGS = {
 }
 # Persistent kernels keep all of W_hh (4H × H) in registers: the largest padded hidden size per dtype
 # that fits one program's registers (ptxas -v, sm_90: no spills up to 64; at 128 in 16-bit types,
-# ~70 bytes a thread spill to L1, still far cheaper than a launch per step).
+# ~70 bytes a thread spill to L1: expected, not measured, to cost less than a launch per step).
 PERSISTENT_MAX_HIDDEN = {torch.float16: 128, torch.bfloat16: 128, torch.float32: 64}
 PERSISTENT_BLOCK_B = 16
 

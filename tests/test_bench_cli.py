@@ -21,10 +21,17 @@ def run_cli(*argv: str) -> int:
     return cli.main(["--device", "cpu", *argv])
 
 
+def _rows(out) -> list[dict]:
+    with open(out / "results.json") as handle:
+        return json.load(handle)["results"]
+
+
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    status = run_cli("--shapes", "small", "--out", str(out))  # default backends: reference runs, the GPU ones are skipped
+    status = run_cli(
+        "--shapes", "small", "--out", str(out)
+    )  # default backends: reference runs, the GPU ones are skipped
     with open(out / "results.json") as handle:
         return status, json.load(handle), out
 
@@ -51,10 +58,20 @@ def test_small_run_covers_every_op_mode_and_backend_with_passing_checks(small_ru
     rows = results["results"]
     ours = [row for row in rows if row["backend"] == "pyattn:reference"]
     assert {(row["op"], row["mode"]) for row in ours} == {
-        ("attention", FORWARD), ("attention", BACKWARD), ("attention", FORWARD_BACKWARD),
-        ("lstm", FORWARD), ("lstm", FORWARD_BACKWARD), ("lstm_cell", FORWARD), ("lstm_cell", FORWARD_BACKWARD),
+        ("attention", FORWARD),
+        ("attention", BACKWARD),
+        ("attention", FORWARD_BACKWARD),
+        ("lstm", FORWARD),
+        ("lstm", FORWARD_BACKWARD),
+        ("lstm_cell", FORWARD),
+        ("lstm_cell", FORWARD_BACKWARD),
     }
-    assert {row["backend"] for row in rows} >= {"torch:sdpa-math", "torch:lstm", "torch:lstmcell-loop", "torch:lstmcell"}
+    assert {row["backend"] for row in rows} >= {
+        "torch:sdpa-math",
+        "torch:lstm",
+        "torch:lstmcell-loop",
+        "torch:lstmcell",
+    }
     for row in rows:
         assert row["status"] == "ok", row
         assert row["check"]["passed"] and row["check"]["finite"], row
@@ -89,12 +106,41 @@ def test_small_run_writes_png_plots_and_table(small_run):
     assert "roofline" in table and "pyattn:reference" in table and "TFLOP/s" in table
 
 
+@pytest.mark.interpreter
+def test_interpreter_rows_are_checked_and_never_timed(tmp_path):
+    status = run_cli(
+        "lstm",
+        "attention",
+        "--shapes",
+        "small",
+        "--interpret",
+        "--backends",
+        "triton",
+        "--baselines",
+        "none",
+        "--modes",
+        "forward",
+        "--out",
+        str(tmp_path),
+    )
+    rows = _rows(tmp_path)
+    assert status == 0 and {row["op"] for row in rows} == {"attention", "lstm", "lstm_cell"}
+    for row in rows:
+        assert row["status"] == "correctness-only" and "interpreter" in row["reason"]
+        assert row["check"]["passed"], row
+        assert row["time_ms"] is None and row["tflops"] is None and row["speedup"] is None
+
+
 # --- argument errors ---------------------------------------------------------------------------------
 
 
 def test_unknown_flag_exits_nonzero_naming_it():
     completed = subprocess.run(
-        [sys.executable, "-m", "pyattn.bench", "--no-such-flag"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "pyattn.bench", "--no-such-flag"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert completed.returncode == 2
     assert "--no-such-flag" in completed.stderr
@@ -122,17 +168,29 @@ def test_bad_value_exits_2_naming_the_argument(argv, named, capsys):
 # --- the check catches wrong backends ----------------------------------------------------------------
 
 
-def _rows(out) -> list[dict]:
-    with open(out / "results.json") as handle:
-        return json.load(handle)["results"]
-
-
 def test_check_fails_a_slightly_wrong_attention_output(tmp_path, monkeypatch):
     def off_by_a_percent(query, key, value, attn_mask=None, is_causal=False, **kwargs):
-        return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, is_causal=is_causal) * 1.01
+        return (
+            torch.nn.functional.scaled_dot_product_attention(
+                query, key, value, attn_mask=attn_mask, is_causal=is_causal
+            )
+            * 1.01
+        )
 
     monkeypatch.setattr(pyattn.functional, "scaled_dot_product_attention", off_by_a_percent)
-    status = run_cli("attention", "--shapes", "small", "--backends", "reference", "--baselines", "none", "--modes", "forward", "--out", str(tmp_path))
+    status = run_cli(
+        "attention",
+        "--shapes",
+        "small",
+        "--backends",
+        "reference",
+        "--baselines",
+        "none",
+        "--modes",
+        "forward",
+        "--out",
+        str(tmp_path),
+    )
     assert status == 1
     rows = _rows(tmp_path)
     assert rows and all(not row["check"]["passed"] and row["check"]["errors"]["output"] > 5e-3 for row in rows)
@@ -140,12 +198,26 @@ def test_check_fails_a_slightly_wrong_attention_output(tmp_path, monkeypatch):
 
 def test_check_fails_unwritten_output_elements(tmp_path, monkeypatch):
     def forgets_the_last_query(query, key, value, attn_mask=None, is_causal=False, **kwargs):
-        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, is_causal=is_causal)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=attn_mask, is_causal=is_causal
+        )
         out[:, :, -1] = float("nan")  # what a poisoned buffer looks like where a kernel wrote nothing
         return out
 
     monkeypatch.setattr(pyattn.functional, "scaled_dot_product_attention", forgets_the_last_query)
-    run_cli("attention", "--shapes", "small", "--backends", "reference", "--baselines", "none", "--modes", "forward", "--out", str(tmp_path))
+    run_cli(
+        "attention",
+        "--shapes",
+        "small",
+        "--backends",
+        "reference",
+        "--baselines",
+        "none",
+        "--modes",
+        "forward",
+        "--out",
+        str(tmp_path),
+    )
     assert all(not row["check"]["finite"] and not row["check"]["passed"] for row in _rows(tmp_path))
 
 
@@ -158,7 +230,19 @@ class _LSTMWithWrongInputGradient(torch.nn.LSTM):
 
 def test_check_fails_a_wrong_gradient(tmp_path, monkeypatch):
     monkeypatch.setattr(pyattn.nn, "LSTM", _LSTMWithWrongInputGradient)
-    status = run_cli("lstm", "--shapes", "small", "--backends", "reference", "--baselines", "none", "--modes", "forward+backward", "--out", str(tmp_path))
+    status = run_cli(
+        "lstm",
+        "--shapes",
+        "small",
+        "--backends",
+        "reference",
+        "--baselines",
+        "none",
+        "--modes",
+        "forward+backward",
+        "--out",
+        str(tmp_path),
+    )
     assert status == 1
     for row in (row for row in _rows(tmp_path) if row["op"] == "lstm"):
         check = row["check"]
@@ -173,8 +257,18 @@ def test_a_failing_backend_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch
 
     monkeypatch.setattr(pyattn.functional, "scaled_dot_product_attention", broken)
     status = run_cli(
-        "attention", "--shapes", "small", "--backends", "reference", "--baselines", "sdpa-math,sdpa-efficient",
-        "--modes", "forward", "--no-check", "--out", str(tmp_path),
+        "attention",
+        "--shapes",
+        "small",
+        "--backends",
+        "reference",
+        "--baselines",
+        "sdpa-math,sdpa-efficient",
+        "--modes",
+        "forward",
+        "--no-check",
+        "--out",
+        str(tmp_path),
     )
     assert status == 1
     rows = _rows(tmp_path)
@@ -223,8 +317,8 @@ def test_causal_pairs_match_hand_counts(q_len, kv_len, offset, pairs):
 
 
 def test_causal_pairs_match_a_counted_mask():
-    for q_len in range(0, 9):
-        for kv_len in range(0, 9):
+    for q_len in range(9):
+        for kv_len in range(9):
             for offset in range(-10, 11):
                 i = torch.arange(q_len)[:, None]
                 j = torch.arange(kv_len)[None, :]

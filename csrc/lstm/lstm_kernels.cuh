@@ -281,6 +281,9 @@ struct ForwardStep {
   T* c_out;
   float* c_out_f32;
   T* gates_out;
+  const int64_t* lengths;  // ragged batch: rows with time >= lengths[b] keep their state
+  int time;
+  const T* h_prev;
 };
 
 // The cell update for the CTA's BM batch rows × BJ hidden units; the C tile holds the four gates of
@@ -295,6 +298,19 @@ __device__ __forceinline__ void forward_epilogue(const float* c_tile, int ldc, i
     if (b >= batch || j >= hidden) continue;
     const int64_t state = int64_t(b) * hidden + j;
     const int64_t gate_row = int64_t(b) * 4 * hidden;
+    const float c_old = step.c_prev_f32 ? step.c_prev_f32[state] : E::to_float(step.c_prev[state]);
+    if (step.lengths && step.time >= step.lengths[b]) {
+      // Past this sequence's end (or, reversed, before its start): the state is frozen, and the
+      // output row carries h on to the next step; the caller zeroes those rows afterwards.
+      step.h_out[state] = step.h_prev[state];
+      if (step.c_out) step.c_out[state] = E::from_float(c_old);
+      if (step.c_out_f32) step.c_out_f32[state] = c_old;
+      if (step.gates_out) {
+#pragma unroll
+        for (int gate = 0; gate < 4; ++gate) step.gates_out[gate_row + gate * hidden + j] = E::from_float(0.f);
+      }
+      continue;
+    }
     float pre[4];
 #pragma unroll
     for (int gate = 0; gate < 4; ++gate) {
@@ -309,7 +325,6 @@ __device__ __forceinline__ void forward_epilogue(const float* c_tile, int ldc, i
     }
     const float input_gate = sigmoid(pre[0]), forget_gate = sigmoid(pre[1]);
     const float cell_gate = tanh_fast(pre[2]), output_gate = sigmoid(pre[3]);
-    const float c_old = step.c_prev_f32 ? step.c_prev_f32[state] : E::to_float(step.c_prev[state]);
     const float c_new = forget_gate * c_old + input_gate * cell_gate;
     const float h_new = output_gate * tanh_fast(c_new);
     step.h_out[state] = E::from_float(h_new);
@@ -372,6 +387,9 @@ __global__ void __launch_bounds__(kThreads) lstm_step_forward_kernel(const StepF
   step.c_out = static_cast<T*>(p.c_out);
   step.c_out_f32 = p.c_out_f32;
   step.gates_out = static_cast<T*>(p.gates_out);
+  step.lengths = p.lengths;
+  step.time = p.time;
+  step.h_prev = static_cast<const T*>(p.h_prev);
   forward_epilogue<T, BM, BJ, Shape::kSplits>(c_tile, Shape::kLdC, b0, j0, p.batch, p.hidden, step);
 }
 
@@ -423,6 +441,9 @@ __global__ void __launch_bounds__(kThreads) lstm_persistent_forward_kernel(const
     step.c_out = nullptr;
     step.c_out_f32 = p.cell_states + (p.save_all_cell_states ? t * state_size : 0);
     step.gates_out = gates ? gates + t * 4 * state_size : nullptr;
+    step.lengths = p.lengths;
+    step.time = t;
+    step.h_prev = h_prev;
 
     for (int b0 = 0; b0 < batch; b0 += BM) {
       auto batch_row = [&](int r) -> int64_t { return b0 + r < batch ? int64_t(b0 + r) : -1; };
@@ -492,16 +513,24 @@ __device__ __forceinline__ void backward_step(const LayerBackwardParams& p, int 
     if (b >= batch || j >= hidden) continue;
     const int64_t state = int64_t(b) * hidden + j;
     const int64_t gate_row = int64_t(b) * gates_width;
+    const float dc = first ? E::to_float(static_cast<const T*>(p.grad_c_n)[state]) : p.grad_cell[state];
+    T* out = grad_gates + t * 4 * state_size + gate_row;
+    // h_n is the h of the forward's last valid step of the row: T-1 (or 0 reversed) unless ragged.
+    int last_valid = p.reverse ? 0 : p.steps - 1;
+    if (p.lengths) {
+      const int64_t length = p.lengths[b];
+      if (t >= length) {  // a frozen step: dc passes through, the gates had no effect
+        p.grad_cell[state] = dc;
+#pragma unroll
+        for (int gate = 0; gate < 4; ++gate) out[gate * hidden + j] = E::from_float(0.f);
+        continue;
+      }
+      if (!p.reverse) last_valid = static_cast<int>(length < p.steps ? length : p.steps) - 1;
+    }
     float dh = E::to_float(grad_output[state]);
 #pragma unroll
     for (int split = 0; split < Shape::kSplits; ++split) dh += c_tile[(split * BM + m) * Shape::kLdC + jj];
-    float dc;
-    if (first) {
-      dh += E::to_float(static_cast<const T*>(p.grad_h_n)[state]);
-      dc = E::to_float(static_cast<const T*>(p.grad_c_n)[state]);
-    } else {
-      dc = p.grad_cell[state];
-    }
+    if (t == last_valid) dh += E::to_float(static_cast<const T*>(p.grad_h_n)[state]);
     const float c_prev = forward_first ? E::to_float(static_cast<const T*>(p.c0)[state])
                                        : p.cell_states[t_prev * state_size + state];
     float grads[4];
@@ -509,7 +538,6 @@ __device__ __forceinline__ void backward_step(const LayerBackwardParams& p, int 
                                         E::to_float(gates[gate_row + hidden + j]),
                                         E::to_float(gates[gate_row + 2 * hidden + j]),
                                         E::to_float(gates[gate_row + 3 * hidden + j]), c_prev, c_cur[state], grads);
-    T* out = grad_gates + t * 4 * state_size + gate_row;
 #pragma unroll
     for (int gate = 0; gate < 4; ++gate) out[gate * hidden + j] = E::from_float(grads[gate]);
   }

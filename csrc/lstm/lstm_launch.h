@@ -30,6 +30,11 @@ struct StepForwardParams {
   void* c_out;               // (batch, H) or null
   float* c_out_f32;          // (batch, H) or null
   void* gates_out;           // (batch, 4H) activated gates (σi, σf, tanh g, σo) for backward, or null
+  // Ragged batch (layer steps only): row b is past its end when time >= lengths[b]; then its state
+  // is frozen — h_out gets h_prev, the cell state is copied, the gates are zero.
+  const int64_t* lengths;    // (batch,) or null
+  int time;
+  const void* h_prev;        // (batch, H): the h this step starts from
   int batch;
   int hidden;
 };
@@ -44,6 +49,9 @@ struct LayerForwardParams {
   float* cell_states;            // (T, batch, H) when saving for backward, else (1, batch, H) scratch
   bool save_all_cell_states;     // cell_states holds every step (training) or one reused slot
   void* gates;                   // (T, batch, 4H) activated gates, or null
+  // (batch,) or null. Rows past their end keep their state; their output rows hold the frozen h
+  // (the caller zeroes them afterwards), so the recurrence always reads the right h_{t-1}.
+  const int64_t* lengths;
   int steps;
   int batch;
   int hidden;
@@ -63,6 +71,7 @@ struct LayerBackwardParams {
   const void* c0;             // (batch, H)
   void* grad_gates;           // (T, batch, 4H) output: gradient w.r.t. pre-activation gates
   float* grad_cell;           // (batch, H) carried dc; holds grad_c0 at the end
+  const int64_t* lengths;     // (batch,) or null: steps t >= lengths[b] pass dc through, dgates = 0
   int steps;
   int batch;
   int hidden;

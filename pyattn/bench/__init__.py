@@ -8,7 +8,7 @@ and ``benchmarks/bench_*.py`` (pytest-benchmark) share.
 See docs/benchmarking.md for the method (timing, FLOP counts, roofline, checks).
 """
 
-from pyattn.bench.runner import Result, case_data, evaluate, fill_speedups, prepare, run_case  # noqa: F401
-from pyattn.bench.workload import Unsupported, Workload  # noqa: F401
+from pyattn.bench.runner import Result, case_data, evaluate, fill_speedups, prepare, run_case
+from pyattn.bench.workload import Unsupported, Workload
 
 __all__ = ["Result", "Unsupported", "Workload", "case_data", "evaluate", "fill_speedups", "prepare", "run_case"]

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import pyattn
-from pyattn.bench.suites import SDPA_BASELINES, AttentionCase
 from pyattn.bench.flops import BACKWARD, FORWARD, FORWARD_BACKWARD
+from pyattn.bench.suites import SDPA_BASELINES, AttentionCase
 from pyattn.bench.workload import (
     Unsupported,
     Workload,
@@ -72,7 +72,9 @@ class AttentionData:
         """torch's math SDPA in ``dtype``, one checked head at a time (at 16k a head's scores are 2 GiB)."""
         results: dict[str, list[torch.Tensor]] = {}
         for b, h in self.checked_heads:
-            q, k, v = (t[b : b + 1, h : h + 1].to(dtype).requires_grad_(self.training) for t in (self.q, self.k, self.v))
+            q, k, v = (
+                t[b : b + 1, h : h + 1].to(dtype).requires_grad_(self.training) for t in (self.q, self.k, self.v)
+            )
             out = self._torch_math(q, k, v, None if self.mask is None else self.mask[b : b + 1])
             named = {"output": out}
             if self.training:
@@ -107,7 +109,7 @@ class AttentionData:
         return errors(checked, self.reference()), all_finite(outputs.values())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled_flex_attention():
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -121,11 +123,13 @@ def _flex_function(case: AttentionCase, mask: torch.Tensor | None, device: torch
         raise Unsupported(f"torch {torch.__version__} has no FlexAttention ({error})") from None
     length = case.seq_len
     if mask is not None:
+
         def dense_mask(b, h, q_idx, kv_idx):
             return mask[b, 0, q_idx, kv_idx]
 
         block_mask = create_block_mask(dense_mask, case.batch, None, length, length, device=device)
     elif case.causal:
+
         def causal(b, h, q_idx, kv_idx):
             return q_idx >= kv_idx
 
@@ -154,6 +158,7 @@ def attention_function(backend: str, case: AttentionCase, mask: torch.Tensor | N
     kind, name = backend.split(":", 1)
     _require_dense_scores_fit(backend, case, device)
     if kind == "pyattn":
+
         def run_pyattn(q, k, v):
             with pyattn.use_backend(name):
                 return pyattn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
@@ -183,10 +188,12 @@ def prepare_attention(case: AttentionCase, backend: str, data: AttentionData) ->
     probe(lambda: function(*leaves))
     dout = data.dout
     if case.mode == FORWARD:
+
         def call():
             with torch.no_grad():
                 return function(*leaves)
     elif case.mode == FORWARD_BACKWARD:
+
         def call():
             function(*leaves).backward(dout)
     else:
@@ -196,6 +203,11 @@ def prepare_attention(case: AttentionCase, backend: str, data: AttentionData) ->
             out.backward(dout, retain_graph=True)
 
     return Workload(
-        case, backend, data.device, call, check=lambda: data.check(function), bounds=data.bounds,
+        case,
+        backend,
+        data.device,
+        call,
+        check=lambda: data.check(function),
+        bounds=data.bounds,
         grad_to_none=leaves if training else [],
     )

@@ -18,6 +18,7 @@ import sys
 
 from pyattn.bench.suites import BASELINES, DTYPES, MODES, PYATTN_BACKENDS, SHAPE_SETS, SUITES
 
+
 def _list_of(choices, argument: str):
     """argparse type: a comma-separated subset of ``choices`` ("none" for an empty list)."""
 
@@ -57,19 +58,58 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pyattn-bench",
         description="Benchmark pyattn's backends against PyTorch's own kernels (see docs/benchmarking.md).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("suites", nargs="*", type=_suite, metavar="SUITE", help=f"suites to run, of {', '.join(SUITES)} (default: all)")
-    parser.add_argument("--dtype", type=_list_of(tuple(DTYPES), "--dtype"), help="comma-separated dtypes (default: bf16 on a GPU, bf16,fp16 with --shapes full; fp32 on a CPU)")
-    parser.add_argument("--shapes", choices=SHAPE_SETS, help="shape set: small (CPU/CI, < 1 min), default (~5 min on an H100), full (default: default on a GPU, small on a CPU)")
-    parser.add_argument("--modes", type=_list_of(MODES, "--modes"), default=list(MODES), help="directions to time (the LSTM has no backward-only figure)")
-    parser.add_argument("--backends", type=_list_of(PYATTN_BACKENDS, "--backends"), default=list(PYATTN_BACKENDS), help="pyattn backends ('none' for baselines only)")
-    parser.add_argument("--baselines", type=_list_of(BASELINES, "--baselines"), help="PyTorch baselines ('none' to leave them out; default: all that run on the device, FlexAttention with --shapes full)")
-    parser.add_argument("--out", default="bench-out", help="folder for results.json, table.txt and the plots")
-    parser.add_argument("--check", action=argparse.BooleanOptionalAction, default=True, help="verify each result against a float64 reference before timing it")
-    parser.add_argument("--device", choices=("cuda", "cpu"), help="(default: cuda when torch sees a GPU, else cpu)")
-    parser.add_argument("--interpret", action="store_true", help="on a CPU, run the Triton backend under the Triton interpreter: checked, never timed")
-    parser.add_argument("--time-budget", type=_positive_seconds, metavar="SECONDS", help="start no new case after this long (the rest is recorded as not run)")
+    add = parser.add_argument
+    add("suites", nargs="*", type=_suite, metavar="SUITE", help=f"of {', '.join(SUITES)} (default: all)")
+    add(
+        "--dtype",
+        type=_list_of(tuple(DTYPES), "--dtype"),
+        help="comma-separated, of fp32, fp16, bf16 "
+        "(default: bf16 on a GPU, bf16,fp16 with --shapes full; fp32 on a CPU)",
+    )
+    add(
+        "--shapes",
+        choices=SHAPE_SETS,
+        help="small: tiny, < 1 min on a CPU; default: ~5 min on an H100; full: "
+        "the whole grid (default: default on a GPU, small on a CPU)",
+    )
+    add(
+        "--modes",
+        type=_list_of(MODES, "--modes"),
+        default=list(MODES),
+        help=f"comma-separated, of {', '.join(MODES)} (default: all; the LSTM has no backward-only figure)",
+    )
+    add(
+        "--backends",
+        type=_list_of(PYATTN_BACKENDS, "--backends"),
+        default=list(PYATTN_BACKENDS),
+        help=f"pyattn backends, of {', '.join(PYATTN_BACKENDS)}, or none (default: all that are available)",
+    )
+    add(
+        "--baselines",
+        type=_list_of(BASELINES, "--baselines"),
+        help=f"PyTorch's, of {', '.join(BASELINES)}, or "
+        "none (default: all that run on the device; flex only with --shapes full)",
+    )
+    add("--out", default="bench-out", help="folder for results.json, table.txt and the plots (default: bench-out)")
+    add(
+        "--check",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="verify each result against a float64 reference before timing it (default: on)",
+    )
+    add("--device", choices=("cuda", "cpu"), help="(default: cuda when torch sees a GPU, else cpu)")
+    add(
+        "--interpret",
+        action="store_true",
+        help="on a CPU, run the Triton backend under the Triton interpreter: checked, never timed",
+    )
+    add(
+        "--time-budget",
+        type=_positive_seconds,
+        metavar="SECONDS",
+        help="start no new case after this long; the rest is recorded as not run",
+    )
     return parser
 
 
@@ -91,8 +131,14 @@ def main(argv: list[str] | None = None) -> int:
         if not _interpreter_on():
             if "triton" in sys.modules:  # the interpreter is chosen when triton is imported
                 if argv is None:  # the real command line: start again with the variable set
-                    os.execve(sys.executable, [sys.executable, "-m", "pyattn.bench", *sys.argv[1:]], {**os.environ, "TRITON_INTERPRET": "1"})
-                parser.error("--interpret: triton is already imported in this process; set TRITON_INTERPRET=1 before starting it")
+                    os.execve(
+                        sys.executable,
+                        [sys.executable, "-m", "pyattn.bench", *sys.argv[1:]],
+                        {**os.environ, "TRITON_INTERPRET": "1"},
+                    )
+                parser.error(
+                    "--interpret: triton is already imported in this process; set TRITON_INTERPRET=1 before starting it"
+                )
             os.environ["TRITON_INTERPRET"] = "1"
     from pyattn.bench.session import Session
 

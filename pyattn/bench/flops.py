@@ -96,8 +96,13 @@ def lstm_cell_bytes(batch: int, input_size: int, hidden_size: int, element_size:
     rows_in = batch * (input_size + 2 * hidden_size)  # x, h, c
     forward = weights + biases + rows_in + 2 * batch * hidden_size
     backward = (
-        weights + rows_in + 4 * batch * hidden_size + 2 * batch * hidden_size  # reads
-        + weights + 4 * hidden_size + rows_in  # writes: dW, db, dx, dh, dc
+        weights
+        + rows_in
+        + 4 * batch * hidden_size
+        + 2 * batch * hidden_size  # reads
+        + weights
+        + 4 * hidden_size
+        + rows_in  # writes: dW, db, dx, dh, dc
     )
     elements = {FORWARD: forward, BACKWARD: backward, FORWARD_BACKWARD: forward + backward}[mode]
     return float(elements * element_size)

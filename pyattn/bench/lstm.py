@@ -41,12 +41,19 @@ class LSTMData:
         generator = seeded_generator(device, seed)
         hidden, inputs, batch = case.hidden_size, case.input_size, case.batch
         bound = 1.0 / math.sqrt(hidden)  # torch's LSTM initialisation: U(-1/√H, 1/√H)
-        shapes = {"weight_ih": (4 * hidden, inputs), "weight_hh": (4 * hidden, hidden), "bias_ih": (4 * hidden,), "bias_hh": (4 * hidden,)}
+        shapes = {
+            "weight_ih": (4 * hidden, inputs),
+            "weight_hh": (4 * hidden, hidden),
+            "bias_ih": (4 * hidden,),
+            "bias_hh": (4 * hidden,),
+        }
         self.parameters = {
             name: ((torch.rand(shape, generator=generator, device=device) * 2 - 1) * bound).to(case.dtype)
             for name, shape in shapes.items()
         }
-        self.x = random_tensor((batch, inputs) if case.cell else (case.steps, batch, inputs), case.dtype, device, generator)
+        self.x = random_tensor(
+            (batch, inputs) if case.cell else (case.steps, batch, inputs), case.dtype, device, generator
+        )
         self.h0, self.c0 = (random_tensor((batch, hidden), case.dtype, device, generator, scale=0.5) for _ in range(2))
         output_shape = (batch, hidden) if case.cell else (case.steps, batch, hidden)
         self.douts = [random_tensor(output_shape, case.dtype, device, generator)]
@@ -100,10 +107,12 @@ class LSTMData:
             leaves = {name: p.to(torch.float64).requires_grad_(self.training) for name, p in self.parameters.items()}
             values = list(leaves.values())
             if self.case.cell:
+
                 def function(x, h0, c0):
                     h, c = lstm_reference.lstm_cell(x, h0, c0, *values)
                     return h, h, c
             else:
+
                 def function(x, h0, c0):
                     return lstm_reference.lstm_layer(x, h0, c0, *values)
 
@@ -202,7 +211,7 @@ def _sequence_call(module, case: LSTMCase):
 def prepare_lstm(case: LSTMCase, backend: str, data: LSTMData) -> Workload:
     device = data.device
     function, parameters = lstm_function(backend, case, data.parameters)
-    check = lambda: data.check(function, parameters)  # noqa: E731
+    check = lambda: data.check(function, parameters)
     if case.mode != FORWARD:
         x = data.x.detach().requires_grad_()
         probe(lambda: function(x, data.h0, data.c0))

@@ -15,8 +15,9 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 
@@ -86,7 +87,9 @@ def time_call(
     return time_cpu(fn, grad_to_none)
 
 
-def peak_memory_bytes(fn: Callable[[], object], device: torch.device, grad_to_none: Sequence[torch.Tensor] = ()) -> int | None:
+def peak_memory_bytes(
+    fn: Callable[[], object], device: torch.device, grad_to_none: Sequence[torch.Tensor] = ()
+) -> int | None:
     """Peak bytes ``fn`` allocates above what was allocated before it (None on a CPU: not measured)."""
     if device.type != "cuda":
         return None
@@ -137,11 +140,12 @@ def measure_roofline(device: torch.device) -> dict:
     }
     if device.type == "cpu":
         roofline["label"] = f"CPU, {torch.get_num_threads()} torch threads: fp32, not the GPU's limits"
-    del a, b, source, target
     return roofline
 
 
-def attainable_fraction(flops: float | None, bytes_moved: float | None, seconds: float, roofline: dict | None) -> float | None:
+def attainable_fraction(
+    flops: float | None, bytes_moved: float | None, seconds: float, roofline: dict | None
+) -> float | None:
     """Achieved / attainable, where attainable = min(peak FLOP/s, intensity × peak bandwidth)."""
     if roofline is None or not flops or seconds <= 0:
         return None

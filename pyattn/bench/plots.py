@@ -13,7 +13,7 @@ def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as pyplot
+    from matplotlib import pyplot
 
     return pyplot
 
@@ -51,7 +51,7 @@ def _draw(panels: dict, path: str, title: str, xlabel: str, ylabel: str, log_y: 
         axis.set_ylabel(ylabel)
         axis.grid(True, alpha=0.3)
         axis.legend(fontsize=7)
-    for axis in list(axes.flat)[len(panels):]:
+    for axis in list(axes.flat)[len(panels) :]:
         axis.set_visible(False)
     figure.suptitle(title)
     figure.tight_layout()
@@ -74,7 +74,7 @@ def write_plots(rows: list[dict], out_dir: str, device_label: str) -> list[str]:
     rows = [row for row in rows if row["dtype"] == dtype]
     attention = [row for row in rows if row["op"] == "attention" and not row["case"]["masked"]]
     lstm = [row for row in rows if row["op"] in ("lstm", "lstm_cell")]
-    seq_len = lambda row: row["case"]["seq_len"]  # noqa: E731
+    seq_len = lambda row: row["case"]["seq_len"]
     written = [
         _draw(
             _series(attention, _attention_panel, seq_len, lambda row: row.get("tflops")),
@@ -92,7 +92,12 @@ def write_plots(rows: list[dict], out_dir: str, device_label: str) -> list[str]:
             log_y=True,
         ),
         _draw(
-            _series(lstm, _lstm_panel, lambda row: row["case"]["batch"], lambda row: (row.get("time_ms") or {}).get("median")),
+            _series(
+                lstm,
+                _lstm_panel,
+                lambda row: row["case"]["batch"],
+                lambda row: (row.get("time_ms") or {}).get("median"),
+            ),
             os.path.join(out_dir, "lstm_time.png"),
             f"LSTM time per call, {dtype}, {device_label}",
             "batch",

@@ -13,7 +13,18 @@ from importlib import metadata
 import torch
 
 SCHEMA_VERSION = 1
-RESULT_KEYS = ("schema_version", "created", "command", "environment", "settings", "roofline", "skipped_suites", "not_run", "results", "plots")
+RESULT_KEYS = (
+    "schema_version",
+    "created",
+    "command",
+    "environment",
+    "settings",
+    "roofline",
+    "skipped_suites",
+    "not_run",
+    "results",
+    "plots",
+)
 
 
 def _package_version(name: str) -> str | None:
@@ -25,7 +36,7 @@ def _package_version(name: str) -> str | None:
 
 def _run_quietly(command: list[str], cwd: str | None = None) -> str | None:
     try:
-        completed = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=10)
+        completed = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return completed.stdout.strip() if completed.returncode == 0 else None
@@ -64,10 +75,18 @@ def environment(device: torch.device) -> dict:
             sm_count=properties.multi_processor_count,
             compute_capability=f"{properties.major}.{properties.minor}",
             memory_bytes=properties.total_memory,
-            driver=_run_quietly(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader", f"--id={device.index or 0}"]),
+            driver=_run_quietly(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader", f"--id={device.index or 0}"]
+            ),
         )
     else:
-        env.update(device=platform.processor() or platform.machine(), sm_count=None, compute_capability=None, memory_bytes=None, driver=None)
+        env.update(
+            device=platform.processor() or platform.machine(),
+            sm_count=None,
+            compute_capability=None,
+            memory_bytes=None,
+            driver=None,
+        )
     return env
 
 
@@ -132,13 +151,28 @@ def _row_cells(row: dict) -> list[str]:
     ]
 
 
-HEADER = ["op", "shape", "dtype", "mode", "backend", "median ms", "throughput", "GB/s", "peak MiB", "of roof", "vs torch", "check"]
+HEADER = [
+    "op",
+    "shape",
+    "dtype",
+    "mode",
+    "backend",
+    "median ms",
+    "throughput",
+    "GB/s",
+    "peak MiB",
+    "of roof",
+    "vs torch",
+    "check",
+]
 
 
 def format_table(rows: list[dict], max_reason: int = 100) -> str:
     """Aligned text: one line per row; skipped/error rows carry their reason in place of figures."""
     lines = [HEADER] + [_row_cells(row) for row in rows]
-    widths = [max(len(line[i]) for line in lines if len(line) > i and len(line) == len(HEADER)) for i in range(len(HEADER))]
+    widths = [
+        max(len(line[i]) for line in lines if len(line) > i and len(line) == len(HEADER)) for i in range(len(HEADER))
+    ]
     text = []
     for line in lines:
         if len(line) < len(HEADER):  # skipped/error: the reason runs to the end of the line

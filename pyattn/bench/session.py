@@ -14,7 +14,16 @@ import torch
 import pyattn
 from pyattn.bench import plots, report
 from pyattn.bench.measure import measure_roofline
-from pyattn.bench.runner import CORRECTNESS_ONLY, ERROR, Result, empty_result, first_line, case_data, fill_speedups, run_case
+from pyattn.bench.runner import (
+    CORRECTNESS_ONLY,
+    ERROR,
+    Result,
+    case_data,
+    empty_result,
+    fill_speedups,
+    first_line,
+    run_case,
+)
 from pyattn.bench.suites import DTYPES, PYATTN_BACKENDS, SUITE_BASELINES, SUITES, baselines_for, build_cases, dtype_name
 
 GPU_ONLY = {
@@ -22,7 +31,9 @@ GPU_ONLY = {
     "sdpa-cudnn": "torch's cuDNN SDPA kernel runs on CUDA only",
     "flex": "FlexAttention is benchmarked on a GPU (on a CPU it compiles for minutes per shape); ask with --baselines",
 }
-FLEX_LEFT_OUT = "FlexAttention compiles for every shape (minutes in all): it runs with --shapes full or --baselines ...,flex"
+FLEX_LEFT_OUT = (
+    "FlexAttention compiles for every shape (minutes in all): it runs with --shapes full or --baselines ...,flex"
+)
 
 
 class Session:
@@ -60,7 +71,10 @@ class Session:
             if self.device.type == "cpu" and name == "cuda":
                 self._skip("pyattn:cuda", "runs CUDA tensors; this run is on the CPU")
             elif self.device.type == "cpu" and name == "triton" and not self.args.interpret:
-                self._skip("pyattn:triton", "needs a GPU; on a CPU, --interpret checks it under the Triton interpreter (untimed)")
+                self._skip(
+                    "pyattn:triton",
+                    "needs a GPU; on a CPU, --interpret checks it under the Triton interpreter (untimed)",
+                )
             elif status[name] != "available":
                 self._skip(f"pyattn:{name}", status[name])
             else:
@@ -144,7 +158,12 @@ class Session:
                 result.status, result.reason = ERROR, f"making the inputs failed: {failure}"
             else:
                 result = run_case(
-                    case, backend, self.device, data=data, check=self.args.check, roofline=self.roofline,
+                    case,
+                    backend,
+                    self.device,
+                    data=data,
+                    check=self.args.check,
+                    roofline=self.roofline,
                     interpret=self.args.interpret,
                 )
             self.results.append(result)
@@ -157,9 +176,10 @@ class Session:
 
     def _print_header(self, runs: int) -> None:
         dtypes = ",".join(dtype_name(d) for d in self.dtypes)
+        backends, baselines = ", ".join(self.backends) or "none", ", ".join(self.baselines) or "none"
         print(
-            f"pyattn-bench on {self.device.type}: suites {','.join(self.suites)}, shapes {self.shapes}, dtypes {dtypes}, "
-            f"{runs} runs; backends {', '.join(self.backends) or 'none'}; baselines {', '.join(self.baselines) or 'none'}",
+            f"pyattn-bench on {self.device.type}: suites {','.join(self.suites)}, shapes {self.shapes}, "
+            f"dtypes {dtypes}, {runs} runs; backends {backends}; baselines {baselines}",
             flush=True,
         )
         if self.device.type == "cpu":
@@ -214,7 +234,10 @@ class Session:
         )
         if any(r.status == CORRECTNESS_ONLY for r in self.results):
             print("interpreter rows are correctness runs: their time is no speed figure and is not recorded")
-        print(f"wrote {os.path.join(self.args.out, 'results.json')}, table.txt" + "".join(f", {os.path.basename(p)}" for p in self.plots))
+        print(
+            f"wrote {os.path.join(self.args.out, 'results.json')}, table.txt"
+            + "".join(f", {os.path.basename(p)}" for p in self.plots)
+        )
         if failed:
             print(f"{len(failed)} pyattn runs failed (errors or checks): exit status 1", file=sys.stderr)
         return 1 if failed else 0

@@ -139,7 +139,7 @@ def lstm_cases(shapes: str, dtypes: list[torch.dtype], modes: list[str]) -> list
     no use of an LSTM)."""
     modes = [mode for mode in modes if mode in (FORWARD, FORWARD_BACKWARD)]
     if shapes == "small":
-        sequence, cell = [(1, 16, 32), (4, 16, 64)], [(1, 64), (8, 64)]
+        sequence, cell = [(1, 16, 64), (4, 16, 64)], [(1, 64), (8, 64)]
     elif shapes == "default":
         sequence = [(b, 1024, h) for b in (1, 16, 64, 256) for h in (256, 1024)] + [(16, 1024, 768)]
         cell = [(b, h) for b in (1, 16, 256) for h in (256, 1024)] + [(16, 768)]

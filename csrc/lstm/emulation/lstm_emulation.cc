@@ -36,54 +36,63 @@ template <class V> void check(const char* what, const V& got, const std::vector<
 }
 template <> double value<double>(double x) { return x; }
 
-// Float64 model of one layer: forward then BPTT, in the kernels' conventions.
+// Float64 model of one layer: forward then BPTT, in the kernels' conventions. lengths (empty: all
+// T): row b is valid at time t < lengths[b]; past it the state is frozen and the output is zero.
 struct Model {
-  std::vector<double> output, cells, gates, grad_gates, grad_cell;
+  std::vector<double> output, h_n, cells, gates, grad_gates, grad_cell;
 };
 template <class T>
-Model model(int steps, int batch, int hidden, bool reverse, const std::vector<T>& proj, const std::vector<T>& whh,
-            const std::vector<T>& h0, const std::vector<T>& c0, const std::vector<T>& gout, const std::vector<T>& ghn,
-            const std::vector<T>& gcn) {
+Model model(int steps, int batch, int hidden, bool reverse, const std::vector<int64_t>& lengths, const std::vector<T>& proj,
+            const std::vector<T>& whh, const std::vector<T>& h0, const std::vector<T>& c0, const std::vector<T>& gout,
+            const std::vector<T>& ghn, const std::vector<T>& gcn) {
   const int H = hidden, G = 4 * H;
   Model m;
   m.output.assign(size_t(steps) * batch * H, 0); m.cells = m.output; m.gates.assign(size_t(steps) * batch * G, 0);
-  m.grad_gates = m.gates;
+  m.grad_gates = m.gates; m.h_n.assign(size_t(batch) * H, 0);
   std::vector<int> order(steps);
   for (int s = 0; s < steps; ++s) order[s] = reverse ? steps - 1 - s : s;
   for (int b = 0; b < batch; ++b) {
+    const int64_t length = lengths.empty() ? steps : lengths[b];
     std::vector<double> h(H), c(H);
     for (int j = 0; j < H; ++j) { h[j] = value(h0[b * H + j]); c[j] = value(c0[b * H + j]); }
     for (int t : order) {
-      std::vector<double> hn(H), cn(H);
-      for (int j = 0; j < H; ++j) {
-        double pre[4];
-        for (int g = 0; g < 4; ++g) {
-          double v = value(proj[(size_t(t) * batch + b) * G + g * H + j]);
-          for (int k = 0; k < H; ++k) v += value(whh[size_t(g * H + j) * H + k]) * h[k];
-          pre[g] = v;
+      if (t < length) {
+        std::vector<double> hn(H), cn(H);
+        for (int j = 0; j < H; ++j) {
+          double pre[4];
+          for (int g = 0; g < 4; ++g) {
+            double v = value(proj[(size_t(t) * batch + b) * G + g * H + j]);
+            for (int k = 0; k < H; ++k) v += value(whh[size_t(g * H + j) * H + k]) * h[k];
+            pre[g] = v;
+          }
+          double i = sig(pre[0]), f = sig(pre[1]), gg = std::tanh(pre[2]), o = sig(pre[3]);
+          cn[j] = f * c[j] + i * gg; hn[j] = o * std::tanh(cn[j]);
+          double* gr = &m.gates[(size_t(t) * batch + b) * G];
+          gr[j] = i; gr[H + j] = f; gr[2 * H + j] = gg; gr[3 * H + j] = o;
         }
-        double i = sig(pre[0]), f = sig(pre[1]), gg = std::tanh(pre[2]), o = sig(pre[3]);
-        cn[j] = f * c[j] + i * gg; hn[j] = o * std::tanh(cn[j]);
-        double* gr = &m.gates[(size_t(t) * batch + b) * G];
-        gr[j] = i; gr[H + j] = f; gr[2 * H + j] = gg; gr[3 * H + j] = o;
+        h = hn; c = cn;
+        for (int j = 0; j < H; ++j) m.output[(size_t(t) * batch + b) * H + j] = h[j];
       }
-      h = hn; c = cn;
-      for (int j = 0; j < H; ++j) { m.output[(size_t(t) * batch + b) * H + j] = h[j]; m.cells[(size_t(t) * batch + b) * H + j] = c[j]; }
+      for (int j = 0; j < H; ++j) m.cells[(size_t(t) * batch + b) * H + j] = c[j];
     }
+    for (int j = 0; j < H; ++j) m.h_n[b * H + j] = h[j];
   }
   // BPTT
   m.grad_cell.assign(size_t(batch) * H, 0);
   for (int b = 0; b < batch; ++b) {
+    const int64_t length = lengths.empty() ? steps : lengths[b];
+    const int last_valid = reverse ? 0 : int(std::min<int64_t>(length, steps)) - 1;
     std::vector<double> dc(H);
     for (int j = 0; j < H; ++j) dc[j] = value(gcn[b * H + j]);
     for (int s = steps - 1; s >= 0; --s) {
       int t = order[s];
-      bool first = s == steps - 1;
-      int t_next = first ? -1 : order[s + 1];
+      if (t >= length) continue;
+      int t_next = s == steps - 1 ? -1 : order[s + 1];
       for (int j = 0; j < H; ++j) {
         double dh = value(gout[(size_t(t) * batch + b) * H + j]);
-        if (first) dh += value(ghn[b * H + j]);
-        else for (int n = 0; n < G; ++n) dh += m.grad_gates[(size_t(t_next) * batch + b) * G + n] * value(whh[size_t(n) * H + j]);
+        if (t == last_valid) dh += value(ghn[b * H + j]);
+        if (t_next >= 0)
+          for (int n = 0; n < G; ++n) dh += m.grad_gates[(size_t(t_next) * batch + b) * G + n] * value(whh[size_t(n) * H + j]);
         const double* gr = &m.gates[(size_t(t) * batch + b) * G];
         double i = gr[j], f = gr[H + j], g = gr[2 * H + j], o = gr[3 * H + j];
         double cc = m.cells[(size_t(t) * batch + b) * H + j];
@@ -100,22 +109,19 @@ Model model(int steps, int batch, int hidden, bool reverse, const std::vector<T>
   return m;
 }
 
+// The layer forward as lstm_api.cpp drives it (persistent kernel, or one launch per step), then
+// the rows past each sequence's end zeroed; returns h_n as taken before the zeroing.
 template <class T, int BM, int S>
-void run_layer(const char* dtype, int steps, int batch, int hidden, bool reverse, bool persistent, double tol) {
-  printf("layer %s T=%d B=%d H=%d reverse=%d %s\n", dtype, steps, batch, hidden, reverse, persistent ? "persistent" : "stepwise");
-  const int H = hidden, G = 4 * H;
+std::vector<T> layer_forward(bool persistent, int steps, int batch, int H, bool reverse, const int64_t* lengths,
+                             const std::vector<T>& proj, const std::vector<T>& whh, const std::vector<T>& h0,
+                             const std::vector<T>& c0, std::vector<T>& output, std::vector<float>& cells, bool save_all,
+                             T* gates) {
   const size_t state = size_t(batch) * H;
-  auto proj = random_vector<T>(steps * state * 4, 1.0f);
-  auto whh = random_vector<T>(size_t(G) * H, 1.0f / std::sqrt(float(H)));
-  auto h0 = random_vector<T>(state, 1), c0 = random_vector<T>(state, 1);
-  auto gout = random_vector<T>(steps * state, 1), ghn = random_vector<T>(state, 1), gcn = random_vector<T>(state, 1);
-  Model want = model(steps, batch, H, reverse, proj, whh, h0, c0, gout, ghn, gcn);
-
-  auto output = poisoned<T>(steps * state);
-  std::vector<float> cells(steps * state, NAN);
-  auto gates = poisoned<T>(steps * state * 4);
   if (persistent) {
-    LayerForwardParams p{proj.data(), whh.data(), h0.data(), c0.data(), output.data(), cells.data(), true, gates.data(), steps, batch, H, reverse};
+    LayerForwardParams p{};
+    p.input_projection = proj.data(); p.weight_hh = whh.data(); p.h0 = h0.data(); p.c0 = c0.data();
+    p.output = output.data(); p.cell_states = cells.data(); p.save_all_cell_states = save_all; p.gates = gates;
+    p.lengths = lengths; p.steps = steps; p.batch = batch; p.hidden = H; p.reverse = reverse;
     constexpr int BJ = 8;
     emu::launch(dim3(ceil_div(H, BJ)), kThreads, TileShape<T, BM, 4 * BJ, S>::total_bytes(H, true),
                 [&] { lstm_persistent_forward_kernel<T, BM, BJ, S>(p); });
@@ -127,44 +133,58 @@ void run_layer(const char* dtype, int steps, int batch, int hidden, bool reverse
       q.w0 = whh.data(); q.k0 = H;
       q.pre_gates = proj.data() + t * state * 4;
       q.c_prev = s == 0 ? c0.data() : nullptr;
-      q.c_prev_f32 = s == 0 ? nullptr : cells.data() + tp * state;
-      q.h_out = output.data() + t * state; q.c_out_f32 = cells.data() + t * state; q.gates_out = gates.data() + t * state * 4;
-      q.batch = batch; q.hidden = H;
-      emu::launch(dim3(ceil_div(H, 16), ceil_div(batch, BM)), kThreads, TileShape<T, BM, 64, 1>::total_bytes(0, false),
-                  [&] { lstm_step_forward_kernel<T, BM, 16>(q); });
-    }
-  }
-  check("output", output, want.output, tol);
-  check("cell states", cells, want.cells, tol);
-  check("gates", gates, want.gates, tol);
-
-  // Inference: nothing saved, the float32 cell state updated in place in one slot.
-  auto output_inference = poisoned<T>(steps * state);
-  std::vector<float> cell_slot(state, NAN);
-  if (persistent) {
-    LayerForwardParams p{proj.data(), whh.data(), h0.data(), c0.data(), output_inference.data(), cell_slot.data(), false,
-                         nullptr, steps, batch, H, reverse};
-    constexpr int BJ = 8;
-    emu::launch(dim3(ceil_div(H, BJ)), kThreads, TileShape<T, BM, 4 * BJ, S>::total_bytes(H, true),
-                [&] { lstm_persistent_forward_kernel<T, BM, BJ, S>(p); });
-  } else {
-    for (int s = 0; s < steps; ++s) {
-      int t = reverse ? steps - 1 - s : s, tp = reverse ? t + 1 : t - 1;
-      StepForwardParams q{};
-      q.a0 = s == 0 ? (const void*)h0.data() : (const void*)(output_inference.data() + tp * state);
-      q.w0 = whh.data(); q.k0 = H;
-      q.pre_gates = proj.data() + t * state * 4;
-      q.c_prev = s == 0 ? c0.data() : nullptr;
-      q.c_prev_f32 = s == 0 ? nullptr : cell_slot.data();
-      q.h_out = output_inference.data() + t * state; q.c_out_f32 = cell_slot.data();
+      q.c_prev_f32 = s == 0 ? nullptr : cells.data() + (save_all ? tp * state : 0);
+      q.h_out = output.data() + t * state; q.c_out_f32 = cells.data() + (save_all ? t * state : 0);
+      q.gates_out = gates ? gates + t * state * 4 : nullptr;
+      q.lengths = lengths; q.time = t; q.h_prev = q.a0;
       q.batch = batch; q.hidden = H;
       emu::launch(dim3(ceil_div(H, 16), ceil_div(batch, BM)), kThreads, TileShape<T, BM, 64, 1>::total_bytes(0, false),
                   [&] { lstm_step_forward_kernel<T, BM, 16>(q); });
     }
   }
   const int last = reverse ? 0 : steps - 1;
+  std::vector<T> h_n(output.begin() + last * state, output.begin() + (last + 1) * state);
+  if (lengths)
+    for (int t = 0; t < steps; ++t)
+      for (int b = 0; b < batch; ++b)
+        if (t >= lengths[b])
+          for (int j = 0; j < H; ++j) output[(size_t(t) * batch + b) * H + j] = Element<T>::from_float(0.f);
+  return h_n;
+}
+
+template <class T, int BM, int S>
+void run_layer(const char* dtype, int steps, int batch, int hidden, bool reverse, bool persistent, double tol,
+               std::vector<int64_t> lengths = {}) {
+  printf("layer %s T=%d B=%d H=%d reverse=%d %s%s\n", dtype, steps, batch, hidden, reverse, persistent ? "persistent" : "stepwise",
+         lengths.empty() ? "" : " ragged");
+  const int H = hidden, G = 4 * H;
+  const size_t state = size_t(batch) * H;
+  const int64_t* length_data = lengths.empty() ? nullptr : lengths.data();
+  auto proj = random_vector<T>(steps * state * 4, 1.0f);
+  auto whh = random_vector<T>(size_t(G) * H, 1.0f / std::sqrt(float(H)));
+  auto h0 = random_vector<T>(state, 1), c0 = random_vector<T>(state, 1);
+  auto gout = random_vector<T>(steps * state, 1), ghn = random_vector<T>(state, 1), gcn = random_vector<T>(state, 1);
+  Model want = model(steps, batch, H, reverse, lengths, proj, whh, h0, c0, gout, ghn, gcn);
+
+  auto output = poisoned<T>(steps * state);
+  std::vector<float> cells(steps * state, NAN);
+  auto gates = poisoned<T>(steps * state * 4);
+  auto h_n = layer_forward<T, BM, S>(persistent, steps, batch, H, reverse, length_data, proj, whh, h0, c0, output, cells,
+                                     true, gates.data());
+  check("output", output, want.output, tol);
+  check("h_n", h_n, want.h_n, tol);
+  check("cell states", cells, want.cells, tol);
+  check("gates", gates, want.gates, tol);
+
+  // Inference: nothing saved, the float32 cell state updated in place in one slot.
+  auto output_inference = poisoned<T>(steps * state);
+  std::vector<float> cell_slot(state, NAN);
+  layer_forward<T, BM, S>(persistent, steps, batch, H, reverse, length_data, proj, whh, h0, c0, output_inference,
+                          cell_slot, false, nullptr);
+  const int last = reverse ? 0 : steps - 1;
   check("inference output", output_inference, want.output, tol);
-  check("inference c_n", cell_slot, std::vector<double>(want.cells.begin() + last * state, want.cells.begin() + (last + 1) * state), tol);
+  check("inference c_n", cell_slot,
+        std::vector<double>(want.cells.begin() + last * state, want.cells.begin() + (last + 1) * state), tol);
 
   // Backward from the model's own saved tensors, rounded like the forward would save them.
   std::vector<T> saved_gates(want.gates.size());
@@ -174,8 +194,10 @@ void run_layer(const char* dtype, int steps, int batch, int hidden, bool reverse
   for (int n = 0; n < G; ++n) for (int k = 0; k < H; ++k) whh_t[size_t(k) * G + n] = whh[size_t(n) * H + k];
   auto grad_gates = poisoned<T>(steps * state * 4);
   std::vector<float> grad_cell(state, NAN);
-  LayerBackwardParams b{whh_t.data(), gout.data(), ghn.data(), gcn.data(), saved_gates.data(), saved_cells.data(), c0.data(),
-                        grad_gates.data(), grad_cell.data(), steps, batch, H, reverse};
+  LayerBackwardParams b{};
+  b.weight_hh_t = whh_t.data(); b.grad_output = gout.data(); b.grad_h_n = ghn.data(); b.grad_c_n = gcn.data();
+  b.gates = saved_gates.data(); b.cell_states = saved_cells.data(); b.c0 = c0.data(); b.grad_gates = grad_gates.data();
+  b.grad_cell = grad_cell.data(); b.lengths = length_data; b.steps = steps; b.batch = batch; b.hidden = H; b.reverse = reverse;
   constexpr int BJB = 16;
   constexpr int SB = BM == 16 ? 4 : 1;
   if (persistent) {
@@ -211,8 +233,10 @@ void run_cell(const char* dtype, int batch, int input, int hidden, double tol) {
     gates_want[b * G + j] = i; gates_want[b * G + H + j] = f; gates_want[b * G + 2 * H + j] = g; gates_want[b * G + 3 * H + j] = o;
   }
   auto hy = poisoned<T>(hy_want.size()), cy = poisoned<T>(hy_want.size()), gates = poisoned<T>(gates_want.size());
-  StepForwardParams q{x.data(), wih.data(), input, hx.data(), whh.data(), H, nullptr, bih.data(), bhh.data(), cx.data(), nullptr,
-                      hy.data(), cy.data(), nullptr, gates.data(), batch, H};
+  StepForwardParams q{};
+  q.a0 = x.data(); q.w0 = wih.data(); q.k0 = input; q.a1 = hx.data(); q.w1 = whh.data(); q.k1 = H;
+  q.bias0 = bih.data(); q.bias1 = bhh.data(); q.c_prev = cx.data(); q.h_out = hy.data(); q.c_out = cy.data();
+  q.gates_out = gates.data(); q.batch = batch; q.hidden = H;
   emu::launch(dim3(ceil_div(H, 16), ceil_div(batch, BM)), kThreads, TileShape<T, BM, 64, 1>::total_bytes(0, false),
               [&] { lstm_step_forward_kernel<T, BM, 16>(q); });
   check("hy", hy, hy_want, tol); check("cy", cy, cy_want, tol); check("gates", gates, gates_want, tol);
@@ -253,6 +277,13 @@ int main(int argc, char** argv) {
     run_cell<__nv_bfloat16, 64>("bf16", 20, 72, 40, 1e-2);
     run_layer<__nv_bfloat16, 16, 2>("bf16", 5, 3, 40, true, true, 1e-2);
     run_layer<__nv_bfloat16, 64, 1>("bf16", 4, 20, 37, false, false, 1e-2);
+  }
+  if (which == "all" || which == "ragged") {
+    for (bool reverse : {false, true}) for (bool persistent : {true, false}) {
+      run_layer<float, 16, 2>("fp32", 6, 4, 37, reverse, persistent, 1e-5, {6, 1, 0, 4});
+      run_layer<__half, 64, 1>("fp16", 5, 18, 40, reverse, persistent, 1e-2,
+                               {5, 1, 0, 4, 2, 3, 5, 5, 1, 2, 3, 4, 0, 5, 2, 2, 1, 3});
+    }
   }
   printf("%d failure(s)\n", failures);
   return failures != 0;
