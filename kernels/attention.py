@@ -608,25 +608,29 @@ def _attention_dropout_keep_mask_kernel(Keep, num_heads, seqlen_q, seqlen_k, dro
 # Autotune configurations
 # --------------------------------------------------------------------------------------------
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per head-dim class (the larger padded head dim of q/k and v).
-# Chosen for H100 (BLOCK_M 128 feeds wgmma's 64-row granularity with 4-8 warps); the 256 class keeps
-# K/V tiles at 64 rows and two stages so double buffering fits the 228 KB of shared memory.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per tile-width class: the larger padded head dim of q/k and
+# v in 16-bit units (fp32 counts double: its rows take the bytes of a 16-bit head dim twice as wide).
+# Chosen for H100 (BLOCK_M 128 feeds wgmma's 64-row granularity with 4-8 warps); wider classes shrink
+# tiles and stages so the buffers fit the shared memory of both H100 (227 KB) and A100 (163 KB).
 _FORWARD_CONFIGS = {
     64: [(128, 64, 4, 3), (128, 128, 8, 3)],
     128: [(128, 64, 4, 3), (128, 128, 8, 2)],
     256: [(128, 64, 8, 2), (64, 64, 4, 2)],
+    512: [(64, 32, 4, 1), (32, 32, 4, 2)],
 }
 # dK/dV holds a key tile and loops over query tiles: large BLOCK_N, small BLOCK_M.
 _DKDV_CONFIGS = {
     64: [(32, 128, 4, 3), (64, 128, 8, 2)],
     128: [(32, 128, 8, 2), (64, 128, 8, 2)],
     256: [(32, 64, 4, 2), (16, 64, 4, 2)],
+    512: [(16, 32, 4, 1), (16, 32, 4, 2)],
 }
 # dQ holds a query tile and loops over key tiles: the mirror image.
 _DQ_CONFIGS = {
     64: [(128, 32, 4, 3), (128, 64, 8, 2)],
     128: [(128, 32, 8, 2), (128, 64, 8, 2)],
     256: [(64, 32, 4, 2), (64, 16, 4, 2)],
+    512: [(32, 16, 4, 1), (32, 16, 4, 2)],
 }
 # The interpreter runs each program in Python: one small config, and tiles small enough that the
 # tests' short sequences still cross several tiles (edges, interiors, ragged ends).
@@ -635,9 +639,9 @@ _PREPROCESS_BLOCK_M = 16 if _INTERPRET else 64
 _TUNING_KEY = ["seqlen_q", "seqlen_k", "HEAD_DIM", "HEAD_DIM_V", "IS_VARLEN", "MASK_KIND", "HAS_DROPOUT"]
 
 
-def _head_dim_class(arguments: dict) -> int:
-    widest = max(arguments["HEAD_DIM_PADDED"], arguments["HEAD_DIM_V_PADDED"])
-    return next(limit for limit in sorted(_FORWARD_CONFIGS) if widest <= limit)
+def _tile_width_class(dtype: torch.dtype, head_dim_padded: int, head_dim_v_padded: int) -> int:
+    width = max(head_dim_padded, head_dim_v_padded) * dtype.itemsize // 2
+    return next(limit for limit in sorted(_FORWARD_CONFIGS) if width <= limit)
 
 
 def _config(block_m: int, block_n: int, num_warps: int, num_stages: int) -> triton.Config:
@@ -652,13 +656,15 @@ def _autotune_configs(table: dict) -> list[triton.Config]:
 
 
 def _config_pruner(table: dict):
-    """Keep the configs of the call's head-dim class whose tiles do not dwarf the sequences."""
+    """Keep the configs of the call's tile-width class whose tiles do not dwarf the sequences."""
 
     def prune(configs, named_args, **kwargs):
         if _INTERPRET:
             return configs
         arguments = {**named_args, **kwargs}  # Triton passes the positional arguments and the constexprs apart
-        wanted = set(table[_head_dim_class(arguments)])
+        width_class = _tile_width_class(arguments["Q"].dtype, arguments["HEAD_DIM_PADDED"],
+                                        arguments["HEAD_DIM_V_PADDED"])
+        wanted = set(table[width_class])
         chosen = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
         longest_q = triton.next_power_of_2(max(int(arguments["seqlen_q"]), 16))
         longest_k = triton.next_power_of_2(max(int(arguments["seqlen_k"]), 16))
@@ -1006,7 +1012,7 @@ def _aot_specs() -> list[CompileSpec]:
         for dtype in _TRITON_DTYPE:
             for head_dim in _AOT_HEAD_DIMS:
                 specs += [_aot_spec(name, kernel, dtype, head_dim, config, fixed=fixed, dq_type=dq_type)
-                          for config in table[head_dim]]
+                          for config in table[_tile_width_class(dtype, head_dim, head_dim)]]
         for dtype, feature_set in _AOT_FEATURE_VARIANTS:
             specs.append(_aot_spec(name, kernel, dtype, 128, table[128][0], feature_set, fixed, dq_type))
         # A head dim that is not a power of two: padded to 128 with masked loads and stores.

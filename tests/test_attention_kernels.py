@@ -319,16 +319,19 @@ def test_bad_input_raises_naming_the_argument(bad, error, message):
         kernels.attention_forward(q, k, v, scale=0.25, **bad)
 
 
-def test_gpu_autotune_configs_are_pruned_per_head_dim_and_length(monkeypatch):
+def test_gpu_autotune_configs_are_pruned_per_tile_width_and_length(monkeypatch):
     # The GPU tables, pruned as the autotuner calls the pruner: positional arguments and constexprs apart.
     monkeypatch.setattr(kernels, "_INTERPRET", False)
+    cases = [(torch.float16, 16, 64), (torch.bfloat16, 64, 64), (torch.float16, 80, 128), (torch.float32, 64, 128),
+             (torch.bfloat16, 200, 256), (torch.float32, 128, 256), (torch.float32, 256, 512)]
     for table in (kernels._FORWARD_CONFIGS, kernels._DKDV_CONFIGS, kernels._DQ_CONFIGS):
         configs = kernels._autotune_configs(table)
         prune = kernels._config_pruner(table)
-        for head_dim, head_dim_class in ((16, 64), (64, 64), (80, 128), (128, 128), (200, 256), (256, 256)):
+        for dtype, head_dim, width_class in cases:
+            q = torch.empty(0, dtype=dtype)
             constexprs = dict(HEAD_DIM_PADDED=kernels.triton.next_power_of_2(head_dim), HEAD_DIM_V_PADDED=16)
-            chosen = prune(configs, dict(seqlen_q=4096, seqlen_k=4096), **constexprs)
+            chosen = prune(configs, dict(Q=q, seqlen_q=4096, seqlen_k=4096), **constexprs)
             assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in chosen} == set(
-                table[head_dim_class])
-            short = prune(configs, dict(seqlen_q=1, seqlen_k=20), **constexprs)
+                table[width_class]), (dtype, head_dim)
+            short = prune(configs, dict(Q=q, seqlen_q=1, seqlen_k=20), **constexprs)
             assert len(short) >= 1 and all(c in chosen for c in short)

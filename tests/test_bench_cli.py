@@ -4,6 +4,7 @@ its argument errors, checks that catch wrong backends, and the FLOP/byte formula
 from __future__ import annotations
 
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -11,10 +12,11 @@ import pytest
 import torch
 
 import pyattn
-from pyattn.bench import cli, flops, report
+from pyattn.bench import cli, flops, measure, report
 from pyattn.bench.flops import BACKWARD, FORWARD, FORWARD_BACKWARD
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def run_cli(*argv: str) -> int:
@@ -131,6 +133,26 @@ def test_interpreter_rows_are_checked_and_never_timed(tmp_path):
         assert row["time_ms"] is None and row["tflops"] is None and row["speedup"] is None
 
 
+def test_microbenchmarks_collect_and_skip_cleanly_without_a_gpu():
+    """benchmarks/ imports what pyattn.bench offers; without a GPU every benchmark skips with the reason."""
+    if torch.cuda.is_available():
+        argv = ["--collect-only"]  # on a GPU they would run: minutes
+    else:
+        pytest.importorskip("pytest_benchmark")
+        argv = ["--benchmark-only"]
+    completed = subprocess.run(
+        [sys.executable, "-m", "pytest", "benchmarks", "-q", "-p", "no:cacheprovider", *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    if not torch.cuda.is_available():
+        assert "passed" not in completed.stdout and "torch sees no CUDA device" in completed.stdout
+
+
 # --- argument errors ---------------------------------------------------------------------------------
 
 
@@ -165,6 +187,14 @@ def test_bad_value_exits_2_naming_the_argument(argv, named, capsys):
     assert named in capsys.readouterr().err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asks for a GPU where there is none")
+def test_asking_for_a_missing_gpu_exits_2_naming_the_flag(capsys):
+    with pytest.raises(SystemExit) as raised:
+        cli.main(["--device", "cuda"])
+    assert raised.value.code == 2
+    assert "--device cuda" in capsys.readouterr().err
+
+
 # --- the check catches wrong backends ----------------------------------------------------------------
 
 
@@ -194,6 +224,7 @@ def test_check_fails_a_slightly_wrong_attention_output(tmp_path, monkeypatch):
     assert status == 1
     rows = _rows(tmp_path)
     assert rows and all(not row["check"]["passed"] and row["check"]["errors"]["output"] > 5e-3 for row in rows)
+    assert "FAIL: output" in (tmp_path / "table.txt").read_text()
 
 
 def test_check_fails_unwritten_output_elements(tmp_path, monkeypatch):
@@ -287,6 +318,26 @@ def test_time_budget_stops_starting_cases_and_says_so(tmp_path):
     assert payload["not_run"]["count"] > 0 and "time budget" in payload["not_run"]["reason"]
 
 
+def test_a_call_that_cannot_be_graphed_is_timed_without_a_graph(monkeypatch):
+    from pyattn.bench import runner
+    from pyattn.bench.suites import lstm_cases
+
+    case = next(case for case in lstm_cases("small", [torch.float32], [FORWARD]) if case.cell)
+    workload = runner.prepare(case, "torch:lstmcell", runner.case_data(case, torch.device("cpu")))
+    workload.cuda_graph = True  # as on a GPU; capturing it fails below, as a synchronising backend would
+    real_time_call = runner.time_call
+
+    def time_call(fn, device, grad_to_none=(), cuda_graph=False):
+        if cuda_graph:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return real_time_call(fn, device, grad_to_none)
+
+    monkeypatch.setattr(runner, "time_call", time_call)
+    result = runner.evaluate(workload)
+    assert result.status == "ok" and result.check["passed"] and result.time_ms["median"] > 0
+    assert any("CUDA graph capture failed" in note for note in result.notes)
+
+
 # --- work counts -------------------------------------------------------------------------------------
 
 
@@ -336,6 +387,16 @@ def test_lstm_flops_and_cell_bytes_match_hand_counts():
     # Backward reads W (112), x/h/c (22), gates (32), dh'/dc' (16); writes dW (112), db (16), dx/dh/dc (22).
     assert flops.lstm_cell_bytes(2, 3, 4, 2, BACKWARD) == 332 * 2
     assert flops.lstm_cell_bytes(2, 3, 4, 2, FORWARD_BACKWARD) == (182 + 332) * 2
+
+
+def test_roofline_fraction_takes_the_lower_roof():
+    roofline = {"matmul_tflops": 100.0, "copy_gbps": 1000.0}  # ridge at 100 FLOP/byte
+    # Compute-bound (no bytes, or 1000 FLOP/byte): 50 TFLOP in 1 s is half of 100 TFLOP/s.
+    assert measure.attainable_fraction(50e12, None, 1.0, roofline) == pytest.approx(0.5)
+    assert measure.attainable_fraction(50e12, 50e9, 1.0, roofline) == pytest.approx(0.5)
+    # Memory-bound, 1 FLOP/byte: the roof is 1000 GB/s × 1 FLOP/byte = 1 TFLOP/s; 0.25 TFLOP/s is a quarter.
+    assert measure.attainable_fraction(0.25e12, 0.25e12, 1.0, roofline) == pytest.approx(0.25)
+    assert measure.attainable_fraction(1e12, None, 1.0, None) is None
 
 
 def test_work_counts_reject_unknown_modes():

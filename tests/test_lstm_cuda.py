@@ -100,7 +100,8 @@ def test_forward_ops_have_autograd_and_dispatch_registration(ops):
         assert implementation is getattr(lstm_cuda, op)
         assert support.devices == frozenset({"cuda"})
         assert support.dtypes == frozenset(DTYPES)
-        assert support.features == frozenset()  # projection and lengths go to the next backend
+        # projection goes to the next backend; ragged batches are served by the layer
+        assert support.features == (frozenset({"lengths"}) if op == "lstm_layer" else frozenset())
 
 
 def test_module_registers_nothing_without_the_extension(monkeypatch):
@@ -174,7 +175,7 @@ def test_fake_layer_ops_give_shapes(ops, device, save_workspace):
 
     def run(device_name):
         args = _layer_args(steps, batch, input_size, hidden, torch.bfloat16, device_name)
-        output, h_n, c_n, gates, cell_states = ops.cuda_lstm_layer_fwd(*args, False, save_workspace, 0)
+        output, h_n, c_n, gates, cell_states = ops.cuda_lstm_layer_fwd(*args, False, None, save_workspace, 0)
         assert output.shape == (steps, batch, hidden) and output.dtype == torch.bfloat16
         assert h_n.shape == c_n.shape == (batch, hidden)
         saved = steps if save_workspace else 0
@@ -182,7 +183,7 @@ def test_fake_layer_ops_give_shapes(ops, device, save_workspace):
         assert cell_states.dtype == torch.float32
         workspace_gates = args[0].new_empty(steps, batch, 4 * hidden)
         workspace_cells = args[0].new_empty(steps, batch, hidden, dtype=torch.float32)
-        grads = ops.cuda_lstm_layer_bwd(output, h_n, c_n, *args[:5], output, workspace_gates, workspace_cells, False, 0)
+        grads = ops.cuda_lstm_layer_bwd(output, h_n, c_n, *args[:5], output, workspace_gates, workspace_cells, False, None, 0)
         assert [tuple(g.shape) for g in grads] == [
             (steps, batch, input_size), (batch, hidden), (batch, hidden), (4 * hidden, input_size), (4 * hidden, hidden),
             (4 * hidden,),
@@ -236,7 +237,7 @@ def _model_cell_bwd(grad_hy, grad_cy, input, hx, cx, weight_ih, weight_hh, cy, w
             grad_gates.t() @ hx, grad_gates.float().sum(0).to(input.dtype))
 
 
-def _model_layer_fwd(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, reverse, save_workspace, recurrence):
+def _model_layer_fwd(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, reverse, lengths, save_workspace, recurrence):
     steps, batch, hidden = input.shape[0], input.shape[1], h0.shape[1]
     output = input.new_empty(steps, batch, hidden)
     gates = input.new_empty(steps, batch, 4 * hidden)
@@ -244,32 +245,50 @@ def _model_layer_fwd(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, reve
     h, c = h0, c0.float()
     for s in range(steps):
         t = steps - 1 - s if reverse else s
-        h, c_out, gates[t] = _model_cell_fwd(input[t], h, c, weight_ih, weight_hh, bias_ih, bias_hh, True)
-        output[t] = h
-        i, f, g, _ = gates[t].float().chunk(4, dim=-1)
-        c = cell_states[t] = f * c + i * g
+        h_new, _, step_gates = _model_cell_fwd(input[t], h, c, weight_ih, weight_hh, bias_ih, bias_hh, True)
+        i, f, g, _ = step_gates.float().chunk(4, dim=-1)
+        c_new = f * c + i * g
+        # Rows past their length keep their state; their output row carries the frozen h.
+        past = (t >= lengths)[:, None] if lengths is not None else torch.zeros(batch, 1, dtype=torch.bool)
+        h, c = torch.where(past, h, h_new), torch.where(past, c, c_new)
+        output[t], cell_states[t], gates[t] = h, c, step_gates.masked_fill(past, 0)
+    h_n = output[0 if reverse else steps - 1].clone()
+    if lengths is not None:
+        output.masked_fill_((torch.arange(steps)[:, None] >= lengths[None, :])[:, :, None], 0)
     saved = steps if save_workspace else 0
-    return output, h.clone(), c.to(input.dtype), gates[:saved].clone(), cell_states[:saved].clone()
+    return output, h_n, c.to(input.dtype), gates[:saved].clone(), cell_states[:saved].clone()
 
 
 def _model_layer_bwd(grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih, weight_hh, output, gates, cell_states,
-                     reverse, recurrence):
+                     reverse, lengths, recurrence):
     steps, batch, hidden = input.shape[0], input.shape[1], h0.shape[1]
+    lengths_or_all = lengths if lengths is not None else torch.full((batch,), steps)
+    last_valid = torch.zeros(batch, dtype=torch.int64) if reverse else lengths_or_all.clamp(max=steps) - 1
     grad_gates = input.new_empty(steps, batch, 4 * hidden)
     grad_cell = grad_c_n.float()
     for s in range(steps):
         t = s if reverse else steps - 1 - s
         t_next, t_prev = (t - 1, t + 1) if reverse else (t + 1, t - 1)
-        dh = grad_output[t].float() + (grad_h_n.float() if s == 0 else grad_gates[t_next].float() @ weight_hh.float())
+        dh = grad_output[t].float() + torch.where((last_valid == t)[:, None], grad_h_n.float(), 0.0)
+        if s > 0:
+            dh = dh + grad_gates[t_next].float() @ weight_hh.float()
         c_prev = c0.float() if s == steps - 1 else cell_states[t_prev]
-        step_grad, grad_cell = _model_gate_gradients(dh, grad_cell, gates[t], c_prev, cell_states[t])
-        grad_gates[t] = step_grad.to(input.dtype)
-    first = steps - 1 if reverse else 0
+        step_grad, grad_cell_new = _model_gate_gradients(dh, grad_cell, gates[t], c_prev, cell_states[t])
+        past = (t >= lengths_or_all)[:, None]
+        grad_gates[t] = step_grad.masked_fill(past, 0).to(input.dtype)
+        grad_cell = torch.where(past, grad_cell, grad_cell_new)
+    if reverse and lengths is not None:
+        first = grad_gates[(lengths - 1).clamp(0, steps - 1), torch.arange(batch)]
+    else:
+        first = grad_gates[steps - 1 if reverse else 0]
     rest = grad_gates.narrow(0, 0 if reverse else 1, steps - 1).reshape(-1, 4 * hidden)
     previous_h = output.narrow(0, 1 if reverse else 0, steps - 1).reshape(-1, hidden)
     flat = grad_gates.reshape(-1, 4 * hidden)
-    return (flat @ weight_ih).view_as(input), grad_gates[first] @ weight_hh, grad_cell.to(input.dtype), \
-        flat.t() @ input.reshape(-1, input.shape[-1]), grad_gates[first].t() @ h0 + rest.t() @ previous_h, \
+    grad_h0 = first @ weight_hh
+    if lengths is not None:
+        grad_h0 = grad_h0 + grad_h_n.masked_fill((lengths != 0)[:, None], 0)
+    return (flat @ weight_ih).view_as(input), grad_h0, grad_cell.to(input.dtype), \
+        flat.t() @ input.reshape(-1, input.shape[-1]), first.t() @ h0 + rest.t() @ previous_h, \
         flat.float().sum(0).to(input.dtype)
 
 
@@ -303,14 +322,19 @@ def test_cell_without_bias_returns_no_bias_gradient_on_cpu_model(cpu_model_kerne
 
 
 @pytest.mark.parametrize("reverse", [False, True])
-@pytest.mark.parametrize("steps", [1, 5])
-def test_layer_autograd_wiring_and_bptt_order_on_cpu_model(cpu_model_kernels, reverse, steps):
-    args = _layer_args(steps, 3, 6, 5, torch.float32, "cpu", requires_grad=True)
-    upstream = [torch.randn(steps, 3, 5), torch.randn(3, 5), torch.randn(3, 5)]
+@pytest.mark.parametrize(("steps", "lengths"), [(1, None), (5, None), (5, [5, 2, 0, 3]), (4, [1, 4, 4, 2])])
+def test_layer_autograd_wiring_and_bptt_order_on_cpu_model(cpu_model_kernels, reverse, steps, lengths):
+    """Also the ragged-batch scheme: frozen rows carry h in the output until it is zeroed, h_n is the
+    last step's row, the reversed first-step gradients are gathered per row, length 0 passes h0 on."""
+    batch = 4
+    lengths = None if lengths is None else torch.tensor(lengths)
+    args = _layer_args(steps, batch, 6, 5, torch.float32, "cpu", requires_grad=True)
+    upstream = [torch.randn(steps, batch, 5), torch.randn(batch, 5), torch.randn(batch, 5)]
     args64 = _float64(args)
-    torch.autograd.backward(reference.lstm_layer(*args64, reverse=reverse), [g.double() for g in upstream])
-    results = lstm_cuda.lstm_layer(*args, reverse=reverse)
-    for name, result, expected in zip(("output", "h_n", "c_n"), results, reference.lstm_layer(*args64, reverse=reverse)):
+    expected = reference.lstm_layer(*args64, reverse=reverse, lengths=lengths)
+    torch.autograd.backward(expected, [g.double() for g in upstream])
+    results = lstm_cuda.lstm_layer(*args, reverse=reverse, lengths=lengths)
+    for name, result, expected in zip(("output", "h_n", "c_n"), results, expected):
         assert_close(result, expected, RTOL[torch.float32], name)
     torch.autograd.backward(results, upstream)
     for name, grad, expected in zip(LAYER_GRAD_NAMES, _grads(args), _grads(args64)):
@@ -320,7 +344,7 @@ def test_layer_autograd_wiring_and_bptt_order_on_cpu_model(cpu_model_kernels, re
 def test_workspace_is_saved_only_when_grad_is_needed_on_cpu_model(cpu_model_kernels, monkeypatch):
     save_flags = []
     forward = torch.ops.pyattn.cuda_lstm_layer_fwd
-    monkeypatch.setattr(torch.ops.pyattn, "cuda_lstm_layer_fwd", lambda *args: save_flags.append(args[8]) or forward(*args))
+    monkeypatch.setattr(torch.ops.pyattn, "cuda_lstm_layer_fwd", lambda *args: save_flags.append(args[9]) or forward(*args))
     args = _layer_args(4, 2, 3, 5, torch.float32, "cpu")
     lstm_cuda.lstm_layer(*args)  # nothing requires grad
     for tensor in args:
@@ -331,12 +355,10 @@ def test_workspace_is_saved_only_when_grad_is_needed_on_cpu_model(cpu_model_kern
     assert save_flags == [False, False, True]
 
 
-def test_layer_refuses_projection_and_lengths_it_does_not_serve():
+def test_layer_refuses_the_projection_it_does_not_serve():
     args = _layer_args(4, 2, 3, 5, torch.float32, "cpu")
     with pytest.raises(ValueError, match="weight_hr"):
         lstm_cuda.lstm_layer(*args, weight_hr=torch.randn(3, 5))
-    with pytest.raises(ValueError, match="lengths"):
-        lstm_cuda.lstm_layer(*args, lengths=torch.tensor([4, 2]))
 
 
 def test_layer_compiles_fullgraph_on_cpu_model(cpu_model_kernels):
@@ -379,10 +401,10 @@ def emulation_binary(tmp_path_factory):
     return binary
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
-def test_kernels_match_float64_model_in_cpu_emulation(emulation_binary, dtype):
+@pytest.mark.parametrize("suite", ["fp32", "fp16", "bf16", "ragged"])
+def test_kernels_match_float64_model_in_cpu_emulation(emulation_binary, suite):
     """Every kernel and tile configuration vs a float64 model, outputs NaN-poisoned (see lstm_emulation.cc)."""
-    result = subprocess.run([str(emulation_binary), dtype], capture_output=True, text=True, timeout=600)
+    result = subprocess.run([str(emulation_binary), suite], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and "0 failure(s)" in result.stdout, result.stdout + result.stderr
 
 
@@ -486,6 +508,41 @@ def test_layer_gradients_match_reference(dtype, shape, reverse, recurrence):
     for name, grad, expected in zip(LAYER_GRAD_NAMES, _grads(args), _grads(args64)):
         assert grad is not None and grad.dtype == dtype, name
         assert_close(grad, expected, RTOL[dtype], f"grad {name}")
+
+
+# (steps, batch, input_size, hidden_size, lengths): a length 0, full lengths, any order, a batch above 16.
+RAGGED_CASES = [
+    (6, 4, 8, 16, [6, 1, 0, 3]),
+    (33, 5, 24, 97, [33, 7, 20, 1, 32]),
+    (64, 20, 32, 128, [64, 3, 17, 64, 1, 40, 9, 63, 2, 64, 30, 31, 5, 8, 12, 50, 64, 44, 1, 20]),
+]
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", RAGGED_CASES, ids=lambda case: f"T{case[0]}B{case[1]}H{case[3]}")
+@pytest.mark.parametrize("reverse", [False, True])
+def test_layer_with_lengths_matches_reference(dtype, case, reverse, recurrence):
+    steps, batch, input_size, hidden, lengths = case
+    lengths = torch.tensor(lengths, device="cuda")
+    args = _layer_args(steps, batch, input_size, hidden, dtype, "cuda", requires_grad=True)
+    upstream = [
+        random_tensor(steps, batch, hidden, dtype=dtype, device="cuda"),
+        random_tensor(batch, hidden, dtype=dtype, device="cuda"),
+        random_tensor(batch, hidden, dtype=dtype, device="cuda"),
+    ]
+    args64 = _float64(args)
+    expected = reference.lstm_layer(*args64, reverse=reverse, lengths=lengths)
+    torch.autograd.backward(expected, [g.double() for g in upstream])
+
+    poison_cuda_allocator()
+    results = lstm_cuda.lstm_layer(*args, reverse=reverse, lengths=lengths)
+    for name, result, want in zip(("output", "h_n", "c_n"), results, expected):
+        assert_close(result, want, RTOL[dtype], name)
+    poison_cuda_allocator()
+    torch.autograd.backward(results, upstream)
+    for name, grad, want in zip(LAYER_GRAD_NAMES, _grads(args), _grads(args64)):
+        assert_close(grad, want, RTOL[dtype], f"grad {name}")
 
 
 @pytest.mark.requires_cuda
@@ -594,15 +651,18 @@ def test_opcheck_every_op(dtype):
     )
 
     layer = _layer_args(6, 5, 24, 32, dtype, "cuda", requires_grad=True)
+    lengths = torch.tensor([6, 1, 3, 6, 2], device="cuda")
     for recurrence in (0, 2):
-        torch.library.opcheck(torch.ops.pyattn.cuda_lstm_layer_fwd.default, (*layer, True, True, recurrence))
+        for ragged in (None, lengths):
+            torch.library.opcheck(torch.ops.pyattn.cuda_lstm_layer_fwd.default, (*layer, True, ragged, True, recurrence))
     plain_layer = [t.detach() for t in layer]
-    output, h_n, c_n, gates, cell_states = torch.ops.pyattn.cuda_lstm_layer_fwd(*plain_layer, False, True, 0)
-    torch.library.opcheck(
-        torch.ops.pyattn.cuda_lstm_layer_bwd.default,
-        (torch.randn_like(output), torch.randn_like(h_n), torch.randn_like(c_n), *plain_layer[:5], output, gates,
-         cell_states, False, 0),
-    )
+    for ragged in (None, lengths):
+        output, h_n, c_n, gates, cell_states = torch.ops.pyattn.cuda_lstm_layer_fwd(*plain_layer, False, ragged, True, 0)
+        torch.library.opcheck(
+            torch.ops.pyattn.cuda_lstm_layer_bwd.default,
+            (torch.randn_like(output), torch.randn_like(h_n), torch.randn_like(c_n), *plain_layer[:5], output, gates,
+             cell_states, False, ragged, 0),
+        )
 
 
 @pytest.mark.requires_cuda
@@ -660,6 +720,11 @@ def test_layer_rejects_bad_arguments_naming_them(argument, change, message):
     args = dict(zip(LAYER_GRAD_NAMES, _layer_args(4, 3, 8, 8, torch.float32, "cuda")))
     args[argument] = change(args[argument])
     with pytest.raises(RuntimeError, match=message):
-        torch.ops.pyattn.cuda_lstm_layer_fwd(*args.values(), False, False, 0)
+        torch.ops.pyattn.cuda_lstm_layer_fwd(*args.values(), False, None, False, 0)
+    good = _layer_args(4, 3, 8, 8, torch.float32, "cuda")
     with pytest.raises(RuntimeError, match="recurrence must be"):
-        torch.ops.pyattn.cuda_lstm_layer_fwd(*_layer_args(4, 3, 8, 8, torch.float32, "cuda"), False, False, 7)
+        torch.ops.pyattn.cuda_lstm_layer_fwd(*good, False, None, False, 7)
+    with pytest.raises(RuntimeError, match="lengths must be int64"):
+        torch.ops.pyattn.cuda_lstm_layer_fwd(*good, False, torch.ones(3, device="cuda", dtype=torch.int32), False, 0)
+    with pytest.raises(RuntimeError, match="lengths must have shape"):
+        torch.ops.pyattn.cuda_lstm_layer_fwd(*good, False, torch.ones(2, device="cuda", dtype=torch.int64), False, 0)

@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/add.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
@@ -94,6 +95,21 @@ std::optional<at::Tensor> combined_bias(const std::optional<at::Tensor>& bias_ih
 
 const void* data_or_null(const std::optional<at::Tensor>& tensor) {
   return tensor.has_value() ? tensor->data_ptr() : nullptr;
+}
+
+void check_lengths(const std::optional<at::Tensor>& lengths, const at::Tensor& input, int64_t batch) {
+  if (!lengths.has_value()) return;
+  TORCH_CHECK(lengths->device() == input.device(), "lengths must be on ", input.device(), " like input, got ",
+              lengths->device());
+  TORCH_CHECK(lengths->scalar_type() == at::kLong, "lengths must be int64, got ", lengths->scalar_type());
+  TORCH_CHECK(lengths->dim() == 1 && lengths->size(0) == batch, "lengths must have shape (", batch, ",), got ",
+              lengths->sizes());
+  TORCH_CHECK(lengths->is_contiguous(), "lengths must be contiguous");
+}
+
+// (T, B) true where step t of row b is past the row's length.
+at::Tensor steps_past_length(const at::Tensor& lengths, int64_t steps) {
+  return at::arange(steps, lengths.options()).unsqueeze(1).ge(lengths.unsqueeze(0));
 }
 
 Recurrence checked_recurrence(int64_t recurrence) {
@@ -196,7 +212,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward(
     const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& weight_ih,
     const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih, const std::optional<at::Tensor>& bias_hh,
-    bool reverse, bool save_workspace, int64_t recurrence) {
+    bool reverse, const std::optional<at::Tensor>& lengths, bool save_workspace, int64_t recurrence) {
   check_input(input, 3);
   const Recurrence mode = checked_recurrence(recurrence);
   TORCH_CHECK(h0.dim() == 2, "h0 must be 2-D (batch, hidden_size), got shape ", h0.sizes());
@@ -207,6 +223,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   check_like_input(weight_hh, "weight_hh", input, {4 * hidden, hidden});
   check_bias(bias_ih, "bias_ih", input, hidden);
   check_bias(bias_hh, "bias_hh", input, hidden);
+  check_lengths(lengths, input, batch);
   check_fits_int(steps, "sequence length");
   check_fits_int(batch, "batch");
   check_fits_int(4 * hidden, "4 * hidden_size");
@@ -234,6 +251,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   layer.cell_states = state.data_ptr<float>();
   layer.save_all_cell_states = save_workspace;
   layer.gates = save_workspace ? gates.data_ptr() : nullptr;
+  layer.lengths = lengths.has_value() ? lengths->data_ptr<int64_t>() : nullptr;
   layer.steps = static_cast<int>(steps);
   layer.batch = static_cast<int>(batch);
   layer.hidden = static_cast<int>(hidden);
@@ -264,6 +282,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
       step.h_out = output_data + t * state_size;
       step.c_out_f32 = state_data + (save_workspace ? t * state_size : 0);
       step.gates_out = save_workspace ? static_cast<T*>(gates.data_ptr()) + t * 4 * state_size : nullptr;
+      step.lengths = layer.lengths;
+      step.time = static_cast<int>(t);
+      step.h_prev = step.a0;
       step.batch = static_cast<int>(batch);
       step.hidden = static_cast<int>(hidden);
       C10_CUDA_CHECK(launch_step_forward<T>(step, stream));
@@ -271,8 +292,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   });
 
   const int64_t last = reverse ? 0 : steps - 1;
+  // Rows past their length hold their frozen h until here: the last step's row is h_n.
   at::Tensor h_n = output.select(0, last).clone();
   at::Tensor c_n = state.select(0, save_workspace ? last : 0).to(input.scalar_type(), false, /*copy=*/true);
+  if (lengths.has_value()) output.masked_fill_(steps_past_length(*lengths, steps).unsqueeze(2), 0);
   return {output, h_n, c_n, gates, cell_states};
 }
 
@@ -280,7 +303,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n, const at::Tensor& input,
     const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cell_states, bool reverse,
-    int64_t recurrence) {
+    const std::optional<at::Tensor>& lengths, int64_t recurrence) {
   check_input(input, 3);
   const Recurrence mode = checked_recurrence(recurrence);
   TORCH_CHECK(h0.dim() == 2, "h0 must be 2-D (batch, hidden_size), got shape ", h0.sizes());
@@ -295,6 +318,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_like_input(grad_c_n, "grad_c_n", input, {batch, hidden});
   check_like_input(gates, "gates", input, {steps, batch, 4 * hidden});
   check_float_state(cell_states, "cell_states", input, {steps, batch, hidden});
+  check_lengths(lengths, input, batch);
   check_fits_int(steps, "sequence length");
   check_fits_int(batch, "batch");
   check_fits_int(4 * hidden, "4 * hidden_size");
@@ -319,6 +343,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   layer.c0 = c0.data_ptr();
   layer.grad_gates = grad_gates.data_ptr();
   layer.grad_cell = grad_cell.data_ptr<float>();
+  layer.lengths = lengths.has_value() ? lengths->data_ptr<int64_t>() : nullptr;
   layer.steps = static_cast<int>(steps);
   layer.batch = static_cast<int>(batch);
   layer.hidden = static_cast<int>(hidden);
@@ -335,16 +360,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   });
 
   // The weight gradients over all steps at once, from the stacked gate gradients: step t's
-  // recurrent input is output[t ∓ 1], except the forward's first step, whose is h0.
-  const int64_t first = reverse ? steps - 1 : 0;
+  // recurrent input is output[t ∓ 1], except each row's first step, whose is h0. That is step 0
+  // (T - 1 reversed), or reversed with lengths the row's own last valid step, where output[t + 1]
+  // is a zeroed row: its h0 term comes from the gathered first-step gradients.
   const at::Tensor grad_gates_2d = grad_gates.view({steps * batch, 4 * hidden});
-  const at::Tensor grad_gates_first = grad_gates.select(0, first);
+  at::Tensor grad_gates_first;
+  if (reverse && lengths.has_value()) {
+    const at::Tensor first_step = lengths->sub(1).clamp(0, steps - 1).view({1, batch, 1});
+    grad_gates_first = grad_gates.gather(0, first_step.expand({1, batch, 4 * hidden})).squeeze(0);
+  } else {
+    grad_gates_first = grad_gates.select(0, reverse ? steps - 1 : 0);
+  }
   const at::Tensor grad_gates_rest = grad_gates.narrow(0, reverse ? 0 : 1, steps - 1).view({-1, 4 * hidden});
   const at::Tensor previous_h = output.narrow(0, reverse ? 1 : 0, steps - 1).view({-1, hidden});
   at::Tensor grad_weight_hh = at::addmm(at::mm(grad_gates_first.t(), h0), grad_gates_rest.t(), previous_h);
   at::Tensor grad_weight_ih = at::mm(grad_gates_2d.t(), input.view({steps * batch, input_size}));
   at::Tensor grad_input = at::mm(grad_gates_2d, weight_ih).view({steps, batch, input_size});
   at::Tensor grad_h0 = at::mm(grad_gates_first, weight_hh);
+  // A row of length 0 never ran: its h_n is h0.
+  if (lengths.has_value()) grad_h0.add_(grad_h_n.masked_fill(lengths->ne(0).unsqueeze(1), 0));
   at::Tensor grad_bias = at::sum(grad_gates_2d, {0}, false, at::kFloat).to(dtype);
   return {grad_input, grad_h0, grad_cell.to(dtype), grad_weight_ih, grad_weight_hh, grad_bias};
 }

@@ -16,21 +16,22 @@ import argparse
 import os
 import sys
 
-from pyattn.bench.suites import BASELINES, DTYPES, MODES, PYATTN_BACKENDS, SHAPE_SETS, SUITES
+from pyattn.bench.flops import MODES
+from pyattn.bench.suites import BASELINES, DTYPES, PYATTN_BACKENDS, SHAPE_SETS, SUITES
 
 
-def _list_of(choices, argument: str):
-    """argparse type: a comma-separated subset of ``choices`` ("none" for an empty list)."""
+def _list_of(choices, allow_none: bool = False):
+    """argparse type: a comma-separated subset of ``choices`` (argparse names the flag in its error)."""
 
     def parse(text: str) -> list[str]:
         values = [value.strip() for value in text.split(",") if value.strip()]
-        if values == ["none"]:
+        if allow_none and values == ["none"]:
             return []
         unknown = [value for value in values if value not in choices]
         if unknown or not values:
+            expected = ", ".join(choices) + (", or none" if allow_none else "")
             raise argparse.ArgumentTypeError(
-                f"{argument}: unknown {', '.join(map(repr, unknown)) or 'empty list'}; "
-                f"expected a comma-separated list of {', '.join(choices)}"
+                f"unknown {', '.join(map(repr, unknown)) or 'empty list'}; expected a comma-separated list of {expected}"
             )
         return list(dict.fromkeys(values))
 
@@ -40,7 +41,7 @@ def _list_of(choices, argument: str):
 def _suite(text: str) -> str:
     # A type check rather than ``choices``: argparse checks an empty ``nargs="*"`` against choices too.
     if text not in SUITES:
-        raise argparse.ArgumentTypeError(f"SUITE: unknown suite {text!r}; expected one of {', '.join(SUITES)}")
+        raise argparse.ArgumentTypeError(f"unknown suite {text!r}; expected one of {', '.join(SUITES)}")
     return text
 
 
@@ -49,8 +50,8 @@ def _positive_seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         value = -1.0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"--time-budget: expected a positive number of seconds, got {text!r}")
+    if not value > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
     return value
 
 
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("suites", nargs="*", type=_suite, metavar="SUITE", help=f"of {', '.join(SUITES)} (default: all)")
     add(
         "--dtype",
-        type=_list_of(tuple(DTYPES), "--dtype"),
+        type=_list_of(tuple(DTYPES)),
         help="comma-separated, of fp32, fp16, bf16 "
         "(default: bf16 on a GPU, bf16,fp16 with --shapes full; fp32 on a CPU)",
     )
@@ -75,19 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add(
         "--modes",
-        type=_list_of(MODES, "--modes"),
+        type=_list_of(MODES),
         default=list(MODES),
         help=f"comma-separated, of {', '.join(MODES)} (default: all; the LSTM has no backward-only figure)",
     )
     add(
         "--backends",
-        type=_list_of(PYATTN_BACKENDS, "--backends"),
+        type=_list_of(PYATTN_BACKENDS, allow_none=True),
         default=list(PYATTN_BACKENDS),
         help=f"pyattn backends, of {', '.join(PYATTN_BACKENDS)}, or none (default: all that are available)",
     )
     add(
         "--baselines",
-        type=_list_of(BASELINES, "--baselines"),
+        type=_list_of(BASELINES, allow_none=True),
         help=f"PyTorch's, of {', '.join(BASELINES)}, or "
         "none (default: all that run on the device; flex only with --shapes full)",
     )

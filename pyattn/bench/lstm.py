@@ -105,17 +105,7 @@ class LSTMData:
     def reference(self) -> dict[str, torch.Tensor]:
         if self._reference is None:
             leaves = {name: p.to(torch.float64).requires_grad_(self.training) for name, p in self.parameters.items()}
-            values = list(leaves.values())
-            if self.case.cell:
-
-                def function(x, h0, c0):
-                    h, c = lstm_reference.lstm_cell(x, h0, c0, *values)
-                    return h, h, c
-            else:
-
-                def function(x, h0, c0):
-                    return lstm_reference.lstm_layer(x, h0, c0, *values)
-
+            function = _reference_lstm(self.case.cell, list(leaves.values()))
             self._reference = self.run(function, leaves, True, self._checked_douts(True))
         return self._reference
 
@@ -140,6 +130,18 @@ class LSTMData:
         outputs = self.run(function, parameters, False, self._checked_douts(False))
         checked = {name: self._rows(name, value) if name in ROW_SLICED else value for name, value in outputs.items()}
         return errors(checked, self.reference()), all_finite(outputs.values())
+
+
+def _reference_lstm(cell: bool, weights: list[torch.Tensor]):
+    """pyattn.reference.lstm as ``(x, h0, c0) -> (output, h_n, c_n)``."""
+
+    def run(x, h0, c0):
+        if cell:
+            h, c = lstm_reference.lstm_cell(x, h0, c0, *weights)
+            return h, h, c
+        return lstm_reference.lstm_layer(x, h0, c0, *weights)
+
+    return run
 
 
 def _torch_module(module_type, case: LSTMCase, parameters: dict[str, torch.Tensor]) -> torch.nn.Module:

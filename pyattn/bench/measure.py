@@ -139,7 +139,8 @@ def measure_roofline(device: torch.device) -> dict:
         "method": matmul.method + ", fastest call",
     }
     if device.type == "cpu":
-        roofline["label"] = f"CPU, {torch.get_num_threads()} torch threads: fp32, not the GPU's limits"
+        threads = torch.get_num_threads()
+        roofline["label"] = f"CPU, {threads} torch thread{'s' if threads != 1 else ''}: fp32, not a GPU's limits"
     return roofline
 
 

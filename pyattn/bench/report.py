@@ -81,13 +81,24 @@ def environment(device: torch.device) -> dict:
         )
     else:
         env.update(
-            device=platform.processor() or platform.machine(),
+            device=_cpu_name(),
             sm_count=None,
             compute_capability=None,
             memory_bytes=None,
             driver=None,
         )
     return env
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def now() -> str:

@@ -14,7 +14,7 @@ from typing import ClassVar, Union
 import torch
 
 from pyattn.bench import flops as work
-from pyattn.bench.flops import FORWARD, FORWARD_BACKWARD, MODES  # noqa: F401  (re-exported)
+from pyattn.bench.flops import FORWARD, FORWARD_BACKWARD
 
 PYATTN_BACKENDS = ("cuda", "triton", "reference")
 SDPA_BASELINES = {

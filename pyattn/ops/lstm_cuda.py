@@ -8,17 +8,18 @@ what backward needs when ``save_workspace`` is set (empty tensors otherwise):
   pyattn::cuda_lstm_cell_bwd(grad_hy, grad_cy, input, hx, cx, weight_ih, weight_hh, cy, workspace)
       -> grad_input, grad_hx, grad_cx, grad_weight_ih, grad_weight_hh, grad_bias (4H,)
   pyattn::cuda_lstm_layer_fwd(input, h0, c0, weight_ih, weight_hh, bias_ih?, bias_hh?, reverse,
-                              save_workspace, recurrence)
+                              lengths?, save_workspace, recurrence)
       -> output (T, B, H), h_n, c_n, gates (T, B, 4H) activated, cell_states (T, B, H) float32
   pyattn::cuda_lstm_layer_bwd(grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih, weight_hh,
-                              output, gates, cell_states, reverse, recurrence)
+                              output, gates, cell_states, reverse, lengths?, recurrence)
       -> grad_input, grad_h0, grad_c0, grad_weight_ih, grad_weight_hh, grad_bias (4H,)
 
 ``recurrence`` picks the layer kernels: 0 auto (the persistent kernel when W_hh fits on chip, else
 one launch per step), 1 persistent (raises when it does not fit), 2 stepwise. The dispatch-level
 ``lstm_layer`` reads it from the environment variable ``PYATTN_LSTM_CUDA_RECURRENCE``
-(auto | persistent | stepwise). Projection (``weight_hr``) and ragged ``lengths`` are not served
-here: dispatch sends those calls to the next backend.
+(auto | persistent | stepwise). ``lengths`` (int64, (B,)) is served: rows past their length keep
+their state and output zeros. Projection (``weight_hr``) is not: dispatch sends those calls to the
+next backend.
 
 Importing this module never fails: without the extension it registers nothing.
 """
@@ -33,10 +34,12 @@ from pyattn._dispatch import Support, register
 
 RECURRENCE_ENVIRONMENT_VARIABLE = "PYATTN_LSTM_CUDA_RECURRENCE"
 RECURRENCE_CODES = {"auto": 0, "persistent": 1, "stepwise": 2}
-SUPPORT = Support(
-    devices=frozenset({"cuda"}),
-    dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
-    min_compute_capability=(8, 0),  # the extension is built for sm_80 and sm_90a
+_DEVICES = frozenset({"cuda"})
+_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
+_MIN_CAPABILITY = (8, 0)  # the extension is built for sm_80 and sm_90a
+CELL_SUPPORT = Support(devices=_DEVICES, dtypes=_DTYPES, min_compute_capability=_MIN_CAPABILITY)
+LAYER_SUPPORT = Support(
+    devices=_DEVICES, dtypes=_DTYPES, features=frozenset({"lengths"}), min_compute_capability=_MIN_CAPABILITY
 )
 
 
@@ -99,7 +102,9 @@ def _fake_cell_backward(grad_hy, grad_cy, input, hx, cx, weight_ih, weight_hh, c
     )
 
 
-def _fake_layer_forward(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, reverse, save_workspace, recurrence):
+def _fake_layer_forward(
+    input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, reverse, lengths, save_workspace, recurrence
+):
     steps, batch = input.shape[0], input.shape[1]
     hidden = h0.shape[1]
     saved_steps = steps if save_workspace else 0
@@ -113,7 +118,8 @@ def _fake_layer_forward(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, r
 
 
 def _fake_layer_backward(
-    grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih, weight_hh, output, gates, cell_states, reverse, recurrence
+    grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih, weight_hh, output, gates, cell_states, reverse, lengths,
+    recurrence,
 ):
     return (
         torch.empty_like(input),
@@ -162,16 +168,16 @@ def _cell_backward(ctx, grad_hy, grad_cy, _grad_workspace):
 
 
 def _layer_setup_context(ctx, inputs, output):
-    input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, reverse, _save_workspace, recurrence = inputs
+    input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, reverse, lengths, _save_workspace, recurrence = inputs
     layer_output, _h_n, _c_n, gates, cell_states = output
-    ctx.save_for_backward(input, h0, c0, weight_ih, weight_hh, layer_output, gates, cell_states)
+    ctx.save_for_backward(input, h0, c0, weight_ih, weight_hh, layer_output, gates, cell_states, lengths)
     _skip_workspace_gradients(ctx, gates, cell_states)
     ctx.has_bias_ih, ctx.has_bias_hh = bias_ih is not None, bias_hh is not None
     ctx.reverse, ctx.recurrence = reverse, recurrence
 
 
 def _layer_backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cell_states):
-    input, h0, c0, weight_ih, weight_hh, layer_output, gates, cell_states = ctx.saved_tensors
+    input, h0, c0, weight_ih, weight_hh, layer_output, gates, cell_states, lengths = ctx.saved_tensors
     if input.shape[0] > 0:
         _require_workspace(gates, "pyattn::cuda_lstm_layer_fwd")
     grad_input, grad_h0, grad_c0, grad_weight_ih, grad_weight_hh, grad_bias = torch.ops.pyattn.cuda_lstm_layer_bwd(
@@ -187,6 +193,7 @@ def _layer_backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cel
         gates,
         cell_states,
         ctx.reverse,
+        lengths,
         ctx.recurrence,
     )
     return (
@@ -198,6 +205,7 @@ def _layer_backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cel
         grad_bias if ctx.has_bias_ih else None,
         grad_bias if ctx.has_bias_hh else None,
         None,  # reverse
+        None,  # lengths
         None,  # save_workspace
         None,  # recurrence
     )
@@ -223,10 +231,12 @@ def lstm_cell(input, hx, cx, weight_ih, weight_hh, bias_ih=None, bias_hh=None):
 
 
 def lstm_layer(input, h0, c0, weight_ih, weight_hh, bias_ih=None, bias_hh=None, weight_hr=None, reverse=False, lengths=None):
-    """One LSTM layer, one direction, on the CUDA kernels: input (T, B, I) -> output (T, B, H), h_n, c_n."""
-    if weight_hr is not None or lengths is not None:
-        unsupported = [name for name, value in (("weight_hr", weight_hr), ("lengths", lengths)) if value is not None]
-        raise ValueError(f"the cuda LSTM backend does not serve {', '.join(unsupported)}; dispatch routes such calls elsewhere")
+    """One LSTM layer, one direction, on the CUDA kernels: input (T, B, I) -> output (T, B, H), h_n, c_n.
+
+    ``lengths`` (B,) or None: row b is valid for its first ``lengths[b]`` steps (see the module docstring).
+    """
+    if weight_hr is not None:
+        raise ValueError("the cuda LSTM backend does not serve weight_hr (projection); dispatch routes such calls elsewhere")
     save_workspace = _needs_workspace(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh)
     output, h_n, c_n, _gates, _cell_states = torch.ops.pyattn.cuda_lstm_layer_fwd(
         input.contiguous(),
@@ -237,6 +247,7 @@ def lstm_layer(input, h0, c0, weight_ih, weight_hh, bias_ih=None, bias_hh=None, 
         _contiguous_or_none(bias_ih),
         _contiguous_or_none(bias_hh),
         bool(reverse),
+        None if lengths is None else lengths.to(device=input.device, dtype=torch.int64).contiguous(),
         save_workspace,
         recurrence_code(),
     )
@@ -252,5 +263,5 @@ if EXTENSION_OPS_LOADED:
     torch.library.register_fake("pyattn::cuda_lstm_layer_bwd")(_fake_layer_backward)
     torch.library.register_autograd("pyattn::cuda_lstm_cell_fwd", _cell_backward, setup_context=_cell_setup_context)
     torch.library.register_autograd("pyattn::cuda_lstm_layer_fwd", _layer_backward, setup_context=_layer_setup_context)
-    register("cuda", "lstm_cell", SUPPORT)(lstm_cell)
-    register("cuda", "lstm_layer", SUPPORT)(lstm_layer)
+    register("cuda", "lstm_cell", CELL_SUPPORT)(lstm_cell)
+    register("cuda", "lstm_layer", LAYER_SUPPORT)(lstm_layer)

@@ -7,7 +7,7 @@
 // __syncthreads and grid.sync, per-CTA shared buffers, WMMA computed whole by every lane — and
 // tests/test_lstm_cuda.py builds it with g++ against a copy of lstm_kernels.cuh whose dynamic
 // shared-memory declaration points at the CTA's buffer and whose launchers (host CUDA API) are cut.
-// Run: ./lstm_emulation [all|fp32|fp16|bf16]; exit status 0 when every comparison passes.
+// Run: ./lstm_emulation [all|fp32|fp16|bf16|ragged]; exit status 0 when every comparison passes.
 #include "lstm_kernels_emulated.cuh"
 #include <cstdio>
 #include <random>
