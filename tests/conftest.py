@@ -17,26 +17,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 HAS_CUDA = torch.cuda.is_available()
 IS_SM90 = HAS_CUDA and torch.cuda.get_device_capability() >= (9, 0)
 
-# Relative error bound ‖out − ref‖ / ‖ref‖ against a float64 reference, per input dtype.
-# fp16/bf16 kernels accumulate in fp32, so their error is dominated by rounding of inputs/outputs.
-RTOL = {
-    torch.float64: 1e-10,
-    torch.float32: 1e-5,
-    torch.float16: 1e-2,
-    torch.bfloat16: 1e-2,
-}
-# fp32 through tensor cores (tf32) or the interpreter's dot: looser than strict fp32.
-RTOL_TF32 = 3e-4
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """‖out − ref‖ / ‖ref‖ in float64 (0 when both are exactly zero)."""
-    out64, ref64 = out.detach().to(torch.float64), ref.detach().to(torch.float64)
-    denominator = ref64.norm().item()
-    difference = (out64 - ref64).norm().item()
-    if denominator == 0.0:
-        return difference
-    return difference / denominator
+from pyattn.tolerances import RTOL, RTOL_TF32, relative_error  # noqa: F401  (one table for tests and bench)
 
 
 def assert_close(out: torch.Tensor, ref: torch.Tensor, rtol: float, name: str = "output") -> None:

@@ -393,11 +393,12 @@ __global__ void __launch_bounds__(kThreads) lstm_step_forward_kernel(const StepF
   forward_epilogue<T, BM, BJ, Shape::kSplits>(c_tile, Shape::kLdC, b0, j0, p.batch, p.hidden, step);
 }
 
-// A layer's whole recurrence: CTA x owns hidden units [x·BJ, x·BJ + BJ) — their 4·BJ rows of W_hh stay
+// A layer's whole recurrence (minimum one CTA per SM in the launch bounds: without it ptxas aims at
+// an occupancy these kernels never have and spills). CTA x owns hidden units [x·BJ, x·BJ + BJ) — their 4·BJ rows of W_hh stay
 // in shared memory for all T steps — and computes them for every batch row; a grid-wide barrier
 // per step publishes h_t (written into output[t]) before any CTA reads it.
 template <typename T, int BM, int BJ, int SPLITS>
-__global__ void __launch_bounds__(kThreads) lstm_persistent_forward_kernel(const LayerForwardParams p) {
+__global__ void __launch_bounds__(kThreads, 1) lstm_persistent_forward_kernel(const LayerForwardParams p) {
   constexpr int BN = 4 * BJ;
   using Shape = TileShape<T, BM, BN, SPLITS>;
   extern __shared__ __align__(128) unsigned char shared[];
@@ -558,7 +559,7 @@ __global__ void __launch_bounds__(kThreads) lstm_step_backward_kernel(const Laye
 // Backward through time in one persistent kernel: CTA x keeps W_hhᵀ rows [x·BJ, x·BJ + BJ) (all 4H
 // columns) on chip; a grid-wide barrier per step publishes dgates_t before any CTA reads it.
 template <typename T, int BM, int BJ, int SPLITS>
-__global__ void __launch_bounds__(kThreads) lstm_persistent_backward_kernel(const LayerBackwardParams p) {
+__global__ void __launch_bounds__(kThreads, 1) lstm_persistent_backward_kernel(const LayerBackwardParams p) {
   using Shape = TileShape<T, BM, BJ, SPLITS>;
   extern __shared__ __align__(128) unsigned char shared[];
   const int gates_width = 4 * p.hidden;

@@ -17,9 +17,7 @@ import torch
 
 import pyattn
 
-# ‖out − ref‖/‖ref‖ floor per dtype against float64: the values of tests/conftest.py's RTOL table.
-RTOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
-RTOL_TF32 = 3e-4  # fp32 on a GPU: kernels may multiply in TF32
+from pyattn.tolerances import RTOL, RTOL_TF32, relative_error  # noqa: F401  (re-exported for the suites)
 
 
 class Unsupported(Exception):
@@ -44,14 +42,6 @@ class Workload:
         self.call()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """‖out − ref‖ / ‖ref‖ in float64 (the measure of tests/conftest.py)."""
-    out64, ref64 = out.detach().to(torch.float64), ref.detach().to(torch.float64)
-    denominator = ref64.norm().item()
-    difference = (out64 - ref64).norm().item()
-    return difference / denominator if denominator else difference
 
 
 def errors(outputs: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> dict[str, float]:
