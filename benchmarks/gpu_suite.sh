@@ -5,7 +5,7 @@
 #
 # Steps, each under `timeout` and logged, the whole within PYATTN_SUITE_SECONDS (default 540 s):
 #   nvidia-smi → build (pip install -e . --no-build-isolation --no-deps) → build_info →
-#   GPU tests (pytest -m "not interpreter" -x, junit XML) → pyattn-bench --shapes default.
+#   GPU tests (pytest -m "requires_cuda or requires_sm90", junit XML) → pyattn-bench --shapes default.
 # A failing step does not stop the next; the exit status is 1 if any step failed.
 # OUT_DIR keeps few files (a GPU lease returns at most 8):
 #   summary.txt          each step's exit status and time, the device, the test and bench tallies
@@ -15,7 +15,7 @@
 #   logs.tar.gz          one log per step, junit.xml
 # Environment: PYTHON (default python), PYATTN_CUDA_ARCH (default: this GPU's, e.g. 90a),
 # MAX_JOBS (default: the core count), PYATTN_SUITE_SECONDS, per-step limits BUILD_SECONDS (240) and
-# TEST_SECONDS (120) (the bench gets the rest), BENCH_ARGS (default "--shapes default").
+# TEST_SECONDS (180) (the bench gets the rest), BENCH_ARGS (default "--shapes default").
 set -u -o pipefail
 
 if [ $# -ne 1 ]; then
@@ -72,7 +72,10 @@ fi
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 step build "${BUILD_SECONDS:-240}" "$PYTHON" -m pip install -e . --no-build-isolation --no-deps -v
 step build-info 30 "$PYTHON" -m pyattn.build_info
-step tests "${TEST_SECONDS:-120}" "$PYTHON" -m pytest tests -m "not interpreter" -x -q -p no:cacheprovider --junitxml="$LOGS/junit.xml"
+# Only the GPU-marked tests: the rest ran in CI, and the AOT compile test needs no GPU. No -x:
+# one failing case must not hide the others.
+step tests "${TEST_SECONDS:-180}" "$PYTHON" -m pytest tests -m "requires_cuda or requires_sm90" -q -p no:cacheprovider \
+    --ignore=tests/test_triton_compile.py --junitxml="$LOGS/junit.xml"
 tail -n 3 "$LOGS/tests.log" 2>/dev/null | sed 's/^/  tests: /' >> "$SUMMARY"
 
 # The bench stops starting cases 45 s before its limit, so it ends itself with its files written.

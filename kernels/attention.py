@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pyattn._layout import new_attention_output
 from pyattn.kernels._aot import CompileSpec
 
 _LOG2E = tl.constexpr(1.4426950408889634)
@@ -834,7 +835,7 @@ def attention_forward(q, k, v, *, scale, mask=None, window_left=-1, window_right
         out = _empty((q.shape[0], heads, head_dim_v), q.dtype, q.device)
         lse = _empty((heads, q.shape[0]), torch.float32, q.device)
     else:
-        out = _empty((batch, heads, seqlen_q, head_dim_v), q.dtype, q.device)
+        out = new_attention_output(q, head_dim_v, empty=_empty)
         lse = _empty((batch, heads, seqlen_q), torch.float32, q.device)
     if out.numel() == 0:
         lse.fill_(float("-inf"))

@@ -310,3 +310,13 @@ def test_compile_fullgraph_reaches_the_triton_ops(device):
     assert "pyattn.triton_attention_bwd.default" in targets
     assert_close(out, expected, RTOL[torch.float32])
     assert_close(grad, expected_grad, RTOL[torch.float32], name="grad query")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_flash_bshd_output_is_contiguous_in_bshd(device):
+    # flash-attn users reshape the (B, L, H, Dv) output to (B, L, H·Dv) with .view: it must be contiguous.
+    q, k, v = (random_tensor(2, 7, 3, 16).to(device) for _ in range(3))
+    with pyattn.use_backend("triton"):
+        out = flash_attention(q, k, v, causal=True, layout="bshd")
+    assert out.shape == (2, 7, 3, 16) and out.is_contiguous()
+    out.view(2, 7, 48)

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from pyattn._dispatch import Support, register
+from pyattn._layout import new_attention_output
 
 FEATURES = frozenset({"mask", "causal", "window", "softcap", "alibi", "dropout", "gqa", "mask_grad", "alibi_grad"})
 _EVERY_DEVICE = frozenset({"cpu", "cuda", "meta"})
@@ -106,7 +107,10 @@ def triton_attention_fwd(
 @triton_attention_fwd.register_fake
 def _(q, k, v, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, dropout_seed, scale, window_left, window_right,
       diagonal_offset, softcap, dropout_p, max_seqlen_q, max_seqlen_k, deterministic):
-    out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+    if cu_seqlens_q is None:
+        out = new_attention_output(q, v.shape[-1])
+    else:
+        out = q.new_empty((*q.shape[:-1], v.shape[-1]))
     if cu_seqlens_q is None:
         lse = q.new_empty(q.shape[:-1], dtype=torch.float32)  # (B, Hq, L)
     else:
