@@ -85,9 +85,10 @@ def extension_modules() -> tuple[list, dict]:
         include_dirs=[os.path.join(ROOT, "csrc")],
         library_dirs=library_dirs,
         define_macros=[("PYATTN_WITH_CUDA", "1")],
+        # No -std flag: torch adds the C++ standard its own headers need (newer torch needs C++20).
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
-            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr", *gencode],
+            "cxx": ["-O3"],
+            "nvcc": ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr", *gencode],
         },
     )
     return [extension], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
