@@ -5,7 +5,7 @@ from pyattn.functional.attention import (  # noqa: F401
     flash_attention_varlen,
     scaled_dot_product_attention,
 )
-from pyattn.functional.lstm import lstm, lstm_cell  # noqa: F401
+from pyattn.functional.lstm import lstm, lstm_cell, lstm_parameter_layout  # noqa: F401
 
 __all__ = ["scaled_dot_product_attention", "flash_attention", "flash_attention_varlen", "lstm", "lstm_cell"]
 

@@ -20,7 +20,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from pyattn import _dispatch
 
-__all__ = ["lstm_cell", "lstm"]
+__all__ = ["lstm_cell", "lstm", "lstm_parameter_layout"]
 
 
 def _size(tensor: torch.Tensor) -> tuple[int, ...]:
@@ -193,6 +193,30 @@ def _parameter_kinds(bias: bool, proj_size: int) -> list[str]:
     return ["weight_ih", "weight_hh", *biases] + (["weight_hr"] if proj_size > 0 else [])
 
 
+def lstm_parameter_layout(input_size, hidden_size, num_layers, bias, bidirectional, proj_size):
+    """[[(name, shape) of each tensor] per (layer, direction)] in torch.nn.LSTM's flat order.
+
+    The one definition of the parameter names and shapes: nn.LSTM registers from it and
+    :func:`lstm` validates ``params`` against it.
+    """
+    directions = 2 if bidirectional else 1
+    output_size = proj_size if proj_size > 0 else hidden_size
+    kinds = _parameter_kinds(bias, proj_size)
+    layout = []
+    for layer in range(num_layers):
+        shapes = {
+            "weight_ih": (4 * hidden_size, input_size if layer == 0 else output_size * directions),
+            "weight_hh": (4 * hidden_size, output_size),
+            "bias_ih": (4 * hidden_size,),
+            "bias_hh": (4 * hidden_size,),
+            "weight_hr": (proj_size, hidden_size),
+        }
+        for direction in range(directions):
+            suffix = "_reverse" if direction == 1 else ""
+            layout.append([(f"{kind}_l{layer}{suffix}", shapes[kind]) for kind in kinds])
+    return layout
+
+
 def _validate_options(num_layers, bias, batch_first, dropout, training, bidirectional, proj_size) -> None:
     flags = (("bias", bias), ("batch_first", batch_first), ("training", training), ("bidirectional", bidirectional))
     for name, flag in flags:
@@ -242,26 +266,15 @@ def _validate_params(params, num_layers, directions, bias, proj_size) -> tuple[i
     hidden_size, input_size = first.size(0) // 4, first.size(1)
     if proj_size >= hidden_size:
         raise ValueError(f"proj_size has to be smaller than hidden_size ({hidden_size}), got {proj_size}")
-    output_size = proj_size if proj_size > 0 else hidden_size
     named = []
-    for layer in range(num_layers):
-        expected_shapes = {
-            "weight_ih": (4 * hidden_size, input_size if layer == 0 else output_size * directions),
-            "weight_hh": (4 * hidden_size, output_size),
-            "bias_ih": (4 * hidden_size,),
-            "bias_hh": (4 * hidden_size,),
-            "weight_hr": (proj_size, hidden_size),
-        }
-        for direction in range(directions):
-            start = (layer * directions + direction) * len(kinds)
-            suffix = "_reverse" if direction == 1 else ""
-            for offset, kind in enumerate(kinds):
-                label = f"params[{start + offset}] ({kind}_l{layer}{suffix})"
-                tensor = params[start + offset]
-                _require_tensor(tensor, label)
-                if _size(tensor) != expected_shapes[kind]:
-                    raise RuntimeError(f"{label} must have shape {expected_shapes[kind]}, got {_size(tensor)}")
-                named.append((label, tensor))
+    layout = lstm_parameter_layout(input_size, hidden_size, num_layers, bias, directions == 2, proj_size)
+    flat = [entry for group in layout for entry in group]
+    for index, ((name, expected), tensor) in enumerate(zip(flat, params)):
+        label = f"params[{index}] ({name})"
+        _require_tensor(tensor, label)
+        if _size(tensor) != expected:
+            raise RuntimeError(f"{label} must have shape {expected}, got {_size(tensor)}")
+        named.append((label, tensor))
     return hidden_size, input_size, named
 
 

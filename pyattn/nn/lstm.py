@@ -128,29 +128,17 @@ class LSTM(nn.Module):
         self.proj_size = proj_size
 
         factory_kwargs = {"device": device, "dtype": dtype}
-        directions = 2 if bidirectional else 1
-        output_size = proj_size if proj_size > 0 else hidden_size
-        biases = ["bias_ih", "bias_hh"] if bias else []
-        kinds = ["weight_ih", "weight_hh", *biases, *(["weight_hr"] if proj_size else [])]
         # Names in torch's flat order (layer, then direction), which is also the registration order,
         # so parameters(), state_dict() and reset_parameters' draws line up with torch's.
         self._flat_weights_names: list[str] = []
         self._all_weights: list[list[str]] = []
-        for layer in range(num_layers):
-            shapes = {
-                "weight_ih": (4 * hidden_size, input_size if layer == 0 else output_size * directions),
-                "weight_hh": (4 * hidden_size, output_size),
-                "bias_ih": (4 * hidden_size,),
-                "bias_hh": (4 * hidden_size,),
-                "weight_hr": (proj_size, hidden_size),
-            }
-            for direction in range(directions):
-                suffix = "_reverse" if direction == 1 else ""
-                names = [f"{kind}_l{layer}{suffix}" for kind in kinds]
-                for kind, name in zip(kinds, names):
-                    setattr(self, name, nn.Parameter(torch.empty(shapes[kind], **factory_kwargs)))
-                self._flat_weights_names.extend(names)
-                self._all_weights.append(names)
+        layout = functional.lstm_parameter_layout(input_size, hidden_size, num_layers, bias, bidirectional, proj_size)
+        for group in layout:
+            for name, shape in group:
+                setattr(self, name, nn.Parameter(torch.empty(shape, **factory_kwargs)))
+            names = [name for name, _ in group]
+            self._flat_weights_names.extend(names)
+            self._all_weights.append(names)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -44,7 +44,7 @@ def lstm_layer(input, h0, c0, weight_ih, weight_hh, bias_ih=None, bias_hh=None, 
     """
     dtype = input.dtype
     compute = _compute_dtype(dtype)
-    steps, batch = input.shape[0], input.shape[1]
+    steps = input.shape[0]
     # The input projection of every step at once: one GEMM, as the kernels do.
     projected = input.to(compute) @ weight_ih.to(compute).t()
     if bias_ih is not None:
