@@ -238,7 +238,7 @@ def _attention_forward_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PADDED: tl.constexpr,
     IS_VARLEN: tl.constexpr, MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ALIGN_TO_END: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     head = tl.program_id(1)
@@ -249,6 +249,8 @@ def _attention_forward_kernel(
     k_start, seqlen_k_b = _sequence_bounds(CuSeqlensK, batch, seqlen_k, IS_VARLEN)
     if start_m >= seqlen_q_b:  # a varlen sequence shorter than the grid's max_seqlen_q
         return
+    if ALIGN_TO_END:  # count the diagonal from this sequence's own bottom-right corner
+        diagonal_offset += seqlen_k_b - seqlen_q_b
 
     batch64, head64, kv_head64 = batch.to(tl.int64), head.to(tl.int64), kv_head.to(tl.int64)
     q_ptr = Q + batch64 * stride_qb + head64 * stride_qh + q_start.to(tl.int64) * stride_qm
@@ -410,7 +412,7 @@ def _attention_backward_dkdv_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PADDED: tl.constexpr,
     IS_VARLEN: tl.constexpr, MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    FUSED_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ALIGN_TO_END: tl.constexpr, FUSED_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One key tile of one kv head: dK, dV summed over the query heads of its GQA group, no atomics.
     With FUSED_DQ it also adds each (query tile, key tile) term of dQ into the fp32 buffer DQ."""
@@ -421,6 +423,8 @@ def _attention_backward_dkdv_kernel(
     k_start, seqlen_k_b = _sequence_bounds(CuSeqlensK, batch, seqlen_k, IS_VARLEN)
     if start_n >= seqlen_k_b:
         return
+    if ALIGN_TO_END:  # count the diagonal from this sequence's own bottom-right corner
+        diagonal_offset += seqlen_k_b - seqlen_q_b
     batch64, kv_head64 = batch.to(tl.int64), kv_head.to(tl.int64)
     q_start64, k_start64 = q_start.to(tl.int64), k_start.to(tl.int64)
     cols = start_n + tl.arange(0, BLOCK_N)
@@ -528,7 +532,7 @@ def _attention_backward_dq_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PADDED: tl.constexpr,
     IS_VARLEN: tl.constexpr, MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ALIGN_TO_END: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One query tile of one head: dQ over the same key band as the forward, written once (deterministic)."""
     start_m = tl.program_id(0) * BLOCK_M
@@ -540,6 +544,8 @@ def _attention_backward_dq_kernel(
     k_start, seqlen_k_b = _sequence_bounds(CuSeqlensK, batch, seqlen_k, IS_VARLEN)
     if start_m >= seqlen_q_b:
         return
+    if ALIGN_TO_END:  # count the diagonal from this sequence's own bottom-right corner
+        diagonal_offset += seqlen_k_b - seqlen_q_b
     batch64, head64, kv_head64 = batch.to(tl.int64), head.to(tl.int64), kv_head.to(tl.int64)
     q_start64, k_start64 = q_start.to(tl.int64), k_start.to(tl.int64)
     rows = start_m + tl.arange(0, BLOCK_M)
@@ -808,20 +814,25 @@ def _alibi_strides(alibi_slopes):
     return alibi_slopes.stride(0), alibi_slopes.stride(1)
 
 
-def _feature_constexprs(q, v, mask_kind, varlen, softcap, alibi_slopes, window_left, window_right, dropout_p):
+def _feature_constexprs(q, v, mask_kind, varlen, softcap, alibi_slopes, window_left, window_right, dropout_p,
+                        align_to_end):
     head_dim, head_dim_v = q.shape[-1], v.shape[-1]
     return dict(
         HEAD_DIM=head_dim, HEAD_DIM_PADDED=max(16, triton.next_power_of_2(head_dim)),
         HEAD_DIM_V=head_dim_v, HEAD_DIM_V_PADDED=max(16, triton.next_power_of_2(head_dim_v)),
         IS_VARLEN=varlen, MASK_KIND=mask_kind, HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
         HAS_WINDOW_LEFT=window_left >= 0, HAS_WINDOW_RIGHT=window_right >= 0, HAS_DROPOUT=dropout_p > 0,
+        ALIGN_TO_END=bool(align_to_end),
     )
 
 
 def attention_forward(q, k, v, *, scale, mask=None, window_left=-1, window_right=-1, diagonal_offset=0,
-                      softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=0,
+                      align_to_end=False, softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=0,
                       cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
     """Flash-attention forward; returns ``(out, lse)``. Shapes and semantics: ``pyattn.reference.attention``.
+
+    ``align_to_end``: sequence b's diagonal offset is ``diagonal_offset + S_b - L_b``, counted from its own
+    bottom-right corner (flash-attn's varlen alignment); varlen lengths are read on the device, never the host.
 
     Dense: q (B, Hq, L, D), k (B, Hk, S, D), v (B, Hk, S, Dv) -> out (B, Hq, L, Dv), lse (B, Hq, L) fp32.
     Varlen: q (total_q, Hq, D), k/v (total_k, Hk, ·) -> out (total_q, Hq, Dv), lse (Hq, total_q) fp32.
@@ -849,13 +860,14 @@ def attention_forward(q, k, v, *, scale, mask=None, window_left=-1, window_right
         heads, heads // kv_heads, seqlen_q, seqlen_k,
         float(scale), float(softcap), int(window_left), int(window_right), int(diagonal_offset), float(dropout_p),
         int(seed),
-        **_feature_constexprs(q, v, mask_kind, varlen, softcap, alibi_slopes, window_left, window_right, dropout_p),
+        **_feature_constexprs(q, v, mask_kind, varlen, softcap, alibi_slopes, window_left, window_right, dropout_p,
+                              align_to_end),
     )
     return out, lse
 
 
 def attention_backward(grad_out, q, k, v, out, lse, *, scale, mask=None, window_left=-1, window_right=-1,
-                       diagonal_offset=0, softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=0,
+                       diagonal_offset=0, align_to_end=False, softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=0,
                        cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0,
                        deterministic=False):
     """Gradients ``(dq, dk, dv)`` of :func:`attention_forward` given its ``out`` and ``lse``, in q's dtype.
@@ -898,7 +910,7 @@ def attention_backward(grad_out, q, k, v, out, lse, *, scale, mask=None, window_
     dq_strides = _bhmd_strides(dq if deterministic else dq_accumulator, varlen)
     mask_arg, mask_kind, mask_strides = _mask_arguments(mask)
     features = _feature_constexprs(q, v, mask_kind, varlen, softcap, alibi_slopes, window_left, window_right,
-                                   dropout_p)
+                                   dropout_p, align_to_end)
     scalars = (float(scale), float(softcap), int(window_left), int(window_right), int(diagonal_offset),
                float(dropout_p), int(seed))
     dkdv_grid = lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), kv_heads, batch)  # noqa: E731
@@ -953,7 +965,7 @@ _AOT_FEATURES = {
     "additive-mask-all": dict(MASK_KIND=_ADDITIVE_MASK, HAS_SOFTCAP=True, HAS_ALIBI=True, HAS_WINDOW_LEFT=True,
                               HAS_WINDOW_RIGHT=True, HAS_DROPOUT=True),
     "varlen-all": dict(IS_VARLEN=True, HAS_SOFTCAP=True, HAS_ALIBI=True, HAS_WINDOW_LEFT=True,
-                       HAS_WINDOW_RIGHT=True, HAS_DROPOUT=True),
+                       HAS_WINDOW_RIGHT=True, HAS_DROPOUT=True, ALIGN_TO_END=True),
 }
 # Feature variants per dtype: each set once (they compile slowly: Philox and three copies of the loop).
 _AOT_FEATURE_VARIANTS = ((torch.bfloat16, "dense-all"), (torch.bfloat16, "varlen-all"),
@@ -970,7 +982,8 @@ def _aot_spec(name, kernel, dtype, head_dim, config, feature_set="plain", fixed=
     padded = max(16, triton.next_power_of_2(head_dim))
     constexprs = dict(HEAD_DIM=head_dim, HEAD_DIM_PADDED=padded, HEAD_DIM_V=head_dim, HEAD_DIM_V_PADDED=padded,
                       BLOCK_M=block_m, BLOCK_N=block_n, IS_VARLEN=False, MASK_KIND=_NO_MASK, HAS_SOFTCAP=False,
-                      HAS_ALIBI=False, HAS_WINDOW_LEFT=False, HAS_WINDOW_RIGHT=False, HAS_DROPOUT=False)
+                      HAS_ALIBI=False, HAS_WINDOW_LEFT=False, HAS_WINDOW_RIGHT=False, HAS_DROPOUT=False,
+                      ALIGN_TO_END=False)
     constexprs.update(features)
     constexprs.update(fixed or {})
     pointers = {"Lse": "*fp32", "Delta": "*fp32", "Keep": "*i8", "DQ": dq_type or f"*{dt}",

@@ -252,6 +252,11 @@ def _packed(lengths_q, lengths_k, heads=4, heads_k=2, head_dim=8, head_dim_v=6, 
     return q, k, v, cu_q, cu_k
 
 
+# seqlen_k - seqlen_q differs between sequences (2, -5, 5, 0, 3): each is aligned at its own bottom-right
+# corner, and under causal rows 0..4 of sequence 1 (7 queries, 2 keys) see no key; sequence 3 has no queries.
+_ALIGNED_Q, _ALIGNED_K = [3, 7, 1, 6, 0], [5, 2, 6, 6, 3]
+
+
 @pytest.mark.parametrize(
     "lengths_q,lengths_k,options",
     [
@@ -259,25 +264,38 @@ def _packed(lengths_q, lengths_k, heads=4, heads_k=2, head_dim=8, head_dim_v=6, 
         ([3, 7, 1], [3, 7, 1], dict(causal=True)),
         ([3, 7, 1], [5, 9, 3], dict(causal=True, window=(2, -1))),  # seqlen_k - seqlen_q = 2 everywhere
         ([4, 2], [4, 2], dict(alibi_slopes="batch_heads", softcap=2.0)),
+        (_ALIGNED_Q, _ALIGNED_K, dict(causal=True)),
+        (_ALIGNED_Q, _ALIGNED_K, dict(window=(2, 1))),
+        (_ALIGNED_Q, _ALIGNED_K, dict(causal=True, window=(3, -1), softcap=2.0)),
+        (_ALIGNED_Q, _ALIGNED_K, dict(alibi_slopes="heads")),
+        (_ALIGNED_Q, _ALIGNED_K, dict(alibi_slopes="batch_heads", causal=True)),
     ],
 )
 def test_varlen_matches_dense_per_sequence(lengths_q, lengths_k, options):
-    q, k, v, cu_q, cu_k = _packed(lengths_q, lengths_k)
+    """Output, lse and gradients of one varlen call vs a dense flash_attention call per sequence."""
+    q, k, v, cu_q, cu_k = _packed(lengths_q, lengths_k, requires_grad=True)
     options = dict(options)
     slopes = None
-    if options.get("alibi_slopes") == "batch_heads":
-        slopes = options["alibi_slopes"] = torch.rand(len(lengths_q), 4, dtype=torch.float32)
+    if options.get("alibi_slopes") == "heads":
+        options["alibi_slopes"] = torch.rand(4, dtype=torch.float32) + 0.1
+    elif options.get("alibi_slopes") == "batch_heads":
+        slopes = options["alibi_slopes"] = torch.rand(len(lengths_q), 4, dtype=torch.float32) + 0.1
     out, lse = flash_attention_varlen(q, k, v, cu_q, cu_k, max(lengths_q), max(lengths_k), return_lse=True, **options)
     assert out.shape == (sum(lengths_q), 4, 6) and lse.shape == (4, sum(lengths_q))
+    grad_out = random_tensor(*out.shape, dtype=F64)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
     for b in range(len(lengths_q)):
         rows, cols = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
         dense_options = dict(options)
         if slopes is not None:
             dense_options["alibi_slopes"] = slopes[b]
-        expected, expected_lse = flash_attention(q[rows][None], k[cols][None], v[cols][None], layout="bshd",
-                                                 return_lse=True, **dense_options)
+        dense_inputs = (q[rows][None], k[cols][None], v[cols][None])
+        expected, expected_lse = flash_attention(*dense_inputs, layout="bshd", return_lse=True, **dense_options)
+        expected_grads = torch.autograd.grad(expected, (q, k, v), grad_out[rows][None])
         assert_close(out[rows], expected[0], RTOL64, name=f"sequence {b}")
         _assert_lse_close(lse[:, rows], expected_lse[0])
+        for name, grad, expected_grad, span in zip("qkv", grads, expected_grads, (rows, cols, cols)):
+            assert_close(grad[span], expected_grad[span], RTOL64, name=f"sequence {b}: grad {name}")
 
 
 def _assert_lse_close(lse, expected):
@@ -286,11 +304,22 @@ def _assert_lse_close(lse, expected):
     assert_close(lse[finite], expected[finite], RTOL64, name="lse")
 
 
-def test_varlen_causal_needs_one_length_difference():
-    q, k, v, cu_q, cu_k = _packed([3, 4], [3, 6])
-    with pytest.raises(ValueError, match="seqlen_k - seqlen_q"):
-        flash_attention_varlen(q, k, v, cu_q, cu_k, 4, 6, causal=True)
-    flash_attention_varlen(q, k, v, cu_q, cu_k, 4, 6)  # no alignment needed without causal/window/alibi
+def test_varlen_causal_is_bottom_right_per_sequence():
+    """Against torch's SDPA with flash-attn's band mask (independent of the reference's offsets)."""
+    q, k, v, cu_q, cu_k = _packed(_ALIGNED_Q, _ALIGNED_K, requires_grad=True)
+    out = flash_attention_varlen(q, k, v, cu_q, cu_k, max(_ALIGNED_Q), max(_ALIGNED_K), causal=True)
+    out.backward(random_tensor(*out.shape, dtype=F64))
+    for b, (length_q, length_k) in enumerate(zip(_ALIGNED_Q, _ALIGNED_K)):
+        rows, cols = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+        band = _band_mask(length_q, length_k, -1, 0)
+        per_head = [x[span].transpose(0, 1).repeat_interleave(4 // x.shape[1], 0) for x, span in
+                    ((q, rows), (k, cols), (v, cols))]
+        expected = _torch_sdpa(*per_head, attn_mask=band).transpose(0, 1)
+        assert_close(out[rows], expected, RTOL64, name=f"sequence {b}")
+    blind = slice(int(cu_q[1]), int(cu_q[1]) + 5)  # sequence 1: 7 queries, 2 keys
+    assert (out[blind] == 0).all()
+    assert torch.isfinite(q.grad).all() and (q.grad[blind] == 0).all()
+    assert torch.isfinite(k.grad).all() and torch.isfinite(v.grad).all()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -456,6 +485,7 @@ def test_gradcheck_flash_with_options():
 
 
 def test_gradcheck_varlen():
-    q, k, v, cu_q, cu_k = _packed([2, 3], [2, 3], heads=2, heads_k=1, head_dim=4, head_dim_v=3, requires_grad=True)
+    # seqlen_k - seqlen_q is 1 and -1: the second sequence's first row sees no key.
+    q, k, v, cu_q, cu_k = _packed([2, 3], [3, 2], heads=2, heads_k=1, head_dim=4, head_dim_v=3, requires_grad=True)
     assert torch.autograd.gradcheck(lambda q, k, v: flash_attention_varlen(q, k, v, cu_q, cu_k, 3, 3, causal=True),
                                     (q, k, v))

@@ -109,6 +109,9 @@ OPTIONS = {
     "alibi-per-batch-causal": dict(alibi_slopes=torch.tensor([[0.3, 0.1], [0.02, 0.7]]), window_right=0,
                                    diagonal_offset=14),
     "softcap-alibi-window": dict(softcap=2.0, alibi_slopes=torch.tensor([0.25, 0.125]), window_left=8, window_right=8),
+    # align_to_end adds S − L = 14 to the offset: a window [i + 11 − 6, i + 11 + 1] in key positions.
+    "window-aligned-to-end": dict(align_to_end=True, diagonal_offset=-3, window_left=6, window_right=1,
+                                  alibi_slopes=torch.tensor([0.25, 0.125])),
 }
 
 
@@ -192,6 +195,40 @@ def test_varlen_ragged_lengths(name, dtype):
     # Ragged lengths around the tile size, one empty query sequence, and L_b ≠ S_b.
     q, k, v, layout = varlen_inputs([5, 17, 0, 33], [9, 16, 3, 40], 2, 1, 32, 16, dtype)
     check_against_reference(q, k, v, scale=0.2, **layout, **VARLEN_OPTIONS[name])
+
+
+# Each sequence aligned at its own bottom-right corner (flash-attn's varlen): S_b − L_b is 4, 23, 3, −3, −16,
+# so under causal the last sequence's rows 0..15 (a whole tile) and the fourth's rows 0..2 see no key.
+ALIGNED_LENGTHS_Q, ALIGNED_LENGTHS_K = [5, 17, 0, 33, 20], [9, 40, 3, 30, 4]
+ALIGNED_OPTIONS = {
+    "causal": dict(window_right=0),
+    "sliding-window": dict(window_left=5, window_right=2),
+    "local-causal-extra-offset": dict(window_left=8, window_right=0, diagonal_offset=-2),
+    "alibi": dict(alibi_slopes=torch.tensor([0.3, 0.1])),
+    "alibi-per-batch-causal": dict(alibi_slopes=torch.tensor([[0.3, 0.1], [0.2, 0.05], [0.5, 0.5], [0.01, 0.2],
+                                                              [0.7, 0.02]]), window_right=0),
+}
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-dq", "deterministic-dq"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", ALIGNED_OPTIONS)
+def test_varlen_aligned_to_each_sequence_end(name, dtype, deterministic):
+    q, k, v, layout = varlen_inputs(ALIGNED_LENGTHS_Q, ALIGNED_LENGTHS_K, 2, 1, 32, 16, dtype)
+    check_against_reference(q, k, v, scale=0.2, align_to_end=True, deterministic=deterministic, **layout,
+                            **ALIGNED_OPTIONS[name])
+
+
+def test_varlen_aligned_rows_that_see_no_key_are_zero():
+    q, k, v, layout = varlen_inputs(ALIGNED_LENGTHS_Q, ALIGNED_LENGTHS_K, 2, 1, 32, 16, torch.float32)
+    out, lse, dq, _, _ = check_against_reference(q, k, v, scale=0.2, align_to_end=True, window_right=0, **layout)
+    starts = layout["cu_seqlens_q"].tolist()
+    blind = torch.zeros(q.shape[0], dtype=torch.bool)
+    for start, length_q, length_k in zip(starts, ALIGNED_LENGTHS_Q, ALIGNED_LENGTHS_K):
+        blind[start:start + max(length_q - length_k, 0)] = True
+    assert blind.sum() == 3 + 16
+    assert torch.isneginf(lse[:, blind]).all() and torch.isfinite(lse[:, ~blind]).all()
+    assert (out[blind] == 0).all() and (dq[blind] == 0).all()
 
 
 def test_non_contiguous_inputs():

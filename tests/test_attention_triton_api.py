@@ -148,12 +148,17 @@ def test_flash_lse_matches_reference(device):
     assert_close(lse[finite], expected[finite], RTOL_TF32, name="lse")
 
 
+# lengths_q = [5, 17, 1] throughout. With lengths_k [9, 4, 6] seqlen_k - seqlen_q is 4, -13, 5: each sequence is
+# aligned at its own bottom-right corner, and under causal rows 0..12 of the second see no key.
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
 @pytest.mark.parametrize(
     "lengths_k,options",
     [([5, 17, 1], dict()), ([9, 4, 6], dict()), ([5, 17, 1], dict(causal=True)),
-     ([7, 19, 3], dict(causal=True, window=(3, -1), alibi=True))],  # seqlen_k - seqlen_q = 2 in every sequence
-    ids=["ragged", "k-lengths-differ", "causal", "causal-window-alibi"],
+     ([7, 19, 3], dict(causal=True, window=(3, -1), alibi=True)),  # seqlen_k - seqlen_q = 2 in every sequence
+     ([9, 4, 6], dict(causal=True)), ([9, 30, 6], dict(window=(3, 2))),
+     ([9, 4, 6], dict(causal=True, window=(6, -1), alibi=True)), ([2, 30, 9], dict(alibi=True, deterministic=True))],
+    ids=["ragged", "k-lengths-differ", "causal", "causal-window-alibi", "causal-per-sequence-corner",
+         "window-per-sequence-corner", "causal-window-alibi-per-sequence-corner", "alibi-per-sequence-corner"],
 )
 def test_varlen_matches_reference(lengths_k, options, device, dtype, poisoned_allocations):
     lengths_q = [5, 17, 1]
@@ -172,6 +177,50 @@ def test_varlen_matches_reference(lengths_k, options, device, dtype, poisoned_al
                                                          slopes.to(q.device)})
 
     _compare_with_reference(call, tensors, dtype, device, poisoned_allocations)
+
+
+def _causal_varlen_inputs(device):
+    """seqlen_k - seqlen_q = 4, -13, 5: rows 0..12 of the second sequence (packed rows 5..17) see no key."""
+    lengths_q, lengths_k = [5, 17, 1], [9, 4, 6]
+    cu_seqlens_q = torch.tensor([0, 5, 22, 23], dtype=torch.int32, device=device)
+    cu_seqlens_k = torch.tensor([0, 9, 13, 19], dtype=torch.int32, device=device)
+    q, k, v = (random_tensor(total, heads, 16, device=device, requires_grad=True)
+               for total, heads in ((sum(lengths_q), 4), (sum(lengths_k), 2), (sum(lengths_k), 2)))
+    return q, k, v, cu_seqlens_q, cu_seqlens_k, max(lengths_q), max(lengths_k)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_varlen_rows_that_see_no_key_are_zero(device, poisoned_allocations):
+    q, k, v, *layout = _causal_varlen_inputs(device)
+    with pyattn.use_backend("triton"):
+        out, lse = flash_attention_varlen(q, k, v, *layout, causal=True, return_lse=True)
+        grads = torch.autograd.grad(out, (q, k, v), random_tensor(*out.shape, device=device))
+    blind = torch.zeros(q.shape[0], dtype=torch.bool, device=device)
+    blind[5:18] = True
+    assert (out[blind] == 0).all() and torch.isfinite(out).all()
+    assert torch.isneginf(lse[:, blind]).all() and torch.isfinite(lse[:, ~blind]).all()
+    assert all(torch.isfinite(grad).all() for grad in grads) and (grads[0][blind] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_fullgraph_varlen_causal_reads_no_lengths_on_the_host(device):
+    # fullgraph=True fails on a graph break, such as a branch on cu_seqlens' values read on the host.
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k = _causal_varlen_inputs(device)
+
+    def attend(q, k, v, cu_seqlens_q, cu_seqlens_k):  # the lengths are graph inputs, as in training loops
+        return flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=True)
+
+    compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")
+    torch._dynamo.reset()
+    grad_out = random_tensor(q.shape[0], 4, 16, device=device)
+    with pyattn.use_backend("triton"):
+        out = compiled(q, k, v, cu_seqlens_q, cu_seqlens_k)
+        grads = torch.autograd.grad(out, (q, k, v), grad_out)
+        expected = attend(q, k, v, cu_seqlens_q, cu_seqlens_k)
+        expected_grads = torch.autograd.grad(expected, (q, k, v), grad_out)
+    assert_close(out, expected, RTOL[torch.float32])
+    for name, grad, expected_grad in zip("qkv", grads, expected_grads):
+        assert_close(grad, expected_grad, RTOL[torch.float32], name=f"grad {name}")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -262,7 +311,10 @@ def _op_arguments(device, varlen=False, dropout=False, requires_grad=True):
         alibi, max_q, max_k = torch.rand(2, 2, device=device), 0, 0
     q, k, v = (tensor.to(device).requires_grad_(requires_grad) for tensor in (q, k, v))
     seed = torch.tensor(1234, dtype=torch.int64) if dropout else None
-    options = (0.25, -1, 0, 2, 0.0, 0.2 if dropout else 0.0, max_q, max_k)
+    # varlen: causal at each sequence's bottom-right corner (6 - 4 and 5 - 5); dense: offset 2.
+    diagonal_offset, align_to_end = (0, True) if varlen else (2, False)
+    # (scale, window_left, window_right, diagonal_offset, align_to_end, softcap, dropout_p, max_seqlen_q/k)
+    options = (0.25, -1, 0, diagonal_offset, align_to_end, 0.0, 0.2 if dropout else 0.0, max_q, max_k)
     return (q, k, v, mask, alibi, cu_q, cu_k, seed, *options)
 
 

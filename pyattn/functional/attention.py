@@ -374,25 +374,13 @@ def _plan_flash_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_se
     request = Request(op="attention_varlen", device=q.device, dtype=q.dtype, head_dim=max(head_dim, v.shape[-1]),
                       features=_flash_features(causal, window_left, window_right, softcap, alibi_slopes, dropout_p,
                                                heads_q, heads_k))
+    # Bottom-right alignment per sequence (flash-attn >= 2.1): query i of sequence b sits at key position
+    # i + S_b - L_b. The kernels find S_b - L_b from cu_seqlens on the device: nothing is read here.
     options = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
                    max_seqlen_k=max_seqlen_k, scale=scale, window_left=window_left, window_right=window_right,
-                   diagonal_offset=0, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
-                   deterministic=bool(deterministic))
+                   diagonal_offset=0, align_to_end=True, softcap=softcap, alibi_slopes=alibi_slopes,
+                   dropout_p=dropout_p, deterministic=bool(deterministic))
     return _Plan(request=request, q=q, k=k, v=v, options=options)
-
-
-def _varlen_diagonal_offset(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor) -> int:
-    """seqlen_k - seqlen_q, which must be the same for every sequence (reads cu_seqlens: one sync).
-
-    The kernels take one diagonal offset counted from each sequence's start; flash-attn aligns each
-    sequence to its own bottom-right corner, which one offset expresses only when the difference is
-    common to all sequences (self-attention: 0).
-    """
-    differences = (cu_seqlens_k.diff() - cu_seqlens_q.diff()).tolist()
-    if len(set(differences)) > 1:
-        raise ValueError(f"{_FLASH_VARLEN}: causal, window and alibi_slopes need seqlen_k - seqlen_q to be the same "
-                         f"for every sequence (got {differences} from cu_seqlens_k and cu_seqlens_q)")
-    return differences[0]
 
 
 def _flash_varlen_request(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False, scale=None,
@@ -417,10 +405,12 @@ def flash_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     sequence of each (ints; they size the launch grid and must not be smaller than the truth).
 
     Every option means what it means for :func:`flash_attention`, per sequence, with positions
-    counted from the sequence's start: causal and window are aligned to each sequence's
-    bottom-right corner. One restriction: with causal, window or alibi_slopes, seqlen_k - seqlen_q
-    must be the same for every sequence (e.g. self-attention); checking it reads cu_seqlens (a
-    device sync).
+    counted from the sequence's start: causal, window and ALiBi are aligned to each sequence's own
+    bottom-right corner (flash-attn >= 2.1), so query i of sequence b sees key j iff
+    j <= i + seqlen_k_b - seqlen_q_b with causal, and seqlen_k_b - seqlen_q_b may differ between
+    sequences. A sequence with seqlen_q_b > seqlen_k_b gives its first seqlen_q_b - seqlen_k_b rows
+    output 0 under causal (they see no key). The Triton backend reads cu_seqlens on the device only
+    (no host sync, no graph break under torch.compile); the reference loops over sequences on the host.
 
     Returns out, or (out, lse) when return_lse: lse (nheads, total_q) float32, detached.
     """
@@ -428,10 +418,7 @@ def flash_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
                               scale=scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
                               dropout_p=dropout_p, return_lse=return_lse, deterministic=deterministic)
     _, implementation = choose(plan.request)
-    options = plan.options
-    if plan.request.features & {"causal", "window", "alibi"}:
-        options = {**options, "diagonal_offset": _varlen_diagonal_offset(cu_seqlens_q, cu_seqlens_k)}
-    out, lse = implementation(plan.q, plan.k, plan.v, **options)
+    out, lse = implementation(plan.q, plan.k, plan.v, **plan.options)
     return (out, lse.detach()) if return_lse else out
 
 

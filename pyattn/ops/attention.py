@@ -9,10 +9,11 @@ has validated and normalised every argument before the call):
       mask None or 4 dims each 1 or full of (B, Hq, L, S), bool (True = attend) or additive float;
       out (B, Hq, L, Dv) in q's dtype, lse (B, Hq, L).
   attention_varlen(q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-                   window_left, window_right, diagonal_offset, softcap, alibi_slopes, dropout_p,
-                   deterministic) -> (out, lse)
+                   window_left, window_right, diagonal_offset, align_to_end, softcap, alibi_slopes,
+                   dropout_p, deterministic) -> (out, lse)
       q (total_q, Hq, D), k (total_k, Hk, D), v (total_k, Hk, Dv), cu_seqlens int32 (B + 1,);
-      out (total_q, Hq, Dv), lse (Hq, total_q).
+      out (total_q, Hq, Dv), lse (Hq, total_q). align_to_end: sequence b's diagonal offset is
+      diagonal_offset + S_b − L_b (its own bottom-right corner), found on the device: no host sync.
 
 Semantics of every option: ``pyattn.reference.attention``. Dropout draws its randomness from torch's
 default generator (the reference directly, the Triton path through a Philox seed drawn from it), so
@@ -64,14 +65,15 @@ def reference_attention(q, k, v, *, scale, mask, window_left, window_right, diag
 
 @register("reference", "attention_varlen", _REFERENCE_SUPPORT)
 def reference_attention_varlen(q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
-                               window_right, diagonal_offset, softcap, alibi_slopes, dropout_p, deterministic):
+                               window_right, diagonal_offset, align_to_end, softcap, alibi_slopes, dropout_p,
+                               deterministic):
     from pyattn.reference.attention import attention
 
     del deterministic
     return attention(q, k, v, scale=scale, window_left=window_left, window_right=window_right,
-                     diagonal_offset=diagonal_offset, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
-                     cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-                     max_seqlen_k=max_seqlen_k)
+                     diagonal_offset=diagonal_offset, align_to_end=align_to_end, softcap=softcap,
+                     alibi_slopes=alibi_slopes, dropout_p=dropout_p, cu_seqlens_q=cu_seqlens_q,
+                     cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,20 +95,20 @@ def _seed_value(dropout_seed: Optional[Tensor]) -> int:
 def triton_attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], alibi_slopes: Optional[Tensor],
     cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], dropout_seed: Optional[Tensor],
-    scale: float, window_left: int, window_right: int, diagonal_offset: int, softcap: float, dropout_p: float,
-    max_seqlen_q: int, max_seqlen_k: int, deterministic: bool,
+    scale: float, window_left: int, window_right: int, diagonal_offset: int, align_to_end: bool, softcap: float,
+    dropout_p: float, max_seqlen_q: int, max_seqlen_k: int, deterministic: bool,
 ) -> tuple[Tensor, Tensor]:
     del deterministic  # an input only so that the backward can read it
     return _kernels().attention_forward(
         q, k, v, scale=scale, mask=mask, window_left=window_left, window_right=window_right,
-        diagonal_offset=diagonal_offset, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
-        seed=_seed_value(dropout_seed), cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        diagonal_offset=diagonal_offset, align_to_end=align_to_end, softcap=softcap, alibi_slopes=alibi_slopes,
+        dropout_p=dropout_p, seed=_seed_value(dropout_seed), cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
 
 
 @triton_attention_fwd.register_fake
 def _(q, k, v, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, dropout_seed, scale, window_left, window_right,
-      diagonal_offset, softcap, dropout_p, max_seqlen_q, max_seqlen_k, deterministic):
+      diagonal_offset, align_to_end, softcap, dropout_p, max_seqlen_q, max_seqlen_k, deterministic):
     if cu_seqlens_q is None:
         out = new_attention_output(q, v.shape[-1])
     else:
@@ -123,26 +125,26 @@ def triton_attention_bwd(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, mask: Optional[Tensor],
     alibi_slopes: Optional[Tensor], cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
     dropout_seed: Optional[Tensor], scale: float, window_left: int, window_right: int, diagonal_offset: int,
-    softcap: float, dropout_p: float, max_seqlen_q: int, max_seqlen_k: int, deterministic: bool,
+    align_to_end: bool, softcap: float, dropout_p: float, max_seqlen_q: int, max_seqlen_k: int, deterministic: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     return _kernels().attention_backward(
         grad_out, q, k, v, out, lse, scale=scale, mask=mask, window_left=window_left, window_right=window_right,
-        diagonal_offset=diagonal_offset, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
-        seed=_seed_value(dropout_seed), cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        diagonal_offset=diagonal_offset, align_to_end=align_to_end, softcap=softcap, alibi_slopes=alibi_slopes,
+        dropout_p=dropout_p, seed=_seed_value(dropout_seed), cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, deterministic=deterministic)
 
 
 @triton_attention_bwd.register_fake
 def _(grad_out, q, k, v, out, lse, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, dropout_seed, scale, window_left,
-      window_right, diagonal_offset, softcap, dropout_p, max_seqlen_q, max_seqlen_k, deterministic):
+      window_right, diagonal_offset, align_to_end, softcap, dropout_p, max_seqlen_q, max_seqlen_k, deterministic):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as the kernels allocate
 
 
 _FORWARD_PARAMETERS = tuple(argument.name
                             for argument in torch.ops.pyattn.triton_attention_fwd.default._schema.arguments)
 _SAVED_TENSORS = ("q", "k", "v", "mask", "alibi_slopes", "cu_seqlens_q", "cu_seqlens_k", "dropout_seed")
-_OPTIONS = ("scale", "window_left", "window_right", "diagonal_offset", "softcap", "dropout_p", "max_seqlen_q",
-            "max_seqlen_k", "deterministic")
+_OPTIONS = ("scale", "window_left", "window_right", "diagonal_offset", "align_to_end", "softcap", "dropout_p",
+            "max_seqlen_q", "max_seqlen_k", "deterministic")
 
 
 def _setup_context(ctx, inputs, output):
@@ -179,12 +181,14 @@ def _draw_dropout_seed(dropout_p: float) -> Optional[Tensor]:
 def triton_attention(q, k, v, *, scale, mask, window_left, window_right, diagonal_offset, softcap, alibi_slopes,
                      dropout_p, deterministic):
     return triton_attention_fwd(q, k, v, mask, alibi_slopes, None, None, _draw_dropout_seed(dropout_p), scale,
-                                window_left, window_right, diagonal_offset, softcap, dropout_p, 0, 0, deterministic)
+                                window_left, window_right, diagonal_offset, False, softcap, dropout_p, 0, 0,
+                                deterministic)
 
 
 @register("triton", "attention_varlen", _TRITON_SUPPORT)
 def triton_attention_varlen(q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
-                            window_right, diagonal_offset, softcap, alibi_slopes, dropout_p, deterministic):
+                            window_right, diagonal_offset, align_to_end, softcap, alibi_slopes, dropout_p,
+                            deterministic):
     return triton_attention_fwd(q, k, v, None, alibi_slopes, cu_seqlens_q, cu_seqlens_k, _draw_dropout_seed(dropout_p),
-                                scale, window_left, window_right, diagonal_offset, softcap, dropout_p, max_seqlen_q,
-                                max_seqlen_k, deterministic)
+                                scale, window_left, window_right, diagonal_offset, align_to_end, softcap, dropout_p,
+                                max_seqlen_q, max_seqlen_k, deterministic)

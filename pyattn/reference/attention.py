@@ -5,6 +5,8 @@ One definition of every option, shared with the kernels (docs/attention.md):
   float mask: s += mask_ij. Key j is visible to query i iff
   (window_left < 0 or j ≥ i + offset − window_left) and (window_right < 0 or j ≤ i + offset + window_right)
   and the bool mask (if any) is True; invisible keys (and scores of −inf) get probability 0.
+offset is diagonal_offset, plus S − L with align_to_end: counted from the bottom-right corner of each
+sequence's (L, S) score matrix (flash-attn's alignment, per sequence in the varlen layout).
 A row with no visible key yields output 0, lse −inf and zero gradient. Dropout drops normalised
 probabilities and scales the kept ones by 1 / (1 − p), as torch does.
 
@@ -66,7 +68,7 @@ def _dense_attention(q, k, v, scale, mask, window_left, window_right, diagonal_o
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, mask: Tensor | None = None, window_left: int = -1,
-              window_right: int = -1, diagonal_offset: int = 0, softcap: float = 0.0,
+              window_right: int = -1, diagonal_offset: int = 0, align_to_end: bool = False, softcap: float = 0.0,
               alibi_slopes: Tensor | None = None, dropout_p: float = 0.0, dropout_keep_mask: Tensor | None = None,
               generator: torch.Generator | None = None, cu_seqlens_q: Tensor | None = None,
               cu_seqlens_k: Tensor | None = None, max_seqlen_q: int = 0, max_seqlen_k: int = 0) -> tuple[Tensor, Tensor]:
@@ -77,6 +79,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, mask: Tensor | N
     Varlen (cu_seqlens_q/k int32 (B + 1,)): q (total_q, Hq, D), k (total_k, Hk, D), v (total_k, Hk, Dv)
     -> out (total_q, Hq, Dv), lse (Hq, total_q); sequence b is rows cu[b]:cu[b + 1], and i, j count
     from each sequence's start. max_seqlen_q/k size the dropout keep mask (B, Hq, max_L, max_S).
+    align_to_end: the offset of the diagonal is diagonal_offset + S − L, with L, S the lengths of each
+    sequence (so causal, window and ALiBi align to every sequence's own bottom-right corner).
     mask (dense only): 4 dims, each 1 or the full size of (B, Hq, L, S); bool (True = takes part) or additive float.
     dropout_keep_mask: bool (B, Hq, L, S) pattern of kept probabilities; drawn with ``generator`` if None.
     lse is the natural log of the softmax denominator, in the compute dtype (float32 for half inputs).
@@ -90,10 +94,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, mask: Tensor | N
         else:
             shape = (cu_seqlens_q.numel() - 1, q.shape[1], max_seqlen_q, max_seqlen_k)
         dropout_keep_mask = torch.rand(shape, generator=generator, device=q.device) >= dropout_p
-    options = dict(scale=scale, window_left=window_left, window_right=window_right, diagonal_offset=diagonal_offset,
-                   softcap=softcap, dropout_p=dropout_p)
+    options = dict(scale=scale, window_left=window_left, window_right=window_right, softcap=softcap,
+                   dropout_p=dropout_p)
     if cu_seqlens_q is None:
-        out, lse = _dense_attention(q, k, v, mask=mask, alibi_slopes=alibi_slopes,
+        offset = diagonal_offset + (k.shape[2] - q.shape[2] if align_to_end else 0)
+        out, lse = _dense_attention(q, k, v, mask=mask, alibi_slopes=alibi_slopes, diagonal_offset=offset,
                                     dropout_keep_mask=dropout_keep_mask, **options)
         return out.to(dtype), lse
     if mask is not None:
@@ -110,8 +115,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, mask: Tensor | N
         keep_b = None
         if dropout_p > 0:
             keep_b = dropout_keep_mask[b:b + 1, :, :q_b.shape[2], :k_b.shape[2]]
-        out_b, lse_b = _dense_attention(q_b, k_b, v_b, mask=None, alibi_slopes=slopes_b, dropout_keep_mask=keep_b,
-                                        **options)
+        offset_b = diagonal_offset + (k_b.shape[2] - q_b.shape[2] if align_to_end else 0)
+        out_b, lse_b = _dense_attention(q_b, k_b, v_b, mask=None, alibi_slopes=slopes_b, diagonal_offset=offset_b,
+                                        dropout_keep_mask=keep_b, **options)
         outs.append(out_b[0].transpose(0, 1))
         lses.append(lse_b[0])
     return torch.cat(outs).to(dtype), torch.cat(lses, dim=1)
