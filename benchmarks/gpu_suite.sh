@@ -13,7 +13,7 @@
 #   bench/table.txt      the printed table
 #   plots.tar.gz         the bench's PNG plots
 #   logs.tar.gz          one log per step, junit.xml
-# Environment: PYTHON (default python), PYATTN_CUDA_ARCH (default: this GPU's, e.g. 90a),
+# Environment: PYTHON (default python3), PYATTN_CUDA_ARCH (default: this GPU's, e.g. 90a),
 # MAX_JOBS (default: the core count), PYATTN_SUITE_SECONDS, per-step limits BUILD_SECONDS (240) and
 # TEST_SECONDS (180) (the bench gets the rest), BENCH_ARGS (default "--shapes default").
 set -u -o pipefail
@@ -24,7 +24,7 @@ if [ $# -ne 1 ]; then
 fi
 OUT=$(mkdir -p "$1" && cd "$1" && pwd)
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-python3}
 SUITE_SECONDS=${PYATTN_SUITE_SECONDS:-540}
 PACKING_SECONDS=15  # kept back for the tarballs and the summary
 KILL_GRACE=10       # a step that ignores SIGTERM at its limit is killed this much later
