@@ -23,6 +23,8 @@ Layouts (all contiguous; the launchers make them so):
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -336,8 +338,9 @@ def lstm_sequence_forward_persistent_kernel(
             pre_i, pre_f, pre_g, pre_o = _add_bias(pre_i, pre_f, pre_g, pre_o, bias_ptr, H, offs_h, h_mask)
         _forward_epilogue(
             pre_i, pre_f, pre_g, pre_o, active, time, offs_b, offs_h, mask, B, H,
-            h_in_ptr, c_state_ptr + (step % c_slots) * state_size,
-            h_state_ptr + ((step + 1) % 2) * state_size, c_state_ptr + ((step + 1) % c_slots) * state_size,
+            h_in_ptr, c_state_ptr + tl.cast(step % c_slots, tl.int64) * state_size,
+            h_state_ptr + ((step + 1) % 2) * state_size,
+            c_state_ptr + tl.cast((step + 1) % c_slots, tl.int64) * state_size,
             output_ptr, hidden_saved_ptr, gates_ptr + tl.cast(step, tl.int64) * (4 * state_size),
             HAS_LENGTHS, True, STORE_FOR_BACKWARD, STORE_FOR_BACKWARD,
         )
@@ -452,6 +455,21 @@ def _persistent_meta(hidden_size: int, dtype: torch.dtype) -> dict:
     )
 
 
+def _on_input_device(launcher):
+    """Run a launcher with the input's CUDA device current: Triton launches on the current device."""
+
+    @functools.wraps(launcher)
+    def launch(*args, **kwargs):
+        first = next(value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor))
+        if first.is_cuda:
+            with torch.cuda.device(first.device):
+                return launcher(*args, **kwargs)
+        return launcher(*args, **kwargs)
+
+    return launch
+
+
+@_on_input_device
 def lstm_cell_forward(input, hx, cx, weight_ih, weight_hh, bias, save_gates: bool):
     """One fused step. ``bias`` is b_ih + b_hh in float32 (4H,) or None.
 
@@ -474,6 +492,7 @@ def lstm_cell_forward(input, hx, cx, weight_ih, weight_hh, bias, save_gates: boo
     return hy, cy, gates
 
 
+@_on_input_device
 def lstm_cell_backward(grad_hy, grad_cy, input, hx, cx, weight_ih, weight_hh, gates):
     """Gradients of one step from its saved activated gates (either output gradient may be None).
 
@@ -496,6 +515,7 @@ def lstm_cell_backward(grad_hy, grad_cy, input, hx, cx, weight_ih, weight_hh, ga
     )
 
 
+@_on_input_device
 def lstm_sequence_forward(
     input, h0, c0, weight_ih, weight_hh, bias, lengths, reverse: bool, save_for_backward: bool,
     persistent: bool | None = None,
@@ -559,6 +579,7 @@ def lstm_sequence_forward(
     return output, h_n, c_n, gates, cell_states, hidden_before
 
 
+@_on_input_device
 def lstm_sequence_backward(
     grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, lengths, reverse: bool,
     gates, cell_states, hidden_before, persistent: bool | None = None,
