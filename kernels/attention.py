@@ -5,6 +5,9 @@ The algorithm and its invariants are in docs/attention.md; the option semantics 
 
 * forward: one program per (query tile, batch·head) streams key tiles with an online softmax in
   fp32 (``exp2``, log2(e) folded into the scale), and writes out and the natural-log LSE;
+* on Hopper (dense layout, fp16/bf16, power-of-two head dims, 16-byte-aligned strides) the same forward
+  kernel loads its Q/K/V tiles through TMA tensor descriptors (``USE_TMA``); ``PYATTN_ATTENTION_TMA=0/1``
+  overrides the automatic choice;
 * the key tiles a query tile can see are cut to the causal/sliding-window band before the loop;
   tiles wholly inside the band and the sequence run without any visibility arithmetic, only the
   band's edge tiles and the ragged last tile compute it;
@@ -27,6 +30,11 @@ import triton.language as tl
 
 from pyattn._layout import new_attention_output
 from pyattn.kernels._aot import CompileSpec
+
+try:  # host-side TMA descriptors: Triton >= 3.4 (users run 3.6)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
@@ -117,6 +125,21 @@ def _load_tile(ptrs, rows, num_rows, cols, NUM_COLS: tl.constexpr, CHECK_ROWS: t
 
 
 @triton.jit
+def _load_kv_tile(base, batch, kv_head, start_n, offs_n, seqlen_k, offs_d, stride_n, stride_d, HEAD_DIM: tl.constexpr,
+                  HEAD_DIM_PADDED: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
+                  ON_EDGE: tl.constexpr):
+    """A (BLOCK_N, HEAD_DIM_PADDED) key or value tile. With USE_TMA ``base`` is the (B, H, S, D) tensor
+    descriptor (one bulk copy; keys past the sequence are zero-filled, as the masked load fills them),
+    else the pointer to this (batch, kv head)'s first row."""
+    if USE_TMA:
+        tile = base.load([batch, kv_head, start_n, 0]).reshape(BLOCK_N, HEAD_DIM_PADDED)
+    else:
+        tile = _load_tile(base + offs_n[:, None] * stride_n + offs_d[None, :] * stride_d, offs_n, seqlen_k, offs_d,
+                          HEAD_DIM, ON_EDGE, HEAD_DIM != HEAD_DIM_PADDED)
+    return tile
+
+
+@triton.jit
 def _sequence_bounds(cu_seqlens, batch, max_seqlen, IS_VARLEN: tl.constexpr):
     """(first row, length) of sequence ``batch``: from cu_seqlens in the varlen layout, else (0, max)."""
     if IS_VARLEN:
@@ -190,15 +213,16 @@ def _query_ranges(start_n, seqlen_q, seqlen_k, window_left, window_right, diagon
 def _attention_forward_inner(acc, row_sum, row_max, q, k_ptr, v_ptr, mask_ptr, key_start, key_end, rows,
                              offs_dk, offs_dv, seqlen_q, seqlen_k, stride_kn, stride_kd, stride_vn, stride_vd,
                              stride_mm, stride_mn, scale, softcap, slope, window_left, window_right,
-                             diagonal_offset, dropout_p, seed, batch_head,
+                             diagonal_offset, dropout_p, seed, batch, kv_head, batch_head,
                              HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                              HEAD_DIM_V_PADDED: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
                              HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_WINDOW_LEFT: tl.constexpr,
-                             HAS_WINDOW_RIGHT: tl.constexpr, HAS_DROPOUT: tl.constexpr, ON_EDGE: tl.constexpr):
+                             HAS_WINDOW_RIGHT: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr,
+                             ON_EDGE: tl.constexpr):
     for start_n in range(key_start, key_end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_tile(k_ptr + offs_n[:, None] * stride_kn + offs_dk[None, :] * stride_kd, offs_n, seqlen_k,
-                       offs_dk, HEAD_DIM, ON_EDGE, HEAD_DIM != HEAD_DIM_PADDED)
+        k = _load_kv_tile(k_ptr, batch, kv_head, start_n, offs_n, seqlen_k, offs_dk, stride_kn, stride_kd, HEAD_DIM,
+                          HEAD_DIM_PADDED, BLOCK_N, USE_TMA, ON_EDGE)
         qk = tl.dot(q, tl.trans(k))
         s, _ = _attention_scores(qk, rows[:, None], offs_n[None, :], seqlen_q, seqlen_k, scale, softcap, slope,
                                  window_left, window_right, diagonal_offset, mask_ptr, stride_mm, stride_mn,
@@ -216,8 +240,8 @@ def _attention_forward_inner(acc, row_sum, row_max, q, k_ptr, v_ptr, mask_ptr, k
             # Dropped after the denominator: dropout acts on normalised probabilities (1/(1−p) at the end).
             keep = _dropout_keep(seed, batch_head, rows[:, None], offs_n[None, :], dropout_p)
             p = tl.where(keep, p, 0.0)
-        v = _load_tile(v_ptr + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd, offs_n, seqlen_k,
-                       offs_dv, HEAD_DIM_V, ON_EDGE, HEAD_DIM_V != HEAD_DIM_V_PADDED)
+        v = _load_kv_tile(v_ptr, batch, kv_head, start_n, offs_n, seqlen_k, offs_dv, stride_vn, stride_vd, HEAD_DIM_V,
+                          HEAD_DIM_V_PADDED, BLOCK_N, USE_TMA, ON_EDGE)
         acc = tl.dot(p.to(v.dtype), v, acc)
         row_max = new_max
     return acc, row_sum, row_max
@@ -238,8 +262,10 @@ def _attention_forward_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PADDED: tl.constexpr,
     IS_VARLEN: tl.constexpr, MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    ALIGN_TO_END: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ALIGN_TO_END: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """One query tile of one head. With USE_TMA (dense layout, Hopper) Q, K, V are (B, H, rows, D) tensor
+    descriptors and their strides are unused; everything but the tile loads is the same code."""
     start_m = tl.program_id(0) * BLOCK_M
     head = tl.program_id(1)
     batch = tl.program_id(2)
@@ -253,9 +279,19 @@ def _attention_forward_kernel(
         diagonal_offset += seqlen_k_b - seqlen_q_b
 
     batch64, head64, kv_head64 = batch.to(tl.int64), head.to(tl.int64), kv_head.to(tl.int64)
-    q_ptr = Q + batch64 * stride_qb + head64 * stride_qh + q_start.to(tl.int64) * stride_qm
-    k_ptr = K + batch64 * stride_kb + kv_head64 * stride_kh + k_start.to(tl.int64) * stride_kn
-    v_ptr = V + batch64 * stride_vb + kv_head64 * stride_vh + k_start.to(tl.int64) * stride_vn
+    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_dk = tl.arange(0, HEAD_DIM_PADDED)
+    offs_dv = tl.arange(0, HEAD_DIM_V_PADDED)
+    if USE_TMA:
+        q = Q.load([batch, head, start_m, 0]).reshape(BLOCK_M, HEAD_DIM_PADDED)
+        k_ptr = K
+        v_ptr = V
+    else:
+        q_ptr = Q + batch64 * stride_qb + head64 * stride_qh + q_start.to(tl.int64) * stride_qm
+        k_ptr = K + batch64 * stride_kb + kv_head64 * stride_kh + k_start.to(tl.int64) * stride_kn
+        v_ptr = V + batch64 * stride_vb + kv_head64 * stride_vh + k_start.to(tl.int64) * stride_vn
+        q = _load_tile(q_ptr + rows[:, None] * stride_qm + offs_dk[None, :] * stride_qd, rows, seqlen_q_b, offs_dk,
+                       HEAD_DIM, True, HEAD_DIM != HEAD_DIM_PADDED)
     mask_ptr = Mask
     if MASK_KIND != 0:
         mask_ptr = Mask + batch64 * stride_mb + head64 * stride_mh
@@ -263,11 +299,6 @@ def _attention_forward_kernel(
     if HAS_ALIBI:
         slope = tl.load(AlibiSlopes + batch * stride_ab + head * stride_ah)
 
-    rows = start_m + tl.arange(0, BLOCK_M)
-    offs_dk = tl.arange(0, HEAD_DIM_PADDED)
-    offs_dv = tl.arange(0, HEAD_DIM_V_PADDED)
-    q = _load_tile(q_ptr + rows[:, None] * stride_qm + offs_dk[None, :] * stride_qd, rows, seqlen_q_b, offs_dk,
-                   HEAD_DIM, True, HEAD_DIM != HEAD_DIM_PADDED)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_V_PADDED], dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -278,21 +309,21 @@ def _attention_forward_kernel(
     acc, row_sum, row_max = _attention_forward_inner(
         acc, row_sum, row_max, q, k_ptr, v_ptr, mask_ptr, lo, interior_lo, rows, offs_dk, offs_dv, seqlen_q_b,
         seqlen_k_b, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale, softcap, slope,
-        window_left, window_right, diagonal_offset, dropout_p, seed, batch_head, HEAD_DIM, HEAD_DIM_PADDED,
-        HEAD_DIM_V, HEAD_DIM_V_PADDED, BLOCK_N, MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
-        HAS_DROPOUT, ON_EDGE=True)
+        window_left, window_right, diagonal_offset, dropout_p, seed, batch, kv_head, batch_head, HEAD_DIM,
+        HEAD_DIM_PADDED, HEAD_DIM_V, HEAD_DIM_V_PADDED, BLOCK_N, MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, HAS_WINDOW_LEFT,
+        HAS_WINDOW_RIGHT, HAS_DROPOUT, USE_TMA, ON_EDGE=True)
     acc, row_sum, row_max = _attention_forward_inner(
         acc, row_sum, row_max, q, k_ptr, v_ptr, mask_ptr, interior_lo, interior_hi, rows, offs_dk, offs_dv,
         seqlen_q_b, seqlen_k_b, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale, softcap,
-        slope, window_left, window_right, diagonal_offset, dropout_p, seed, batch_head, HEAD_DIM, HEAD_DIM_PADDED,
-        HEAD_DIM_V, HEAD_DIM_V_PADDED, BLOCK_N, MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
-        HAS_DROPOUT, ON_EDGE=False)
+        slope, window_left, window_right, diagonal_offset, dropout_p, seed, batch, kv_head, batch_head, HEAD_DIM,
+        HEAD_DIM_PADDED, HEAD_DIM_V, HEAD_DIM_V_PADDED, BLOCK_N, MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, HAS_WINDOW_LEFT,
+        HAS_WINDOW_RIGHT, HAS_DROPOUT, USE_TMA, ON_EDGE=False)
     acc, row_sum, row_max = _attention_forward_inner(
         acc, row_sum, row_max, q, k_ptr, v_ptr, mask_ptr, interior_hi, hi, rows, offs_dk, offs_dv, seqlen_q_b,
         seqlen_k_b, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale, softcap, slope,
-        window_left, window_right, diagonal_offset, dropout_p, seed, batch_head, HEAD_DIM, HEAD_DIM_PADDED,
-        HEAD_DIM_V, HEAD_DIM_V_PADDED, BLOCK_N, MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
-        HAS_DROPOUT, ON_EDGE=True)
+        window_left, window_right, diagonal_offset, dropout_p, seed, batch, kv_head, batch_head, HEAD_DIM,
+        HEAD_DIM_PADDED, HEAD_DIM_V, HEAD_DIM_V_PADDED, BLOCK_N, MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, HAS_WINDOW_LEFT,
+        HAS_WINDOW_RIGHT, HAS_DROPOUT, USE_TMA, ON_EDGE=True)
 
     # A row with no visible key has row_sum = 0: output 0 and lse = −inf, never 0/0.
     has_keys = row_sum > 0
@@ -651,15 +682,16 @@ def _tile_width_class(dtype: torch.dtype, head_dim_padded: int, head_dim_v_padde
     return next(limit for limit in sorted(_FORWARD_CONFIGS) if width <= limit)
 
 
-def _config(block_m: int, block_n: int, num_warps: int, num_stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
+def _config(block_m: int, block_n: int, num_warps: int, num_stages: int, pre_hook=None) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages,
+                         pre_hook=pre_hook)
 
 
-def _autotune_configs(table: dict) -> list[triton.Config]:
+def _autotune_configs(table: dict, pre_hook=None) -> list[triton.Config]:
     if _INTERPRET:
-        return [_config(*_INTERPRETER_CONFIG)]
+        return [_config(*_INTERPRETER_CONFIG, pre_hook=pre_hook)]
     unique = dict.fromkeys(entry for entries in table.values() for entry in entries)
-    return [_config(*entry) for entry in unique]
+    return [_config(*entry, pre_hook=pre_hook) for entry in unique]
 
 
 def _config_pruner(table: dict):
@@ -669,7 +701,8 @@ def _config_pruner(table: dict):
         if _INTERPRET:
             return configs
         arguments = {**named_args, **kwargs}  # Triton passes the positional arguments and the constexprs apart
-        width_class = _tile_width_class(arguments["Q"].dtype, arguments["HEAD_DIM_PADDED"],
+        q = arguments["Q"]
+        width_class = _tile_width_class(q.base.dtype if _is_descriptor(q) else q.dtype, arguments["HEAD_DIM_PADDED"],
                                         arguments["HEAD_DIM_V_PADDED"])
         wanted = set(table[width_class])
         chosen = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
@@ -682,13 +715,27 @@ def _config_pruner(table: dict):
     return prune
 
 
-def _autotuned(kernel, table: dict, reset_to_zero=None):
-    return triton.autotune(configs=_autotune_configs(table), key=_TUNING_KEY,
+def _autotuned(kernel, table: dict, reset_to_zero=None, pre_hook=None):
+    return triton.autotune(configs=_autotune_configs(table, pre_hook), key=_TUNING_KEY,
                            prune_configs_by={"early_config_prune": _config_pruner(table)},
                            reset_to_zero=reset_to_zero)(kernel)
 
 
+def _is_descriptor(arg) -> bool:
+    return TensorDescriptor is not None and isinstance(arg, TensorDescriptor)
+
+
+def _set_tma_block_shapes(arguments):
+    """A descriptor's box is part of its type: set it to the tiles of the config about to run."""
+    block_m, block_n = arguments["BLOCK_M"], arguments["BLOCK_N"]
+    arguments["Q"].block_shape = [1, 1, block_m, arguments["HEAD_DIM_PADDED"]]
+    arguments["K"].block_shape = [1, 1, block_n, arguments["HEAD_DIM_PADDED"]]
+    arguments["V"].block_shape = [1, 1, block_n, arguments["HEAD_DIM_V_PADDED"]]
+
+
 _attention_forward = _autotuned(_attention_forward_kernel, _FORWARD_CONFIGS)
+# The same kernel with USE_TMA: descriptors have no dtype, but Out (in the tuning key) carries it.
+_attention_forward_tma = _autotuned(_attention_forward_kernel, _FORWARD_CONFIGS, pre_hook=_set_tma_block_shapes)
 _attention_backward_dkdv = _autotuned(_attention_backward_dkdv_kernel, _DKDV_CONFIGS)
 # Benchmarking a config adds into DQ: zero it before each trial and before the final run.
 _attention_backward_dkdv_fused_dq = _autotuned(_attention_backward_dkdv_kernel, _DKDV_CONFIGS, reset_to_zero=["DQ"])
@@ -826,6 +873,52 @@ def _feature_constexprs(q, v, mask_kind, varlen, softcap, alibi_slopes, window_l
     )
 
 
+_TMA_DTYPES = (torch.float16, torch.bfloat16)
+TMA_ENV = "PYATTN_ATTENTION_TMA"
+
+
+def _tma_unsupported_reason(q, k, v, varlen) -> str | None:
+    """Why the descriptor (TMA) forward cannot run this call, or None if it can."""
+    if TensorDescriptor is None:
+        return f"Triton {triton.__version__} has no triton.tools.tensor_descriptor (Triton >= 3.4 has)"
+    if varlen:
+        return "the varlen layout is not supported (a tile crossing a sequence end would read the next sequence)"
+    if q.dtype not in _TMA_DTYPES:
+        return f"dtype {q.dtype} is not supported (float16 and bfloat16 are)"
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        dim = tensor.shape[-1]
+        if dim < 16 or dim & (dim - 1):
+            return f"{name} has head dim {dim}; the TMA path needs a power of two >= 16"
+        if tensor.numel() == 0:
+            return f"{name} is empty (shape {tuple(tensor.shape)})"
+        if tensor.stride(-1) != 1:
+            return f"{name} has feature stride {tensor.stride(-1)}; the last dim must be contiguous"
+        if tensor.data_ptr() % 16 or any(stride * tensor.element_size() % 16 for stride in tensor.stride()[:-1]):
+            return (f"{name} is not 16-byte aligned (address {tensor.data_ptr():#x}, strides {tuple(tensor.stride())} "
+                    f"in {tensor.element_size()}-byte elements)")
+    if not _INTERPRET and (q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) < (9, 0)):
+        return f"q is on {q.device}; the tensor memory accelerator needs a CUDA GPU of compute capability >= 9.0"
+    return None
+
+
+def _forward_uses_tma(q, k, v, varlen) -> bool:
+    """Auto: the TMA path wherever it can run (never under the interpreter); PYATTN_ATTENTION_TMA=0/1 forces."""
+    setting = os.environ.get(TMA_ENV, "").strip()
+    if setting not in ("", "0", "1"):
+        raise ValueError(f"attention_forward: {TMA_ENV} must be 0, 1 or unset, got {setting!r}")
+    if setting == "0":
+        return False
+    reason = _tma_unsupported_reason(q, k, v, varlen)
+    if setting == "1" and reason is not None:
+        raise ValueError(f"attention_forward: {TMA_ENV}=1 forces the TMA forward, but {reason}")
+    return reason is None and (setting == "1" or not _INTERPRET)
+
+
+def _tma_descriptor(tensor):
+    """A (B, H, rows, D) descriptor; its block shape is a placeholder until the autotuner's pre_hook sets it."""
+    return TensorDescriptor(tensor, list(tensor.shape), list(tensor.stride()), [1, 1, 16, tensor.shape[-1]])
+
+
 def attention_forward(q, k, v, *, scale, mask=None, window_left=-1, window_right=-1, diagonal_offset=0,
                       align_to_end=False, softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=0,
                       cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
@@ -837,6 +930,10 @@ def attention_forward(q, k, v, *, scale, mask=None, window_left=-1, window_right
     Dense: q (B, Hq, L, D), k (B, Hk, S, D), v (B, Hk, S, Dv) -> out (B, Hq, L, Dv), lse (B, Hq, L) fp32.
     Varlen: q (total_q, Hq, D), k/v (total_k, Hk, ·) -> out (total_q, Hq, Dv), lse (Hq, total_q) fp32.
     Inputs may have any strides; nothing is copied.
+
+    On Hopper, dense fp16/bf16 calls with power-of-two head dims and 16-byte-aligned strides load their
+    Q/K/V tiles through TMA descriptors; ``PYATTN_ATTENTION_TMA=0`` forces the pointer path and ``=1``
+    the TMA path (raising if this call cannot take it).
     """
     batch, heads, kv_heads, seqlen_q, seqlen_k, _, head_dim_v = _check_inputs(
         "attention_forward", q, k, v, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -853,15 +950,18 @@ def attention_forward(q, k, v, *, scale, mask=None, window_left=-1, window_right
         return out.zero_(), lse
     mask_arg, mask_kind, mask_strides = _mask_arguments(mask)
     grid = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), heads, batch)  # noqa: E731
-    _attention_forward[grid](
-        q, k, v, out, lse, mask_arg, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
+    use_tma = _forward_uses_tma(q, k, v, varlen)
+    kernel = _attention_forward_tma if use_tma else _attention_forward
+    tiles = [_tma_descriptor(x) if use_tma else x for x in (q, k, v)]
+    kernel[grid](
+        *tiles, out, lse, mask_arg, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
         *_bhmd_strides(q, varlen), *_bhmd_strides(k, varlen), *_bhmd_strides(v, varlen),
         *_bhmd_strides(out, varlen), *_row_stat_strides(lse, varlen), *mask_strides, *_alibi_strides(alibi_slopes),
         heads, heads // kv_heads, seqlen_q, seqlen_k,
         float(scale), float(softcap), int(window_left), int(window_right), int(diagonal_offset), float(dropout_p),
         int(seed),
         **_feature_constexprs(q, v, mask_kind, varlen, softcap, alibi_slopes, window_left, window_right, dropout_p,
-                              align_to_end),
+                              align_to_end), USE_TMA=use_tma,
     )
     return out, lse
 
@@ -973,9 +1073,9 @@ _AOT_FEATURE_VARIANTS = ((torch.bfloat16, "dense-all"), (torch.bfloat16, "varlen
 _AOT_HEAD_DIMS = (64, 128, 256)
 
 
-def _aot_spec(name, kernel, dtype, head_dim, config, feature_set="plain", fixed=None, dq_type=None):
+def _aot_spec(name, kernel, dtype, head_dim, config, feature_set="plain", fixed=None, dq_type=None, tma=False):
     """A CompileSpec of ``kernel`` as the launchers call it, feature dims contiguous (their stride is 1,
-    which the JIT also specialises on)."""
+    which the JIT also specialises on); ``tma``: the forward's descriptor path, as its pre_hook shapes it."""
     dt = _TRITON_DTYPE[dtype]
     block_m, block_n, num_warps, num_stages = config
     features = _AOT_FEATURES[feature_set]
@@ -983,7 +1083,7 @@ def _aot_spec(name, kernel, dtype, head_dim, config, feature_set="plain", fixed=
     constexprs = dict(HEAD_DIM=head_dim, HEAD_DIM_PADDED=padded, HEAD_DIM_V=head_dim, HEAD_DIM_V_PADDED=padded,
                       BLOCK_M=block_m, BLOCK_N=block_n, IS_VARLEN=False, MASK_KIND=_NO_MASK, HAS_SOFTCAP=False,
                       HAS_ALIBI=False, HAS_WINDOW_LEFT=False, HAS_WINDOW_RIGHT=False, HAS_DROPOUT=False,
-                      ALIGN_TO_END=False)
+                      ALIGN_TO_END=False, USE_TMA=tma)
     constexprs.update(features)
     constexprs.update(fixed or {})
     pointers = {"Lse": "*fp32", "Delta": "*fp32", "Keep": "*i8", "DQ": dq_type or f"*{dt}",
@@ -991,6 +1091,9 @@ def _aot_spec(name, kernel, dtype, head_dim, config, feature_set="plain", fixed=
                 "AlibiSlopes": "*fp32" if constexprs["HAS_ALIBI"] else None,
                 "CuSeqlensQ": "*i32" if constexprs["IS_VARLEN"] else None,
                 "CuSeqlensK": "*i32" if constexprs["IS_VARLEN"] else None}
+    if tma:
+        key_tile = f"tensordesc<{dt}[1, 1, {block_n}, {padded}]>"
+        pointers.update(Q=f"tensordesc<{dt}[1, 1, {block_m}, {padded}]>", K=key_tile, V=key_tile)
     signature, values = {}, {}
     # Parameters from the Python function: under TRITON_INTERPRET the kernel object has no ``params``.
     for arg, param in inspect.signature(kernel.fn).parameters.items():
@@ -1010,7 +1113,7 @@ def _aot_spec(name, kernel, dtype, head_dim, config, feature_set="plain", fixed=
             signature[arg] = pointers.get(arg, f"*{dt}")
     return CompileSpec(name=f"{name}[{dt},d{head_dim},{feature_set},BM{block_m},BN{block_n},w{num_warps},s{num_stages}]",
                        kernel=kernel, signature=signature, constexprs=values, num_warps=num_warps,
-                       num_stages=num_stages)
+                       num_stages=num_stages, min_capability=90 if tma else 80)
 
 
 def _aot_specs() -> list[CompileSpec]:
@@ -1031,6 +1134,13 @@ def _aot_specs() -> list[CompileSpec]:
             specs.append(_aot_spec(name, kernel, dtype, 128, table[128][0], feature_set, fixed, dq_type))
         # A head dim that is not a power of two: padded to 128 with masked loads and stores.
         specs.append(_aot_spec(name, kernel, torch.float16, 80, table[128][0], fixed=fixed, dq_type=dq_type))
+    # The Hopper descriptor forward: every config it can reach, and once with every feature it composes with.
+    for dtype in _TMA_DTYPES:
+        for head_dim in _AOT_HEAD_DIMS:
+            specs += [_aot_spec("attention_forward_tma", _attention_forward_kernel, dtype, head_dim, config, tma=True)
+                      for config in _FORWARD_CONFIGS[_tile_width_class(dtype, head_dim, head_dim)]]
+    specs.append(_aot_spec("attention_forward_tma", _attention_forward_kernel, torch.bfloat16, 128,
+                           _FORWARD_CONFIGS[128][0], "dense-all", tma=True))
     for dtype in _TRITON_DTYPE:
         for head_dim in (*_AOT_HEAD_DIMS, 80):
             specs.append(_aot_spec("attention_backward_preprocess", _attention_backward_preprocess_kernel, dtype,

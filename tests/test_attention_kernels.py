@@ -3,7 +3,9 @@
 Run: ``TRITON_INTERPRET=1 .venv/bin/python -m pytest -m interpreter tests/test_attention_kernels.py``.
 Every launcher output is allocated NaN-filled (``poisoned_outputs``), so an element a kernel forgets to
 write fails the comparison. The interpreter runs 16×16 tiles, so these short sequences still cross
-several tiles: band edges, interiors and ragged ends are all exercised.
+several tiles: band edges, interiors and ragged ends are all exercised. The Hopper (TMA descriptor)
+forward is forced here with ``PYATTN_ATTENTION_TMA=1``; its ``requires_sm90`` tests at the end run in the
+plain process on an H100.
 """
 
 from __future__ import annotations
@@ -13,15 +15,15 @@ import math
 import pytest
 import torch
 
-from tests.conftest import RTOL, assert_close, poison_, random_tensor, relative_error
+from tests.conftest import INTERPRET, RTOL, RTOL_TF32, assert_close, poison_, random_tensor, relative_error
 
 pytest.importorskip("triton", reason="triton is not installed")
 
 from pyattn.kernels import attention as kernels  # noqa: E402
 from pyattn.reference.attention import attention as reference_attention  # noqa: E402
 
-pytestmark = pytest.mark.interpreter
-
+# Interpreter tests carry the mark one by one (no module pytestmark): the Hopper tests at the end run in the
+# plain process.
 DTYPES = [torch.float32, torch.float16]  # bf16 arithmetic is wrong in the interpreter: GPU tests cover it
 
 
@@ -89,6 +91,7 @@ SHAPES = [
 ]
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}_H{}_Hk{}_L{}_S{}_D{}_Dv{}".format(*s))
 def test_matches_reference(shape, dtype):
@@ -115,6 +118,7 @@ OPTIONS = {
 }
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", OPTIONS)
 def test_options_match_reference(name, dtype):
@@ -125,6 +129,7 @@ def test_options_match_reference(name, dtype):
 MASK_SHAPES = [(2, 1, 1, 47), (1, 2, 33, 47), (1, 1, 33, 47), (2, 2, 33, 47), (1, 1, 1, 1)]
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("kind", ["bool", "float"])
 @pytest.mark.parametrize("mask_shape", MASK_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_masks_of_broadcast_shapes(mask_shape, kind):
@@ -141,6 +146,7 @@ def test_masks_of_broadcast_shapes(mask_shape, kind):
     check_against_reference(q, k, v, scale=0.25, mask=mask, window_right=4)
 
 
+@pytest.mark.interpreter
 def test_mask_broadcast_view_is_read_not_materialised():
     q, k, v = make_inputs(1, 2, 2, 33, 47, 16, 16, torch.float16)
     mask = torch.randn(1, 1, 1, 47).to(torch.float16).expand(1, 2, 33, 47)
@@ -148,6 +154,7 @@ def test_mask_broadcast_view_is_read_not_materialised():
     check_against_reference(q, k, v, scale=0.25, mask=mask)
 
 
+@pytest.mark.interpreter
 def test_fully_masked_rows_give_zero_output_and_gradient():
     q, k, v = make_inputs(1, 2, 1, 33, 40, 16, 16, torch.float32)
     mask = torch.rand(1, 2, 33, 40) > 0.5
@@ -164,6 +171,7 @@ def test_fully_masked_rows_give_zero_output_and_gradient():
     assert torch.isneginf(lse[:, :, 5:9]).all() and (out[:, :, 5:9] == 0).all() and (dq[:, :, 5:9] == 0).all()
 
 
+@pytest.mark.interpreter
 def test_window_outside_every_key_gives_zeros():
     q, k, v = make_inputs(1, 1, 1, 20, 20, 16, 16, torch.float32)
     out, lse, dq, dk, dv = check_against_reference(q, k, v, scale=0.25, window_right=0, diagonal_offset=-40)
@@ -189,6 +197,7 @@ VARLEN_OPTIONS = {
 }
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", VARLEN_OPTIONS)
 def test_varlen_ragged_lengths(name, dtype):
@@ -210,6 +219,7 @@ ALIGNED_OPTIONS = {
 }
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-dq", "deterministic-dq"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", ALIGNED_OPTIONS)
@@ -219,6 +229,7 @@ def test_varlen_aligned_to_each_sequence_end(name, dtype, deterministic):
                             **ALIGNED_OPTIONS[name])
 
 
+@pytest.mark.interpreter
 def test_varlen_aligned_rows_that_see_no_key_are_zero():
     q, k, v, layout = varlen_inputs(ALIGNED_LENGTHS_Q, ALIGNED_LENGTHS_K, 2, 1, 32, 16, torch.float32)
     out, lse, dq, _, _ = check_against_reference(q, k, v, scale=0.2, align_to_end=True, window_right=0, **layout)
@@ -231,6 +242,7 @@ def test_varlen_aligned_rows_that_see_no_key_are_zero():
     assert (out[blind] == 0).all() and (dq[blind] == 0).all()
 
 
+@pytest.mark.interpreter
 def test_non_contiguous_inputs():
     # Transposed (batch, seqlen, heads, dim) views, and a feature stride of 2: nothing may be copied.
     q = random_tensor(2, 33, 4, 32).transpose(1, 2)
@@ -241,12 +253,14 @@ def test_non_contiguous_inputs():
     check_against_reference(q, k, v, scale=0.2, deterministic=True)
 
 
+@pytest.mark.interpreter
 def test_non_contiguous_varlen_inputs():
     q, k, v, layout = varlen_inputs([20, 7], [11, 30], 4, 2, 16, 16, torch.float32)
     q_wide = random_tensor(q.shape[0], 4, 32)[..., 16:]
     check_against_reference(q_wide, k, v, scale=0.2, **layout)
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_deterministic_and_atomic_backward_agree(dtype):
     q, k, v = make_inputs(1, 4, 2, 40, 50, 32, 32, dtype)
@@ -268,6 +282,7 @@ def test_deterministic_and_atomic_backward_agree(dtype):
 DROPOUT = dict(dropout_p=0.3, seed=1234)
 
 
+@pytest.mark.interpreter
 def test_dropout_same_seed_is_bit_identical_and_seeds_differ():
     q, k, v = make_inputs(1, 2, 1, 33, 40, 16, 16, torch.float32)
     first, first_lse = kernels.attention_forward(q, k, v, scale=0.25, **DROPOUT)
@@ -281,6 +296,7 @@ def test_dropout_same_seed_is_bit_identical_and_seeds_differ():
     assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
+@pytest.mark.interpreter
 def test_dropout_keep_fraction_and_independence():
     p = 0.3
     keep = kernels.attention_dropout_keep_mask(2, 3, 64, 129, dropout_p=p, seed=7, device="cpu")
@@ -298,6 +314,7 @@ def test_dropout_keep_fraction_and_independence():
     assert kernels.attention_dropout_keep_mask(1, 1, 8, 8, dropout_p=0.0, seed=7, device="cpu").all()
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_dropout_matches_reference_given_keep_mask(dtype):
     q, k, v = make_inputs(2, 2, 1, 33, 47, 32, 32, dtype)
@@ -307,6 +324,7 @@ def test_dropout_matches_reference_given_keep_mask(dtype):
     check_against_reference(q, k, v, scale=0.3, dropout_keep_mask=keep, deterministic=True, softcap=2.0, **DROPOUT)
 
 
+@pytest.mark.interpreter
 def test_dropout_varlen_matches_reference_given_keep_mask():
     q, k, v, layout = varlen_inputs([5, 33, 17], [40, 9, 17], 2, 2, 16, 16, torch.float32)
     keep = kernels.attention_dropout_keep_mask(3, 2, layout["max_seqlen_q"], layout["max_seqlen_k"], **DROPOUT,
@@ -314,6 +332,7 @@ def test_dropout_varlen_matches_reference_given_keep_mask():
     check_against_reference(q, k, v, scale=0.3, dropout_keep_mask=keep, **layout, **DROPOUT)
 
 
+@pytest.mark.interpreter
 def test_reference_matches_torch_sdpa():
     q, k, v = make_inputs(2, 4, 2, 33, 47, 16, 16, torch.float64)
     mask = torch.randn(2, 1, 33, 47, dtype=torch.float64)
@@ -343,6 +362,7 @@ BAD_INPUTS = [
 ]
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("bad, error, message", BAD_INPUTS, ids=lambda x: str(x)[:40] if isinstance(x, dict) else "")
 def test_bad_input_raises_naming_the_argument(bad, error, message):
     bad = dict(bad)
@@ -356,6 +376,7 @@ def test_bad_input_raises_naming_the_argument(bad, error, message):
         kernels.attention_forward(q, k, v, scale=0.25, **bad)
 
 
+@pytest.mark.interpreter
 def test_gpu_autotune_configs_are_pruned_per_tile_width_and_length(monkeypatch):
     # The GPU tables, pruned as the autotuner calls the pruner: positional arguments and constexprs apart.
     monkeypatch.setattr(kernels, "_INTERPRET", False)
@@ -372,3 +393,183 @@ def test_gpu_autotune_configs_are_pruned_per_tile_width_and_length(monkeypatch):
                 table[width_class]), (dtype, head_dim)
             short = prune(configs, dict(Q=q, seqlen_q=1, seqlen_k=20), **constexprs)
             assert len(short) >= 1 and all(c in chosen for c in short)
+
+
+# --------------------------------------------------------------------------------------------
+# The Hopper forward that loads Q/K/V tiles through TMA descriptors (USE_TMA)
+# --------------------------------------------------------------------------------------------
+
+
+class _PointerForwardForbidden:
+    def __getitem__(self, grid):
+        raise AssertionError("the pointer forward ran although PYATTN_ATTENTION_TMA=1 selected the TMA path")
+
+
+@pytest.fixture
+def forced_tma(monkeypatch):
+    """PYATTN_ATTENTION_TMA=1, with the pointer forward unreachable so that no silent fallback can pass."""
+    monkeypatch.setenv(kernels.TMA_ENV, "1")
+    monkeypatch.setattr(kernels, "_attention_forward", _PointerForwardForbidden())
+
+
+# Ragged lengths (17, 129: the last tile is mostly past the sequence, which the descriptor zero-fills),
+# head dims 64 and 128, GQA/MQA, Dv ≠ D, and the band options the path is meant for.
+TMA_CASES = {
+    "noncausal-L17-S129-d64": ((1, 2, 2, 17, 129, 64, 64), {}),
+    "noncausal-gqa-L129-S17-d128": ((2, 4, 2, 129, 17, 128, 128), {}),
+    "causal-top-left-gqa-L129-S129-d64": ((1, 4, 2, 129, 129, 64, 64), dict(window_right=0)),
+    "causal-bottom-right-L17-S129-d128": ((1, 2, 1, 17, 129, 128, 128), dict(window_right=0, diagonal_offset=112)),
+    "sliding-window-L129-S17-d64": ((1, 2, 2, 129, 17, 64, 64), dict(window_left=5, window_right=3,
+                                                                     diagonal_offset=-100)),
+    "softcap-mqa-d64-dv128": ((1, 4, 1, 17, 47, 64, 128), dict(softcap=3.0, window_right=0, align_to_end=True)),
+}
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("name", TMA_CASES)
+def test_tma_forward_matches_reference(name, forced_tma):
+    shape, options = TMA_CASES[name]
+    q, k, v = make_inputs(*shape, torch.float16)  # fp32 is not a TMA dtype; bf16 only on the GPU
+    check_against_reference(q, k, v, scale=shape[5] ** -0.5, **options)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("name", OPTIONS)
+def test_tma_forward_composes_with_every_dense_option(name, forced_tma):
+    # Only the tile loads differ from the pointer path, so ALiBi, masks and dropout come along unchanged.
+    q, k, v = make_inputs(2, 2, 1, 33, 47, 32, 32, torch.float16)
+    check_against_reference(q, k, v, scale=0.3, **OPTIONS[name])
+
+
+@pytest.mark.interpreter
+def test_tma_forward_with_mask_and_dropout(forced_tma):
+    q, k, v = make_inputs(2, 2, 1, 33, 47, 16, 16, torch.float16)
+    mask = (torch.rand(2, 1, 33, 47) > 0.3).expand(2, 2, 33, 47)
+    check_against_reference(q, k, v, scale=0.25, mask=mask, window_right=4)
+    keep = kernels.attention_dropout_keep_mask(2, 2, 33, 47, **DROPOUT, device="cpu")
+    check_against_reference(q, k, v, scale=0.25, dropout_keep_mask=keep, **DROPOUT)
+
+
+@pytest.mark.interpreter
+def test_tma_forward_equals_pointer_forward_bitwise(monkeypatch):
+    # The interpreter runs both paths' arithmetic in the same order: any difference is a loading bug.
+    q, k, v = make_inputs(1, 4, 2, 129, 17, 64, 64, torch.float16)
+    options = dict(scale=0.125, window_left=40, window_right=0, diagonal_offset=-100)
+    monkeypatch.setenv(kernels.TMA_ENV, "0")
+    pointer = kernels.attention_forward(q, k, v, **options)
+    monkeypatch.setenv(kernels.TMA_ENV, "1")
+    tma = kernels.attention_forward(q, k, v, **options)
+    assert torch.equal(pointer[0], tma[0]) and torch.equal(pointer[1], tma[1])
+
+
+@pytest.mark.interpreter
+def test_tma_selection_is_automatic_only_on_hopper_and_overridable(monkeypatch):
+    q, k, v = make_inputs(1, 2, 1, 17, 17, 64, 64, torch.float16)
+    monkeypatch.delenv(kernels.TMA_ENV, raising=False)
+    assert not kernels._forward_uses_tma(q, k, v, False), "auto must keep the pointer path in the interpreter"
+    monkeypatch.setenv(kernels.TMA_ENV, "0")
+    assert not kernels._forward_uses_tma(q, k, v, False)
+    monkeypatch.setenv(kernels.TMA_ENV, "1")
+    assert kernels._forward_uses_tma(q, k, v, False)
+    monkeypatch.setenv(kernels.TMA_ENV, "yes")
+    with pytest.raises(ValueError, match="PYATTN_ATTENTION_TMA must be 0, 1 or unset"):
+        kernels.attention_forward(q, k, v, scale=0.125)
+    monkeypatch.setattr(kernels, "_INTERPRET", False)  # compiled Triton: CPU tensors are not a Hopper GPU
+    assert "compute capability >= 9.0" in kernels._tma_unsupported_reason(q, k, v, False)
+
+
+def _misaligned_rows(dtype=torch.float16):
+    return random_tensor(1, 2, 17, 68, dtype=dtype)[..., :64]  # a 136-byte row stride
+
+
+def _misaligned_base(dtype=torch.float16):
+    return random_tensor(4 + 2 * 17 * 64, dtype=dtype)[4:].view(1, 2, 17, 64)  # starts 8 bytes in
+
+
+TMA_INELIGIBLE = [
+    ("fp32", dict(dtype=torch.float32), "dtype torch.float32 is not supported"),
+    ("head-dim-80", dict(head_dim=80), "head dim 80"),
+    ("head-dim-8", dict(head_dim=8), "head dim 8"),
+    ("feature-stride-2", dict(q=lambda: random_tensor(1, 2, 17, 128, dtype=torch.float16)[..., ::2]),
+     "q has feature stride 2"),
+    ("row-stride-136-bytes", dict(k=_misaligned_rows), "k is not 16-byte aligned"),
+    ("base-8-bytes-in", dict(v=_misaligned_base), "v is not 16-byte aligned"),
+    ("varlen", dict(varlen=True), "varlen layout"),
+]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("case, change, message", TMA_INELIGIBLE, ids=[case[0] for case in TMA_INELIGIBLE])
+def test_tma_forced_on_an_ineligible_call_raises_the_reason(case, change, message, monkeypatch):
+    change = dict(change)
+    dtype, head_dim = change.pop("dtype", torch.float16), change.pop("head_dim", 64)
+    q, k, v = make_inputs(1, 2, 2, 17, 17, head_dim, head_dim, dtype)
+    tensors = dict(q=q, k=k, v=v)
+    tensors.update({name: change.pop(name)() for name in tensors if name in change})
+    q, k, v = tensors.values()
+    layout = {}
+    if change.pop("varlen", False):
+        q, k, v, layout = varlen_inputs([17, 5], [17, 9], 2, 2, 64, 64, torch.float16)
+    monkeypatch.setenv(kernels.TMA_ENV, "1")
+    with pytest.raises(ValueError, match=f"PYATTN_ATTENTION_TMA=1 forces the TMA forward, but .*{message}"):
+        kernels.attention_forward(q, k, v, scale=0.125, **layout)
+    monkeypatch.setenv(kernels.TMA_ENV, "0")  # the pointer path takes every one of them
+    check_against_reference(q, k, v, scale=0.125, **layout)
+
+
+# On an H100 (plain pytest process): the TMA path against the pointer path and the float64 reference.
+TMA_GPU_SHAPES = [
+    (2, 8, 2, 1000, 1037, 128, 128),
+    (1, 4, 4, 129, 4096, 64, 64),
+    (1, 4, 1, 4097, 257, 256, 256),
+    (3, 2, 2, 17, 129, 64, 128),
+]
+TMA_GPU_OPTIONS = {
+    "noncausal": {},
+    "causal-bottom-right": dict(window_right=0, align_to_end=True),
+    "sliding-window": dict(window_left=256, window_right=0, align_to_end=True),
+    "softcap": dict(softcap=30.0),
+}
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.requires_sm90
+@pytest.mark.skipif(INTERPRET, reason="GPU test: run it in the plain process, without TRITON_INTERPRET")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("options", TMA_GPU_OPTIONS)
+@pytest.mark.parametrize("shape", TMA_GPU_SHAPES, ids=lambda s: "B{}_H{}_Hk{}_L{}_S{}_D{}_Dv{}".format(*s))
+def test_gpu_tma_forward_matches_pointer_forward_and_reference(shape, options, dtype, monkeypatch):
+    q, k, v = (x.cuda() for x in make_inputs(*shape, dtype))
+    call = dict(scale=shape[5] ** -0.5, **TMA_GPU_OPTIONS[options])
+    monkeypatch.delenv(kernels.TMA_ENV, raising=False)
+    assert kernels._forward_uses_tma(q, k, v, False), "auto must pick the TMA path for this call on sm_90"
+    monkeypatch.setenv(kernels.TMA_ENV, "1")
+    out_tma, lse_tma = kernels.attention_forward(q, k, v, **call)
+    monkeypatch.setenv(kernels.TMA_ENV, "0")
+    out_pointer, lse_pointer = kernels.attention_forward(q, k, v, **call)
+    ref_out, ref_lse = reference_attention(q.double(), k.double(), v.double(), **call)
+    finite = torch.isfinite(ref_lse)  # causal with L > S: the first L − S rows see no key (lse = −inf)
+    for name, out, lse in (("tma", out_tma, lse_tma), ("pointer", out_pointer, lse_pointer)):
+        assert_close(out, ref_out, RTOL[dtype], f"{name} out")
+        assert torch.equal(torch.isneginf(lse), ~finite), f"{name} lse: −inf rows differ from the reference"
+        assert_close(lse[finite], ref_lse[finite], RTOL[torch.float32], f"{name} lse")
+    # Same tiles, same online softmax: the paths agree far inside the dtype's tolerance.
+    assert relative_error(out_tma, out_pointer.double()) <= RTOL[dtype] / 4
+
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.requires_sm90
+@pytest.mark.skipif(INTERPRET, reason="GPU test: run it in the plain process, without TRITON_INTERPRET")
+def test_gpu_tma_auto_selection_falls_back_on_ineligible_calls(monkeypatch):
+    monkeypatch.delenv(kernels.TMA_ENV, raising=False)
+    q, k, v = (x.cuda() for x in make_inputs(1, 2, 1, 65, 65, 64, 64, torch.bfloat16))
+    assert kernels._forward_uses_tma(q, k, v, False)
+    rows_136_bytes = random_tensor(1, 2, 65, 68, dtype=torch.bfloat16, device="cuda")[..., :64]
+    cases = {"fp32": ((q.float(), k.float(), v.float()), RTOL_TF32),
+             "misaligned": ((rows_136_bytes, k, v), RTOL[q.dtype])}
+    for name, (inputs, rtol) in cases.items():
+        assert not kernels._forward_uses_tma(*inputs, False), name
+        out, _ = kernels.attention_forward(*inputs, scale=0.125)
+        ref, _ = reference_attention(*(x.double() for x in inputs), scale=0.125)
+        assert_close(out, ref, rtol, name)
