@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import warnings
 
 import torch
 import triton
@@ -30,6 +31,7 @@ import triton.language as tl
 
 from pyattn._layout import new_attention_output
 from pyattn.kernels._aot import CompileSpec
+from pyattn.kernels._launch import on_input_device
 
 try:  # host-side TMA descriptors: Triton >= 3.4 (users run 3.6)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -218,12 +220,12 @@ def _attention_forward_inner(acc, row_sum, row_max, q, k_ptr, v_ptr, mask_ptr, k
                              HEAD_DIM_V_PADDED: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
                              HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_WINDOW_LEFT: tl.constexpr,
                              HAS_WINDOW_RIGHT: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr,
-                             ON_EDGE: tl.constexpr):
+                             ON_EDGE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     for start_n in range(key_start, key_end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_kv_tile(k_ptr, batch, kv_head, start_n, offs_n, seqlen_k, offs_dk, stride_kn, stride_kd, HEAD_DIM,
                           HEAD_DIM_PADDED, BLOCK_N, USE_TMA, ON_EDGE)
-        qk = tl.dot(q, tl.trans(k))
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         s, _ = _attention_scores(qk, rows[:, None], offs_n[None, :], seqlen_q, seqlen_k, scale, softcap, slope,
                                  window_left, window_right, diagonal_offset, mask_ptr, stride_mm, stride_mn,
                                  MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, ON_EDGE)
@@ -242,7 +244,7 @@ def _attention_forward_inner(acc, row_sum, row_max, q, k_ptr, v_ptr, mask_ptr, k
             p = tl.where(keep, p, 0.0)
         v = _load_kv_tile(v_ptr, batch, kv_head, start_n, offs_n, seqlen_k, offs_dv, stride_vn, stride_vd, HEAD_DIM_V,
                           HEAD_DIM_V_PADDED, BLOCK_N, USE_TMA, ON_EDGE)
-        acc = tl.dot(p.to(v.dtype), v, acc)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         row_max = new_max
     return acc, row_sum, row_max
 
@@ -257,12 +259,13 @@ def _attention_forward_kernel(
     stride_lb, stride_lh, stride_lm,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_ab, stride_ah,
-    num_heads, group_size, seqlen_q, seqlen_k,
+    num_heads, group_size, seqlen_q, seqlen_k, seqlen_q_bucket, seqlen_k_bucket,
     scale, softcap, window_left, window_right, diagonal_offset, dropout_p, seed,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PADDED: tl.constexpr,
     IS_VARLEN: tl.constexpr, MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    ALIGN_TO_END: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ALIGN_TO_END: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One query tile of one head. With USE_TMA (dense layout, Hopper) Q, K, V are (B, H, rows, D) tensor
     descriptors and their strides are unused; everything but the tile loads is the same code."""
@@ -311,19 +314,19 @@ def _attention_forward_kernel(
         seqlen_k_b, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale, softcap, slope,
         window_left, window_right, diagonal_offset, dropout_p, seed, batch, kv_head, batch_head, HEAD_DIM,
         HEAD_DIM_PADDED, HEAD_DIM_V, HEAD_DIM_V_PADDED, BLOCK_N, MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, HAS_WINDOW_LEFT,
-        HAS_WINDOW_RIGHT, HAS_DROPOUT, USE_TMA, ON_EDGE=True)
+        HAS_WINDOW_RIGHT, HAS_DROPOUT, USE_TMA, ON_EDGE=True, DOT_PRECISION=DOT_PRECISION)
     acc, row_sum, row_max = _attention_forward_inner(
         acc, row_sum, row_max, q, k_ptr, v_ptr, mask_ptr, interior_lo, interior_hi, rows, offs_dk, offs_dv,
         seqlen_q_b, seqlen_k_b, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale, softcap,
         slope, window_left, window_right, diagonal_offset, dropout_p, seed, batch, kv_head, batch_head, HEAD_DIM,
         HEAD_DIM_PADDED, HEAD_DIM_V, HEAD_DIM_V_PADDED, BLOCK_N, MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, HAS_WINDOW_LEFT,
-        HAS_WINDOW_RIGHT, HAS_DROPOUT, USE_TMA, ON_EDGE=False)
+        HAS_WINDOW_RIGHT, HAS_DROPOUT, USE_TMA, ON_EDGE=False, DOT_PRECISION=DOT_PRECISION)
     acc, row_sum, row_max = _attention_forward_inner(
         acc, row_sum, row_max, q, k_ptr, v_ptr, mask_ptr, interior_hi, hi, rows, offs_dk, offs_dv, seqlen_q_b,
         seqlen_k_b, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale, softcap, slope,
         window_left, window_right, diagonal_offset, dropout_p, seed, batch, kv_head, batch_head, HEAD_DIM,
         HEAD_DIM_PADDED, HEAD_DIM_V, HEAD_DIM_V_PADDED, BLOCK_N, MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, HAS_WINDOW_LEFT,
-        HAS_WINDOW_RIGHT, HAS_DROPOUT, USE_TMA, ON_EDGE=True)
+        HAS_WINDOW_RIGHT, HAS_DROPOUT, USE_TMA, ON_EDGE=True, DOT_PRECISION=DOT_PRECISION)
 
     # A row with no visible key has row_sum = 0: output 0 and lse = −inf, never 0/0.
     has_keys = row_sum > 0
@@ -384,7 +387,8 @@ def _attention_backward_dkdv_inner(dk, dv, k, v, q_ptr, g_ptr, dq_ptr, lse_ptr, 
                                    HEAD_DIM_V_PADDED: tl.constexpr, BLOCK_M: tl.constexpr, MASK_KIND: tl.constexpr,
                                    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                                    HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
-                                   HAS_DROPOUT: tl.constexpr, FUSED_DQ: tl.constexpr, ON_EDGE: tl.constexpr):
+                                   HAS_DROPOUT: tl.constexpr, FUSED_DQ: tl.constexpr, ON_EDGE: tl.constexpr,
+                                   DOT_PRECISION: tl.constexpr):
     # Tiles are transposed, (keys, queries), so that dK and dV accumulate as plain dot products.
     for start_m in range(row_start, row_end, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
@@ -400,26 +404,27 @@ def _attention_backward_dkdv_inner(dk, dv, k, v, q_ptr, g_ptr, dq_ptr, lse_ptr, 
             delta = tl.load(delta_ptr + rows * stride_dm)
         # Rows with no visible key (lse = −inf) get P = exp2(−inf − inf) = 0 rather than NaN.
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
-        qk_t = tl.dot(k, tl.trans(q))
+        qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
         s_t, tanh_t = _attention_scores(qk_t, rows[None, :], cols[:, None], seqlen_q, seqlen_k, scale, softcap, slope,
                                         window_left, window_right, diagonal_offset, mask_ptr, stride_mm, stride_mn,
                                         MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, ON_EDGE)
         p_t = tl.exp2(s_t - lse2[None, :])
-        dp_t = tl.dot(v, tl.trans(grad_out))
+        dp_t = tl.dot(v, tl.trans(grad_out), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
             keep_t = _dropout_keep(seed, batch_head, rows[None, :], cols[:, None], dropout_p)
             rescale = 1.0 / (1.0 - dropout_p)
-            dv = tl.dot(tl.where(keep_t, p_t * rescale, 0.0).to(grad_out.dtype), grad_out, dv)
+            dv = tl.dot(tl.where(keep_t, p_t * rescale, 0.0).to(grad_out.dtype), grad_out, dv,
+                        input_precision=DOT_PRECISION)
             dp_t = tl.where(keep_t, dp_t * rescale, 0.0)
         else:
-            dv = tl.dot(p_t.to(grad_out.dtype), grad_out, dv)
+            dv = tl.dot(p_t.to(grad_out.dtype), grad_out, dv, input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         if HAS_SOFTCAP:
             ds_t = ds_t * (1.0 - tanh_t * tanh_t)
         ds_t = ds_t.to(q.dtype)
-        dk = tl.dot(ds_t, q, dk)
+        dk = tl.dot(ds_t, q, dk, input_precision=DOT_PRECISION)
         if FUSED_DQ:
-            dq = tl.dot(tl.trans(ds_t), k) * scale
+            dq = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION) * scale
             tl.atomic_add(dq_ptr + rows[:, None] * stride_dqm + offs_dk[None, :] * stride_dqd, dq,
                           mask=(rows[:, None] < seqlen_q) & (offs_dk[None, :] < HEAD_DIM), sem="relaxed")
     return dk, dv
@@ -438,12 +443,13 @@ def _attention_backward_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_ab, stride_ah,
-    num_heads, group_size, seqlen_q, seqlen_k,
+    num_heads, group_size, seqlen_q, seqlen_k, seqlen_q_bucket, seqlen_k_bucket,
     scale, softcap, window_left, window_right, diagonal_offset, dropout_p, seed,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PADDED: tl.constexpr,
     IS_VARLEN: tl.constexpr, MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    ALIGN_TO_END: tl.constexpr, FUSED_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ALIGN_TO_END: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FUSED_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One key tile of one kv head: dK, dV summed over the query heads of its GQA group, no atomics.
     With FUSED_DQ it also adds each (query tile, key tile) term of dQ into the fp32 buffer DQ."""
@@ -493,20 +499,22 @@ def _attention_backward_dkdv_kernel(
             seqlen_q_b, seqlen_k_b, stride_qm, stride_qd, stride_gm, stride_gd, stride_dqm, stride_dqd, stride_lm,
             stride_lm, stride_mm, stride_mn, scale, softcap, slope, window_left, window_right, diagonal_offset,
             dropout_p, seed, batch_head, HEAD_DIM, HEAD_DIM_PADDED, HEAD_DIM_V, HEAD_DIM_V_PADDED, BLOCK_M, MASK_KIND,
-            HAS_SOFTCAP, HAS_ALIBI, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_DROPOUT, FUSED_DQ, ON_EDGE=True)
+            HAS_SOFTCAP, HAS_ALIBI, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_DROPOUT, FUSED_DQ,
+            ON_EDGE=True, DOT_PRECISION=DOT_PRECISION)
         dk, dv = _attention_backward_dkdv_inner(
             dk, dv, k, v, q_ptr, g_ptr, dq_ptr, lse_ptr, delta_ptr, mask_ptr, interior_lo, interior_hi, cols, offs_dk,
             offs_dv, seqlen_q_b, seqlen_k_b, stride_qm, stride_qd, stride_gm, stride_gd, stride_dqm, stride_dqd,
             stride_lm, stride_lm, stride_mm, stride_mn, scale, softcap, slope, window_left, window_right,
             diagonal_offset, dropout_p, seed, batch_head, HEAD_DIM, HEAD_DIM_PADDED, HEAD_DIM_V, HEAD_DIM_V_PADDED,
             BLOCK_M, MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_DROPOUT, FUSED_DQ,
-            ON_EDGE=False)
+            ON_EDGE=False, DOT_PRECISION=DOT_PRECISION)
         dk, dv = _attention_backward_dkdv_inner(
             dk, dv, k, v, q_ptr, g_ptr, dq_ptr, lse_ptr, delta_ptr, mask_ptr, interior_hi, hi, cols, offs_dk, offs_dv,
             seqlen_q_b, seqlen_k_b, stride_qm, stride_qd, stride_gm, stride_gd, stride_dqm, stride_dqd, stride_lm,
             stride_lm, stride_mm, stride_mn, scale, softcap, slope, window_left, window_right, diagonal_offset,
             dropout_p, seed, batch_head, HEAD_DIM, HEAD_DIM_PADDED, HEAD_DIM_V, HEAD_DIM_V_PADDED, BLOCK_M, MASK_KIND,
-            HAS_SOFTCAP, HAS_ALIBI, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_DROPOUT, FUSED_DQ, ON_EDGE=True)
+            HAS_SOFTCAP, HAS_ALIBI, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_DROPOUT, FUSED_DQ,
+            ON_EDGE=True, DOT_PRECISION=DOT_PRECISION)
 
     dk_ptr = DK + batch64 * stride_dkb + kv_head64 * stride_dkh + k_start64 * stride_dkn
     dv_ptr = DV + batch64 * stride_dvb + kv_head64 * stride_dvh + k_start64 * stride_dvn
@@ -524,26 +532,27 @@ def _attention_backward_dq_inner(dq, q, grad_out, lse2, delta, k_ptr, v_ptr, mas
                                  HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                                  HEAD_DIM_V_PADDED: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
                                  HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_WINDOW_LEFT: tl.constexpr,
-                                 HAS_WINDOW_RIGHT: tl.constexpr, HAS_DROPOUT: tl.constexpr, ON_EDGE: tl.constexpr):
+                                 HAS_WINDOW_RIGHT: tl.constexpr, HAS_DROPOUT: tl.constexpr, ON_EDGE: tl.constexpr,
+                                 DOT_PRECISION: tl.constexpr):
     for start_n in range(key_start, key_end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(k_ptr + offs_n[:, None] * stride_kn + offs_dk[None, :] * stride_kd, offs_n, seqlen_k,
                        offs_dk, HEAD_DIM, ON_EDGE, HEAD_DIM != HEAD_DIM_PADDED)
         v = _load_tile(v_ptr + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd, offs_n, seqlen_k,
                        offs_dv, HEAD_DIM_V, ON_EDGE, HEAD_DIM_V != HEAD_DIM_V_PADDED)
-        qk = tl.dot(q, tl.trans(k))
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         s, tanh = _attention_scores(qk, rows[:, None], offs_n[None, :], seqlen_q, seqlen_k, scale, softcap, slope,
                                     window_left, window_right, diagonal_offset, mask_ptr, stride_mm, stride_mn,
                                     MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, ON_EDGE)
         p = tl.exp2(s - lse2[:, None])
-        dp = tl.dot(grad_out, tl.trans(v))
+        dp = tl.dot(grad_out, tl.trans(v), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, batch_head, rows[:, None], offs_n[None, :], dropout_p)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
         if HAS_SOFTCAP:
             ds = ds * (1.0 - tanh * tanh)
-        dq = tl.dot(ds.to(k.dtype), k, dq)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
     return dq
 
 
@@ -558,12 +567,13 @@ def _attention_backward_dq_kernel(
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_ab, stride_ah,
-    num_heads, group_size, seqlen_q, seqlen_k,
+    num_heads, group_size, seqlen_q, seqlen_k, seqlen_q_bucket, seqlen_k_bucket,
     scale, softcap, window_left, window_right, diagonal_offset, dropout_p, seed,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PADDED: tl.constexpr,
     IS_VARLEN: tl.constexpr, MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    ALIGN_TO_END: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ALIGN_TO_END: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One query tile of one head: dQ over the same key band as the forward, written once (deterministic)."""
     start_m = tl.program_id(0) * BLOCK_M
@@ -608,19 +618,19 @@ def _attention_backward_dq_kernel(
         seqlen_k_b, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale, softcap, slope,
         window_left, window_right, diagonal_offset, dropout_p, seed, batch_head, HEAD_DIM, HEAD_DIM_PADDED,
         HEAD_DIM_V, HEAD_DIM_V_PADDED, BLOCK_N, MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
-        HAS_DROPOUT, ON_EDGE=True)
+        HAS_DROPOUT, ON_EDGE=True, DOT_PRECISION=DOT_PRECISION)
     dq = _attention_backward_dq_inner(
         dq, q, grad_out, lse2, delta, k_ptr, v_ptr, mask_ptr, interior_lo, interior_hi, rows, offs_dk, offs_dv,
         seqlen_q_b, seqlen_k_b, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale, softcap,
         slope, window_left, window_right, diagonal_offset, dropout_p, seed, batch_head, HEAD_DIM, HEAD_DIM_PADDED,
         HEAD_DIM_V, HEAD_DIM_V_PADDED, BLOCK_N, MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
-        HAS_DROPOUT, ON_EDGE=False)
+        HAS_DROPOUT, ON_EDGE=False, DOT_PRECISION=DOT_PRECISION)
     dq = _attention_backward_dq_inner(
         dq, q, grad_out, lse2, delta, k_ptr, v_ptr, mask_ptr, interior_hi, hi, rows, offs_dk, offs_dv, seqlen_q_b,
         seqlen_k_b, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale, softcap, slope,
         window_left, window_right, diagonal_offset, dropout_p, seed, batch_head, HEAD_DIM, HEAD_DIM_PADDED,
         HEAD_DIM_V, HEAD_DIM_V_PADDED, BLOCK_N, MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
-        HAS_DROPOUT, ON_EDGE=True)
+        HAS_DROPOUT, ON_EDGE=True, DOT_PRECISION=DOT_PRECISION)
     dq_ptr = DQ + batch64 * stride_dqb + head64 * stride_dqh + q_start64 * stride_dqm
     tl.store(dq_ptr + rows[:, None] * stride_dqm + offs_dk[None, :] * stride_dqd, (dq * scale).to(DQ.dtype.element_ty),
              mask=(rows[:, None] < seqlen_q_b) & (offs_dk[None, :] < HEAD_DIM))
@@ -674,7 +684,17 @@ _DQ_CONFIGS = {
 # tests' short sequences still cross several tiles (edges, interiors, ragged ends).
 _INTERPRETER_CONFIG = (16, 16, 1, 1)
 _PREPROCESS_BLOCK_M = 16 if _INTERPRET else 64
-_TUNING_KEY = ["seqlen_q", "seqlen_k", "HEAD_DIM", "HEAD_DIM_V", "IS_VARLEN", "MASK_KIND", "HAS_DROPOUT"]
+# Lengths enter the key as power-of-two buckets (kernel arguments the kernel itself ignores): varlen training
+# with a new max length each step would otherwise re-tune (benchmark runs, host syncs, no CUDA-graph capture)
+# nearly every step, and lengths within a bucket prune to the same configs.
+_TUNING_KEY = ["seqlen_q_bucket", "seqlen_k_bucket", "HEAD_DIM", "HEAD_DIM_V", "IS_VARLEN", "MASK_KIND", "HAS_DROPOUT",
+               "DOT_PRECISION"]
+
+
+def _seqlen_bucket(seqlen: int) -> int:
+    """The tuning bucket of a length: the next power of two, at least 16 (so its kernel argument is always
+    divisible by 16 and never 1, and the JIT compiles a single specialisation of it)."""
+    return triton.next_power_of_2(max(int(seqlen), 16))
 
 
 def _tile_width_class(dtype: torch.dtype, head_dim_padded: int, head_dim_v_padded: int) -> int:
@@ -706,8 +726,7 @@ def _config_pruner(table: dict):
                                         arguments["HEAD_DIM_V_PADDED"])
         wanted = set(table[width_class])
         chosen = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
-        longest_q = triton.next_power_of_2(max(int(arguments["seqlen_q"]), 16))
-        longest_k = triton.next_power_of_2(max(int(arguments["seqlen_k"]), 16))
+        longest_q, longest_k = arguments["seqlen_q_bucket"], arguments["seqlen_k_bucket"]
         fitting = [c for c in chosen if c.kwargs["BLOCK_M"] <= longest_q and c.kwargs["BLOCK_N"] <= longest_k]
         # A short sequence may fit no config: then the smallest tiles of the class still run correctly.
         return fitting or [min(chosen, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
@@ -869,8 +888,16 @@ def _feature_constexprs(q, v, mask_kind, varlen, softcap, alibi_slopes, window_l
         HEAD_DIM_V=head_dim_v, HEAD_DIM_V_PADDED=max(16, triton.next_power_of_2(head_dim_v)),
         IS_VARLEN=varlen, MASK_KIND=mask_kind, HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
         HAS_WINDOW_LEFT=window_left >= 0, HAS_WINDOW_RIGHT=window_right >= 0, HAS_DROPOUT=dropout_p > 0,
-        ALIGN_TO_END=bool(align_to_end),
+        ALIGN_TO_END=bool(align_to_end), DOT_PRECISION=_dot_precision(q.dtype),
     )
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 dots in strict IEEE fp32 unless torch allows TF32 for matmuls (its default does not), as torch's
+    own fp32 attention does; 16-bit dots ignore the setting."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
 
 
 _TMA_DTYPES = (torch.float16, torch.bfloat16)
@@ -901,17 +928,36 @@ def _tma_unsupported_reason(q, k, v, varlen) -> str | None:
     return None
 
 
-def _forward_uses_tma(q, k, v, varlen) -> bool:
-    """Auto: the TMA path wherever it can run (never under the interpreter); PYATTN_ATTENTION_TMA=0/1 forces."""
+# Whether auto mode (PYATTN_ATTENTION_TMA unset) takes the TMA forward where it can run: never under the
+# interpreter, and no longer once a TMA launch has failed in this process (an untested Triton may reject it).
+_tma_auto_enabled = not _INTERPRET
+
+
+def _tma_setting() -> str:
     setting = os.environ.get(TMA_ENV, "").strip()
     if setting not in ("", "0", "1"):
         raise ValueError(f"attention_forward: {TMA_ENV} must be 0, 1 or unset, got {setting!r}")
+    return setting
+
+
+def _forward_uses_tma(q, k, v, varlen) -> bool:
+    """Auto: the TMA path wherever it can run (see ``_tma_auto_enabled``); PYATTN_ATTENTION_TMA=0/1 forces."""
+    setting = _tma_setting()
     if setting == "0":
         return False
     reason = _tma_unsupported_reason(q, k, v, varlen)
     if setting == "1" and reason is not None:
         raise ValueError(f"attention_forward: {TMA_ENV}=1 forces the TMA forward, but {reason}")
-    return reason is None and (setting == "1" or not _INTERPRET)
+    return reason is None and (setting == "1" or _tma_auto_enabled)
+
+
+def _disable_tma_auto(error: Exception) -> None:
+    """After the auto-selected TMA forward failed to launch: warn once, use the pointer path from now on."""
+    global _tma_auto_enabled
+    _tma_auto_enabled = False
+    warnings.warn(f"attention_forward: the Hopper TMA forward failed ({type(error).__name__}: {error}); using the "
+                  f"pointer forward for the rest of this process (set {TMA_ENV}=1 to raise instead)", RuntimeWarning,
+                  stacklevel=4)  # the caller of attention_forward (under on_input_device)
 
 
 def _tma_descriptor(tensor):
@@ -919,6 +965,7 @@ def _tma_descriptor(tensor):
     return TensorDescriptor(tensor, list(tensor.shape), list(tensor.stride()), [1, 1, 16, tensor.shape[-1]])
 
 
+@on_input_device
 def attention_forward(q, k, v, *, scale, mask=None, window_left=-1, window_right=-1, diagonal_offset=0,
                       align_to_end=False, softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=0,
                       cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
@@ -933,7 +980,8 @@ def attention_forward(q, k, v, *, scale, mask=None, window_left=-1, window_right
 
     On Hopper, dense fp16/bf16 calls with power-of-two head dims and 16-byte-aligned strides load their
     Q/K/V tiles through TMA descriptors; ``PYATTN_ATTENTION_TMA=0`` forces the pointer path and ``=1``
-    the TMA path (raising if this call cannot take it).
+    the TMA path (raising if this call cannot take it). If the automatically chosen TMA launch fails, a
+    warning names the error and the pointer path runs, for this call and the rest of the process.
     """
     batch, heads, kv_heads, seqlen_q, seqlen_k, _, head_dim_v = _check_inputs(
         "attention_forward", q, k, v, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -950,22 +998,33 @@ def attention_forward(q, k, v, *, scale, mask=None, window_left=-1, window_right
         return out.zero_(), lse
     mask_arg, mask_kind, mask_strides = _mask_arguments(mask)
     grid = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), heads, batch)  # noqa: E731
+
+    def launch(use_tma):
+        kernel = _attention_forward_tma if use_tma else _attention_forward
+        tiles = [_tma_descriptor(x) if use_tma else x for x in (q, k, v)]
+        kernel[grid](
+            *tiles, out, lse, mask_arg, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
+            *_bhmd_strides(q, varlen), *_bhmd_strides(k, varlen), *_bhmd_strides(v, varlen),
+            *_bhmd_strides(out, varlen), *_row_stat_strides(lse, varlen), *mask_strides,
+            *_alibi_strides(alibi_slopes), heads, heads // kv_heads, seqlen_q, seqlen_k, _seqlen_bucket(seqlen_q),
+            _seqlen_bucket(seqlen_k), float(scale), float(softcap), int(window_left), int(window_right),
+            int(diagonal_offset), float(dropout_p), int(seed),
+            **_feature_constexprs(q, v, mask_kind, varlen, softcap, alibi_slopes, window_left, window_right,
+                                  dropout_p, align_to_end), USE_TMA=use_tma,
+        )
+
     use_tma = _forward_uses_tma(q, k, v, varlen)
-    kernel = _attention_forward_tma if use_tma else _attention_forward
-    tiles = [_tma_descriptor(x) if use_tma else x for x in (q, k, v)]
-    kernel[grid](
-        *tiles, out, lse, mask_arg, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
-        *_bhmd_strides(q, varlen), *_bhmd_strides(k, varlen), *_bhmd_strides(v, varlen),
-        *_bhmd_strides(out, varlen), *_row_stat_strides(lse, varlen), *mask_strides, *_alibi_strides(alibi_slopes),
-        heads, heads // kv_heads, seqlen_q, seqlen_k,
-        float(scale), float(softcap), int(window_left), int(window_right), int(diagonal_offset), float(dropout_p),
-        int(seed),
-        **_feature_constexprs(q, v, mask_kind, varlen, softcap, alibi_slopes, window_left, window_right, dropout_p,
-                              align_to_end), USE_TMA=use_tma,
-    )
+    try:
+        launch(use_tma)
+    except Exception as error:
+        if not use_tma or _tma_setting() == "1":
+            raise
+        _disable_tma_auto(error)
+        launch(use_tma=False)
     return out, lse
 
 
+@on_input_device
 def attention_backward(grad_out, q, k, v, out, lse, *, scale, mask=None, window_left=-1, window_right=-1,
                        diagonal_offset=0, align_to_end=False, softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=0,
                        cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0,
@@ -1013,13 +1072,14 @@ def attention_backward(grad_out, q, k, v, out, lse, *, scale, mask=None, window_
                                    dropout_p, align_to_end)
     scalars = (float(scale), float(softcap), int(window_left), int(window_right), int(diagonal_offset),
                float(dropout_p), int(seed))
+    buckets = _seqlen_bucket(seqlen_q), _seqlen_bucket(seqlen_k)
     dkdv_grid = lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), kv_heads, batch)  # noqa: E731
     dkdv[dkdv_grid](
         q, k, v, grad_out, lse, delta, dq_accumulator, dk, dv, mask_arg, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
         *_bhmd_strides(q, varlen), *_bhmd_strides(k, varlen), *_bhmd_strides(v, varlen),
         *_bhmd_strides(grad_out, varlen), *_row_stat_strides(lse, varlen), *dq_strides,
         *_bhmd_strides(dk, varlen), *_bhmd_strides(dv, varlen), *mask_strides, *_alibi_strides(alibi_slopes),
-        heads, heads // kv_heads, seqlen_q, seqlen_k, *scalars, FUSED_DQ=not deterministic, **features,
+        heads, heads // kv_heads, seqlen_q, seqlen_k, *buckets, *scalars, FUSED_DQ=not deterministic, **features,
     )
     if not deterministic:
         return dq_accumulator.to(q.dtype), dk, dv
@@ -1028,11 +1088,12 @@ def attention_backward(grad_out, q, k, v, out, lse, *, scale, mask=None, window_
         q, k, v, grad_out, lse, delta, dq, mask_arg, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
         *_bhmd_strides(q, varlen), *_bhmd_strides(k, varlen), *_bhmd_strides(v, varlen),
         *_bhmd_strides(grad_out, varlen), *_row_stat_strides(lse, varlen), *dq_strides, *mask_strides,
-        *_alibi_strides(alibi_slopes), heads, heads // kv_heads, seqlen_q, seqlen_k, *scalars, **features,
+        *_alibi_strides(alibi_slopes), heads, heads // kv_heads, seqlen_q, seqlen_k, *buckets, *scalars, **features,
     )
     return dq, dk, dv
 
 
+@on_input_device
 def attention_dropout_keep_mask(batch, heads, seqlen_q, seqlen_k, *, dropout_p, seed, device):
     """The (batch, heads, seqlen_q, seqlen_k) bool pattern of kept probabilities the kernels draw for
     ``seed`` (varlen: seqlen_* are max_seqlen_* and sequence b uses [b, :, :L_b, :S_b])."""
@@ -1055,7 +1116,8 @@ def attention_dropout_keep_mask(batch, heads, seqlen_q, seqlen_k, *, dropout_p, 
 # --------------------------------------------------------------------------------------------
 
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-_INT32_ARGS = {"num_heads", "group_size", "seqlen_q", "seqlen_k", "window_left", "window_right", "diagonal_offset"}
+_INT32_ARGS = {"num_heads", "group_size", "seqlen_q", "seqlen_k", "seqlen_q_bucket", "seqlen_k_bucket", "window_left",
+               "window_right", "diagonal_offset"}
 _FLOAT_ARGS = {"scale", "softcap", "dropout_p"}
 # Optional features a call can switch on, compiled together (the plain specs have none).
 _AOT_FEATURES = {
@@ -1083,9 +1145,14 @@ def _aot_spec(name, kernel, dtype, head_dim, config, feature_set="plain", fixed=
     constexprs = dict(HEAD_DIM=head_dim, HEAD_DIM_PADDED=padded, HEAD_DIM_V=head_dim, HEAD_DIM_V_PADDED=padded,
                       BLOCK_M=block_m, BLOCK_N=block_n, IS_VARLEN=False, MASK_KIND=_NO_MASK, HAS_SOFTCAP=False,
                       HAS_ALIBI=False, HAS_WINDOW_LEFT=False, HAS_WINDOW_RIGHT=False, HAS_DROPOUT=False,
-                      ALIGN_TO_END=False, USE_TMA=tma)
+                      ALIGN_TO_END=False, USE_TMA=tma,
+                      DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
     constexprs.update(features)
     constexprs.update(fixed or {})
+    if dtype == torch.float32:  # both fp32 precisions are reachable (torch.backends.cuda.matmul.allow_tf32)
+        dt_name = f"{dt}-{constexprs['DOT_PRECISION']}"
+    else:
+        dt_name = dt
     pointers = {"Lse": "*fp32", "Delta": "*fp32", "Keep": "*i8", "DQ": dq_type or f"*{dt}",
                 "Mask": {_NO_MASK: None, _BOOL_MASK: "*u8", _ADDITIVE_MASK: f"*{dt}"}[constexprs["MASK_KIND"]],
                 "AlibiSlopes": "*fp32" if constexprs["HAS_ALIBI"] else None,
@@ -1111,7 +1178,8 @@ def _aot_spec(name, kernel, dtype, head_dim, config, feature_set="plain", fixed=
             signature[arg], values[arg] = "constexpr", None
         else:
             signature[arg] = pointers.get(arg, f"*{dt}")
-    return CompileSpec(name=f"{name}[{dt},d{head_dim},{feature_set},BM{block_m},BN{block_n},w{num_warps},s{num_stages}]",
+    tiles = f"BM{block_m},BN{block_n},w{num_warps},s{num_stages}"
+    return CompileSpec(name=f"{name}[{dt_name},d{head_dim},{feature_set},{tiles}]",
                        kernel=kernel, signature=signature, constexprs=values, num_warps=num_warps,
                        num_stages=num_stages, min_capability=90 if tma else 80)
 
@@ -1134,6 +1202,9 @@ def _aot_specs() -> list[CompileSpec]:
             specs.append(_aot_spec(name, kernel, dtype, 128, table[128][0], feature_set, fixed, dq_type))
         # A head dim that is not a power of two: padded to 128 with masked loads and stores.
         specs.append(_aot_spec(name, kernel, torch.float16, 80, table[128][0], fixed=fixed, dq_type=dq_type))
+        # fp32 with TF32 dots (allow_tf32=True); the fp32 specs above are the default strict IEEE ones.
+        specs.append(_aot_spec(name, kernel, torch.float32, 128, table[256][0],
+                               fixed={**fixed, "DOT_PRECISION": "tf32"}, dq_type=dq_type))
     # The Hopper descriptor forward: every config it can reach, and once with every feature it composes with.
     for dtype in _TMA_DTYPES:
         for head_dim in _AOT_HEAD_DIMS:

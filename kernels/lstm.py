@@ -23,13 +23,12 @@ Layouts (all contiguous; the launchers make them so):
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from ._aot import CompileSpec
+from ._launch import on_input_device
 
 # fp32 GEMMs in strict IEEE fp32, matching torch's default (TF32 off for matmul) and the fp32 bound.
 _DOT_PRECISION = "ieee"
@@ -455,21 +454,7 @@ def _persistent_meta(hidden_size: int, dtype: torch.dtype) -> dict:
     )
 
 
-def _on_input_device(launcher):
-    """Run a launcher with the input's CUDA device current: Triton launches on the current device."""
-
-    @functools.wraps(launcher)
-    def launch(*args, **kwargs):
-        first = next(value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor))
-        if first.is_cuda:
-            with torch.cuda.device(first.device):
-                return launcher(*args, **kwargs)
-        return launcher(*args, **kwargs)
-
-    return launch
-
-
-@_on_input_device
+@on_input_device
 def lstm_cell_forward(input, hx, cx, weight_ih, weight_hh, bias, save_gates: bool):
     """One fused step. ``bias`` is b_ih + b_hh in float32 (4H,) or None.
 
@@ -492,7 +477,7 @@ def lstm_cell_forward(input, hx, cx, weight_ih, weight_hh, bias, save_gates: boo
     return hy, cy, gates
 
 
-@_on_input_device
+@on_input_device
 def lstm_cell_backward(grad_hy, grad_cy, input, hx, cx, weight_ih, weight_hh, gates):
     """Gradients of one step from its saved activated gates (either output gradient may be None).
 
@@ -515,7 +500,7 @@ def lstm_cell_backward(grad_hy, grad_cy, input, hx, cx, weight_ih, weight_hh, ga
     )
 
 
-@_on_input_device
+@on_input_device
 def lstm_sequence_forward(
     input, h0, c0, weight_ih, weight_hh, bias, lengths, reverse: bool, save_for_backward: bool,
     persistent: bool | None = None,
@@ -579,7 +564,7 @@ def lstm_sequence_forward(
     return output, h_n, c_n, gates, cell_states, hidden_before
 
 
-@_on_input_device
+@on_input_device
 def lstm_sequence_backward(
     grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, lengths, reverse: bool,
     gates, cell_states, hidden_before, persistent: bool | None = None,

@@ -11,6 +11,7 @@ plain process on an H100.
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -388,11 +389,52 @@ def test_gpu_autotune_configs_are_pruned_per_tile_width_and_length(monkeypatch):
         for dtype, head_dim, width_class in cases:
             q = torch.empty(0, dtype=dtype)
             constexprs = dict(HEAD_DIM_PADDED=kernels.triton.next_power_of_2(head_dim), HEAD_DIM_V_PADDED=16)
-            chosen = prune(configs, dict(Q=q, seqlen_q=4096, seqlen_k=4096), **constexprs)
+            chosen = prune(configs, dict(Q=q, seqlen_q_bucket=4096, seqlen_k_bucket=4096), **constexprs)
             assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in chosen} == set(
                 table[width_class]), (dtype, head_dim)
-            short = prune(configs, dict(Q=q, seqlen_q=1, seqlen_k=20), **constexprs)
+            short = prune(configs, dict(Q=q, seqlen_q_bucket=kernels._seqlen_bucket(1),
+                                        seqlen_k_bucket=kernels._seqlen_bucket(20)), **constexprs)
             assert len(short) >= 1 and all(c in chosen for c in short)
+
+
+def test_seqlen_buckets_are_powers_of_two_from_16():
+    assert [kernels._seqlen_bucket(n) for n in (1, 16, 17, 20, 32, 33, 4096, 4097)] == [
+        16, 16, 32, 32, 32, 64, 4096, 8192]
+    for tuner in (kernels._attention_forward, kernels._attention_forward_tma, kernels._attention_backward_dkdv,
+                  kernels._attention_backward_dkdv_fused_dq, kernels._attention_backward_dq):
+        assert "seqlen_q_bucket" in tuner.keys and "seqlen_k_bucket" in tuner.keys and "DOT_PRECISION" in tuner.keys
+        assert "seqlen_q" not in tuner.keys and "seqlen_k" not in tuner.keys
+
+
+class _RecordingTuner:
+    """Wraps an autotuned kernel: records the autotune key of each launch (as the autotuner builds it from the
+    key names), then launches. The interpreter has one config, so the autotuner keeps no cache to inspect."""
+
+    def __init__(self, tuner):
+        self.tuner, self.keys = tuner, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            named = {**dict(zip(self.tuner.arg_names, args)), **kwargs}
+            self.keys.append(tuple(named[name] for name in self.tuner.keys))
+            return self.tuner[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.mark.interpreter
+def test_varlen_max_lengths_in_one_bucket_share_the_autotune_key(monkeypatch):
+    forward = _RecordingTuner(kernels._attention_forward)
+    backward = _RecordingTuner(kernels._attention_backward_dkdv_fused_dq)
+    monkeypatch.setattr(kernels, "_attention_forward", forward)
+    monkeypatch.setattr(kernels, "_attention_backward_dkdv_fused_dq", backward)
+    for lengths in ([17, 5], [20, 9], [33, 9]):  # max lengths 17, 20 (bucket 32), then 33 (bucket 64)
+        q, k, v, layout = varlen_inputs(lengths, lengths, 2, 1, 16, 16, torch.float32)
+        check_against_reference(q, k, v, scale=0.25, **layout)
+    for tuner in (forward, backward):
+        key_17, key_20, key_33 = tuner.keys
+        assert key_17 == key_20, "max lengths 17 and 20 must reuse one autotune entry"
+        assert key_33 != key_17
 
 
 # --------------------------------------------------------------------------------------------
@@ -476,6 +518,50 @@ def test_tma_selection_is_automatic_only_on_hopper_and_overridable(monkeypatch):
         kernels.attention_forward(q, k, v, scale=0.125)
     monkeypatch.setattr(kernels, "_INTERPRET", False)  # compiled Triton: CPU tensors are not a Hopper GPU
     assert "compute capability >= 9.0" in kernels._tma_unsupported_reason(q, k, v, False)
+
+
+class _TmaLaunchFails:
+    """Stands in for the TMA forward's autotuner: its launch raises, as a compile error of an older Triton would."""
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            raise RuntimeError("simulated TMA compile error")
+
+        return launch
+
+
+@pytest.mark.interpreter
+def test_tma_launch_failure_in_auto_mode_warns_once_and_falls_back(monkeypatch):
+    q, k, v = make_inputs(1, 2, 1, 33, 47, 64, 64, torch.float16)
+    options = dict(scale=0.125, window_right=0)
+    monkeypatch.setenv(kernels.TMA_ENV, "0")
+    pointer_out, pointer_lse = kernels.attention_forward(q, k, v, **options)
+    monkeypatch.delenv(kernels.TMA_ENV)
+    monkeypatch.setattr(kernels, "_tma_auto_enabled", True)  # auto selection as on an H100
+    monkeypatch.setattr(kernels, "_attention_forward_tma", _TmaLaunchFails())
+    assert kernels._forward_uses_tma(q, k, v, False)
+    with pytest.warns(RuntimeWarning, match="TMA forward failed .*simulated TMA compile error"):
+        out, lse = kernels.attention_forward(q, k, v, **options)
+    assert torch.equal(out, pointer_out) and torch.equal(lse, pointer_lse)
+    assert not kernels._forward_uses_tma(q, k, v, False), "the TMA path must stay off for the rest of the process"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second TMA attempt, no second warning
+        out, _ = kernels.attention_forward(q, k, v, **options)
+    assert torch.equal(out, pointer_out)
+
+
+@pytest.mark.interpreter
+def test_tma_launch_failure_with_forced_tma_propagates(monkeypatch):
+    q, k, v = make_inputs(1, 2, 1, 33, 47, 64, 64, torch.float16)
+    monkeypatch.setenv(kernels.TMA_ENV, "1")
+    monkeypatch.setattr(kernels, "_tma_auto_enabled", True)
+    monkeypatch.setattr(kernels, "_attention_forward_tma", _TmaLaunchFails())
+    monkeypatch.setattr(kernels, "_attention_forward", _PointerForwardForbidden())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeError, match="simulated TMA compile error"):
+            kernels.attention_forward(q, k, v, scale=0.125)
+    assert kernels._tma_auto_enabled, "a forced TMA failure must not change auto mode"
 
 
 def _misaligned_rows(dtype=torch.float16):
@@ -563,13 +649,68 @@ def test_gpu_tma_forward_matches_pointer_forward_and_reference(shape, options, d
 @pytest.mark.skipif(INTERPRET, reason="GPU test: run it in the plain process, without TRITON_INTERPRET")
 def test_gpu_tma_auto_selection_falls_back_on_ineligible_calls(monkeypatch):
     monkeypatch.delenv(kernels.TMA_ENV, raising=False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # fp32 dots in IEEE fp32
     q, k, v = (x.cuda() for x in make_inputs(1, 2, 1, 65, 65, 64, 64, torch.bfloat16))
     assert kernels._forward_uses_tma(q, k, v, False)
     rows_136_bytes = random_tensor(1, 2, 65, 68, dtype=torch.bfloat16, device="cuda")[..., :64]
-    cases = {"fp32": ((q.float(), k.float(), v.float()), RTOL_TF32),
+    cases = {"fp32": ((q.float(), k.float(), v.float()), RTOL[torch.float32]),
              "misaligned": ((rows_136_bytes, k, v), RTOL[q.dtype])}
     for name, (inputs, rtol) in cases.items():
         assert not kernels._forward_uses_tma(*inputs, False), name
         out, _ = kernels.attention_forward(*inputs, scale=0.125)
         ref, _ = reference_attention(*(x.double() for x in inputs), scale=0.125)
         assert_close(out, ref, rtol, name)
+
+
+# --------------------------------------------------------------------------------------------
+# GPU only (plain pytest process): fp32 precision and the launch device
+# --------------------------------------------------------------------------------------------
+
+
+def _gpu_forward_backward(q, k, v, grad_out, **options):
+    out, lse = kernels.attention_forward(q, k, v, **options)
+    return (out, lse, *kernels.attention_backward(grad_out, q, k, v, out, lse, deterministic=True, **options))
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.skipif(INTERPRET, reason="GPU test: run it in the plain process, without TRITON_INTERPRET")
+@pytest.mark.parametrize("options", [{}, dict(window_right=0, align_to_end=True)], ids=["noncausal", "causal"])
+def test_gpu_fp32_is_strict_fp32_unless_tf32_is_allowed(options, monkeypatch):
+    # Long rows and head dim 128: TF32's 10-bit mantissa would miss the 1e-5 bound by two orders of magnitude.
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    q, k, v = (x.cuda() for x in make_inputs(2, 4, 2, 300, 513, 128, 128, torch.float32))
+    grad_out = random_tensor(2, 4, 300, 128, device="cuda")
+    results = _gpu_forward_backward(q, k, v, grad_out, scale=128 ** -0.5, **options)
+    references = reference_with_grads(q, k, v, grad_out, scale=128 ** -0.5, **options)
+    for name, result, reference in zip(("out", "lse", "dq", "dk", "dv"), results, references):
+        finite = torch.isfinite(reference)
+        assert_close(result[finite], reference[finite], RTOL[torch.float32], name)
+    # With TF32 allowed the kernels follow torch into TF32: still within its own bound.
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert kernels._dot_precision(torch.float32) == "tf32"
+    out, _ = kernels.attention_forward(q, k, v, scale=128 ** -0.5, **options)
+    assert_close(out, references[0], RTOL_TF32, "tf32 out")
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.skipif(INTERPRET, reason="GPU test: run it in the plain process, without TRITON_INTERPRET")
+@pytest.mark.skipif(torch.cuda.device_count() < 2,
+                    reason="needs two CUDA GPUs: inputs on a device other than the current one")
+def test_gpu_launchers_run_on_the_inputs_device():
+    # Triton launches on the current device; the launchers must switch to the inputs' (cuda:1, current cuda:0).
+    torch.cuda.set_device(0)
+    device = torch.device("cuda", 1)
+    q, k, v = (x.to(device) for x in make_inputs(2, 4, 2, 65, 97, 64, 64, torch.float16))
+    grad_out = random_tensor(2, 4, 65, 64, dtype=torch.float16, device=device)
+    options = dict(scale=0.125, window_right=0, dropout_p=0.2, seed=11)
+    results = _gpu_forward_backward(q, k, v, grad_out, **options)
+    keep = kernels.attention_dropout_keep_mask(2, 4, 65, 97, dropout_p=0.2, seed=11, device=device)
+    assert torch.cuda.current_device() == 0, "the launchers must restore the current device"
+    assert all(result.device == device for result in (*results, keep))
+    assert torch.equal(keep.cpu(), kernels.attention_dropout_keep_mask(2, 4, 65, 97, dropout_p=0.2, seed=11,
+                                                                       device="cuda:0").cpu())
+    references = reference_with_grads(q, k, v, grad_out, dropout_keep_mask=keep, scale=0.125, window_right=0,
+                                      dropout_p=0.2)
+    for name, result, reference in zip(("out", "lse", "dq", "dk", "dv"), results, references):
+        rtol = RTOL[torch.float32] if name == "lse" else RTOL[torch.float16]
+        assert_close(result, reference, rtol, name)
