@@ -10,6 +10,11 @@ Layer (sequence) path: the input projection of all steps is one torch GEMM; the 
   * persistent: ``lstm_sequence_forward_persistent_kernel`` loops over time inside one launch; each
     program owns a batch tile and every hidden unit with W_hh held in registers, so programs never
     wait for each other (it runs under the interpreter too). Selected for small hidden sizes.
+  * grid: ``lstm_sequence_forward_grid_kernel`` loops over time inside one launch for large hidden
+    sizes at small batch; each program owns a tile of hidden units (its rows of W_hh in registers)
+    for every batch row, and all programs meet at a global-memory barrier after each step. Valid
+    only when every program is resident at once (grid ≤ SM count), so never chosen on its own
+    under the interpreter.
 Backward through time runs the same two ways; dW_ih, dW_hh, dx and the bias gradient are one GEMM
 (or sum) each over the stacked gate gradients at the end.
 
@@ -22,6 +27,8 @@ Layouts (all contiguous; the launchers make them so):
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -45,6 +52,15 @@ STEP_CONFIGS = {
 # ~70 bytes a thread spill to L1: expected, not measured, to cost less than a launch per step).
 PERSISTENT_MAX_HIDDEN = {torch.float16: 128, torch.bfloat16: 128, torch.float32: 64}
 PERSISTENT_BLOCK_B = 16
+# Grid kernel: all batch rows (≤ 16) in one tile, hidden units split 16 to a program (tl.dot's least N)
+# so H = 1024 spreads over 64 SMs. Each program keeps 4 · GRID_BLOCK_H · H_padded of W_hh in
+# registers: 128 KB at H = 1024 in 16-bit types; fp32 is chosen automatically only up to 512.
+GRID_BLOCK_B = 16
+GRID_BLOCK_H = 16
+GRID_MAX_HIDDEN = {torch.float16: 1024, torch.bfloat16: 1024, torch.float32: 512}
+
+RECURRENCE_ENVIRONMENT_VARIABLE = "PYATTN_LSTM_TRITON_RECURRENCE"
+RECURRENCES = ("auto", "persistent", "grid", "stepwise")
 
 
 def step_config(batch: int) -> tuple[int, int, int, int, int]:
@@ -62,10 +78,54 @@ def persistent_supported(hidden_size: int, dtype: torch.dtype) -> bool:
     return hidden_pad(hidden_size) <= PERSISTENT_MAX_HIDDEN[dtype]
 
 
-def _persistent_warps(padded_hidden: int, dtype: torch.dtype) -> int:
-    # Spread the resident W_hh (4 · HIDDEN² elements) so each thread holds at most ~64 registers of it.
-    weight_bytes = 4 * padded_hidden * padded_hidden * torch.finfo(dtype).bits // 8
+def _persistent_warps(padded_hidden: int, dtype: torch.dtype, block_h: int | None = None) -> int:
+    # Spread the resident W_hh (4 · HIDDEN · block_h elements) so each thread holds at most ~64 registers of it.
+    block_h = padded_hidden if block_h is None else block_h
+    weight_bytes = 4 * padded_hidden * block_h * torch.finfo(dtype).bits // 8
     return 4 if weight_bytes <= 16384 else 8 if weight_bytes <= 32768 else 16
+
+
+def recurrence_from_environment() -> str:
+    """The forward recurrence kernel PYATTN_LSTM_TRITON_RECURRENCE asks for (default ``auto``)."""
+    name = os.environ.get(RECURRENCE_ENVIRONMENT_VARIABLE, "auto")
+    if name not in RECURRENCES:
+        raise ValueError(f"{RECURRENCE_ENVIRONMENT_VARIABLE}={name!r}: expected one of {list(RECURRENCES)}")
+    return name
+
+
+def grid_programs(hidden_size: int, device: torch.device) -> int:
+    """Programs the grid kernel launches: hidden tiles of GRID_BLOCK_H on a GPU, one under the interpreter.
+
+    The interpreter runs programs one after another, so a program spinning at the barrier would wait
+    forever for the next; a single program (owning every hidden unit) meets the barrier alone.
+    """
+    if device.type != "cuda":
+        return 1
+    return triton.cdiv(hidden_size, GRID_BLOCK_H)
+
+
+def grid_supported(batch: int, hidden_size: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether auto picks the grid kernel: a real GPU, batch ≤ 16, H past the persistent kernel's reach,
+    W_hh slices that fit registers, and a grid no larger than the SM count (so all programs are resident)."""
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    if batch > GRID_BLOCK_B or persistent_supported(hidden_size, dtype):
+        return False
+    if hidden_pad(hidden_size) > GRID_MAX_HIDDEN[dtype]:
+        return False
+    return grid_programs(hidden_size, device) <= torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def choose_recurrence(batch: int, hidden_size: int, dtype: torch.dtype, device: torch.device) -> str:
+    """The forward recurrence kernel: the environment's choice, or by size when it says ``auto``."""
+    name = recurrence_from_environment()
+    if name != "auto":
+        return name
+    if persistent_supported(hidden_size, dtype):
+        return "persistent"
+    if grid_supported(batch, hidden_size, dtype, device):
+        return "grid"
+    return "stepwise"
 
 
 # ----------------------------------------------------------------------------- shared device code
@@ -347,6 +407,73 @@ def lstm_sequence_forward_persistent_kernel(
 
 
 @triton.jit
+def lstm_sequence_forward_grid_kernel(
+    projection_ptr, w_hh_ptr, bias_ptr, lengths_ptr, h_state_ptr, c_state_ptr, c_slots,
+    output_ptr, hidden_saved_ptr, gates_ptr, barrier_ptr,
+    B, H, T,
+    HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr, STORE_FOR_BACKWARD: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, HIDDEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """All T steps for every batch row and one tile of hidden units, its W_hhᵀ columns in registers.
+
+    Step t needs all of h_{t-1}, written by every program: h ping-pongs between two global slots and
+    the programs meet at a barrier after each step (a counter in global memory, zeroed before launch,
+    that reaches (t + 1) · programs once every program has stored step t). Two slots suffice: a
+    program writes slot t % 2 again only after that barrier, when every read of it has completed.
+    Correct for any grid, but a program spins until all others arrive: the launcher must keep the
+    grid ≤ the programs resident at once (≤ SM count), and launch one program under the interpreter.
+    """
+    num_programs = tl.num_programs(0)
+    offs_b = tl.arange(0, BLOCK_B)
+    offs_h = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_k = tl.arange(0, HIDDEN)
+    b_mask, h_mask, k_mask = offs_b < B, offs_h < H, offs_k < H
+    mask = b_mask[:, None] & h_mask[None, :]
+    # Gate q's (HIDDEN, BLOCK_H) block of W_hhᵀ: W_hh[q·H + offs_h, offs_k], loaded once.
+    w_mask = k_mask[:, None] & h_mask[None, :]
+    w_columns = w_hh_ptr + offs_h[None, :] * H + offs_k[:, None]
+    w_i = tl.load(w_columns, mask=w_mask, other=0.0)
+    w_f = tl.load(w_columns + H * H, mask=w_mask, other=0.0)
+    w_g = tl.load(w_columns + 2 * H * H, mask=w_mask, other=0.0)
+    w_o = tl.load(w_columns + 3 * H * H, mask=w_mask, other=0.0)
+    every_unit = offs_b[:, None] * H + offs_k[None, :]
+    every_unit_mask = b_mask[:, None] & k_mask[None, :]
+    state_size = B * H
+    for step in range(0, T):
+        _, active, time = _row_schedule(step, offs_b, b_mask, lengths_ptr, T, REVERSE, HAS_LENGTHS)
+        h_in_ptr = h_state_ptr + (step % 2) * state_size
+        # Other SMs wrote most of h_{t-1}: read it from L2 (.cg), never from a stale L1 line.
+        h_prev = tl.load(h_in_ptr + every_unit, mask=every_unit_mask, other=0.0, cache_modifier=".cg")
+        pre_i = tl.dot(h_prev, w_i, input_precision=DOT_PRECISION)
+        pre_f = tl.dot(h_prev, w_f, input_precision=DOT_PRECISION)
+        pre_g = tl.dot(h_prev, w_g, input_precision=DOT_PRECISION)
+        pre_o = tl.dot(h_prev, w_o, input_precision=DOT_PRECISION)
+        pre_i, pre_f, pre_g, pre_o = _add_input_projection(
+            pre_i, pre_f, pre_g, pre_o, projection_ptr, time, B, H, offs_b, offs_h, mask
+        )
+        if HAS_BIAS:
+            pre_i, pre_f, pre_g, pre_o = _add_bias(pre_i, pre_f, pre_g, pre_o, bias_ptr, H, offs_h, h_mask)
+        _forward_epilogue(
+            pre_i, pre_f, pre_g, pre_o, active, time, offs_b, offs_h, mask, B, H,
+            h_in_ptr, c_state_ptr + tl.cast(step % c_slots, tl.int64) * state_size,
+            h_state_ptr + ((step + 1) % 2) * state_size,
+            c_state_ptr + tl.cast((step + 1) % c_slots, tl.int64) * state_size,
+            output_ptr, hidden_saved_ptr, gates_ptr + tl.cast(step, tl.int64) * (4 * state_size),
+            HAS_LENGTHS, True, STORE_FOR_BACKWARD, STORE_FOR_BACKWARD,
+        )
+        # Grid barrier. The CTA barrier orders every thread's stores of h_t before the (one-thread,
+        # scalar) release increment; the acquire that sees the target orders the next step's loads.
+        tl.debug_barrier()
+        target = (step + 1) * num_programs
+        arrived = tl.atomic_add(barrier_ptr, 1, sem="acq_rel", scope="gpu") + 1
+        while arrived < target:
+            # A compare-and-swap that never swaps (the count is never negative) reads the counter
+            # atomically; an atomic add of 0 is folded away by the compiler, leaving a loop that never ends.
+            arrived = tl.atomic_cas(barrier_ptr, -1, -1, sem="acquire", scope="gpu")
+        tl.debug_barrier()
+
+
+@triton.jit
 def lstm_step_backward_kernel(
     dgates_ptr, w_hh_ptr, grad_output_ptr, grad_h_n_ptr, dc_ptr, gates_ptr, c_prev_ptr, lengths_ptr,
     step, B, H, T,
@@ -444,6 +571,33 @@ def _step_meta(config: tuple[int, int, int, int, int]) -> dict:
     )
 
 
+def _grid_meta(padded_hidden: int, block_h: int, dtype: torch.dtype) -> dict:
+    # num_stages=1 for the same reason as the persistent kernel: no load may move above the barrier.
+    return dict(
+        BLOCK_B=GRID_BLOCK_B, BLOCK_H=block_h, HIDDEN=padded_hidden, DOT_PRECISION=_DOT_PRECISION,
+        num_warps=_persistent_warps(padded_hidden, dtype, block_h), num_stages=1,
+    )
+
+
+def _check_grid_launch(batch: int, hidden_size: int, dtype: torch.dtype, programs: int, device: torch.device) -> None:
+    """The grid kernel's preconditions, as errors: past them it would be wrong (batch), not launch
+    (W_hh slices past shared memory) or hang (more programs than can be resident)."""
+    if batch > GRID_BLOCK_B:
+        raise ValueError(f"input: batch {batch} > {GRID_BLOCK_B}, the grid recurrence's one batch tile; use another recurrence")
+    if hidden_pad(hidden_size) > GRID_MAX_HIDDEN[dtype]:
+        raise ValueError(
+            f"weight_hh: hidden size {hidden_size} in {dtype} is past the grid recurrence's on-chip W_hh limit "
+            f"(padded {GRID_MAX_HIDDEN[dtype]}); use another recurrence"
+        )
+    if device.type == "cuda":
+        sm_count = torch.cuda.get_device_properties(device).multi_processor_count
+        if programs > sm_count:
+            raise ValueError(
+                f"weight_hh: hidden size needs {programs} programs for the grid recurrence, more than the "
+                f"{sm_count} SMs that can hold them all at once (its barrier would never complete)"
+            )
+
+
 def _persistent_meta(hidden_size: int, dtype: torch.dtype) -> dict:
     padded = hidden_pad(hidden_size)
     # num_stages=1: the software pipeliner would prefetch next step's h (or dgates) before this
@@ -503,11 +657,12 @@ def lstm_cell_backward(grad_hy, grad_cy, input, hx, cx, weight_ih, weight_hh, ga
 @on_input_device
 def lstm_sequence_forward(
     input, h0, c0, weight_ih, weight_hh, bias, lengths, reverse: bool, save_for_backward: bool,
-    persistent: bool | None = None,
+    recurrence: str | None = None,
 ):
     """One layer, one direction. ``bias``: b_ih + b_hh in float32 or None; ``lengths``: int64 (B,) or None.
 
-    ``persistent`` picks the recurrence kernel (None: the persistent one where W_hh fits registers).
+    ``recurrence`` picks the recurrence kernel: "persistent", "grid", "stepwise", or "auto"/None
+    (``choose_recurrence``, which honours PYATTN_LSTM_TRITON_RECURRENCE).
     Returns (output, h_n, c_n, gates, cell_states, hidden_before); the last three are what backward
     needs (empty unless ``save_for_backward``): activated gates per iteration (T, B, 4H), the float32
     cell state before each iteration and after the last (T + 1, B, H), and h before each step in
@@ -539,9 +694,22 @@ def lstm_sequence_forward(
     lengths_arg = output if lengths is None else lengths
     gates_arg = gates if save_for_backward else output
     hidden_arg = hidden_before if save_for_backward else output
-    if persistent is None:
-        persistent = persistent_supported(hidden_size, dtype)
-    if persistent:
+    if recurrence is None or recurrence == "auto":
+        recurrence = choose_recurrence(batch, hidden_size, dtype, device)
+    if recurrence not in RECURRENCES:
+        raise ValueError(f"recurrence={recurrence!r}: expected one of {list(RECURRENCES)}")
+    if recurrence == "grid":
+        programs = grid_programs(hidden_size, device)
+        _check_grid_launch(batch, hidden_size, dtype, programs, device)
+        padded = hidden_pad(hidden_size)
+        block_h = GRID_BLOCK_H if programs > 1 else padded
+        barrier = torch.zeros((1,), dtype=torch.int32, device=device)
+        lstm_sequence_forward_grid_kernel[(programs,)](
+            projection, weight_hh, bias_arg, lengths_arg, h_state, c_state, c_slots,
+            output, hidden_arg, gates_arg, barrier, batch, hidden_size, steps,
+            **flags, **_grid_meta(padded, block_h, dtype),
+        )
+    elif recurrence == "persistent":
         lstm_sequence_forward_persistent_kernel[(triton.cdiv(batch, PERSISTENT_BLOCK_B),)](
             projection, weight_hh, bias_arg, lengths_arg, h_state, c_state, c_slots,
             output, hidden_arg, gates_arg, batch, hidden_size, steps,
@@ -571,6 +739,9 @@ def lstm_sequence_backward(
 ):
     """Backward through time from the tensors ``lstm_sequence_forward`` saved (output gradients may be None).
 
+    ``persistent`` picks the recurrence kernel; None: PYATTN_LSTM_TRITON_RECURRENCE's "persistent" or
+    "stepwise" if set, else (auto, or grid, which has no backward form) the persistent one where W_hh
+    fits registers.
     Returns (grad_input, grad_h0, grad_c0, grad_weight_ih, grad_weight_hh, grad_bias).
     """
     steps, batch, input_size = input.shape
@@ -590,7 +761,8 @@ def lstm_sequence_backward(
         HAS_LENGTHS=lengths is not None, REVERSE=reverse,
     )
     if persistent is None:
-        persistent = persistent_supported(hidden_size, dtype)
+        name = recurrence_from_environment()
+        persistent = name == "persistent" or (name != "stepwise" and persistent_supported(hidden_size, dtype))
     if persistent:
         lstm_sequence_backward_persistent_kernel[(triton.cdiv(batch, PERSISTENT_BLOCK_B),)](
             dgates, weight_hh, grad_output_arg, grad_h_n_arg, dc, gates, cell_states, lengths_arg,
@@ -689,6 +861,21 @@ def _aot_specs() -> list[CompileSpec]:
                      HAS_GRAD_H_N="constexpr", HAS_LENGTHS="constexpr", REVERSE="constexpr",
                      **dict.fromkeys(meta, "constexpr")),
                 dict(HAS_GRAD_OUTPUT=True, HAS_GRAD_H_N=True, HAS_LENGTHS=True, REVERSE=True, **meta), **launch,
+            ))
+            padded *= 2
+        # Grid kernel: the hidden sizes auto reaches (past the persistent kernel, up to GRID_MAX_HIDDEN),
+        # at the GPU's tile of GRID_BLOCK_H units (the single-program BLOCK_H = HIDDEN is interpreter-only).
+        padded = 2 * PERSISTENT_MAX_HIDDEN[dtype]
+        while padded <= GRID_MAX_HIDDEN[dtype]:
+            meta = _grid_meta(padded, GRID_BLOCK_H, dtype)
+            launch = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"))
+            specs.append(CompileSpec(
+                f"lstm_sequence_forward_grid[{name},H{padded},BH{GRID_BLOCK_H}]", lstm_sequence_forward_grid_kernel,
+                dict(projection_ptr=t, w_hh_ptr=t, bias_ptr=f32, lengths_ptr=i64, h_state_ptr=t, c_state_ptr=f32,
+                     c_slots="i32", output_ptr=t, hidden_saved_ptr=t, gates_ptr=t, barrier_ptr="*i32",
+                     B="i32", H="i32", T="i32", HAS_BIAS="constexpr", HAS_LENGTHS="constexpr", REVERSE="constexpr",
+                     STORE_FOR_BACKWARD="constexpr", **dict.fromkeys(meta, "constexpr")),
+                dict(HAS_BIAS=True, HAS_LENGTHS=True, REVERSE=True, STORE_FOR_BACKWARD=True, **meta), **launch,
             ))
             padded *= 2
     return specs

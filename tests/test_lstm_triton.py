@@ -1,4 +1,4 @@
-"""Triton LSTM backend vs the float64 reference: outputs and every gradient, both recurrence kernels.
+"""Triton LSTM backend vs the float64 reference: outputs and every gradient, every recurrence kernel.
 
 Interpreter tests (CPU, TRITON_INTERPRET=1):
     TRITON_INTERPRET=1 python -m pytest -m interpreter tests/test_lstm_triton.py
@@ -44,8 +44,39 @@ def poisoned_allocations(monkeypatch, kernels):
 @pytest.fixture(params=RECURRENCES)
 def recurrence(request, monkeypatch, kernels):
     """Forces the layer's recurrence kernel (forward and backward) for the duration of a test."""
-    monkeypatch.setattr(kernels, "persistent_supported", lambda hidden_size, dtype: request.param == "persistent")
+    name = {"persistent": "persistent", "per_step": "stepwise"}[request.param]
+    monkeypatch.setenv(kernels.RECURRENCE_ENVIRONMENT_VARIABLE, name)
     return request.param
+
+
+def _record_grid_launches(monkeypatch, kernels) -> list:
+    """The launch grids of every grid-barrier kernel launch from now on (so a test sees that it ran)."""
+    launched = []
+    original = kernels.lstm_sequence_forward_grid_kernel
+
+    class RecordingKernel:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return original[grid]
+
+    monkeypatch.setattr(kernels, "lstm_sequence_forward_grid_kernel", RecordingKernel())
+    return launched
+
+
+@pytest.fixture
+def grid_recurrence(monkeypatch, kernels):
+    """Forces the grid-barrier forward (PYATTN_LSTM_TRITON_RECURRENCE=grid); returns its launch grids."""
+    monkeypatch.setenv(kernels.RECURRENCE_ENVIRONMENT_VARIABLE, "grid")
+    return _record_grid_launches(monkeypatch, kernels)
+
+
+def _layer_leaves(steps, batch, input_size, hidden_size, dtype, device="cpu", bias="both"):
+    return {
+        "input": random_tensor(steps, batch, input_size, dtype=dtype, device=device, requires_grad=True),
+        "h0": random_tensor(batch, hidden_size, dtype=dtype, device=device, requires_grad=True),
+        "c0": random_tensor(batch, hidden_size, dtype=dtype, device=device, requires_grad=True),
+        **_make_weights(input_size, hidden_size, dtype, device, bias),
+    }
 
 
 def _layer_request(dtype, device="cpu", features=frozenset()):
@@ -157,6 +188,46 @@ class TestInterpreter:
             lambda t: reference.lstm_layer(**t, reverse=reverse, lengths=lengths),
             leaves, dtype, ["output", "h_n", "c_n"],
         )
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+    @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+    @pytest.mark.parametrize(
+        "steps,batch,input_size,hidden_size,bias,lengths",
+        [(1, 1, 8, 8, "both", None), (6, 3, 12, 24, "none", None), (9, 16, 20, 40, "ih", None),
+         (7, 5, 10, 24, "both", [3, 7, 1, 0, 5]), (5, 2, 16, 64, "hh", [5, 2])],
+        ids=["tiny", "dense", "full-tile", "ragged", "ragged-64"],
+    )
+    def test_layer_grid(self, poisoned_allocations, grid_recurrence, dtype, reverse, steps, batch, input_size, hidden_size, bias, lengths):
+        """The grid-barrier forward as one program (the interpreter runs programs in turn), then the usual backward."""
+        lengths = None if lengths is None else torch.tensor(lengths)
+        leaves = _layer_leaves(steps, batch, input_size, hidden_size, dtype, bias=bias)
+        lstm_layer = _triton_op("lstm_layer", dtype, features={"lengths"} if lengths is not None else set())
+        _check_outputs_and_gradients(
+            lambda t: lstm_layer(**t, reverse=reverse, lengths=lengths),
+            lambda t: reference.lstm_layer(**t, reverse=reverse, lengths=lengths),
+            leaves, dtype, ["output", "h_n", "c_n"],
+        )
+        assert grid_recurrence == [(1,)] * 2, "the grid kernel did not run (once with grad, once without)"
+
+    def test_recurrence_choice(self, kernels, monkeypatch):
+        """Auto never picks the grid kernel off a GPU (its barrier needs co-resident programs); bad names fail."""
+        monkeypatch.delenv(kernels.RECURRENCE_ENVIRONMENT_VARIABLE, raising=False)
+        cpu = torch.device("cpu")
+        assert kernels.choose_recurrence(16, 768, torch.float16, cpu) == "stepwise"
+        assert kernels.choose_recurrence(4, 64, torch.float16, cpu) == "persistent"
+        monkeypatch.setenv(kernels.RECURRENCE_ENVIRONMENT_VARIABLE, "grid")
+        assert kernels.choose_recurrence(64, 16, torch.float32, cpu) == "grid"
+        monkeypatch.setenv(kernels.RECURRENCE_ENVIRONMENT_VARIABLE, "barrier")
+        with pytest.raises(ValueError, match="PYATTN_LSTM_TRITON_RECURRENCE"):
+            kernels.choose_recurrence(1, 16, torch.float32, cpu)
+
+    def test_layer_grid_rejects_what_it_cannot_run(self, grid_recurrence):
+        lstm_layer = _triton_op("lstm_layer", torch.float32)
+        with pytest.raises(ValueError, match="batch 17"):
+            lstm_layer(**_layer_leaves(2, 17, 4, 8, torch.float32))
+        with pytest.raises(ValueError, match="weight_hh: hidden size 520"):
+            lstm_layer(**_layer_leaves(2, 1, 4, 520, torch.float32))
+        assert grid_recurrence == []
 
     @pytest.mark.parametrize("used", ["output", "h_n", "c_n"])
     def test_layer_gradient_of_one_output(self, recurrence, used):
@@ -391,3 +462,60 @@ class TestGPU:
             ref_grad = reference_leaves[name].grad
             rtol = _gpu_tolerance(dtype, torch_errors[name])
             assert_close(triton_grads[name], ref_grad, rtol, f"grad of {name}")
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+    @pytest.mark.parametrize("batch", [1, 8, 16])
+    @pytest.mark.parametrize("hidden_size", [256, 512, 1024])
+    @pytest.mark.parametrize("reverse,ragged", [(False, False), (True, True)], ids=["forward-dense", "reverse-ragged"])
+    def test_layer_grid(self, kernels, poisoned_allocations, grid_recurrence, dtype, batch, hidden_size, reverse, ragged):
+        """The grid-barrier forward with a real multi-program grid (hidden tiles across SMs), gradients included."""
+        device, steps, input_size = "cuda", 64, 128
+        programs = kernels.grid_programs(hidden_size, torch.device(device))
+        if programs > torch.cuda.get_device_properties(device).multi_processor_count:
+            pytest.skip(f"H={hidden_size} needs {programs} co-resident programs, more than this GPU's SMs")
+        lengths = torch.randint(0, steps + 1, (batch,), device=device) if ragged else None
+        leaves = _layer_leaves(steps, batch, input_size, hidden_size, dtype, device)
+        lstm_layer = _triton_op("lstm_layer", dtype, device, {"lengths"} if ragged else set())
+        if kernels.hidden_pad(hidden_size) > kernels.GRID_MAX_HIDDEN[dtype]:
+            # fp32 H=1024: 4·16·1024 fp32 of W_hh per program is past shared memory; a clear error, no launch.
+            with pytest.raises(ValueError, match="weight_hh"):
+                lstm_layer(**leaves, reverse=reverse, lengths=lengths)
+            assert grid_recurrence == []
+            return
+        outputs = lstm_layer(**leaves, reverse=reverse, lengths=lengths)
+        assert grid_recurrence == [(programs,)], "the grid kernel did not run"
+        reference_leaves = _float64(leaves)
+        reference_outputs = reference.lstm_layer(**reference_leaves, reverse=reverse, lengths=lengths)
+        torch_outputs = reference.lstm_layer(**leaves, reverse=reverse, lengths=lengths)
+        upstream = [random_tensor(*out.shape, dtype=torch.float64, device=device) for out in outputs]
+        torch.autograd.backward(outputs, [grad.to(dtype) for grad in upstream])
+        triton_grads = {name: leaf.grad.clone() for name, leaf in leaves.items()}
+        for leaf in leaves.values():
+            leaf.grad = None
+        torch.autograd.backward(torch_outputs, [grad.to(dtype) for grad in upstream])
+        torch.autograd.backward(reference_outputs, upstream)
+        for name, out, torch_out, ref in zip(["output", "h_n", "c_n"], outputs, torch_outputs, reference_outputs):
+            assert_close(out, ref, _gpu_tolerance(dtype, relative_error(torch_out, ref)), name)
+        for name, leaf in leaves.items():
+            ref_grad = reference_leaves[name].grad
+            rtol = _gpu_tolerance(dtype, relative_error(leaf.grad, ref_grad))
+            assert_close(triton_grads[name], ref_grad, rtol, f"grad of {name}")
+
+    def test_auto_picks_grid(self, kernels, monkeypatch):
+        """B=16, H=768 in fp16: past the register-resident kernel, so auto takes the grid kernel given 48 SMs."""
+        monkeypatch.delenv(kernels.RECURRENCE_ENVIRONMENT_VARIABLE, raising=False)
+        device = torch.device("cuda")
+        needed = kernels.grid_programs(768, device)
+        assert needed == 48
+        if torch.cuda.get_device_properties(device).multi_processor_count < needed:
+            pytest.skip(f"needs {needed} SMs")
+        assert kernels.choose_recurrence(16, 768, torch.float16, device) == "grid"
+        assert kernels.choose_recurrence(17, 768, torch.float16, device) == "stepwise"
+        assert kernels.choose_recurrence(16, 128, torch.float16, device) == "persistent"
+        launched = _record_grid_launches(monkeypatch, kernels)
+        leaves = _layer_leaves(8, 16, 32, 768, torch.float16, "cuda")
+        with torch.no_grad():
+            output, _, _ = _triton_op("lstm_layer", torch.float16, "cuda")(**leaves)
+        assert launched == [(needed,)]
+        reference_output, _, _ = reference.lstm_layer(**_float64(leaves))
+        assert_close(output, reference_output, RTOL[torch.float16], "output")
