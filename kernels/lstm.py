@@ -359,6 +359,34 @@ def _load_gate_block(w_ptr, row_start, H, offs_row, offs_col, TRANSPOSE: tl.cons
 
 
 @triton.jit
+def _persistent_step(
+    h_prev, w_i, w_f, w_g, w_o, projection_ptr, bias_ptr, h_state_ptr, c_state_ptr, c_slots, output_ptr,
+    hidden_saved_ptr, gates_ptr, step, active, time, offs_b, offs_h, mask, h_mask, B, H,
+    HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, STORE_FOR_BACKWARD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One step of the persistent forwards: h_{t-1}·W_hhᵀ with W_hh on chip, then the fused gate update
+    into the ping-pong h slots, the cell-state slots and (training) the saved gates."""
+    state_size = B * H
+    pre_i = tl.dot(h_prev, w_i, input_precision=DOT_PRECISION)
+    pre_f = tl.dot(h_prev, w_f, input_precision=DOT_PRECISION)
+    pre_g = tl.dot(h_prev, w_g, input_precision=DOT_PRECISION)
+    pre_o = tl.dot(h_prev, w_o, input_precision=DOT_PRECISION)
+    pre_i, pre_f, pre_g, pre_o = _add_input_projection(
+        pre_i, pre_f, pre_g, pre_o, projection_ptr, time, B, H, offs_b, offs_h, mask
+    )
+    if HAS_BIAS:
+        pre_i, pre_f, pre_g, pre_o = _add_bias(pre_i, pre_f, pre_g, pre_o, bias_ptr, H, offs_h, h_mask)
+    _forward_epilogue(
+        pre_i, pre_f, pre_g, pre_o, active, time, offs_b, offs_h, mask, B, H,
+        h_state_ptr + (step % 2) * state_size, c_state_ptr + tl.cast(step % c_slots, tl.int64) * state_size,
+        h_state_ptr + ((step + 1) % 2) * state_size,
+        c_state_ptr + tl.cast((step + 1) % c_slots, tl.int64) * state_size,
+        output_ptr, hidden_saved_ptr, gates_ptr + tl.cast(step, tl.int64) * (4 * state_size),
+        HAS_LENGTHS, True, STORE_FOR_BACKWARD, STORE_FOR_BACKWARD,
+    )
+
+
+@triton.jit
 def lstm_sequence_forward_persistent_kernel(
     projection_ptr, w_hh_ptr, bias_ptr, lengths_ptr, h_state_ptr, c_state_ptr, c_slots,
     output_ptr, hidden_saved_ptr, gates_ptr,
@@ -386,22 +414,10 @@ def lstm_sequence_forward_persistent_kernel(
         _, active, time = _row_schedule(step, offs_b, b_mask, lengths_ptr, T, REVERSE, HAS_LENGTHS)
         h_in_ptr = h_state_ptr + (step % 2) * state_size
         h_prev = tl.load(h_in_ptr + state, mask=mask, other=0.0)
-        pre_i = tl.dot(h_prev, w_i, input_precision=DOT_PRECISION)
-        pre_f = tl.dot(h_prev, w_f, input_precision=DOT_PRECISION)
-        pre_g = tl.dot(h_prev, w_g, input_precision=DOT_PRECISION)
-        pre_o = tl.dot(h_prev, w_o, input_precision=DOT_PRECISION)
-        pre_i, pre_f, pre_g, pre_o = _add_input_projection(
-            pre_i, pre_f, pre_g, pre_o, projection_ptr, time, B, H, offs_b, offs_h, mask
-        )
-        if HAS_BIAS:
-            pre_i, pre_f, pre_g, pre_o = _add_bias(pre_i, pre_f, pre_g, pre_o, bias_ptr, H, offs_h, h_mask)
-        _forward_epilogue(
-            pre_i, pre_f, pre_g, pre_o, active, time, offs_b, offs_h, mask, B, H,
-            h_in_ptr, c_state_ptr + tl.cast(step % c_slots, tl.int64) * state_size,
-            h_state_ptr + ((step + 1) % 2) * state_size,
-            c_state_ptr + tl.cast((step + 1) % c_slots, tl.int64) * state_size,
-            output_ptr, hidden_saved_ptr, gates_ptr + tl.cast(step, tl.int64) * (4 * state_size),
-            HAS_LENGTHS, True, STORE_FOR_BACKWARD, STORE_FOR_BACKWARD,
+        _persistent_step(
+            h_prev, w_i, w_f, w_g, w_o, projection_ptr, bias_ptr, h_state_ptr, c_state_ptr, c_slots, output_ptr,
+            hidden_saved_ptr, gates_ptr, step, active, time, offs_b, offs_h, mask, h_mask, B, H,
+            HAS_BIAS, HAS_LENGTHS, STORE_FOR_BACKWARD, DOT_PRECISION,
         )
         tl.debug_barrier()
 
@@ -444,22 +460,10 @@ def lstm_sequence_forward_grid_kernel(
         h_in_ptr = h_state_ptr + (step % 2) * state_size
         # Other SMs wrote most of h_{t-1}: read it from L2 (.cg), never from a stale L1 line.
         h_prev = tl.load(h_in_ptr + every_unit, mask=every_unit_mask, other=0.0, cache_modifier=".cg")
-        pre_i = tl.dot(h_prev, w_i, input_precision=DOT_PRECISION)
-        pre_f = tl.dot(h_prev, w_f, input_precision=DOT_PRECISION)
-        pre_g = tl.dot(h_prev, w_g, input_precision=DOT_PRECISION)
-        pre_o = tl.dot(h_prev, w_o, input_precision=DOT_PRECISION)
-        pre_i, pre_f, pre_g, pre_o = _add_input_projection(
-            pre_i, pre_f, pre_g, pre_o, projection_ptr, time, B, H, offs_b, offs_h, mask
-        )
-        if HAS_BIAS:
-            pre_i, pre_f, pre_g, pre_o = _add_bias(pre_i, pre_f, pre_g, pre_o, bias_ptr, H, offs_h, h_mask)
-        _forward_epilogue(
-            pre_i, pre_f, pre_g, pre_o, active, time, offs_b, offs_h, mask, B, H,
-            h_in_ptr, c_state_ptr + tl.cast(step % c_slots, tl.int64) * state_size,
-            h_state_ptr + ((step + 1) % 2) * state_size,
-            c_state_ptr + tl.cast((step + 1) % c_slots, tl.int64) * state_size,
-            output_ptr, hidden_saved_ptr, gates_ptr + tl.cast(step, tl.int64) * (4 * state_size),
-            HAS_LENGTHS, True, STORE_FOR_BACKWARD, STORE_FOR_BACKWARD,
+        _persistent_step(
+            h_prev, w_i, w_f, w_g, w_o, projection_ptr, bias_ptr, h_state_ptr, c_state_ptr, c_slots, output_ptr,
+            hidden_saved_ptr, gates_ptr, step, active, time, offs_b, offs_h, mask, h_mask, B, H,
+            HAS_BIAS, HAS_LENGTHS, STORE_FOR_BACKWARD, DOT_PRECISION,
         )
         # Grid barrier. The CTA barrier orders every thread's stores of h_t before the (one-thread,
         # scalar) release increment; the acquire that sees the target orders the next step's loads.
