@@ -107,6 +107,28 @@ void check_lengths(const std::optional<at::Tensor>& lengths, const at::Tensor& i
   TORCH_CHECK(lengths->is_contiguous(), "lengths must be contiguous");
 }
 
+struct LayerSizes {
+  int64_t steps, batch, input_size, hidden;
+};
+
+// The operands every layer op shares, checked once; returns their sizes.
+LayerSizes check_layer_operands(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0,
+                                const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+                                const std::optional<at::Tensor>& lengths) {
+  check_input(input, 3);
+  TORCH_CHECK(h0.dim() == 2, "h0 must be 2-D (batch, hidden_size), got shape ", h0.sizes());
+  const int64_t steps = input.size(0), batch = input.size(1), input_size = input.size(2), hidden = h0.size(1);
+  check_like_input(h0, "h0", input, {batch, hidden});
+  check_like_input(c0, "c0", input, {batch, hidden});
+  check_like_input(weight_ih, "weight_ih", input, {4 * hidden, input_size});
+  check_like_input(weight_hh, "weight_hh", input, {4 * hidden, hidden});
+  check_lengths(lengths, input, batch);
+  check_fits_int(steps, "sequence length");
+  check_fits_int(batch, "batch");
+  check_fits_int(4 * hidden, "4 * hidden_size");
+  return {steps, batch, input_size, hidden};
+}
+
 // (T, B) true where step t of row b is past the row's length.
 at::Tensor steps_past_length(const at::Tensor& lengths, int64_t steps) {
   return at::arange(steps, lengths.options()).unsqueeze(1).ge(lengths.unsqueeze(0));
@@ -213,20 +235,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
     const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& weight_ih,
     const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih, const std::optional<at::Tensor>& bias_hh,
     bool reverse, const std::optional<at::Tensor>& lengths, bool save_workspace, int64_t recurrence) {
-  check_input(input, 3);
   const Recurrence mode = checked_recurrence(recurrence);
-  TORCH_CHECK(h0.dim() == 2, "h0 must be 2-D (batch, hidden_size), got shape ", h0.sizes());
-  const int64_t steps = input.size(0), batch = input.size(1), input_size = input.size(2), hidden = h0.size(1);
-  check_like_input(h0, "h0", input, {batch, hidden});
-  check_like_input(c0, "c0", input, {batch, hidden});
-  check_like_input(weight_ih, "weight_ih", input, {4 * hidden, input_size});
-  check_like_input(weight_hh, "weight_hh", input, {4 * hidden, hidden});
+  const LayerSizes sizes = check_layer_operands(input, h0, c0, weight_ih, weight_hh, lengths);
+  const int64_t steps = sizes.steps, batch = sizes.batch, input_size = sizes.input_size, hidden = sizes.hidden;
   check_bias(bias_ih, "bias_ih", input, hidden);
   check_bias(bias_hh, "bias_hh", input, hidden);
-  check_lengths(lengths, input, batch);
-  check_fits_int(steps, "sequence length");
-  check_fits_int(batch, "batch");
-  check_fits_int(4 * hidden, "4 * hidden_size");
 
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor output = at::empty({steps, batch, hidden}, input.options());
@@ -304,24 +317,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cell_states, bool reverse,
     const std::optional<at::Tensor>& lengths, int64_t recurrence) {
-  check_input(input, 3);
   const Recurrence mode = checked_recurrence(recurrence);
-  TORCH_CHECK(h0.dim() == 2, "h0 must be 2-D (batch, hidden_size), got shape ", h0.sizes());
-  const int64_t steps = input.size(0), batch = input.size(1), input_size = input.size(2), hidden = h0.size(1);
-  check_like_input(h0, "h0", input, {batch, hidden});
-  check_like_input(c0, "c0", input, {batch, hidden});
-  check_like_input(weight_ih, "weight_ih", input, {4 * hidden, input_size});
-  check_like_input(weight_hh, "weight_hh", input, {4 * hidden, hidden});
+  const LayerSizes sizes = check_layer_operands(input, h0, c0, weight_ih, weight_hh, lengths);
+  const int64_t steps = sizes.steps, batch = sizes.batch, input_size = sizes.input_size, hidden = sizes.hidden;
   check_like_input(output, "output", input, {steps, batch, hidden});
   check_like_input(grad_output, "grad_output", input, {steps, batch, hidden});
   check_like_input(grad_h_n, "grad_h_n", input, {batch, hidden});
   check_like_input(grad_c_n, "grad_c_n", input, {batch, hidden});
   check_like_input(gates, "gates", input, {steps, batch, 4 * hidden});
   check_float_state(cell_states, "cell_states", input, {steps, batch, hidden});
-  check_lengths(lengths, input, batch);
-  check_fits_int(steps, "sequence length");
-  check_fits_int(batch, "batch");
-  check_fits_int(4 * hidden, "4 * hidden_size");
 
   const c10::cuda::CUDAGuard guard(input.device());
   const at::ScalarType dtype = input.scalar_type();
