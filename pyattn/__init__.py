@@ -4,9 +4,10 @@
     out = pyattn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
     lstm = pyattn.nn.LSTM(512, 512, num_layers=2)        # same arguments and state_dict as torch.nn.LSTM
 
-Backends: "reference" (PyTorch, any device), "triton", "cuda" (the compiled extension); "auto"
-picks the fastest that serves a call. See :func:`available_backends`, :func:`use_backend`,
-:func:`explain`.
+Backends: "cuda" (the compiled extension), "triton", "torch" (PyTorch's own kernels) and
+"reference" (plain PyTorch, the float64 ground truth), each with one or more kernel variants;
+"auto" picks the first variant that serves a call. See :func:`available_backends`,
+:func:`use_backend`, :func:`explain`.
 """
 
 from pyattn._dispatch import (  # noqa: F401
@@ -15,6 +16,7 @@ from pyattn._dispatch import (  # noqa: F401
     backend_status,
     use_backend,
 )
+from pyattn import ops  # noqa: F401  (fills the dispatch registry: the package loads the ops, not dispatch)
 from pyattn import functional, nn  # noqa: F401
 from pyattn.functional import flash_attention, flash_attention_varlen  # noqa: F401
 from pyattn._explain import explain  # noqa: F401

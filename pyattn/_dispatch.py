@@ -1,135 +1,61 @@
-"""Backend dispatch: each backend declares what it supports; ``auto`` walks a priority list.
+"""Dispatch: the one place that chooses which kernel serves a call.
 
-Modelled on xformers' fmha dispatch: a backend answers ``not_supported_reasons(request)``, the
-automatic choice takes the first backend with no reasons, and a forced backend that has reasons
-raises :class:`BackendUnavailableError` listing them. Nothing here reads tensor data, so it runs
-unchanged on ``meta`` tensors and under ``torch.compile``.
+Modelled on xformers' fmha dispatch. Ops register *variants* in :mod:`pyattn._registry`, each with
+a :class:`~pyattn._registry.Support`; ``auto`` takes the first variant, in priority order
+(cuda → triton → torch → reference, and within a backend as registered), whose support has no
+reason to refuse the request. A forced name — a backend (``"triton"``: the first of its variants
+that serves) or one variant (``"triton/grid"``) — serves the call or raises
+:class:`BackendUnavailableError` with every reason. Nothing here reads tensor data, so it runs
+unchanged on ``meta`` tensors and under ``torch.compile`` (its state lives in plain module globals).
+
+Imports point one way: functional → dispatch → registry ← ops → kernels. Dispatch does not import
+the ops; the package does (``pyattn/__init__.py``), which fills the registry.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 
-BACKENDS = ("cuda", "triton", "reference")  # automatic priority order, fastest first
-AUTO = "auto"
+from pyattn._registry import (  # noqa: F401  (re-exported: the names ops and tests use)
+    ASSUMABLE_TARGETS,
+    AUTO,
+    BACKENDS,
+    BackendUnavailableError,
+    Request,
+    Support,
+    Target,
+    Variant,
+    all_variant_names,
+    backend_unavailable_reason,
+    variants,
+)
 
-
-class BackendUnavailableError(RuntimeError):
-    """A backend was asked for by name but cannot serve the call; the message says why."""
-
-
-@dataclass(frozen=True)
-class Request:
-    """What one call needs from a backend: built by the functional layer after validation."""
-
-    op: str  # "attention", "lstm_cell", "lstm_layer", ...
-    device: torch.device
-    dtype: torch.dtype
-    head_dim: int | None = None
-    features: frozenset[str] = frozenset()  # optional features the call uses: "dropout", "mask", ...
-
-    def describe(self) -> str:
-        parts = [f"op={self.op}", f"device={self.device.type}", f"dtype={str(self.dtype).removeprefix('torch.')}"]
-        if self.head_dim is not None:
-            parts.append(f"head_dim={self.head_dim}")
-        if self.features:
-            parts.append("features=" + ",".join(sorted(self.features)))
-        return " ".join(parts)
-
-
-@dataclass(frozen=True)
-class Support:
-    """What one backend's implementation of one op can serve."""
-
-    devices: frozenset[str]
-    dtypes: frozenset[torch.dtype]
-    features: frozenset[str] = frozenset()
-    max_head_dim: int | None = None
-    min_compute_capability: tuple[int, int] | None = None
-    # Devices added only while the Triton interpreter is on (TRITON_INTERPRET=1 runs kernels on CPU).
-    interpreter_devices: frozenset[str] = frozenset()
-
-
-@dataclass
-class Backend:
-    name: str
-    # Returns why the whole backend cannot run in this process (not installed, not built), or None.
-    availability: Callable[[], str | None]
-    implementations: dict[str, tuple[Support, Callable]] = field(default_factory=dict)
-
-    def unavailable_reason(self) -> str | None:
-        return self.availability()
-
-    def not_supported_reasons(self, request: Request) -> list[str]:
-        reason = self.availability()
-        if reason is not None:
-            return [reason]
-        if request.op not in self.implementations:
-            return [f"has no implementation of {request.op}"]
-        support, _ = self.implementations[request.op]
-        reasons = []
-        devices = support.devices | (support.interpreter_devices if triton_interpreter_enabled() else frozenset())
-        if request.device.type not in devices:
-            hint = " (set TRITON_INTERPRET=1 to run Triton kernels on CPU)" if support.interpreter_devices else ""
-            reasons.append(f"device {request.device.type} not in {sorted(devices)}{hint}")
-        if request.dtype not in support.dtypes:
-            names = sorted(str(d).removeprefix("torch.") for d in support.dtypes)
-            reasons.append(f"dtype {str(request.dtype).removeprefix('torch.')} not in {names}")
-        if support.max_head_dim is not None and request.head_dim is not None and request.head_dim > support.max_head_dim:
-            reasons.append(f"head dim {request.head_dim} > {support.max_head_dim}")
-        missing = request.features - support.features
-        if missing:
-            reasons.append("unsupported features: " + ", ".join(sorted(missing)))
-        if support.min_compute_capability is not None and request.device.type == "cuda":
-            capability = torch.cuda.get_device_capability(request.device)
-            if capability < support.min_compute_capability:
-                want = ".".join(map(str, support.min_compute_capability))
-                reasons.append(f"compute capability {capability[0]}.{capability[1]} < {want}")
-        return reasons
+BACKEND_ENVIRONMENT_VARIABLE = "PYATTN_BACKEND"
 
 
 def triton_interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _extension_unavailable() -> str | None:
-    from pyattn import _extension
-
-    return _extension.unavailable_reason()
-
-
-def _triton_unavailable() -> str | None:
     from pyattn import _triton
 
-    return _triton.unavailable_reason()
+    return _triton.interpreter_enabled()
 
 
-_REGISTRY: dict[str, Backend] = {
-    "cuda": Backend("cuda", _extension_unavailable),
-    "triton": Backend("triton", _triton_unavailable),
-    "reference": Backend("reference", lambda: None),
-}
+# ------------------------------------------------------------------------------------------ the choice
 
 
-def register(backend: str, op: str, support: Support) -> Callable[[Callable], Callable]:
-    """Decorator: ``fn`` serves ``op`` on ``backend`` for calls within ``support``."""
-
-    def decorator(fn: Callable) -> Callable:
-        _REGISTRY[backend].implementations[op] = (support, fn)
-        return fn
-
-    return decorator
-
-
-def _validated_backend_name(name: str, source: str) -> str:
-    if name != AUTO and name not in _REGISTRY:
-        raise ValueError(f"{source}: unknown backend {name!r}; expected one of {[AUTO, *BACKENDS]}")
-    return name
+def _validated_name(name: str, source: str) -> str:
+    if name == AUTO or name in BACKENDS:
+        return name
+    if "/" in name and name.split("/", 1)[0] in BACKENDS:
+        known = all_variant_names()
+        if name in known:
+            return name
+        raise ValueError(f"{source}: unknown variant {name!r}; the variants are {known}")
+    raise ValueError(f"{source}: unknown backend {name!r}; expected {AUTO!r}, a backend of {list(BACKENDS)} "
+                     f"or a variant such as 'triton/pointer' (pyattn.explain lists them per call)")
 
 
 # A plain list (not a contextvar) so torch.compile traces through ``use_backend`` without a break.
@@ -137,76 +63,153 @@ _forced_stack: list[str] = []
 
 
 def default_backend() -> str:
+    """The forced name in effect: the innermost ``use_backend``, else PYATTN_BACKEND, else "auto"."""
     if _forced_stack:
         return _forced_stack[-1]
-    return _validated_backend_name(os.environ.get("PYATTN_BACKEND", AUTO), "PYATTN_BACKEND")
+    return _validated_name(os.environ.get(BACKEND_ENVIRONMENT_VARIABLE, AUTO), BACKEND_ENVIRONMENT_VARIABLE)
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Force every pyattn call in the block onto ``name`` ("auto" restores the automatic choice)."""
-    _forced_stack.append(_validated_backend_name(name, "use_backend"))
+    """Force every pyattn call in the block onto ``name``: "auto", a backend ("triton") or a variant
+    ("triton/grid"). A call the forced name cannot serve raises :class:`BackendUnavailableError`."""
+    _forced_stack.append(_validated_name(name, "use_backend"))
     try:
         yield
     finally:
         _forced_stack.pop()
 
 
+# Real devices' facts, queried once per device (plain dict: torch.compile traces a dict lookup quietly).
+_device_targets: dict[tuple[str, int | None], Target] = {}
+
+
+def target_for(request: Request, assume: str | None = None) -> Target:
+    """The device ``request`` runs on, or the GPU named by ``assume`` ("sm_90", "sm_80")."""
+    interpreter = triton_interpreter_enabled()
+    if assume is not None:
+        if assume not in ASSUMABLE_TARGETS:
+            raise ValueError(f"assume must be one of {sorted(ASSUMABLE_TARGETS)} (or None for the real device), "
+                             f"got {assume!r}")
+        return ASSUMABLE_TARGETS[assume]
+    device = request.device
+    key = (device.type, device.index)
+    target = _device_targets.get(key)
+    if target is None:
+        if device.type == "cuda":
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            properties = torch.cuda.get_device_properties(index)
+            target = Target(
+                "cuda", (properties.major, properties.minor), properties.multi_processor_count,
+                getattr(properties, "shared_memory_per_block_optin", None),
+                getattr(properties, "shared_memory_per_multiprocessor", None),
+            )
+        else:
+            target = Target(device.type, interpreter=interpreter and device.type == "cpu")
+        _device_targets[key] = target
+    return target
+
+
+def _reasons(variant: Variant, request: Request, target: Target, forced: bool) -> list[str]:
+    unavailable = backend_unavailable_reason(variant.backend, assumed=target.assumed)
+    if unavailable is not None:
+        return [unavailable]
+    return variant.support.not_supported_reasons(request, target, forced=forced)
+
+
+def _candidates(request: Request, name: str) -> list[Variant]:
+    if name == AUTO:
+        return variants(request.op)
+    if "/" in name:
+        return [v for v in variants(request.op) if v.qualified_name == name]
+    return [v for v in variants(request.op) if v.backend == name]
+
+
+class RequestCaptured(Exception):
+    """Raised by :func:`choose` inside :func:`capture_request`: the call stops at its first dispatch."""
+
+    def __init__(self, request: Request):
+        super().__init__(request.describe())
+        self.request = request
+
+
+# Non-empty inside capture_request: choose() records the request and stops the call there.
+_capturing: list[bool] = []
+
+
+@contextlib.contextmanager
+def capture_request() -> Iterator[None]:
+    """Within the block, the first pyattn call to reach dispatch raises :class:`RequestCaptured` with its
+    request instead of running (how ``pyattn.explain`` sees what a module's forward would dispatch)."""
+    _capturing.append(True)
+    try:
+        yield
+    finally:
+        _capturing.pop()
+
+
+def choose(request: Request, backend: str | None = None, *, assume: str | None = None) -> Variant:
+    """The variant that serves ``request``.
+
+    ``backend`` (or, when None, the forced/default name) "auto" takes the first variant in priority
+    order that serves the call; a backend name takes the first of that backend's variants that does;
+    a variant name takes that variant. A forced name that cannot serve raises with every reason.
+    """
+    if _capturing:
+        raise RequestCaptured(request)
+    name = _validated_name(backend if backend is not None else default_backend(), "backend")
+    target = target_for(request, assume)
+    forced = name != AUTO
+    candidates = _candidates(request, name)
+    for variant in candidates:
+        if not _reasons(variant, request, target, forced):
+            return variant
+    if not forced:
+        raise BackendUnavailableError(f"no pyattn backend serves {request.describe()}:\n"
+                                      + explain_request(request, assume=assume))
+    if not candidates:
+        raise BackendUnavailableError(f"pyattn backend {name!r} cannot serve {request.describe()}: "
+                                      f"it has no implementation of {request.op}")
+    details = "; ".join(f"{v.qualified_name}: " + "; ".join(_reasons(v, request, target, forced))
+                        for v in candidates)
+    raise BackendUnavailableError(f"pyattn backend {name!r} cannot serve {request.describe()}: {details}")
+
+
+def explain_request(request: Request, *, assume: str | None = None, backend: str | None = None) -> str:
+    """One line per variant: whether it would serve ``request`` and, if not, why; then which one runs."""
+    name = _validated_name(backend if backend is not None else default_backend(), "backend")
+    target = target_for(request, assume)
+    header = request.describe() + (f"  [assuming {assume}: {target.sm_count} SMs]" if assume else "")
+    lines = [header]
+    entries = variants(request.op)
+    if not entries:
+        lines.append(f"  no backend has an implementation of {request.op}")
+    present = {v.backend for v in entries}
+    for backend_name in BACKENDS:
+        if backend_name not in present:
+            lines.append(f"  {backend_name:<18} no: has no implementation of {request.op}")
+            continue
+        for variant in (v for v in entries if v.backend == backend_name):
+            reasons = _reasons(variant, request, target, forced=name != AUTO)
+            verdict = "serves" if not reasons else "no: " + "; ".join(reasons)
+            lines.append(f"  {variant.qualified_name:<18} {verdict}")
+    try:
+        picked = choose(request, name, assume=assume).qualified_name
+    except BackendUnavailableError:
+        picked = "nothing (every variant has a reason above)"
+    label = "auto picks" if name == AUTO else f"{name!r} (forced) runs"
+    lines.append(f"  {label}: {picked}")
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------- status queries
+
+
 def available_backends() -> list[str]:
     """Backends that can run in this process (before asking whether they serve a given call)."""
-    _load_implementations()
-    return [name for name in BACKENDS if _REGISTRY[name].unavailable_reason() is None]
+    return [name for name in BACKENDS if backend_unavailable_reason(name) is None]
 
 
 def backend_status() -> dict[str, str]:
     """Each backend's name mapped to "available" or the reason it is not."""
-    _load_implementations()
-    return {name: _REGISTRY[name].unavailable_reason() or "available" for name in BACKENDS}
-
-
-def choose(request: Request, backend: str | None = None) -> tuple[str, Callable]:
-    """The backend name and implementation that serves ``request``.
-
-    ``backend`` (or, when None, the forced/default backend) of "auto" takes the first backend in
-    priority order that supports the call; a named backend that does not raises.
-    """
-    _load_implementations()
-    name = _validated_backend_name(backend if backend is not None else default_backend(), "backend")
-    if name != AUTO:
-        reasons = _REGISTRY[name].not_supported_reasons(request)
-        if reasons:
-            raise BackendUnavailableError(
-                f"pyattn backend {name!r} cannot serve {request.describe()}: " + "; ".join(reasons)
-            )
-        return name, _REGISTRY[name].implementations[request.op][1]
-    for candidate in BACKENDS:
-        if not _REGISTRY[candidate].not_supported_reasons(request):
-            return candidate, _REGISTRY[candidate].implementations[request.op][1]
-    raise BackendUnavailableError(f"no pyattn backend serves {request.describe()}:\n" + explain_request(request))
-
-
-def explain_request(request: Request) -> str:
-    """One line per backend: whether it would serve ``request`` and, if not, why."""
-    _load_implementations()
-    lines = [f"{request.describe()}"]
-    chosen = None
-    for name in BACKENDS:
-        reasons = _REGISTRY[name].not_supported_reasons(request)
-        if not reasons and chosen is None:
-            chosen = name
-        verdict = "serves" if not reasons else "no: " + "; ".join(reasons)
-        lines.append(f"  {name:<9} {verdict}")
-    lines.append(f"  auto picks: {chosen}")
-    return "\n".join(lines)
-
-
-_loaded = False
-
-
-def _load_implementations() -> None:
-    """Import the op modules, whose ``register`` calls fill the registry (once, lazily)."""
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    import pyattn.ops  # noqa: F401  (registers every backend's implementations)
+    return {name: backend_unavailable_reason(name) or "available" for name in BACKENDS}

@@ -24,8 +24,14 @@ def _import_extension() -> tuple[object | None, str | None]:
     return _C, None
 
 
+def build_reason() -> str | None:
+    """Why the extension holds no CUDA kernels (not built, or built without CUDA), or None."""
+    return _load()[1]
+
+
 def unavailable_reason() -> str | None:
-    module, reason = _load()
+    """Why the CUDA kernels cannot run in this process: :func:`build_reason`, or no GPU visible."""
+    reason = build_reason()
     if reason is not None:
         return reason
     import torch

@@ -20,11 +20,22 @@ def _import_error() -> str | None:
     return _import_error_cache[0]
 
 
+def import_reason() -> str | None:
+    """Why Triton cannot be imported, or None."""
+    return _import_error()
+
+
+def interpreter_enabled() -> bool:
+    """TRITON_INTERPRET=1: Triton runs kernels on CPU tensors (a testing tool)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def unavailable_reason() -> str | None:
+    """Why Triton kernels cannot run in this process: not importable, or neither a GPU nor the interpreter."""
     error = _import_error()
     if error is not None:
         return error
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if interpreter_enabled():
         return None
     import torch
 

@@ -134,10 +134,13 @@ at::Tensor steps_past_length(const at::Tensor& lengths, int64_t steps) {
   return at::arange(steps, lengths.options()).unsqueeze(1).ge(lengths.unsqueeze(0));
 }
 
-Recurrence checked_recurrence(int64_t recurrence) {
-  TORCH_CHECK(recurrence == kAuto || recurrence == kPersistent || recurrence == kStepwise,
-              "recurrence must be 0 (auto), 1 (persistent) or 2 (stepwise), got ", recurrence);
-  return static_cast<Recurrence>(recurrence);
+enum class Recurrence { kPersistent, kStepwise };
+
+Recurrence checked_recurrence(c10::string_view recurrence) {
+  if (recurrence == "persistent") return Recurrence::kPersistent;
+  TORCH_CHECK(recurrence == "stepwise", "recurrence must be \"persistent\" or \"stepwise\", got \"",
+              std::string(recurrence), "\"");
+  return Recurrence::kStepwise;
 }
 
 }  // namespace
@@ -145,7 +148,7 @@ Recurrence checked_recurrence(int64_t recurrence) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward(
     const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& weight_ih,
     const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih, const std::optional<at::Tensor>& bias_hh,
-    bool save_workspace) {
+    bool save_for_backward) {
   check_input(input, 2);
   TORCH_CHECK(hx.dim() == 2, "hx must be 2-D (batch, hidden_size), got shape ", hx.sizes());
   const int64_t batch = input.size(0), input_size = input.size(1), hidden = hx.size(1);
@@ -162,7 +165,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward(
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor hy = at::empty({batch, hidden}, input.options());
   at::Tensor cy = at::empty({batch, hidden}, input.options());
-  at::Tensor workspace = at::empty({save_workspace ? batch : 0, 4 * hidden}, input.options());
+  at::Tensor workspace = at::empty({save_for_backward ? batch : 0, 4 * hidden}, input.options());
   if (batch == 0 || hidden == 0) return {hy, cy, workspace};
 
   StepForwardParams params{};
@@ -177,7 +180,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward(
   params.c_prev = cx.data_ptr();
   params.h_out = hy.data_ptr();
   params.c_out = cy.data_ptr();
-  params.gates_out = save_workspace ? workspace.data_ptr() : nullptr;
+  params.gates_out = save_for_backward ? workspace.data_ptr() : nullptr;
   params.batch = static_cast<int>(batch);
   params.hidden = static_cast<int>(hidden);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -234,7 +237,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward(
     const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& weight_ih,
     const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih, const std::optional<at::Tensor>& bias_hh,
-    bool reverse, const std::optional<at::Tensor>& lengths, bool save_workspace, int64_t recurrence) {
+    bool reverse, const std::optional<at::Tensor>& lengths, bool save_for_backward, c10::string_view recurrence) {
   const Recurrence mode = checked_recurrence(recurrence);
   const LayerSizes sizes = check_layer_operands(input, h0, c0, weight_ih, weight_hh, lengths);
   const int64_t steps = sizes.steps, batch = sizes.batch, input_size = sizes.input_size, hidden = sizes.hidden;
@@ -243,8 +246,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
 
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor output = at::empty({steps, batch, hidden}, input.options());
-  at::Tensor gates = at::empty({save_workspace ? steps : 0, batch, 4 * hidden}, input.options());
-  at::Tensor cell_states = at::empty({save_workspace ? steps : 0, batch, hidden}, input.options().dtype(at::kFloat));
+  at::Tensor gates = at::empty({save_for_backward ? steps : 0, batch, 4 * hidden}, input.options());
+  at::Tensor cell_states = at::empty({save_for_backward ? steps : 0, batch, hidden}, input.options().dtype(at::kFloat));
   if (steps == 0 || batch == 0 || hidden == 0) return {output, h0.clone(), c0.clone(), gates, cell_states};
 
   // Every step's input projection at once: one GEMM with both biases folded in.
@@ -253,7 +256,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   const at::Tensor projection =
       bias.has_value() ? at::addmm(*bias, input_2d, weight_ih.t()) : at::mm(input_2d, weight_ih.t());
   // Without saving, the float32 cell state lives in one slot that each step updates in place.
-  at::Tensor state = save_workspace ? cell_states : at::empty({1, batch, hidden}, cell_states.options());
+  at::Tensor state = save_for_backward ? cell_states : at::empty({1, batch, hidden}, cell_states.options());
 
   LayerForwardParams layer{};
   layer.input_projection = projection.data_ptr();
@@ -262,8 +265,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   layer.c0 = c0.data_ptr();
   layer.output = output.data_ptr();
   layer.cell_states = state.data_ptr<float>();
-  layer.save_all_cell_states = save_workspace;
-  layer.gates = save_workspace ? gates.data_ptr() : nullptr;
+  layer.save_all_cell_states = save_for_backward;
+  layer.gates = save_for_backward ? gates.data_ptr() : nullptr;
   layer.lengths = lengths.has_value() ? lengths->data_ptr<int64_t>() : nullptr;
   layer.steps = static_cast<int>(steps);
   layer.batch = static_cast<int>(batch);
@@ -274,10 +277,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   dispatch_dtype(input.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     bool fits = false;
-    if (mode != kStepwise) C10_CUDA_CHECK(launch_persistent_forward<T>(layer, stream, fits));
-    TORCH_CHECK(fits || mode != kPersistent, "recurrence=persistent: hidden_size ", hidden,
+    if (mode == Recurrence::kPersistent) C10_CUDA_CHECK(launch_persistent_forward<T>(layer, stream, fits));
+    TORCH_CHECK(fits || mode == Recurrence::kStepwise, "recurrence=persistent: hidden_size ", hidden,
                 " with this dtype and batch does not fit on chip (W_hh slices in shared memory, all CTAs "
-                "co-resident); use auto or stepwise");
+                "co-resident); the cuda/stepwise variant serves it");
     if (fits) return;
     const int64_t state_size = batch * hidden;
     auto* output_data = static_cast<T*>(output.data_ptr());
@@ -291,10 +294,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
       step.k0 = static_cast<int>(hidden);
       step.pre_gates = static_cast<const T*>(projection.data_ptr()) + t * 4 * state_size;
       step.c_prev = s == 0 ? c0.data_ptr() : nullptr;
-      step.c_prev_f32 = s == 0 ? nullptr : state_data + (save_workspace ? t_prev * state_size : 0);
+      step.c_prev_f32 = s == 0 ? nullptr : state_data + (save_for_backward ? t_prev * state_size : 0);
       step.h_out = output_data + t * state_size;
-      step.c_out_f32 = state_data + (save_workspace ? t * state_size : 0);
-      step.gates_out = save_workspace ? static_cast<T*>(gates.data_ptr()) + t * 4 * state_size : nullptr;
+      step.c_out_f32 = state_data + (save_for_backward ? t * state_size : 0);
+      step.gates_out = save_for_backward ? static_cast<T*>(gates.data_ptr()) + t * 4 * state_size : nullptr;
       step.lengths = layer.lengths;
       step.time = static_cast<int>(t);
       step.h_prev = step.a0;
@@ -307,7 +310,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   const int64_t last = reverse ? 0 : steps - 1;
   // Rows past their length hold their frozen h until here: the last step's row is h_n.
   at::Tensor h_n = output.select(0, last).clone();
-  at::Tensor c_n = state.select(0, save_workspace ? last : 0).to(input.scalar_type(), false, /*copy=*/true);
+  at::Tensor c_n = state.select(0, save_for_backward ? last : 0).to(input.scalar_type(), false, /*copy=*/true);
   if (lengths.has_value()) output.masked_fill_(steps_past_length(*lengths, steps).unsqueeze(2), 0);
   return {output, h_n, c_n, gates, cell_states};
 }
@@ -316,7 +319,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n, const at::Tensor& input,
     const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cell_states, bool reverse,
-    const std::optional<at::Tensor>& lengths, int64_t recurrence) {
+    const std::optional<at::Tensor>& lengths, c10::string_view recurrence) {
   const Recurrence mode = checked_recurrence(recurrence);
   const LayerSizes sizes = check_layer_operands(input, h0, c0, weight_ih, weight_hh, lengths);
   const int64_t steps = sizes.steps, batch = sizes.batch, input_size = sizes.input_size, hidden = sizes.hidden;
@@ -356,9 +359,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     bool fits = false;
-    if (mode != kStepwise) C10_CUDA_CHECK(launch_persistent_backward<T>(layer, stream, fits));
-    TORCH_CHECK(fits || mode != kPersistent, "recurrence=persistent: hidden_size ", hidden,
-                " with this dtype and batch does not fit on chip for backward; use auto or stepwise");
+    if (mode == Recurrence::kPersistent) C10_CUDA_CHECK(launch_persistent_backward<T>(layer, stream, fits));
+    TORCH_CHECK(fits || mode == Recurrence::kStepwise, "recurrence=persistent: hidden_size ", hidden,
+                " with this dtype and batch does not fit on chip for backward; the cuda/stepwise variant serves it");
     if (fits) return;
     for (int s = 0; s < layer.steps; ++s) C10_CUDA_CHECK(launch_step_backward<T>(layer, s, stream));
   });

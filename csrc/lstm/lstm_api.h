@@ -4,21 +4,22 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
 
 #include <optional>
 #include <tuple>
 
 namespace pyattn::lstm {
 
-// Recurrence strategy of the layer ops: persistent kernel when the layer fits on chip, else one
-// launch per step (kAuto); or forced (kPersistent raises when it does not fit).
-enum Recurrence : int64_t { kAuto = 0, kPersistent = 1, kStepwise = 2 };
+// Recurrence kernels of the layer ops, chosen by dispatch (pyattn/ops/lstm_cuda.py): "persistent"
+// (one cooperative kernel, W_hh on chip; raises when the layer does not fit) or "stepwise" (one
+// launch per step).
 
-// -> hy (B, H), cy (B, H), workspace: activated gates (B, 4H) when save_workspace, else empty.
+// -> hy (B, H), cy (B, H), workspace: activated gates (B, 4H) when save_for_backward, else empty.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward(
     const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& weight_ih,
     const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih, const std::optional<at::Tensor>& bias_hh,
-    bool save_workspace);
+    bool save_for_backward);
 
 // -> grad_input, grad_hx, grad_cx, grad_weight_ih, grad_weight_hh, grad_bias (4H,: both biases').
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_cell_backward(
@@ -26,20 +27,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& cx, const at::Tensor& weight_ih, const at::Tensor& weight_hh, const at::Tensor& cy,
     const at::Tensor& workspace);
 
-// -> output (T, B, H), h_n (B, H), c_n (B, H), and for backward (empty unless save_workspace):
+// -> output (T, B, H), h_n (B, H), c_n (B, H), and for backward (empty unless save_for_backward):
 //    gates (T, B, 4H) activated, cell_states (T, B, H) float32.
 // lengths (B,) int64 (ragged batch): row b is valid at steps t < lengths[b]; past them its state is
 // frozen and its output zero; reversed, each row starts from its own last valid step.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward(
     const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& weight_ih,
     const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih, const std::optional<at::Tensor>& bias_hh,
-    bool reverse, const std::optional<at::Tensor>& lengths, bool save_workspace, int64_t recurrence);
+    bool reverse, const std::optional<at::Tensor>& lengths, bool save_for_backward, c10::string_view recurrence);
 
 // -> grad_input, grad_h0, grad_c0, grad_weight_ih, grad_weight_hh, grad_bias (4H,: both biases').
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_backward(
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n, const at::Tensor& input,
     const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cell_states, bool reverse,
-    const std::optional<at::Tensor>& lengths, int64_t recurrence);
+    const std::optional<at::Tensor>& lengths, c10::string_view recurrence);
 
 }  // namespace pyattn::lstm

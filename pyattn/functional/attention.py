@@ -18,11 +18,12 @@ from torch import Tensor
 
 from pyattn._dispatch import Request, choose
 
-__all__ = ["scaled_dot_product_attention", "flash_attention", "flash_attention_varlen", "REQUEST_BUILDERS"]
+__all__ = ["scaled_dot_product_attention", "attention_with_weights", "flash_attention", "flash_attention_varlen",
+           "REQUEST_BUILDERS"]
 
 
 @dataclass
-class _Plan:
+class _AttentionPlan:
     """A validated call: the dispatch request and the implementation's arguments."""
 
     request: Request
@@ -108,6 +109,14 @@ def _check_heads(function: str, heads_q: int, heads_k: int, heads_v: int) -> Non
                          "(grouped-query attention)")
 
 
+def _dense_request(request: Request, q: Tensor, k: Tensor, v: Tensor, *, diagonal_offset: int) -> Request:
+    """``request`` with the dense call's sizes and operands (q (B, Hq, L, D), k/v (B, Hk, S, ·) views)."""
+    sizes = dict(batch=q.shape[0], heads_q=q.shape[1], heads_k=k.shape[1], seqlen_q=q.shape[2], seqlen_k=k.shape[2],
+                 diagonal_offset=diagonal_offset)
+    return Request(op=request.op, device=request.device, dtype=request.dtype, head_dim=request.head_dim,
+                   features=request.features, sizes=sizes, operands=dict(q=q, k=k, v=v))
+
+
 def _requires_grad(tensor: Tensor | None) -> bool:
     return tensor is not None and tensor.requires_grad and torch.is_grad_enabled()
 
@@ -146,7 +155,7 @@ def _mask_as_4d(attn_mask, query: Tensor, weights_shape: tuple[int, ...], batch:
 
 
 def _plan_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-               enable_gqa=False) -> _Plan:
+               enable_gqa=False) -> _AttentionPlan:
     _check_qkv(_SDPA, {"query": query, "key": key, "value": value})
     if query.dim() < 2:
         raise ValueError(f"{_SDPA}: query must have at least 2 dims (..., L, E), got shape {tuple(query.shape)}")
@@ -186,11 +195,12 @@ def _plan_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
         features.add("mask_grad")
     request = Request(op="attention", device=query.device, dtype=query.dtype, head_dim=max(head_dim, head_dim_v),
                       features=frozenset(features))
-    return _Plan(
-        request=request,
-        q=query.reshape(batch, heads_q, seqlen_q, head_dim),
-        k=key.reshape(batch, heads_k, seqlen_k, head_dim),
-        v=value.reshape(batch, heads_k, seqlen_k, head_dim_v),
+    q = query.reshape(batch, heads_q, seqlen_q, head_dim)
+    k = key.reshape(batch, heads_k, seqlen_k, head_dim)
+    v = value.reshape(batch, heads_k, seqlen_k, head_dim_v)
+    request = _dense_request(request, q, k, v, diagonal_offset=0)
+    return _AttentionPlan(
+        request=request, q=q, k=k, v=v,
         options=dict(scale=scale, mask=mask, window_left=-1, window_right=0 if is_causal else -1, diagonal_offset=0,
                      softcap=0.0, alibi_slopes=None, dropout_p=dropout_p, deterministic=False),
     )
@@ -219,13 +229,61 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     probabilities whenever > 0 (this is a function: pass 0.0 in evaluation), drawn from torch's
     default generator so ``torch.manual_seed`` makes it reproducible.
 
-    Differs from torch in one respect: a query row that no key takes part in (every key masked)
-    gives an output of 0 and a zero gradient, where torch gives NaN.
+    A query row that no key takes part in (every key masked) gives an output of 0 and a zero
+    gradient on every pyattn backend. (torch >= 2.5 gives 0 there too on CPU, through its "safe
+    softmax"; earlier versions, and some of its CUDA kernels, give NaN — which is why the torch
+    backend serves masked calls only where it gives 0.)
     """
     plan = _plan_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    _, implementation = choose(plan.request)
-    out, _ = implementation(plan.q, plan.k, plan.v, **plan.options)
+    out, _ = choose(plan.request).implementation(plan.q, plan.k, plan.v, **plan.options)
     return out.reshape(*query.shape[:-1], value.shape[-1])
+
+
+_WEIGHTS = "attention_with_weights"
+
+
+def _plan_weights(q, k, v, attn_mask=None, dropout_p=0.0, scale=None) -> _AttentionPlan:
+    _check_qkv(_WEIGHTS, {"q": q, "k": k, "v": v})
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        _check_dim(_WEIGHTS, name, tensor, 4, "(batch, nheads, seqlen, headdim)")
+    batch, heads_q, seqlen_q, head_dim = q.shape
+    heads_k, seqlen_k = k.shape[1], k.shape[2]
+    if k.shape[0] != batch or v.shape[0] != batch:
+        raise ValueError(f"{_WEIGHTS}: k and v must have q's batch size {batch}, got {k.shape[0]} and {v.shape[0]}")
+    if k.shape[-1] != head_dim:
+        raise ValueError(f"{_WEIGHTS}: k's head dim {k.shape[-1]} != q's head dim {head_dim}")
+    if v.shape[2] != seqlen_k:
+        raise ValueError(f"{_WEIGHTS}: v's sequence length {v.shape[2]} != k's {seqlen_k}")
+    _check_heads(_WEIGHTS, heads_q, heads_k, v.shape[1])
+    scale = _checked_scale(_WEIGHTS, scale, head_dim)
+    dropout_p = _checked_dropout(_WEIGHTS, dropout_p)
+    mask = None if attn_mask is None else _mask_as_4d(attn_mask, q, (batch, heads_q, seqlen_q, seqlen_k), batch)
+    features = {name for name, used in (("mask", mask is not None), ("dropout", dropout_p > 0),
+                                        ("gqa", heads_q != heads_k)) if used}
+    if mask is not None and mask.is_floating_point() and _requires_grad(mask):
+        features.add("mask_grad")
+    request = Request(op="attention_weights", device=q.device, dtype=q.dtype, head_dim=max(head_dim, v.shape[-1]),
+                      features=frozenset(features))
+    request = _dense_request(request, q, k, v, diagonal_offset=0)
+    return _AttentionPlan(request=request, q=q, k=k, v=v, options=dict(scale=scale, mask=mask, dropout_p=dropout_p))
+
+
+def _weights_request(q, k, v, attn_mask=None, dropout_p=0.0, scale=None) -> Request:
+    return _plan_weights(q, k, v, attn_mask, dropout_p, scale).request
+
+
+def attention_with_weights(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0,
+                           scale: float | None = None) -> tuple[Tensor, Tensor]:
+    """Scaled dot-product attention that also returns its weights: ``(out, weights)``.
+
+    q (B, Hq, L, E), k (B, Hk, S, E), v (B, Hk, S, Ev) (Hq % Hk == 0) -> out (B, Hq, L, Ev), weights
+    (B, Hq, L, S) in q's dtype: the probabilities after dropout, as ``torch.nn.MultiheadAttention``
+    returns with need_weights=True. attn_mask as for :func:`scaled_dot_product_attention`. The
+    weights are quadratic in memory by nature, so no fused kernel serves this: dispatch picks the
+    torch or reference backend (``pyattn.explain`` says why). A row that sees no key gives 0.
+    """
+    plan = _plan_weights(q, k, v, attn_mask, dropout_p, scale)
+    return choose(plan.request).implementation(plan.q, plan.k, plan.v, **plan.options)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,7 +309,7 @@ def _flash_features(causal: bool, window_left: int, window_right: int, softcap: 
 
 
 def _plan_flash(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0, alibi_slopes=None, dropout_p=0.0,
-                return_lse=False, deterministic=False, layout="bhsd") -> _Plan:
+                return_lse=False, deterministic=False, layout="bhsd") -> _AttentionPlan:
     _check_qkv(_FLASH, {"q": q, "k": k, "v": v})
     if layout not in _LAYOUTS:
         raise ValueError(f"{_FLASH}: layout must be one of {sorted(_LAYOUTS)}, got {layout!r}")
@@ -276,14 +334,17 @@ def _plan_flash(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0
     softcap = _checked_softcap(_FLASH, softcap)
     dropout_p = _checked_dropout(_FLASH, dropout_p)
     _check_alibi(_FLASH, alibi_slopes, q, batch, heads_q)
+    features = _flash_features(causal, window_left, window_right, softcap, alibi_slopes, dropout_p, heads_q, heads_k)
+    if return_lse:
+        features |= {"lse"}
     request = Request(op="attention", device=q.device, dtype=q.dtype, head_dim=max(head_dim, v.shape[-1]),
-                      features=_flash_features(causal, window_left, window_right, softcap, alibi_slopes, dropout_p,
-                                               heads_q, heads_k))
+                      features=features)
+    request = _dense_request(request, q, k, v, diagonal_offset=seqlen_k - seqlen_q)
     # Bottom-right alignment (flash-attn >= 2.1): query i sits at key position i + S - L.
     options = dict(scale=scale, mask=None, window_left=window_left, window_right=window_right,
                    diagonal_offset=seqlen_k - seqlen_q, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
                    deterministic=bool(deterministic))
-    return _Plan(request=request, q=q, k=k, v=v, options=options)
+    return _AttentionPlan(request=request, q=q, k=k, v=v, options=options)
 
 
 def _flash_request(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0, alibi_slopes=None,
@@ -322,8 +383,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, sc
     """
     plan = _plan_flash(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
                        dropout_p=dropout_p, return_lse=return_lse, deterministic=deterministic, layout=layout)
-    _, implementation = choose(plan.request)
-    out, lse = implementation(plan.q, plan.k, plan.v, **plan.options)
+    out, lse = choose(plan.request).implementation(plan.q, plan.k, plan.v, **plan.options)
     if layout == "bshd":
         out = out.transpose(1, 2)
     return (out, lse.detach()) if return_lse else out
@@ -347,7 +407,7 @@ def _check_max_seqlen(name: str, value) -> None:
 
 def _plan_flash_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False, scale=None,
                        window=(-1, -1), softcap=0.0, alibi_slopes=None, dropout_p=0.0, return_lse=False,
-                       deterministic=False) -> _Plan:
+                       deterministic=False) -> _AttentionPlan:
     _check_qkv(_FLASH_VARLEN, {"q": q, "k": k, "v": v})
     for name, tensor, rows in (("q", q, "total_q"), ("k", k, "total_k"), ("v", v, "total_k")):
         _check_dim(_FLASH_VARLEN, name, tensor, 3, f"({rows}, nheads, headdim)")
@@ -371,16 +431,20 @@ def _plan_flash_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_se
     softcap = _checked_softcap(_FLASH_VARLEN, softcap)
     dropout_p = _checked_dropout(_FLASH_VARLEN, dropout_p)
     _check_alibi(_FLASH_VARLEN, alibi_slopes, q, batch, heads_q)
+    features = _flash_features(causal, window_left, window_right, softcap, alibi_slopes, dropout_p, heads_q, heads_k)
+    if return_lse:
+        features |= {"lse"}
     request = Request(op="attention_varlen", device=q.device, dtype=q.dtype, head_dim=max(head_dim, v.shape[-1]),
-                      features=_flash_features(causal, window_left, window_right, softcap, alibi_slopes, dropout_p,
-                                               heads_q, heads_k))
+                      features=features, sizes=dict(batch=batch, heads_q=heads_q, heads_k=heads_k,
+                                                    max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k),
+                      operands=dict(q=q, k=k, v=v))
     # Bottom-right alignment per sequence (flash-attn >= 2.1): query i of sequence b sits at key position
     # i + S_b - L_b. The kernels find S_b - L_b from cu_seqlens on the device: nothing is read here.
     options = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
                    max_seqlen_k=max_seqlen_k, scale=scale, window_left=window_left, window_right=window_right,
                    diagonal_offset=0, align_to_end=True, softcap=softcap, alibi_slopes=alibi_slopes,
                    dropout_p=dropout_p, deterministic=bool(deterministic))
-    return _Plan(request=request, q=q, k=k, v=v, options=options)
+    return _AttentionPlan(request=request, q=q, k=k, v=v, options=options)
 
 
 def _flash_varlen_request(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False, scale=None,
@@ -417,13 +481,13 @@ def flash_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     plan = _plan_flash_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
                               scale=scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
                               dropout_p=dropout_p, return_lse=return_lse, deterministic=deterministic)
-    _, implementation = choose(plan.request)
-    out, lse = implementation(plan.q, plan.k, plan.v, **plan.options)
+    out, lse = choose(plan.request).implementation(plan.q, plan.k, plan.v, **plan.options)
     return (out, lse.detach()) if return_lse else out
 
 
 REQUEST_BUILDERS = {
     "scaled_dot_product_attention": _sdpa_request,
+    "attention_with_weights": _weights_request,
     "flash_attention": _flash_request,
     "flash_attention_varlen": _flash_varlen_request,
 }

@@ -4,8 +4,8 @@
     lstm(input, hx, params, *, num_layers=1, bias=True, batch_first=False, dropout=0.0,
          training=False, bidirectional=False, proj_size=0) -> (output, (h_n, c_n))
 
-Every argument is validated here, once, with messages that name it; the dispatch ops below
-(``lstm_cell``, ``lstm_layer``, see ``pyattn/ops/lstm.py``) trust what they are given. Gate order and
+Every argument is validated here, once, with messages that name it; the dispatch ops
+(``lstm_cell``, ``lstm``, see ``pyattn/ops/lstm_common.py``) trust what they are given. Gate order and
 math are torch's: (i, f, g, o); c' = σ(f)c + σ(i)tanh(g); h' = σ(o)tanh(c') (then h'·W_hrᵀ).
 """
 
@@ -73,7 +73,7 @@ def _kernel_context(autocast_dtype: torch.dtype | None, device: torch.device):
 
 
 @dataclass(frozen=True)
-class _CellShape:
+class _CellPlan:
     batched: bool
     batch: int
     hidden_size: int
@@ -81,7 +81,7 @@ class _CellShape:
     request: _dispatch.Request
 
 
-def _validate_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh) -> _CellShape:
+def _plan_lstm_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh) -> _CellPlan:
     _require_tensor(input, "input")
     _require_tensor(weight_ih, "weight_ih")
     _require_tensor(weight_hh, "weight_hh")
@@ -122,13 +122,14 @@ def _validate_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh) -> _CellSh
     autocast_dtype = _autocast_dtype(input.device, "lstm_cell")
     _check_matches_input(input, named, check_dtype=autocast_dtype is None)
     dtype = autocast_dtype if autocast_dtype is not None else input.dtype
-    request = _dispatch.Request(op="lstm_cell", device=input.device, dtype=dtype)
-    return _CellShape(batched, batch, hidden_size, autocast_dtype, request)
+    request = _dispatch.Request(op="lstm_cell", device=input.device, dtype=dtype,
+                                sizes=dict(batch=batch, input_size=input_size, hidden_size=hidden_size))
+    return _CellPlan(batched, batch, hidden_size, autocast_dtype, request)
 
 
 def lstm_cell_request(input, hx, weight_ih, weight_hh, bias_ih=None, bias_hh=None) -> _dispatch.Request:
     """The dispatch request :func:`lstm_cell` would make (validates; reads no tensor data)."""
-    return _validate_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh).request
+    return _plan_lstm_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh).request
 
 
 def lstm_cell(
@@ -150,8 +151,8 @@ def lstm_cell(
         ``(h', c')`` each (B, H) (or (H,)), in the input dtype; fp16/bf16 gate math runs in fp32.
         Under autocast on CUDA the step runs in the autocast dtype, as torch's does.
     """
-    shape = _validate_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh)
-    _, implementation = _dispatch.choose(shape.request)
+    shape = _plan_lstm_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh)
+    implementation = _dispatch.choose(shape.request).implementation
     if not shape.batched:
         input = input.unsqueeze(0)
     if hx is None:
@@ -174,7 +175,7 @@ def lstm_cell(
 
 
 @dataclass(frozen=True)
-class _SequenceShape:
+class _LSTMPlan:
     batched: bool
     steps: int
     batch: int
@@ -304,9 +305,9 @@ def _validate_hx(hx, batched: bool, layers: int, batch: int, hidden_size: int, o
     return [("hx[0]", hx[0]), ("hx[1]", hx[1])]
 
 
-def _validate_lstm(
+def _plan_lstm(
     input, hx, params, num_layers, bias, batch_first, dropout, training, bidirectional, proj_size
-) -> _SequenceShape:
+) -> _LSTMPlan:
     _validate_options(num_layers, bias, batch_first, dropout, training, bidirectional, proj_size)
     data, batched, steps, batch = _sequence_extent(input, batch_first)
     if steps == 0:
@@ -332,9 +333,11 @@ def _validate_lstm(
     ragged = isinstance(input, PackedSequence) and int(input.batch_sizes[-1]) != batch
     features = ({"projection"} if proj_size > 0 else set()) | ({"lengths"} if ragged else set())
     dtype = autocast_dtype if autocast_dtype is not None else data.dtype
-    request = _dispatch.Request(op="lstm_layer", device=data.device, dtype=dtype, features=frozenset(features))
+    sizes = dict(batch=batch, steps=steps, input_size=input_size, hidden_size=hidden_size, proj_size=proj_size,
+                 num_layers=num_layers, directions=directions)
+    request = _dispatch.Request(op="lstm", device=data.device, dtype=dtype, features=frozenset(features), sizes=sizes)
     per_direction = len(params) // (num_layers * directions)
-    return _SequenceShape(
+    return _LSTMPlan(
         batched, steps, batch, hidden_size, output_size, directions, per_direction, ragged, autocast_dtype, request
     )
 
@@ -343,32 +346,10 @@ def lstm_request(
     input, hx, params, *, num_layers=1, bias=True, batch_first=False, dropout=0.0, training=False,
     bidirectional=False, proj_size=0,
 ) -> _dispatch.Request:
-    """The dispatch request of :func:`lstm`'s (first) ``lstm_layer`` call (validates; reads no tensor data)."""
-    return _validate_lstm(
+    """The dispatch request :func:`lstm` would make (validates; reads no tensor data)."""
+    return _plan_lstm(
         input, hx, params, num_layers, bias, batch_first, dropout, training, bidirectional, proj_size
     ).request
-
-
-def _packed_layout(packed: PackedSequence, device: torch.device):
-    """Where each packed row lives in the padded (T, B) grid, and each sequence's length, in user order.
-
-    Packed rows are time-major; within step t the first ``batch_sizes[t]`` sequences in sorted order
-    take part, and sorted position j is the user's sequence ``sorted_indices[j]``.
-    """
-    batch_sizes = packed.batch_sizes  # always an int64 CPU tensor
-    steps, rows = batch_sizes.numel(), int(batch_sizes.sum())
-    time_index = torch.repeat_interleave(torch.arange(steps), batch_sizes)
-    step_start = torch.cumsum(batch_sizes, 0) - batch_sizes
-    sorted_position = torch.arange(rows) - torch.repeat_interleave(step_start, batch_sizes)
-    sorted_lengths = (batch_sizes[None, :] > torch.arange(int(batch_sizes[0]))[:, None]).sum(1)
-    # The permutations live on the data's device: index there rather than copy them back (a sync).
-    sorted_position, sorted_lengths = sorted_position.to(device), sorted_lengths.to(device)
-    if packed.sorted_indices is None:
-        batch_index, lengths = sorted_position, sorted_lengths
-    else:
-        batch_index = packed.sorted_indices[sorted_position]
-        lengths = sorted_lengths[packed.unsorted_indices]
-    return time_index.to(device), batch_index, lengths
 
 
 def lstm(
@@ -405,25 +386,14 @@ def lstm(
         Half-precision inputs run their gate math in fp32 and return the input dtype; under autocast the
         call runs in the autocast dtype, as torch's does.
     """
-    shape = _validate_lstm(
+    shape = _plan_lstm(
         input, hx, params, num_layers, bias, batch_first, dropout, training, bidirectional, proj_size
     )
-    _, layer_forward = _dispatch.choose(shape.request)
-
+    implementation = _dispatch.choose(shape.request).implementation
     packed = isinstance(input, PackedSequence)
-    lengths = None
-    if packed:
-        data = input.data
-        time_index, batch_index, sequence_lengths = _packed_layout(input, data.device)
-        sequence = data.new_zeros(shape.steps, shape.batch, data.size(-1)).index_put((time_index, batch_index), data)
-        if shape.ragged:
-            lengths = sequence_lengths
-    elif not shape.batched:
+    sequence = input.data if packed else input
+    if not packed and not shape.batched:
         sequence = input.unsqueeze(1)
-    else:
-        sequence = input.transpose(0, 1) if batch_first else input
-    sequence = sequence.contiguous()
-
     layers = num_layers * shape.directions
     if hx is None:
         dtype = shape.request.dtype
@@ -435,37 +405,16 @@ def lstm(
         h_0, c_0 = hx[0].unsqueeze(1), hx[1].unsqueeze(1)
     sequence, h_0, c_0 = _cast_all([sequence, h_0, c_0], shape.autocast_dtype)
     params = _cast_all(list(params), shape.autocast_dtype)
-
-    final_h, final_c = [], []
-    layer_input = sequence
-    with _kernel_context(shape.autocast_dtype, sequence.device):
-        for layer in range(num_layers):
-            direction_outputs = []
-            for direction in range(shape.directions):
-                index = layer * shape.directions + direction
-                weights = params[index * shape.per_direction : (index + 1) * shape.per_direction]
-                bias_ih, bias_hh = (weights[2], weights[3]) if bias else (None, None)
-                weight_hr = weights[-1] if proj_size > 0 else None
-                output, h_n, c_n = layer_forward(
-                    layer_input, h_0[index].contiguous(), c_0[index].contiguous(), weights[0], weights[1],
-                    bias_ih, bias_hh, weight_hr, direction == 1, lengths,
-                )
-                direction_outputs.append(output)
-                final_h.append(h_n)
-                final_c.append(c_n)
-            layer_input = direction_outputs[0] if shape.directions == 1 else torch.cat(direction_outputs, dim=-1)
-            if dropout > 0 and training and layer < num_layers - 1:
-                layer_input = F.dropout(layer_input, dropout, training=True)
-    output, h_n, c_n = layer_input, torch.stack(final_h), torch.stack(final_c)
-
     if packed:
-        output = PackedSequence(
-            output[time_index, batch_index], input.batch_sizes, input.sorted_indices, input.unsorted_indices
+        sequence = PackedSequence(sequence, input.batch_sizes, input.sorted_indices, input.unsorted_indices)
+    with _kernel_context(shape.autocast_dtype, h_0.device):
+        output, (h_n, c_n) = implementation(
+            sequence, (h_0, c_0), params, num_layers=num_layers, bias=bias,
+            batch_first=batch_first and shape.batched, dropout=float(dropout), training=training,
+            bidirectional=bidirectional, proj_size=proj_size,
         )
-    elif not shape.batched:
+    if not packed and not shape.batched:
         output, h_n, c_n = output.squeeze(1), h_n.squeeze(1), c_n.squeeze(1)
-    elif batch_first:
-        output = output.transpose(0, 1)
     return output, (h_n, c_n)
 
 

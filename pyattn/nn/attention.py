@@ -11,7 +11,7 @@ from torch.nn.init import constant_, xavier_normal_, xavier_uniform_
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from torch.nn.parameter import Parameter
 
-from pyattn.functional.attention import scaled_dot_product_attention
+from pyattn.functional.attention import attention_with_weights, scaled_dot_product_attention
 
 _NAME = "MultiheadAttention"
 
@@ -58,26 +58,6 @@ def _merge_masks(attn_mask: Tensor | None, padding_mask: Tensor | None, dtype: t
     return _additive(attn_mask, dtype) + _additive(padding_mask, dtype)
 
 
-def _attention_with_weights(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float):
-    """Plain PyTorch attention that also returns the (dropped-out) probabilities (N, H, L, S).
-
-    Rows with no visible key get probability 0 (torch gives NaN), as pyattn's kernels do.
-    """
-    compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-    scores = (q.to(compute) @ k.to(compute).transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.to(compute)
-    visible = scores > float("-inf")
-    row_max = scores.amax(dim=-1, keepdim=True).detach()
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    unnormalised = torch.where(visible, torch.exp(scores - row_max), torch.zeros_like(scores))
-    denominator = unnormalised.sum(dim=-1, keepdim=True)
-    weights = unnormalised / torch.where(denominator > 0, denominator, torch.ones_like(denominator))
-    if dropout_p > 0:
-        weights = F.dropout(weights, p=dropout_p)
-    return (weights @ v.to(compute)).to(q.dtype), weights.to(q.dtype)
-
-
 class MultiheadAttention(torch.nn.Module):
     """Drop-in for :class:`torch.nn.MultiheadAttention`: same arguments, parameter names, init and state_dict.
 
@@ -89,9 +69,10 @@ class MultiheadAttention(torch.nn.Module):
     (N, num_heads, L, S) (only the broadcast of the two masks' own shapes is materialised).
 
     need_weights=False runs pyattn's fused attention (:func:`pyattn.functional.scaled_dot_product_attention`,
-    on whichever backend dispatch picks). need_weights=True (torch's default) computes the
-    (N, num_heads, L, S) weights it must return in plain PyTorch, as ``pyattn.reference`` does:
-    attention weights are quadratic in memory by nature, so pass need_weights=False for speed.
+    on whichever variant dispatch picks). need_weights=True (torch's default) must return the
+    (N, num_heads, L, S) weights, which no fused kernel forms: dispatch serves it with
+    :func:`pyattn.functional.attention_with_weights` on the torch backend (torch's own math, as
+    torch.nn.MultiheadAttention computes it) or the reference; pass need_weights=False for speed.
     Dropout acts only in training mode. is_causal is a hint that attn_mask is causal, as in torch:
     attn_mask is required with it, and it is used (top-left aligned) only when need_weights=False
     and no key_padding_mask is given. A query that may attend no key gives output 0 (torch: NaN).
@@ -266,7 +247,7 @@ class MultiheadAttention(torch.nn.Module):
         dropout_p = self.dropout if self.training else 0.0
 
         if need_weights:
-            out, weights = _attention_with_weights(q, k, v, mask, dropout_p)
+            out, weights = attention_with_weights(q, k, v, attn_mask=mask, dropout_p=dropout_p)
             if average_attn_weights:
                 weights = weights.mean(dim=1)
         else:

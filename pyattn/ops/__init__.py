@@ -1,3 +1,15 @@
-"""Op registration: importing a module here registers its custom ops and backend implementations."""
+"""The ops: each module registers one op family's variants on one backend (``<op>_<backend>.py``).
 
-from pyattn.ops import attention, lstm, lstm_cuda  # noqa: F401
+Importing this package fills :mod:`pyattn._registry`; ``pyattn/__init__.py`` does it, once, so
+dispatch never imports the ops (imports point one way: functional → dispatch → registry ← ops).
+"""
+
+from pyattn.ops import (  # noqa: F401  (each registers its variants)
+    attention_reference,
+    attention_torch,
+    attention_triton,
+    lstm_cuda,
+    lstm_reference,
+    lstm_torch,
+    lstm_triton,
+)

@@ -1,54 +1,37 @@
-"""LSTM ops of the CUDA extension (pyattn._C): fake kernels, autograd, dispatch registration.
+"""LSTM on the cuda backend: the ops of the CUDA extension (pyattn._C) — fake kernels, autograd, variants.
 
 The ops are defined in C++ (csrc/registration.cpp); forward ops return, besides their results,
-what backward needs when ``save_workspace`` is set (empty tensors otherwise):
+what backward needs when ``save_for_backward`` is set (empty tensors otherwise):
 
-  pyattn::cuda_lstm_cell_fwd(input, hx, cx, weight_ih, weight_hh, bias_ih?, bias_hh?, save_workspace)
+  pyattn::cuda_lstm_cell_fwd(input, hx, cx, weight_ih, weight_hh, bias_ih?, bias_hh?, save_for_backward)
       -> hy (B, H), cy (B, H), workspace (B, 4H) activated gates
   pyattn::cuda_lstm_cell_bwd(grad_hy, grad_cy, input, hx, cx, weight_ih, weight_hh, cy, workspace)
       -> grad_input, grad_hx, grad_cx, grad_weight_ih, grad_weight_hh, grad_bias (4H,)
   pyattn::cuda_lstm_layer_fwd(input, h0, c0, weight_ih, weight_hh, bias_ih?, bias_hh?, reverse,
-                              lengths?, save_workspace, recurrence)
+                              lengths?, save_for_backward, recurrence)
       -> output (T, B, H), h_n, c_n, gates (T, B, 4H) activated, cell_states (T, B, H) float32
   pyattn::cuda_lstm_layer_bwd(grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih, weight_hh,
                               output, gates, cell_states, reverse, lengths?, recurrence)
       -> grad_input, grad_h0, grad_c0, grad_weight_ih, grad_weight_hh, grad_bias (4H,)
 
-``recurrence`` picks the layer kernels: 0 auto (the persistent kernel when W_hh fits on chip, else
-one launch per step), 1 persistent (raises when it does not fit), 2 stepwise. The dispatch-level
-``lstm_layer`` reads it from the environment variable ``PYATTN_LSTM_CUDA_RECURRENCE``
-(auto | persistent | stepwise). ``lengths`` (int64, (B,)) is served: rows past their length keep
-their state and output zeros. Projection (``weight_hr``) is not: dispatch sends those calls to the
-next backend.
+``recurrence`` is the variant's kernel: "persistent" (one cooperative kernel, W_hh slices resident in
+shared memory, a grid-wide sync per step; raises when the layer does not fit on chip) or
+"stepwise" (one launch per step). ``lengths`` (int64, (B,)) is served: rows past their length keep
+their state and output zeros. Projection (``weight_hr``) is not: dispatch sends those calls on.
 
-Importing this module never fails: without the extension it registers nothing.
+Importing this module never fails: without the extension the variants say so in ``explain``.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from pyattn._dispatch import Support, register
+from pyattn._registry import Request, Support, Target, register
+from pyattn.ops.lstm_common import bias_gradients, needs_grad, stacked
 
-RECURRENCE_ENVIRONMENT_VARIABLE = "PYATTN_LSTM_CUDA_RECURRENCE"
-RECURRENCE_CODES = {"auto": 0, "persistent": 1, "stepwise": 2}
 _DEVICES = frozenset({"cuda"})
 _DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
 _MIN_CAPABILITY = (8, 0)  # the extension is built for sm_80 and sm_90a
-CELL_SUPPORT = Support(devices=_DEVICES, dtypes=_DTYPES, min_compute_capability=_MIN_CAPABILITY)
-LAYER_SUPPORT = Support(
-    devices=_DEVICES, dtypes=_DTYPES, features=frozenset({"lengths"}), min_compute_capability=_MIN_CAPABILITY
-)
-
-
-def recurrence_code() -> int:
-    """The ``recurrence`` argument the layer ops get, from PYATTN_LSTM_CUDA_RECURRENCE."""
-    name = os.environ.get(RECURRENCE_ENVIRONMENT_VARIABLE, "auto")
-    if name not in RECURRENCE_CODES:
-        raise ValueError(f"{RECURRENCE_ENVIRONMENT_VARIABLE}={name!r}: expected one of {list(RECURRENCE_CODES)}")
-    return RECURRENCE_CODES[name]
 
 
 def _extension_ops_loaded() -> bool:
@@ -59,10 +42,6 @@ def _extension_ops_loaded() -> bool:
     except ImportError:
         return False
     return hasattr(torch.ops.pyattn, "cuda_lstm_cell_fwd")
-
-
-def _needs_workspace(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _contiguous_or_none(tensor):
@@ -77,7 +56,7 @@ def _gradient(grad, like):
 def _require_workspace(workspace: torch.Tensor, op: str) -> None:
     if workspace.numel() == 0:
         raise RuntimeError(
-            f"{op}: backward needs the workspace the forward saves only with save_workspace=True "
+            f"{op}: backward needs the workspace the forward saves only with save_for_backward=True "
             "(the dispatch-level functions set it whenever an input requires grad)"
         )
 
@@ -85,9 +64,9 @@ def _require_workspace(workspace: torch.Tensor, op: str) -> None:
 # ---- fake kernels (shapes only, never data) ----
 
 
-def _fake_cell_forward(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, save_workspace):
+def _fake_cell_forward(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, save_for_backward):
     batch, hidden = hx.shape
-    workspace = input.new_empty((batch if save_workspace else 0, 4 * hidden))
+    workspace = input.new_empty((batch if save_for_backward else 0, 4 * hidden))
     return input.new_empty((batch, hidden)), input.new_empty((batch, hidden)), workspace
 
 
@@ -103,11 +82,11 @@ def _fake_cell_backward(grad_hy, grad_cy, input, hx, cx, weight_ih, weight_hh, c
 
 
 def _fake_layer_forward(
-    input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, reverse, lengths, save_workspace, recurrence
+    input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, reverse, lengths, save_for_backward, recurrence
 ):
     steps, batch = input.shape[0], input.shape[1]
     hidden = h0.shape[1]
-    saved_steps = steps if save_workspace else 0
+    saved_steps = steps if save_for_backward else 0
     return (
         input.new_empty((steps, batch, hidden)),
         input.new_empty((batch, hidden)),
@@ -141,12 +120,17 @@ def _skip_workspace_gradients(ctx, *workspace):
     ctx.set_materialize_grads(False)
 
 
+def _schema_names(op: str) -> tuple[str, ...]:
+    return tuple(argument.name for argument in getattr(torch.ops.pyattn, op).default._schema.arguments)
+
+
 def _cell_setup_context(ctx, inputs, output):
-    input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, _save_workspace = inputs
+    arguments = dict(zip(_schema_names("cuda_lstm_cell_fwd"), inputs))
     _hy, cy, workspace = output
-    ctx.save_for_backward(input, hx, cx, weight_ih, weight_hh, cy, workspace)
+    ctx.save_for_backward(*(arguments[name] for name in ("input", "hx", "cx", "weight_ih", "weight_hh")), cy,
+                          workspace)
     _skip_workspace_gradients(ctx, workspace)
-    ctx.has_bias_ih, ctx.has_bias_hh = bias_ih is not None, bias_hh is not None
+    ctx.has_bias_ih, ctx.has_bias_hh = arguments["bias_ih"] is not None, arguments["bias_hh"] is not None
 
 
 def _cell_backward(ctx, grad_hy, grad_cy, _grad_workspace):
@@ -155,25 +139,20 @@ def _cell_backward(ctx, grad_hy, grad_cy, _grad_workspace):
     grad_input, grad_hx, grad_cx, grad_weight_ih, grad_weight_hh, grad_bias = torch.ops.pyattn.cuda_lstm_cell_bwd(
         _gradient(grad_hy, cy), _gradient(grad_cy, cy), input, hx, cx, weight_ih, weight_hh, cy, workspace
     )
-    return (
-        grad_input,
-        grad_hx,
-        grad_cx,
-        grad_weight_ih,
-        grad_weight_hh,
-        grad_bias if ctx.has_bias_ih else None,
-        grad_bias if ctx.has_bias_hh else None,
-        None,  # save_workspace
-    )
+    gradients = dict.fromkeys(_schema_names("cuda_lstm_cell_fwd"))
+    gradients.update(input=grad_input, hx=grad_hx, cx=grad_cx, weight_ih=grad_weight_ih, weight_hh=grad_weight_hh)
+    gradients["bias_ih"], gradients["bias_hh"] = bias_gradients(grad_bias, ctx.has_bias_ih, ctx.has_bias_hh)
+    return tuple(gradients.values())
 
 
 def _layer_setup_context(ctx, inputs, output):
-    input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, reverse, lengths, _save_workspace, recurrence = inputs
+    arguments = dict(zip(_schema_names("cuda_lstm_layer_fwd"), inputs))
     layer_output, _h_n, _c_n, gates, cell_states = output
-    ctx.save_for_backward(input, h0, c0, weight_ih, weight_hh, layer_output, gates, cell_states, lengths)
+    ctx.save_for_backward(*(arguments[name] for name in ("input", "h0", "c0", "weight_ih", "weight_hh")),
+                          layer_output, gates, cell_states, arguments["lengths"])
     _skip_workspace_gradients(ctx, gates, cell_states)
-    ctx.has_bias_ih, ctx.has_bias_hh = bias_ih is not None, bias_hh is not None
-    ctx.reverse, ctx.recurrence = reverse, recurrence
+    ctx.has_bias_ih, ctx.has_bias_hh = arguments["bias_ih"] is not None, arguments["bias_hh"] is not None
+    ctx.reverse, ctx.recurrence = arguments["reverse"], arguments["recurrence"]
 
 
 def _layer_backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cell_states):
@@ -181,78 +160,105 @@ def _layer_backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cel
     if input.shape[0] > 0:
         _require_workspace(gates, "pyattn::cuda_lstm_layer_fwd")
     grad_input, grad_h0, grad_c0, grad_weight_ih, grad_weight_hh, grad_bias = torch.ops.pyattn.cuda_lstm_layer_bwd(
-        _gradient(grad_output, layer_output),
-        _gradient(grad_h_n, h0),
-        _gradient(grad_c_n, c0),
-        input,
-        h0,
-        c0,
-        weight_ih,
-        weight_hh,
-        layer_output,
-        gates,
-        cell_states,
-        ctx.reverse,
-        lengths,
-        ctx.recurrence,
+        _gradient(grad_output, layer_output), _gradient(grad_h_n, h0), _gradient(grad_c_n, c0), input, h0, c0,
+        weight_ih, weight_hh, layer_output, gates, cell_states, ctx.reverse, lengths, ctx.recurrence,
     )
-    return (
-        grad_input,
-        grad_h0,
-        grad_c0,
-        grad_weight_ih,
-        grad_weight_hh,
-        grad_bias if ctx.has_bias_ih else None,
-        grad_bias if ctx.has_bias_hh else None,
-        None,  # reverse
-        None,  # lengths
-        None,  # save_workspace
-        None,  # recurrence
-    )
+    gradients = dict.fromkeys(_schema_names("cuda_lstm_layer_fwd"))
+    gradients.update(input=grad_input, h0=grad_h0, c0=grad_c0, weight_ih=grad_weight_ih, weight_hh=grad_weight_hh)
+    gradients["bias_ih"], gradients["bias_hh"] = bias_gradients(grad_bias, ctx.has_bias_ih, ctx.has_bias_hh)
+    return tuple(gradients.values())
 
 
-# ---- dispatch-level functions (the signatures every backend shares) ----
+# ---- dispatch variants (the signatures every backend shares) ----
 
 
 def lstm_cell(input, hx, cx, weight_ih, weight_hh, bias_ih=None, bias_hh=None):
     """One LSTM step on the CUDA kernels: (B, I), (B, H), (B, H), (4H, I), (4H, H) -> hy, cy."""
-    save_workspace = _needs_workspace(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh)
+    save_for_backward = needs_grad(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh)
     hy, cy, _workspace = torch.ops.pyattn.cuda_lstm_cell_fwd(
-        input.contiguous(),
-        hx.contiguous(),
-        cx.contiguous(),
-        weight_ih.contiguous(),
-        weight_hh.contiguous(),
-        _contiguous_or_none(bias_ih),
-        _contiguous_or_none(bias_hh),
-        save_workspace,
+        input.contiguous(), hx.contiguous(), cx.contiguous(), weight_ih.contiguous(), weight_hh.contiguous(),
+        _contiguous_or_none(bias_ih), _contiguous_or_none(bias_hh), save_for_backward,
     )
     return hy, cy
 
 
-def lstm_layer(input, h0, c0, weight_ih, weight_hh, bias_ih=None, bias_hh=None, weight_hr=None, reverse=False, lengths=None):
-    """One LSTM layer, one direction, on the CUDA kernels: input (T, B, I) -> output (T, B, H), h_n, c_n.
+def _layer(recurrence: str):
+    def cuda_lstm_layer(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse, lengths):
+        """One LSTM layer, one direction: input (T, B, I) -> output (T, B, H), h_n, c_n."""
+        del weight_hr  # refused by the support ("projection")
+        save_for_backward = needs_grad(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh)
+        output, h_n, c_n, _gates, _cell_states = torch.ops.pyattn.cuda_lstm_layer_fwd(
+            input.contiguous(), h0.contiguous(), c0.contiguous(), weight_ih.contiguous(), weight_hh.contiguous(),
+            _contiguous_or_none(bias_ih), _contiguous_or_none(bias_hh), bool(reverse),
+            None if lengths is None else lengths.to(device=input.device, dtype=torch.int64).contiguous(),
+            save_for_backward, recurrence,
+        )
+        return output, h_n, c_n
 
-    ``lengths`` (B,) or None: row b is valid for its first ``lengths[b]`` steps (see the module docstring).
-    """
-    if weight_hr is not None:
-        raise ValueError("the cuda LSTM backend does not serve weight_hr (projection); dispatch routes such calls elsewhere")
-    save_workspace = _needs_workspace(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh)
-    output, h_n, c_n, _gates, _cell_states = torch.ops.pyattn.cuda_lstm_layer_fwd(
-        input.contiguous(),
-        h0.contiguous(),
-        c0.contiguous(),
-        weight_ih.contiguous(),
-        weight_hh.contiguous(),
-        _contiguous_or_none(bias_ih),
-        _contiguous_or_none(bias_hh),
-        bool(reverse),
-        None if lengths is None else lengths.to(device=input.device, dtype=torch.int64).contiguous(),
-        save_workspace,
-        recurrence_code(),
-    )
-    return output, h_n, c_n
+    return cuda_lstm_layer
 
+
+# The persistent kernels' on-chip footprint, mirrored from csrc/lstm/lstm_kernels.cuh (TileShape and
+# the launch_persistent_* tile choices); the C++ side re-checks with the occupancy API and raises if
+# this estimate was optimistic, so a wrong mirror is an error, never a silent switch.
+_BLOCK_K, _THREADS = 64, 128
+
+
+def _align128(size: int) -> int:
+    return (size + 127) // 128 * 128
+
+
+def _tile_bytes(element: int, tensor_cores: bool, bm: int, bn: int, splits: int, k_size: int) -> int:
+    row_pad = 1 if element == 4 else 8
+    splits = splits if tensor_cores else 1
+    a_bytes = _align128(bm * (_BLOCK_K + row_pad) * element)
+    c_bytes = _align128(splits * bm * (bn + 4) * 4)
+    w_ld = (k_size + _BLOCK_K - 1) // _BLOCK_K * _BLOCK_K + row_pad
+    return _align128(bn * w_ld * element) + a_bytes + c_bytes
+
+
+def persistent_unsupported_reason(batch: int, hidden: int, dtype: torch.dtype, target: Target) -> str | None:
+    """Why the persistent kernels (forward and backward) cannot hold this layer on ``target``'s chip."""
+    if target.sm_count is None or target.shared_memory_per_block is None:
+        return "the device's SM count and shared memory are unknown"
+    element = torch.finfo(dtype).bits // 8
+    tensor_cores = element == 2
+    small = batch <= 16
+    plans = {  # (BM, BN, SPLITS, K resident, units per CTA): forward 4·BJ gate columns, backward BJ units
+        "forward": (16, 4 * 8, 2, hidden, 8) if small else (64, 4 * 8, 1, hidden, 8),
+        "backward": (16, 16, 4, 4 * hidden, 16) if small else (64, 16, 1, 4 * hidden, 16),
+    }
+    per_sm = target.shared_memory_per_sm or target.shared_memory_per_block
+    for direction, (bm, bn, splits, k_size, units) in plans.items():
+        shared = _tile_bytes(element, tensor_cores, bm, bn, splits, k_size)
+        ctas = -(-hidden // units)  # one CTA per slice of units; each walks every batch tile
+        if shared > target.shared_memory_per_block:
+            return (f"{direction}: a CTA needs {shared} B of shared memory for its W_hh slice, over the "
+                    f"{target.shared_memory_per_block} B a block may use")
+        resident = target.sm_count * max(1, per_sm // (shared + 1024))  # 1 KB reserved per block
+        if ctas > resident:
+            return (f"{direction}: {ctas} CTAs must be co-resident for the grid sync, the chip holds about "
+                    f"{resident} ({target.sm_count} SMs, {shared} B each)")
+    return None
+
+
+def _check_persistent(request: Request, target: Target) -> str | None:
+    return persistent_unsupported_reason(request.size("batch"), request.size("hidden_size"), request.dtype, target)
+
+
+_CELL_SUPPORT = Support(devices=_DEVICES, dtypes=_DTYPES, min_compute_capability=_MIN_CAPABILITY)
+
+
+def _layer_support(*checks) -> Support:
+    return Support(devices=_DEVICES, dtypes=_DTYPES, features=frozenset({"lengths"}),
+                   min_compute_capability=_MIN_CAPABILITY, checks=checks)
+
+
+register("cuda", "lstm_cell", _CELL_SUPPORT, summary="WMMA fused cell")(lstm_cell)
+register("cuda", "lstm", _layer_support(_check_persistent), variant="persistent",
+         summary="cooperative kernel, W_hh in shared memory, grid sync per step")(stacked(_layer("persistent")))
+register("cuda", "lstm", _layer_support(), variant="stepwise",
+         summary="one launch per step")(stacked(_layer("stepwise")))
 
 EXTENSION_OPS_LOADED = _extension_ops_loaded()
 
@@ -263,5 +269,3 @@ if EXTENSION_OPS_LOADED:
     torch.library.register_fake("pyattn::cuda_lstm_layer_bwd")(_fake_layer_backward)
     torch.library.register_autograd("pyattn::cuda_lstm_cell_fwd", _cell_backward, setup_context=_cell_setup_context)
     torch.library.register_autograd("pyattn::cuda_lstm_layer_fwd", _layer_backward, setup_context=_layer_setup_context)
-    register("cuda", "lstm_cell", CELL_SUPPORT)(lstm_cell)
-    register("cuda", "lstm_layer", LAYER_SUPPORT)(lstm_layer)

@@ -25,8 +25,9 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _dense_attention(q, k, v, scale, mask, window_left, window_right, diagonal_offset, softcap, alibi_slopes,
-                     dropout_p, dropout_keep_mask):
-    """q (B, Hq, L, D), k (B, Hk, S, D), v (B, Hk, S, Dv), all in the compute dtype -> (out, lse)."""
+                     dropout_p, dropout_keep_mask, with_probabilities=False):
+    """q (B, Hq, L, D), k (B, Hk, S, D), v (B, Hk, S, Dv), all in the compute dtype -> (out, lse), and the
+    (dropped-out) probabilities (B, Hq, L, S) as a third result when ``with_probabilities``."""
     batch, heads, seqlen_q, _ = q.shape
     seqlen_k = k.shape[2]
     group = heads // k.shape[1]
@@ -64,6 +65,8 @@ def _dense_attention(q, k, v, scale, mask, window_left, window_right, diagonal_o
         probabilities = probabilities * dropout_keep_mask.to(probabilities.dtype) / (1.0 - dropout_p)
     out = probabilities @ v
     lse = (torch.log(denominator) + row_max).squeeze(-1)  # log(0) = −inf for rows with no visible key
+    if with_probabilities:
+        return out, lse, probabilities
     return out, lse
 
 
@@ -121,3 +124,24 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, mask: Tensor | N
         outs.append(out_b[0].transpose(0, 1))
         lses.append(lse_b[0])
     return torch.cat(outs).to(dtype), torch.cat(lses, dim=1)
+
+
+def attention_with_weights(q: Tensor, k: Tensor, v: Tensor, *, scale: float, mask: Tensor | None = None,
+                           dropout_p: float = 0.0, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Dense attention that also returns its probabilities: ``(out, weights)``, both in q's dtype.
+
+    Shapes as :func:`attention` (dense, no flash options): weights (B, Hq, L, S) are the normalised
+    probabilities after dropout (what ``torch.nn.MultiheadAttention`` returns with need_weights=True);
+    a row with no visible key has weights 0 and output 0.
+    """
+    dtype = q.dtype
+    compute = _compute_dtype(dtype)
+    q, k, v = q.to(compute), k.to(compute), v.to(compute)
+    keep = None
+    if dropout_p > 0:
+        keep = torch.rand((q.shape[0], q.shape[1], q.shape[2], k.shape[2]), generator=generator,
+                          device=q.device) >= dropout_p
+    out, _, weights = _dense_attention(q, k, v, scale=scale, mask=mask, window_left=-1, window_right=-1,
+                                       diagonal_offset=0, softcap=0.0, alibi_slopes=None, dropout_p=dropout_p,
+                                       dropout_keep_mask=keep, with_probabilities=True)
+    return out.to(dtype), weights.to(dtype)

@@ -1,27 +1,10 @@
-"""Attention ops: the reference registration, and the Triton custom ops with their autograd.
+"""Attention on the triton backend: the custom ops over ``pyattn.kernels.attention``, with autograd.
 
-Dispatch-level signatures (every backend's implementation has exactly these; the functional layer
-has validated and normalised every argument before the call):
-
-  attention(q, k, v, *, scale, mask, window_left, window_right, diagonal_offset, softcap,
-            alibi_slopes, dropout_p, deterministic) -> (out, lse)
-      q (B, Hq, L, D), k (B, Hk, S, D), v (B, Hk, S, Dv), Hq % Hk == 0, any strides;
-      mask None or 4 dims each 1 or full of (B, Hq, L, S), bool (True = attend) or additive float;
-      out (B, Hq, L, Dv) in q's dtype, lse (B, Hq, L).
-  attention_varlen(q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-                   window_left, window_right, diagonal_offset, align_to_end, softcap, alibi_slopes,
-                   dropout_p, deterministic) -> (out, lse)
-      q (total_q, Hq, D), k (total_k, Hk, D), v (total_k, Hk, Dv), cu_seqlens int32 (B + 1,);
-      out (total_q, Hq, Dv), lse (Hq, total_q). align_to_end: sequence b's diagonal offset is
-      diagonal_offset + S_b − L_b (its own bottom-right corner), found on the device: no host sync.
-
-Semantics of every option: ``pyattn.reference.attention``. Dropout draws its randomness from torch's
-default generator (the reference directly, the Triton path through a Philox seed drawn from it), so
-``torch.manual_seed`` makes either reproducible.
-
-Request features: "mask", "causal", "window", "softcap", "alibi", "dropout", "gqa", and
-"mask_grad" / "alibi_grad" (a float mask / ALiBi slopes that require grad: only the reference
-differentiates with respect to them).
+One forward and one backward custom op serve the dense and the varlen layouts (cu_seqlens None =
+dense); the mask's dtype is its kind (bool = visibility, float = additive). Two variants serve the
+dense op, tried in this order: ``triton/tma`` (Hopper: Q/K/V tiles through TMA descriptors, where
+the call's dtype, head dims and strides allow) and ``triton/pointer`` (every GPU). Dropout draws its
+Philox seed from torch's default generator, so ``torch.manual_seed`` makes it reproducible.
 """
 
 from __future__ import annotations
@@ -31,54 +14,29 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from pyattn._dispatch import Support, register
 from pyattn._layout import new_attention_output
+from pyattn._registry import Request, Support, Target, register
+from pyattn.ops.attention_common import FEATURES
 
-FEATURES = frozenset({"mask", "causal", "window", "softcap", "alibi", "dropout", "gqa", "mask_grad", "alibi_grad"})
-_EVERY_DEVICE = frozenset({"cpu", "cuda", "meta"})
-_ANY_FLOAT = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
-
-_REFERENCE_SUPPORT = Support(devices=_EVERY_DEVICE, dtypes=_ANY_FLOAT, features=FEATURES)
-_TRITON_SUPPORT = Support(
-    devices=frozenset({"cuda"}),
-    interpreter_devices=frozenset({"cpu"}),
-    dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
-    max_head_dim=256,
-    # The kernels compute no gradient for the additive mask or the slopes (flash-attn's do not either).
-    features=FEATURES - {"mask_grad", "alibi_grad"},
-)
+_TRITON_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
+_TRITON_FEATURES = FEATURES - {"mask_grad", "alibi_grad"}  # no gradient for a float mask or the slopes (as flash-attn)
 
 
-# ---------------------------------------------------------------------------------------------
-# reference backend
+def _check_tma(request: Request, target: Target) -> str | None:
+    if target.device_type != "cuda":
+        return f"TMA needs a CUDA GPU of compute capability >= 9.0, not {target.device_type}"
+    from pyattn.kernels.attention import tma_unsupported_reason
+
+    operands = request.operands
+    return tma_unsupported_reason(operands["q"], operands["k"], operands["v"], varlen=False,
+                                  capability=target.capability)
 
 
-@register("reference", "attention", _REFERENCE_SUPPORT)
-def reference_attention(q, k, v, *, scale, mask, window_left, window_right, diagonal_offset, softcap, alibi_slopes,
-                        dropout_p, deterministic):
-    from pyattn.reference.attention import attention
-
-    del deterministic  # autograd's backward of the reference is deterministic already
-    return attention(q, k, v, scale=scale, mask=mask, window_left=window_left, window_right=window_right,
-                     diagonal_offset=diagonal_offset, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p)
-
-
-@register("reference", "attention_varlen", _REFERENCE_SUPPORT)
-def reference_attention_varlen(q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
-                               window_right, diagonal_offset, align_to_end, softcap, alibi_slopes, dropout_p,
-                               deterministic):
-    from pyattn.reference.attention import attention
-
-    del deterministic
-    return attention(q, k, v, scale=scale, window_left=window_left, window_right=window_right,
-                     diagonal_offset=diagonal_offset, align_to_end=align_to_end, softcap=softcap,
-                     alibi_slopes=alibi_slopes, dropout_p=dropout_p, cu_seqlens_q=cu_seqlens_q,
-                     cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
-
-
-# ---------------------------------------------------------------------------------------------
-# Triton backend: one forward and one backward custom op serve the dense and the varlen layouts
-# (cu_seqlens None = dense). The mask's dtype is its kind: bool = visibility, float = additive.
+_POINTER_SUPPORT = Support(devices=frozenset({"cuda"}), interpreter_devices=frozenset({"cpu"}), dtypes=_TRITON_DTYPES,
+                           max_head_dim=256, features=_TRITON_FEATURES)
+_TMA_SUPPORT = Support(devices=frozenset({"cuda"}), interpreter_devices=frozenset({"cpu"}),
+                       dtypes=frozenset({torch.float16, torch.bfloat16}), max_head_dim=256,
+                       min_compute_capability=(9, 0), features=_TRITON_FEATURES, checks=(_check_tma,))
 
 
 def _kernels():
@@ -96,19 +54,19 @@ def triton_attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], alibi_slopes: Optional[Tensor],
     cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], dropout_seed: Optional[Tensor],
     scale: float, window_left: int, window_right: int, diagonal_offset: int, align_to_end: bool, softcap: float,
-    dropout_p: float, max_seqlen_q: int, max_seqlen_k: int, deterministic: bool,
+    dropout_p: float, max_seqlen_q: int, max_seqlen_k: int, deterministic: bool, use_tma: bool,
 ) -> tuple[Tensor, Tensor]:
     del deterministic  # an input only so that the backward can read it
     return _kernels().attention_forward(
         q, k, v, scale=scale, mask=mask, window_left=window_left, window_right=window_right,
         diagonal_offset=diagonal_offset, align_to_end=align_to_end, softcap=softcap, alibi_slopes=alibi_slopes,
         dropout_p=dropout_p, seed=_seed_value(dropout_seed), cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, use_tma=use_tma)
 
 
 @triton_attention_fwd.register_fake
 def _(q, k, v, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, dropout_seed, scale, window_left, window_right,
-      diagonal_offset, align_to_end, softcap, dropout_p, max_seqlen_q, max_seqlen_k, deterministic):
+      diagonal_offset, align_to_end, softcap, dropout_p, max_seqlen_q, max_seqlen_k, deterministic, use_tma):
     if cu_seqlens_q is None:
         out = new_attention_output(q, v.shape[-1])
     else:
@@ -144,7 +102,7 @@ _FORWARD_PARAMETERS = tuple(argument.name
                             for argument in torch.ops.pyattn.triton_attention_fwd.default._schema.arguments)
 _SAVED_TENSORS = ("q", "k", "v", "mask", "alibi_slopes", "cu_seqlens_q", "cu_seqlens_k", "dropout_seed")
 _OPTIONS = ("scale", "window_left", "window_right", "diagonal_offset", "align_to_end", "softcap", "dropout_p",
-            "max_seqlen_q", "max_seqlen_k", "deterministic")
+            "max_seqlen_q", "max_seqlen_k", "deterministic")  # the backward's; use_tma is the forward's alone
 
 
 def _setup_context(ctx, inputs, output):
@@ -177,18 +135,26 @@ def _draw_dropout_seed(dropout_p: float) -> Optional[Tensor]:
     return torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
 
 
-@register("triton", "attention", _TRITON_SUPPORT)
-def triton_attention(q, k, v, *, scale, mask, window_left, window_right, diagonal_offset, softcap, alibi_slopes,
-                     dropout_p, deterministic):
-    return triton_attention_fwd(q, k, v, mask, alibi_slopes, None, None, _draw_dropout_seed(dropout_p), scale,
-                                window_left, window_right, diagonal_offset, False, softcap, dropout_p, 0, 0,
-                                deterministic)
+def _dense_forward(use_tma: bool):
+    def triton_attention(q, k, v, *, scale, mask, window_left, window_right, diagonal_offset, softcap, alibi_slopes,
+                         dropout_p, deterministic):
+        return triton_attention_fwd(q, k, v, mask, alibi_slopes, None, None, _draw_dropout_seed(dropout_p), scale,
+                                    window_left, window_right, diagonal_offset, False, softcap, dropout_p, 0, 0,
+                                    deterministic, use_tma)
+
+    return triton_attention
 
 
-@register("triton", "attention_varlen", _TRITON_SUPPORT)
+register("triton", "attention", _TMA_SUPPORT, variant="tma",
+         summary="Hopper forward loading Q/K/V tiles through TMA descriptors")(_dense_forward(use_tma=True))
+register("triton", "attention", _POINTER_SUPPORT, variant="pointer",
+         summary="forward loading tiles through pointers (every GPU)")(_dense_forward(use_tma=False))
+
+
+@register("triton", "attention_varlen", _POINTER_SUPPORT, summary="varlen forward (pointer loads)")
 def triton_attention_varlen(q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
                             window_right, diagonal_offset, align_to_end, softcap, alibi_slopes, dropout_p,
                             deterministic):
     return triton_attention_fwd(q, k, v, None, alibi_slopes, cu_seqlens_q, cu_seqlens_k, _draw_dropout_seed(dropout_p),
                                 scale, window_left, window_right, diagonal_offset, align_to_end, softcap, dropout_p,
-                                max_seqlen_q, max_seqlen_k, deterministic)
+                                max_seqlen_q, max_seqlen_k, deterministic, False)

@@ -1,0 +1,143 @@
+"""What every LSTM backend shares: the dispatch-level signatures, gradient conventions, the stack driver.
+
+Dispatch-level signatures (every backend's implementation has exactly these; the functional layer
+has validated every argument, applied autocast, and given unbatched input a batch axis):
+
+  lstm_cell(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh) -> (hy, cy)
+      input (B, I), hx/cx (B, H), weight_ih (4H, I), weight_hh (4H, H), biases (4H,) or None.
+  lstm(input, hx, params, *, num_layers, bias, batch_first, dropout, training, bidirectional,
+       proj_size) -> (output, (h_n, c_n))
+      input (T, B, I), (B, T, I) with batch_first, or a PackedSequence; hx = (h_0 (L·D, B, P),
+      c_0 (L·D, B, H)) in the user's batch order; params in torch.nn.LSTM's flat order. The output
+      has the input's form (a PackedSequence for packed input).
+
+Kernel backends implement one layer, one direction, and :func:`stacked` turns it into ``lstm``:
+
+  layer(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse, lengths)
+      -> (output (T, B, P), h_n (B, P), c_n (B, H)); lengths int64 (B,) or None (rows past their
+      length keep their state and output zeros).
+
+Request features: "projection" (proj_size > 0), "lengths" (a PackedSequence of unequal lengths).
+Request sizes: batch, steps, input_size, hidden_size, proj_size, num_layers, directions.
+
+Gradient conventions, the same on every backend: b_ih and b_hh get equal gradients as two tensors
+(never aliased: ``.grad`` of two parameters must not share memory); a forward saves for backward
+only when an input requires grad (``save_for_backward``); an output that took no part in the loss
+gets no gradient tensor materialised.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.nn.utils.rnn import PackedSequence
+
+ANY_FLOAT = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+EVERY_DEVICE = frozenset({"cpu", "cuda", "meta"})
+
+
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether the forward must save what backward needs: grad mode on and an input requiring grad."""
+    return torch.is_grad_enabled() and any(tensor is not None and tensor.requires_grad for tensor in tensors)
+
+
+def combined_bias(bias_ih: torch.Tensor | None, bias_hh: torch.Tensor | None) -> torch.Tensor | None:
+    """b_ih + b_hh in float32: the kernels add one bias to the float32 gate accumulators."""
+    present = [bias.float() for bias in (bias_ih, bias_hh) if bias is not None]
+    if not present:
+        return None
+    return (present[0] + present[1] if len(present) == 2 else present[0]).contiguous()
+
+
+def bias_gradients(grad_bias: torch.Tensor, has_bias_ih: bool, has_bias_hh: bool):
+    """The same gradient for b_ih and b_hh (their sum enters the gates), as two tensors: .grad must not alias."""
+    grad_bias_ih = grad_bias if has_bias_ih else None
+    grad_bias_hh = (grad_bias.clone() if has_bias_ih else grad_bias) if has_bias_hh else None
+    return grad_bias_ih, grad_bias_hh
+
+
+def require_saved(saved: torch.Tensor, op: str) -> None:
+    if saved.numel() == 0:
+        raise RuntimeError(
+            f"{op}: backward called on a forward that saved nothing (save_for_backward=False); "
+            "call the pyattn dispatch op, which saves when an input requires grad"
+        )
+
+
+def _packed_layout(packed: PackedSequence, device: torch.device):
+    """Where each packed row lives in the padded (T, B) grid, and each sequence's length, in user order.
+
+    Packed rows are time-major; within step t the first ``batch_sizes[t]`` sequences in sorted order
+    take part, and sorted position j is the user's sequence ``sorted_indices[j]``.
+    """
+    batch_sizes = packed.batch_sizes  # always an int64 CPU tensor
+    steps, rows = batch_sizes.numel(), int(batch_sizes.sum())
+    time_index = torch.repeat_interleave(torch.arange(steps), batch_sizes)
+    step_start = torch.cumsum(batch_sizes, 0) - batch_sizes
+    sorted_position = torch.arange(rows) - torch.repeat_interleave(step_start, batch_sizes)
+    sorted_lengths = (batch_sizes[None, :] > torch.arange(int(batch_sizes[0]))[:, None]).sum(1)
+    # The permutations live on the data's device: index there rather than copy them back (a sync).
+    sorted_position, sorted_lengths = sorted_position.to(device), sorted_lengths.to(device)
+    if packed.sorted_indices is None:
+        batch_index, lengths = sorted_position, sorted_lengths
+    else:
+        batch_index = packed.sorted_indices[sorted_position]
+        lengths = sorted_lengths[packed.unsorted_indices]
+    return time_index.to(device), batch_index, lengths
+
+
+LayerFunction = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def stacked(layer: LayerFunction) -> Callable:
+    """The dispatch-level ``lstm`` of a backend that implements one layer, one direction.
+
+    Packed input is laid out padded (T, B) with per-row lengths when they differ; each layer runs
+    its directions, concatenates them, and applies dropout between layers in training, as torch does.
+    """
+
+    def lstm(input, hx, params, *, num_layers, bias, batch_first, dropout, training, bidirectional, proj_size):
+        directions = 2 if bidirectional else 1
+        per_direction = len(params) // (num_layers * directions)
+        packed = isinstance(input, PackedSequence)
+        lengths = None
+        if packed:
+            data = input.data
+            steps, batch = input.batch_sizes.numel(), int(input.batch_sizes[0])
+            time_index, batch_index, sequence_lengths = _packed_layout(input, data.device)
+            sequence = data.new_zeros(steps, batch, data.size(-1)).index_put((time_index, batch_index), data)
+            if int(input.batch_sizes[-1]) != batch:  # equal lengths need no masking
+                lengths = sequence_lengths
+        else:
+            sequence = input.transpose(0, 1) if batch_first else input
+        sequence = sequence.contiguous()
+        h_0, c_0 = hx
+        final_h, final_c = [], []
+        layer_input = sequence
+        for index_layer in range(num_layers):
+            direction_outputs = []
+            for direction in range(directions):
+                index = index_layer * directions + direction
+                weights = params[index * per_direction:(index + 1) * per_direction]
+                bias_ih, bias_hh = (weights[2], weights[3]) if bias else (None, None)
+                weight_hr = weights[-1] if proj_size > 0 else None
+                output, h_n, c_n = layer(layer_input, h_0[index].contiguous(), c_0[index].contiguous(), weights[0],
+                                         weights[1], bias_ih, bias_hh, weight_hr, direction == 1, lengths)
+                direction_outputs.append(output)
+                final_h.append(h_n)
+                final_c.append(c_n)
+            layer_input = direction_outputs[0] if directions == 1 else torch.cat(direction_outputs, dim=-1)
+            if dropout > 0 and training and index_layer < num_layers - 1:
+                layer_input = F.dropout(layer_input, dropout, training=True)
+        output, h_n, c_n = layer_input, torch.stack(final_h), torch.stack(final_c)
+        if packed:
+            output = PackedSequence(output[time_index, batch_index], input.batch_sizes, input.sorted_indices,
+                                    input.unsorted_indices)
+        elif batch_first:
+            output = output.transpose(0, 1)
+        return output, (h_n, c_n)
+
+    lstm.layer = layer  # the one-layer function, for tests and for a backend that wants to drive it itself
+    return lstm

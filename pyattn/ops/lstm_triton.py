@@ -1,0 +1,252 @@
+"""LSTM on the triton backend: the custom ops over ``pyattn.kernels.lstm``, with their autograd.
+
+The launchers are imported inside the op bodies, so ``import pyattn`` needs no Triton. The forward
+ops also return what their backward needs (empty tensors at inference), so the saved state is
+visible to torch.compile like any other output. Three variants serve ``lstm``, tried in order:
+
+* ``triton/persistent`` — one program per batch tile runs every step, W_hh in registers (small H);
+* ``triton/grid`` — W_hh split over co-resident programs, a grid barrier per step (B ≤ 16, larger H);
+* ``triton/stepwise`` — one fused launch per step (any size).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pyattn._registry import Request, Support, Target, register
+from pyattn.ops.lstm_common import bias_gradients, combined_bias, needs_grad, require_saved, stacked
+
+_TRITON_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
+_BACKWARD_RECURRENCE = {"persistent": "persistent", "grid": "stepwise", "stepwise": "stepwise"}
+
+
+@torch.library.custom_op("pyattn::triton_lstm_cell_fwd", mutates_args=())
+def triton_lstm_cell_fwd(
+    input: torch.Tensor,
+    hx: torch.Tensor,
+    cx: torch.Tensor,
+    weight_ih: torch.Tensor,
+    weight_hh: torch.Tensor,
+    bias_ih: torch.Tensor | None,
+    bias_hh: torch.Tensor | None,
+    save_for_backward: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hy, cy, gates): gates are the activated (i, f, g, o) (B, 4H) if ``save_for_backward``, else empty."""
+    from pyattn.kernels import lstm as kernels
+
+    return kernels.lstm_cell_forward(
+        input, hx, cx, weight_ih, weight_hh, combined_bias(bias_ih, bias_hh), save_for_backward
+    )
+
+
+@triton_lstm_cell_fwd.register_fake
+def _(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, save_for_backward):
+    batch, hidden_size = hx.shape
+    gates = input.new_empty((batch, 4 * hidden_size) if save_for_backward else (0,))
+    return hx.new_empty(hx.shape), cx.new_empty(cx.shape), gates
+
+
+@torch.library.custom_op("pyattn::triton_lstm_cell_bwd", mutates_args=())
+def triton_lstm_cell_bwd(
+    grad_hy: torch.Tensor | None,
+    grad_cy: torch.Tensor | None,
+    input: torch.Tensor,
+    hx: torch.Tensor,
+    cx: torch.Tensor,
+    weight_ih: torch.Tensor,
+    weight_hh: torch.Tensor,
+    gates: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_input, grad_hx, grad_cx, grad_weight_ih, grad_weight_hh, grad_bias)."""
+    from pyattn.kernels import lstm as kernels
+
+    return kernels.lstm_cell_backward(grad_hy, grad_cy, input, hx, cx, weight_ih, weight_hh, gates)
+
+
+@triton_lstm_cell_bwd.register_fake
+def _(grad_hy, grad_cy, input, hx, cx, weight_ih, weight_hh, gates):
+    return (
+        input.new_empty(input.shape), hx.new_empty(hx.shape), cx.new_empty(cx.shape),
+        weight_ih.new_empty(weight_ih.shape), weight_hh.new_empty(weight_hh.shape),
+        weight_hh.new_empty((weight_hh.shape[0],)),
+    )
+
+
+def _cell_setup_context(ctx, inputs, output):
+    arguments = dict(zip(_CELL_FORWARD_PARAMETERS, inputs))
+    _, _, gates = output
+    ctx.save_for_backward(*(arguments[name] for name in ("input", "hx", "cx", "weight_ih", "weight_hh")), gates)
+    ctx.has_bias_ih, ctx.has_bias_hh = arguments["bias_ih"] is not None, arguments["bias_hh"] is not None
+    ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not a zeros tensor
+
+
+def _cell_backward(ctx, grad_hy, grad_cy, _grad_gates):
+    input, hx, cx, weight_ih, weight_hh, gates = ctx.saved_tensors
+    require_saved(gates, "pyattn::triton_lstm_cell_fwd")
+    grad_input, grad_hx, grad_cx, grad_weight_ih, grad_weight_hh, grad_bias = triton_lstm_cell_bwd(
+        grad_hy, grad_cy, input, hx, cx, weight_ih, weight_hh, gates
+    )
+    gradients = dict.fromkeys(_CELL_FORWARD_PARAMETERS)
+    gradients.update(input=grad_input, hx=grad_hx, cx=grad_cx, weight_ih=grad_weight_ih, weight_hh=grad_weight_hh)
+    gradients["bias_ih"], gradients["bias_hh"] = bias_gradients(grad_bias, ctx.has_bias_ih, ctx.has_bias_hh)
+    return tuple(gradients.values())
+
+
+triton_lstm_cell_fwd.register_autograd(_cell_backward, setup_context=_cell_setup_context)
+
+
+@torch.library.custom_op("pyattn::triton_lstm_layer_fwd", mutates_args=())
+def triton_lstm_layer_fwd(
+    input: torch.Tensor,
+    h0: torch.Tensor,
+    c0: torch.Tensor,
+    weight_ih: torch.Tensor,
+    weight_hh: torch.Tensor,
+    bias_ih: torch.Tensor | None,
+    bias_hh: torch.Tensor | None,
+    lengths: torch.Tensor | None,
+    reverse: bool,
+    save_for_backward: bool,
+    recurrence: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(output, h_n, c_n, gates, cell_states, hidden_before); the last three are empty unless saving.
+    ``recurrence``: the forward's kernel, "persistent", "grid" or "stepwise" (dispatch's variant)."""
+    from pyattn.kernels import lstm as kernels
+
+    return kernels.lstm_sequence_forward(
+        input, h0, c0, weight_ih, weight_hh, combined_bias(bias_ih, bias_hh), lengths, reverse, save_for_backward,
+        recurrence=recurrence,
+    )
+
+
+@triton_lstm_layer_fwd.register_fake
+def _(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, lengths, reverse, save_for_backward, recurrence):
+    steps, batch, _ = input.shape
+    hidden_size = h0.shape[1]
+    if save_for_backward:
+        gates = input.new_empty((steps, batch, 4 * hidden_size))
+        cell_states = input.new_empty((steps + 1, batch, hidden_size), dtype=torch.float32)
+        hidden_before = input.new_empty((steps, batch, hidden_size))
+    else:
+        gates, hidden_before = input.new_empty((0,)), input.new_empty((0,))
+        cell_states = input.new_empty((0,), dtype=torch.float32)
+    output = input.new_empty((steps, batch, hidden_size))
+    return output, h0.new_empty(h0.shape), c0.new_empty(c0.shape), gates, cell_states, hidden_before
+
+
+@torch.library.custom_op("pyattn::triton_lstm_layer_bwd", mutates_args=())
+def triton_lstm_layer_bwd(
+    grad_output: torch.Tensor | None,
+    grad_h_n: torch.Tensor | None,
+    grad_c_n: torch.Tensor | None,
+    input: torch.Tensor,
+    weight_ih: torch.Tensor,
+    weight_hh: torch.Tensor,
+    lengths: torch.Tensor | None,
+    gates: torch.Tensor,
+    cell_states: torch.Tensor,
+    hidden_before: torch.Tensor,
+    reverse: bool,
+    recurrence: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_input, grad_h0, grad_c0, grad_weight_ih, grad_weight_hh, grad_bias); ``recurrence``: the
+    backward's kernel, "persistent" or "stepwise"."""
+    from pyattn.kernels import lstm as kernels
+
+    return kernels.lstm_sequence_backward(
+        grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, lengths, reverse,
+        gates, cell_states, hidden_before, recurrence=recurrence,
+    )
+
+
+@triton_lstm_layer_bwd.register_fake
+def _(grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, lengths, gates, cell_states, hidden_before, reverse,
+      recurrence):
+    batch, hidden_size = input.shape[1], weight_hh.shape[1]
+    return (
+        input.new_empty(input.shape), input.new_empty((batch, hidden_size)), input.new_empty((batch, hidden_size)),
+        weight_ih.new_empty(weight_ih.shape), weight_hh.new_empty(weight_hh.shape),
+        weight_hh.new_empty((weight_hh.shape[0],)),
+    )
+
+
+def _layer_setup_context(ctx, inputs, output):
+    arguments = dict(zip(_LAYER_FORWARD_PARAMETERS, inputs))
+    _, _, _, gates, cell_states, hidden_before = output
+    ctx.save_for_backward(arguments["input"], arguments["weight_ih"], arguments["weight_hh"], arguments["lengths"],
+                          gates, cell_states, hidden_before)
+    ctx.has_bias_ih, ctx.has_bias_hh = arguments["bias_ih"] is not None, arguments["bias_hh"] is not None
+    ctx.reverse = arguments["reverse"]
+    ctx.recurrence = _BACKWARD_RECURRENCE[arguments["recurrence"]]
+    ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not a zeros tensor
+
+
+def _layer_backward(ctx, grad_output, grad_h_n, grad_c_n, *_grad_saved):
+    input, weight_ih, weight_hh, lengths, gates, cell_states, hidden_before = ctx.saved_tensors
+    require_saved(cell_states, "pyattn::triton_lstm_layer_fwd")
+    grad_input, grad_h0, grad_c0, grad_weight_ih, grad_weight_hh, grad_bias = triton_lstm_layer_bwd(
+        grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, lengths,
+        gates, cell_states, hidden_before, ctx.reverse, ctx.recurrence,
+    )
+    gradients = dict.fromkeys(_LAYER_FORWARD_PARAMETERS)
+    gradients.update(input=grad_input, h0=grad_h0, c0=grad_c0, weight_ih=grad_weight_ih, weight_hh=grad_weight_hh)
+    gradients["bias_ih"], gradients["bias_hh"] = bias_gradients(grad_bias, ctx.has_bias_ih, ctx.has_bias_hh)
+    return tuple(gradients.values())
+
+
+_CELL_FORWARD_PARAMETERS = tuple(a.name for a in torch.ops.pyattn.triton_lstm_cell_fwd.default._schema.arguments)
+_LAYER_FORWARD_PARAMETERS = tuple(a.name for a in torch.ops.pyattn.triton_lstm_layer_fwd.default._schema.arguments)
+triton_lstm_layer_fwd.register_autograd(_layer_backward, setup_context=_layer_setup_context)
+
+
+# ----------------------------------------------------------------------------- dispatch variants
+
+
+@register("triton", "lstm_cell", Support(devices=frozenset({"cuda"}), interpreter_devices=frozenset({"cpu"}),
+                                         dtypes=_TRITON_DTYPES),
+          summary="one fused launch: both GEMMs and the gate epilogue")
+def triton_lstm_cell(input, hx, cx, weight_ih, weight_hh, bias_ih=None, bias_hh=None):
+    save = needs_grad(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh)
+    hy, cy, _ = triton_lstm_cell_fwd(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, save)
+    return hy, cy
+
+
+def _layer(recurrence: str):
+    def triton_lstm_layer(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse, lengths):
+        del weight_hr  # refused by the support ("projection")
+        if lengths is not None:
+            lengths = lengths.to(device=input.device, dtype=torch.int64)
+        save = needs_grad(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh)
+        output, h_n, c_n, *_ = triton_lstm_layer_fwd(
+            input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, lengths, reverse, save, recurrence
+        )
+        return output, h_n, c_n
+
+    return triton_lstm_layer
+
+
+def _check_persistent(request: Request, target: Target) -> str | None:
+    from pyattn.kernels.lstm import persistent_unsupported_reason
+
+    return persistent_unsupported_reason(request.size("hidden_size"), request.dtype)
+
+
+def _check_grid(request: Request, target: Target) -> str | None:
+    from pyattn.kernels.lstm import grid_unsupported_reason
+
+    sm_count = target.sm_count if target.device_type == "cuda" else None  # None: the interpreter, one program
+    return grid_unsupported_reason(request.size("batch"), request.size("hidden_size"), request.dtype,
+                                   sm_count=sm_count)
+
+
+def _layer_support(*checks) -> Support:
+    return Support(devices=frozenset({"cuda"}), interpreter_devices=frozenset({"cpu"}), dtypes=_TRITON_DTYPES,
+                   features=frozenset({"lengths"}), checks=checks)
+
+
+register("triton", "lstm", _layer_support(_check_persistent), variant="persistent",
+         summary="one program per batch tile runs every step, W_hh in registers")(stacked(_layer("persistent")))
+register("triton", "lstm", _layer_support(_check_grid), variant="grid",
+         summary="W_hh split over co-resident programs, a grid barrier per step")(stacked(_layer("grid")))
+register("triton", "lstm", _layer_support(), variant="stepwise",
+         summary="one fused launch per step")(stacked(_layer("stepwise")))
