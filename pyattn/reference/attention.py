@@ -145,3 +145,54 @@ def attention_with_weights(q: Tensor, k: Tensor, v: Tensor, *, scale: float, mas
                                        diagonal_offset=0, softcap=0.0, alibi_slopes=None, dropout_p=dropout_p,
                                        dropout_keep_mask=keep, with_probabilities=True)
     return out.to(dtype), weights.to(dtype)
+
+
+def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, *, scale: float,
+                       window_left: int = -1, window_right: int = -1, diagonal_offset: int = 0,
+                       softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients ``(dq, dk, dv)`` of dense :func:`attention` from the forward's ``out`` and ``lse`` alone.
+
+    FlashAttention-2's backward with the row statistics given, not recomputed: with S the scores
+    (scale, softcap, window as in :func:`attention`), P = exp(S − lse) on visible keys (0 elsewhere
+    and on rows whose lse is −inf), D = rowsum(dO ∘ O), dV = Pᵀ·dO, dS = P ∘ (dO·Vᵀ − D), and
+    dQ = dS'·K·scale, dK = dS'ᵀ·Q·scale with dS' = dS through softcap's tanh (dS itself without).
+    ``out`` and ``lse`` need not come from this block alone: given a whole row's final statistics
+    (ring attention), the result is this block's share of that row's gradient. Shapes as
+    :func:`attention` (dense; no mask, ALiBi or dropout); dk, dv summed over each query group (GQA);
+    results in the inputs' dtypes. No autograd inside, so it traces like any other op.
+    """
+    compute = _compute_dtype(q.dtype)
+    grad_out, out, lse = grad_out.to(compute), out.to(compute), lse.to(compute)
+    q_, k_, v_ = q.to(compute), k.to(compute), v.to(compute)
+    batch, heads, seqlen_q, _ = q.shape
+    heads_k, seqlen_k = k.shape[1], k.shape[2]
+    group = heads // heads_k
+    if group > 1:
+        k_ = k_.repeat_interleave(group, dim=1)
+        v_ = v_.repeat_interleave(group, dim=1)
+    scores = scale * (q_ @ k_.transpose(-1, -2))
+    if softcap > 0:
+        capped = torch.tanh(scores / softcap)
+        scores = softcap * capped
+    rows = torch.arange(seqlen_q, device=q.device)[:, None] + diagonal_offset
+    cols = torch.arange(seqlen_k, device=q.device)[None, :]
+    visible = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=q.device)
+    if window_left >= 0:
+        visible = visible & (cols >= rows - window_left)
+    if window_right >= 0:
+        visible = visible & (cols <= rows + window_right)
+    row_lse = lse.unsqueeze(-1)
+    visible = visible & torch.isfinite(row_lse)  # a row that sees no key has P = 0, not exp(S + inf)
+    safe_lse = torch.where(torch.isfinite(row_lse), row_lse, torch.zeros_like(row_lse))
+    probabilities = torch.where(visible, torch.exp(scores - safe_lse), torch.zeros_like(scores))
+    delta = (grad_out * out).sum(dim=-1, keepdim=True)
+    grad_scores = probabilities * (grad_out @ v_.transpose(-1, -2) - delta)
+    if softcap > 0:
+        grad_scores = grad_scores * (1 - capped * capped)
+    dq = scale * (grad_scores @ k_)
+    dk = scale * (grad_scores.transpose(-1, -2) @ q_)
+    dv = probabilities.transpose(-1, -2) @ grad_out
+    if group > 1:  # query head h read kv head h // group: its gradient is the group's sum
+        dk = dk.unflatten(1, (heads_k, group)).sum(dim=2)
+        dv = dv.unflatten(1, (heads_k, group)).sum(dim=2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
