@@ -22,12 +22,26 @@ $(VENV)/.installed: pyproject.toml
 
 build: $(VENV)/.built
 
+# The build's progress, from its log as it is written: setup.py's own lines, and ninja's "[3/8] <compile
+# command>" shortened to "[3/8] compiling <file>" (one line per file compiled, out of the total).
+BUILD_PROGRESS := awk '/^pyattn setup:/ { print "  " $$0; fflush(); next } \
+	/^\[[0-9]+\/[0-9]+\] / { what = ""; \
+		for (i = 2; i < NF; i++) { if ($$i == "-c") what = "compiling " $$(i + 1); \
+			else if ($$i == "-o" && what == "") what = "linking " $$(i + 1) } \
+		if (what == "") what = substr($$0, length($$1) + 2, 60); \
+		n = split(what, parts, "/"); if (n > 1) what = substr(what, 1, index(what, " ")) parts[n]; \
+		print "  " $$1 " " what; fflush() }'
+
 # Rebuilt only when a C++/CUDA source or the build script changes; ninja makes rebuilds incremental.
+# The full log goes to $(VENV)/build.log; pip's exit status travels through a file (sh has no pipefail).
+# Without a GPU toolkit nothing is compiled; PYATTN_SKIP_CUDA_BUILD=1 skips the extension on purpose.
 $(VENV)/.built: $(VENV)/.installed setup.py $(EXTENSION_SOURCES)
-	@echo "building pyattn (log: $(VENV)/build.log)"
-	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install --no-build-isolation --no-deps -v -e . > $(VENV)/build.log 2>&1 \
-		|| (tail -n 60 $(VENV)/build.log; exit 1)
-	@grep "pyattn setup:" $(VENV)/build.log || true
+	@echo "building pyattn (full log: $(VENV)/build.log; CUDA files compiled / total below)"
+	@rm -f $(VENV)/build.status; \
+	{ MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install --no-build-isolation --no-deps -v -e . 2>&1; \
+		echo $$? > $(VENV)/build.status; } | tee $(VENV)/build.log | $(BUILD_PROGRESS); \
+	status=$$(cat $(VENV)/build.status 2>/dev/null || echo 1); \
+	if [ "$$status" != 0 ]; then tail -n 60 $(VENV)/build.log; echo "build failed (exit $$status): $(VENV)/build.log"; exit 1; fi
 	$(PY) -m pyattn.build_info
 	touch $@
 
@@ -40,4 +54,4 @@ bench: build
 	$(PY) -m pyattn.bench --out $(BENCH_OUT)
 
 clean:
-	rm -rf build *.egg-info pyattn/_C*.so $(VENV)/.built
+	rm -rf build *.egg-info pyattn/_C*.so $(VENV)/.built $(VENV)/build.status

@@ -75,6 +75,11 @@ def extension_modules() -> tuple[list, dict]:
         return [], {}
     gencode = gencode_flags()
     log(f"building pyattn._C with CUDA {torch.version.cuda} from {cuda_home}: {' '.join(gencode)}")
+    # The Makefile shows ninja's "[done/total]" lines as they come; this says what the total is made of.
+    log(
+        f"{len(sources)} sources ({sum(path.endswith('.cu') for path in sources)} .cu) with ninja, "
+        f"MAX_JOBS={os.environ.get('MAX_JOBS', 'all cores')}: minutes; PYATTN_SKIP_CUDA_BUILD=1 skips it"
+    )
     nvcc_version = subprocess.run(
         [os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True, text=True
     ).stdout.strip().splitlines()[-1:]

@@ -1,15 +1,18 @@
-"""Attention: pyattn's backends against torch's SDPA kernels, bf16, forward and forward+backward,
-over the CLI's default shapes (``pytest benchmarks/bench_attention.py --benchmark-only``)."""
+"""Attention: pyattn's backends (auto and each forced one) against torch's SDPA, as a user calls it and
+under each of its kernels, bf16, forward and forward+backward, over the CLI's default shapes
+(``pytest benchmarks/bench_attention.py --benchmark-only``)."""
 
 import pytest
 import torch
 
 from pyattn.bench.flops import FORWARD, FORWARD_BACKWARD
-from pyattn.bench.suites import PYATTN_BACKENDS, SDPA_BASELINES, attention_cases
+from pyattn.bench.registry import get_suite
+from pyattn.bench.session import pyattn_rows
 
-CASES = attention_cases("default", [torch.bfloat16], [FORWARD, FORWARD_BACKWARD])
+SUITE = get_suite("attention")
+CASES = SUITE.cases("default", [torch.bfloat16], [FORWARD, FORWARD_BACKWARD])
 # FlexAttention compiles per shape (minutes over this grid): the CLI runs it with --shapes full.
-BACKENDS = [f"pyattn:{name}" for name in PYATTN_BACKENDS] + [f"torch:{name}" for name in SDPA_BASELINES]
+BACKENDS = pyattn_rows() + [f"torch:{name}" for name in SUITE.all_baselines if name not in SUITE.opt_in]
 
 
 # ``backend`` varies fastest, so each case's inputs and reference are made once.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import pyattn
 from pyattn.bench import Unsupported, case_data, evaluate, prepare
 from pyattn.bench.measure import measure_roofline
 
@@ -58,7 +59,7 @@ def run_benchmark(benchmark, device, roofline):
     def run(case, backend):
         try:
             workload = prepare(case, backend, _shared_case_data(case, device))
-        except Unsupported as reason:
+        except (Unsupported, pyattn.BackendUnavailableError) as reason:
             pytest.skip(f"{backend}: {reason}")
         result = evaluate(workload, check=True, roofline=roofline)
         benchmark.group = f"{case.op} {case.shape} {case.mode}"

@@ -1,19 +1,27 @@
-"""The benchmark CLI on a CPU: an end-to-end ``--shapes small`` run on the reference backend, its files,
-its argument errors, checks that catch wrong backends, and the FLOP/byte formulas against hand counts."""
+"""The benchmark CLI on a CPU: an end-to-end ``--shapes tiny`` run, its files, its argument errors,
+checks that catch wrong backends, the suite registry (a dummy suite runs without touching the runner),
+the drop-in ratio, spreads, the above-ceiling flag, the CPU caveat, the plots, the Makefile's build
+progress, and the FLOP/byte formulas against hand counts. Structure only: nothing here depends on how
+fast this machine is."""
 
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import re
+import shutil
 import subprocess
 import sys
+from dataclasses import asdict, dataclass
 
 import pytest
 import torch
 
 import pyattn
-from pyattn.bench import cli, flops, measure, report
+from pyattn.bench import cli, flops, measure, plots, registry, report, runner
 from pyattn.bench.flops import BACKWARD, FORWARD, FORWARD_BACKWARD
+from pyattn.bench.workload import Workload
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -31,9 +39,8 @@ def _rows(out) -> list[dict]:
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    status = run_cli(
-        "--shapes", "small", "--out", str(out)
-    )  # default backends: reference runs, the GPU ones are skipped
+    # Default backends: auto and every available one; the GPU ones are skipped with the reason.
+    status = run_cli("--shapes", "tiny", "--out", str(out))
     with open(out / "results.json") as handle:
         return status, json.load(handle), out
 
@@ -67,8 +74,13 @@ def test_small_run_covers_every_op_mode_and_backend_with_passing_checks(small_ru
         ("lstm", FORWARD_BACKWARD),
         ("lstm_cell", FORWARD),
         ("lstm_cell", FORWARD_BACKWARD),
+        ("mha", FORWARD),
+        ("mha", FORWARD_BACKWARD),
     }
     assert {row["backend"] for row in rows} >= {
+        "pyattn:auto",
+        "torch:sdpa",
+        "torch:mha",
         "torch:sdpa-math",
         "torch:lstm",
         "torch:lstmcell-loop",
@@ -101,11 +113,87 @@ def test_speedups_are_relative_to_the_fastest_baseline(small_run):
 
 def test_small_run_writes_png_plots_and_table(small_run):
     _, results, out = small_run
-    assert {"attention_tflops.png", "lstm_time.png"} <= set(results["plots"])
+    assert {"attention_tflops.png", "attention_tflops_masked.png", "mha_time.png", "lstm_time.png"} <= set(
+        results["plots"]
+    )
     for name in results["plots"]:
         assert (out / name).read_bytes()[:8] == PNG_SIGNATURE
     table = (out / "table.txt").read_text()
     assert "roofline" in table and "pyattn:reference" in table and "TFLOP/s" in table
+
+
+def test_every_row_carries_its_spread_and_the_table_shows_it(small_run):
+    _, results, out = small_run
+    timed = [row for row in results["results"] if row["time_ms"] is not None]
+    assert timed
+    for row in timed:
+        timing = row["time_ms"]
+        assert set(timing) >= {"min", "median", "max", "method", "samples"}
+        assert timing["min"] <= timing["median"] <= timing["max"]
+        assert timing["samples"] >= measure.CPU_MIN_REPEATS and "interleaved" in timing["method"]
+    table = (out / "table.txt").read_text()
+    assert "ms median [min-max]" in table
+    sample = timed[0]["time_ms"]
+    assert report.format_ms(sample) in table
+
+
+def test_cpu_report_says_its_times_are_for_checking(small_run):
+    _, results, out = small_run
+    assert "not for speed claims" in results["caveat"].lower()
+    assert results["settings"]["cpu_threads"] >= 1
+    assert "load_average" in results["environment"] and "load_average_end" in results["environment"]
+    first_paragraph = (out / "table.txt").read_text().split("\n\n")[0]
+    assert first_paragraph.startswith("CPU RUN") and "not for speed claims" in first_paragraph.lower()
+    assert report.caveat("cuda", {}, None) is None
+
+
+def test_auto_is_compared_side_by_side_with_the_call_it_replaces(small_run):
+    _, results, out = small_run
+    rows = results["results"]
+    expected = {"attention": "torch:sdpa", "mha": "torch:mha", "lstm": "torch:lstm", "lstm_cell": "torch:lstmcell"}
+    autos = [row for row in rows if row["backend"] == "pyattn:auto"]
+    assert {row["op"] for row in autos} == set(expected)
+    for row in autos:
+        assert row["dropin_baseline"] == expected[row["op"]]
+        assert row["dropin"]["pyattn"].startswith("pyattn.") and row["dropin"]["torch"].startswith("torch.")
+        low, high = row["dropin_ratio_quartiles"]
+        assert row["dropin_ratio"] > 0 and low <= row["dropin_ratio"] <= high
+        twin = next(
+            other
+            for other in rows
+            if other["backend"] == row["dropin_baseline"] and (other["op"], other["shape"], other["mode"])
+            == (row["op"], row["shape"], row["mode"])
+        )
+        assert twin["time_ms"]["samples"] == row["time_ms"]["samples"]  # timed in the same rounds
+    for row in rows:
+        if row["backend"].startswith("pyattn:") and row["time_ms"] is not None:
+            assert row["dropin_ratio"] is not None, row
+    table = (out / "table.txt").read_text()
+    assert "vs drop-in" in table and "baseline" in table
+    summary = report.format_dropins(rows)
+    assert summary is not None and "pyattn.nn.LSTM" in summary and "torch.nn.MultiheadAttention" in summary
+    assert "ratio" in summary and re.search(r"\d\.\d\dx \[", summary)
+    assert summary.splitlines()[0] in table
+
+
+def test_masked_attention_has_its_own_plot(small_run):
+    _, results, _ = small_run
+    attention = [row for row in results["results"] if row["suite"] == "attention"]
+    masked = {row["case"]["masked"] for row in attention}
+    assert masked == {False, True}
+    plot_specs = {plot.file: plot for plot in registry.get_suite("attention").plots}
+    unmasked, with_mask = plot_specs["attention_tflops.png"], plot_specs["attention_tflops_masked.png"]
+    assert "no mask" in unmasked.title and "mask" in with_mask.title and "no mask" not in with_mask.title
+    masked_series = plots.series(attention, with_mask)
+    assert masked_series and all(len(points[0]) == 4 for lines in masked_series.values() for points in lines.values())
+    assert "attention_tflops_masked.png" in results["plots"]
+
+
+def test_auto_row_says_what_serves_it(small_run):
+    _, results, _ = small_run
+    for row in (row for row in results["results"] if row["backend"] == "pyattn:auto"):
+        assert row["served_by"] is None or isinstance(row["served_by"], str)
+    assert any(row["served_by"] for row in results["results"] if row["backend"] == "pyattn:auto")
 
 
 @pytest.mark.interpreter
@@ -114,7 +202,7 @@ def test_interpreter_rows_are_checked_and_never_timed(tmp_path):
         "lstm",
         "attention",
         "--shapes",
-        "small",
+        "tiny",
         "--interpret",
         "--backends",
         "triton",
@@ -211,7 +299,7 @@ def test_check_fails_a_slightly_wrong_attention_output(tmp_path, monkeypatch):
     status = run_cli(
         "attention",
         "--shapes",
-        "small",
+        "tiny",
         "--backends",
         "reference",
         "--baselines",
@@ -239,7 +327,7 @@ def test_check_fails_unwritten_output_elements(tmp_path, monkeypatch):
     run_cli(
         "attention",
         "--shapes",
-        "small",
+        "tiny",
         "--backends",
         "reference",
         "--baselines",
@@ -264,7 +352,7 @@ def test_check_fails_a_wrong_gradient(tmp_path, monkeypatch):
     status = run_cli(
         "lstm",
         "--shapes",
-        "small",
+        "tiny",
         "--backends",
         "reference",
         "--baselines",
@@ -290,7 +378,7 @@ def test_a_failing_backend_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch
     status = run_cli(
         "attention",
         "--shapes",
-        "small",
+        "tiny",
         "--backends",
         "reference",
         "--baselines",
@@ -311,7 +399,7 @@ def test_a_failing_backend_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch
 
 
 def test_time_budget_stops_starting_cases_and_says_so(tmp_path):
-    status = run_cli("lstm", "--shapes", "small", "--time-budget", "0.001", "--out", str(tmp_path))
+    status = run_cli("lstm", "--shapes", "tiny", "--time-budget", "0.001", "--out", str(tmp_path))
     with open(tmp_path / "results.json") as handle:
         payload = json.load(handle)
     assert status == 0 and payload["results"] == []
@@ -319,10 +407,9 @@ def test_time_budget_stops_starting_cases_and_says_so(tmp_path):
 
 
 def test_a_call_that_cannot_be_graphed_is_timed_without_a_graph(monkeypatch):
-    from pyattn.bench import runner
-    from pyattn.bench.suites import lstm_cases
+    from pyattn.bench.lstm import lstm_cases
 
-    case = next(case for case in lstm_cases("small", [torch.float32], [FORWARD]) if case.cell)
+    case = next(case for case in lstm_cases("tiny", [torch.float32], [FORWARD]) if case.cell)
     workload = runner.prepare(case, "torch:lstmcell", runner.case_data(case, torch.device("cpu")))
     workload.cuda_graph = True  # as on a GPU; capturing it fails below, as a synchronising backend would
     real_time_call = runner.time_call
@@ -336,6 +423,205 @@ def test_a_call_that_cannot_be_graphed_is_timed_without_a_graph(monkeypatch):
     result = runner.evaluate(workload)
     assert result.status == "ok" and result.check["passed"] and result.time_ms["median"] > 0
     assert any("CUDA graph capture failed" in note for note in result.notes)
+
+
+# --- the registry: a suite is told, not asked --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _DummyCase:
+    size: int
+    dtype: torch.dtype
+    mode: str
+    op: str = "dummy_matmul"
+
+    @property
+    def shape(self) -> str:
+        return f"N{self.size}"
+
+    def flops(self) -> float:
+        return 2.0 * self.size**3
+
+    def bytes(self) -> float | None:
+        return None
+
+    def tokens(self) -> int:
+        return self.size
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "dtype": "fp32"}
+
+
+class _DummyData:
+    def __init__(self, case, device, seed=0):
+        generator = torch.Generator(device=device).manual_seed(seed)
+        self.a, self.b = (torch.randn(case.size, case.size, generator=generator, device=device) for _ in range(2))
+        self.reference = {"output": self.a.double() @ self.b.double()}
+
+
+def _dummy_prepare(case, backend, data):
+    kind, name = backend.split(":", 1)
+    if kind == "torch" and name != "mm":
+        raise runner.Unsupported(f"{backend} does not run {case.op}")
+
+    def call():
+        return torch.mm(data.a, data.b)
+
+    def check():
+        errors = {"output": float((call().double() - data.reference["output"]).norm() / data.reference["output"].norm())}
+        return errors, True
+
+    return Workload(case, backend, data.a.device, call, check, lambda: {"output": 1e-4})
+
+
+@pytest.fixture
+def dummy_suite():
+    suite = registry.Suite(
+        name="dummy",
+        ops=("dummy_matmul",),
+        cases=lambda shapes, dtypes, modes: [_DummyCase(size, torch.float32, FORWARD) for size in (8, 16)],
+        data=_DummyData,
+        prepare=_dummy_prepare,
+        baselines=lambda case: ("mm",),
+        all_baselines=("mm",),
+        dropin=lambda case: registry.DropIn("pyattn.dummy", "torch.mm", "mm"),
+        plots=(
+            registry.Plot(
+                "dummy_time.png", "Dummy", lambda row: True, lambda row: ((0,), "all"), lambda row: row["case"]["size"],
+                "size", "median_ms",
+            ),
+        ),
+    )
+    registry.register_suite(suite)
+    yield suite
+    registry.unregister_suite("dummy")
+
+
+def test_a_registered_suite_runs_without_touching_runner_report_plots_or_cli(dummy_suite, tmp_path):
+    status = run_cli("dummy", "--shapes", "tiny", "--backends", "auto,reference", "--out", str(tmp_path))
+    payload = json.loads((tmp_path / "results.json").read_text())
+    rows = payload["results"]
+    assert status == 0 and {row["suite"] for row in rows} == {"dummy"}
+    assert {row["backend"] for row in rows} == {"pyattn:auto", "pyattn:reference", "torch:mm"}
+    assert all(row["status"] == "ok" and row["check"]["passed"] for row in rows)
+    assert all(row["dropin_ratio"] is not None for row in rows if row["backend"] != "torch:mm")
+    assert "dummy_time.png" in payload["plots"] and (tmp_path / "dummy_time.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert "pyattn.dummy" in (tmp_path / "table.txt").read_text()
+    assert "mm" in registry.all_baselines()
+
+
+def test_the_generic_modules_never_ask_which_op_a_case_is():
+    bench = ROOT / "pyattn" / "bench"
+    for name in ("runner.py", "report.py", "plots.py", "cli.py", "session.py", "measure.py"):
+        text = (bench / name).read_text()
+        assert "isinstance(case" not in text, name
+        for case_type in ("AttentionCase", "LSTMCase", "MHACase"):
+            assert case_type not in text, (name, case_type)
+        assert not re.search(r"""op"?\]? == ["'](attention|lstm|lstm_cell|mha)["']""", text), name
+
+
+def test_registering_a_name_or_op_twice_is_an_error(dummy_suite):
+    with pytest.raises(ValueError, match="registered already"):
+        registry.register_suite(registry.Suite(**{**dummy_suite.__dict__, "prepare": None}))
+    clash = {**dummy_suite.__dict__, "name": "dummy2"}
+    with pytest.raises(ValueError, match="belongs to suite 'dummy'"):
+        registry.register_suite(registry.Suite(**clash))
+
+
+# --- figures above their ceiling, interleaving, the backends a run takes ---------------------------------
+
+
+def test_a_figure_above_its_ceiling_is_flagged_not_shown_as_a_fraction():
+    case = next(iter(registry.get_suite("lstm").cases("tiny", [torch.float32], [FORWARD])))
+    workload = runner.prepare(case, "torch:lstm", runner.case_data(case, torch.device("cpu")))
+    result = runner.evaluate(workload, roofline={"matmul_tflops": 1e-12, "copy_gbps": 1e-9})
+    assert result.roofline_fraction > 1 and result.above_ceiling
+    assert any("above the measured ceiling" in note for note in result.notes)
+    row = {**result.as_dict(), "roofline_fraction": 1.05}
+    assert "105% (above ceiling: noise or a wrong model)" in report.format_table([row])
+    assert "(above ceiling" not in report.format_table([{**row, "roofline_fraction": 0.5, "above_ceiling": False}])
+
+
+def test_interleaved_timing_alternates_the_calls_and_rotates_their_order():
+    order: list[str] = []
+    calls = [(lambda name=name: order.append(name), [], False) for name in "abc"]
+    timings = measure.time_interleaved(calls, torch.device("cpu"))
+    warmup, timed = order[:3], order[3:]
+    assert warmup == ["a", "b", "c"] and len(timed) % 3 == 0
+    rounds = [timed[i : i + 3] for i in range(0, len(timed), 3)]
+    assert all(sorted(r) == ["a", "b", "c"] for r in rounds)  # each round calls each once
+    assert rounds[0] != rounds[1]  # and the order rotates
+    assert len({len(t.samples) for t in timings}) == 1 and len(timings[0].samples) == len(rounds)
+
+
+def _session(*argv):
+    from pyattn.bench.session import Session
+
+    return Session(cli.build_parser().parse_args(["--device", "cpu", *argv]), torch.device("cpu"), list(argv))
+
+
+def test_the_backends_come_from_pyattn_at_run_time(monkeypatch):
+    monkeypatch.setattr(pyattn, "backend_status", lambda: {"cuda": "not built", "triton": "no GPU", "reference": "available"})
+    assert _session().backends == ["pyattn:auto", "pyattn:reference"]  # no "torch" backend: none asked for
+    status = {"cuda": "not built", "triton": "no GPU", "torch": "available", "reference": "available"}
+    monkeypatch.setattr(pyattn, "backend_status", lambda: status)
+    session = _session()
+    assert session.backends == ["pyattn:auto", "pyattn:torch", "pyattn:reference"]
+    assert {"pyattn:cuda", "pyattn:triton"} <= {skip["suite"] for skip in session.skipped}
+    assert _session("--backends", "auto,torch/sdpa").backends == ["pyattn:auto", "pyattn:torch/sdpa"]
+    case, backends = _session("lstm")._tasks()[0]
+    assert backends[:2] == ["pyattn:auto", "torch:lstm"]  # the pair the ratio compares, side by side
+
+
+def test_cpu_runs_default_to_one_thread_and_restore_torchs_count():
+    assert _session().threads == 1
+    assert _session("--threads", "0").threads == torch.get_num_threads()
+    with pytest.raises(SystemExit):
+        run_cli("--threads", "-1")
+
+
+# --- the build's progress (Makefile) -------------------------------------------------------------------
+
+FAKE_PYTHON = """#!/bin/sh
+if [ "$2" = pip ]; then
+    echo "Running setup.py develop for pyattn"
+    echo "pyattn setup: 2 sources (1 .cu) with ninja" >&2
+    echo "[1/3] /usr/local/cuda/bin/nvcc -I/x/csrc -O3 -c /x/csrc/attention/fwd_hdim64_bf16.cu -o /x/build/fwd.o -gencode=arch=compute_90a,code=sm_90a"
+    echo "[2/3] c++ -MMD -MF /x/build/api.o.d -O3 -c /x/csrc/attention/attention_api.cpp -o /x/build/api.o"
+    echo "[3/3] c++ /x/build/fwd.o /x/build/api.o -shared -L/x/lib -o /x/build/_C.cpython-311-x86_64-linux-gnu.so"
+    exit "${FAKE_STATUS:-0}"
+fi
+exit 0
+"""
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+@pytest.mark.parametrize("fake_status", [0, 3])
+def test_make_build_prints_progress_keeps_the_log_and_the_exit_status(tmp_path, fake_status):
+    venv = tmp_path / "venv"
+    venv.mkdir()
+    fake = venv / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    (venv / ".installed").touch()  # newer than pyproject.toml: the venv step is up to date
+    completed = subprocess.run(
+        ["make", "--no-print-directory", f"VENV={venv}", f"PY={fake}", "EXTENSION_SOURCES=", f"{venv}/.built"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "FAKE_STATUS": str(fake_status), "SHELL": "/bin/sh"},
+        check=False,
+    )
+    output = completed.stdout + completed.stderr
+    assert "[1/3] compiling fwd_hdim64_bf16.cu" in output
+    assert "[2/3] compiling attention_api.cpp" in output
+    assert "[3/3] linking _C.cpython-311-x86_64-linux-gnu.so" in output
+    assert "pyattn setup: 2 sources" in output
+    log = (venv / "build.log").read_text()
+    assert "-gencode=arch=compute_90a" in log and "Running setup.py develop" in log  # the full log is kept
+    assert (completed.returncode == 0) == (fake_status == 0), output
+    assert (venv / ".built").exists() == (fake_status == 0)
 
 
 # --- work counts -------------------------------------------------------------------------------------

@@ -1,19 +1,31 @@
-"""Attention workloads: pyattn's SDPA per backend against torch's SDPA kernels and FlexAttention."""
+"""The attention suite: ``pyattn.functional.scaled_dot_product_attention`` per backend against torch's
+SDPA (as a user calls it, and under each of its kernels) and FlexAttention.
+
+Baselines: ``sdpa`` is ``F.scaled_dot_product_attention`` left to choose its own kernel, the call the
+drop-in replaces; ``sdpa-<kernel>`` forces one kernel with ``sdpa_kernel`` (on a CPU, ``sdpa-flash``
+is torch's CPU flash kernel, not the CUDA one); ``flex`` is ``torch.compile(flex_attention)``.
+"""
 
 from __future__ import annotations
 
 import functools
+import itertools
+import re
+from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 import pyattn
-from pyattn.bench.flops import BACKWARD, FORWARD, FORWARD_BACKWARD
-from pyattn.bench.suites import SDPA_BASELINES, AttentionCase
+from pyattn.bench import flops as work
+from pyattn.bench.flops import BACKWARD, FORWARD, FORWARD_BACKWARD, MODES
+from pyattn.bench.registry import DropIn, Plot, Suite, dtype_name, register_suite
 from pyattn.bench.workload import (
     Unsupported,
     Workload,
     all_finite,
+    backend_context,
     bounds_from,
     errors,
     poison_allocator,
@@ -21,6 +33,73 @@ from pyattn.bench.workload import (
     random_tensor,
     seeded_generator,
 )
+
+SDPA_BASELINES = {
+    "sdpa-flash": "FLASH_ATTENTION",
+    "sdpa-efficient": "EFFICIENT_ATTENTION",
+    "sdpa-cudnn": "CUDNN_ATTENTION",
+    "sdpa-math": "MATH",
+}
+ATTENTION_BASELINES = ("sdpa", *SDPA_BASELINES, "flex")
+
+
+@dataclass(frozen=True)
+class AttentionCase:
+    """Self-attention (L = S): q, k, v of shape (batch, heads, seq_len, head_dim)."""
+
+    batch: int
+    heads: int
+    seq_len: int
+    head_dim: int
+    causal: bool
+    masked: bool  # a boolean attn_mask: key padding, and the causal triangle when ``causal``
+    dtype: torch.dtype
+    mode: str
+    op: ClassVar[str] = "attention"
+
+    @property
+    def shape(self) -> str:
+        flags = (" causal" if self.causal else "") + (" mask" if self.masked else "")
+        return f"B{self.batch} H{self.heads} L{self.seq_len} D{self.head_dim}{flags}"
+
+    def flops(self) -> float:
+        # A boolean mask is counted dense: a kernel computes every tile the mask does not let it skip.
+        causal = self.causal and not self.masked
+        return work.attention_flops(
+            self.batch, self.heads, self.seq_len, self.seq_len, self.head_dim, causal=causal, mode=self.mode
+        )
+
+    def bytes(self) -> float | None:
+        return None  # compute-bound: its figure is TFLOP/s
+
+    def tokens(self) -> int:
+        return self.batch * self.seq_len
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "dtype": dtype_name(self.dtype)}
+
+
+def attention_cases(shapes: str, dtypes: list[torch.dtype], modes: list[str]) -> list[AttentionCase]:
+    """Head dims 64 and 128 over lengths, with batch·seq_len = 16k tokens and heads·head_dim = 2048
+    (flash-attention's benchmark convention: every length does the same work per token). ``small`` is
+    the CPU set: one realistic shape, causal, not, and with a key-padding mask."""
+    if shapes == "tiny":
+        geometry = [(1, 2, length, 16, causal, False) for length in (32, 64) for causal in (False, True)]
+        geometry.append((1, 2, 64, 16, False, True))
+    elif shapes == "small":
+        geometry = [(2, 8, 1024, 64, causal, False) for causal in (False, True)]
+        geometry.append((2, 8, 1024, 64, False, True))
+    else:
+        lengths = (1024, 4096, 16384) if shapes == "default" else (512, 1024, 2048, 4096, 8192, 16384)
+        masks = (False,) if shapes == "default" else (False, True)
+        geometry = [
+            (16384 // length, 2048 // head_dim, length, head_dim, causal, masked)
+            for head_dim, length, causal, masked in itertools.product((64, 128), lengths, (False, True), masks)
+        ]
+        if shapes == "default":
+            geometry += [(4, 16, 4096, 128, causal, True) for causal in (False, True)]
+    return [AttentionCase(*g, dtype=dtype, mode=mode) for dtype in dtypes for g in geometry for mode in modes]
+
 
 # How many fp32 L×S matrices the dense paths keep alive at their peak (from reading their code): torch's
 # math SDPA holds scores and probabilities, pyattn's reference also its masked and exponentiated
@@ -160,12 +239,18 @@ def attention_function(backend: str, case: AttentionCase, mask: torch.Tensor | N
     if kind == "pyattn":
 
         def run_pyattn(q, k, v):
-            with pyattn.use_backend(name):
+            with backend_context(name):
                 return pyattn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
 
         return run_pyattn
     if name == "flex":
         return _flex_function(case, mask, device)
+    if name == "sdpa":  # as a user calls it: torch picks the kernel
+
+        def run_torch_sdpa(q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+
+        return run_torch_sdpa
     if name not in SDPA_BASELINES:
         raise Unsupported(f"{backend} does not run attention")
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -211,3 +296,90 @@ def prepare_attention(case: AttentionCase, backend: str, data: AttentionData) ->
         bounds=data.bounds,
         grad_to_none=leaves if training else [],
     )
+
+
+def _served_by(case: AttentionCase, data: AttentionData) -> str | None:
+    """What pyattn's auto choice serves the case with, from ``pyattn.explain`` (None if it cannot say)."""
+    text = pyattn.explain(
+        "scaled_dot_product_attention",
+        data.q,
+        data.k,
+        data.v,
+        attn_mask=data.mask,
+        is_causal=case.causal and data.mask is None,
+    )
+    found = re.search(r"auto picks:\s*(\S+)", text)
+    return found.group(1) if found else None
+
+
+def _panel(row: dict) -> tuple[tuple, str]:
+    case = row["case"]
+    title = f"{row['mode']}, D{case['head_dim']}{', causal' if case['causal'] else ''}"
+    return (MODES.index(row["mode"]), case["head_dim"], case["causal"]), title
+
+
+def _memory_panel(row: dict) -> tuple[tuple, str]:
+    (key, title), masked = _panel(row), row["case"]["masked"]
+    return (*key, masked), title + (", mask" if masked else "")
+
+
+def _seq_len(row: dict) -> int:
+    return row["case"]["seq_len"]
+
+
+SUITE = register_suite(
+    Suite(
+        name="attention",
+        ops=(AttentionCase.op,),
+        cases=attention_cases,
+        data=AttentionData,
+        prepare=prepare_attention,
+        baselines=lambda case: ATTENTION_BASELINES,
+        all_baselines=ATTENTION_BASELINES,
+        dropin=lambda case: DropIn(
+            "pyattn.functional.scaled_dot_product_attention", "torch.nn.functional.scaled_dot_product_attention", "sdpa"
+        ),
+        throughput="tflops",
+        plots=(
+            Plot(
+                "attention_tflops.png",
+                "Attention throughput (no mask)",
+                lambda row: not row["case"]["masked"],
+                _panel,
+                _seq_len,
+                "sequence length",
+                "tflops",
+            ),
+            Plot(
+                "attention_tflops_masked.png",
+                "Attention throughput (boolean attn_mask: key padding, and the causal triangle when causal)",
+                lambda row: row["case"]["masked"],
+                _panel,
+                _seq_len,
+                "sequence length",
+                "tflops",
+            ),
+            Plot(
+                "attention_memory.png",
+                "Attention peak memory over the call",
+                lambda row: True,
+                _memory_panel,
+                _seq_len,
+                "sequence length",
+                "peak_mib",
+                log_y=True,
+            ),
+        ),
+        gpu_only={
+            "sdpa-efficient": "torch's memory-efficient SDPA kernel runs on CUDA only",
+            "sdpa-cudnn": "torch's cuDNN SDPA kernel runs on CUDA only",
+            "flex": "FlexAttention is benchmarked on a GPU (on a CPU it compiles for minutes per shape); "
+            "ask with --baselines",
+        },
+        opt_in={
+            "flex": "FlexAttention compiles for every shape (minutes in all): "
+            "it runs with --shapes full or --baselines ...,flex",
+        },
+        served_by=_served_by,
+    )
+)

@@ -2,10 +2,13 @@
 
     pyattn-bench                                  # every suite, default shapes (small on a CPU)
     pyattn-bench attention --dtype bf16,fp16 --shapes full --out bench-out
-    pyattn-bench lstm --backends triton --baselines lstm --no-check
+    pyattn-bench lstm --backends auto,triton --baselines lstm --no-check
     pyattn-bench --device cpu --interpret         # Triton kernels under the interpreter: correctness only
 
-Writes ``OUT/results.json``, ``OUT/table.txt`` and PNG plots; prints the roofline and the table.
+Suites, their baselines and their plots come from :mod:`pyattn.bench.registry`; pyattn's backends
+from ``pyattn.backend_status()`` at run time. Writes ``OUT/results.json``, ``OUT/table.txt`` and PNG
+plots; prints the roofline, the drop-in summary (pyattn:auto against the PyTorch call it replaces)
+and the table.
 Exits 1 when a pyattn backend errs or fails its check (baselines' failures are reported, not fatal).
 See docs/benchmarking.md for what is measured and how.
 """
@@ -17,7 +20,7 @@ import os
 import sys
 
 from pyattn.bench.flops import MODES
-from pyattn.bench.suites import BASELINES, DTYPES, PYATTN_BACKENDS, SHAPE_SETS, SUITES
+from pyattn.bench.registry import DTYPES, SHAPE_SETS, all_baselines, suite_names
 
 
 def _list_of(choices, allow_none: bool = False):
@@ -40,9 +43,40 @@ def _list_of(choices, allow_none: bool = False):
 
 def _suite(text: str) -> str:
     # A type check rather than ``choices``: argparse checks an empty ``nargs="*"`` against choices too.
-    if text not in SUITES:
-        raise argparse.ArgumentTypeError(f"unknown suite {text!r}; expected one of {', '.join(SUITES)}")
+    if text not in suite_names():
+        raise argparse.ArgumentTypeError(f"unknown suite {text!r}; expected one of {', '.join(suite_names())}")
     return text
+
+
+def _backend_names() -> tuple[str, ...]:
+    from pyattn.bench.session import pyattn_backend_status
+
+    return ("auto", *pyattn_backend_status())
+
+
+def _backends(text: str) -> list[str]:
+    """argparse type: "auto", pyattn backends ("triton") or variants ("triton/tma"), or none."""
+    values = [value.strip() for value in text.split(",") if value.strip()]
+    if values == ["none"]:
+        return []
+    known = _backend_names()
+    unknown = [value for value in values if value.split("/", 1)[0] not in known or value.endswith("/")]
+    if unknown or not values:
+        raise argparse.ArgumentTypeError(
+            f"unknown {', '.join(map(repr, unknown)) or 'empty list'}; expected a comma-separated list of "
+            f"{', '.join(known)}, a variant such as triton/pointer, or none"
+        )
+    return list(dict.fromkeys(values))
+
+
+def _threads(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a thread count >= 0 (0: torch's default), got {text!r}")
+    return value
 
 
 def _positive_seconds(text: str) -> float:
@@ -61,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmark pyattn's backends against PyTorch's own kernels (see docs/benchmarking.md).",
     )
     add = parser.add_argument
-    add("suites", nargs="*", type=_suite, metavar="SUITE", help=f"of {', '.join(SUITES)} (default: all)")
+    add("suites", nargs="*", type=_suite, metavar="SUITE", help=f"of {', '.join(suite_names())} (default: all)")
     add(
         "--dtype",
         type=_list_of(tuple(DTYPES)),
@@ -71,8 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--shapes",
         choices=SHAPE_SETS,
-        help="small: tiny, < 1 min on a CPU; default: ~5 min on an H100; full: "
-        "the whole grid (default: default on a GPU, small on a CPU)",
+        help="tiny: structure only (tests, seconds); small: each drop-in at one realistic shape beside "
+        "PyTorch (the CPU set, minutes); default: ~5 min on an H100; full: the whole grid "
+        "(default: default on a GPU, small on a CPU)",
     )
     add(
         "--modes",
@@ -82,14 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add(
         "--backends",
-        type=_list_of(PYATTN_BACKENDS, allow_none=True),
-        default=list(PYATTN_BACKENDS),
-        help=f"pyattn backends, of {', '.join(PYATTN_BACKENDS)}, or none (default: all that are available)",
+        type=_backends,
+        help="pyattn's, comma-separated: auto (what a user gets), a backend (cuda, triton, torch, reference: "
+        "whichever this pyattn has), a variant (triton/tma), or none (default: auto and every backend "
+        "available here)",
     )
     add(
         "--baselines",
-        type=_list_of(BASELINES, allow_none=True),
-        help=f"PyTorch's, of {', '.join(BASELINES)}, or "
+        type=_list_of(all_baselines(), allow_none=True),
+        help=f"PyTorch's, of {', '.join(all_baselines())}, or "
         "none (default: all that run on the device; flex only with --shapes full)",
     )
     add("--out", default="bench-out", help="folder for results.json, table.txt and the plots (default: bench-out)")
@@ -100,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="verify each result against a float64 reference before timing it (default: on)",
     )
     add("--device", choices=("cuda", "cpu"), help="(default: cuda when torch sees a GPU, else cpu)")
+    add(
+        "--threads",
+        type=_threads,
+        help="CPU runs: torch's intra-op threads (default 1: on a shared machine a parallel op waits for "
+        "preempted worker threads, which swamps the figures; 0: torch's default)",
+    )
     add(
         "--interpret",
         action="store_true",

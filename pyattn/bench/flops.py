@@ -10,6 +10,10 @@ Attention, one head, ``L`` queries, ``S`` keys, head dims ``D`` (Q·Kᵀ) and ``
 A causal mask counts the (query, key) pairs actually visible, not a flat half, so L ≠ S is exact.
 A boolean ``attn_mask`` is counted dense: kernels compute every tile the mask does not let them skip.
 
+Multi-head self-attention (``nn.MultiheadAttention``), batch B, length L, embed dim E = H·D:
+    forward  = 8·B·L·E² + 4·B·L²·E     (q, k, v and out projections; attention over L = S)
+    backward = 2 × the projections + 2.5 × the attention
+
 LSTM, batch B, T steps, input size I, hidden size H (gates are 4H wide):
     forward  = 8·B·T·H·(I + H)        (x·W_ihᵀ and h·W_hhᵀ, each 2·B·4H·(I or H) per step)
     backward ≈ 2 × forward             (the input and the weight gradient of each product)
@@ -75,6 +79,13 @@ def attention_flops(
     pairs = attention_visible_pairs(q_len, kv_len, causal, diagonal_offset)
     forward = 2.0 * batch * heads * pairs * (head_dim + head_dim_v)
     return forward * _direction_factor(mode, ATTENTION_BACKWARD_FACTOR)
+
+
+def mha_flops(batch: int, seq_len: int, embed_dim: int, mode: str = FORWARD) -> float:
+    """FLOPs of one multi-head self-attention call: projections plus attention (module docstring)."""
+    projections = 8.0 * batch * seq_len * embed_dim**2
+    attention = 4.0 * batch * seq_len**2 * embed_dim
+    return projections * _direction_factor(mode, 2.0) + attention * _direction_factor(mode, ATTENTION_BACKWARD_FACTOR)
 
 
 def lstm_flops(batch: int, steps: int, input_size: int, hidden_size: int, mode: str = FORWARD) -> float:

@@ -1,24 +1,30 @@
-"""LSTM workloads: pyattn.nn.LSTM / LSTMCell per backend against nn.LSTM (cuDNN on a GPU) and nn.LSTMCell.
+"""The LSTM suite: pyattn.nn.LSTM / LSTMCell per backend against nn.LSTM (cuDNN on a GPU) and nn.LSTMCell.
 
 Every backend is the module a user would run, loaded from one torch module's state_dict, so all of
-them compute with the same weights.
+them compute with the same weights. Baselines: a sequence (op ``lstm``) against ``lstm`` (nn.LSTM,
+the drop-in's counterpart) and ``lstmcell-loop`` (nn.LSTMCell over the steps); one step (op
+``lstm_cell``) against ``lstmcell`` (nn.LSTMCell, the counterpart) and ``lstm`` (nn.LSTM over one step).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import re
+from dataclasses import asdict, dataclass
 
 import torch
 
 import pyattn
-from pyattn.bench.flops import FORWARD
+from pyattn.bench import flops as work
+from pyattn.bench.flops import FORWARD, FORWARD_BACKWARD, MODES
 from pyattn.bench.measure import rotation_copies
-from pyattn.bench.suites import LSTMCase
+from pyattn.bench.registry import DropIn, Plot, Suite, dtype_name, register_suite
 from pyattn.bench.workload import (
     Unsupported,
     Workload,
     all_finite,
+    backend_context,
     bounds_from,
     errors,
     poison_allocator,
@@ -27,6 +33,75 @@ from pyattn.bench.workload import (
     seeded_generator,
 )
 from pyattn.reference import lstm as lstm_reference
+
+LSTM_SEQUENCE_BASELINES = ("lstm", "lstmcell-loop")
+LSTM_CELL_BASELINES = ("lstmcell", "lstm")
+LSTM_BASELINES = tuple(dict.fromkeys(LSTM_SEQUENCE_BASELINES + LSTM_CELL_BASELINES))
+
+
+@dataclass(frozen=True)
+class LSTMCase:
+    """One layer, one direction, input size = hidden size; ``cell``: a single step (``steps`` = 1)."""
+
+    cell: bool
+    batch: int
+    steps: int
+    input_size: int
+    hidden_size: int
+    dtype: torch.dtype
+    mode: str
+
+    @property
+    def op(self) -> str:
+        return "lstm_cell" if self.cell else "lstm"
+
+    @property
+    def shape(self) -> str:
+        steps = "" if self.cell else f" T{self.steps}"
+        return f"B{self.batch}{steps} I{self.input_size} H{self.hidden_size}"
+
+    def flops(self) -> float:
+        return work.lstm_flops(self.batch, self.steps, self.input_size, self.hidden_size, self.mode)
+
+    def bytes(self) -> float | None:
+        if not self.cell:
+            return None  # a sequence reuses its weights every step: not bound by memory traffic
+        element_size = torch.empty((), dtype=self.dtype).element_size()
+        return work.lstm_cell_bytes(self.batch, self.input_size, self.hidden_size, element_size, self.mode)
+
+    def tokens(self) -> int:
+        return self.batch * self.steps
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "dtype": dtype_name(self.dtype)}
+
+
+def lstm_cases(shapes: str, dtypes: list[torch.dtype], modes: list[str]) -> list[LSTMCase]:
+    """Sequences of T steps and single cell steps, forward and forward+backward (a backward alone is
+    no use of an LSTM). ``small`` is the CPU set: one realistic sequence and one cell step."""
+    modes = [mode for mode in modes if mode in (FORWARD, FORWARD_BACKWARD)]
+    if shapes == "tiny":
+        sequence, cell = [(2, 8, 16), (4, 8, 16)], [(1, 16), (4, 16)]
+    elif shapes == "small":
+        sequence, cell = [(16, 128, 256)], [(16, 256)]
+    elif shapes == "default":
+        sequence = [(b, 1024, h) for b in (1, 16, 64, 256) for h in (256, 1024)] + [(16, 1024, 768)]
+        cell = [(b, h) for b in (1, 16, 256) for h in (256, 1024)] + [(16, 768)]
+    else:
+        batches, hiddens = (1, 8, 16, 64, 256), (256, 512, 768, 1024)
+        sequence = [(b, t, h) for t in (128, 1024) for b in batches for h in hiddens]  # holds B16 T1024 H768
+        cell = [(b, h) for b in batches for h in hiddens]
+    cases: list[LSTMCase] = []
+    for dtype in dtypes:
+        for mode in modes:
+            cases += [LSTMCase(False, b, t, h, h, dtype, mode) for b, t, h in sequence]
+            cases += [LSTMCase(True, b, 1, h, h, dtype, mode) for b, h in cell]
+    return cases
+
+
+def lstm_baselines(case: LSTMCase) -> tuple[str, ...]:
+    return LSTM_CELL_BASELINES if case.cell else LSTM_SEQUENCE_BASELINES
+
 
 PARAMETER_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")  # torch's, without nn.LSTM's "_l0"
 ROW_SLICED = ("output", "h_n", "c_n", "grad_input")  # per batch row; weight gradients are whole
@@ -168,7 +243,7 @@ def lstm_function(backend: str, case: LSTMCase, parameters: dict[str, torch.Tens
         inner = _cell_call(module) if case.cell else _sequence_call(module, case)
 
         def run_pyattn(x, h0, c0):
-            with pyattn.use_backend(name):
+            with backend_context(name):
                 return inner(x, h0, c0)
 
         return run_pyattn, _canonical_parameters(module)
@@ -240,3 +315,55 @@ def prepare_lstm(case: LSTMCase, backend: str, data: LSTMData) -> Workload:
             return run(x, h0, c0)
 
     return Workload(case, backend, device, call, check, data.bounds, cuda_graph=graphed)
+
+
+def _served_by(case: LSTMCase, data: LSTMData) -> str | None:
+    """What pyattn's auto choice serves the case with, from ``pyattn.explain`` (None if it cannot say)."""
+    weights = [data.parameters[name] for name in PARAMETER_NAMES]
+    if case.cell:
+        text = pyattn.explain("lstm_cell", data.x, (data.h0, data.c0), *weights)
+    else:
+        text = pyattn.explain("lstm", data.x, (data.h0[None], data.c0[None]), weights)
+    found = re.search(r"auto picks:\s*(\S+)", text)
+    return found.group(1) if found else None
+
+
+def _dropin(case: LSTMCase) -> DropIn:
+    if case.cell:
+        return DropIn("pyattn.nn.LSTMCell", "torch.nn.LSTMCell", "lstmcell")
+    return DropIn("pyattn.nn.LSTM", "torch.nn.LSTM", "lstm")
+
+
+def _panel(row: dict) -> tuple[tuple, str]:
+    case = row["case"]
+    kind = "cell step" if case["cell"] else f"T{case['steps']}"
+    title = f"{kind}, H{case['hidden_size']}, {row['mode']}"
+    return (MODES.index(row["mode"]), case["cell"], case["steps"], case["hidden_size"]), title
+
+
+SUITE = register_suite(
+    Suite(
+        name="lstm",
+        ops=("lstm", "lstm_cell"),
+        cases=lstm_cases,
+        data=LSTMData,
+        prepare=prepare_lstm,
+        baselines=lstm_baselines,
+        all_baselines=LSTM_BASELINES,
+        dropin=_dropin,
+        throughput="tokens_per_s",
+        plots=(
+            Plot(
+                "lstm_time.png",
+                "LSTM time per call",
+                lambda row: True,
+                _panel,
+                lambda row: row["case"]["batch"],
+                "batch",
+                "median_ms",
+                log_y=True,
+            ),
+        ),
+        served_by=_served_by,
+    )
+)

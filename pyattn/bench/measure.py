@@ -7,7 +7,10 @@ Short calls (an LSTM cell step, a few microseconds) are timed inside a CUDA grap
 so the caller rotates through enough input copies to overflow it (:func:`rotation_copies`).
 Min / median / max come from the same samples (quantiles 0, ½, 1).
 
-CPU: ``time.perf_counter`` around each call, median over repeats; memory is not measured (null).
+CPU: ``time.perf_counter`` around each call; memory is not measured (null). A CPU figure is as steady
+as the machine: min / median / max are all kept, and the backends of one case are timed interleaved
+(:func:`time_interleaved`: round r calls each backend once, in an order rotated every round), so load
+that comes and goes hits them alike and their ratio is taken round by round.
 """
 
 from __future__ import annotations
@@ -25,22 +28,32 @@ GPU_WARMUP_MS = 25
 GPU_REPEAT_MS = 100
 CPU_WARMUP_CALLS = 1
 CPU_MIN_REPEATS = 5
-CPU_MAX_REPEATS = 30
-CPU_MIN_SECONDS = 0.02
+CPU_MAX_REPEATS = 200  # for calls of microseconds: enough of them to fill CPU_MIN_SECONDS
+CPU_MIN_SECONDS = 0.02  # per backend, at least
+CPU_MAX_GROUP_SECONDS = 20.0  # one case's interleaved timing stops adding rounds after this long
+GPU_ROUNDS = 3  # do_bench runs per backend, interleaved across a case's backends
 DEFAULT_L2_BYTES = 50 * 2**20  # H100's L2, for a device whose properties do not report it
 
 
 @dataclass(frozen=True)
 class Timing:
-    """Milliseconds per call; ``method`` says how they were taken."""
+    """Milliseconds per call; ``method`` says how they were taken. ``samples``: one figure per round of
+    an interleaved timing (a CPU call; a GPU do_bench median), in round order, for pairing."""
 
     min_ms: float
     median_ms: float
     max_ms: float
     method: str
+    samples: tuple[float, ...] = ()
 
     def as_dict(self) -> dict:
-        return {"min": self.min_ms, "median": self.median_ms, "max": self.max_ms, "method": self.method}
+        return {
+            "min": self.min_ms,
+            "median": self.median_ms,
+            "max": self.max_ms,
+            "method": self.method,
+            "samples": len(self.samples) or None,
+        }
 
 
 def _clear_grads(tensors: Sequence[torch.Tensor]) -> None:
@@ -77,6 +90,62 @@ def time_cpu(fn: Callable[[], object], grad_to_none: Sequence[torch.Tensor] = ()
         samples.append(time.perf_counter() - start)
     milliseconds = [s * 1e3 for s in samples]
     return Timing(min(milliseconds), statistics.median(milliseconds), max(milliseconds), "perf_counter (CPU)")
+
+
+def time_interleaved(
+    calls: Sequence[tuple[Callable[[], object], Sequence[torch.Tensor], bool]], device: torch.device
+) -> list[Timing]:
+    """Time several calls (``(fn, grad_to_none, cuda_graph)`` each) in alternating rounds.
+
+    CPU: one warm-up call each, then rounds of one call each (the order rotated every round) until every
+    call has CPU_MIN_REPEATS samples and CPU_MIN_SECONDS of them, or CPU_MAX_REPEATS rounds, or
+    CPU_MAX_GROUP_SECONDS in all. GPU: GPU_ROUNDS rounds of one ``do_bench`` each; min and max over all
+    of a call's samples, median of its round medians.
+    """
+    if not calls:
+        return []
+    if device.type == "cuda":
+        rounds = [[time_gpu(fn, grads, graph) for fn, grads, graph in _rotated(calls, r)] for r in range(GPU_ROUNDS)]
+        per_call = [[None] * GPU_ROUNDS for _ in calls]
+        for r, timings in enumerate(rounds):
+            for index, timing in zip(_rotated(range(len(calls)), r), timings):
+                per_call[index][r] = timing
+        return [
+            Timing(
+                min(t.min_ms for t in timings),
+                statistics.median(t.median_ms for t in timings),
+                max(t.max_ms for t in timings),
+                timings[0].method + f", median of {GPU_ROUNDS} interleaved rounds",
+                tuple(t.median_ms for t in timings),
+            )
+            for timings in per_call
+        ]
+    for fn, grads, _ in calls:
+        for _ in range(CPU_WARMUP_CALLS):
+            _clear_grads(grads)
+            fn()
+    samples: list[list[float]] = [[] for _ in calls]
+    start = time.perf_counter()
+    for r in range(CPU_MAX_REPEATS):
+        enough = r >= CPU_MIN_REPEATS and all(sum(s) >= CPU_MIN_SECONDS for s in samples)
+        if enough or (r >= CPU_MIN_REPEATS and time.perf_counter() - start > CPU_MAX_GROUP_SECONDS):
+            break
+        for index in _rotated(range(len(calls)), r):
+            fn, grads, _ = calls[index]
+            _clear_grads(grads)
+            begin = time.perf_counter()
+            fn()
+            samples[index].append((time.perf_counter() - begin) * 1e3)
+    return [
+        Timing(min(s), statistics.median(s), max(s), f"perf_counter (CPU), {len(s)} calls interleaved", tuple(s))
+        for s in samples
+    ]
+
+
+def _rotated(items: Sequence, shift: int) -> list:
+    items = list(items)
+    shift %= len(items)
+    return items[shift:] + items[:shift]
 
 
 def time_call(

@@ -1,12 +1,53 @@
-"""PNG plots of a run (matplotlib, Agg backend): attention TFLOP/s and peak memory against sequence
-length, LSTM time against batch. One panel per configuration, one line per backend."""
+"""PNG plots of a run (matplotlib, Agg backend): the plots every registered suite declares
+(:class:`pyattn.bench.registry.Plot`), one panel per configuration, one line per backend (baselines
+dashed), with error bars from each time's min and max, so a reader sees how far a line can be trusted."""
 
 from __future__ import annotations
 
 import os
 from collections import defaultdict
+from typing import Callable
 
-from pyattn.bench.flops import MODES
+from pyattn.bench.registry import Plot, suites
+
+
+def _from_time(row: dict, value: Callable[[float], float]) -> tuple[float, float, float] | None:
+    """(value at the median, at the slowest, at the fastest call) of a figure derived from time."""
+    time = row.get("time_ms")
+    if time is None:
+        return None
+    return value(time["median"]), value(time["max"]), value(time["min"])
+
+
+def _metric_tflops(row: dict):
+    return _from_time(row, lambda ms: row["flops"] / (ms * 1e-3) / 1e12)
+
+
+def _metric_tokens(row: dict):
+    return _from_time(row, lambda ms: row["tokens_per_s"] * row["time_ms"]["median"] / ms)
+
+
+def _metric_gbps(row: dict):
+    return None if row.get("bytes") is None else _from_time(row, lambda ms: row["bytes"] / (ms * 1e-3) / 1e9)
+
+
+def _metric_median_ms(row: dict):
+    return _from_time(row, lambda ms: ms)
+
+
+def _metric_peak_mib(row: dict):
+    memory = row.get("peak_memory_bytes")
+    return None if memory is None else (memory / 2**20,) * 3
+
+
+# name -> (axis label, row -> (y, one end of its bar, the other end) or None)
+METRICS = {
+    "tflops": ("TFLOP/s", _metric_tflops),
+    "tokens_per_s": ("tokens/s", _metric_tokens),
+    "gbps": ("GB/s", _metric_gbps),
+    "median_ms": ("median ms", _metric_median_ms),
+    "peak_mib": ("peak MiB", _metric_peak_mib),
+}
 
 
 def _pyplot():
@@ -18,102 +59,75 @@ def _pyplot():
     return pyplot
 
 
-def _series(rows: list[dict], panel_key, x_key, y_key) -> dict:
-    """panel title -> backend -> sorted [(x, y)] over rows whose ``y_key`` was measured; ``panel_key``
-    gives (sort key, title), so panels run mode by mode."""
+def series(rows: list[dict], plot: Plot) -> dict:
+    """panel title -> backend -> sorted [(x, y, low, high)] over the rows ``plot`` selects that have
+    its metric; panels run in their sort keys' order."""
+    _, metric = METRICS[plot.metric]
     panels: dict = defaultdict(lambda: defaultdict(list))
     for row in rows:
-        y = y_key(row)
-        if y is not None:
-            panels[panel_key(row)][row["backend"]].append((x_key(row), y))
+        if not plot.select(row):
+            continue
+        figure = metric(row)
+        if figure is not None:
+            y, one, other = figure
+            panels[plot.panel(row)][row["backend"]].append((plot.x(row), y, min(one, other), max(one, other)))
     return {
         title: {backend: sorted(points) for backend, points in lines.items()}
-        for (_, title), lines in sorted(panels.items())
+        for (_, title), lines in sorted(panels.items(), key=lambda item: item[0][0])
     }
 
 
-def _draw(panels: dict, path: str, title: str, xlabel: str, ylabel: str, log_y: bool = False) -> str | None:
+def _draw(panels: dict, path: str, title: str, plot: Plot) -> str | None:
     if not panels:
         return None
     pyplot = _pyplot()
+    ylabel, _ = METRICS[plot.metric]
     columns = min(3, len(panels))
     rows = -(-len(panels) // columns)
-    figure, axes = pyplot.subplots(rows, columns, figsize=(5.5 * columns, 3.8 * rows), squeeze=False)
+    figure, axes = pyplot.subplots(rows, columns, figsize=(5.5 * columns, 3.8 * rows + 0.6), squeeze=False)
     for axis, (panel, lines) in zip(axes.flat, panels.items()):
         for backend, points in lines.items():
-            xs, ys = zip(*points)
-            axis.plot(xs, ys, marker="o", linestyle="--" if backend.startswith("torch:") else "-", label=backend)
-        axis.set_xscale("log", base=2)
-        if log_y:
+            xs, ys, lows, highs = zip(*points)
+            errors = [[y - low for y, low in zip(ys, lows)], [high - y for y, high in zip(ys, highs)]]
+            axis.errorbar(
+                xs,
+                ys,
+                yerr=errors,
+                marker="o",
+                capsize=3,
+                linestyle="--" if backend.startswith("torch:") else "-",
+                label=backend,
+            )
+        if plot.log_x:
+            axis.set_xscale("log", base=2)
+        if plot.log_y:
             axis.set_yscale("log")
         axis.set_title(panel, fontsize=9)
-        axis.set_xlabel(xlabel)
+        axis.set_xlabel(plot.xlabel)
         axis.set_ylabel(ylabel)
         axis.grid(True, alpha=0.3)
         axis.legend(fontsize=7)
     for axis in list(axes.flat)[len(panels) :]:
         axis.set_visible(False)
-    figure.suptitle(title)
+    figure.suptitle(title, fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     pyplot.close(figure)
     return path
 
 
-def _attention_panel(row: dict) -> tuple:
-    case = row["case"]
-    title = f"{row['mode']}, D{case['head_dim']}{', causal' if case['causal'] else ''}"
-    return (MODES.index(row["mode"]), case["head_dim"], case["causal"]), title
-
-
-def write_plots(rows: list[dict], out_dir: str, device_label: str) -> list[str]:
-    """Write the plots the rows have data for (in the run's first dtype); returns their paths."""
+def write_plots(rows: list[dict], out_dir: str, device_label: str, note: str | None = None) -> list[str]:
+    """Write every registered suite's plots the rows have data for (in the run's first dtype); returns
+    their paths. ``note`` (a CPU run's caveat) goes under each title."""
     if not rows:
         return []
     dtype = rows[0]["dtype"]
     rows = [row for row in rows if row["dtype"] == dtype]
-    attention = [row for row in rows if row["op"] == "attention" and not row["case"]["masked"]]
-    lstm = [row for row in rows if row["op"] in ("lstm", "lstm_cell")]
-    seq_len = lambda row: row["case"]["seq_len"]
-    written = [
-        _draw(
-            _series(attention, _attention_panel, seq_len, lambda row: row.get("tflops")),
-            os.path.join(out_dir, "attention_tflops.png"),
-            f"Attention throughput, {dtype}, {device_label} (no mask)",
-            "sequence length",
-            "TFLOP/s",
-        ),
-        _draw(
-            _series(attention, _attention_panel, seq_len, lambda row: _mib(row.get("peak_memory_bytes"))),
-            os.path.join(out_dir, "attention_memory.png"),
-            f"Attention peak memory over the call, {dtype}, {device_label}",
-            "sequence length",
-            "peak MiB",
-            log_y=True,
-        ),
-        _draw(
-            _series(
-                lstm,
-                _lstm_panel,
-                lambda row: row["case"]["batch"],
-                lambda row: (row.get("time_ms") or {}).get("median"),
-            ),
-            os.path.join(out_dir, "lstm_time.png"),
-            f"LSTM time per call, {dtype}, {device_label}",
-            "batch",
-            "median ms",
-            log_y=True,
-        ),
-    ]
+    bars = "bars: min-max of the timed calls"
+    written = []
+    for suite in suites():
+        own = [row for row in rows if row.get("suite") == suite.name]
+        for plot in suite.plots:
+            title = f"{plot.title}, {dtype}, {device_label}\n" + (f"{note}; {bars}" if note else bars)
+            written.append(_draw(series(own, plot), os.path.join(out_dir, plot.file), title, plot))
     return [path for path in written if path is not None]
-
-
-def _lstm_panel(row: dict) -> tuple:
-    case = row["case"]
-    kind = "cell step" if case["cell"] else f"T{case['steps']}"
-    title = f"{kind}, H{case['hidden_size']}, {row['mode']}"
-    return (MODES.index(row["mode"]), case["cell"], case["steps"], case["hidden_size"]), title
-
-
-def _mib(value: int | None) -> float | None:
-    return None if value is None else value / 2**20

@@ -7,6 +7,7 @@ import argparse
 import itertools
 import os
 import sys
+import textwrap
 import time
 
 import torch
@@ -14,26 +15,24 @@ import torch
 import pyattn
 from pyattn.bench import plots, report
 from pyattn.bench.measure import measure_roofline
-from pyattn.bench.runner import (
-    CORRECTNESS_ONLY,
-    ERROR,
-    Result,
-    case_data,
-    empty_result,
-    fill_speedups,
-    first_line,
-    run_case,
-)
-from pyattn.bench.suites import DTYPES, PYATTN_BACKENDS, SUITE_BASELINES, SUITES, baselines_for, build_cases, dtype_name
+from pyattn.bench.registry import DTYPES, dtype_name, get_suite, suites
+from pyattn.bench.runner import AUTO, CORRECTNESS_ONLY, ERROR, Result, fill_speedups, first_line, run_group
 
-GPU_ONLY = {
-    "sdpa-efficient": "torch's memory-efficient SDPA kernel runs on CUDA only",
-    "sdpa-cudnn": "torch's cuDNN SDPA kernel runs on CUDA only",
-    "flex": "FlexAttention is benchmarked on a GPU (on a CPU it compiles for minutes per shape); ask with --baselines",
-}
-FLEX_LEFT_OUT = (
-    "FlexAttention compiles for every shape (minutes in all): it runs with --shapes full or --baselines ...,flex"
-)
+# pyattn's backends when pyattn cannot say (its ops failed to import): the rows then say why.
+FALLBACK_BACKENDS = ("cuda", "triton", "torch", "reference")
+
+
+def pyattn_backend_status() -> dict[str, str]:
+    """Every pyattn backend by name: "available" or why not (asked at run time: the set may grow)."""
+    try:
+        return dict(pyattn.backend_status())
+    except Exception as error:  # noqa: BLE001  (pyattn's ops failed to import: report, run baselines)
+        return {name: f"pyattn's backends failed to load: {first_line(error)}" for name in FALLBACK_BACKENDS}
+
+
+def pyattn_rows() -> list[str]:
+    """``pyattn:auto`` (what a user gets) and ``pyattn:<name>`` for every backend this pyattn has."""
+    return [AUTO] + [f"pyattn:{name}" for name in pyattn_backend_status()]
 
 
 class Session:
@@ -46,7 +45,8 @@ class Session:
             self.dtypes = [torch.bfloat16, torch.float16] if self.shapes == "full" else [torch.bfloat16]
         else:
             self.dtypes = [torch.float32]
-        self.suites = list(dict.fromkeys(args.suites)) or list(SUITES)
+        self.suites = list(dict.fromkeys(args.suites)) or [suite.name for suite in suites()]
+        self.threads = self._threads()
         self.skipped: list[dict] = []
         self.backends = self._pyattn_backends()
         self.baselines = self._baselines()
@@ -61,66 +61,90 @@ class Session:
     def _skip(self, name: str, reason: str) -> None:
         self.skipped.append({"suite": name, "reason": reason})
 
+    def _threads(self) -> int | None:
+        """torch's intra-op threads on a CPU: 1 by default (see docs/benchmarking.md), 0 = torch's own."""
+        if self.device.type != "cpu":
+            return None
+        wanted = 1 if self.args.threads is None else self.args.threads
+        return wanted if wanted > 0 else torch.get_num_threads()
+
     def _pyattn_backends(self) -> list[str]:
-        try:
-            status = pyattn.backend_status()
-        except Exception as error:  # noqa: BLE001  (pyattn's ops failed to import: report, run baselines)
-            status = {name: f"pyattn's backends failed to load: {first_line(error)}" for name in PYATTN_BACKENDS}
+        """``pyattn:auto`` (what a user gets) and every forced backend that can run here, in
+        pyattn's priority order; or those of ``--backends``. The rest are skipped with the reason."""
+        status = pyattn_backend_status()
+        names = self.args.backends if self.args.backends is not None else ["auto", *status]
         chosen = []
-        for name in self.args.backends:
-            if self.device.type == "cpu" and name == "cuda":
-                self._skip("pyattn:cuda", "runs CUDA tensors; this run is on the CPU")
-            elif self.device.type == "cpu" and name == "triton" and not self.args.interpret:
+        for name in names:
+            backend = name.split("/", 1)[0]
+            if name == "auto":
+                chosen.append(AUTO)
+            elif self.device.type == "cpu" and backend == "cuda":
+                self._skip(f"pyattn:{name}", "runs CUDA tensors; this run is on the CPU")
+            elif self.device.type == "cpu" and backend == "triton" and not self.args.interpret:
                 self._skip(
-                    "pyattn:triton",
+                    f"pyattn:{name}",
                     "needs a GPU; on a CPU, --interpret checks it under the Triton interpreter (untimed)",
                 )
-            elif status[name] != "available":
-                self._skip(f"pyattn:{name}", status[name])
+            elif status.get(backend, "available") != "available":
+                self._skip(f"pyattn:{name}", status[backend])
             else:
                 chosen.append(f"pyattn:{name}")
         return chosen
 
     def _baselines(self) -> list[str]:
-        relevant = [name for suite in self.suites for name in SUITE_BASELINES[suite]]
-        if self.args.baselines is not None:
-            names = self.args.baselines
-        elif self.device.type == "cpu":
-            names = [name for name in relevant if name not in GPU_ONLY]
-            for name in (name for name in relevant if name in GPU_ONLY):
-                self._skip(f"torch:{name}", GPU_ONLY[name])
-        elif self.shapes != "full" and "flex" in relevant:
-            self._skip("torch:flex", FLEX_LEFT_OUT)
-            names = [name for name in relevant if name != "flex"]
-        else:
-            names = relevant
-        return [f"torch:{name}" for name in dict.fromkeys(names)]
+        chosen = []
+        for suite in map(get_suite, self.suites):
+            for name in suite.all_baselines:
+                if self.args.baselines is not None:
+                    if name in self.args.baselines:
+                        chosen.append(name)
+                elif self.device.type == "cpu" and name in suite.gpu_only:
+                    self._skip(f"torch:{name}", suite.gpu_only[name])
+                elif self.device.type == "cuda" and name in suite.opt_in and self.shapes != "full":
+                    self._skip(f"torch:{name}", suite.opt_in[name])
+                else:
+                    chosen.append(name)
+        return [f"torch:{name}" for name in dict.fromkeys(chosen)]
 
     def _tasks(self) -> list[tuple]:
-        """(case, backends): every backend of a case runs on the same inputs, one after another. The
-        suites take turns case by case, so a run cut short by --time-budget still covers each."""
+        """(case, backends): every backend of a case runs on the same inputs, timed interleaved;
+        pyattn:auto and the drop-in's torch counterpart come first. The suites take turns case by
+        case, so a run cut short by --time-budget still covers each."""
         per_suite = []
-        for suite in self.suites:
+        for suite in map(get_suite, self.suites):
             tasks = []
-            for case in build_cases(suite, self.shapes, self.dtypes, self.args.modes):
-                applicable = set(baselines_for(case))
-                backends = self.backends + [b for b in self.baselines if b.split(":", 1)[1] in applicable]
-                if backends:
-                    tasks.append((case, backends))
+            for case in suite.cases(self.shapes, self.dtypes, self.args.modes):
+                applicable = set(suite.baselines(case))
+                baselines = [b for b in self.baselines if b.split(":", 1)[1] in applicable]
+                counterpart = "torch:" + suite.dropin(case).baseline if suite.dropin is not None else None
+                first = [b for b in (AUTO, counterpart) if b in self.backends or b in baselines]
+                rest = [b for b in self.backends + baselines if b not in first]
+                if first or rest:
+                    tasks.append((case, first + rest))
             per_suite.append(tasks)
         return [task for turn in itertools.zip_longest(*per_suite) for task in turn if task is not None]
 
     # -- the run ----------------------------------------------------------------------------------
 
     def run(self) -> int:
+        """The whole run; torch's thread count is set for it and restored after."""
+        threads = torch.get_num_threads()
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        try:
+            return self._run()
+        finally:
+            torch.set_num_threads(threads)
+
+    def _run(self) -> int:
         start = time.monotonic()
         os.makedirs(self.args.out, exist_ok=True)
         tasks = self._tasks()
         runs = sum(len(backends) for _, backends in tasks)
+        self.environment = report.environment(self.device)
         self._print_header(runs)
         self.roofline = measure_roofline(self.device)
         print(report.format_roofline(self.roofline), flush=True)
-        self.environment = report.environment(self.device)
         self._write()
         progress = _progress(runs)
         for index, (case, backends) in enumerate(tasks):
@@ -132,45 +156,41 @@ class Session:
             self._run_case(case, backends, progress)
             self._write()
         progress.close()
-        self.results.sort(key=lambda result: result.op)  # stable: each op's rows in run order
+        self.environment["load_average_end"] = report.load_average()
+        order = {name: index for index, name in enumerate(self.suites)}
+        self.results.sort(key=lambda result: (order.get(result.suite, len(order)), result.op))  # stable
         fill_speedups(self.results)
         rows = [result.as_dict() for result in self.results]
         label = self.environment["device"] if self.device.type == "cuda" else f"CPU ({self.environment['device']})"
         try:
-            self.plots = plots.write_plots(rows, self.args.out, label)
+            note = "CPU times are for checking, not for speed claims" if self.device.type == "cpu" else None
+            self.plots = plots.write_plots(rows, self.args.out, label, note)
         except Exception as error:  # noqa: BLE001  (the figures are saved already; say why plots are not)
             self._skip("plots", first_line(error))
         self._write()
-        table = report.format_table(rows)
+        text = report.format_report(rows, self.roofline, self._caveat())
         with open(os.path.join(self.args.out, "table.txt"), "w") as handle:
-            handle.write(report.format_roofline(self.roofline) + "\n\n" + table + "\n")
-        print(table)
+            handle.write(text + "\n")
+        print("\n" + text)
         return self._summarize(time.monotonic() - start)
 
+    def _caveat(self) -> str | None:
+        return report.caveat(self.device.type, self.environment, self.threads)
+
     def _run_case(self, case, backends: list[str], progress) -> None:
-        try:
-            data = case_data(case, self.device)
-        except Exception as error:  # noqa: BLE001  (no inputs, no runs: one error row per backend)
-            data, failure = None, first_line(error)
-        for backend in backends:
-            if data is None:
-                result = empty_result(case, backend)
-                result.status, result.reason = ERROR, f"making the inputs failed: {failure}"
-            else:
-                result = run_case(
-                    case,
-                    backend,
-                    self.device,
-                    data=data,
-                    check=self.args.check,
-                    roofline=self.roofline,
-                    interpret=self.args.interpret,
-                )
+        results = run_group(
+            case,
+            backends,
+            self.device,
+            check=self.args.check,
+            roofline=self.roofline,
+            interpret=self.args.interpret,
+        )
+        for result in results:
             self.results.append(result)
             progress.update(1)
             if progress.disable:  # no terminal (a log file): one line per run instead of a bar
                 print(f"[{len(self.results)}/{progress.total}] {_one_line(result)}", file=sys.stderr, flush=True)
-        del data
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -182,8 +202,11 @@ class Session:
             f"dtypes {dtypes}, {runs} runs; backends {backends}; baselines {baselines}",
             flush=True,
         )
-        if self.device.type == "cpu":
-            print("no GPU: CPU figures (perf_counter medians; memory not measured). GPU suites skipped:", flush=True)
+        caveat = self._caveat()
+        if caveat:
+            print(textwrap.fill(caveat, 110), flush=True)
+        if self.skipped:
+            print("left out of this run:", flush=True)
         for skip in self.skipped:
             print(f"  skipped {skip['suite']}: {skip['reason']}", flush=True)
 
@@ -202,12 +225,14 @@ class Session:
                 "backends": self.backends,
                 "baselines": self.baselines,
                 "check": self.args.check,
+                "cpu_threads": self.threads,
                 "interpret": self.args.interpret,
                 "time_budget_s": self.args.time_budget,
                 "memory": "torch.cuda.max_memory_allocated over the call, minus what was allocated before it"
                 if self.device.type == "cuda"
                 else "not measured on a CPU (null)",
             },
+            "caveat": self._caveat(),
             "roofline": self.roofline,
             "skipped_suites": self.skipped,
             "not_run": self.not_run,
@@ -247,7 +272,8 @@ def _one_line(result: Result) -> str:
     head = f"{result.op} {result.shape} {result.dtype} {result.mode} {result.backend}"
     if result.median_ms is not None:
         check = "" if result.check is None else (" check pass" if result.check["passed"] else " check FAIL")
-        return f"{head}: {result.median_ms:.4g} ms{check}"
+        ratio = "" if result.dropin_ratio is None else f", {result.dropin_ratio:.2f}x {result.dropin_baseline}"
+        return f"{head}: {report.format_ms(result.time_ms)} ms{ratio}{check}"
     return f"{head}: {result.status}" + (f" ({result.reason})" if result.reason else "")
 
 

@@ -9,6 +9,8 @@ dtype), both against the same float64 reference.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable
@@ -42,6 +44,14 @@ class Workload:
         self.call()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def backend_context(name: str):
+    """The context a pyattn row runs in: ``use_backend(name)``, except for "auto" when nothing forces a
+    backend, which runs bare, as a user's code does after changing one import."""
+    if name == "auto" and os.environ.get("PYATTN_BACKEND", "auto") in ("", "auto"):
+        return contextlib.nullcontext()
+    return pyattn.use_backend(name)
 
 
 def errors(outputs: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> dict[str, float]:
