@@ -1,0 +1,79 @@
+"""Decode launch configurations as data, and the split-K heuristic.
+
+No autotuning: a decode step must be capturable in a CUDA graph from its first call, and autotuning benchmarks
+(and synchronises) on first use. The table is chosen for H100/H200, where decode is bound by HBM bandwidth:
+the tile only has to keep enough K/V bytes in flight (BLOCK_N keys × head dim × num_stages buffers) while
+its rows (a GQA group × seqlen_q) stay small. ``aot.py`` compiles exactly these entries.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+
+# (BLOCK_N, num_warps, num_stages) per tile-width class: the larger padded head dim of K and V in 16-bit units
+# (fp32 counts double). Each stage buffers a K and a V tile: 64 × 128 × 2 B × 2 = 32 KB at d128 in 16 bits.
+DECODE_CONFIGS = {
+    64: (64, 4, 3),
+    128: (64, 4, 3),
+    256: (32, 4, 3),
+    512: (32, 4, 2),
+}
+# Rows of a tile (group heads × seqlen_q, padded): tl.dot needs 16; a decode step of GQA groups up to 16 takes one
+# 16-row tile, anything longer (speculative decoding, chunked prefill) 64-row tiles. Compute is nearly free in
+# decode, so padding rows costs registers, not time; two sizes keep the compiled variants few.
+BLOCK_M_CHOICES = (16, 64)
+APPEND_BLOCK_N = 64  # new tokens per append program (one decode token: one program per (batch row, KV head))
+INTERPRETER_BLOCK_N = 16  # small tiles so the tests' short caches cross several tiles and splits
+INTERPRETER_APPEND_BLOCK_N = 16
+
+# Split-K: at most MAX_SPLITS splits, and at least MIN_KEYS_PER_SPLIT cache positions per split (below that
+# the partial writes and the merge cost more than the parallelism returns).
+MAX_SPLITS = 64
+MIN_KEYS_PER_SPLIT = 256
+# A grid that already fills this fraction of the SMs in one wave is not split.
+FULL_WAVE = 0.8
+# Among split counts, the smallest whose wave efficiency is within this factor of the best one.
+EFFICIENCY_SLACK = 0.85
+
+
+def tile_width_class(dtype: torch.dtype, head_dim: int, head_dim_v: int) -> int:
+    padded = max(16, triton.next_power_of_2(max(head_dim, head_dim_v)))
+    width = padded * dtype.itemsize // 2
+    return next(limit for limit in sorted(DECODE_CONFIGS) if width <= limit)
+
+
+def decode_config(dtype: torch.dtype, head_dim: int, head_dim_v: int, *, interpreter: bool) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) of a call."""
+    if interpreter:
+        return INTERPRETER_BLOCK_N, 1, 1
+    return DECODE_CONFIGS[tile_width_class(dtype, head_dim, head_dim_v)]
+
+
+def block_m_for(rows_per_head: int) -> int:
+    """Rows of one program's tile for ``rows_per_head`` = group size × seqlen_q packed rows."""
+    return next((block_m for block_m in BLOCK_M_CHOICES if rows_per_head <= block_m), BLOCK_M_CHOICES[-1])
+
+
+def num_splits_heuristic(programs: int, capacity: int, sm_count: int | None, block_n: int) -> int:
+    """Splits of the key range for a grid of ``programs`` (row tiles × heads_k × batch) over a cache of
+    ``capacity`` positions per sequence, on ``sm_count`` SMs (None: unknown, e.g. the interpreter: 1 split).
+
+    A grid that fills the SMs is not split. Otherwise each split count s (up to MAX_SPLITS, keeping at least
+    MIN_KEYS_PER_SPLIT positions and one BLOCK_N tile per split) runs programs × s programs in
+    ceil(programs × s / SMs) waves, at efficiency programs × s / (waves × SMs); the smallest s within
+    EFFICIENCY_SLACK of the best efficiency wins (more splits than that only add partials to merge).
+    ``capacity`` is the cache's size, not its fill: lengths live on the device and are never read here.
+    """
+    if sm_count is None or sm_count <= 0 or programs <= 0 or programs >= FULL_WAVE * sm_count:
+        return 1
+    limit = max(1, min(MAX_SPLITS, capacity // MIN_KEYS_PER_SPLIT, triton.cdiv(capacity, block_n)))
+
+    def efficiency(splits: int) -> float:
+        work = programs * splits
+        return work / (math.ceil(work / sm_count) * sm_count)
+
+    best = max(efficiency(s) for s in range(1, limit + 1))
+    return next(s for s in range(1, limit + 1) if efficiency(s) >= EFFICIENCY_SLACK * best)

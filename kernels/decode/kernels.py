@@ -1,0 +1,254 @@
+"""Decode attention over a KV cache: the in-place append, the split-K attention and the merge of the splits.
+
+docs/decode.md states the algorithm; ``pyattn.reference.decode`` the semantics these implement. In brief:
+
+* ``append_kv_kernel``: the new keys/values of row b go to logical positions cache_seqlens[b] + t of its cache
+  (a contiguous row, or blocks found through the block table); positions past the cache are not written;
+* ``decode_attention_kernel``: one program per (query-row tile, split, batch row). Its rows are the
+  ``group × seqlen_q`` queries of one KV head's GQA group (row r is query position r // group of head
+  kv_head · group + r % group), so every K/V byte is read once per group. The split's share of the key band is
+  streamed with an online softmax in fp32; with ``SPLIT`` the normalised partial output and its LSE go to
+  fp32 scratch, else straight to out/lse;
+* ``combine_splits_kernel``: out = Σ_s exp(lse_s − m) o_s / Σ_s exp(lse_s − m), lse = m + log Σ_s exp(lse_s − m).
+
+Every index read from the device (cache_seqlens, block_table, cache_batch_idx) is clamped into the cache, so no
+value can make a kernel read or write outside it; only the reference checks the values themselves.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _tanh(x):
+    # From exp2 of a non-positive argument: no overflow, exact ±1 saturation, no libdevice.
+    e = tl.exp2(tl.abs(x) * (-2.0 * LOG2E))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x >= 0, t, -t)
+
+
+@triton.jit
+def _cache_rows(block_table_row, cache_row, positions, valid, block_size, num_cache_rows, stride_row0, stride_pos,
+                PAGED: tl.constexpr):
+    """int64 offsets of logical ``positions`` of one sequence in a cache laid out (rows0, positions, heads, d):
+    rows0 = blocks of ``block_size`` positions read through the block table (PAGED), else batch rows."""
+    if PAGED:
+        blocks = tl.load(block_table_row + positions // block_size, mask=valid, other=0)
+        blocks = tl.minimum(tl.maximum(blocks, 0), num_cache_rows - 1)
+        return blocks.to(tl.int64) * stride_row0 + (positions % block_size).to(tl.int64) * stride_pos
+    return cache_row.to(tl.int64) * stride_row0 + positions.to(tl.int64) * stride_pos
+
+
+@triton.jit
+def _block_table_row(BlockTable, batch, stride_btb, PAGED: tl.constexpr):
+    """Row ``batch`` of the block table (PAGED), else the absent table itself."""
+    if PAGED:
+        return BlockTable + batch.to(tl.int64) * stride_btb
+    return BlockTable
+
+
+@triton.jit
+def _cache_row(CacheBatchIdx, batch, num_cache_rows, HAS_BATCH_IDX: tl.constexpr):
+    """The contiguous cache's row of batch row ``batch`` (clamped into the cache)."""
+    if HAS_BATCH_IDX:
+        row = tl.load(CacheBatchIdx + batch)
+        return tl.minimum(tl.maximum(row, 0), num_cache_rows - 1)
+    return batch
+
+
+# Sizes used only in arithmetic are not specialised (a length of 1, or one divisible by 16, would otherwise compile
+# its own variant: decode steps have seqlen_q = seqlen_new = 1, MHA a group of 1, short caches one split).
+@triton.jit(do_not_specialize=["seqlen_new", "capacity", "num_cache_rows", "block_size"])
+def append_kv_kernel(
+    KNew, VNew, KCache, VCache, CacheSeqlens, BlockTable, CacheBatchIdx,
+    stride_knb, stride_knn, stride_knh, stride_knd,
+    stride_vnb, stride_vnn, stride_vnh, stride_vnd,
+    stride_kc0, stride_kcn, stride_kch, stride_kcd,
+    stride_vc0, stride_vcn, stride_vch, stride_vcd,
+    stride_btb,
+    seqlen_new, capacity, num_cache_rows, block_size,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PADDED: tl.constexpr,
+    PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Copy BLOCK_N new tokens of one (batch row, KV head) into the caches. Grid (token tiles, heads_k, batch)."""
+    tokens = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    kv_head = tl.program_id(1)
+    batch = tl.program_id(2)
+    start = tl.maximum(tl.load(CacheSeqlens + batch), 0)
+    positions = start + tokens
+    valid = (tokens < seqlen_new) & (positions < capacity)
+    block_table_row = _block_table_row(BlockTable, batch, stride_btb, PAGED)
+    cache_row = _cache_row(CacheBatchIdx, batch, num_cache_rows, HAS_BATCH_IDX)
+    rows = _cache_rows(block_table_row, cache_row, positions, valid, block_size, num_cache_rows, stride_kc0,
+                       stride_kcn, PAGED)
+    offs_d = tl.arange(0, HEAD_DIM_PADDED)
+    batch64, head64 = batch.to(tl.int64), kv_head.to(tl.int64)
+    k = tl.load(KNew + batch64 * stride_knb + head64 * stride_knh + tokens[:, None] * stride_knn
+                + offs_d[None, :] * stride_knd, mask=valid[:, None] & (offs_d[None, :] < HEAD_DIM))
+    tl.store(KCache + head64 * stride_kch + rows[:, None] + offs_d[None, :] * stride_kcd,
+             k.to(KCache.dtype.element_ty), mask=valid[:, None] & (offs_d[None, :] < HEAD_DIM))
+    rows_v = _cache_rows(block_table_row, cache_row, positions, valid, block_size, num_cache_rows, stride_vc0,
+                         stride_vcn, PAGED)
+    offs_dv = tl.arange(0, HEAD_DIM_V_PADDED)
+    v = tl.load(VNew + batch64 * stride_vnb + head64 * stride_vnh + tokens[:, None] * stride_vnn
+                + offs_dv[None, :] * stride_vnd, mask=valid[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+    tl.store(VCache + head64 * stride_vch + rows_v[:, None] + offs_dv[None, :] * stride_vcd,
+             v.to(VCache.dtype.element_ty), mask=valid[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+
+
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_new", "group_size", "capacity", "num_cache_rows", "block_size",
+                               "num_splits", "window_left", "window_right"])
+def decode_attention_kernel(
+    Q, KCache, VCache, Out, Lse, CacheSeqlens, BlockTable, CacheBatchIdx, AlibiSlopes,
+    stride_qb, stride_qm, stride_qh, stride_qd,
+    stride_kc0, stride_kcn, stride_kch, stride_kcd,
+    stride_vc0, stride_vcn, stride_vch, stride_vcd,
+    stride_os, stride_ob, stride_om, stride_oh, stride_od,
+    stride_ls, stride_lb, stride_lh, stride_lm,
+    stride_btb, stride_ab, stride_ah,
+    seqlen_q, seqlen_new, group_size, capacity, num_cache_rows, block_size, num_splits,
+    scale, softcap, window_left, window_right,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PADDED: tl.constexpr,
+    PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, SPLIT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One split of the key band for BLOCK_M packed (query, head) rows of one KV head's group.
+
+    Grid (row tiles × heads_k, splits, batch). Out/Lse are the fp32 partials (split, b, m, h, ·) with SPLIT,
+    else the final out (b, m, h, Dv) and lse (b, h, m) (their split strides are then unused)."""
+    rows_per_head = seqlen_q * group_size
+    row_tiles = tl.cdiv(rows_per_head, BLOCK_M)
+    kv_head = tl.program_id(0) // row_tiles
+    start_m = (tl.program_id(0) % row_tiles) * BLOCK_M
+    split = tl.program_id(1)
+    batch = tl.program_id(2)
+
+    rows = start_m + tl.arange(0, BLOCK_M)
+    row_valid = rows < rows_per_head
+    query = rows // group_size  # query position i of each row
+    head = kv_head * group_size + rows % group_size
+    # Keys of this row: the first S_b logical positions; query i sits at key position i + S_b − L.
+    seqlen_k = tl.minimum(tl.maximum(tl.load(CacheSeqlens + batch), 0) + seqlen_new, capacity)
+    offset = seqlen_k - seqlen_q
+
+    # The band any row of the tile can see, then this split's share of it (whole BLOCK_N tiles).
+    lo = start_m * 0
+    hi = seqlen_k
+    if HAS_WINDOW_LEFT:
+        lo = tl.maximum(start_m // group_size + offset - window_left, 0)
+    if HAS_WINDOW_RIGHT:
+        last_query = tl.minimum((start_m + BLOCK_M - 1) // group_size, seqlen_q - 1)
+        hi = tl.minimum(hi, tl.maximum(last_query + offset + window_right + 1, 0))
+    lo = lo // BLOCK_N * BLOCK_N
+    tiles_per_split = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N), num_splits)
+    key_start = lo + split * tiles_per_split * BLOCK_N
+    key_end = tl.minimum(key_start + tiles_per_split * BLOCK_N, hi)
+
+    batch64 = batch.to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM_PADDED)
+    offs_dv = tl.arange(0, HEAD_DIM_V_PADDED)
+    q = tl.load(Q + batch64 * stride_qb + query[:, None].to(tl.int64) * stride_qm + head[:, None] * stride_qh
+                + offs_d[None, :] * stride_qd, mask=row_valid[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    slope = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_ALIBI:
+        slope = tl.load(AlibiSlopes + batch * stride_ab + head * stride_ah, mask=row_valid, other=0.0)
+    cache_row = _cache_row(CacheBatchIdx, batch, num_cache_rows, HAS_BATCH_IDX)
+    block_table_row = _block_table_row(BlockTable, batch, stride_btb, PAGED)
+    k_base = KCache + kv_head.to(tl.int64) * stride_kch
+    v_base = VCache + kv_head.to(tl.int64) * stride_vch
+    position = query + offset  # each row's own key position
+
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_V_PADDED], dtype=tl.float32)
+    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for start_n in range(key_start, key_end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        key_valid = offs_n < key_end
+        k_rows = _cache_rows(block_table_row, cache_row, offs_n, key_valid, block_size, num_cache_rows, stride_kc0,
+                             stride_kcn, PAGED)
+        k = tl.load(k_base + k_rows[:, None] + offs_d[None, :] * stride_kcd,
+                    mask=key_valid[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if HAS_SOFTCAP:
+            s = _tanh(qk * (scale / softcap)) * (softcap * LOG2E)
+        else:
+            s = qk * (scale * LOG2E)
+        if HAS_ALIBI:
+            s -= (slope[:, None] * LOG2E) * tl.abs(position[:, None] - offs_n[None, :]).to(tl.float32)
+        visible = row_valid[:, None] & key_valid[None, :]
+        if HAS_WINDOW_LEFT:
+            visible &= offs_n[None, :] >= position[:, None] - window_left
+        if HAS_WINDOW_RIGHT:
+            visible &= offs_n[None, :] <= position[:, None] + window_right
+        s = tl.where(visible, s, float("-inf"))
+        # Invariant: acc = Σ_j exp2(s_ij − row_max_i) v_j, row_sum = Σ_j exp2(s_ij − row_max_i) over the keys
+        # seen; a row that has seen no visible key keeps row_max = −inf and is shifted by 0 instead.
+        new_max = tl.maximum(row_max, tl.max(s, 1))
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        p = tl.exp2(s - shift[:, None])
+        correction = tl.exp2(row_max - shift)
+        row_sum = row_sum * correction + tl.sum(p, 1)
+        v_rows = _cache_rows(block_table_row, cache_row, offs_n, key_valid, block_size, num_cache_rows, stride_vc0,
+                             stride_vcn, PAGED)
+        v = tl.load(v_base + v_rows[:, None] + offs_dv[None, :] * stride_vcd,
+                    mask=key_valid[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * correction[:, None], input_precision=DOT_PRECISION)
+        row_max = new_max
+
+    # No visible key in this split (or at all): out 0 and lse −inf, never 0/0.
+    has_keys = row_sum > 0
+    safe_sum = tl.where(has_keys, row_sum, 1.0)
+    out = acc / safe_sum[:, None]
+    lse = tl.where(has_keys, (row_max + tl.log2(safe_sum)) * LN2, float("-inf"))
+    o_ptr = Out
+    lse_ptr = Lse
+    if SPLIT:
+        o_ptr += split.to(tl.int64) * stride_os
+        lse_ptr += split.to(tl.int64) * stride_ls
+    o_ptr = (o_ptr + batch64 * stride_ob + query[:, None].to(tl.int64) * stride_om
+             + head[:, None].to(tl.int64) * stride_oh + offs_dv[None, :] * stride_od)
+    tl.store(o_ptr, out.to(Out.dtype.element_ty), mask=row_valid[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+    lse_ptr = (lse_ptr + batch64 * stride_lb + head.to(tl.int64) * stride_lh
+               + query.to(tl.int64) * stride_lm)
+    tl.store(lse_ptr, lse, mask=row_valid)
+
+
+@triton.jit(do_not_specialize=["num_heads", "num_splits"])
+def combine_splits_kernel(
+    PartialOut, PartialLse, Out, Lse,
+    stride_ps, stride_pb, stride_pm, stride_ph, stride_pd,
+    stride_qs, stride_qb, stride_qm, stride_qh,
+    stride_ob, stride_om, stride_oh, stride_od,
+    stride_lb, stride_lh, stride_lm,
+    num_heads, num_splits,
+    HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PADDED: tl.constexpr, SPLITS_PADDED: tl.constexpr,
+):
+    """Merge the splits of one output row (b, i, h). Grid (seqlen_q · heads_q, batch)."""
+    query = tl.program_id(0) // num_heads
+    head = tl.program_id(0) % num_heads
+    batch64 = tl.program_id(1).to(tl.int64)
+    splits = tl.arange(0, SPLITS_PADDED)
+    offs_dv = tl.arange(0, HEAD_DIM_V_PADDED)
+    split_valid = splits < num_splits
+    row = batch64 * stride_qb + query.to(tl.int64) * stride_qm + head.to(tl.int64) * stride_qh
+    lse = tl.load(PartialLse + row + splits.to(tl.int64) * stride_qs, mask=split_valid, other=float("-inf"))
+    lse_max = tl.max(lse, 0)
+    shift = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    weight = tl.exp2((lse - shift) * LOG2E)  # exp2(−inf) = 0 for splits that saw no key
+    total = tl.sum(weight, 0)
+    partial_row = batch64 * stride_pb + query.to(tl.int64) * stride_pm + head.to(tl.int64) * stride_ph
+    partial = tl.load(PartialOut + partial_row + splits[:, None].to(tl.int64) * stride_ps
+                      + offs_dv[None, :] * stride_pd,
+                      mask=split_valid[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    safe_total = tl.where(total > 0, total, 1.0)
+    out = tl.sum(partial * weight[:, None], 0) / safe_total
+    tl.store(Out + batch64 * stride_ob + query.to(tl.int64) * stride_om + head.to(tl.int64) * stride_oh
+             + offs_dv * stride_od, out.to(Out.dtype.element_ty), mask=offs_dv < HEAD_DIM_V)
+    tl.store(Lse + batch64 * stride_lb + head.to(tl.int64) * stride_lh + query.to(tl.int64) * stride_lm,
+             tl.where(total > 0, shift + tl.log(safe_total), float("-inf")))
