@@ -18,7 +18,7 @@ from pyattn._dispatch import (  # noqa: F401
 )
 from pyattn import ops  # noqa: F401  (fills the dispatch registry: the package loads the ops, not dispatch)
 from pyattn import functional, nn  # noqa: F401
-from pyattn.functional import flash_attention, flash_attention_varlen  # noqa: F401
+from pyattn.functional import flash_attention, flash_attention_varlen, flash_attention_with_kvcache  # noqa: F401
 from pyattn._explain import explain  # noqa: F401
 
 __version__ = "0.1.0"
@@ -33,4 +33,5 @@ __all__ = [
     "nn",
     "flash_attention",
     "flash_attention_varlen",
+    "flash_attention_with_kvcache",
 ]

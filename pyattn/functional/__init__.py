@@ -7,6 +7,10 @@ from pyattn.functional.attention import (  # noqa: F401
     flash_attention_varlen,
     scaled_dot_product_attention,
 )
+from pyattn.functional.kvcache import (  # noqa: F401
+    REQUEST_BUILDERS as _KVCACHE_REQUEST_BUILDERS,
+    flash_attention_with_kvcache,
+)
 from pyattn.functional.lstm import (  # noqa: F401
     REQUEST_BUILDERS as _LSTM_REQUEST_BUILDERS,
     lstm,
@@ -15,7 +19,7 @@ from pyattn.functional.lstm import (  # noqa: F401
 )
 
 __all__ = ["scaled_dot_product_attention", "attention_with_weights", "flash_attention", "flash_attention_varlen",
-           "lstm", "lstm_cell"]
+           "flash_attention_with_kvcache", "lstm", "lstm_cell"]
 
 # name -> function(*same args) returning the dispatch Request the call would make (pyattn.explain).
-REQUEST_BUILDERS = {**_ATTENTION_REQUEST_BUILDERS, **_LSTM_REQUEST_BUILDERS}
+REQUEST_BUILDERS = {**_ATTENTION_REQUEST_BUILDERS, **_KVCACHE_REQUEST_BUILDERS, **_LSTM_REQUEST_BUILDERS}

@@ -1,0 +1,137 @@
+"""Ahead-of-time compile specs of the decode kernels: every specialisation a launch can produce.
+
+Each spec is built from the *arguments of a launch* (``meta`` tensors laid out as the launchers lay them out,
+through the launchers' own argument builders and the JIT's binder: ``pyattn.kernels._aot.launch_spec``), so it
+compiles what that launch would. Reached by a call: dtype (fp16, bf16, fp32 with strict dots; one fp32 TF32
+spec) × head-dim tile class (64, 128, 256; 80 is padded to 128) × BLOCK_M (16, 64) × contiguous or paged
+cache × split or direct for the attention kernel; dtype × head dim × layout for the append; output dtype ×
+head dim × padded split count (2 … 128) for the merge. Features (softcap, ALiBi, both window sides,
+cache_batch_idx) are compiled together once per half dtype and layout. "unaligned" launches take views whose
+base address and strides are not 16-byte multiples (a fused QKV projection's slices), so no divisibility hint.
+The sizes the kernels use only in arithmetic are ``do_not_specialize``: their values select no variant.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._aot import CompileSpec, launch_spec
+from . import configs, launch
+from .kernels import append_kv_kernel, combine_splits_kernel, decode_attention_kernel
+
+_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_HEAD_DIMS = (64, 128, 256)
+_BATCH, _HEADS_K, _GROUP = 4, 2, 8
+_CACHE_LEN, _BLOCK_SIZE = 1024, 256
+
+
+def _tensor(shape, dtype, *, aligned: bool) -> torch.Tensor:
+    """A meta tensor of ``shape``; unaligned: a view one element into a buffer one element wider per row."""
+    if aligned:
+        return torch.empty(shape, dtype=dtype, device="meta")
+    wide = torch.empty((*shape[:-1], shape[-1] + 1), dtype=dtype, device="meta")
+    return wide[..., 1:]
+
+
+def _cache(dtype, head_dim, *, paged: bool, aligned: bool):
+    rows = _BATCH * _CACHE_LEN // _BLOCK_SIZE if paged else _BATCH
+    length = _BLOCK_SIZE if paged else _CACHE_LEN
+    k_cache = _tensor((rows, length, _HEADS_K, head_dim), dtype, aligned=aligned)
+    v_cache = _tensor((rows, length, _HEADS_K, head_dim), dtype, aligned=aligned)
+    block_table = None
+    if paged:
+        block_table = torch.empty((_BATCH, _CACHE_LEN // _BLOCK_SIZE), dtype=torch.int32, device="meta")
+    return k_cache, v_cache, block_table
+
+
+def _case(dtype, head_dim, layout, extra=""):
+    return f"{_DTYPES[dtype]},d{head_dim},{layout}" + (f",{extra}" if extra else "")
+
+
+def _attention_spec(dtype, head_dim, block_m, *, paged, split, features=False, batch_idx=False, aligned=True,
+                    precision=None) -> CompileSpec:
+    seqlen_q = 1 if block_m == 16 else 4  # a group of 8: 8 rows (one decode token) or 32 (speculative decoding)
+    q = _tensor((_BATCH, seqlen_q, _HEADS_K * _GROUP, head_dim), dtype, aligned=aligned)
+    k_cache, v_cache, block_table = _cache(dtype, head_dim, paged=paged, aligned=aligned)
+    block_n, num_warps, num_stages = configs.decode_config(dtype, head_dim, head_dim, interpreter=False)
+    splits = 4 if split else 1
+    heads_q = q.shape[2]
+    if split:
+        out = torch.empty((splits, _BATCH, seqlen_q, heads_q, head_dim), dtype=torch.float32, device="meta")
+        lse = torch.empty((splits, _BATCH, seqlen_q, heads_q), dtype=torch.float32, device="meta")
+    else:
+        out = torch.empty((_BATCH, seqlen_q, heads_q, head_dim), dtype=dtype, device="meta")
+        lse = torch.empty((_BATCH, heads_q, seqlen_q), dtype=torch.float32, device="meta")
+    plan = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_splits=splits)
+    arguments = launch.attention_arguments(
+        q, k_cache, v_cache, out, lse, cache_seqlens=torch.empty((_BATCH,), dtype=torch.int32, device="meta"),
+        block_table=block_table,
+        cache_batch_idx=torch.empty((_BATCH,), dtype=torch.int32, device="meta") if batch_idx else None,
+        alibi_slopes=torch.empty((heads_q,), dtype=torch.float32, device="meta") if features else None,
+        seqlen_new=1, scale=0.1, window_left=256 if features else -1, window_right=0 if features else -1,
+        softcap=30.0 if features else 0.0, launch=plan)
+    if precision is not None:
+        arguments["DOT_PRECISION"] = precision
+    dtype_name = f"{_DTYPES[dtype]}-{arguments['DOT_PRECISION']}" if dtype == torch.float32 else _DTYPES[dtype]
+    layout = "paged" if paged else ("batch-idx" if batch_idx else "contiguous")
+    case = f"{dtype_name},d{head_dim},{layout},{'split' if split else 'direct'}" + (",all" if features else "")
+    return launch_spec("decode", "decode_attention", case, "aligned" if aligned else "unaligned",
+                       decode_attention_kernel, arguments, config=f"BM{block_m},BN{block_n},w{num_warps},s{num_stages}",
+                       num_warps=num_warps, num_stages=num_stages, auto_may_pick=True)
+
+
+def _append_spec(dtype, head_dim, *, paged, batch_idx=False, aligned=True) -> CompileSpec:
+    k_cache, v_cache, block_table = _cache(dtype, head_dim, paged=paged, aligned=aligned)
+    k = _tensor((_BATCH, 1, _HEADS_K, head_dim), dtype, aligned=aligned)
+    v = _tensor((_BATCH, 1, _HEADS_K, head_dim), dtype, aligned=aligned)
+    arguments = launch.append_arguments(
+        k_cache, v_cache, k, v, cache_seqlens=torch.empty((_BATCH,), dtype=torch.int32, device="meta"),
+        block_table=block_table,
+        cache_batch_idx=torch.empty((_BATCH,), dtype=torch.int32, device="meta") if batch_idx else None,
+        block_n=configs.APPEND_BLOCK_N)
+    layout = "paged" if paged else ("batch-idx" if batch_idx else "contiguous")
+    return launch_spec("decode", "decode_append", _case(dtype, head_dim, layout),
+                       "aligned" if aligned else "unaligned", append_kv_kernel, arguments,
+                       config=f"BN{configs.APPEND_BLOCK_N},w4,s1", num_warps=4, num_stages=1, auto_may_pick=True)
+
+
+def _combine_spec(dtype, head_dim, splits) -> CompileSpec:
+    heads_q = _HEADS_K * _GROUP
+    partial_out = torch.empty((splits, _BATCH, 1, heads_q, head_dim), dtype=torch.float32, device="meta")
+    partial_lse = torch.empty((splits, _BATCH, 1, heads_q), dtype=torch.float32, device="meta")
+    out = torch.empty((_BATCH, 1, heads_q, head_dim), dtype=dtype, device="meta")
+    lse = torch.empty((_BATCH, heads_q, 1), dtype=torch.float32, device="meta")
+    arguments = launch.combine_arguments(partial_out, partial_lse, out, lse, num_splits=splits)
+    return launch_spec("decode", "decode_combine", _case(dtype, head_dim, f"S{arguments['SPLITS_PADDED']}"),
+                       "aligned", combine_splits_kernel, arguments, config="w4,s1", num_warps=4, num_stages=1,
+                       auto_may_pick=True)
+
+
+def aot_specs() -> list[CompileSpec]:
+    specs = []
+    for dtype in _DTYPES:
+        for head_dim in _HEAD_DIMS:
+            for block_m in configs.BLOCK_M_CHOICES:
+                for paged in (False, True):
+                    for split in (False, True):
+                        specs.append(_attention_spec(dtype, head_dim, block_m, paged=paged, split=split))
+            for paged in (False, True):
+                specs.append(_append_spec(dtype, head_dim, paged=paged))
+            splits = 2
+            while splits <= launch.MAX_SPLITS:
+                specs.append(_combine_spec(dtype, head_dim, splits))
+                splits *= 2
+        for paged in (False, True):  # views of a fused projection: no 16-byte alignment anywhere
+            specs.append(_attention_spec(dtype, 128, 16, paged=paged, split=True, aligned=False))
+        specs.append(_append_spec(dtype, 128, paged=True, aligned=False))
+    for dtype in (torch.float16, torch.bfloat16):
+        specs.append(_attention_spec(dtype, 128, 16, paged=False, split=True, features=True, batch_idx=True))
+        specs.append(_attention_spec(dtype, 128, 64, paged=True, split=True, features=True))
+        specs.append(_attention_spec(dtype, 128, 16, paged=True, split=False, features=True))
+    specs.append(_append_spec(torch.bfloat16, 128, paged=False, batch_idx=True))
+    # A head dim that is not a power of two (padded to 128, masked), and fp32 with TF32 dots (allow_tf32=True).
+    specs.append(_attention_spec(torch.float16, 80, 16, paged=True, split=True))
+    specs.append(_append_spec(torch.float16, 80, paged=True))
+    specs.append(_combine_spec(torch.float16, 80, 8))
+    specs.append(_attention_spec(torch.float32, 128, 16, paged=False, split=True, precision="tf32"))
+    return specs
