@@ -11,8 +11,10 @@ docs/decode.md states the algorithm; ``pyattn.reference.decode`` the semantics t
   fp32 scratch, else straight to out/lse;
 * ``combine_splits_kernel``: out = Σ_s exp(lse_s − m) o_s / Σ_s exp(lse_s − m), lse = m + log Σ_s exp(lse_s − m).
 
-Every index read from the device (cache_seqlens, block_table, cache_batch_idx) is clamped into the cache, so no
-value can make a kernel read or write outside it; only the reference checks the values themselves.
+Every index read from the device is made safe, so no value can make a kernel read or write outside the cache:
+a negative cache_seqlens counts as 0 and the keys stop at the cache's capacity (appended positions past it are
+dropped); a position whose block (block_table) or row (cache_batch_idx) is outside the cache is neither written
+nor read. Only the reference and the CPU paths check the values themselves (and raise).
 """
 
 from __future__ import annotations
@@ -33,18 +35,6 @@ def _tanh(x):
 
 
 @triton.jit
-def _cache_rows(block_table_row, cache_row, positions, valid, block_size, num_cache_rows, stride_row0, stride_pos,
-                PAGED: tl.constexpr):
-    """int64 offsets of logical ``positions`` of one sequence in a cache laid out (rows0, positions, heads, d):
-    rows0 = blocks of ``block_size`` positions read through the block table (PAGED), else batch rows."""
-    if PAGED:
-        blocks = tl.load(block_table_row + positions // block_size, mask=valid, other=0)
-        blocks = tl.minimum(tl.maximum(blocks, 0), num_cache_rows - 1)
-        return blocks.to(tl.int64) * stride_row0 + (positions % block_size).to(tl.int64) * stride_pos
-    return cache_row.to(tl.int64) * stride_row0 + positions.to(tl.int64) * stride_pos
-
-
-@triton.jit
 def _block_table_row(BlockTable, batch, stride_btb, PAGED: tl.constexpr):
     """Row ``batch`` of the block table (PAGED), else the absent table itself."""
     if PAGED:
@@ -54,11 +44,33 @@ def _block_table_row(BlockTable, batch, stride_btb, PAGED: tl.constexpr):
 
 @triton.jit
 def _cache_row(CacheBatchIdx, batch, num_cache_rows, HAS_BATCH_IDX: tl.constexpr):
-    """The contiguous cache's row of batch row ``batch`` (clamped into the cache)."""
+    """(row, in range) of batch row ``batch`` in a contiguous cache: cache_batch_idx[batch], else batch."""
     if HAS_BATCH_IDX:
         row = tl.load(CacheBatchIdx + batch)
-        return tl.minimum(tl.maximum(row, 0), num_cache_rows - 1)
-    return batch
+        in_range = (row >= 0) & (row < num_cache_rows)
+        return tl.where(in_range, row, 0), in_range
+    return batch, batch >= 0
+
+
+@triton.jit
+def _locate(block_table_row, cache_row, cache_row_ok, positions, valid, block_size, num_cache_rows,
+            PAGED: tl.constexpr):
+    """(first-dim index, validity) of logical ``positions`` of one sequence: the block of each position read
+    through the block table (PAGED), else the sequence's cache row. A position whose block or row is outside the
+    cache is invalid: neither written nor read (its index is replaced by 0, so no address leaves the cache)."""
+    if PAGED:
+        blocks = tl.load(block_table_row + positions // block_size, mask=valid, other=0)
+        in_range = (blocks >= 0) & (blocks < num_cache_rows)
+        return tl.where(in_range, blocks, 0).to(tl.int64), valid & in_range
+    return (positions * 0 + cache_row).to(tl.int64), valid & cache_row_ok
+
+
+@triton.jit
+def _offsets(rows0, positions, block_size, stride_row0, stride_pos, PAGED: tl.constexpr):
+    """int64 offsets of logical ``positions`` in a cache laid out (rows0, positions, heads, d)."""
+    if PAGED:
+        return rows0 * stride_row0 + (positions % block_size).to(tl.int64) * stride_pos
+    return rows0 * stride_row0 + positions.to(tl.int64) * stride_pos
 
 
 # Sizes used only in arithmetic are not specialised (a length of 1, or one divisible by 16, would otherwise compile
@@ -82,18 +94,17 @@ def append_kv_kernel(
     start = tl.maximum(tl.load(CacheSeqlens + batch), 0)
     positions = start + tokens
     valid = (tokens < seqlen_new) & (positions < capacity)
-    block_table_row = _block_table_row(BlockTable, batch, stride_btb, PAGED)
-    cache_row = _cache_row(CacheBatchIdx, batch, num_cache_rows, HAS_BATCH_IDX)
-    rows = _cache_rows(block_table_row, cache_row, positions, valid, block_size, num_cache_rows, stride_kc0,
-                       stride_kcn, PAGED)
+    cache_row, cache_row_ok = _cache_row(CacheBatchIdx, batch, num_cache_rows, HAS_BATCH_IDX)
+    rows0, valid = _locate(_block_table_row(BlockTable, batch, stride_btb, PAGED), cache_row, cache_row_ok, positions,
+                           valid, block_size, num_cache_rows, PAGED)
+    rows = _offsets(rows0, positions, block_size, stride_kc0, stride_kcn, PAGED)
     offs_d = tl.arange(0, HEAD_DIM_PADDED)
     batch64, head64 = batch.to(tl.int64), kv_head.to(tl.int64)
     k = tl.load(KNew + batch64 * stride_knb + head64 * stride_knh + tokens[:, None] * stride_knn
                 + offs_d[None, :] * stride_knd, mask=valid[:, None] & (offs_d[None, :] < HEAD_DIM))
     tl.store(KCache + head64 * stride_kch + rows[:, None] + offs_d[None, :] * stride_kcd,
              k.to(KCache.dtype.element_ty), mask=valid[:, None] & (offs_d[None, :] < HEAD_DIM))
-    rows_v = _cache_rows(block_table_row, cache_row, positions, valid, block_size, num_cache_rows, stride_vc0,
-                         stride_vcn, PAGED)
+    rows_v = _offsets(rows0, positions, block_size, stride_vc0, stride_vcn, PAGED)
     offs_dv = tl.arange(0, HEAD_DIM_V_PADDED)
     v = tl.load(VNew + batch64 * stride_vnb + head64 * stride_vnh + tokens[:, None] * stride_vnn
                 + offs_dv[None, :] * stride_vnd, mask=valid[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
@@ -158,7 +169,7 @@ def decode_attention_kernel(
     slope = tl.zeros([BLOCK_M], dtype=tl.float32)
     if HAS_ALIBI:
         slope = tl.load(AlibiSlopes + batch * stride_ab + head * stride_ah, mask=row_valid, other=0.0)
-    cache_row = _cache_row(CacheBatchIdx, batch, num_cache_rows, HAS_BATCH_IDX)
+    cache_row, cache_row_ok = _cache_row(CacheBatchIdx, batch, num_cache_rows, HAS_BATCH_IDX)
     block_table_row = _block_table_row(BlockTable, batch, stride_btb, PAGED)
     k_base = KCache + kv_head.to(tl.int64) * stride_kch
     v_base = VCache + kv_head.to(tl.int64) * stride_vch
@@ -169,9 +180,9 @@ def decode_attention_kernel(
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     for start_n in range(key_start, key_end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        key_valid = offs_n < key_end
-        k_rows = _cache_rows(block_table_row, cache_row, offs_n, key_valid, block_size, num_cache_rows, stride_kc0,
-                             stride_kcn, PAGED)
+        rows0, key_valid = _locate(block_table_row, cache_row, cache_row_ok, offs_n, offs_n < key_end, block_size,
+                                   num_cache_rows, PAGED)
+        k_rows = _offsets(rows0, offs_n, block_size, stride_kc0, stride_kcn, PAGED)
         k = tl.load(k_base + k_rows[:, None] + offs_d[None, :] * stride_kcd,
                     mask=key_valid[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
@@ -194,8 +205,7 @@ def decode_attention_kernel(
         p = tl.exp2(s - shift[:, None])
         correction = tl.exp2(row_max - shift)
         row_sum = row_sum * correction + tl.sum(p, 1)
-        v_rows = _cache_rows(block_table_row, cache_row, offs_n, key_valid, block_size, num_cache_rows, stride_vc0,
-                             stride_vcn, PAGED)
+        v_rows = _offsets(rows0, offs_n, block_size, stride_vc0, stride_vcn, PAGED)
         v = tl.load(v_base + v_rows[:, None] + offs_dv[None, :] * stride_vcd,
                     mask=key_valid[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * correction[:, None], input_precision=DOT_PRECISION)

@@ -18,6 +18,11 @@ MAX_HEAD_DIM = 256
 MAX_SPLITS = 128  # an explicit num_splits is clamped to this (and to the cache's key tiles)
 
 
+def _empty(shape, dtype, device):
+    """Every buffer a kernel must write in full; the tests swap in NaN-filled ones to catch gaps."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # Strict fp32 dots unless torch itself allows TF32 for matmuls (docs/attention.md, "Precision").
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
@@ -185,8 +190,8 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     _check_shapes(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx)
     batch, seqlen_q, heads_q, _ = q.shape
     heads_k, head_dim_v = k_cache.shape[2], v_cache.shape[-1]
-    out = torch.empty((batch, seqlen_q, heads_q, head_dim_v), dtype=q.dtype, device=q.device)
-    lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device)
+    out = _empty((batch, seqlen_q, heads_q, head_dim_v), q.dtype, q.device)
+    lse = _empty((batch, heads_q, seqlen_q), torch.float32, q.device)
     if k is not None:
         append_kv(k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
                   cache_batch_idx=cache_batch_idx)
@@ -197,8 +202,8 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     splits = launch["num_splits"]
     target_out, target_lse = out, lse
     if splits > 1:
-        target_out = torch.empty((splits, batch, seqlen_q, heads_q, head_dim_v), dtype=torch.float32, device=q.device)
-        target_lse = torch.empty((splits, batch, seqlen_q, heads_q), dtype=torch.float32, device=q.device)
+        target_out = _empty((splits, batch, seqlen_q, heads_q, head_dim_v), torch.float32, q.device)
+        target_lse = _empty((splits, batch, seqlen_q, heads_q), torch.float32, q.device)
     arguments = attention_arguments(
         q, k_cache, v_cache, target_out, target_lse, cache_seqlens=cache_seqlens, block_table=block_table,
         cache_batch_idx=cache_batch_idx, alibi_slopes=alibi_slopes, seqlen_new=0 if k is None else k.shape[1],
