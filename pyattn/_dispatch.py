@@ -81,7 +81,7 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 # Real devices' facts, queried once per device (plain dict: torch.compile traces a dict lookup quietly).
-_device_targets: dict[tuple[str, int | None], Target] = {}
+_device_targets: dict[tuple[str, int | None, bool], Target] = {}
 
 
 def target_for(request: Request, assume: str | None = None) -> Target:
@@ -93,7 +93,7 @@ def target_for(request: Request, assume: str | None = None) -> Target:
                              f"got {assume!r}")
         return ASSUMABLE_TARGETS[assume]
     device = request.device
-    key = (device.type, device.index)
+    key = (device.type, device.index, interpreter)
     target = _device_targets.get(key)
     if target is None:
         if device.type == "cuda":
@@ -193,10 +193,9 @@ def explain_request(request: Request, *, assume: str | None = None, backend: str
             reasons = _reasons(variant, request, target, forced=name != AUTO)
             verdict = "serves" if not reasons else "no: " + "; ".join(reasons)
             lines.append(f"  {variant.qualified_name:<18} {verdict}")
-    try:
-        picked = choose(request, name, assume=assume).qualified_name
-    except BackendUnavailableError:
-        picked = "nothing (every variant has a reason above)"
+    forced = name != AUTO
+    picked = next((v.qualified_name for v in _candidates(request, name) if not _reasons(v, request, target, forced)),
+                  "nothing (every variant has a reason above)")
     label = "auto picks" if name == AUTO else f"{name!r} (forced) runs"
     lines.append(f"  {label}: {picked}")
     return "\n".join(lines)

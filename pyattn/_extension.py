@@ -34,9 +34,9 @@ def unavailable_reason() -> str | None:
     reason = build_reason()
     if reason is not None:
         return reason
-    import torch
+    from pyattn._triton import cuda_available
 
-    if not torch.cuda.is_available():
+    if not cuda_available():
         return "no CUDA device is visible to torch"
     return None
 

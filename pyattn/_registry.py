@@ -147,7 +147,10 @@ class Support:
                 have = ".".join(map(str, target.capability))
                 reasons.append(f"compute capability {have} < {want}")
         if not reasons:  # checks may assume the basic facts above hold
-            reasons += [reason for check in self.checks if (reason := check(request, target)) is not None]
+            for check in self.checks:
+                reason = check(request, target)
+                if reason is not None:
+                    reasons.append(reason)
         return reasons
 
 

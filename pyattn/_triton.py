@@ -25,9 +25,24 @@ def import_reason() -> str | None:
     return _import_error()
 
 
+# Read once: Triton itself reads TRITON_INTERPRET when it is imported, so a later change would not
+# take effect anyway (tests that need the other setting patch this value).
+_INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+_cuda_available: list[bool] = []
+
+
 def interpreter_enabled() -> bool:
-    """TRITON_INTERPRET=1: Triton runs kernels on CPU tensors (a testing tool)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """TRITON_INTERPRET=1 at start-up: Triton runs kernels on CPU tensors (a testing tool)."""
+    return _INTERPRETER
+
+
+def cuda_available() -> bool:
+    """torch.cuda.is_available(), asked once (dispatch asks on every call)."""
+    if not _cuda_available:
+        import torch
+
+        _cuda_available.append(torch.cuda.is_available())
+    return _cuda_available[0]
 
 
 def unavailable_reason() -> str | None:
@@ -37,8 +52,6 @@ def unavailable_reason() -> str | None:
         return error
     if interpreter_enabled():
         return None
-    import torch
-
-    if not torch.cuda.is_available():
+    if not cuda_available():
         return "no CUDA device (set TRITON_INTERPRET=1 to run Triton kernels on CPU)"
     return None

@@ -413,14 +413,14 @@ def test_validation_error_names_the_argument(case):
 
 
 def test_forced_triton_without_gpu_or_interpreter_is_unavailable(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr("pyattn._triton._INTERPRETER", False)
     q, k, v = _qkv((1, 2, 5, 8), (1, 2, 7, 8), (1, 2, 7, 8))
     with pyattn.use_backend("triton"), pytest.raises(pyattn.BackendUnavailableError, match="'triton'"):
         scaled_dot_product_attention(q.float(), k.float(), v.float())
 
 
 def test_reference_serves_head_dims_over_256_and_triton_says_why_not(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # Triton available on CPU, so its per-call reasons show
+    monkeypatch.setattr("pyattn._triton._INTERPRETER", True)  # Triton available on CPU, so its per-call reasons show
     q, k, v = _qkv((1, 1, 3, 300), (1, 1, 4, 300), (1, 1, 4, 300))
     assert_close(scaled_dot_product_attention(q, k, v), F.scaled_dot_product_attention(q, k, v), RTOL64)
     report = pyattn.explain("scaled_dot_product_attention", *(x.float().to("meta") for x in (q, k, v)))
@@ -452,17 +452,27 @@ def test_request_builders_report_features():
     assert request.op == "attention_varlen" and request.features == {"dropout", "gqa"}
 
 
-def test_explain_on_meta_tensors_prints_each_backend(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+def test_explain_on_meta_tensors_prints_each_variant(monkeypatch):
+    monkeypatch.setattr("pyattn._triton._INTERPRETER", True)
     q, k, v = _meta((2, 4, 128, 64), (2, 4, 128, 64), (2, 4, 128, 64))
     with pyattn.use_backend("auto"):
         report = pyattn.explain(pyattn.functional.scaled_dot_product_attention, q, k, v, is_causal=True)
     lines = report.splitlines()
-    assert lines[0] == "op=attention device=meta dtype=float16 head_dim=64 features=causal"
-    assert [line.split()[0] for line in lines[1:4]] == ["cuda", "triton", "reference"]
-    assert "triton    no: device meta not in ['cpu', 'cuda']" in report
-    assert lines[-1] == "  auto picks: reference"
+    assert lines[0] == ("op=attention device=meta dtype=float16 head_dim=64 features=causal batch=2 heads_q=4 "
+                        "heads_k=4 seqlen_q=128 seqlen_k=128 diagonal_offset=0")
+    assert [line.split()[0] for line in lines[1:-1]] == ["cuda", "triton/tma", "triton/pointer", "torch", "reference"]
+    if pyattn.backend_status()["triton"] == "available":
+        assert "triton/pointer     no: device meta not in ['cuda']" in report
+    assert lines[-1] == "  auto picks: torch"
     assert "flash_attention_varlen" in pyattn.functional.REQUEST_BUILDERS
+
+
+def test_request_carries_sizes_and_operands_for_the_variants_checks():
+    q, k, v = _meta((2, 6, 5, 64), (2, 3, 7, 64), (2, 3, 7, 64))
+    request = functional.REQUEST_BUILDERS["flash_attention"](q, k, v, causal=True, return_lse=True)
+    assert request.sizes == dict(batch=2, heads_q=6, heads_k=3, seqlen_q=5, seqlen_k=7, diagonal_offset=2)
+    assert set(request.operands) == {"q", "k", "v"} and request.operands["k"].shape == (2, 3, 7, 64)
+    assert "lse" in request.features  # so the torch backend (which returns no lse) refuses it
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import torch
 
 import pyattn
 from pyattn.functional import flash_attention, flash_attention_varlen, scaled_dot_product_attention
-from pyattn.ops import attention as attention_ops
+from pyattn.ops import attention_triton as attention_ops
 from tests.conftest import RTOL, RTOL_TF32, assert_close, poison_, random_tensor
 
 DEVICES = [pytest.param("cpu", marks=pytest.mark.interpreter), pytest.param("cuda", marks=pytest.mark.requires_cuda)]

@@ -7,8 +7,8 @@ CUDA algorithm) against the reference; and the CUDA kernels' own code, emulated 
 (csrc/lstm/emulation), against a float64 model.
 GPU tests (``requires_cuda``): every op in fp32/fp16/bf16 against ``pyattn.reference.lstm`` in
 float64 with the RTOL table, outputs allocated in NaN-poisoned memory, all gradients, ragged
-``lengths``, the persistent and the stepwise recurrence (forced through
-PYATTN_LSTM_CUDA_RECURRENCE), cuDNN, opcheck, torch.compile.
+``lengths``, the persistent and the stepwise recurrence (the cuda/persistent and cuda/stepwise
+variants' kernels, passed explicitly), cuDNN, opcheck, torch.compile.
 
     python -m pytest tests/test_lstm_cuda.py
 """
@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pyattn import _dispatch, _extension
+import pyattn
+from pyattn import _dispatch, _extension, _registry
 from pyattn.ops import lstm_cuda
 from pyattn.reference import lstm as reference
 from tests.conftest import RTOL, assert_close, poison_, random_tensor, relative_error
@@ -66,8 +67,7 @@ def _exact_float32_matmul():
 
 
 @pytest.fixture(params=RECURRENCES)
-def recurrence(request, monkeypatch):
-    monkeypatch.setenv(lstm_cuda.RECURRENCE_ENVIRONMENT_VARIABLE, request.param)
+def recurrence(request):
     return request.param
 
 
@@ -101,16 +101,18 @@ def test_forward_ops_have_autograd_and_dispatch_registration(ops):
     assert lstm_cuda.EXTENSION_OPS_LOADED
     for name in ("cuda_lstm_cell_fwd", "cuda_lstm_layer_fwd"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pyattn::{name}", "Autograd")
-    for op in ("lstm_cell", "lstm_layer"):
-        support, implementation = _dispatch._REGISTRY["cuda"].implementations[op]
-        assert implementation is getattr(lstm_cuda, op)
-        assert support.devices == frozenset({"cuda"})
-        assert support.dtypes == frozenset(DTYPES)
+    cell = [v for v in _registry.variants("lstm_cell") if v.backend == "cuda"]
+    layer = [v for v in _registry.variants("lstm") if v.backend == "cuda"]
+    assert [v.qualified_name for v in cell] == ["cuda"] and cell[0].implementation is lstm_cuda.lstm_cell
+    assert [v.qualified_name for v in layer] == ["cuda/persistent", "cuda/stepwise"]
+    for variant in cell + layer:
+        assert variant.support.devices == frozenset({"cuda"})
+        assert variant.support.dtypes == frozenset(DTYPES)
         # projection goes to the next backend; ragged batches are served by the layer
-        assert support.features == (frozenset({"lengths"}) if op == "lstm_layer" else frozenset())
+        assert variant.support.features == (frozenset({"lengths"}) if variant.op == "lstm" else frozenset())
 
 
-def test_module_registers_nothing_without_the_extension(monkeypatch):
+def test_module_registers_no_ops_without_the_extension(monkeypatch):
     def missing():
         raise ImportError("extension pyattn._C is not built")
 
@@ -118,14 +120,16 @@ def test_module_registers_nothing_without_the_extension(monkeypatch):
     assert lstm_cuda._extension_ops_loaded() is False
 
 
-def test_recurrence_environment_variable(monkeypatch):
-    monkeypatch.delenv(lstm_cuda.RECURRENCE_ENVIRONMENT_VARIABLE, raising=False)
-    assert lstm_cuda.recurrence_code() == 0
-    monkeypatch.setenv(lstm_cuda.RECURRENCE_ENVIRONMENT_VARIABLE, "stepwise")
-    assert lstm_cuda.recurrence_code() == 2
-    monkeypatch.setenv(lstm_cuda.RECURRENCE_ENVIRONMENT_VARIABLE, "fast")
-    with pytest.raises(ValueError, match=lstm_cuda.RECURRENCE_ENVIRONMENT_VARIABLE):
-        lstm_cuda.recurrence_code()
+def test_persistent_variant_refuses_what_cannot_be_co_resident():
+    """The Python mirror of the kernels' footprint (the C++ side re-checks with the occupancy API)."""
+    hopper = _registry.ASSUMABLE_TARGETS["sm_90"]
+    assert lstm_cuda.persistent_unsupported_reason(16, 768, torch.bfloat16, hopper) is None
+    too_big = lstm_cuda.persistent_unsupported_reason(2, 2048, torch.float16, hopper)
+    assert too_big is not None and "co-resident" in too_big
+    fp32_backward = lstm_cuda.persistent_unsupported_reason(4, 1024, torch.float32, hopper)
+    assert fp32_backward is not None and fp32_backward.startswith("backward")
+    unknown = lstm_cuda.persistent_unsupported_reason(4, 64, torch.float16, _registry.Target("cuda"))
+    assert unknown == "the device's SM count and shared memory are unknown"
 
 
 def _cell_args(batch, input_size, hidden, dtype, device, bias=True, requires_grad=False):
@@ -151,15 +155,15 @@ def _layer_args(steps, batch, input_size, hidden, dtype, device, bias=True, requ
 
 
 @pytest.mark.parametrize("device", ["meta", "fake-cuda"])
-@pytest.mark.parametrize("save_workspace", [True, False])
-def test_fake_cell_ops_give_shapes(ops, device, save_workspace):
+@pytest.mark.parametrize("save_for_backward", [True, False])
+def test_fake_cell_ops_give_shapes(ops, device, save_for_backward):
     batch, input_size, hidden = 3, 7, 5
 
     def run(device_name):
         args = _cell_args(batch, input_size, hidden, torch.float16, device_name)
-        hy, cy, workspace = ops.cuda_lstm_cell_fwd(*args, save_workspace)
+        hy, cy, workspace = ops.cuda_lstm_cell_fwd(*args, save_for_backward)
         assert hy.shape == cy.shape == (batch, hidden) and hy.dtype == torch.float16
-        assert workspace.shape == ((batch, 4 * hidden) if save_workspace else (0, 4 * hidden))
+        assert workspace.shape == ((batch, 4 * hidden) if save_for_backward else (0, 4 * hidden))
         grads = ops.cuda_lstm_cell_bwd(hy, cy, *args[:5], cy, args[0].new_empty(batch, 4 * hidden))
         assert [tuple(g.shape) for g in grads] == [
             (batch, input_size), (batch, hidden), (batch, hidden), (4 * hidden, input_size), (4 * hidden, hidden), (4 * hidden,)
@@ -175,21 +179,21 @@ def test_fake_cell_ops_give_shapes(ops, device, save_workspace):
 
 
 @pytest.mark.parametrize("device", ["meta", "fake-cuda"])
-@pytest.mark.parametrize("save_workspace", [True, False])
-def test_fake_layer_ops_give_shapes(ops, device, save_workspace):
+@pytest.mark.parametrize("save_for_backward", [True, False])
+def test_fake_layer_ops_give_shapes(ops, device, save_for_backward):
     steps, batch, input_size, hidden = 4, 3, 7, 5
 
     def run(device_name):
         args = _layer_args(steps, batch, input_size, hidden, torch.bfloat16, device_name)
-        output, h_n, c_n, gates, cell_states = ops.cuda_lstm_layer_fwd(*args, False, None, save_workspace, 0)
+        output, h_n, c_n, gates, cell_states = ops.cuda_lstm_layer_fwd(*args, False, None, save_for_backward, "stepwise")
         assert output.shape == (steps, batch, hidden) and output.dtype == torch.bfloat16
         assert h_n.shape == c_n.shape == (batch, hidden)
-        saved = steps if save_workspace else 0
+        saved = steps if save_for_backward else 0
         assert gates.shape == (saved, batch, 4 * hidden) and cell_states.shape == (saved, batch, hidden)
         assert cell_states.dtype == torch.float32
         workspace_gates = args[0].new_empty(steps, batch, 4 * hidden)
         workspace_cells = args[0].new_empty(steps, batch, hidden, dtype=torch.float32)
-        grads = ops.cuda_lstm_layer_bwd(output, h_n, c_n, *args[:5], output, workspace_gates, workspace_cells, False, None, 0)
+        grads = ops.cuda_lstm_layer_bwd(output, h_n, c_n, *args[:5], output, workspace_gates, workspace_cells, False, None, "stepwise")
         assert [tuple(g.shape) for g in grads] == [
             (steps, batch, input_size), (batch, hidden), (batch, hidden), (4 * hidden, input_size), (4 * hidden, hidden),
             (4 * hidden,),
@@ -222,7 +226,7 @@ def _model_gate_gradients(dh, dc, gates, c_prev, c_cur):
     return grad_gates, dc * f
 
 
-def _model_cell_fwd(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, save_workspace):
+def _model_cell_fwd(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, save_for_backward):
     pre = input.float() @ weight_ih.float().t() + hx.float() @ weight_hh.float().t()
     for bias in (bias_ih, bias_hh):
         if bias is not None:
@@ -232,7 +236,7 @@ def _model_cell_fwd(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, save_
     i, f, g, o = gates.chunk(4, dim=-1)
     cy = f * cx.float() + i * g
     hy = o * torch.tanh(cy)
-    workspace = gates if save_workspace else gates[:0]
+    workspace = gates if save_for_backward else gates[:0]
     return hy.to(input.dtype), cy.to(input.dtype), workspace.to(input.dtype).clone()
 
 
@@ -243,7 +247,7 @@ def _model_cell_bwd(grad_hy, grad_cy, input, hx, cx, weight_ih, weight_hh, cy, w
             grad_gates.t() @ hx, grad_gates.float().sum(0).to(input.dtype))
 
 
-def _model_layer_fwd(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, reverse, lengths, save_workspace, recurrence):
+def _model_layer_fwd(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, reverse, lengths, save_for_backward, recurrence):
     steps, batch, hidden = input.shape[0], input.shape[1], h0.shape[1]
     output = input.new_empty(steps, batch, hidden)
     gates = input.new_empty(steps, batch, 4 * hidden)
@@ -261,7 +265,7 @@ def _model_layer_fwd(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, reve
     h_n = output[0 if reverse else steps - 1].clone()
     if lengths is not None:
         output.masked_fill_((torch.arange(steps)[:, None] >= lengths[None, :])[:, :, None], 0)
-    saved = steps if save_workspace else 0
+    saved = steps if save_for_backward else 0
     return output, h_n, c.to(input.dtype), gates[:saved].clone(), cell_states[:saved].clone()
 
 
@@ -339,7 +343,7 @@ def test_layer_autograd_wiring_and_bptt_order_on_cpu_model(cpu_model_kernels, re
     args64 = _float64(args)
     expected = reference.lstm_layer(*args64, reverse=reverse, lengths=lengths)
     torch.autograd.backward(expected, [g.double() for g in upstream])
-    results = lstm_cuda.lstm_layer(*args, reverse=reverse, lengths=lengths)
+    results = lstm_cuda.lstm_layer(*args, reverse=reverse, lengths=lengths, recurrence="stepwise")
     for name, result, expected in zip(("output", "h_n", "c_n"), results, expected):
         assert_close(result, expected, RTOL[torch.float32], name)
     torch.autograd.backward(results, upstream)
@@ -352,29 +356,30 @@ def test_workspace_is_saved_only_when_grad_is_needed_on_cpu_model(cpu_model_kern
     forward = torch.ops.pyattn.cuda_lstm_layer_fwd
     monkeypatch.setattr(torch.ops.pyattn, "cuda_lstm_layer_fwd", lambda *args: save_flags.append(args[9]) or forward(*args))
     args = _layer_args(4, 2, 3, 5, torch.float32, "cpu")
-    lstm_cuda.lstm_layer(*args)  # nothing requires grad
+    lstm_cuda.lstm_layer(*args, recurrence="stepwise")  # nothing requires grad
     for tensor in args:
         tensor.requires_grad_()
     with torch.no_grad():
-        lstm_cuda.lstm_layer(*args)
-    lstm_cuda.lstm_layer(*args)
+        lstm_cuda.lstm_layer(*args, recurrence="stepwise")
+    lstm_cuda.lstm_layer(*args, recurrence="stepwise")
     assert save_flags == [False, False, True]
 
 
 def test_layer_refuses_the_projection_it_does_not_serve():
     args = _layer_args(4, 2, 3, 5, torch.float32, "cpu")
     with pytest.raises(ValueError, match="weight_hr"):
-        lstm_cuda.lstm_layer(*args, weight_hr=torch.randn(3, 5))
+        lstm_cuda.lstm_layer(*args, weight_hr=torch.randn(3, 5), recurrence="stepwise")
 
 
 def test_layer_compiles_fullgraph_on_cpu_model(cpu_model_kernels):
     args = _layer_args(4, 2, 3, 5, torch.float32, "cpu", requires_grad=True)
-    compiled = torch.compile(lambda *a: lstm_cuda.lstm_layer(*a, reverse=True)[0].square().sum(), fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(lambda *a: lstm_cuda.lstm_layer(*a, reverse=True, recurrence="stepwise")[0].square().sum(),
+                             fullgraph=True, backend="aot_eager")
     compiled(*args).backward()
     compiled_grads = [t.grad.clone() for t in args]
     for t in args:
         t.grad = None
-    lstm_cuda.lstm_layer(*args, reverse=True)[0].square().sum().backward()
+    lstm_cuda.lstm_layer(*args, reverse=True, recurrence="stepwise")[0].square().sum().backward()
     for name, compiled_grad, eager_grad in zip(LAYER_GRAD_NAMES, compiled_grads, _grads(args)):
         assert_close(compiled_grad, eager_grad, 1e-6, f"compiled grad {name}")
 
@@ -482,7 +487,7 @@ def test_layer_forward_matches_reference(dtype, shape, reverse, recurrence):
     expected = reference.lstm_layer(*_float64(args), reverse=reverse)
     with torch.no_grad():
         poison_cuda_allocator()
-        results = lstm_cuda.lstm_layer(*args, reverse=reverse)
+        results = lstm_cuda.lstm_layer(*args, reverse=reverse, recurrence=recurrence)
     for name, result, want in zip(("output", "h_n", "c_n"), results, expected):
         assert result.dtype == dtype
         assert_close(result, want, RTOL[dtype], name)
@@ -507,7 +512,7 @@ def test_layer_gradients_match_reference(dtype, shape, reverse, recurrence):
     torch.autograd.backward(reference.lstm_layer(*args64, reverse=reverse), [g.double() for g in upstream])
 
     poison_cuda_allocator()
-    results = lstm_cuda.lstm_layer(*args, reverse=reverse)
+    results = lstm_cuda.lstm_layer(*args, reverse=reverse, recurrence=recurrence)
     # Poison again: the backward's own outputs must not inherit the forward's freed values.
     poison_cuda_allocator()
     torch.autograd.backward(results, upstream)
@@ -542,7 +547,7 @@ def test_layer_with_lengths_matches_reference(dtype, case, reverse, recurrence):
     torch.autograd.backward(expected, [g.double() for g in upstream])
 
     poison_cuda_allocator()
-    results = lstm_cuda.lstm_layer(*args, reverse=reverse, lengths=lengths)
+    results = lstm_cuda.lstm_layer(*args, reverse=reverse, lengths=lengths, recurrence=recurrence)
     for name, result, want in zip(("output", "h_n", "c_n"), results, expected):
         assert_close(result, want, RTOL[dtype], name)
     poison_cuda_allocator()
@@ -561,35 +566,43 @@ def test_layer_hidden_1024_persistent_and_stepwise_agree_with_reference(dtype, h
     args64 = _float64(args)
     expected = reference.lstm_layer(*args64)
     expected[0].backward(upstream.double())
-    output, _, _ = lstm_cuda.lstm_layer(*args)
+    output, _, _ = lstm_cuda.lstm_layer(*args, recurrence=recurrence)
     output.backward(upstream)
     assert_close(output, expected[0], RTOL[dtype], "output")
     for name, grad, want in zip(LAYER_GRAD_NAMES, _grads(args), _grads(args64)):
         assert_close(grad, want, RTOL[dtype], f"grad {name}")
 
 
+def _chosen_cuda_variant(args) -> str:
+    input, h0 = args[0], args[1]
+    request = _registry.Request("lstm", input.device, input.dtype, features=frozenset(),
+                                sizes=dict(batch=input.shape[1], hidden_size=h0.shape[1]))
+    with pyattn.use_backend("cuda"):
+        return _dispatch.choose(request).qualified_name
+
+
 @pytest.mark.requires_cuda
-def test_persistent_recurrence_that_does_not_fit_raises_and_auto_falls_back(monkeypatch):
+def test_persistent_recurrence_that_does_not_fit_raises_and_dispatch_takes_stepwise():
     # fp16 H = 2048: 256 CTAs of 8 units with 130 KiB of W_hh each cannot all be resident.
     args = _layer_args(3, 2, 16, 2048, torch.float16, "cuda")
-    monkeypatch.setenv(lstm_cuda.RECURRENCE_ENVIRONMENT_VARIABLE, "persistent")
     with torch.no_grad(), pytest.raises(RuntimeError, match="does not fit on chip"):
-        lstm_cuda.lstm_layer(*args)
-    monkeypatch.setenv(lstm_cuda.RECURRENCE_ENVIRONMENT_VARIABLE, "auto")
+        lstm_cuda.lstm_layer(*args, recurrence="persistent")
+    assert _chosen_cuda_variant(args) == "cuda/stepwise"
     expected = reference.lstm_layer(*_float64(args))
     with torch.no_grad():
-        output, h_n, c_n = lstm_cuda.lstm_layer(*args)
+        output, h_n, c_n = lstm_cuda.lstm_layer(*args, recurrence="stepwise")
     assert_close(output, expected[0], RTOL[torch.float16], "output")
     assert_close(c_n, expected[2], RTOL[torch.float16], "c_n")
 
 
 @pytest.mark.requires_cuda
 def test_float32_backward_at_hidden_1024_falls_back_to_stepwise():
-    """fp32 W_hhᵀ slices for backward need 256 KiB per CTA (> 227 KiB): auto must still be right."""
+    """fp32 W_hhᵀ slices for backward need 256 KiB per CTA (> 227 KiB): dispatch must take stepwise."""
     args = _layer_args(8, 4, 32, 1024, torch.float32, "cuda", requires_grad=True)
+    assert _chosen_cuda_variant(args) == "cuda/stepwise"
     args64 = _float64(args)
     reference.lstm_layer(*args64)[0].sum().backward()
-    lstm_cuda.lstm_layer(*args)[0].sum().backward()
+    lstm_cuda.lstm_layer(*args, recurrence="stepwise")[0].sum().backward()
     for name, grad, want in zip(LAYER_GRAD_NAMES, _grads(args), _grads(args64)):
         assert_close(grad, want, RTOL[torch.float32], f"grad {name}")
 
@@ -624,7 +637,8 @@ def test_layer_against_cudnn(dtype, reverse):
         return [output.detach()] + [t.grad.clone() for t in tensors]
 
     inputs64 = [t.detach().double().requires_grad_() for t in [sequence, *weights]]
-    ours = run(lambda: lstm_cuda.lstm_layer(sequence, h0, c0, *weights, reverse=reverse)[0], [sequence, *weights])
+    ours = run(lambda: lstm_cuda.lstm_layer(sequence, h0, c0, *weights, reverse=reverse, recurrence="stepwise")[0],
+               [sequence, *weights])
     expected = run(
         lambda: reference.lstm_layer(inputs64[0], h0.double(), c0.double(), *inputs64[1:], reverse=reverse)[0], inputs64
     )
@@ -658,12 +672,12 @@ def test_opcheck_every_op(dtype):
 
     layer = _layer_args(6, 5, 24, 32, dtype, "cuda", requires_grad=True)
     lengths = torch.tensor([6, 1, 3, 6, 2], device="cuda")
-    for recurrence in (0, 2):
+    for recurrence in ("persistent", "stepwise"):
         for ragged in (None, lengths):
             torch.library.opcheck(torch.ops.pyattn.cuda_lstm_layer_fwd.default, (*layer, True, ragged, True, recurrence))
     plain_layer = [t.detach() for t in layer]
     for ragged in (None, lengths):
-        output, h_n, c_n, gates, cell_states = torch.ops.pyattn.cuda_lstm_layer_fwd(*plain_layer, False, ragged, True, 0)
+        output, h_n, c_n, gates, cell_states = torch.ops.pyattn.cuda_lstm_layer_fwd(*plain_layer, False, ragged, True, "stepwise")
         torch.library.opcheck(
             torch.ops.pyattn.cuda_lstm_layer_bwd.default,
             (torch.randn_like(output), torch.randn_like(h_n), torch.randn_like(c_n), *plain_layer[:5], output, gates,
@@ -688,7 +702,7 @@ def test_compiles_with_fullgraph():
 def test_backward_without_saved_workspace_raises_clearly():
     args = _cell_args(2, 4, 8, torch.float32, "cuda", requires_grad=True)
     hy, _, _ = torch.ops.pyattn.cuda_lstm_cell_fwd(*args, False)
-    with pytest.raises(RuntimeError, match="save_workspace"):
+    with pytest.raises(RuntimeError, match="save_for_backward"):
         hy.sum().backward()
 
 

@@ -243,14 +243,33 @@ def test_dropout_preserves_the_expected_output(need_weights):
 # routing and validation
 
 
-def test_need_weights_false_goes_through_pyattn_dispatch(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+def test_both_need_weights_paths_go_through_dispatch(monkeypatch):
+    monkeypatch.setattr("pyattn._triton._INTERPRETER", False)
     _, ours = _modules()
     query, key, value = _inputs()
-    with pyattn.use_backend("triton"):
-        ours(query, key, value, need_weights=True)  # weights are computed in plain PyTorch: no backend involved
-        with pytest.raises(pyattn.BackendUnavailableError):
+    with pyattn.use_backend("triton"):  # no GPU here: a forced triton serves neither path
+        with pytest.raises(pyattn.BackendUnavailableError, match="has no implementation of attention_weights"):
+            ours(query, key, value, need_weights=True)
+        with pytest.raises(pyattn.BackendUnavailableError, match="cannot serve op=attention "):
             ours(query, key, value, need_weights=False)
+    for backend in ("torch", "reference"):
+        with pyattn.use_backend(backend):
+            ours(query, key, value, need_weights=True)
+
+
+def test_need_weights_torch_variant_equals_reference():
+    _, ours = _modules()
+    query, key, value = _inputs()
+    padding = torch.zeros(BATCH, key.shape[0], dtype=torch.bool)
+    padding[0] = True  # batch 0: every key masked out: output 0 and weights 0 on both backends
+    results = {}
+    for backend in ("torch", "reference"):
+        with pyattn.use_backend(backend):
+            results[backend] = ours(query, key, value, key_padding_mask=padding, average_attn_weights=False)
+    for got, want in zip(results["torch"], results["reference"]):
+        assert torch.isfinite(got).all()
+        assert_close(got, want, 1e-6)
+    assert (results["torch"][1][0] == 0).all()
 
 
 def _bad_calls():

@@ -120,8 +120,13 @@ def _skip_workspace_gradients(ctx, *workspace):
     ctx.set_materialize_grads(False)
 
 
+# Argument names of the forward ops' schemas (filled once the extension is loaded, below), so that
+# setup_context reads inputs by name.
+_SCHEMA_NAMES: dict[str, tuple[str, ...]] = {}
+
+
 def _schema_names(op: str) -> tuple[str, ...]:
-    return tuple(argument.name for argument in getattr(torch.ops.pyattn, op).default._schema.arguments)
+    return _SCHEMA_NAMES[op]
 
 
 def _cell_setup_context(ctx, inputs, output):
@@ -182,18 +187,29 @@ def lstm_cell(input, hx, cx, weight_ih, weight_hh, bias_ih=None, bias_hh=None):
     return hy, cy
 
 
+def lstm_layer(input, h0, c0, weight_ih, weight_hh, bias_ih=None, bias_hh=None, weight_hr=None, reverse=False,
+               lengths=None, *, recurrence: str):
+    """One LSTM layer, one direction, on the CUDA kernels: input (T, B, I) -> output (T, B, H), h_n, c_n.
+
+    ``recurrence``: "persistent" or "stepwise" (the variant's kernel; dispatch passes it).
+    """
+    if weight_hr is not None:
+        raise ValueError("weight_hr: the cuda LSTM has no projection (proj_size > 0); dispatch routes such calls "
+                         "to another backend")
+    save_for_backward = needs_grad(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh)
+    output, h_n, c_n, _gates, _cell_states = torch.ops.pyattn.cuda_lstm_layer_fwd(
+        input.contiguous(), h0.contiguous(), c0.contiguous(), weight_ih.contiguous(), weight_hh.contiguous(),
+        _contiguous_or_none(bias_ih), _contiguous_or_none(bias_hh), bool(reverse),
+        None if lengths is None else lengths.to(device=input.device, dtype=torch.int64).contiguous(),
+        save_for_backward, recurrence,
+    )
+    return output, h_n, c_n
+
+
 def _layer(recurrence: str):
     def cuda_lstm_layer(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse, lengths):
-        """One LSTM layer, one direction: input (T, B, I) -> output (T, B, H), h_n, c_n."""
-        del weight_hr  # refused by the support ("projection")
-        save_for_backward = needs_grad(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh)
-        output, h_n, c_n, _gates, _cell_states = torch.ops.pyattn.cuda_lstm_layer_fwd(
-            input.contiguous(), h0.contiguous(), c0.contiguous(), weight_ih.contiguous(), weight_hh.contiguous(),
-            _contiguous_or_none(bias_ih), _contiguous_or_none(bias_hh), bool(reverse),
-            None if lengths is None else lengths.to(device=input.device, dtype=torch.int64).contiguous(),
-            save_for_backward, recurrence,
-        )
-        return output, h_n, c_n
+        return lstm_layer(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse, lengths,
+                          recurrence=recurrence)
 
     return cuda_lstm_layer
 
@@ -263,6 +279,8 @@ register("cuda", "lstm", _layer_support(), variant="stepwise",
 EXTENSION_OPS_LOADED = _extension_ops_loaded()
 
 if EXTENSION_OPS_LOADED:
+    for _op in ("cuda_lstm_cell_fwd", "cuda_lstm_layer_fwd"):
+        _SCHEMA_NAMES[_op] = tuple(a.name for a in getattr(torch.ops.pyattn, _op).default._schema.arguments)
     torch.library.register_fake("pyattn::cuda_lstm_cell_fwd")(_fake_cell_forward)
     torch.library.register_fake("pyattn::cuda_lstm_cell_bwd")(_fake_cell_backward)
     torch.library.register_fake("pyattn::cuda_lstm_layer_fwd")(_fake_layer_forward)
