@@ -23,12 +23,15 @@ $(VENV)/.installed: pyproject.toml
 build: $(VENV)/.built
 
 # The build's progress, from its log as it is written: setup.py's own lines, and ninja's "[3/8] <compile
-# command>" shortened to "[3/8] compiling <file>" (one line per file compiled, out of the total).
-BUILD_PROGRESS := awk '/^pyattn setup:/ { print "  " $$0; fflush(); next } \
-	/^\[[0-9]+\/[0-9]+\] / { what = ""; \
+# command>" (indented by pip -v) shortened to "[3/8] compiling <file>": one line per file, out of the total;
+# then setuptools' link of the extension.
+BUILD_PROGRESS := awk '/^[ \t]*pyattn setup:/ { sub(/^[ \t]+/, ""); if (!seen[$$0]++) print "  " $$0; fflush(); next } \
+	/^[ \t]*[^ ]*(g|c)\+\+ .* -shared / { for (i = 2; i < NF; i++) if ($$i == "-o") { \
+		n = split($$(i + 1), parts, "/"); print "  linking " parts[n]; fflush() } next } \
+	/^[ \t]*\[[0-9]+\/[0-9]+\] / { what = ""; \
 		for (i = 2; i < NF; i++) { if ($$i == "-c") what = "compiling " $$(i + 1); \
 			else if ($$i == "-o" && what == "") what = "linking " $$(i + 1) } \
-		if (what == "") what = substr($$0, length($$1) + 2, 60); \
+		if (what == "") what = substr($$2, 1, 60); \
 		n = split(what, parts, "/"); if (n > 1) what = substr(what, 1, index(what, " ")) parts[n]; \
 		print "  " $$1 " " what; fflush() }'
 

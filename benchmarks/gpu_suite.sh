@@ -8,7 +8,8 @@
 #   GPU tests (pytest -m "requires_cuda or requires_sm90", junit XML) → pyattn-bench --shapes default.
 # A failing step does not stop the next; the exit status is 1 if any step failed.
 # OUT_DIR keeps few files (a GPU lease returns at most 8):
-#   summary.txt          each step's exit status and time, the device, the test and bench tallies
+#   summary.txt          each step's exit status and time, the device, the test and bench tallies, and
+#                        the drop-in summary (pyattn:auto / the PyTorch call it replaces, per case)
 #   bench/results.json   every figure (docs/benchmarking.md describes the keys)
 #   bench/table.txt      the printed table
 #   plots.tar.gz         the bench's PNG plots
@@ -84,6 +85,9 @@ bench_limit=$((deadline - SECONDS - KILL_GRACE))
 step bench "$bench_limit" "$PYTHON" -m pyattn.bench ${BENCH_ARGS:---shapes default} --out "$OUT/bench" \
     --time-budget $((bench_limit > 90 ? bench_limit - 45 : 45))
 grep -E "^[0-9]+ runs in|^roofline|pyattn runs failed" "$LOGS/bench.log" 2>/dev/null | sed 's/^/  bench: /' >> "$SUMMARY"
+# The drop-in summary: pyattn:auto against the PyTorch call each drop-in replaces, case by case.
+awk '/^pyattn drop-ins against/ { on = 1 } on && /^$/ { exit } on' "$OUT/bench/table.txt" 2>/dev/null \
+    | sed 's/^/  bench: /' >> "$SUMMARY"
 
 shopt -s nullglob
 plots=("$OUT"/bench/*.png)

@@ -61,18 +61,23 @@ def _clear_grads(tensors: Sequence[torch.Tensor]) -> None:
         tensor.grad = None
 
 
-def time_gpu(fn: Callable[[], object], grad_to_none: Sequence[torch.Tensor] = (), cuda_graph: bool = False) -> Timing:
-    """CUDA-event timing of ``fn`` (see the module docstring)."""
+def time_gpu(
+    fn: Callable[[], object],
+    grad_to_none: Sequence[torch.Tensor] = (),
+    cuda_graph: bool = False,
+    rep_ms: float = GPU_REPEAT_MS,
+) -> Timing:
+    """CUDA-event timing of ``fn`` over about ``rep_ms`` (see the module docstring)."""
     import triton.testing
 
     quantiles = [0.0, 0.5, 1.0]
     if cuda_graph:
         low, median, high = triton.testing.do_bench_cudagraph(
-            fn, rep=GPU_REPEAT_MS, grad_to_none=list(grad_to_none) or None, quantiles=quantiles
+            fn, rep=rep_ms, grad_to_none=list(grad_to_none) or None, quantiles=quantiles
         )
         return Timing(low, median, high, "cuda-events, cuda-graph replay")
     low, median, high = triton.testing.do_bench(
-        fn, warmup=GPU_WARMUP_MS, rep=GPU_REPEAT_MS, grad_to_none=list(grad_to_none) or None, quantiles=quantiles
+        fn, warmup=GPU_WARMUP_MS, rep=rep_ms, grad_to_none=list(grad_to_none) or None, quantiles=quantiles
     )
     return Timing(low, median, high, "cuda-events, L2 flushed per call")
 
@@ -99,13 +104,16 @@ def time_interleaved(
 
     CPU: one warm-up call each, then rounds of one call each (the order rotated every round) until every
     call has CPU_MIN_REPEATS samples and CPU_MIN_SECONDS of them, or CPU_MAX_REPEATS rounds, or
-    CPU_MAX_GROUP_SECONDS in all. GPU: GPU_ROUNDS rounds of one ``do_bench`` each; min and max over all
-    of a call's samples, median of its round medians.
+    CPU_MAX_GROUP_SECONDS in all. GPU: GPU_ROUNDS rounds of one ``do_bench`` each (of GPU_REPEAT_MS / GPU_ROUNDS);
+    min and max over all of a call's samples, median of its round medians.
     """
     if not calls:
         return []
     if device.type == "cuda":
-        rounds = [[time_gpu(fn, grads, graph) for fn, grads, graph in _rotated(calls, r)] for r in range(GPU_ROUNDS)]
+        rep_ms = GPU_REPEAT_MS / GPU_ROUNDS  # the rounds share one call's time budget
+        rounds = [
+            [time_gpu(fn, grads, graph, rep_ms) for fn, grads, graph in _rotated(calls, r)] for r in range(GPU_ROUNDS)
+        ]
         per_call = [[None] * GPU_ROUNDS for _ in calls]
         for r, timings in enumerate(rounds):
             for index, timing in zip(_rotated(range(len(calls)), r), timings):
