@@ -4,14 +4,13 @@ Run: ``TRITON_INTERPRET=1 .venv/bin/python -m pytest -m interpreter tests/test_a
 Every launcher output is allocated NaN-filled (``poisoned_outputs``), so an element a kernel forgets to
 write fails the comparison. The interpreter runs 16×16 tiles, so these short sequences still cross
 several tiles: band edges, interiors and ragged ends are all exercised. The Hopper (TMA descriptor)
-forward is forced here with ``PYATTN_ATTENTION_TMA=1``; its ``requires_sm90`` tests at the end run in the
-plain process on an H100.
+forward runs here with ``use_tma=True`` (the interpreter emulates the descriptor loads); its ``requires_sm90``
+tests at the end run in the plain process on an H100.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
@@ -21,6 +20,7 @@ from tests.conftest import INTERPRET, RTOL, RTOL_TF32, assert_close, poison_, ra
 pytest.importorskip("triton", reason="triton is not installed")
 
 from pyattn.kernels import attention as kernels  # noqa: E402
+from pyattn.kernels.attention import configs, launch  # noqa: E402
 from pyattn.reference.attention import attention as reference_attention  # noqa: E402
 
 # Interpreter tests carry the mark one by one (no module pytestmark): the Hopper tests at the end run in the
@@ -34,7 +34,7 @@ def poisoned_outputs(monkeypatch):
         tensor = torch.empty(shape, dtype=dtype, device=device)
         return poison_(tensor) if tensor.is_floating_point() else tensor.fill_(-7)
 
-    monkeypatch.setattr(kernels, "_empty", poisoned_empty)
+    monkeypatch.setattr(launch, "_empty", poisoned_empty)
 
 
 def make_inputs(batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, head_dim_v, dtype):
@@ -52,10 +52,10 @@ def reference_with_grads(q, k, v, grad_out, **options):
     return (out.detach(), lse.detach(), *(leaf.grad for leaf in leaves))
 
 
-def check_against_reference(q, k, v, *, deterministic=False, dropout_keep_mask=None, **options):
+def check_against_reference(q, k, v, *, deterministic=False, dropout_keep_mask=None, use_tma=False, **options):
     """Runs forward + backward through the launchers and compares all five results with the reference."""
     rtol = RTOL[q.dtype]
-    out, lse = kernels.attention_forward(q, k, v, **options)
+    out, lse = kernels.attention_forward(q, k, v, use_tma=use_tma, **options)
     grad_out = random_tensor(*out.shape, dtype=q.dtype)
     dq, dk, dv = kernels.attention_backward(grad_out, q, k, v, out, lse, deterministic=deterministic, **options)
     reference_options = {key: value for key, value in options.items() if key != "seed"}
@@ -378,30 +378,30 @@ def test_bad_input_raises_naming_the_argument(bad, error, message):
 
 
 @pytest.mark.interpreter
-def test_gpu_autotune_configs_are_pruned_per_tile_width_and_length(monkeypatch):
+def test_gpu_autotune_configs_are_pruned_per_tile_width_and_length():
     # The GPU tables, pruned as the autotuner calls the pruner: positional arguments and constexprs apart.
-    monkeypatch.setattr(kernels, "_INTERPRET", False)
     cases = [(torch.float16, 16, 64), (torch.bfloat16, 64, 64), (torch.float16, 80, 128), (torch.float32, 64, 128),
              (torch.bfloat16, 200, 256), (torch.float32, 128, 256), (torch.float32, 256, 512)]
-    for table in (kernels._FORWARD_CONFIGS, kernels._DKDV_CONFIGS, kernels._DQ_CONFIGS):
-        configs = kernels._autotune_configs(table)
-        prune = kernels._config_pruner(table)
+    for table in (configs.FORWARD_CONFIGS, configs.DKDV_CONFIGS, configs.DQ_CONFIGS):
+        gpu_configs = configs.autotune_configs(table, interpreter=False)
+        prune = configs.config_pruner(table)
         for dtype, head_dim, width_class in cases:
             q = torch.empty(0, dtype=dtype)
-            constexprs = dict(HEAD_DIM_PADDED=kernels.triton.next_power_of_2(head_dim), HEAD_DIM_V_PADDED=16)
-            chosen = prune(configs, dict(Q=q, seqlen_q_bucket=4096, seqlen_k_bucket=4096), **constexprs)
+            constexprs = dict(HEAD_DIM_PADDED=launch.triton.next_power_of_2(head_dim), HEAD_DIM_V_PADDED=16)
+            chosen = prune(gpu_configs, dict(Q=q, seqlen_q_bucket=4096, seqlen_k_bucket=4096), **constexprs)
             assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in chosen} == set(
                 table[width_class]), (dtype, head_dim)
-            short = prune(configs, dict(Q=q, seqlen_q_bucket=kernels._seqlen_bucket(1),
-                                        seqlen_k_bucket=kernels._seqlen_bucket(20)), **constexprs)
+            short = prune(gpu_configs, dict(Q=q, seqlen_q_bucket=configs.seqlen_bucket(1),
+                                            seqlen_k_bucket=configs.seqlen_bucket(20)), **constexprs)
             assert len(short) >= 1 and all(c in chosen for c in short)
 
 
 def test_seqlen_buckets_are_powers_of_two_from_16():
-    assert [kernels._seqlen_bucket(n) for n in (1, 16, 17, 20, 32, 33, 4096, 4097)] == [
+    assert [configs.seqlen_bucket(n) for n in (1, 16, 17, 20, 32, 33, 4096, 4097)] == [
         16, 16, 32, 32, 32, 64, 4096, 8192]
-    for tuner in (kernels._attention_forward, kernels._attention_forward_tma, kernels._attention_backward_dkdv,
-                  kernels._attention_backward_dkdv_fused_dq, kernels._attention_backward_dq):
+    kernel_tuners = (launch.FORWARD, launch.FORWARD_TMA, launch.BACKWARD_DKDV, launch.BACKWARD_DKDV_FUSED_DQ,
+                     launch.BACKWARD_DQ)
+    for tuner in [tuners.gpu for tuners in kernel_tuners] + [tuners.interpreter for tuners in kernel_tuners]:
         assert "seqlen_q_bucket" in tuner.keys and "seqlen_k_bucket" in tuner.keys and "DOT_PRECISION" in tuner.keys
         assert "seqlen_q" not in tuner.keys and "seqlen_k" not in tuner.keys
 
@@ -424,10 +424,10 @@ class _RecordingTuner:
 
 @pytest.mark.interpreter
 def test_varlen_max_lengths_in_one_bucket_share_the_autotune_key(monkeypatch):
-    forward = _RecordingTuner(kernels._attention_forward)
-    backward = _RecordingTuner(kernels._attention_backward_dkdv_fused_dq)
-    monkeypatch.setattr(kernels, "_attention_forward", forward)
-    monkeypatch.setattr(kernels, "_attention_backward_dkdv_fused_dq", backward)
+    forward = _RecordingTuner(launch.FORWARD.interpreter)
+    backward = _RecordingTuner(launch.BACKWARD_DKDV_FUSED_DQ.interpreter)
+    monkeypatch.setattr(launch.FORWARD, "interpreter", forward)
+    monkeypatch.setattr(launch.BACKWARD_DKDV_FUSED_DQ, "interpreter", backward)
     for lengths in ([17, 5], [20, 9], [33, 9]):  # max lengths 17, 20 (bucket 32), then 33 (bucket 64)
         q, k, v, layout = varlen_inputs(lengths, lengths, 2, 1, 16, 16, torch.float32)
         check_against_reference(q, k, v, scale=0.25, **layout)
@@ -444,14 +444,18 @@ def test_varlen_max_lengths_in_one_bucket_share_the_autotune_key(monkeypatch):
 
 class _PointerForwardForbidden:
     def __getitem__(self, grid):
-        raise AssertionError("the pointer forward ran although PYATTN_ATTENTION_TMA=1 selected the TMA path")
+        raise AssertionError("the pointer forward ran although use_tma=True selected the TMA path")
+
+
+class _TmaForwardForbidden:
+    def __getitem__(self, grid):
+        raise AssertionError("the TMA forward ran although use_tma=False selected the pointer path")
 
 
 @pytest.fixture
 def forced_tma(monkeypatch):
-    """PYATTN_ATTENTION_TMA=1, with the pointer forward unreachable so that no silent fallback can pass."""
-    monkeypatch.setenv(kernels.TMA_ENV, "1")
-    monkeypatch.setattr(kernels, "_attention_forward", _PointerForwardForbidden())
+    """The pointer forward unreachable (the tests pass use_tma=True), so that no silent fallback can pass."""
+    monkeypatch.setattr(launch.FORWARD, "interpreter", _PointerForwardForbidden())
 
 
 # Ragged lengths (17, 129: the last tile is mostly past the sequence, which the descriptor zero-fills),
@@ -472,7 +476,7 @@ TMA_CASES = {
 def test_tma_forward_matches_reference(name, forced_tma):
     shape, options = TMA_CASES[name]
     q, k, v = make_inputs(*shape, torch.float16)  # fp32 is not a TMA dtype; bf16 only on the GPU
-    check_against_reference(q, k, v, scale=shape[5] ** -0.5, **options)
+    check_against_reference(q, k, v, scale=shape[5] ** -0.5, use_tma=True, **options)
 
 
 @pytest.mark.interpreter
@@ -480,44 +484,53 @@ def test_tma_forward_matches_reference(name, forced_tma):
 def test_tma_forward_composes_with_every_dense_option(name, forced_tma):
     # Only the tile loads differ from the pointer path, so ALiBi, masks and dropout come along unchanged.
     q, k, v = make_inputs(2, 2, 1, 33, 47, 32, 32, torch.float16)
-    check_against_reference(q, k, v, scale=0.3, **OPTIONS[name])
+    check_against_reference(q, k, v, scale=0.3, use_tma=True, **OPTIONS[name])
 
 
 @pytest.mark.interpreter
 def test_tma_forward_with_mask_and_dropout(forced_tma):
     q, k, v = make_inputs(2, 2, 1, 33, 47, 16, 16, torch.float16)
     mask = (torch.rand(2, 1, 33, 47) > 0.3).expand(2, 2, 33, 47)
-    check_against_reference(q, k, v, scale=0.25, mask=mask, window_right=4)
+    check_against_reference(q, k, v, scale=0.25, mask=mask, window_right=4, use_tma=True)
     keep = kernels.attention_dropout_keep_mask(2, 2, 33, 47, **DROPOUT, device="cpu")
-    check_against_reference(q, k, v, scale=0.25, dropout_keep_mask=keep, **DROPOUT)
+    check_against_reference(q, k, v, scale=0.25, dropout_keep_mask=keep, use_tma=True, **DROPOUT)
 
 
 @pytest.mark.interpreter
-def test_tma_forward_equals_pointer_forward_bitwise(monkeypatch):
+def test_tma_forward_equals_pointer_forward_bitwise():
     # The interpreter runs both paths' arithmetic in the same order: any difference is a loading bug.
     q, k, v = make_inputs(1, 4, 2, 129, 17, 64, 64, torch.float16)
     options = dict(scale=0.125, window_left=40, window_right=0, diagonal_offset=-100)
-    monkeypatch.setenv(kernels.TMA_ENV, "0")
-    pointer = kernels.attention_forward(q, k, v, **options)
-    monkeypatch.setenv(kernels.TMA_ENV, "1")
-    tma = kernels.attention_forward(q, k, v, **options)
+    pointer = kernels.attention_forward(q, k, v, use_tma=False, **options)
+    tma = kernels.attention_forward(q, k, v, use_tma=True, **options)
     assert torch.equal(pointer[0], tma[0]) and torch.equal(pointer[1], tma[1])
 
 
 @pytest.mark.interpreter
-def test_tma_selection_is_automatic_only_on_hopper_and_overridable(monkeypatch):
+def test_tma_is_chosen_by_the_caller_and_its_eligibility_is_pure(monkeypatch):
     q, k, v = make_inputs(1, 2, 1, 17, 17, 64, 64, torch.float16)
-    monkeypatch.delenv(kernels.TMA_ENV, raising=False)
-    assert not kernels._forward_uses_tma(q, k, v, False), "auto must keep the pointer path in the interpreter"
-    monkeypatch.setenv(kernels.TMA_ENV, "0")
-    assert not kernels._forward_uses_tma(q, k, v, False)
-    monkeypatch.setenv(kernels.TMA_ENV, "1")
-    assert kernels._forward_uses_tma(q, k, v, False)
-    monkeypatch.setenv(kernels.TMA_ENV, "yes")
-    with pytest.raises(ValueError, match="PYATTN_ATTENTION_TMA must be 0, 1 or unset"):
-        kernels.attention_forward(q, k, v, scale=0.125)
-    monkeypatch.setattr(kernels, "_INTERPRET", False)  # compiled Triton: CPU tensors are not a Hopper GPU
-    assert "compute capability >= 9.0" in kernels._tma_unsupported_reason(q, k, v, False)
+    # The default is the pointer path, whatever the call: choosing TMA is dispatch's job, not the launcher's.
+    tma_tuner = launch.FORWARD_TMA.interpreter
+    monkeypatch.setattr(launch.FORWARD_TMA, "interpreter", _TmaForwardForbidden())
+    pointer_out, _ = kernels.attention_forward(q, k, v, scale=0.125)
+    monkeypatch.setattr(launch.FORWARD_TMA, "interpreter", tma_tuner)
+    monkeypatch.setattr(launch.FORWARD, "interpreter", _PointerForwardForbidden())
+    tma_out, _ = kernels.attention_forward(q, k, v, scale=0.125, use_tma=True)
+    assert torch.equal(pointer_out, tma_out)
+    with pytest.raises(TypeError, match="use_tma must be a bool"):
+        kernels.attention_forward(q, k, v, scale=0.125, use_tma="yes")
+    # The rule reads metadata and the given capability only: the same answer on meta tensors, for any device.
+    meta = [torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta") for x in (q, k, v)]
+    for tensors in ((q, k, v), meta):
+        assert kernels.tma_unsupported_reason(*tensors, varlen=False, capability=(9, 0)) is None
+        assert "compute capability >= 9.0 (not a CUDA GPU)" in kernels.tma_unsupported_reason(
+            *tensors, varlen=False, capability=None)
+        assert "compute capability 8.0" in kernels.tma_unsupported_reason(*tensors, varlen=False, capability=(8, 0))
+        assert "varlen" in kernels.tma_unsupported_reason(*tensors, varlen=True, capability=(9, 0))
+    # A meta view's pointer carries its storage offset, so misalignment shows without data.
+    shifted = torch.empty(4 + 2 * 17 * 64, dtype=torch.float16, device="meta")[4:].view(1, 2, 17, 64)
+    assert "not 16-byte aligned" in kernels.tma_unsupported_reason(shifted, *meta[1:], varlen=False,
+                                                                   capability=(9, 0))
 
 
 class _TmaLaunchFails:
@@ -531,37 +544,31 @@ class _TmaLaunchFails:
 
 
 @pytest.mark.interpreter
-def test_tma_launch_failure_in_auto_mode_warns_once_and_falls_back(monkeypatch):
+def test_tma_launch_failure_leaves_no_state_behind(monkeypatch):
+    # There is no fallback and no process-wide switch: a failed TMA launch raises, the next pointer call is
+    # unaffected, and the next TMA call tries TMA again.
     q, k, v = make_inputs(1, 2, 1, 33, 47, 64, 64, torch.float16)
     options = dict(scale=0.125, window_right=0)
-    monkeypatch.setenv(kernels.TMA_ENV, "0")
     pointer_out, pointer_lse = kernels.attention_forward(q, k, v, **options)
-    monkeypatch.delenv(kernels.TMA_ENV)
-    monkeypatch.setattr(kernels, "_tma_auto_enabled", True)  # auto selection as on an H100
-    monkeypatch.setattr(kernels, "_attention_forward_tma", _TmaLaunchFails())
-    assert kernels._forward_uses_tma(q, k, v, False)
-    with pytest.warns(RuntimeWarning, match="TMA forward failed .*simulated TMA compile error"):
+    monkeypatch.setattr(launch.FORWARD_TMA, "interpreter", _TmaLaunchFails())
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="simulated TMA compile error"):
+            kernels.attention_forward(q, k, v, use_tma=True, **options)
         out, lse = kernels.attention_forward(q, k, v, **options)
-    assert torch.equal(out, pointer_out) and torch.equal(lse, pointer_lse)
-    assert not kernels._forward_uses_tma(q, k, v, False), "the TMA path must stay off for the rest of the process"
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no second TMA attempt, no second warning
-        out, _ = kernels.attention_forward(q, k, v, **options)
-    assert torch.equal(out, pointer_out)
+        assert torch.equal(out, pointer_out) and torch.equal(lse, pointer_lse)
 
 
 @pytest.mark.interpreter
 def test_tma_launch_failure_with_forced_tma_propagates(monkeypatch):
+    import warnings
+
     q, k, v = make_inputs(1, 2, 1, 33, 47, 64, 64, torch.float16)
-    monkeypatch.setenv(kernels.TMA_ENV, "1")
-    monkeypatch.setattr(kernels, "_tma_auto_enabled", True)
-    monkeypatch.setattr(kernels, "_attention_forward_tma", _TmaLaunchFails())
-    monkeypatch.setattr(kernels, "_attention_forward", _PointerForwardForbidden())
+    monkeypatch.setattr(launch.FORWARD_TMA, "interpreter", _TmaLaunchFails())
+    monkeypatch.setattr(launch.FORWARD, "interpreter", _PointerForwardForbidden())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with pytest.raises(RuntimeError, match="simulated TMA compile error"):
-            kernels.attention_forward(q, k, v, scale=0.125)
-    assert kernels._tma_auto_enabled, "a forced TMA failure must not change auto mode"
+            kernels.attention_forward(q, k, v, scale=0.125, use_tma=True)
 
 
 def _misaligned_rows(dtype=torch.float16):
@@ -586,7 +593,7 @@ TMA_INELIGIBLE = [
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("case, change, message", TMA_INELIGIBLE, ids=[case[0] for case in TMA_INELIGIBLE])
-def test_tma_forced_on_an_ineligible_call_raises_the_reason(case, change, message, monkeypatch):
+def test_tma_forced_on_an_ineligible_call_raises_the_reason(case, change, message):
     change = dict(change)
     dtype, head_dim = change.pop("dtype", torch.float16), change.pop("head_dim", 64)
     q, k, v = make_inputs(1, 2, 2, 17, 17, head_dim, head_dim, dtype)
@@ -596,11 +603,9 @@ def test_tma_forced_on_an_ineligible_call_raises_the_reason(case, change, messag
     layout = {}
     if change.pop("varlen", False):
         q, k, v, layout = varlen_inputs([17, 5], [17, 9], 2, 2, 64, 64, torch.float16)
-    monkeypatch.setenv(kernels.TMA_ENV, "1")
-    with pytest.raises(ValueError, match=f"PYATTN_ATTENTION_TMA=1 forces the TMA forward, but .*{message}"):
-        kernels.attention_forward(q, k, v, scale=0.125, **layout)
-    monkeypatch.setenv(kernels.TMA_ENV, "0")  # the pointer path takes every one of them
-    check_against_reference(q, k, v, scale=0.125, **layout)
+    with pytest.raises(ValueError, match=f"use_tma=True, but .*{message}"):
+        kernels.attention_forward(q, k, v, scale=0.125, use_tma=True, **layout)
+    check_against_reference(q, k, v, scale=0.125, **layout)  # the pointer path takes every one of them
 
 
 # On an H100 (plain pytest process): the TMA path against the pointer path and the float64 reference.
@@ -624,15 +629,13 @@ TMA_GPU_OPTIONS = {
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("options", TMA_GPU_OPTIONS)
 @pytest.mark.parametrize("shape", TMA_GPU_SHAPES, ids=lambda s: "B{}_H{}_Hk{}_L{}_S{}_D{}_Dv{}".format(*s))
-def test_gpu_tma_forward_matches_pointer_forward_and_reference(shape, options, dtype, monkeypatch):
+def test_gpu_tma_forward_matches_pointer_forward_and_reference(shape, options, dtype):
     q, k, v = (x.cuda() for x in make_inputs(*shape, dtype))
     call = dict(scale=shape[5] ** -0.5, **TMA_GPU_OPTIONS[options])
-    monkeypatch.delenv(kernels.TMA_ENV, raising=False)
-    assert kernels._forward_uses_tma(q, k, v, False), "auto must pick the TMA path for this call on sm_90"
-    monkeypatch.setenv(kernels.TMA_ENV, "1")
-    out_tma, lse_tma = kernels.attention_forward(q, k, v, **call)
-    monkeypatch.setenv(kernels.TMA_ENV, "0")
-    out_pointer, lse_pointer = kernels.attention_forward(q, k, v, **call)
+    capability = torch.cuda.get_device_capability(q.device)
+    assert kernels.tma_unsupported_reason(q, k, v, varlen=False, capability=capability) is None
+    out_tma, lse_tma = kernels.attention_forward(q, k, v, use_tma=True, **call)
+    out_pointer, lse_pointer = kernels.attention_forward(q, k, v, use_tma=False, **call)
     ref_out, ref_lse = reference_attention(q.double(), k.double(), v.double(), **call)
     finite = torch.isfinite(ref_lse)  # causal with L > S: the first L − S rows see no key (lse = −inf)
     for name, out, lse in (("tma", out_tma, lse_tma), ("pointer", out_pointer, lse_pointer)):
@@ -647,16 +650,19 @@ def test_gpu_tma_forward_matches_pointer_forward_and_reference(shape, options, d
 @pytest.mark.requires_cuda
 @pytest.mark.requires_sm90
 @pytest.mark.skipif(INTERPRET, reason="GPU test: run it in the plain process, without TRITON_INTERPRET")
-def test_gpu_tma_auto_selection_falls_back_on_ineligible_calls(monkeypatch):
-    monkeypatch.delenv(kernels.TMA_ENV, raising=False)
+def test_gpu_tma_ineligible_calls_name_their_reason_and_run_on_pointers(monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # fp32 dots in IEEE fp32
     q, k, v = (x.cuda() for x in make_inputs(1, 2, 1, 65, 65, 64, 64, torch.bfloat16))
-    assert kernels._forward_uses_tma(q, k, v, False)
+    capability = torch.cuda.get_device_capability(q.device)
+    assert kernels.tma_unsupported_reason(q, k, v, varlen=False, capability=capability) is None
     rows_136_bytes = random_tensor(1, 2, 65, 68, dtype=torch.bfloat16, device="cuda")[..., :64]
     cases = {"fp32": ((q.float(), k.float(), v.float()), RTOL[torch.float32]),
              "misaligned": ((rows_136_bytes, k, v), RTOL[q.dtype])}
     for name, (inputs, rtol) in cases.items():
-        assert not kernels._forward_uses_tma(*inputs, False), name
+        reason = kernels.tma_unsupported_reason(*inputs, varlen=False, capability=capability)
+        assert reason is not None, name
+        with pytest.raises(ValueError, match="use_tma=True, but"):
+            kernels.attention_forward(*inputs, scale=0.125, use_tma=True)
         out, _ = kernels.attention_forward(*inputs, scale=0.125)
         ref, _ = reference_attention(*(x.double() for x in inputs), scale=0.125)
         assert_close(out, ref, rtol, name)
@@ -687,7 +693,7 @@ def test_gpu_fp32_is_strict_fp32_unless_tf32_is_allowed(options, monkeypatch):
         assert_close(result[finite], reference[finite], RTOL[torch.float32], name)
     # With TF32 allowed the kernels follow torch into TF32: still within its own bound.
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    assert kernels._dot_precision(torch.float32) == "tf32"
+    assert launch._dot_precision(torch.float32) == "tf32"
     out, _ = kernels.attention_forward(q, k, v, scale=128 ** -0.5, **options)
     assert_close(out, references[0], RTOL_TF32, "tf32 out")
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import pyattn
-from pyattn._dispatch import BackendUnavailableError, Request, choose
+from pyattn._dispatch import BackendUnavailableError, Request, choose, default_backend
 from pyattn.reference import lstm as reference
 from tests.conftest import RTOL, assert_close, poison_, random_tensor, relative_error
 
@@ -27,7 +27,14 @@ def kernels():
 
 
 @pytest.fixture
-def poisoned_allocations(monkeypatch, kernels):
+def launch():
+    from pyattn.kernels.lstm import launch
+
+    return launch
+
+
+@pytest.fixture
+def poisoned_allocations(monkeypatch, launch):
     """Every tensor the launchers allocate with torch.empty starts as NaN: an unwritten element shows."""
 
     class PoisonedTorch:
@@ -38,36 +45,38 @@ def poisoned_allocations(monkeypatch, kernels):
         def empty(*args, **kwargs):
             return poison_(torch.empty(*args, **kwargs))
 
-    monkeypatch.setattr(kernels, "torch", PoisonedTorch())
+    monkeypatch.setattr(launch, "torch", PoisonedTorch())
 
 
 @pytest.fixture(params=RECURRENCES)
-def recurrence(request, monkeypatch, kernels):
-    """Forces the layer's recurrence kernel (forward and backward) for the duration of a test."""
+def recurrence(request):
+    """Forces the layer's recurrence kernel (forward and backward) for the duration of a test: dispatch's
+    variant ``triton/persistent`` or ``triton/stepwise``."""
     name = {"persistent": "persistent", "per_step": "stepwise"}[request.param]
-    monkeypatch.setenv(kernels.RECURRENCE_ENVIRONMENT_VARIABLE, name)
-    return request.param
+    with pyattn.use_backend(f"triton/{name}"):
+        yield request.param
 
 
-def _record_grid_launches(monkeypatch, kernels) -> list:
+def _record_grid_launches(monkeypatch, launch) -> list:
     """The launch grids of every grid-barrier kernel launch from now on (so a test sees that it ran)."""
     launched = []
-    original = kernels.lstm_sequence_forward_grid_kernel
+    original = launch.lstm_sequence_forward_grid_kernel
 
     class RecordingKernel:
         def __getitem__(self, grid):
             launched.append(grid)
             return original[grid]
 
-    monkeypatch.setattr(kernels, "lstm_sequence_forward_grid_kernel", RecordingKernel())
+    monkeypatch.setattr(launch, "lstm_sequence_forward_grid_kernel", RecordingKernel())
     return launched
 
 
 @pytest.fixture
-def grid_recurrence(monkeypatch, kernels):
-    """Forces the grid-barrier forward (PYATTN_LSTM_TRITON_RECURRENCE=grid); returns its launch grids."""
-    monkeypatch.setenv(kernels.RECURRENCE_ENVIRONMENT_VARIABLE, "grid")
-    return _record_grid_launches(monkeypatch, kernels)
+def grid_recurrence(monkeypatch, launch):
+    """Forces the grid-barrier forward (dispatch's variant ``triton/grid``); returns its launch grids."""
+    launched = _record_grid_launches(monkeypatch, launch)
+    with pyattn.use_backend("triton/grid"):
+        yield launched
 
 
 def _layer_leaves(steps, batch, input_size, hidden_size, dtype, device="cpu", bias="both"):
@@ -84,9 +93,13 @@ def _layer_request(dtype, device="cpu", features=frozenset()):
 
 
 def _triton_op(op, dtype, device="cpu", features=frozenset()):
-    name, implementation = choose(Request(op=op, device=torch.device(device), dtype=dtype, features=frozenset(features)), "triton")
-    assert name == "triton"
-    return implementation
+    """The triton implementation of ``op``: the variant a test forces (``pyattn.use_backend("triton/...")``),
+    else the first triton variant that serves."""
+    forced = default_backend()
+    backend = forced if forced.split("/")[0] == "triton" else "triton"
+    variant = choose(Request(op=op, device=torch.device(device), dtype=dtype, features=frozenset(features)), backend)
+    assert variant.backend == "triton"
+    return variant.implementation
 
 
 def _make_weights(input_size, hidden_size, dtype, device, bias):
@@ -209,24 +222,78 @@ class TestInterpreter:
         )
         assert grid_recurrence == [(1,)] * 2, "the grid kernel did not run (once with grad, once without)"
 
-    def test_recurrence_choice(self, kernels, monkeypatch):
-        """Auto never picks the grid kernel off a GPU (its barrier needs co-resident programs); bad names fail."""
-        monkeypatch.delenv(kernels.RECURRENCE_ENVIRONMENT_VARIABLE, raising=False)
-        cpu = torch.device("cpu")
-        assert kernels.choose_recurrence(16, 768, torch.float16, cpu) == "stepwise"
-        assert kernels.choose_recurrence(4, 64, torch.float16, cpu) == "persistent"
-        monkeypatch.setenv(kernels.RECURRENCE_ENVIRONMENT_VARIABLE, "grid")
-        assert kernels.choose_recurrence(64, 16, torch.float32, cpu) == "grid"
-        monkeypatch.setenv(kernels.RECURRENCE_ENVIRONMENT_VARIABLE, "barrier")
-        with pytest.raises(ValueError, match="PYATTN_LSTM_TRITON_RECURRENCE"):
-            kernels.choose_recurrence(1, 16, torch.float32, cpu)
+    def test_recurrence_eligibility(self, kernels):
+        """The eligibility rules are pure functions of sizes, dtype and the SM count (None: the interpreter,
+        where the grid kernel runs as one program); their reasons name the argument."""
+        assert kernels.persistent_unsupported_reason(64, torch.float16) is None
+        assert kernels.persistent_unsupported_reason(64, torch.float32) is None
+        assert "weight_hh: hidden size 768" in kernels.persistent_unsupported_reason(768, torch.float16)
+        assert "hidden size 65" in kernels.persistent_unsupported_reason(65, torch.float32)
+        assert kernels.grid_unsupported_reason(16, 768, torch.float16, sm_count=132) is None
+        assert kernels.grid_unsupported_reason(16, 768, torch.float16, sm_count=None) is None
+        assert kernels.grid_programs(768, interpreter=False) == 48 and kernels.grid_programs(768, interpreter=True) == 1
+        assert "48 programs" in kernels.grid_unsupported_reason(16, 768, torch.float16, sm_count=32)
+        assert "batch 17" in kernels.grid_unsupported_reason(17, 768, torch.float16, sm_count=132)
+        assert "hidden size 520" in kernels.grid_unsupported_reason(1, 520, torch.float32, sm_count=132)
 
-    def test_layer_grid_rejects_what_it_cannot_run(self, grid_recurrence):
-        lstm_layer = _triton_op("lstm_layer", torch.float32)
-        with pytest.raises(ValueError, match="batch 17"):
-            lstm_layer(**_layer_leaves(2, 17, 4, 8, torch.float32))
-        with pytest.raises(ValueError, match="weight_hh: hidden size 520"):
-            lstm_layer(**_layer_leaves(2, 1, 4, 520, torch.float32))
+    def test_recurrence_is_required_and_checked(self, kernels):
+        """The launchers take the recurrence the caller chose: no default, no environment, bad names fail."""
+        leaves = {name: t.detach() for name, t in _layer_leaves(2, 3, 4, 8, torch.float32).items()}
+        weight_ih, weight_hh = leaves["weight_ih"], leaves["weight_hh"]
+        args = (leaves["input"], leaves["h0"], leaves["c0"], weight_ih, weight_hh, None, None, False, True)
+        with pytest.raises(TypeError, match="recurrence"):
+            kernels.lstm_sequence_forward(*args)
+        for bad in ("barrier", "auto", None):
+            with pytest.raises(ValueError, match=f"recurrence={bad!r}: expected one of"):
+                kernels.lstm_sequence_forward(*args, recurrence=bad)
+        _, _, _, gates, cell_states, hidden_before = kernels.lstm_sequence_forward(*args, recurrence="stepwise")
+        backward_args = (random_tensor(2, 3, 8), None, None, leaves["input"], weight_ih, weight_hh, None, False, gates,
+                         cell_states, hidden_before)
+        with pytest.raises(ValueError, match="recurrence='grid': expected one of \\['persistent', 'stepwise'\\]"):
+            kernels.lstm_sequence_backward(*backward_args, recurrence="grid")
+        stepwise = kernels.lstm_sequence_backward(*backward_args, recurrence="stepwise")
+        persistent = kernels.lstm_sequence_backward(*backward_args, recurrence="persistent")
+        for a, b in zip(stepwise, persistent):
+            assert_close(a, b.double(), RTOL[torch.float32])
+
+    @pytest.mark.parametrize("forward_recurrence,backward_recurrence",
+                             [("persistent", "persistent"), ("grid", "stepwise"), ("stepwise", "stepwise"),
+                              ("stepwise", "persistent")])
+    @pytest.mark.parametrize("reverse,lengths", [(False, None), (True, [3, 7, 1, 0, 5])], ids=["dense", "ragged"])
+    def test_launchers_every_recurrence(self, kernels, poisoned_allocations, forward_recurrence, backward_recurrence,
+                                        reverse, lengths):
+        """The launchers alone (no dispatch): each forward recurrence, then each backward one, against the
+        float64 reference's outputs and autograd gradients."""
+        steps, batch, input_size, hidden_size = 7, 5, 10, 24
+        lengths = None if lengths is None else torch.tensor(lengths)
+        leaves = _layer_leaves(steps, batch, input_size, hidden_size, torch.float32)
+        detached = {name: t.detach() for name, t in leaves.items()}
+        bias = (detached["bias_ih"] + detached["bias_hh"]).float()
+        output, h_n, c_n, gates, cell_states, hidden_before = kernels.lstm_sequence_forward(
+            detached["input"], detached["h0"], detached["c0"], detached["weight_ih"], detached["weight_hh"], bias,
+            lengths, reverse, True, recurrence=forward_recurrence)
+        reference_leaves = _float64(leaves)
+        references = reference.lstm_layer(**reference_leaves, reverse=reverse, lengths=lengths)
+        for name, out, ref in zip(("output", "h_n", "c_n"), (output, h_n, c_n), references):
+            assert_close(out, ref, RTOL[torch.float32], name)
+        upstream = [random_tensor(*out.shape, dtype=torch.float64) for out in references]
+        torch.autograd.backward(references, upstream)
+        grads = kernels.lstm_sequence_backward(
+            upstream[0].float(), upstream[1].float(), upstream[2].float(), detached["input"], detached["weight_ih"],
+            detached["weight_hh"], lengths, reverse, gates, cell_states, hidden_before, recurrence=backward_recurrence)
+        for name, grad in zip(("input", "h0", "c0", "weight_ih", "weight_hh", "bias_ih"), grads):
+            assert_close(grad, reference_leaves[name].grad, RTOL[torch.float32], f"grad of {name}")
+
+    def test_layer_grid_rejects_what_it_cannot_run(self, kernels, grid_recurrence):
+        # The launcher's own safety check, called directly with recurrence="grid" ...
+        for (batch, hidden_size), message in (((17, 8), "batch 17"), ((1, 520), "weight_hh: hidden size 520")):
+            leaves = {name: t.detach() for name, t in _layer_leaves(2, batch, 4, hidden_size, torch.float32).items()}
+            with pytest.raises(ValueError, match=message):
+                kernels.lstm_sequence_forward(leaves["input"], leaves["h0"], leaves["c0"], leaves["weight_ih"],
+                                              leaves["weight_hh"], None, None, False, False, recurrence="grid")
+        # ... and dispatch, where triton/grid is forced: the same reason, before any launch.
+        with pytest.raises(BackendUnavailableError, match="batch 17"):
+            _triton_op("lstm_layer", torch.float32)(**_layer_leaves(2, 17, 4, 8, torch.float32))
         assert grid_recurrence == []
 
     @pytest.mark.parametrize("used", ["output", "h_n", "c_n"])
@@ -470,7 +537,7 @@ class TestGPU:
     def test_layer_grid(self, kernels, poisoned_allocations, grid_recurrence, dtype, batch, hidden_size, reverse, ragged):
         """The grid-barrier forward with a real multi-program grid (hidden tiles across SMs), gradients included."""
         device, steps, input_size = "cuda", 64, 128
-        programs = kernels.grid_programs(hidden_size, torch.device(device))
+        programs = kernels.grid_programs(hidden_size, interpreter=False)
         if programs > torch.cuda.get_device_properties(device).multi_processor_count:
             pytest.skip(f"H={hidden_size} needs {programs} co-resident programs, more than this GPU's SMs")
         lengths = torch.randint(0, steps + 1, (batch,), device=device) if ragged else None
@@ -478,7 +545,7 @@ class TestGPU:
         lstm_layer = _triton_op("lstm_layer", dtype, device, {"lengths"} if ragged else set())
         if kernels.hidden_pad(hidden_size) > kernels.GRID_MAX_HIDDEN[dtype]:
             # fp32 H=1024: 4·16·1024 fp32 of W_hh per program is past shared memory; a clear error, no launch.
-            with pytest.raises(ValueError, match="weight_hh"):
+            with pytest.raises(BackendUnavailableError, match="weight_hh"):
                 lstm_layer(**leaves, reverse=reverse, lengths=lengths)
             assert grid_recurrence == []
             return
@@ -501,18 +568,20 @@ class TestGPU:
             rtol = _gpu_tolerance(dtype, relative_error(leaf.grad, ref_grad))
             assert_close(triton_grads[name], ref_grad, rtol, f"grad of {name}")
 
-    def test_auto_picks_grid(self, kernels, monkeypatch):
-        """B=16, H=768 in fp16: past the register-resident kernel, so auto takes the grid kernel given 48 SMs."""
-        monkeypatch.delenv(kernels.RECURRENCE_ENVIRONMENT_VARIABLE, raising=False)
+    def test_auto_picks_grid(self, kernels, launch, monkeypatch):
+        """B=16, H=768 in fp16: past the register-resident kernel, so the triton backend takes the grid kernel
+        given 48 SMs (dispatch tries persistent, grid, stepwise in that order)."""
         device = torch.device("cuda")
-        needed = kernels.grid_programs(768, device)
+        needed = kernels.grid_programs(768, interpreter=False)
         assert needed == 48
-        if torch.cuda.get_device_properties(device).multi_processor_count < needed:
+        sm_count = torch.cuda.get_device_properties(device).multi_processor_count
+        if sm_count < needed:
             pytest.skip(f"needs {needed} SMs")
-        assert kernels.choose_recurrence(16, 768, torch.float16, device) == "grid"
-        assert kernels.choose_recurrence(17, 768, torch.float16, device) == "stepwise"
-        assert kernels.choose_recurrence(16, 128, torch.float16, device) == "persistent"
-        launched = _record_grid_launches(monkeypatch, kernels)
+        assert kernels.persistent_unsupported_reason(768, torch.float16) is not None
+        assert kernels.grid_unsupported_reason(16, 768, torch.float16, sm_count=sm_count) is None
+        assert kernels.grid_unsupported_reason(17, 768, torch.float16, sm_count=sm_count) is not None
+        assert kernels.persistent_unsupported_reason(128, torch.float16) is None
+        launched = _record_grid_launches(monkeypatch, launch)
         leaves = _layer_leaves(8, 16, 32, 768, torch.float16, "cuda")
         with torch.no_grad():
             output, _, _ = _triton_op("lstm_layer", torch.float16, "cuda")(**leaves)

@@ -1,18 +1,16 @@
-"""Every Triton kernel compiles for real GPUs (sm_90, sm_80), not only in the interpreter.
+"""Every Triton kernel compiles for real GPUs (sm_90, sm_80), not only in the interpreter, and the configs
+autotuning and dispatch may choose neither spill nor overflow shared memory.
 
-The interpreter accepts code the compiler rejects; this compiles each kernel module's AOT_SPECS
-(every kernel × dtype × autotune config users can reach) with ``triton.compile`` for a GPUTarget,
-on this GPU-less machine, and checks shared memory against the device limit. The compiles run in a
-process pool (one worker per core) up front, since a cold compile of the whole set is minutes long;
-each parametrised test then checks its own result.
+The interpreter accepts code the compiler rejects; this compiles each AOT spec (``pyattn.kernels._aot``:
+every kernel × dtype × head dim or hidden size × option set × config × alignment variant a launch can
+produce, each carrying the JIT's specialisation of that launch) with ``triton.compile`` for a GPUTarget, on
+this GPU-less machine. The compiles run once per (spec, arch) in a process pool before the first test, with
+progress on the terminal (a cold run takes minutes), and their figures are kept under Triton's cache
+directory, where ``python -m pyattn.kernels.report`` finds them too; each parametrised test then checks
+its own result.
 """
 
 from __future__ import annotations
-
-import concurrent.futures
-import importlib
-import multiprocessing
-import os
 
 import pytest
 
@@ -22,64 +20,84 @@ triton = pytest.importorskip("triton", reason="triton is not installed")
 
 pytestmark = pytest.mark.skipif(INTERPRET, reason="compiles for GPU targets; the interpreter run skips it")
 
-KERNEL_MODULES = ["pyattn.kernels.attention", "pyattn.kernels.lstm"]
+OPS = ["attention", "lstm"]
 CAPABILITIES = [90, 80]
 
 
-def _module_specs(module_name):
-    specs = getattr(importlib.import_module(module_name), "AOT_SPECS", None)
-    assert specs, f"{module_name} defines no AOT_SPECS"
-    return specs
+def _specs():
+    if INTERPRET:  # under the interpreter there are no JIT functions to specialise
+        return []
+    from pyattn.kernels import _aot
+
+    return [spec for op in OPS for spec in _aot.specs(op).values()]
 
 
-# (module name, index in its AOT_SPECS, spec): the index lets a worker process find the same spec.
-CASES = [(module_name, index, spec) for module_name in KERNEL_MODULES for index, spec in enumerate(_module_specs(module_name))]
-
-
-def _compile_in_worker(module_name: str, index: int, capability: int) -> dict:
-    """Compile one spec; returns what the test checks (an error text instead of raising)."""
-    from pyattn.kernels._aot import compile_spec
-
-    spec = _module_specs(module_name)[index]
-    try:
-        compiled = compile_spec(spec, capability)
-    except Exception as error:  # the test reports it with the spec's name
-        return {"error": f"{type(error).__name__}: {error}"}
-    return {"error": None, "shared": compiled.metadata.shared, "has_cubin": bool(compiled.asm.get("cubin"))}
+SPECS = _specs()
 
 
 @pytest.fixture(scope="module")
 def compiled_results():
-    jobs = [(module_name, index, capability) for module_name, index, spec in CASES for capability in CAPABILITIES
-            if capability >= spec.min_capability]
-    context = multiprocessing.get_context("spawn")  # no fork after torch/triton have started threads
-    workers = max(1, min(len(os.sched_getaffinity(0)), 8))
-    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        futures = {job: pool.submit(_compile_in_worker, *job) for job in jobs}
-        return {job: future.result() for job, future in futures.items()}
+    from pyattn.kernels import _aot
+
+    return _aot.compile_results(_aot.all_jobs(OPS, CAPABILITIES), progress=_aot.progress_stream())
 
 
 @pytest.mark.parametrize("capability", CAPABILITIES, ids=[f"sm{c}" for c in CAPABILITIES])
-@pytest.mark.parametrize("case", CASES, ids=[spec.name for _, _, spec in CASES])
-def test_kernel_compiles_for_gpu(case, capability, compiled_results):
+@pytest.mark.parametrize("spec", SPECS, ids=[spec.name for spec in SPECS])
+def test_kernel_compiles_for_gpu(spec, capability, compiled_results):
     from pyattn.kernels._aot import SHARED_MEMORY_LIMIT
 
-    module_name, index, spec = case
     if capability < spec.min_capability:
         pytest.skip(f"{spec.name} targets sm_{spec.min_capability}+")
-    result = compiled_results[(module_name, index, capability)]
+    result = compiled_results[(spec.op, spec.name, capability)]
     assert result["error"] is None, f"{spec.name} does not compile for sm_{capability}: {result['error']}"
     assert result["has_cubin"], f"{spec.name}: no cubin for sm_{capability}"
-    assert result["shared"] <= SHARED_MEMORY_LIMIT[capability], (
-        f"{spec.name}: {result['shared']} bytes of shared memory > sm_{capability} limit "
+    assert result["shared_bytes"] <= SHARED_MEMORY_LIMIT[capability], (
+        f"{spec.name}: {result['shared_bytes']} bytes of shared memory > sm_{capability} limit "
         f"{SHARED_MEMORY_LIMIT[capability]}"
     )
+    if spec.auto_may_pick:
+        assert result["spill_bytes"] is not None, f"{spec.name}: no register figures (is cuobjdump missing?)"
+        assert result["spill_bytes"] == 0, (
+            f"{spec.name}: autotuning may pick this config, but it spills {result['spill_bytes']} bytes per thread "
+            f"on sm_{capability} ({result['registers']} registers)"
+        )
 
 
-def test_hopper_forward_uses_wgmma():
+def test_specs_model_distinct_launches():
+    """No two specs compile the same kernel (the same specialisation under two names)."""
+    from pyattn.kernels import _aot
+
+    keys = {}
+    for spec in SPECS:
+        key = _aot.spec_key(spec, 90)
+        assert key not in keys, f"{spec.name} and {keys[key]} compile the same kernel"
+        keys[key] = spec.name
+
+
+def test_hopper_forward_uses_wgmma(compiled_results):
     """The sm_90 half-precision attention forward must use Hopper's warpgroup MMA, not only mma.sync."""
-    from pyattn.kernels._aot import compile_spec
+    forwards = [spec for spec in SPECS if spec.kernel_name in ("attention_forward", "attention_forward_tma")
+                and spec.case.startswith(("bf16", "fp16"))]
+    assert forwards
+    for spec in forwards:
+        assert compiled_results[(spec.op, spec.name, 90)]["wgmma"], f"{spec.name}: no wgmma in the sm_90 PTX"
+    for spec in (spec for spec in forwards if spec.kernel_name == "attention_forward_tma"):
+        assert compiled_results[(spec.op, spec.name, 90)]["tma"], f"{spec.name}: no cp.async.bulk.tensor"
 
-    spec = next(spec for module_name, _, spec in CASES
-                if module_name == "pyattn.kernels.attention" and spec.name.startswith("attention_forward[bf16,d128"))
-    assert "wgmma" in compile_spec(spec, 90).asm["ptx"], f"{spec.name}: no wgmma in the sm_90 PTX"
+
+def test_specs_carry_the_jit_specialisation():
+    """The aligned forward's pointers and strides carry tt.divisibility=16 and its unit strides are constants, as
+    a launch with contiguous tensors compiles them; the unaligned one carries no divisibility hint."""
+    by_name = {spec.name: spec for spec in SPECS}
+    aligned = by_name["attention_forward[bf16,d128,plain,aligned,BM128,BN64,w4,s3]"]
+    names = aligned.kernel.arg_names
+    hinted = {names[path[0]] for path, attrs in aligned.attrs.items() if attrs}
+    assert {"Q", "K", "V", "Out", "Lse", "stride_qm", "stride_kn", "seqlen_q", "seqlen_k"} <= hinted
+    constants = {names[path[0]]: value for path, value in aligned.constexprs.items()}
+    assert constants["stride_qd"] == 1 and constants["group_size"] == 1
+    unaligned = next(spec for spec in SPECS if spec.kernel_name == "attention_forward"
+                     and spec.case == "fp16,d128,plain" and spec.variant == "unaligned")
+    names = unaligned.kernel.arg_names
+    hinted = {names[path[0]] for path, attrs in unaligned.attrs.items() if attrs}
+    assert not hinted & {"Q", "K", "V", "stride_qm", "stride_qh", "stride_kn", "seqlen_q", "seqlen_k", "group_size"}

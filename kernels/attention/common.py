@@ -1,0 +1,184 @@
+"""Device helpers shared by the attention kernels: tanh, the Philox dropout draw, score masking, tile loads
+and the band (causal / sliding-window) ranges. docs/attention.md states the semantics these implement."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+# Mask kinds (the kernels' constexpr MASK_KIND).
+NO_MASK, BOOL_MASK, ADDITIVE_MASK = 0, 1, 2
+
+
+@triton.jit
+def tanh(x):
+    # From exp2 of a non-positive argument: no overflow, exact ±1 saturation, and no dependence on
+    # libdevice, whose module path moved between Triton versions.
+    e = tl.exp2(tl.abs(x) * (-2.0 * LOG2E))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x >= 0, t, -t)
+
+
+@triton.jit
+def dropout_keep(seed, batch_head, rows, cols, dropout_p):
+    """True where the element (batch_head, i = rows, j = cols) survives dropout; rows/cols broadcast."""
+    zero = (rows * 0 + cols * 0).to(tl.uint32)
+    random, _, _, _ = tl.philox(seed, cols.to(tl.uint32) + zero, rows.to(tl.uint32) + zero,
+                                zero + batch_head.to(tl.uint32), zero)
+    return tl.uint_to_uniform_float(random) >= dropout_p
+
+
+@triton.jit
+def attention_scores(qk, rows, cols, seqlen_q, seqlen_k, scale, softcap, slope, window_left, window_right,
+                     diagonal_offset, mask_ptr, stride_mm, stride_mn,
+                     MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, ON_EDGE: tl.constexpr):
+    """Scores of one tile in log2 units, −inf where the key is invisible, and tanh(s / softcap).
+
+    ``rows`` (query index i) and ``cols`` (key index j) broadcast to the tile's shape, so the same
+    code serves the (M, N) tiles of the forward/dQ and the transposed (N, M) tiles of dK/dV.
+    ``ON_EDGE`` tiles straddle the window band or the end of a sequence and check visibility;
+    the others were proven fully visible when the loop bounds were cut.
+    """
+    if HAS_SOFTCAP:
+        capped = tanh(qk * (scale / softcap))
+        s = capped * (softcap * LOG2E)
+    else:
+        capped = qk
+        s = qk * (scale * LOG2E)
+    if HAS_ALIBI:
+        distance = tl.abs(rows + diagonal_offset - cols).to(tl.float32)
+        s -= (slope * LOG2E) * distance
+    if MASK_KIND != 0:
+        in_bounds = (rows < seqlen_q) & (cols < seqlen_k)
+        mask = tl.load(mask_ptr + rows * stride_mm + cols * stride_mn, mask=in_bounds, other=0)
+        if MASK_KIND == 1:
+            s = tl.where(mask != 0, s, float("-inf"))
+        else:
+            s += mask.to(tl.float32) * LOG2E
+    if ON_EDGE:
+        visible = (rows < seqlen_q) & (cols < seqlen_k)
+        if HAS_WINDOW_LEFT:
+            visible &= cols >= rows + diagonal_offset - window_left
+        if HAS_WINDOW_RIGHT:
+            visible &= cols <= rows + diagonal_offset + window_right
+        s = tl.where(visible, s, float("-inf"))
+    return s, capped
+
+
+@triton.jit
+def load_tile(ptrs, rows, num_rows, cols, NUM_COLS: tl.constexpr, CHECK_ROWS: tl.constexpr,
+              CHECK_COLS: tl.constexpr):
+    """Load a (rows, cols) tile, masking only the bounds that can be crossed (constexpr)."""
+    if CHECK_ROWS:
+        if CHECK_COLS:
+            tile = tl.load(ptrs, mask=(rows[:, None] < num_rows) & (cols[None, :] < NUM_COLS), other=0.0)
+        else:
+            tile = tl.load(ptrs, mask=rows[:, None] < num_rows, other=0.0)
+    else:
+        if CHECK_COLS:
+            tile = tl.load(ptrs, mask=cols[None, :] < NUM_COLS, other=0.0)
+        else:
+            tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def load_kv_tile(base, batch, kv_head, start_n, offs_n, seqlen_k, offs_d, stride_n, stride_d, HEAD_DIM: tl.constexpr,
+                 HEAD_DIM_PADDED: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
+                 ON_EDGE: tl.constexpr):
+    """A (BLOCK_N, HEAD_DIM_PADDED) key or value tile. With USE_TMA ``base`` is the (B, H, S, D) tensor
+    descriptor (one bulk copy; keys past the sequence are zero-filled, as the masked load fills them),
+    else the pointer to this (batch, kv head)'s first row."""
+    if USE_TMA:
+        tile = base.load([batch, kv_head, start_n, 0]).reshape(BLOCK_N, HEAD_DIM_PADDED)
+    else:
+        tile = load_tile(base + offs_n[:, None] * stride_n + offs_d[None, :] * stride_d, offs_n, seqlen_k, offs_d,
+                         HEAD_DIM, ON_EDGE, HEAD_DIM != HEAD_DIM_PADDED)
+    return tile
+
+
+@triton.jit
+def sequence_bounds(cu_seqlens, batch, max_seqlen, IS_VARLEN: tl.constexpr):
+    """(first row, length) of sequence ``batch``: from cu_seqlens in the varlen layout, else (0, max)."""
+    if IS_VARLEN:
+        start = tl.load(cu_seqlens + batch)
+        length = tl.load(cu_seqlens + batch + 1) - start
+    else:
+        start = batch * 0
+        length = max_seqlen + batch * 0
+    return start, length
+
+
+@triton.jit
+def key_ranges(start_m, seqlen_k, window_left, window_right, diagonal_offset, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr):
+    """Key tiles of query tile [start_m, start_m + BLOCK_M): [lo, hi) holds every visible key and
+    [interior_lo, interior_hi) the tiles visible to every row of the tile and inside the sequence.
+
+    Key j is visible to row i iff i + offset − left ≤ j ≤ i + offset + right. Values are clamped at 0
+    before dividing because Triton's integer division truncates toward zero.
+    """
+    lo = start_m * 0
+    hi = seqlen_k + start_m * 0
+    interior_lo = lo
+    interior_hi = seqlen_k // BLOCK_N * BLOCK_N + start_m * 0
+    if HAS_WINDOW_LEFT:
+        lo = tl.maximum(start_m + diagonal_offset - window_left, 0) // BLOCK_N * BLOCK_N
+        last_row_first_key = tl.maximum(start_m + BLOCK_M - 1 + diagonal_offset - window_left, 0)
+        interior_lo = tl.maximum(lo, tl.cdiv(last_row_first_key, BLOCK_N) * BLOCK_N)
+    if HAS_WINDOW_RIGHT:
+        hi = tl.minimum(hi, tl.maximum(start_m + BLOCK_M + diagonal_offset + window_right, 0))
+        first_row_end = tl.maximum(start_m + diagonal_offset + window_right + 1, 0)
+        interior_hi = tl.minimum(interior_hi, first_row_end // BLOCK_N * BLOCK_N)
+    interior_lo = tl.minimum(interior_lo, hi)
+    interior_hi = tl.maximum(interior_hi, interior_lo)
+    return lo, interior_lo, interior_hi, hi
+
+
+@triton.jit
+def query_ranges(start_n, seqlen_q, seqlen_k, window_left, window_right, diagonal_offset, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr):
+    """Query tiles of key tile [start_n, start_n + BLOCK_N), as :func:`key_ranges` with roles swapped.
+
+    Row i sees key j iff j − offset − right ≤ i ≤ j − offset + left. A key tile that crosses the end
+    of its sequence has no interior: its padding columns must be masked for the fused dQ.
+    """
+    lo = start_n * 0
+    hi = seqlen_q + start_n * 0
+    interior_lo = lo
+    interior_hi = seqlen_q // BLOCK_M * BLOCK_M + start_n * 0
+    if HAS_WINDOW_RIGHT:
+        lo = tl.maximum(start_n - diagonal_offset - window_right, 0) // BLOCK_M * BLOCK_M
+        last_key_first_row = tl.maximum(start_n + BLOCK_N - 1 - diagonal_offset - window_right, 0)
+        interior_lo = tl.maximum(lo, tl.cdiv(last_key_first_row, BLOCK_M) * BLOCK_M)
+    if HAS_WINDOW_LEFT:
+        hi = tl.minimum(hi, tl.maximum(start_n + BLOCK_N - diagonal_offset + window_left, 0))
+        first_key_end = tl.maximum(start_n - diagonal_offset + window_left + 1, 0)
+        interior_hi = tl.minimum(interior_hi, first_key_end // BLOCK_M * BLOCK_M)
+    interior_lo = tl.minimum(interior_lo, hi)
+    interior_hi = tl.maximum(interior_hi, interior_lo)
+    if start_n + BLOCK_N > seqlen_k:
+        interior_hi = interior_lo
+    return lo, interior_lo, interior_hi, hi
+
+
+
+@triton.jit(do_not_specialize=["seed"])  # a fresh random seed per call: one compiled kernel
+def attention_dropout_keep_mask_kernel(Keep, num_heads, seqlen_q, seqlen_k, dropout_p, seed,
+                                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Writes the keep pattern :func:`dropout_keep` draws for one (query tile, head, batch) of (B, H, L, S)."""
+    head = tl.program_id(1)
+    batch = tl.program_id(2)
+    batch_head = batch * num_heads + head
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    keep_ptr = Keep + batch_head.to(tl.int64) * seqlen_q * seqlen_k
+    for start_n in range(0, seqlen_k, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        keep = dropout_keep(seed, batch_head, rows[:, None], cols[None, :], dropout_p)
+        tl.store(keep_ptr + rows[:, None] * seqlen_k + cols[None, :], keep.to(tl.int8),
+                 mask=(rows[:, None] < seqlen_q) & (cols[None, :] < seqlen_k))
+

@@ -1,0 +1,142 @@
+"""Attention forward: one program per (query tile, head, batch) streams the key tiles of its band with an
+online softmax in fp32 (docs/attention.md, "Forward: online softmax"). With USE_TMA (Hopper) the same
+kernel loads its Q/K/V tiles through tensor descriptors."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .common import LN2, attention_scores, dropout_keep, key_ranges, load_kv_tile, load_tile, sequence_bounds
+
+
+@triton.jit
+def _forward_inner(acc, row_sum, row_max, q, k_ptr, v_ptr, mask_ptr, key_start, key_end, rows,
+                   offs_dk, offs_dv, seqlen_q, seqlen_k, stride_kn, stride_kd, stride_vn, stride_vd,
+                   stride_mm, stride_mn, scale, softcap, slope, window_left, window_right,
+                   diagonal_offset, dropout_p, seed, batch, kv_head, batch_head,
+                   HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                   HEAD_DIM_V_PADDED: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
+                   HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_WINDOW_LEFT: tl.constexpr,
+                   HAS_WINDOW_RIGHT: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr,
+                   ON_EDGE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    for start_n in range(key_start, key_end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = load_kv_tile(k_ptr, batch, kv_head, start_n, offs_n, seqlen_k, offs_dk, stride_kn, stride_kd, HEAD_DIM,
+                         HEAD_DIM_PADDED, BLOCK_N, USE_TMA, ON_EDGE)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        s, _ = attention_scores(qk, rows[:, None], offs_n[None, :], seqlen_q, seqlen_k, scale, softcap, slope,
+                                window_left, window_right, diagonal_offset, mask_ptr, stride_mm, stride_mn,
+                                MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, ON_EDGE)
+        # Invariant: acc = Σ_j exp2(s_ij − row_max_i) v_j and row_sum = Σ_j exp2(s_ij − row_max_i) over
+        # the keys seen so far. A row that has seen only invisible keys keeps row_max = −inf; shifting it
+        # by 0 instead keeps exp2 free of −inf − (−inf).
+        new_max = tl.maximum(row_max, tl.max(s, 1))
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        p = tl.exp2(s - shift[:, None])
+        correction = tl.exp2(row_max - shift)
+        row_sum = row_sum * correction + tl.sum(p, 1)
+        acc = acc * correction[:, None]
+        if HAS_DROPOUT:
+            # Dropped after the denominator: dropout acts on normalised probabilities (1/(1−p) at the end).
+            keep = dropout_keep(seed, batch_head, rows[:, None], offs_n[None, :], dropout_p)
+            p = tl.where(keep, p, 0.0)
+        v = load_kv_tile(v_ptr, batch, kv_head, start_n, offs_n, seqlen_k, offs_dv, stride_vn, stride_vd, HEAD_DIM_V,
+                         HEAD_DIM_V_PADDED, BLOCK_N, USE_TMA, ON_EDGE)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        row_max = new_max
+    return acc, row_sum, row_max
+
+
+@triton.jit(do_not_specialize=["seed"])  # a fresh random seed per call: one compiled kernel
+def attention_forward_kernel(
+    Q, K, V, Out, Lse, Mask, AlibiSlopes, CuSeqlensQ, CuSeqlensK,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_lb, stride_lh, stride_lm,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_ab, stride_ah,
+    num_heads, group_size, seqlen_q, seqlen_k, seqlen_q_bucket, seqlen_k_bucket,
+    scale, softcap, window_left, window_right, diagonal_offset, dropout_p, seed,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PADDED: tl.constexpr,
+    IS_VARLEN: tl.constexpr, MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    ALIGN_TO_END: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One query tile of one head. With USE_TMA (dense layout, Hopper) Q, K, V are (B, H, rows, D) tensor
+    descriptors and their strides are unused; everything but the tile loads is the same code."""
+    start_m = tl.program_id(0) * BLOCK_M
+    head = tl.program_id(1)
+    batch = tl.program_id(2)
+    batch_head = batch * num_heads + head
+    kv_head = head // group_size
+    q_start, seqlen_q_b = sequence_bounds(CuSeqlensQ, batch, seqlen_q, IS_VARLEN)
+    k_start, seqlen_k_b = sequence_bounds(CuSeqlensK, batch, seqlen_k, IS_VARLEN)
+    if start_m >= seqlen_q_b:  # a varlen sequence shorter than the grid's max_seqlen_q
+        return
+    if ALIGN_TO_END:  # count the diagonal from this sequence's own bottom-right corner
+        diagonal_offset += seqlen_k_b - seqlen_q_b
+
+    batch64, head64, kv_head64 = batch.to(tl.int64), head.to(tl.int64), kv_head.to(tl.int64)
+    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_dk = tl.arange(0, HEAD_DIM_PADDED)
+    offs_dv = tl.arange(0, HEAD_DIM_V_PADDED)
+    if USE_TMA:
+        q = Q.load([batch, head, start_m, 0]).reshape(BLOCK_M, HEAD_DIM_PADDED)
+        k_ptr = K
+        v_ptr = V
+    else:
+        q_ptr = Q + batch64 * stride_qb + head64 * stride_qh + q_start.to(tl.int64) * stride_qm
+        k_ptr = K + batch64 * stride_kb + kv_head64 * stride_kh + k_start.to(tl.int64) * stride_kn
+        v_ptr = V + batch64 * stride_vb + kv_head64 * stride_vh + k_start.to(tl.int64) * stride_vn
+        q = load_tile(q_ptr + rows[:, None] * stride_qm + offs_dk[None, :] * stride_qd, rows, seqlen_q_b, offs_dk,
+                      HEAD_DIM, True, HEAD_DIM != HEAD_DIM_PADDED)
+    mask_ptr = Mask
+    if MASK_KIND != 0:
+        mask_ptr = Mask + batch64 * stride_mb + head64 * stride_mh
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(AlibiSlopes + batch * stride_ab + head * stride_ah)
+
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_V_PADDED], dtype=tl.float32)
+    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+
+    lo, interior_lo, interior_hi, hi = key_ranges(start_m, seqlen_k_b, window_left, window_right, diagonal_offset,
+                                                  BLOCK_M, BLOCK_N, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT)
+    # Three passes over the band: leading edge tiles, interior tiles (no visibility arithmetic), trailing edge.
+    acc, row_sum, row_max = _forward_inner(
+        acc, row_sum, row_max, q, k_ptr, v_ptr, mask_ptr, lo, interior_lo, rows, offs_dk, offs_dv, seqlen_q_b,
+        seqlen_k_b, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale, softcap, slope,
+        window_left, window_right, diagonal_offset, dropout_p, seed, batch, kv_head, batch_head, HEAD_DIM,
+        HEAD_DIM_PADDED, HEAD_DIM_V, HEAD_DIM_V_PADDED, BLOCK_N, MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, HAS_WINDOW_LEFT,
+        HAS_WINDOW_RIGHT, HAS_DROPOUT, USE_TMA, ON_EDGE=True, DOT_PRECISION=DOT_PRECISION)
+    acc, row_sum, row_max = _forward_inner(
+        acc, row_sum, row_max, q, k_ptr, v_ptr, mask_ptr, interior_lo, interior_hi, rows, offs_dk, offs_dv,
+        seqlen_q_b, seqlen_k_b, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale, softcap,
+        slope, window_left, window_right, diagonal_offset, dropout_p, seed, batch, kv_head, batch_head, HEAD_DIM,
+        HEAD_DIM_PADDED, HEAD_DIM_V, HEAD_DIM_V_PADDED, BLOCK_N, MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, HAS_WINDOW_LEFT,
+        HAS_WINDOW_RIGHT, HAS_DROPOUT, USE_TMA, ON_EDGE=False, DOT_PRECISION=DOT_PRECISION)
+    acc, row_sum, row_max = _forward_inner(
+        acc, row_sum, row_max, q, k_ptr, v_ptr, mask_ptr, interior_hi, hi, rows, offs_dk, offs_dv, seqlen_q_b,
+        seqlen_k_b, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale, softcap, slope,
+        window_left, window_right, diagonal_offset, dropout_p, seed, batch, kv_head, batch_head, HEAD_DIM,
+        HEAD_DIM_PADDED, HEAD_DIM_V, HEAD_DIM_V_PADDED, BLOCK_N, MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, HAS_WINDOW_LEFT,
+        HAS_WINDOW_RIGHT, HAS_DROPOUT, USE_TMA, ON_EDGE=True, DOT_PRECISION=DOT_PRECISION)
+
+    # A row with no visible key has row_sum = 0: output 0 and lse = −inf, never 0/0.
+    has_keys = row_sum > 0
+    safe_sum = tl.where(has_keys, row_sum, 1.0)
+    out = acc / safe_sum[:, None]
+    if HAS_DROPOUT:
+        out = out * (1.0 / (1.0 - dropout_p))
+    lse = tl.where(has_keys, (row_max + tl.log2(safe_sum)) * LN2, float("-inf"))
+    o_ptr = Out + batch64 * stride_ob + head64 * stride_oh + q_start.to(tl.int64) * stride_om
+    tl.store(o_ptr + rows[:, None] * stride_om + offs_dv[None, :] * stride_od, out.to(Out.dtype.element_ty),
+             mask=(rows[:, None] < seqlen_q_b) & (offs_dv[None, :] < HEAD_DIM_V))
+    lse_ptr = Lse + batch64 * stride_lb + head64 * stride_lh + q_start.to(tl.int64) * stride_lm
+    tl.store(lse_ptr + rows * stride_lm, lse, mask=rows < seqlen_q_b)
+

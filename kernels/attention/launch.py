@@ -1,0 +1,428 @@
+"""Attention launchers: input checks, output allocation, grids, the TMA eligibility rule, and the launches.
+
+Nothing here chooses between kernels on its own: the caller (``pyattn`` dispatch) passes ``use_tma`` and
+``deterministic``, and may ask :func:`tma_unsupported_reason` beforehand, on real or ``meta`` tensors.
+Interpreter-only configs are chosen per launch from the tensors' device (see ``_launch.on_interpreter``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from .._launch import on_input_device, on_interpreter
+from .._layout import new_attention_output
+from . import configs
+from .backward import attention_backward_dkdv_kernel, attention_backward_dq_kernel, attention_backward_preprocess_kernel
+from .common import ADDITIVE_MASK, BOOL_MASK, NO_MASK, attention_dropout_keep_mask_kernel
+from .forward import attention_forward_kernel
+
+try:  # host-side TMA descriptors: Triton >= 3.4 (users run 3.6)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
+
+MAX_HEAD_DIM = 256
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TMA_DTYPES = (torch.float16, torch.bfloat16)
+# The interpreter emulates descriptor loads on CPU tensors as the sm_90 hardware performs them (zero-filled
+# boxes included): launches on the interpreter are checked as if on this compute capability.
+INTERPRETER_CAPABILITY = (9, 0)
+
+
+def _empty(shape, dtype, device):
+    """Every buffer a kernel must write in full; the tests swap in NaN-filled ones to catch gaps."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _check_inputs(caller, q, k, v, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                  dropout_p, softcap, seed):
+    """Validate the layout; returns (batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, head_dim_v)."""
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{caller}: {name} must be a tensor, got {type(tensor).__name__}")
+        if tensor.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{caller}: {name} has dtype {tensor.dtype}; expected float16, bfloat16 or float32")
+        if tensor.device != q.device:
+            raise ValueError(f"{caller}: {name} is on {tensor.device} but q is on {q.device}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"{caller}: q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
+    rank = 3 if varlen else 4
+    layout = "(total, heads, head_dim)" if varlen else "(batch, heads, seqlen, head_dim)"
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        if tensor.dim() != rank:
+            raise ValueError(f"{caller}: {name} must be {layout}, got shape {tuple(tensor.shape)}")
+    head_axis, row_axis = (1, 0) if varlen else (1, 2)
+    heads, kv_heads = q.shape[head_axis], k.shape[head_axis]
+    head_dim, head_dim_v = q.shape[-1], v.shape[-1]
+    if k.shape[-1] != head_dim:
+        raise ValueError(f"{caller}: k has head dim {k.shape[-1]} but q has {head_dim}")
+    if v.shape[head_axis] != kv_heads or v.shape[row_axis] != k.shape[row_axis]:
+        raise ValueError(f"{caller}: v {tuple(v.shape)} must match k {tuple(k.shape)} except in the last dim")
+    if kv_heads == 0 or heads % kv_heads != 0:
+        raise ValueError(f"{caller}: q's {heads} heads must be a multiple of k/v's {kv_heads} heads (GQA/MQA)")
+    if max(head_dim, head_dim_v) > MAX_HEAD_DIM or min(head_dim, head_dim_v) < 1:
+        raise ValueError(f"{caller}: head dims {head_dim} (q, k) and {head_dim_v} (v) must be in 1..{MAX_HEAD_DIM}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{caller}: dropout_p must be in [0, 1), got {dropout_p}")
+    if softcap < 0:
+        raise ValueError(f"{caller}: softcap must be >= 0 (0 disables it), got {softcap}")
+    if not 0 <= int(seed) < 2**63:
+        raise ValueError(f"{caller}: seed must be in [0, 2**63), got {seed}")
+    if varlen:
+        for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+            if cu is None:
+                raise ValueError(f"{caller}: the varlen layout needs both cu_seqlens_q and cu_seqlens_k; {name} is None")
+            if cu.dtype != torch.int32 or cu.dim() != 1 or cu.device != q.device:
+                raise ValueError(f"{caller}: {name} must be a 1-D int32 tensor on {q.device}, got {cu.dtype} "
+                                 f"{tuple(cu.shape)} on {cu.device}")
+        if cu_seqlens_q.numel() != cu_seqlens_k.numel() or cu_seqlens_q.numel() < 2:
+            raise ValueError(f"{caller}: cu_seqlens_q and cu_seqlens_k must both have batch + 1 >= 2 entries, got "
+                             f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
+        for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+            if value <= 0:
+                raise ValueError(f"{caller}: {name} must be > 0 in the varlen layout (it bounds the grid), got {value}")
+        if mask is not None:
+            raise ValueError(f"{caller}: mask is supported only in the dense layout, not with cu_seqlens")
+        batch, seqlen_q, seqlen_k = cu_seqlens_q.numel() - 1, max_seqlen_q, max_seqlen_k
+    else:
+        batch, seqlen_q, seqlen_k = q.shape[0], q.shape[2], k.shape[2]
+        if k.shape[0] != batch or v.shape[0] != batch:
+            raise ValueError(f"{caller}: batch sizes differ: q {batch}, k {k.shape[0]}, v {v.shape[0]}")
+    if mask is not None:
+        full = (batch, heads, seqlen_q, seqlen_k)
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or any(
+                size not in (1, want) for size, want in zip(mask.shape, full)):
+            shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"{caller}: mask must have 4 dims, each 1 or the size of (batch, heads, seqlen_q, "
+                             f"seqlen_k) = {full}; got {shape}")
+        if mask.dtype != torch.bool and not mask.is_floating_point():
+            raise TypeError(f"{caller}: mask must be bool (True = takes part) or floating (additive), got {mask.dtype}")
+        if mask.device != q.device:
+            raise ValueError(f"{caller}: mask is on {mask.device} but q is on {q.device}")
+    if alibi_slopes is not None:
+        if (alibi_slopes.dtype != torch.float32 or alibi_slopes.device != q.device
+                or tuple(alibi_slopes.shape) not in ((heads,), (batch, heads))):
+            raise ValueError(f"{caller}: alibi_slopes must be float32 of shape ({heads},) or ({batch}, {heads}) on "
+                             f"{q.device}, got {alibi_slopes.dtype} {tuple(alibi_slopes.shape)} on "
+                             f"{alibi_slopes.device}")
+    return batch, heads, kv_heads, seqlen_q, seqlen_k, head_dim, head_dim_v
+
+
+def _bhmd_strides(tensor, varlen):
+    """Strides in (batch, head, row, feature) order; varlen tensors (total, heads, dim) have no batch stride."""
+    if varlen:
+        return 0, tensor.stride(1), tensor.stride(0), tensor.stride(2)
+    return tensor.stride(0), tensor.stride(1), tensor.stride(2), tensor.stride(3)
+
+
+def _row_stat_strides(stat, varlen):
+    """Strides of lse/delta in (batch, head, row) order: dense (B, H, L), varlen (H, total)."""
+    if varlen:
+        return 0, stat.stride(0), stat.stride(1)
+    return stat.stride(0), stat.stride(1), stat.stride(2)
+
+
+def _mask_arguments(mask):
+    """(pointer tensor, kind, strides): broadcast dims get stride 0 so the kernel reads in bounds."""
+    if mask is None:
+        return None, NO_MASK, (0, 0, 0, 0)
+    strides = tuple(0 if size == 1 else stride for size, stride in zip(mask.shape, mask.stride()))
+    if mask.dtype == torch.bool:
+        return mask.view(torch.uint8), BOOL_MASK, strides
+    return mask, ADDITIVE_MASK, strides
+
+
+def _alibi_strides(alibi_slopes):
+    if alibi_slopes is None:
+        return 0, 0
+    if alibi_slopes.dim() == 1:
+        return 0, alibi_slopes.stride(0)
+    return alibi_slopes.stride(0), alibi_slopes.stride(1)
+
+
+def _feature_constexprs(q, v, mask_kind, varlen, softcap, alibi_slopes, window_left, window_right, dropout_p,
+                        align_to_end):
+    head_dim, head_dim_v = q.shape[-1], v.shape[-1]
+    return dict(
+        HEAD_DIM=head_dim, HEAD_DIM_PADDED=max(16, triton.next_power_of_2(head_dim)),
+        HEAD_DIM_V=head_dim_v, HEAD_DIM_V_PADDED=max(16, triton.next_power_of_2(head_dim_v)),
+        IS_VARLEN=varlen, MASK_KIND=mask_kind, HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
+        HAS_WINDOW_LEFT=window_left >= 0, HAS_WINDOW_RIGHT=window_right >= 0, HAS_DROPOUT=dropout_p > 0,
+        ALIGN_TO_END=bool(align_to_end), DOT_PRECISION=_dot_precision(q.dtype),
+    )
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 dots in strict IEEE fp32 unless torch allows TF32 for matmuls (its default does not), as torch's
+    own fp32 attention does; 16-bit dots ignore the setting."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def tma_unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, varlen: bool,
+                           capability: tuple[int, int] | None) -> str | None:
+    """Why the descriptor (TMA) forward cannot run this call, or None if it can.
+
+    Reads only tensor metadata (dtype, shape, strides, the data pointer's alignment: ``meta`` tensors work,
+    their views' pointers carrying the storage offset) and ``capability``, the compute capability of the GPU
+    the call runs on or is assumed to run on (None: not a CUDA GPU).
+    """
+    if TensorDescriptor is None:
+        return f"Triton {triton.__version__} has no triton.tools.tensor_descriptor (Triton >= 3.4 has)"
+    if varlen:
+        return "the varlen layout is not supported (a tile crossing a sequence end would read the next sequence)"
+    if q.dtype not in TMA_DTYPES:
+        return f"dtype {q.dtype} is not supported (float16 and bfloat16 are)"
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        dim = tensor.shape[-1]
+        if dim < 16 or dim & (dim - 1):
+            return f"{name} has head dim {dim}; the TMA path needs a power of two >= 16"
+        if tensor.numel() == 0:
+            return f"{name} is empty (shape {tuple(tensor.shape)})"
+        if tensor.stride(-1) != 1:
+            return f"{name} has feature stride {tensor.stride(-1)}; the last dim must be contiguous"
+        if tensor.data_ptr() % 16 or any(stride * tensor.element_size() % 16 for stride in tensor.stride()[:-1]):
+            return (f"{name} is not 16-byte aligned (address {tensor.data_ptr():#x}, strides {tuple(tensor.stride())} "
+                    f"in {tensor.element_size()}-byte elements)")
+    if capability is None or tuple(capability) < (9, 0):
+        where = "not a CUDA GPU" if capability is None else f"compute capability {capability[0]}.{capability[1]}"
+        return f"the tensor memory accelerator needs a CUDA GPU of compute capability >= 9.0 ({where})"
+    return None
+
+
+def _launch_capability(device: torch.device) -> tuple[int, int] | None:
+    """The compute capability a launch on ``device`` runs with (the interpreter: ``INTERPRETER_CAPABILITY``)."""
+    if on_interpreter(device):
+        return INTERPRETER_CAPABILITY
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)
+    return None
+
+
+def _tma_descriptor(tensor):
+    """A (B, H, rows, D) descriptor; its block shape is a placeholder until the autotuner's pre_hook sets it."""
+    return TensorDescriptor(tensor, list(tensor.shape), list(tensor.stride()), [1, 1, 16, tensor.shape[-1]])
+
+
+def _set_tma_block_shapes(arguments):
+    """A descriptor's box is part of its type: set it to the tiles of the config about to run."""
+    block_m, block_n = arguments["BLOCK_M"], arguments["BLOCK_N"]
+    arguments["Q"].block_shape = [1, 1, block_m, arguments["HEAD_DIM_PADDED"]]
+    arguments["K"].block_shape = [1, 1, block_n, arguments["HEAD_DIM_PADDED"]]
+    arguments["V"].block_shape = [1, 1, block_n, arguments["HEAD_DIM_V_PADDED"]]
+
+
+class Tuners:
+    """One kernel autotuned twice: over the GPU tables, and over the interpreter's single small config.
+    A launch takes the one for its tensors' device."""
+
+    def __init__(self, kernel, table: dict, **options):
+        self.gpu = configs.autotuned(kernel, table, interpreter=False, **options)
+        self.interpreter = configs.autotuned(kernel, table, interpreter=True, **options)
+
+    def on(self, device: torch.device):
+        return self.interpreter if on_interpreter(device) else self.gpu
+
+
+FORWARD = Tuners(attention_forward_kernel, configs.FORWARD_CONFIGS)
+# The same kernel with USE_TMA: descriptors have no dtype, but Out (in the tuning key) carries it.
+FORWARD_TMA = Tuners(attention_forward_kernel, configs.FORWARD_CONFIGS, pre_hook=_set_tma_block_shapes)
+BACKWARD_DKDV = Tuners(attention_backward_dkdv_kernel, configs.DKDV_CONFIGS)
+# Benchmarking a config adds into DQ: zero it before each trial and before the final run.
+BACKWARD_DKDV_FUSED_DQ = Tuners(attention_backward_dkdv_kernel, configs.DKDV_CONFIGS, reset_to_zero=["DQ"])
+BACKWARD_DQ = Tuners(attention_backward_dq_kernel, configs.DQ_CONFIGS)
+
+
+def _forward_outputs(q, v, shape, varlen):
+    """(out, lse) as the forward allocates them: out laid out like q (dense) or (total_q, Hq, Dv), lse fp32."""
+    batch, heads, _, seqlen_q, _, _, head_dim_v = shape
+    if varlen:
+        return (_empty((q.shape[0], heads, head_dim_v), q.dtype, q.device),
+                _empty((heads, q.shape[0]), torch.float32, q.device))
+    return new_attention_output(q, head_dim_v, empty=_empty), _empty((batch, heads, seqlen_q), torch.float32, q.device)
+
+
+def _band_arguments(q, v, shape, *, scale, mask, window_left, window_right, diagonal_offset, align_to_end, softcap,
+                    alibi_slopes, dropout_p, seed, varlen):
+    """What every band kernel takes after its tensors' strides: (mask tensor, mask and ALiBi strides, the
+    scalars from num_heads to seed, the feature constexprs)."""
+    _, heads, kv_heads, seqlen_q, seqlen_k, _, _ = shape
+    mask_arg, mask_kind, mask_strides = _mask_arguments(mask)
+    scalars = (heads, heads // kv_heads, seqlen_q, seqlen_k, configs.seqlen_bucket(seqlen_q),
+               configs.seqlen_bucket(seqlen_k), float(scale), float(softcap), int(window_left), int(window_right),
+               int(diagonal_offset), float(dropout_p), int(seed))
+    features = _feature_constexprs(q, v, mask_kind, varlen, softcap, alibi_slopes, window_left, window_right,
+                                   dropout_p, align_to_end)
+    return mask_arg, (*mask_strides, *_alibi_strides(alibi_slopes), *scalars), features
+
+
+def _forward_arguments(tiles, out, lse, shape, *, q, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, use_tma, **options):
+    """(positional arguments, constexprs) of ``attention_forward_kernel`` for a launch, less the config's tiles.
+    ``tiles``: q, k, v, or their descriptors with ``use_tma``. ``aot.py`` builds its specs from the same."""
+    varlen = cu_seqlens_q is not None
+    q_, k_, v_ = (tile.base if use_tma else tile for tile in tiles)
+    mask_arg, trailing, features = _band_arguments(q, v, shape, alibi_slopes=alibi_slopes, varlen=varlen, **options)
+    positional = [*tiles, out, lse, mask_arg, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
+                  *_bhmd_strides(q_, varlen), *_bhmd_strides(k_, varlen), *_bhmd_strides(v_, varlen),
+                  *_bhmd_strides(out, varlen), *_row_stat_strides(lse, varlen), *trailing]
+    return positional, dict(features, USE_TMA=use_tma)
+
+
+@on_input_device
+def attention_forward(q, k, v, *, scale, mask=None, window_left=-1, window_right=-1, diagonal_offset=0,
+                      align_to_end=False, softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=0,
+                      cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, use_tma: bool = False):
+    """Flash-attention forward; returns ``(out, lse)``. Shapes and semantics: ``pyattn.reference.attention``.
+
+    ``align_to_end``: sequence b's diagonal offset is ``diagonal_offset + S_b - L_b``, counted from its own
+    bottom-right corner (flash-attn's varlen alignment); varlen lengths are read on the device, never the host.
+
+    Dense: q (B, Hq, L, D), k (B, Hk, S, D), v (B, Hk, S, Dv) -> out (B, Hq, L, Dv), lse (B, Hq, L) fp32.
+    Varlen: q (total_q, Hq, D), k/v (total_k, Hk, ·) -> out (total_q, Hq, Dv), lse (Hq, total_q) fp32.
+    Inputs may have any strides; nothing is copied.
+
+    ``use_tma=True`` loads the Q/K/V tiles through Hopper TMA descriptors (:func:`tma_unsupported_reason`
+    says when a call can); a call that cannot raises ``ValueError`` with the reason, and a failing TMA launch
+    raises its own error: there is no fallback to the pointer path.
+    """
+    if not isinstance(use_tma, bool):
+        raise TypeError(f"attention_forward: use_tma must be a bool, got {use_tma!r}")
+    shape = _check_inputs("attention_forward", q, k, v, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                          max_seqlen_k, dropout_p, softcap, seed)
+    batch, heads, _, seqlen_q, _, _, _ = shape
+    varlen = cu_seqlens_q is not None
+    if use_tma:
+        reason = tma_unsupported_reason(q, k, v, varlen=varlen, capability=_launch_capability(q.device))
+        if reason is not None:
+            raise ValueError(f"attention_forward: use_tma=True, but {reason}")
+    out, lse = _forward_outputs(q, v, shape, varlen)
+    if out.numel() == 0:
+        lse.fill_(float("-inf"))
+        return out.zero_(), lse
+    tiles = [_tma_descriptor(x) for x in (q, k, v)] if use_tma else [q, k, v]
+    positional, constexprs = _forward_arguments(
+        tiles, out, lse, shape, q=q, v=v, scale=scale, mask=mask, window_left=window_left, window_right=window_right,
+        diagonal_offset=diagonal_offset, align_to_end=align_to_end, softcap=softcap, alibi_slopes=alibi_slopes,
+        dropout_p=dropout_p, seed=seed, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, use_tma=use_tma)
+    grid = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), heads, batch)  # noqa: E731
+    (FORWARD_TMA if use_tma else FORWARD).on(q.device)[grid](*positional, **constexprs)
+    return out, lse
+
+
+def _preprocess_config(device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_M, num_warps, num_stages) of the delta kernel: the GPU's, or small tiles in the interpreter."""
+    if on_interpreter(device):
+        return configs.INTERPRETER_PREPROCESS_BLOCK_M, 1, 1
+    return configs.PREPROCESS_CONFIG
+
+
+def _preprocess_arguments(out, grad_out, delta, shape, *, cu_seqlens_q):
+    """(positional arguments, constexprs) of the delta kernel, less BLOCK_M."""
+    varlen = cu_seqlens_q is not None
+    head_dim_v = shape[6]
+    positional = [out, grad_out, delta, cu_seqlens_q, *_bhmd_strides(out, varlen), *_bhmd_strides(grad_out, varlen),
+                  *_row_stat_strides(delta, varlen), shape[3]]
+    return positional, dict(HEAD_DIM_V=head_dim_v, HEAD_DIM_V_PADDED=max(16, triton.next_power_of_2(head_dim_v)),
+                            IS_VARLEN=varlen)
+
+
+def _backward_buffers(q, k, v, lse, *, deterministic):
+    """(delta, dq, dk, dv) as the backward allocates them; dq is the zeroed fp32 accumulator unless deterministic."""
+    delta = _empty(lse.shape, torch.float32, lse.device)
+    dk = _empty(k.shape, k.dtype, k.device)
+    dv = _empty(v.shape, v.dtype, v.device)
+    if deterministic:
+        dq = _empty(q.shape, q.dtype, q.device)
+    else:
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    return delta, dq, dk, dv
+
+
+def _backward_arguments(kernel_kind, grad_out, q, k, v, lse, delta, dq, dk, dv, shape, *, cu_seqlens_q, cu_seqlens_k,
+                        alibi_slopes, deterministic, **options):
+    """(positional arguments, constexprs) of the dK/dV kernel (``kernel_kind`` "dkdv") or the dQ kernel ("dq"),
+    less the config's tiles. ``dq``: the deterministic dQ output, or the fused kernel's fp32 accumulator."""
+    varlen = cu_seqlens_q is not None
+    mask_arg, trailing, features = _band_arguments(q, v, shape, alibi_slopes=alibi_slopes, varlen=varlen, **options)
+    strides = [*_bhmd_strides(q, varlen), *_bhmd_strides(k, varlen), *_bhmd_strides(v, varlen),
+               *_bhmd_strides(grad_out, varlen), *_row_stat_strides(lse, varlen), *_bhmd_strides(dq, varlen)]
+    if kernel_kind == "dkdv":
+        positional = [q, k, v, grad_out, lse, delta, None if deterministic else dq, dk, dv, mask_arg, alibi_slopes,
+                      cu_seqlens_q, cu_seqlens_k, *strides, *_bhmd_strides(dk, varlen), *_bhmd_strides(dv, varlen),
+                      *trailing]
+        return positional, dict(features, FUSED_DQ=not deterministic)
+    positional = [q, k, v, grad_out, lse, delta, dq, mask_arg, alibi_slopes, cu_seqlens_q, cu_seqlens_k, *strides,
+                  *trailing]
+    return positional, features
+
+
+@on_input_device
+def attention_backward(grad_out, q, k, v, out, lse, *, scale, mask=None, window_left=-1, window_right=-1,
+                       diagonal_offset=0, align_to_end=False, softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=0,
+                       cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0,
+                       deterministic=False):
+    """Gradients ``(dq, dk, dv)`` of :func:`attention_forward` given its ``out`` and ``lse``, in q's dtype.
+
+    ``deterministic=False`` adds dQ with fp32 atomics from the dK/dV kernel (one pass over the band);
+    ``True`` computes dQ in its own kernel instead (two passes, bit-reproducible).
+    """
+    shape = _check_inputs("attention_backward", q, k, v, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                          max_seqlen_k, dropout_p, softcap, seed)
+    batch, heads, kv_heads, seqlen_q, seqlen_k, _, head_dim_v = shape
+    varlen = cu_seqlens_q is not None
+    for name, tensor in (("grad_out", grad_out), ("out", out)):
+        if tuple(tensor.shape) != tuple(q.shape[:-1]) + (head_dim_v,):
+            raise ValueError(f"attention_backward: {name} has shape {tuple(tensor.shape)}, expected "
+                             f"{tuple(q.shape[:-1]) + (head_dim_v,)}")
+    expected_lse = (heads, q.shape[0]) if varlen else (batch, heads, seqlen_q)
+    if tuple(lse.shape) != expected_lse or lse.dtype != torch.float32:
+        raise ValueError(f"attention_backward: lse must be float32 of shape {expected_lse}, got {lse.dtype} "
+                         f"{tuple(lse.shape)}")
+    lse = lse.contiguous()  # delta is allocated like lse and the kernels share their strides
+    delta, dq, dk, dv = _backward_buffers(q, k, v, lse, deterministic=deterministic)
+    if grad_out.numel() == 0 or dk.numel() == 0:
+        return torch.zeros_like(q), dk.zero_(), dv.zero_()
+
+    block_m, num_warps, num_stages = _preprocess_config(q.device)
+    positional, constexprs = _preprocess_arguments(out, grad_out, delta, shape, cu_seqlens_q=cu_seqlens_q)
+    attention_backward_preprocess_kernel[(triton.cdiv(seqlen_q, block_m), heads, batch)](
+        *positional, **constexprs, BLOCK_M=block_m, num_warps=num_warps, num_stages=num_stages)
+    options = dict(scale=scale, mask=mask, window_left=window_left, window_right=window_right,
+                   diagonal_offset=diagonal_offset, align_to_end=align_to_end, softcap=softcap,
+                   alibi_slopes=alibi_slopes, dropout_p=dropout_p, seed=seed, cu_seqlens_q=cu_seqlens_q,
+                   cu_seqlens_k=cu_seqlens_k, deterministic=deterministic)
+    positional, constexprs = _backward_arguments("dkdv", grad_out, q, k, v, lse, delta, dq, dk, dv, shape, **options)
+    dkdv = (BACKWARD_DKDV if deterministic else BACKWARD_DKDV_FUSED_DQ).on(q.device)
+    dkdv[lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), kv_heads, batch)](*positional, **constexprs)
+    if not deterministic:
+        return dq.to(q.dtype), dk, dv
+    positional, constexprs = _backward_arguments("dq", grad_out, q, k, v, lse, delta, dq, dk, dv, shape, **options)
+    BACKWARD_DQ.on(q.device)[lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), heads, batch)](
+        *positional, **constexprs)
+    return dq, dk, dv
+
+
+@on_input_device
+def attention_dropout_keep_mask(batch, heads, seqlen_q, seqlen_k, *, dropout_p, seed, device):
+    """The (batch, heads, seqlen_q, seqlen_k) bool pattern of kept probabilities the kernels draw for
+    ``seed`` (varlen: seqlen_* are max_seqlen_* and sequence b uses [b, :, :L_b, :S_b])."""
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"attention_dropout_keep_mask: dropout_p must be in [0, 1), got {dropout_p}")
+    if not 0 <= int(seed) < 2**63:
+        raise ValueError(f"attention_dropout_keep_mask: seed must be in [0, 2**63), got {seed}")
+    keep = _empty((batch, heads, seqlen_q, seqlen_k), torch.int8, device)
+    if keep.numel() == 0:
+        return keep.bool()
+    if on_interpreter(torch.device(device)):
+        block_m = block_n = configs.INTERPRETER_KEEP_MASK_BLOCK
+        num_warps, num_stages = 1, 1
+    else:
+        block_m, block_n, num_warps, num_stages = configs.KEEP_MASK_CONFIG
+    grid = (triton.cdiv(seqlen_q, block_m), heads, batch)
+    attention_dropout_keep_mask_kernel[grid](keep, heads, seqlen_q, seqlen_k, float(dropout_p), int(seed),
+                                             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+                                             num_stages=num_stages)
+    return keep.bool()

@@ -1,0 +1,154 @@
+"""Ahead-of-time compile specs of the LSTM kernels (``tests/test_triton_compile.py`` and
+``python -m pyattn.kernels.report`` compile each for sm_90 and sm_80).
+
+Every spec is a launch: the arguments ``launch.py`` passes (``meta`` tensors allocated and sliced as the
+launchers allocate and slice them, and their integers) run through the JIT's binder, so the spec carries the
+specialisation that launch compiles with. Each kernel × dtype × config (step tiles by batch bucket, the
+persistent kernels' padded hidden sizes, the grid kernel's) is compiled with every optional feature on
+(bias, ragged lengths, reversed, training), in the "aligned" variant (batch and hidden size multiples of 16)
+and, for ``UNALIGNED_DTYPES``, the "unaligned" one (odd batch, hidden and input sizes).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _aot
+from . import configs
+from .cell import lstm_cell_forward_kernel, lstm_step_backward_kernel
+from .sequence import (lstm_sequence_backward_persistent_kernel, lstm_sequence_forward_grid_kernel,
+                       lstm_sequence_forward_persistent_kernel, lstm_sequence_step_forward_kernel)
+
+_DTYPE_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+UNALIGNED_DTYPES = (torch.float16, torch.float32)
+STEPS = 64
+FEATURES = dict(HAS_BIAS=True, HAS_LENGTHS=True, REVERSE=True, STORE_FOR_BACKWARD=True)
+
+
+def _empty(*shape, dtype):
+    return torch.empty(*shape, dtype=dtype, device="meta")
+
+
+def _sizes(variant: str, batch: int, hidden_size: int) -> tuple[int, int, int]:
+    """(batch, hidden size, input size) of the modelled launch: as given, or just below (odd, not multiples of 16)."""
+    if variant == "aligned":
+        return batch, hidden_size, hidden_size
+    return batch - 3, hidden_size - 8 if hidden_size > 16 else hidden_size - 1, hidden_size - 1
+
+
+def _layer_buffers(dtype, steps, batch, hidden_size):
+    """The forward launcher's allocations, training mode (T + 1 cell-state slots, gates, h before each step)."""
+    return dict(projection=_empty(steps, batch, 4 * hidden_size, dtype=dtype),
+                output=_empty(steps, batch, hidden_size, dtype=dtype),
+                h_state=_empty(2, batch, hidden_size, dtype=dtype),
+                c_state=_empty(steps + 1, batch, hidden_size, dtype=torch.float32),
+                gates=_empty(steps, batch, 4 * hidden_size, dtype=dtype),
+                hidden_before=_empty(steps, batch, hidden_size, dtype=dtype),
+                bias=_empty(4 * hidden_size, dtype=torch.float32), lengths=_empty(batch, dtype=torch.int64))
+
+
+def _spec(kernel_name, kernel, case, variant, arguments, num_warps, num_stages, config):
+    return _aot.launch_spec("lstm", kernel_name, case, variant, kernel, arguments, config=config,
+                            num_warps=num_warps, num_stages=num_stages, auto_may_pick=True)
+
+
+def _step_specs(dtype, bucket, variant) -> list[_aot.CompileSpec]:
+    """Cell forward, stepwise layer forward, step backward (layer: with and without a next step; cell) at the
+    tiles of one batch bucket."""
+    config = configs.STEP_CONFIGS[bucket]
+    block_b, block_h, block_k, num_warps, num_stages = config
+    meta = configs.step_meta(config)
+    num_warps, num_stages = meta.pop("num_warps"), meta.pop("num_stages")
+    batch, hidden_size, input_size = _sizes(variant, bucket, 1024)
+    tiles = f"BB{block_b},BH{block_h},BK{block_k},w{num_warps},s{num_stages}"
+    case = f"{_DTYPE_NAME[dtype]},B{batch},H{hidden_size}"
+    step = 5
+    state = _empty(batch, hidden_size, dtype=dtype)
+    cell_forward = dict(x_ptr=_empty(batch, input_size, dtype=dtype), h_ptr=state, c_ptr=state,
+                        w_ih_ptr=_empty(4 * hidden_size, input_size, dtype=dtype),
+                        w_hh_ptr=_empty(4 * hidden_size, hidden_size, dtype=dtype),
+                        bias_ptr=_empty(4 * hidden_size, dtype=torch.float32), h_out_ptr=state, c_out_ptr=state,
+                        gates_ptr=_empty(batch, 4 * hidden_size, dtype=dtype), B=batch, I=input_size, H=hidden_size,
+                        HAS_BIAS=True, STORE_FOR_BACKWARD=True, **meta)
+    b = _layer_buffers(dtype, STEPS, batch, hidden_size)
+    w_hh = _empty(4 * hidden_size, hidden_size, dtype=dtype)
+    layer_forward = dict(projection_ptr=b["projection"], w_hh_ptr=w_hh, bias_ptr=b["bias"], lengths_ptr=b["lengths"],
+                         h_in_ptr=b["h_state"][step % 2], c_in_ptr=b["c_state"][step],
+                         h_out_ptr=b["h_state"][(step + 1) % 2], c_out_ptr=b["c_state"][step + 1],
+                         output_ptr=b["output"], hidden_saved_ptr=b["hidden_before"], gates_ptr=b["gates"][step],
+                         step=step, B=batch, H=hidden_size, T=STEPS, **FEATURES, **meta)
+    dc = _empty(batch, hidden_size, dtype=torch.float32)
+    specs = [_spec("lstm_cell_forward", lstm_cell_forward_kernel, case, variant, cell_forward, num_warps, num_stages,
+                   tiles),
+             _spec("lstm_sequence_step_forward", lstm_sequence_step_forward_kernel, case, variant, layer_forward,
+                   num_warps, num_stages, tiles)]
+    for has_next in (True, False):  # the last step (launched first) has no successor: HAS_NEXT=False
+        layer_backward = dict(dgates_ptr=_empty(STEPS, batch, 4 * hidden_size, dtype=dtype), w_hh_ptr=w_hh,
+                              grad_output_ptr=b["output"], grad_h_n_ptr=state, dc_ptr=dc, gates_ptr=b["gates"][step],
+                              c_prev_ptr=b["c_state"][step], lengths_ptr=b["lengths"], step=step, B=batch,
+                              H=hidden_size, T=STEPS, HAS_NEXT=has_next, HAS_GRAD_OUTPUT=True, HAS_GRAD_H_N=True,
+                              HAS_LENGTHS=True, REVERSE=True, **meta)
+        specs.append(_spec("lstm_step_backward", lstm_step_backward_kernel,
+                           f"{case},layer{'' if has_next else ',last-step'}", variant, layer_backward, num_warps,
+                           num_stages, tiles))
+    # The cell's backward (lstm_cell_backward): T = 1, c_prev in the input dtype, dc standing in for the absent.
+    cell_backward = dict(dgates_ptr=_empty(batch, 4 * hidden_size, dtype=dtype), w_hh_ptr=w_hh, grad_output_ptr=dc,
+                         grad_h_n_ptr=state, dc_ptr=dc, gates_ptr=_empty(batch, 4 * hidden_size, dtype=dtype),
+                         c_prev_ptr=state, lengths_ptr=dc, step=0, B=batch, H=hidden_size, T=1, HAS_NEXT=False,
+                         HAS_GRAD_OUTPUT=False, HAS_GRAD_H_N=True, HAS_LENGTHS=False, REVERSE=False, **meta)
+    specs.append(_spec("lstm_step_backward", lstm_step_backward_kernel, f"{case},cell", variant, cell_backward,
+                       num_warps, num_stages, tiles))
+    return specs
+
+
+def _persistent_specs(dtype, padded, variant) -> list[_aot.CompileSpec]:
+    batch, hidden_size, _ = _sizes(variant, 64, padded)
+    meta = configs.persistent_meta(hidden_size, dtype)
+    num_warps, num_stages = meta.pop("num_warps"), meta.pop("num_stages")
+    tiles = f"BB{meta['BLOCK_B']},HIDDEN{meta['HIDDEN']},w{num_warps},s{num_stages}"
+    case = f"{_DTYPE_NAME[dtype]},B{batch},H{hidden_size}"
+    b = _layer_buffers(dtype, STEPS, batch, hidden_size)
+    w_hh = _empty(4 * hidden_size, hidden_size, dtype=dtype)
+    forward = dict(projection_ptr=b["projection"], w_hh_ptr=w_hh, bias_ptr=b["bias"], lengths_ptr=b["lengths"],
+                   h_state_ptr=b["h_state"], c_state_ptr=b["c_state"], c_slots=STEPS + 1, output_ptr=b["output"],
+                   hidden_saved_ptr=b["hidden_before"], gates_ptr=b["gates"], B=batch, H=hidden_size, T=STEPS,
+                   **FEATURES, **meta)
+    backward = dict(dgates_ptr=_empty(STEPS, batch, 4 * hidden_size, dtype=dtype), w_hh_ptr=w_hh,
+                    grad_output_ptr=b["output"], grad_h_n_ptr=_empty(batch, hidden_size, dtype=dtype),
+                    dc_ptr=_empty(batch, hidden_size, dtype=torch.float32), gates_ptr=b["gates"],
+                    c_state_ptr=b["c_state"], lengths_ptr=b["lengths"], B=batch, H=hidden_size, T=STEPS,
+                    HAS_GRAD_OUTPUT=True, HAS_GRAD_H_N=True, HAS_LENGTHS=True, REVERSE=True, **meta)
+    return [_spec("lstm_sequence_forward_persistent", lstm_sequence_forward_persistent_kernel, case, variant, forward,
+                  num_warps, num_stages, tiles),
+            _spec("lstm_sequence_backward_persistent", lstm_sequence_backward_persistent_kernel, case, variant,
+                  backward, num_warps, num_stages, tiles)]
+
+
+def _grid_spec(dtype, padded, variant) -> _aot.CompileSpec:
+    """The grid kernel at the GPU's tile of GRID_BLOCK_H units (BLOCK_H = HIDDEN is the interpreter's one program)."""
+    batch, hidden_size, _ = _sizes(variant, configs.GRID_BLOCK_B, padded)
+    meta = configs.grid_meta(padded, configs.GRID_BLOCK_H, dtype)
+    num_warps, num_stages = meta.pop("num_warps"), meta.pop("num_stages")
+    tiles = f"BB{meta['BLOCK_B']},BH{meta['BLOCK_H']},HIDDEN{padded},w{num_warps},s{num_stages}"
+    b = _layer_buffers(dtype, STEPS, batch, hidden_size)
+    arguments = dict(projection_ptr=b["projection"], w_hh_ptr=_empty(4 * hidden_size, hidden_size, dtype=dtype),
+                     bias_ptr=b["bias"], lengths_ptr=b["lengths"], h_state_ptr=b["h_state"], c_state_ptr=b["c_state"],
+                     c_slots=STEPS + 1, output_ptr=b["output"], hidden_saved_ptr=b["hidden_before"],
+                     gates_ptr=b["gates"], barrier_ptr=_empty(1, dtype=torch.int32), B=batch, H=hidden_size,
+                     T=STEPS, **FEATURES, **meta)
+    return _spec("lstm_sequence_forward_grid", lstm_sequence_forward_grid_kernel,
+                 f"{_DTYPE_NAME[dtype]},B{batch},H{hidden_size}", variant, arguments, num_warps, num_stages, tiles)
+
+
+def aot_specs() -> list[_aot.CompileSpec]:
+    """Every LSTM kernel specialisation the compile test and the report compile."""
+    specs = []
+    for dtype in _DTYPE_NAME:
+        variants = ("aligned", "unaligned") if dtype in UNALIGNED_DTYPES else ("aligned",)
+        for variant in variants:
+            for bucket in configs.STEP_CONFIGS:
+                specs += _step_specs(dtype, bucket, variant)
+            for padded in configs.persistent_hidden_sizes(dtype):
+                specs += _persistent_specs(dtype, padded, variant)
+            specs += [_grid_spec(dtype, padded, variant) for padded in configs.grid_hidden_sizes(dtype)]
+    return specs

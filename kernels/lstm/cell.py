@@ -1,0 +1,81 @@
+"""One LSTM step as one launch: the fused cell forward (both GEMMs and the gate update) and the step
+backward (the recurrent GEMM dh = dgates_{t+1} · W_hh with the gate gradients in its epilogue), which serves
+the cell (T = 1) and the stepwise backward through time."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .common import accumulate_gates, add_bias, backward_epilogue, forward_epilogue, row_schedule
+
+
+@triton.jit
+def lstm_cell_forward_kernel(
+    x_ptr, h_ptr, c_ptr, w_ih_ptr, w_hh_ptr, bias_ptr, h_out_ptr, c_out_ptr, gates_ptr,
+    B, I, H,
+    HAS_BIAS: tl.constexpr, STORE_FOR_BACKWARD: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One step: gates = x W_ihᵀ + h W_hhᵀ + b in registers, then (h', c') for a (BLOCK_B, BLOCK_H) tile."""
+    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    b_mask, h_mask = offs_b < B, offs_h < H
+    acc_i = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc_f = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc_g = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc_o = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc_i, acc_f, acc_g, acc_o = accumulate_gates(
+        acc_i, acc_f, acc_g, acc_o, x_ptr, w_ih_ptr, I, H, offs_b, b_mask, offs_h, h_mask, BLOCK_K, DOT_PRECISION
+    )
+    acc_i, acc_f, acc_g, acc_o = accumulate_gates(
+        acc_i, acc_f, acc_g, acc_o, h_ptr, w_hh_ptr, H, H, offs_b, b_mask, offs_h, h_mask, BLOCK_K, DOT_PRECISION
+    )
+    if HAS_BIAS:
+        acc_i, acc_f, acc_g, acc_o = add_bias(acc_i, acc_f, acc_g, acc_o, bias_ptr, H, offs_h, h_mask)
+    active = offs_b >= 0
+    time = tl.zeros_like(offs_b).to(tl.int64)
+    forward_epilogue(
+        acc_i, acc_f, acc_g, acc_o, active, time, offs_b, offs_h, b_mask[:, None] & h_mask[None, :], B, H,
+        h_ptr, c_ptr, h_out_ptr, c_out_ptr, h_out_ptr, h_out_ptr, gates_ptr,
+        False, False, False, STORE_FOR_BACKWARD,
+    )
+
+
+# ``step`` changes every launch: specialising on it (== 1, % 16 == 0) would compile three kernels.
+@triton.jit(do_not_specialize=["step"])
+def lstm_step_backward_kernel(
+    dgates_ptr, w_hh_ptr, grad_output_ptr, grad_h_n_ptr, dc_ptr, gates_ptr, c_prev_ptr, lengths_ptr,
+    step, B, H, T,
+    HAS_NEXT: tl.constexpr, HAS_GRAD_OUTPUT: tl.constexpr, HAS_GRAD_H_N: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Iteration ``step`` of backward through time for one tile (the cell is T = 1, step 0).
+
+    dh = dgates_{step+1} · W_hh (K = 4H, read at each row's own time) + the output and h_n gradients;
+    the epilogue writes dgates_step (time order) and the carried dc in place.
+    """
+    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    b_mask, h_mask = offs_b < B, offs_h < H
+    mask = b_mask[:, None] & h_mask[None, :]
+    length, active, time = row_schedule(step, offs_b, b_mask, lengths_ptr, T, REVERSE, HAS_LENGTHS)
+    dh = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    if HAS_NEXT:
+        _, _, time_next = row_schedule(step + 1, offs_b, b_mask, lengths_ptr, T, REVERSE, HAS_LENGTHS)
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = dgates_ptr + (time_next[:, None] * B + offs_b[:, None]) * (4 * H) + offs_k[None, :]
+        w_ptrs = w_hh_ptr + offs_k[:, None] * H + offs_h[None, :]
+        for k_start in range(0, 4 * H, BLOCK_K):
+            k_mask = (k_start + offs_k) < 4 * H
+            a = tl.load(a_ptrs, mask=b_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_mask[:, None] & h_mask[None, :], other=0.0)
+            dh = tl.dot(a, w, dh, input_precision=DOT_PRECISION)
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K * H
+    backward_epilogue(
+        dh, step, length, active, time, offs_b, offs_h, mask, B, H,
+        grad_output_ptr, grad_h_n_ptr, dc_ptr, gates_ptr, c_prev_ptr, dgates_ptr,
+        HAS_LENGTHS, HAS_GRAD_OUTPUT, HAS_GRAD_H_N,
+    )

@@ -1,0 +1,173 @@
+"""Device helpers shared by the LSTM kernels: the row schedule of ragged/reversed batches, the four-gate
+GEMM, and the fused epilogues (the LSTM update forward, the gate gradients backward).
+
+Layouts: gates pre-activation order (i, f, g, o) as torch; saved activated gates are per *iteration*
+(B, 4H) slots; output, gate gradients and the saved "hidden state before the step" are per *time*
+(T, B, ·). Iteration k of row b runs time step t_b(k) = k, or lengths[b]-1-k when reversed; past a
+row's length its state is frozen and it is parked at t = k, where its output and gate gradient are
+written as zeros, so every (t, b) is written exactly once.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tanh(x):
+    # tanh(x) = 2σ(2x) − 1: one exp, saturates cleanly at ±1, and the interpreter runs it.
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def row_schedule(step, offs_b, b_mask, lengths_ptr, num_steps, REVERSE: tl.constexpr, HAS_LENGTHS: tl.constexpr):
+    """Per batch row at iteration ``step``: its length, whether it is active, and its time index."""
+    if HAS_LENGTHS:
+        length = tl.load(lengths_ptr + offs_b, mask=b_mask, other=0).to(tl.int32)
+    else:
+        length = tl.zeros_like(offs_b) + num_steps
+    active = step < length
+    if REVERSE:
+        time = tl.where(active, length - 1 - step, step)
+    else:
+        time = tl.zeros_like(offs_b) + step
+    return length, active, time.to(tl.int64)
+
+
+@triton.jit
+def accumulate_gates(
+    acc_i, acc_f, acc_g, acc_o, a_ptr, w_ptr, K, H, offs_b, b_mask, offs_h, h_mask,
+    BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """acc_q += A · W_qᵀ over K, where W_q is gate q's block (rows q·H + j) of W (4H, K), A is (B, K)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + offs_b[:, None] * K + offs_k[None, :]
+    w_ptrs = w_ptr + offs_h[None, :] * K + offs_k[:, None]  # a (BLOCK_K, BLOCK_H) tile of W_iᵀ
+    gate_stride = H * K
+    for k_start in range(0, K, BLOCK_K):
+        k_mask = (k_start + offs_k) < K
+        a = tl.load(a_ptrs, mask=b_mask[:, None] & k_mask[None, :], other=0.0)
+        w_mask = k_mask[:, None] & h_mask[None, :]
+        w = tl.load(w_ptrs, mask=w_mask, other=0.0)
+        acc_i = tl.dot(a, w, acc_i, input_precision=DOT_PRECISION)
+        w = tl.load(w_ptrs + gate_stride, mask=w_mask, other=0.0)
+        acc_f = tl.dot(a, w, acc_f, input_precision=DOT_PRECISION)
+        w = tl.load(w_ptrs + 2 * gate_stride, mask=w_mask, other=0.0)
+        acc_g = tl.dot(a, w, acc_g, input_precision=DOT_PRECISION)
+        w = tl.load(w_ptrs + 3 * gate_stride, mask=w_mask, other=0.0)
+        acc_o = tl.dot(a, w, acc_o, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    return acc_i, acc_f, acc_g, acc_o
+
+
+@triton.jit
+def add_bias(pre_i, pre_f, pre_g, pre_o, bias_ptr, H, offs_h, h_mask):
+    pre_i += tl.load(bias_ptr + offs_h, mask=h_mask, other=0.0)[None, :]
+    pre_f += tl.load(bias_ptr + H + offs_h, mask=h_mask, other=0.0)[None, :]
+    pre_g += tl.load(bias_ptr + 2 * H + offs_h, mask=h_mask, other=0.0)[None, :]
+    pre_o += tl.load(bias_ptr + 3 * H + offs_h, mask=h_mask, other=0.0)[None, :]
+    return pre_i, pre_f, pre_g, pre_o
+
+
+@triton.jit
+def add_input_projection(pre_i, pre_f, pre_g, pre_o, projection_ptr, time, B, H, offs_b, offs_h, mask):
+    """Adds x_t · W_ihᵀ, precomputed for all steps as (T, B, 4H), at each row's own time index."""
+    row = (time[:, None] * B + offs_b[:, None]) * (4 * H) + offs_h[None, :]
+    pre_i += tl.load(projection_ptr + row, mask=mask, other=0.0).to(tl.float32)
+    pre_f += tl.load(projection_ptr + row + H, mask=mask, other=0.0).to(tl.float32)
+    pre_g += tl.load(projection_ptr + row + 2 * H, mask=mask, other=0.0).to(tl.float32)
+    pre_o += tl.load(projection_ptr + row + 3 * H, mask=mask, other=0.0).to(tl.float32)
+    return pre_i, pre_f, pre_g, pre_o
+
+
+@triton.jit
+def forward_epilogue(
+    pre_i, pre_f, pre_g, pre_o, active, time, offs_b, offs_h, mask, B, H,
+    h_in_ptr, c_in_ptr, h_out_ptr, c_out_ptr, output_ptr, hidden_saved_ptr, gates_ptr,
+    HAS_LENGTHS: tl.constexpr, HAS_OUTPUT: tl.constexpr, SAVE_HIDDEN: tl.constexpr, SAVE_GATES: tl.constexpr,
+):
+    """The LSTM update of one (batch rows × hidden units) tile and every store that follows from it."""
+    state = offs_b[:, None] * H + offs_h[None, :]
+    c_prev = tl.load(c_in_ptr + state, mask=mask, other=0.0).to(tl.float32)
+    input_gate = tl.sigmoid(pre_i)
+    forget_gate = tl.sigmoid(pre_f)
+    cell_gate = tanh(pre_g)
+    output_gate = tl.sigmoid(pre_o)
+    c = forget_gate * c_prev + input_gate * cell_gate
+    h = output_gate * tanh(c)
+    if HAS_LENGTHS or SAVE_HIDDEN:
+        h_prev = tl.load(h_in_ptr + state, mask=mask, other=0.0)
+    at_time = (time[:, None] * B + offs_b[:, None]) * H + offs_h[None, :]
+    if HAS_OUTPUT:
+        # A row past its length outputs zeros (at its parked time index) and keeps its state.
+        tl.store(output_ptr + at_time, tl.where(active[:, None], h, 0.0), mask=mask)
+    if HAS_LENGTHS:
+        h = tl.where(active[:, None], h, h_prev.to(tl.float32))
+        c = tl.where(active[:, None], c, c_prev)
+    tl.store(h_out_ptr + state, h, mask=mask)
+    tl.store(c_out_ptr + state, c, mask=mask)
+    if SAVE_HIDDEN:
+        # dW_hh = Σ_t dgates_tᵀ · h_before_t is one GEMM over time order: keep h_before there.
+        tl.store(hidden_saved_ptr + at_time, h_prev, mask=mask)
+    if SAVE_GATES:
+        gate = offs_b[:, None] * (4 * H) + offs_h[None, :]
+        tl.store(gates_ptr + gate, input_gate, mask=mask)
+        tl.store(gates_ptr + gate + H, forget_gate, mask=mask)
+        tl.store(gates_ptr + gate + 2 * H, cell_gate, mask=mask)
+        tl.store(gates_ptr + gate + 3 * H, output_gate, mask=mask)
+
+
+@triton.jit
+def backward_epilogue(
+    dh, step, length, active, time, offs_b, offs_h, mask, B, H,
+    grad_output_ptr, grad_h_n_ptr, dc_ptr, gates_ptr, c_prev_ptr, dgates_ptr,
+    HAS_LENGTHS: tl.constexpr, HAS_GRAD_OUTPUT: tl.constexpr, HAS_GRAD_H_N: tl.constexpr,
+):
+    """Gate gradients of one tile from dh (its recurrent part) and the carried dc (updated in place)."""
+    state = offs_b[:, None] * H + offs_h[None, :]
+    at_time = (time[:, None] * B + offs_b[:, None]) * H + offs_h[None, :]
+    if HAS_GRAD_H_N:
+        # h_n is the state after a row's last active step, so its gradient enters there.
+        last = (step + 1) >= length
+        dh += tl.where(last[:, None], tl.load(grad_h_n_ptr + state, mask=mask, other=0.0).to(tl.float32), 0.0)
+    if HAS_GRAD_OUTPUT:
+        dh += tl.where(active[:, None], tl.load(grad_output_ptr + at_time, mask=mask, other=0.0).to(tl.float32), 0.0)
+    dc_next = tl.load(dc_ptr + state, mask=mask, other=0.0)
+    gate = offs_b[:, None] * (4 * H) + offs_h[None, :]
+    input_gate = tl.load(gates_ptr + gate, mask=mask, other=0.0).to(tl.float32)
+    forget_gate = tl.load(gates_ptr + gate + H, mask=mask, other=0.0).to(tl.float32)
+    cell_gate = tl.load(gates_ptr + gate + 2 * H, mask=mask, other=0.0).to(tl.float32)
+    output_gate = tl.load(gates_ptr + gate + 3 * H, mask=mask, other=0.0).to(tl.float32)
+    c_prev = tl.load(c_prev_ptr + state, mask=mask, other=0.0).to(tl.float32)
+    tanh_c = tanh(forget_gate * c_prev + input_gate * cell_gate)
+    dc = dc_next + dh * output_gate * (1.0 - tanh_c * tanh_c)
+    d_input_gate = dc * cell_gate * input_gate * (1.0 - input_gate)
+    d_forget_gate = dc * c_prev * forget_gate * (1.0 - forget_gate)
+    d_cell_gate = dc * input_gate * (1.0 - cell_gate * cell_gate)
+    d_output_gate = dh * tanh_c * output_gate * (1.0 - output_gate)
+    dc_prev = dc * forget_gate
+    if HAS_LENGTHS:
+        # A frozen step passes dc through and has no gate gradient.
+        keep = active[:, None]
+        dc_prev = tl.where(keep, dc_prev, dc_next)
+        d_input_gate = tl.where(keep, d_input_gate, 0.0)
+        d_forget_gate = tl.where(keep, d_forget_gate, 0.0)
+        d_cell_gate = tl.where(keep, d_cell_gate, 0.0)
+        d_output_gate = tl.where(keep, d_output_gate, 0.0)
+    tl.store(dc_ptr + state, dc_prev, mask=mask)
+    gate_at_time = (time[:, None] * B + offs_b[:, None]) * (4 * H) + offs_h[None, :]
+    tl.store(dgates_ptr + gate_at_time, d_input_gate, mask=mask)
+    tl.store(dgates_ptr + gate_at_time + H, d_forget_gate, mask=mask)
+    tl.store(dgates_ptr + gate_at_time + 2 * H, d_cell_gate, mask=mask)
+    tl.store(dgates_ptr + gate_at_time + 3 * H, d_output_gate, mask=mask)
+
+
+@triton.jit
+def load_gate_block(w_ptr, row_start, H, offs_row, offs_col, TRANSPOSE: tl.constexpr):
+    """Gate block W[row_start + r, c] (r, c < H) of W (4H, H), zero-padded; transposed to [c, r] if asked."""
+    mask = (offs_row[:, None] < H) & (offs_col[None, :] < H)
+    if TRANSPOSE:
+        return tl.load(w_ptr + (row_start + offs_col[None, :]) * H + offs_row[:, None], mask=mask, other=0.0)
+    return tl.load(w_ptr + (row_start + offs_row[:, None]) * H + offs_col[None, :], mask=mask, other=0.0)

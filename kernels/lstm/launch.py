@@ -1,0 +1,274 @@
+"""LSTM launchers: allocation, grids, the recurrence eligibility rules, and the launches.
+
+The caller (``pyattn`` dispatch) chooses the recurrence kernel and passes it as ``recurrence``; the
+eligibility functions below are pure functions of sizes and dtype (no device query), so dispatch can ask
+them for an assumed GPU. The launchers keep their own safety checks: a grid that could not be co-resident
+raises instead of hanging.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from .._launch import on_input_device, on_interpreter
+from .cell import lstm_cell_forward_kernel, lstm_step_backward_kernel
+from .configs import (BACKWARD_RECURRENCES, FORWARD_RECURRENCES, GRID_BLOCK_B, GRID_BLOCK_H, GRID_MAX_HIDDEN,
+                      PERSISTENT_BLOCK_B, PERSISTENT_MAX_HIDDEN, grid_meta, hidden_pad, persistent_meta, step_config,
+                      step_meta)
+from .sequence import (lstm_sequence_backward_persistent_kernel, lstm_sequence_forward_grid_kernel,
+                       lstm_sequence_forward_persistent_kernel, lstm_sequence_step_forward_kernel)
+
+SUPPORTED_DTYPES = tuple(PERSISTENT_MAX_HIDDEN)
+
+
+def persistent_unsupported_reason(hidden_size: int, dtype: torch.dtype) -> str | None:
+    """Why the persistent recurrence (forward and backward: W_hh resident in one program's registers) cannot run
+    this hidden size and dtype, or None if it can."""
+    if dtype not in PERSISTENT_MAX_HIDDEN:
+        return f"dtype {dtype} is not supported (float16, bfloat16 and float32 are)"
+    limit = PERSISTENT_MAX_HIDDEN[dtype]
+    if hidden_pad(hidden_size) > limit:
+        return (f"weight_hh: hidden size {hidden_size} (padded {hidden_pad(hidden_size)}) in {dtype} is past the "
+                f"persistent recurrence's register-resident W_hh limit (padded {limit})")
+    return None
+
+
+def grid_programs(hidden_size: int, *, interpreter: bool) -> int:
+    """Programs the grid kernel launches: hidden tiles of GRID_BLOCK_H on a GPU, one under the interpreter.
+
+    The interpreter runs programs one after another, so a program spinning at the barrier would wait
+    forever for the next; a single program (owning every hidden unit) meets the barrier alone.
+    """
+    return 1 if interpreter else triton.cdiv(hidden_size, GRID_BLOCK_H)
+
+
+def grid_unsupported_reason(batch: int, hidden_size: int, dtype: torch.dtype, *, sm_count: int | None) -> str | None:
+    """Why the grid-barrier forward cannot run, or None if it can: past these limits it would be wrong (batch),
+    not launch (W_hh slices past shared memory) or hang (more programs than can be resident at once).
+
+    ``sm_count``: the GPU's SM count; None for the interpreter, where the kernel runs as one program.
+    """
+    if dtype not in GRID_MAX_HIDDEN:
+        return f"dtype {dtype} is not supported (float16, bfloat16 and float32 are)"
+    if batch > GRID_BLOCK_B:
+        return f"input: batch {batch} > {GRID_BLOCK_B}, the grid recurrence's one batch tile"
+    if hidden_pad(hidden_size) > GRID_MAX_HIDDEN[dtype]:
+        return (f"weight_hh: hidden size {hidden_size} in {dtype} is past the grid recurrence's on-chip W_hh limit "
+                f"(padded {GRID_MAX_HIDDEN[dtype]})")
+    programs = grid_programs(hidden_size, interpreter=sm_count is None)
+    if sm_count is not None and programs > sm_count:
+        return (f"weight_hh: hidden size {hidden_size} needs {programs} programs for the grid recurrence, more than "
+                f"the {sm_count} SMs that can hold them all at once (its barrier would never complete)")
+    return None
+
+
+def _sm_count(device: torch.device) -> int | None:
+    if on_interpreter(device):
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _step_grid(batch: int, hidden_size: int, config: tuple[int, int, int, int, int]) -> tuple[int, int]:
+    block_b, block_h = config[0], config[1]
+    return triton.cdiv(batch, block_b), triton.cdiv(hidden_size, block_h)
+
+
+def _check_recurrence(caller: str, recurrence, allowed: tuple[str, ...]) -> None:
+    if recurrence not in allowed:
+        raise ValueError(f"{caller}: recurrence={recurrence!r}: expected one of {list(allowed)}")
+
+
+@on_input_device
+def lstm_cell_forward(input, hx, cx, weight_ih, weight_hh, bias, save_gates: bool):
+    """One fused step. ``bias`` is b_ih + b_hh in float32 (4H,) or None.
+
+    Returns (hy, cy, gates): gates are the activated (i, f, g, o) as (B, 4H) when ``save_gates``
+    (backward needs them), else an empty tensor.
+    """
+    batch, input_size = input.shape
+    hidden_size = hx.shape[1]
+    dtype, device = input.dtype, input.device
+    hy = torch.empty((batch, hidden_size), dtype=dtype, device=device)
+    cy = torch.empty((batch, hidden_size), dtype=dtype, device=device)
+    gates = torch.empty((batch, 4 * hidden_size) if save_gates else (0,), dtype=dtype, device=device)
+    config = step_config(batch)
+    lstm_cell_forward_kernel[_step_grid(batch, hidden_size, config)](
+        input.contiguous(), hx.contiguous(), cx.contiguous(), weight_ih.contiguous(), weight_hh.contiguous(),
+        hy if bias is None else bias, hy, cy, gates if save_gates else hy,
+        batch, input_size, hidden_size,
+        HAS_BIAS=bias is not None, STORE_FOR_BACKWARD=save_gates, **step_meta(config),
+    )
+    return hy, cy, gates
+
+
+@on_input_device
+def lstm_cell_backward(grad_hy, grad_cy, input, hx, cx, weight_ih, weight_hh, gates):
+    """Gradients of one step from its saved activated gates (either output gradient may be None).
+
+    Returns (grad_input, grad_hx, grad_cx, grad_weight_ih, grad_weight_hh, grad_bias).
+    """
+    batch, hidden_size = hx.shape
+    dc = torch.zeros(hx.shape, dtype=torch.float32, device=hx.device) if grad_cy is None else grad_cy.float().contiguous().clone()
+    dgates = torch.empty((batch, 4 * hidden_size), dtype=input.dtype, device=input.device)
+    config = step_config(batch)
+    lstm_step_backward_kernel[_step_grid(batch, hidden_size, config)](
+        dgates, weight_hh, dc, dc if grad_hy is None else grad_hy.contiguous(), dc, gates, cx.contiguous(), dc,
+        0, batch, hidden_size, 1,
+        HAS_NEXT=False, HAS_GRAD_OUTPUT=False, HAS_GRAD_H_N=grad_hy is not None, HAS_LENGTHS=False, REVERSE=False,
+        **step_meta(config),
+    )
+    grad_bias = dgates.sum(0, dtype=torch.float32).to(input.dtype)
+    return (
+        dgates @ weight_ih, dgates @ weight_hh, dc.to(cx.dtype),
+        dgates.t() @ input, dgates.t() @ hx, grad_bias,
+    )
+
+
+@on_input_device
+def lstm_sequence_forward(
+    input, h0, c0, weight_ih, weight_hh, bias, lengths, reverse: bool, save_for_backward: bool, *, recurrence: str,
+):
+    """One layer, one direction. ``bias``: b_ih + b_hh in float32 or None; ``lengths``: int64 (B,) or None.
+
+    ``recurrence``: the recurrence kernel, "persistent", "grid" or "stepwise" (a call one of them cannot run —
+    :func:`persistent_unsupported_reason`, :func:`grid_unsupported_reason` — raises ``ValueError``).
+    Returns (output, h_n, c_n, gates, cell_states, hidden_before); the last three are what backward
+    needs (empty unless ``save_for_backward``): activated gates per iteration (T, B, 4H), the float32
+    cell state before each iteration and after the last (T + 1, B, H), and h before each step in
+    time order (T, B, H).
+    """
+    _check_recurrence("lstm_sequence_forward", recurrence, FORWARD_RECURRENCES)
+    steps, batch, input_size = input.shape
+    hidden_size = h0.shape[1]
+    dtype, device = input.dtype, input.device
+    if recurrence == "grid":
+        reason = grid_unsupported_reason(batch, hidden_size, dtype, sm_count=_sm_count(device))
+    elif recurrence == "persistent":
+        reason = persistent_unsupported_reason(hidden_size, dtype)
+    else:
+        reason = None
+    if reason is not None:
+        raise ValueError(f"lstm_sequence_forward: recurrence={recurrence!r} cannot run this call: {reason}")
+    # The input projection of every step at once: one GEMM, off the sequential path.
+    projection = torch.matmul(input.reshape(steps * batch, input_size), weight_ih.t()).view(steps, batch, 4 * hidden_size)
+    weight_hh = weight_hh.contiguous()
+    output = torch.empty((steps, batch, hidden_size), dtype=dtype, device=device)
+    h_state = torch.empty((2, batch, hidden_size), dtype=dtype, device=device)
+    h_state[0].copy_(h0)
+    c_slots = steps + 1 if save_for_backward else 2
+    c_state = torch.empty((c_slots, batch, hidden_size), dtype=torch.float32, device=device)
+    c_state[0].copy_(c0)
+    if save_for_backward:
+        gates = torch.empty((steps, batch, 4 * hidden_size), dtype=dtype, device=device)
+        hidden_before = torch.empty((steps, batch, hidden_size), dtype=dtype, device=device)
+    else:
+        gates = torch.empty((0,), dtype=dtype, device=device)
+        hidden_before = torch.empty((0,), dtype=dtype, device=device)
+    flags = dict(
+        HAS_BIAS=bias is not None, HAS_LENGTHS=lengths is not None, REVERSE=reverse,
+        STORE_FOR_BACKWARD=save_for_backward,
+    )
+    bias_arg = output if bias is None else bias
+    lengths_arg = output if lengths is None else lengths
+    gates_arg = gates if save_for_backward else output
+    hidden_arg = hidden_before if save_for_backward else output
+    if recurrence == "grid":
+        programs = grid_programs(hidden_size, interpreter=on_interpreter(device))
+        padded = hidden_pad(hidden_size)
+        block_h = GRID_BLOCK_H if programs > 1 else padded
+        barrier = torch.zeros((1,), dtype=torch.int32, device=device)
+        lstm_sequence_forward_grid_kernel[(programs,)](
+            projection, weight_hh, bias_arg, lengths_arg, h_state, c_state, c_slots,
+            output, hidden_arg, gates_arg, barrier, batch, hidden_size, steps,
+            **flags, **grid_meta(padded, block_h, dtype),
+        )
+    elif recurrence == "persistent":
+        lstm_sequence_forward_persistent_kernel[(triton.cdiv(batch, PERSISTENT_BLOCK_B),)](
+            projection, weight_hh, bias_arg, lengths_arg, h_state, c_state, c_slots,
+            output, hidden_arg, gates_arg, batch, hidden_size, steps,
+            **flags, **persistent_meta(hidden_size, dtype),
+        )
+    else:
+        config = step_config(batch)
+        grid = _step_grid(batch, hidden_size, config)
+        for step in range(steps):
+            lstm_sequence_step_forward_kernel[grid](
+                projection, weight_hh, bias_arg, lengths_arg,
+                h_state[step % 2], c_state[step % c_slots], h_state[(step + 1) % 2], c_state[(step + 1) % c_slots],
+                output, hidden_arg, gates_arg[step] if save_for_backward else gates_arg,
+                step, batch, hidden_size, steps,
+                **flags, **step_meta(config),
+            )
+    h_n = h_state[steps % 2].clone()
+    c_n = c_state[steps % c_slots].to(dtype, copy=True)
+    cell_states = c_state if save_for_backward else torch.empty((0,), dtype=torch.float32, device=device)
+    return output, h_n, c_n, gates, cell_states, hidden_before
+
+
+@on_input_device
+def lstm_sequence_backward(
+    grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, lengths, reverse: bool,
+    gates, cell_states, hidden_before, *, recurrence: str,
+):
+    """Backward through time from the tensors ``lstm_sequence_forward`` saved (output gradients may be None).
+
+    ``recurrence``: the recurrence kernel, "persistent" (where :func:`persistent_unsupported_reason` allows;
+    else ``ValueError``) or "stepwise". Any forward recurrence's saved tensors serve either.
+    Returns (grad_input, grad_h0, grad_c0, grad_weight_ih, grad_weight_hh, grad_bias).
+    """
+    _check_recurrence("lstm_sequence_backward", recurrence, BACKWARD_RECURRENCES)
+    steps, batch, input_size = input.shape
+    hidden_size = weight_hh.shape[1]
+    dtype, device = input.dtype, input.device
+    if recurrence == "persistent":
+        reason = persistent_unsupported_reason(hidden_size, dtype)
+        if reason is not None:
+            raise ValueError(f"lstm_sequence_backward: recurrence='persistent' cannot run this call: {reason}")
+    weight_hh = weight_hh.contiguous()
+    dgates = torch.empty((steps, batch, 4 * hidden_size), dtype=dtype, device=device)
+    if grad_c_n is None:
+        dc = torch.zeros((batch, hidden_size), dtype=torch.float32, device=device)
+    else:
+        dc = grad_c_n.float().contiguous().clone()
+    grad_output_arg = dc if grad_output is None else grad_output.contiguous()
+    grad_h_n_arg = dc if grad_h_n is None else grad_h_n.contiguous()
+    lengths_arg = dc if lengths is None else lengths
+    flags = dict(
+        HAS_GRAD_OUTPUT=grad_output is not None, HAS_GRAD_H_N=grad_h_n is not None,
+        HAS_LENGTHS=lengths is not None, REVERSE=reverse,
+    )
+    if recurrence == "persistent":
+        lstm_sequence_backward_persistent_kernel[(triton.cdiv(batch, PERSISTENT_BLOCK_B),)](
+            dgates, weight_hh, grad_output_arg, grad_h_n_arg, dc, gates, cell_states, lengths_arg,
+            batch, hidden_size, steps,
+            **flags, **persistent_meta(hidden_size, dtype),
+        )
+    else:
+        config = step_config(batch)
+        grid = _step_grid(batch, hidden_size, config)
+        for step in range(steps - 1, -1, -1):
+            lstm_step_backward_kernel[grid](
+                dgates, weight_hh, grad_output_arg, grad_h_n_arg, dc, gates[step], cell_states[step], lengths_arg,
+                step, batch, hidden_size, steps,
+                HAS_NEXT=step < steps - 1, **flags, **step_meta(config),
+            )
+    # Every weight gradient is one GEMM over all steps of the stacked gate gradients.
+    flat_dgates = dgates.view(steps * batch, 4 * hidden_size)
+    grad_input = torch.matmul(flat_dgates, weight_ih).view(steps, batch, input_size)
+    grad_weight_ih = flat_dgates.t() @ input.reshape(steps * batch, input_size)
+    grad_weight_hh = flat_dgates.t() @ hidden_before.view(steps * batch, hidden_size)
+    grad_bias = flat_dgates.sum(0, dtype=torch.float32).to(dtype)
+    # h0 fed each row's first iteration: at time 0, or at its own last step when reversed.
+    if not reverse:
+        first_dgates = dgates[0]
+    elif lengths is None:
+        first_dgates = dgates[steps - 1]
+    else:
+        first_time = (lengths - 1).clamp(min=0)
+        first_dgates = dgates[first_time, torch.arange(batch, device=device)]
+    grad_h0 = first_dgates @ weight_hh
+    if grad_h_n is not None and lengths is not None:
+        # A row of length 0 never steps: h_n is h0.
+        grad_h0 = grad_h0 + torch.where((lengths == 0)[:, None], grad_h_n, torch.zeros_like(grad_h_n))
+    return grad_input, grad_h0, dc.to(dtype), grad_weight_ih, grad_weight_hh, grad_bias

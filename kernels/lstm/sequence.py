@@ -1,0 +1,208 @@
+"""The layer recurrence: per step (one launch per step), persistent (one launch, a batch tile per program,
+W_hh in registers), grid (one launch, a hidden tile per program, a grid barrier per step), and the persistent
+backward through time. docs/lstm.md has the designs and when each one runs."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .common import (accumulate_gates, add_bias, add_input_projection, backward_epilogue, forward_epilogue,
+                     load_gate_block, row_schedule)
+
+
+# ``step`` changes every launch: specialising on it (== 1, % 16 == 0) would compile three kernels.
+@triton.jit(do_not_specialize=["step"])
+def lstm_sequence_step_forward_kernel(
+    projection_ptr, w_hh_ptr, bias_ptr, lengths_ptr, h_in_ptr, c_in_ptr, h_out_ptr, c_out_ptr,
+    output_ptr, hidden_saved_ptr, gates_ptr,
+    step, B, H, T,
+    HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr, STORE_FOR_BACKWARD: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Iteration ``step`` of the recurrence for one tile: h_prev W_hhᵀ fused with the gate update."""
+    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    b_mask, h_mask = offs_b < B, offs_h < H
+    mask = b_mask[:, None] & h_mask[None, :]
+    _, active, time = row_schedule(step, offs_b, b_mask, lengths_ptr, T, REVERSE, HAS_LENGTHS)
+    pre_i = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    pre_f = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    pre_g = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    pre_o = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    pre_i, pre_f, pre_g, pre_o = accumulate_gates(
+        pre_i, pre_f, pre_g, pre_o, h_in_ptr, w_hh_ptr, H, H, offs_b, b_mask, offs_h, h_mask, BLOCK_K, DOT_PRECISION
+    )
+    pre_i, pre_f, pre_g, pre_o = add_input_projection(
+        pre_i, pre_f, pre_g, pre_o, projection_ptr, time, B, H, offs_b, offs_h, mask
+    )
+    if HAS_BIAS:
+        pre_i, pre_f, pre_g, pre_o = add_bias(pre_i, pre_f, pre_g, pre_o, bias_ptr, H, offs_h, h_mask)
+    forward_epilogue(
+        pre_i, pre_f, pre_g, pre_o, active, time, offs_b, offs_h, mask, B, H,
+        h_in_ptr, c_in_ptr, h_out_ptr, c_out_ptr, output_ptr, hidden_saved_ptr, gates_ptr,
+        HAS_LENGTHS, True, STORE_FOR_BACKWARD, STORE_FOR_BACKWARD,
+    )
+
+
+@triton.jit
+def _persistent_step(
+    h_prev, w_i, w_f, w_g, w_o, projection_ptr, bias_ptr, h_state_ptr, c_state_ptr, c_slots, output_ptr,
+    hidden_saved_ptr, gates_ptr, step, active, time, offs_b, offs_h, mask, h_mask, B, H,
+    HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, STORE_FOR_BACKWARD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One step of the persistent forwards: h_{t-1}·W_hhᵀ with W_hh on chip, then the fused gate update
+    into the ping-pong h slots, the cell-state slots and (training) the saved gates."""
+    state_size = B * H
+    pre_i = tl.dot(h_prev, w_i, input_precision=DOT_PRECISION)
+    pre_f = tl.dot(h_prev, w_f, input_precision=DOT_PRECISION)
+    pre_g = tl.dot(h_prev, w_g, input_precision=DOT_PRECISION)
+    pre_o = tl.dot(h_prev, w_o, input_precision=DOT_PRECISION)
+    pre_i, pre_f, pre_g, pre_o = add_input_projection(
+        pre_i, pre_f, pre_g, pre_o, projection_ptr, time, B, H, offs_b, offs_h, mask
+    )
+    if HAS_BIAS:
+        pre_i, pre_f, pre_g, pre_o = add_bias(pre_i, pre_f, pre_g, pre_o, bias_ptr, H, offs_h, h_mask)
+    forward_epilogue(
+        pre_i, pre_f, pre_g, pre_o, active, time, offs_b, offs_h, mask, B, H,
+        h_state_ptr + (step % 2) * state_size, c_state_ptr + tl.cast(step % c_slots, tl.int64) * state_size,
+        h_state_ptr + ((step + 1) % 2) * state_size,
+        c_state_ptr + tl.cast((step + 1) % c_slots, tl.int64) * state_size,
+        output_ptr, hidden_saved_ptr, gates_ptr + tl.cast(step, tl.int64) * (4 * state_size),
+        HAS_LENGTHS, True, STORE_FOR_BACKWARD, STORE_FOR_BACKWARD,
+    )
+
+
+@triton.jit
+def lstm_sequence_forward_persistent_kernel(
+    projection_ptr, w_hh_ptr, bias_ptr, lengths_ptr, h_state_ptr, c_state_ptr, c_slots,
+    output_ptr, hidden_saved_ptr, gates_ptr,
+    B, H, T,
+    HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr, STORE_FOR_BACKWARD: tl.constexpr,
+    BLOCK_B: tl.constexpr, HIDDEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """All T steps for one batch tile and every hidden unit, W_hhᵀ resident in registers.
+
+    A program only ever reads state rows it wrote itself, so no program waits for another; the
+    barrier per step orders this program's global stores of h before its threads read them back.
+    h ping-pongs between two slots; c uses ``c_slots`` slots (T + 1 when backward needs them all).
+    """
+    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_h = tl.arange(0, HIDDEN)
+    b_mask, h_mask = offs_b < B, offs_h < H
+    mask = b_mask[:, None] & h_mask[None, :]
+    w_i = load_gate_block(w_hh_ptr, 0, H, offs_h, offs_h, True)
+    w_f = load_gate_block(w_hh_ptr, H, H, offs_h, offs_h, True)
+    w_g = load_gate_block(w_hh_ptr, 2 * H, H, offs_h, offs_h, True)
+    w_o = load_gate_block(w_hh_ptr, 3 * H, H, offs_h, offs_h, True)
+    state = offs_b[:, None] * H + offs_h[None, :]
+    state_size = B * H
+    for step in range(0, T):
+        _, active, time = row_schedule(step, offs_b, b_mask, lengths_ptr, T, REVERSE, HAS_LENGTHS)
+        h_in_ptr = h_state_ptr + (step % 2) * state_size
+        h_prev = tl.load(h_in_ptr + state, mask=mask, other=0.0)
+        _persistent_step(
+            h_prev, w_i, w_f, w_g, w_o, projection_ptr, bias_ptr, h_state_ptr, c_state_ptr, c_slots, output_ptr,
+            hidden_saved_ptr, gates_ptr, step, active, time, offs_b, offs_h, mask, h_mask, B, H,
+            HAS_BIAS, HAS_LENGTHS, STORE_FOR_BACKWARD, DOT_PRECISION,
+        )
+        tl.debug_barrier()
+
+
+@triton.jit
+def lstm_sequence_forward_grid_kernel(
+    projection_ptr, w_hh_ptr, bias_ptr, lengths_ptr, h_state_ptr, c_state_ptr, c_slots,
+    output_ptr, hidden_saved_ptr, gates_ptr, barrier_ptr,
+    B, H, T,
+    HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr, STORE_FOR_BACKWARD: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, HIDDEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """All T steps for every batch row and one tile of hidden units, its W_hhᵀ columns in registers.
+
+    Step t needs all of h_{t-1}, written by every program: h ping-pongs between two global slots and
+    the programs meet at a barrier after each step (a counter in global memory, zeroed before launch,
+    that reaches (t + 1) · programs once every program has stored step t). Two slots suffice: a
+    program writes slot t % 2 again only after that barrier, when every read of it has completed.
+    Correct for any grid, but a program spins until all others arrive: the launcher must keep the
+    grid ≤ the programs resident at once (≤ SM count), and launch one program under the interpreter.
+    """
+    num_programs = tl.num_programs(0)
+    offs_b = tl.arange(0, BLOCK_B)
+    offs_h = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_k = tl.arange(0, HIDDEN)
+    b_mask, h_mask, k_mask = offs_b < B, offs_h < H, offs_k < H
+    mask = b_mask[:, None] & h_mask[None, :]
+    # Gate q's (HIDDEN, BLOCK_H) block of W_hhᵀ: W_hh[q·H + offs_h, offs_k], loaded once.
+    w_mask = k_mask[:, None] & h_mask[None, :]
+    w_columns = w_hh_ptr + offs_h[None, :] * H + offs_k[:, None]
+    w_i = tl.load(w_columns, mask=w_mask, other=0.0)
+    w_f = tl.load(w_columns + H * H, mask=w_mask, other=0.0)
+    w_g = tl.load(w_columns + 2 * H * H, mask=w_mask, other=0.0)
+    w_o = tl.load(w_columns + 3 * H * H, mask=w_mask, other=0.0)
+    every_unit = offs_b[:, None] * H + offs_k[None, :]
+    every_unit_mask = b_mask[:, None] & k_mask[None, :]
+    state_size = B * H
+    for step in range(0, T):
+        _, active, time = row_schedule(step, offs_b, b_mask, lengths_ptr, T, REVERSE, HAS_LENGTHS)
+        h_in_ptr = h_state_ptr + (step % 2) * state_size
+        # Other SMs wrote most of h_{t-1}: read it from L2 (.cg), never from a stale L1 line.
+        h_prev = tl.load(h_in_ptr + every_unit, mask=every_unit_mask, other=0.0, cache_modifier=".cg")
+        _persistent_step(
+            h_prev, w_i, w_f, w_g, w_o, projection_ptr, bias_ptr, h_state_ptr, c_state_ptr, c_slots, output_ptr,
+            hidden_saved_ptr, gates_ptr, step, active, time, offs_b, offs_h, mask, h_mask, B, H,
+            HAS_BIAS, HAS_LENGTHS, STORE_FOR_BACKWARD, DOT_PRECISION,
+        )
+        # Grid barrier. The CTA barrier orders every thread's stores of h_t before the (one-thread,
+        # scalar) release increment; the acquire that sees the target orders the next step's loads.
+        tl.debug_barrier()
+        target = (step + 1) * num_programs
+        arrived = tl.atomic_add(barrier_ptr, 1, sem="acq_rel", scope="gpu") + 1
+        while arrived < target:
+            # A compare-and-swap that never swaps (the count is never negative) reads the counter
+            # atomically; an atomic add of 0 is folded away by the compiler, leaving a loop that never ends.
+            arrived = tl.atomic_cas(barrier_ptr, -1, -1, sem="acquire", scope="gpu")
+        tl.debug_barrier()
+
+
+@triton.jit
+def lstm_sequence_backward_persistent_kernel(
+    dgates_ptr, w_hh_ptr, grad_output_ptr, grad_h_n_ptr, dc_ptr, gates_ptr, c_state_ptr, lengths_ptr,
+    B, H, T,
+    HAS_GRAD_OUTPUT: tl.constexpr, HAS_GRAD_H_N: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr,
+    BLOCK_B: tl.constexpr, HIDDEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """All T steps of backward through time for one batch tile, W_hh resident in registers.
+
+    As in the forward, a program reads back only the dgates rows it wrote, after a barrier.
+    """
+    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_h = tl.arange(0, HIDDEN)
+    b_mask, h_mask = offs_b < B, offs_h < H
+    mask = b_mask[:, None] & h_mask[None, :]
+    w_i = load_gate_block(w_hh_ptr, 0, H, offs_h, offs_h, False)
+    w_f = load_gate_block(w_hh_ptr, H, H, offs_h, offs_h, False)
+    w_g = load_gate_block(w_hh_ptr, 2 * H, H, offs_h, offs_h, False)
+    w_o = load_gate_block(w_hh_ptr, 3 * H, H, offs_h, offs_h, False)
+    state_size = B * H
+    for reverse_step in range(0, T):
+        step = T - 1 - reverse_step
+        length, active, time = row_schedule(step, offs_b, b_mask, lengths_ptr, T, REVERSE, HAS_LENGTHS)
+        _, _, time_next = row_schedule(step + 1, offs_b, b_mask, lengths_ptr, T, REVERSE, HAS_LENGTHS)
+        # The last step has no successor: its loads are masked off and dh starts at zero.
+        next_mask = mask & (step + 1 < T)
+        row_next = (time_next[:, None] * B + offs_b[:, None]) * (4 * H) + offs_h[None, :]
+        d_next = tl.load(dgates_ptr + row_next, mask=next_mask, other=0.0)
+        dh = tl.dot(d_next, w_i, input_precision=DOT_PRECISION)
+        d_next = tl.load(dgates_ptr + row_next + H, mask=next_mask, other=0.0)
+        dh = tl.dot(d_next, w_f, dh, input_precision=DOT_PRECISION)
+        d_next = tl.load(dgates_ptr + row_next + 2 * H, mask=next_mask, other=0.0)
+        dh = tl.dot(d_next, w_g, dh, input_precision=DOT_PRECISION)
+        d_next = tl.load(dgates_ptr + row_next + 3 * H, mask=next_mask, other=0.0)
+        dh = tl.dot(d_next, w_o, dh, input_precision=DOT_PRECISION)
+        backward_epilogue(
+            dh, step, length, active, time, offs_b, offs_h, mask, B, H,
+            grad_output_ptr, grad_h_n_ptr, dc_ptr, gates_ptr + tl.cast(step, tl.int64) * (4 * state_size),
+            c_state_ptr + tl.cast(step, tl.int64) * state_size, dgates_ptr,
+            HAS_LENGTHS, HAS_GRAD_OUTPUT, HAS_GRAD_H_N,
+        )
+        tl.debug_barrier()
