@@ -145,3 +145,15 @@ def test_auto_on_cpu_runs_the_torch_backend():
     q, k, v = _qkv()
     request = pyattn.functional.REQUEST_BUILDERS["scaled_dot_product_attention"](q, k, v, is_causal=True)
     assert _dispatch.choose(request).qualified_name == "torch"
+
+
+def test_torchs_own_cpu_sdpa_gives_zero_for_a_fully_masked_row_as_the_docstring_says():
+    """pyattn's SDPA docstring: torch >= 2.5 gives 0 on CPU for a query that sees no key (safe softmax);
+    the torch variant relies on it for masked calls. If a torch release changes this, this test says so."""
+    if not torch.torch_version.TorchVersion(torch.__version__) >= "2.5":
+        pytest.skip(f"torch {torch.__version__} < 2.5: the torch variant refuses masks there")
+    q, k, v = _qkv(seqlen_q=4, seqlen_k=5)
+    mask = torch.ones(4, 5, dtype=torch.bool)
+    mask[1] = False
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert (out[:, :, 1] == 0).all() and torch.isfinite(out).all()

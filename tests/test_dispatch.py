@@ -204,3 +204,15 @@ def test_capture_stops_the_call_before_any_kernel_runs():
         lstm(torch.randn(3, 2, 8))
     assert captured.value.request.op == "lstm"
     lstm(torch.randn(3, 2, 8))  # capture is over: the call runs
+
+
+@pytest.mark.interpreter
+def test_auto_never_picks_the_triton_interpreter_but_a_forced_triton_does():
+    """Under TRITON_INTERPRET=1 an ordinary CPU call still runs PyTorch's kernels; only a forced triton
+    (the tests' way in) runs the interpreter."""
+    q = torch.randn(1, 2, 8, 16)
+    text = pyattn.explain("scaled_dot_product_attention", q, q, q, is_causal=True)
+    assert "triton/pointer     no: device cpu: the Triton interpreter is a testing tool" in text
+    assert text.endswith("auto picks: torch")
+    with pyattn.use_backend("triton"):
+        assert pyattn.explain("scaled_dot_product_attention", q, q, q).endswith("'triton' (forced) runs: triton/pointer")
