@@ -499,3 +499,16 @@ def test_gradcheck_varlen():
     q, k, v, cu_q, cu_k = _packed([2, 3], [3, 2], heads=2, heads_k=1, head_dim=4, head_dim_v=3, requires_grad=True)
     assert torch.autograd.gradcheck(lambda q, k, v: flash_attention_varlen(q, k, v, cu_q, cu_k, 3, 3, causal=True),
                                     (q, k, v))
+
+
+def test_deterministic_algorithms_make_every_backward_deterministic():
+    q, k, v = _meta((1, 2, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16))
+    assert functional._plan_sdpa(q, k, v).options["deterministic"] is False
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert functional._plan_sdpa(q, k, v).options["deterministic"] is True
+        assert functional._plan_flash(q, k, v).options["deterministic"] is True
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert functional._plan_flash(q, k, v, deterministic=True).options["deterministic"] is True

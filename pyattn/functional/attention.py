@@ -202,7 +202,8 @@ def _plan_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
     return _AttentionPlan(
         request=request, q=q, k=k, v=v,
         options=dict(scale=scale, mask=mask, window_left=-1, window_right=0 if is_causal else -1, diagonal_offset=0,
-                     softcap=0.0, alibi_slopes=None, dropout_p=dropout_p, deterministic=False),
+                     softcap=0.0, alibi_slopes=None, dropout_p=dropout_p,
+                     deterministic=torch.are_deterministic_algorithms_enabled()),
     )
 
 
@@ -227,7 +228,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     is_causal: query i sees keys j <= i (top-left alignment, as torch's ``tril``); not together
     with attn_mask. scale: defaults to 1 / sqrt(E). dropout_p: applied to the attention
     probabilities whenever > 0 (this is a function: pass 0.0 in evaluation), drawn from torch's
-    default generator so ``torch.manual_seed`` makes it reproducible.
+    default generator so ``torch.manual_seed`` makes it reproducible. Under
+    ``torch.use_deterministic_algorithms(True)`` the backward runs without atomics (bit-reproducible).
 
     A query row that no key takes part in (every key masked) gives an output of 0 and a zero
     gradient on every pyattn backend. (torch >= 2.5 gives 0 there too on CPU, through its "safe
@@ -343,7 +345,7 @@ def _plan_flash(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0
     # Bottom-right alignment (flash-attn >= 2.1): query i sits at key position i + S - L.
     options = dict(scale=scale, mask=None, window_left=window_left, window_right=window_right,
                    diagonal_offset=seqlen_k - seqlen_q, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
-                   deterministic=bool(deterministic))
+                   deterministic=bool(deterministic) or torch.are_deterministic_algorithms_enabled())
     return _AttentionPlan(request=request, q=q, k=k, v=v, options=options)
 
 
@@ -375,7 +377,8 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, sc
     or (batch, nheads): adds -slope * |i + seqlen_k - seqlen_q - j| to the scores (no gradient
     flows to the slopes on the Triton backend). scale: defaults to 1 / sqrt(headdim).
     dropout_p: on the attention probabilities whenever > 0 (pass 0.0 in evaluation), reproducible
-    with ``torch.manual_seed``. deterministic: a backward without atomics (same result each run).
+    with ``torch.manual_seed``. deterministic: a backward without atomics (same result each run);
+    also on whenever ``torch.use_deterministic_algorithms(True)`` is.
 
     Returns out, or (out, lse) when return_lse: lse (batch, nheads, seqlen_q) float32 (the
     natural log of each row's softmax denominator, -inf for rows with no visible key), detached:
@@ -443,7 +446,8 @@ def _plan_flash_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_se
     options = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
                    max_seqlen_k=max_seqlen_k, scale=scale, window_left=window_left, window_right=window_right,
                    diagonal_offset=0, align_to_end=True, softcap=softcap, alibi_slopes=alibi_slopes,
-                   dropout_p=dropout_p, deterministic=bool(deterministic))
+                   dropout_p=dropout_p,
+                   deterministic=bool(deterministic) or torch.are_deterministic_algorithms_enabled())
     return _AttentionPlan(request=request, q=q, k=k, v=v, options=options)
 
 
