@@ -302,47 +302,6 @@ def test_forward_errors_name_the_argument_as_torch(case):
         theirs(*args)
 
 
-def test_functional_errors_name_the_argument():
-    x = random_tensor(STEPS, BATCH, INPUT_SIZE, dtype=F64)
-    ours, _ = _module_pair(num_layers=2, bidirectional=True)
-    params = list(ours.parameters())
-    with pytest.raises(ValueError, match="params must hold 16 tensors"):
-        pyattn.functional.lstm(x, None, params[:-1], num_layers=2, bidirectional=True)
-    broken = list(params)
-    broken[5] = random_tensor(4 * HIDDEN_SIZE, HIDDEN_SIZE + 1, dtype=F64)
-    with pytest.raises(RuntimeError, match=r"params\[5\] \(weight_hh_l0_reverse\) must have shape \(24, 6\)"):
-        pyattn.functional.lstm(x, None, broken, num_layers=2, bidirectional=True)
-    with pytest.raises(ValueError, match=r"params\[3\] \(bias_hh_l0\) dtype"):
-        mixed = params[:3] + [params[3].float()] + params[4:]
-        pyattn.functional.lstm(x, None, mixed, num_layers=2, bidirectional=True)
-    with pytest.raises(RuntimeError, match=r"hx\[0\] is on meta but input is on cpu"):
-        h_0 = torch.empty(4, BATCH, HIDDEN_SIZE, dtype=F64, device="meta")
-        c_0 = random_tensor(4, BATCH, HIDDEN_SIZE, dtype=F64)
-        pyattn.functional.lstm(x, (h_0, c_0), params, num_layers=2, bidirectional=True)
-    with pytest.raises(ValueError, match="dropout should be a number in range"):
-        pyattn.functional.lstm(x, None, params, num_layers=2, bidirectional=True, dropout=2.0)
-
-
-def test_cell_errors_name_the_argument():
-    cell = pyattn.nn.LSTMCell(INPUT_SIZE, HIDDEN_SIZE, dtype=F64)
-    x = random_tensor(BATCH, INPUT_SIZE, dtype=F64)
-    state = random_tensor(BATCH, HIDDEN_SIZE, dtype=F64)
-    with pytest.raises(ValueError, match="Expected input to be 1D or 2D, got 3D"):
-        cell(x[None])
-    with pytest.raises(RuntimeError, match="input has inconsistent input_size: got 5 expected 4"):
-        cell(random_tensor(BATCH, INPUT_SIZE + 1, dtype=F64))
-    with pytest.raises(RuntimeError, match=r"hx\[0\] \(h\) must have shape .* = \(3, 6\), got \(4, 6\)"):
-        cell(x, (random_tensor(BATCH + 1, HIDDEN_SIZE, dtype=F64), state))
-    with pytest.raises(RuntimeError, match=r"hx\[1\] \(c\) must have shape .* = \(6,\), got \(1, 6\)"):
-        cell(x[0], (state[0], state[:1]))
-    with pytest.raises(ValueError, match=r"Expected hx\[1\] to be 1D or 2D, got 3D"):
-        cell(x, (state, state[None]))
-    with pytest.raises(ValueError, match=r"hx\[0\] dtype \(torch.float32\) does not match input dtype"):
-        cell(x, (state.float(), state))
-    with pytest.raises(RuntimeError, match=r"weight_hh must have shape"):
-        pyattn.functional.lstm_cell(x, None, cell.weight_ih, cell.weight_hh[:, :-1])
-
-
 @pytest.mark.parametrize("batched", [True, False])
 @pytest.mark.parametrize("hx_given", [True, False])
 @pytest.mark.parametrize("bias", [True, False])
@@ -399,37 +358,6 @@ def test_lstm_under_autocast_matches_torchs_dtype():
             pytest.skip(f"torch.nn.LSTM cannot run under CPU bf16 autocast on this machine ({error}); "
                         "pyattn's result is checked by test_lstm_under_autocast_runs_in_the_autocast_dtype")
     assert output.dtype == expected.dtype == torch.bfloat16
-
-
-@pytest.mark.parametrize("make_module", ["lstm", "cell"])
-def test_forcing_triton_without_a_gpu_or_interpreter_raises(make_module, monkeypatch):
-    monkeypatch.setattr("pyattn._triton._INTERPRETER", False)
-    if torch.cuda.is_available():
-        pytest.skip("a CUDA device is visible: Triton can run here")
-    if make_module == "lstm":
-        module, x = pyattn.nn.LSTM(INPUT_SIZE, HIDDEN_SIZE), random_tensor(STEPS, BATCH, INPUT_SIZE)
-    else:
-        module, x = pyattn.nn.LSTMCell(INPUT_SIZE, HIDDEN_SIZE), random_tensor(BATCH, INPUT_SIZE)
-    with pyattn.use_backend("triton"), pytest.raises(pyattn.BackendUnavailableError, match="'triton' cannot serve"):
-        module(x)
-
-
-def test_explain_on_meta_tensors():
-    module = pyattn.nn.LSTM(INPUT_SIZE, HIDDEN_SIZE, num_layers=2, proj_size=2, device="meta")
-    padded = torch.empty(STEPS, BATCH, INPUT_SIZE, device="meta")
-    packed = pack_padded_sequence(padded, RAGGED_LENGTHS, enforce_sorted=False)
-    report = pyattn.explain("lstm", packed, None, module._flat_weights, num_layers=2, proj_size=2)
-    assert "op=lstm device=meta dtype=float32 features=lengths,projection" in report
-    assert "reference serves" in " ".join(report.split())
-    assert report.endswith("'reference' (forced) runs: reference")  # the autouse fixture forces it
-
-    cell = pyattn.nn.LSTMCell(INPUT_SIZE, HIDDEN_SIZE, device="meta")
-    report = pyattn.explain(pyattn.functional.lstm_cell, torch.empty(BATCH, INPUT_SIZE, device="meta"), None,
-                            cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
-    assert "op=lstm_cell device=meta dtype=float32" in report
-    with pytest.raises(RuntimeError, match="input has inconsistent input_size"):
-        wide = torch.empty(BATCH, INPUT_SIZE + 1, device="meta")
-        pyattn.explain("lstm_cell", wide, None, cell.weight_ih, cell.weight_hh)
 
 
 @pytest.mark.parametrize("module_kind", ["cell", "lstm"])
