@@ -748,3 +748,28 @@ def test_layer_rejects_bad_arguments_naming_them(argument, change, message):
         torch.ops.pyattn.cuda_lstm_layer_fwd(*good, False, torch.ones(3, device="cuda", dtype=torch.int32), False, 0)
     with pytest.raises(RuntimeError, match="lengths must have shape"):
         torch.ops.pyattn.cuda_lstm_layer_fwd(*good, False, torch.ones(2, device="cuda", dtype=torch.int64), False, 0)
+
+
+def test_double_backward_through_the_cuda_ops_on_cpu_model(cpu_model_kernels):
+    """create_graph=True then a second backward: the ops' backward recomputes with the reference's autograd."""
+    args = _layer_args(4, 2, 3, 5, torch.float64, "cpu", requires_grad=True)
+    args64 = [t.detach().clone().requires_grad_() if t is not None else None for t in args]
+    results = []
+    for layer, inputs in ((lambda *a: lstm_cuda.lstm_layer(*a, recurrence="stepwise"), args),
+                          (reference.lstm_layer, args64)):
+        output, h_n, _ = layer(*inputs)
+        first = torch.autograd.grad(output.square().sum() + h_n.sum(), inputs[0], create_graph=True)[0]
+        first.sin().sum().backward()
+        results.append([first.detach()] + [t.grad for t in inputs if t is not None])
+    for index, (got, want) in enumerate(zip(*results, strict=True)):
+        assert_close(got, want, 1e-6, f"result {index}")  # the CPU model computes its gates in fp32
+    cell = _cell_args(3, 6, 5, torch.float64, "cpu", requires_grad=True)
+    hy, cy = lstm_cuda.lstm_cell(*cell)
+    (grad_hx,) = torch.autograd.grad(hy.square().sum() + cy.sum(), cell[1], create_graph=True)
+    grad_hx.sum().backward()
+    cell64 = [t.detach().clone().requires_grad_() for t in cell]
+    hy64, cy64 = reference.lstm_cell(*cell64)
+    (grad_hx64,) = torch.autograd.grad(hy64.square().sum() + cy64.sum(), cell64[1], create_graph=True)
+    grad_hx64.sum().backward()
+    for got, want in zip(cell, cell64):
+        assert_close(got.grad, want.grad, 1e-6)

@@ -500,3 +500,71 @@ def test_autocast_on_gpu_runs_in_the_autocast_dtype_as_torch():
     assert hy.dtype == cy.dtype == expected_hy.dtype == torch.float16
     assert_close(output, theirs.double()(x.double())[0], RTOL[torch.float16], "output under autocast")
     assert_close(hy, their_cell.double()(x[0].double())[0], RTOL[torch.float16], "cell h' under autocast")
+
+
+# ---- degenerate sizes and double backward, on every backend that runs here ----
+
+# (backend, device): the plain process runs torch and the reference; the interpreter process the Triton
+# kernels; a GPU every backend that serves it.
+EVERY_BACKEND = [
+    pytest.param("torch", "cpu", id="torch"),
+    pytest.param("reference", "cpu", id="reference"),
+    pytest.param("triton", "cpu", marks=pytest.mark.interpreter, id="triton-interpreter"),
+    pytest.param("auto", "cuda", marks=pytest.mark.requires_cuda, id="auto-cuda"),
+]
+# Sizes torch accepts: an empty batch, one hidden unit; for the cell also input_size 0 (torch.nn.LSTM refuses
+# input_size 0 at construction, and so does pyattn.nn.LSTM; a sequence of length 0 raises in both).
+DEGENERATE = [dict(batch=0, input_size=INPUT_SIZE, hidden=HIDDEN_SIZE), dict(batch=BATCH, input_size=INPUT_SIZE, hidden=1)]
+
+
+@pytest.mark.parametrize("backend, device", EVERY_BACKEND)
+@pytest.mark.parametrize("sizes", DEGENERATE, ids=["batch0", "hidden1"])
+def test_lstm_degenerate_sizes_match_torch(backend, device, sizes):
+    theirs = torch.nn.LSTM(sizes["input_size"], sizes["hidden"], num_layers=2, dtype=F64)
+    ours = pyattn.nn.LSTM(sizes["input_size"], sizes["hidden"], num_layers=2, device=device)
+    ours.load_state_dict(theirs.state_dict())
+    x = random_tensor(STEPS, sizes["batch"], sizes["input_size"], device=device, requires_grad=True)
+    x64 = x.detach().cpu().double().requires_grad_()
+    with pyattn.use_backend(backend):
+        output, (h_n, c_n) = ours(x)
+        (output.sum() + h_n.square().sum() + c_n.sum()).backward()
+    expected, (h64, c64) = theirs(x64)
+    (expected.sum() + h64.square().sum() + c64.sum()).backward()
+    for name, got, want in (("output", output, expected), ("h_n", h_n, h64), ("c_n", c_n, c64), ("grad input", x.grad, x64.grad)):
+        assert got.shape == want.shape, name
+        if want.numel():
+            assert_close(got.cpu(), want, RTOL_TF32, name)
+
+
+@pytest.mark.parametrize("backend, device", EVERY_BACKEND)
+@pytest.mark.parametrize("input_size", [0, INPUT_SIZE])
+def test_cell_degenerate_sizes_match_torch(backend, device, input_size):
+    theirs = torch.nn.LSTMCell(input_size, 1, dtype=F64)
+    ours = pyattn.nn.LSTMCell(input_size, 1, device=device)
+    ours.load_state_dict(theirs.state_dict())
+    x = random_tensor(BATCH, input_size, device=device)
+    state = (random_tensor(BATCH, 1, device=device), random_tensor(BATCH, 1, device=device))
+    with pyattn.use_backend(backend):
+        got = ours(x, state)
+    for name, g, e in zip(("h'", "c'"), got, theirs(x.cpu().double(), tuple(s.cpu().double() for s in state))):
+        assert_close(g.cpu(), e, RTOL_TF32, name)
+
+
+@pytest.mark.parametrize("backend, device", EVERY_BACKEND)
+def test_double_backward_matches_torch(backend, device):
+    """create_graph=True then a second backward (torch's CPU LSTM supports it, so must the drop-in)."""
+    theirs = torch.nn.LSTM(INPUT_SIZE, HIDDEN_SIZE, dtype=F64)
+    ours = pyattn.nn.LSTM(INPUT_SIZE, HIDDEN_SIZE, device=device)
+    ours.load_state_dict(theirs.state_dict())
+    x = random_tensor(STEPS, BATCH, INPUT_SIZE, device=device, requires_grad=True)
+    x64 = x.detach().cpu().double().requires_grad_()
+    results = []
+    for module, inputs, context in ((ours, x, pyattn.use_backend(backend)), (theirs, x64, pyattn.use_backend("auto"))):
+        with context:
+            output, _ = module(inputs)
+            (grad_input,) = torch.autograd.grad(output.square().sum(), inputs, create_graph=True)
+            grad_input.sin().sum().backward()
+        results.append([grad_input.detach().cpu(), inputs.grad.cpu()]
+                       + [p.grad.cpu() for p in module.parameters()])
+    for index, (got, want) in enumerate(zip(*results, strict=True)):
+        assert_close(got, want, RTOL_TF32, f"result {index}")

@@ -66,6 +66,22 @@ def require_saved(saved: torch.Tensor, op: str) -> None:
         )
 
 
+def differentiable_gradients(function: Callable, arguments: dict, output_grads) -> dict:
+    """Gradients of ``function(**arguments)`` w.r.t. every tensor argument that requires grad, as a graph.
+
+    A kernel backward is not itself differentiable; when autograd asks for one with ``create_graph=True``
+    (grad mode is on inside the backward then), the ops recompute the call with the reference's plain
+    PyTorch and differentiate that, so a second backward works, as with torch's own LSTM.
+    """
+    with torch.enable_grad():
+        outputs = function(**arguments)
+        names = [name for name, value in arguments.items() if isinstance(value, torch.Tensor) and value.requires_grad]
+        pairs = [(output, grad) for output, grad in zip(outputs, output_grads) if grad is not None]
+        grads = torch.autograd.grad([output for output, _ in pairs], [arguments[name] for name in names],
+                                    [grad for _, grad in pairs], create_graph=True, allow_unused=True)
+    return dict(zip(names, grads))
+
+
 def _packed_layout(packed: PackedSequence, device: torch.device):
     """Where each packed row lives in the padded (T, B) grid, and each sequence's length, in user order.
 

@@ -27,7 +27,8 @@ from __future__ import annotations
 import torch
 
 from pyattn._registry import Request, Support, Target, register
-from pyattn.ops.lstm_common import bias_gradients, needs_grad, stacked
+from pyattn.ops.lstm_common import bias_gradients, differentiable_gradients, needs_grad, stacked
+from pyattn.reference import lstm as reference
 
 _DEVICES = frozenset({"cuda"})
 _DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
@@ -132,14 +133,23 @@ def _schema_names(op: str) -> tuple[str, ...]:
 def _cell_setup_context(ctx, inputs, output):
     arguments = dict(zip(_schema_names("cuda_lstm_cell_fwd"), inputs))
     _hy, cy, workspace = output
-    ctx.save_for_backward(*(arguments[name] for name in ("input", "hx", "cx", "weight_ih", "weight_hh")), cy,
-                          workspace)
+    ctx.save_for_backward(*(arguments[name] for name in _CELL_INPUTS), cy, workspace)
     _skip_workspace_gradients(ctx, workspace)
     ctx.has_bias_ih, ctx.has_bias_hh = arguments["bias_ih"] is not None, arguments["bias_hh"] is not None
 
 
+_CELL_INPUTS = ("input", "hx", "cx", "weight_ih", "weight_hh", "bias_ih", "bias_hh")
+_LAYER_INPUTS = ("input", "h0", "c0", "weight_ih", "weight_hh", "bias_ih", "bias_hh", "lengths")
+
+
 def _cell_backward(ctx, grad_hy, grad_cy, _grad_workspace):
-    input, hx, cx, weight_ih, weight_hh, cy, workspace = ctx.saved_tensors
+    *inputs, cy, workspace = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: a differentiable backward (see differentiable_gradients)
+        gradients = dict.fromkeys(_schema_names("cuda_lstm_cell_fwd"))
+        gradients.update(differentiable_gradients(reference.lstm_cell, dict(zip(_CELL_INPUTS, inputs)),
+                                                  (grad_hy, grad_cy)))
+        return tuple(gradients.values())
+    input, hx, cx, weight_ih, weight_hh, _, _ = inputs
     _require_workspace(workspace, "pyattn::cuda_lstm_cell_fwd")
     grad_input, grad_hx, grad_cx, grad_weight_ih, grad_weight_hh, grad_bias = torch.ops.pyattn.cuda_lstm_cell_bwd(
         _gradient(grad_hy, cy), _gradient(grad_cy, cy), input, hx, cx, weight_ih, weight_hh, cy, workspace
@@ -153,15 +163,20 @@ def _cell_backward(ctx, grad_hy, grad_cy, _grad_workspace):
 def _layer_setup_context(ctx, inputs, output):
     arguments = dict(zip(_schema_names("cuda_lstm_layer_fwd"), inputs))
     layer_output, _h_n, _c_n, gates, cell_states = output
-    ctx.save_for_backward(*(arguments[name] for name in ("input", "h0", "c0", "weight_ih", "weight_hh")),
-                          layer_output, gates, cell_states, arguments["lengths"])
+    ctx.save_for_backward(*(arguments[name] for name in _LAYER_INPUTS), layer_output, gates, cell_states)
     _skip_workspace_gradients(ctx, gates, cell_states)
     ctx.has_bias_ih, ctx.has_bias_hh = arguments["bias_ih"] is not None, arguments["bias_hh"] is not None
     ctx.reverse, ctx.recurrence = arguments["reverse"], arguments["recurrence"]
 
 
 def _layer_backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cell_states):
-    input, h0, c0, weight_ih, weight_hh, layer_output, gates, cell_states, lengths = ctx.saved_tensors
+    *inputs, layer_output, gates, cell_states = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: a differentiable backward (see differentiable_gradients)
+        arguments = dict(zip(_LAYER_INPUTS, inputs), reverse=ctx.reverse)
+        gradients = dict.fromkeys(_schema_names("cuda_lstm_layer_fwd"))
+        gradients.update(differentiable_gradients(reference.lstm_layer, arguments, (grad_output, grad_h_n, grad_c_n)))
+        return tuple(gradients.values())
+    input, h0, c0, weight_ih, weight_hh, _, _, lengths = inputs
     if input.shape[0] > 0:
         _require_workspace(gates, "pyattn::cuda_lstm_layer_fwd")
     grad_input, grad_h0, grad_c0, grad_weight_ih, grad_weight_hh, grad_bias = torch.ops.pyattn.cuda_lstm_layer_bwd(

@@ -14,7 +14,15 @@ from __future__ import annotations
 import torch
 
 from pyattn._registry import Request, Support, Target, register
-from pyattn.ops.lstm_common import bias_gradients, combined_bias, needs_grad, require_saved, stacked
+from pyattn.ops.lstm_common import (
+    bias_gradients,
+    combined_bias,
+    differentiable_gradients,
+    needs_grad,
+    require_saved,
+    stacked,
+)
+from pyattn.reference import lstm as reference
 
 _TRITON_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
 _BACKWARD_RECURRENCE = {"persistent": "persistent", "grid": "stepwise", "stepwise": "stepwise"}
@@ -75,13 +83,22 @@ def _(grad_hy, grad_cy, input, hx, cx, weight_ih, weight_hh, gates):
 def _cell_setup_context(ctx, inputs, output):
     arguments = dict(zip(_CELL_FORWARD_PARAMETERS, inputs))
     _, _, gates = output
-    ctx.save_for_backward(*(arguments[name] for name in ("input", "hx", "cx", "weight_ih", "weight_hh")), gates)
+    ctx.save_for_backward(*(arguments[name] for name in _CELL_DIFFERENTIABLE), gates)
     ctx.has_bias_ih, ctx.has_bias_hh = arguments["bias_ih"] is not None, arguments["bias_hh"] is not None
     ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not a zeros tensor
 
 
+_CELL_DIFFERENTIABLE = ("input", "hx", "cx", "weight_ih", "weight_hh", "bias_ih", "bias_hh")
+
+
 def _cell_backward(ctx, grad_hy, grad_cy, _grad_gates):
-    input, hx, cx, weight_ih, weight_hh, gates = ctx.saved_tensors
+    *saved, gates = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: a differentiable backward (see differentiable_gradients)
+        gradients = dict.fromkeys(_CELL_FORWARD_PARAMETERS)
+        gradients.update(differentiable_gradients(reference.lstm_cell, dict(zip(_CELL_DIFFERENTIABLE, saved)),
+                                                  (grad_hy, grad_cy)))
+        return tuple(gradients.values())
+    input, hx, cx, weight_ih, weight_hh, _, _ = saved
     require_saved(gates, "pyattn::triton_lstm_cell_fwd")
     grad_input, grad_hx, grad_cx, grad_weight_ih, grad_weight_hh, grad_bias = triton_lstm_cell_bwd(
         grad_hy, grad_cy, input, hx, cx, weight_ih, weight_hh, gates
@@ -173,16 +190,24 @@ def _(grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, lengths, gat
 def _layer_setup_context(ctx, inputs, output):
     arguments = dict(zip(_LAYER_FORWARD_PARAMETERS, inputs))
     _, _, _, gates, cell_states, hidden_before = output
-    ctx.save_for_backward(arguments["input"], arguments["weight_ih"], arguments["weight_hh"], arguments["lengths"],
-                          gates, cell_states, hidden_before)
+    ctx.save_for_backward(*(arguments[name] for name in _LAYER_SAVED_INPUTS), gates, cell_states, hidden_before)
     ctx.has_bias_ih, ctx.has_bias_hh = arguments["bias_ih"] is not None, arguments["bias_hh"] is not None
     ctx.reverse = arguments["reverse"]
     ctx.recurrence = _BACKWARD_RECURRENCE[arguments["recurrence"]]
     ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not a zeros tensor
 
 
+_LAYER_SAVED_INPUTS = ("input", "h0", "c0", "weight_ih", "weight_hh", "bias_ih", "bias_hh", "lengths")
+
+
 def _layer_backward(ctx, grad_output, grad_h_n, grad_c_n, *_grad_saved):
-    input, weight_ih, weight_hh, lengths, gates, cell_states, hidden_before = ctx.saved_tensors
+    *inputs, gates, cell_states, hidden_before = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: a differentiable backward (see differentiable_gradients)
+        arguments = dict(zip(_LAYER_SAVED_INPUTS, inputs), reverse=ctx.reverse)
+        gradients = dict.fromkeys(_LAYER_FORWARD_PARAMETERS)
+        gradients.update(differentiable_gradients(reference.lstm_layer, arguments, (grad_output, grad_h_n, grad_c_n)))
+        return tuple(gradients.values())
+    input, _, _, weight_ih, weight_hh, _, _, lengths = inputs
     require_saved(cell_states, "pyattn::triton_lstm_layer_fwd")
     grad_input, grad_h0, grad_c0, grad_weight_ih, grad_weight_hh, grad_bias = triton_lstm_layer_bwd(
         grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, lengths,
