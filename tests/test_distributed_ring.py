@@ -20,7 +20,7 @@ import pyattn
 from pyattn.distributed import ring_attention, shard_sequence, unshard_sequence, zigzag_shard, zigzag_unshard
 from pyattn.distributed.blocks import SHARDINGS, plan_step, shard_spans
 from pyattn.distributed.testing import RanksFailed, run_on_local_ranks
-from tests.conftest import RTOL, random_tensor, relative_error
+from tests.conftest import INTERPRET, RTOL, RTOL_TF32, random_tensor, relative_error
 
 ROOT = str(Path(__file__).resolve().parents[1])
 WORKER = "tests.test_distributed_ring"
@@ -44,8 +44,11 @@ SHARD = 8  # positions per rank
 # ------------------------------------------------------------------------------------- run on every rank
 
 
-def _case_errors(rank: int, world_size: int, name: str) -> dict[str, float]:
+def _case_errors(rank: int, world_size: int, name: str, backend: str = "auto") -> dict[str, float]:
+    """This rank's errors for ``CASES[name]``; the blocks run on ``backend``, the whole-sequence reference
+    on the reference backend (in float64 when the blocks run on Triton)."""
     options, heads_q, heads_k, dtype = CASES[name]
+    reference_dtype = torch.float64 if backend == "triton" else dtype
     options = dict(options)
     layout = options.pop("layout", "bshd")
     sharding = options["sharding"]
@@ -55,19 +58,21 @@ def _case_errors(rank: int, world_size: int, name: str) -> dict[str, float]:
 
     def whole(heads, head_dim):
         shape = (2, length, heads, head_dim) if layout == "bshd" else (2, heads, length, head_dim)
-        return random_tensor(*shape, dtype=dtype, generator=generator, requires_grad=True)
+        return random_tensor(*shape, dtype=reference_dtype, generator=generator, requires_grad=True)
 
     q, k, v = whole(heads_q, 8), whole(heads_k, 8), whole(heads_k, 6)
-    grad_out = random_tensor(*(q.shape[:-1] + (6,)), dtype=dtype, generator=generator)
-    expected = pyattn.flash_attention(q, k, v, layout=layout, **flash_options)
-    expected_grads = torch.autograd.grad(expected, (q, k, v), grad_out)
+    grad_out = random_tensor(*(q.shape[:-1] + (6,)), dtype=reference_dtype, generator=generator)
+    with pyattn.use_backend("auto" if backend == "auto" else "reference"):
+        expected = pyattn.flash_attention(q, k, v, layout=layout, **flash_options)
+        expected_grads = torch.autograd.grad(expected, (q, k, v), grad_out)
 
     def mine(x):
-        return shard_sequence(x.detach(), rank, world_size, dim=dim, sharding=sharding)
+        return shard_sequence(x.detach(), rank, world_size, dim=dim, sharding=sharding).to(dtype)
 
     q_local, k_local, v_local = (mine(x).requires_grad_() for x in (q, k, v))
-    out = ring_attention(q_local, k_local, v_local, layout=layout, **options)
-    grads = torch.autograd.grad(out, (q_local, k_local, v_local), mine(grad_out))
+    with pyattn.use_backend(backend):
+        out = ring_attention(q_local, k_local, v_local, layout=layout, **options)
+        grads = torch.autograd.grad(out, (q_local, k_local, v_local), mine(grad_out))
     errors = {"out": relative_error(out, mine(expected))}
     errors.update({f"d{n}": relative_error(g, mine(e)) for n, g, e in zip("qkv", grads, expected_grads)})
     return errors
@@ -107,6 +112,14 @@ def ring_worker(rank: int, world_size: int) -> dict:
     return results
 
 
+TRITON_CASES = ("gqa 4:2 causal zigzag", "window (5, 3) contiguous", "window (2, 9) zigzag, softcap, bhsd")
+
+
+def triton_ring_worker(rank: int, world_size: int) -> dict:
+    """The blocks on the Triton kernels (the ranks inherit TRITON_INTERPRET=1 from the test process)."""
+    return {name: _case_errors(rank, world_size, name, backend="triton") for name in TRITON_CASES}
+
+
 def failing_worker(rank: int, world_size: int) -> None:
     if rank == 1:
         raise ValueError("rank 1 fails on purpose before the ring")
@@ -142,6 +155,18 @@ def test_transfers_overlap_the_blocks(world_size):
     # backward: K/V for the next step goes first; the dK/dV partial waits until this step's blocks are done
     marks = "".join("s" if e == "send" else "c" if e == "compute" else "w" for e in backward)
     assert marks.startswith("sc") and marks.count("s") == 2 * world_size - 1, marks
+
+
+@pytest.mark.interpreter
+def test_ring_on_the_triton_kernels_matches_single_process():
+    """Ring attention with every block forward and backward on Triton (interpreter, 2 ranks): the
+    kernels get the planner's sliced, strided blocks with their causal/window offsets."""
+    assert INTERPRET
+    results = run_on_local_ranks(f"{WORKER}:triton_ring_worker", 2, timeout=240, pythonpath=(ROOT,))
+    for rank, result in enumerate(results):
+        for case, errors in result.items():
+            for name, error in errors.items():
+                assert error <= RTOL_TF32, f"{case}, rank {rank} (triton): {name} relative error {error:.2e}"
 
 
 def test_a_failing_rank_fails_the_others_instead_of_hanging():
