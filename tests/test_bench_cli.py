@@ -554,6 +554,12 @@ def test_interleaved_timing_alternates_the_calls_and_rotates_their_order():
     assert len({len(t.samples) for t in timings}) == 1 and len(timings[0].samples) == len(rounds)
 
 
+def test_short_calls_get_rounds_until_they_fill_the_minimum_time():
+    # A no-op never fills CPU_MIN_SECONDS in CPU_MIN_REPEATS calls: it must get more rounds than that.
+    (timing,) = measure.time_interleaved([(lambda: None, [], False)], torch.device("cpu"))
+    assert len(timing.samples) > measure.CPU_MIN_REPEATS
+
+
 def _session(*argv):
     from pyattn.bench.session import Session
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Callable
@@ -30,7 +31,8 @@ CPU_WARMUP_CALLS = 1
 CPU_MIN_REPEATS = 5
 CPU_MAX_REPEATS = 200  # for calls of microseconds: enough of them to fill CPU_MIN_SECONDS
 CPU_MIN_SECONDS = 0.02  # per backend, at least
-CPU_MAX_GROUP_SECONDS = 20.0  # one case's interleaved timing stops adding rounds after this long
+CPU_MAX_GROUP_SECONDS = 20.0
+CPU_ROOFLINE_REPEATS = 20  # one case's interleaved timing stops adding rounds after this long
 GPU_ROUNDS = 3  # do_bench runs per backend, interleaved across a case's backends
 DEFAULT_L2_BYTES = 50 * 2**20  # H100's L2, for a device whose properties do not report it
 
@@ -82,13 +84,15 @@ def time_gpu(
     return Timing(low, median, high, "cuda-events, L2 flushed per call")
 
 
-def time_cpu(fn: Callable[[], object], grad_to_none: Sequence[torch.Tensor] = ()) -> Timing:
-    """Wall-clock timing of ``fn`` on the CPU: at least CPU_MIN_REPEATS calls and CPU_MIN_SECONDS."""
+def time_cpu(
+    fn: Callable[[], object], grad_to_none: Sequence[torch.Tensor] = (), min_repeats: int = CPU_MIN_REPEATS
+) -> Timing:
+    """Wall-clock timing of ``fn`` on the CPU: at least ``min_repeats`` calls and CPU_MIN_SECONDS."""
     for _ in range(CPU_WARMUP_CALLS):
         _clear_grads(grad_to_none)
         fn()
     samples: list[float] = []
-    while len(samples) < CPU_MAX_REPEATS and (len(samples) < CPU_MIN_REPEATS or sum(samples) < CPU_MIN_SECONDS):
+    while len(samples) < CPU_MAX_REPEATS and (len(samples) < min_repeats or sum(samples) < CPU_MIN_SECONDS):
         _clear_grads(grad_to_none)
         start = time.perf_counter()
         fn()
@@ -135,7 +139,7 @@ def time_interleaved(
     samples: list[list[float]] = [[] for _ in calls]
     start = time.perf_counter()
     for r in range(CPU_MAX_REPEATS):
-        enough = r >= CPU_MIN_REPEATS and all(sum(s) >= CPU_MIN_SECONDS for s in samples)
+        enough = r >= CPU_MIN_REPEATS and all(sum(s) >= CPU_MIN_SECONDS * 1e3 for s in samples)  # s in ms
         if enough or (r >= CPU_MIN_REPEATS and time.perf_counter() - start > CPU_MAX_GROUP_SECONDS):
             break
         for index in _rotated(range(len(calls)), r):
@@ -190,12 +194,35 @@ def rotation_copies(bytes_per_call: int, device: torch.device) -> int:
     return min(64, max(1, math.ceil(2 * l2_cache_bytes(device) / max(bytes_per_call, 1))))
 
 
+def _cpu_matmuls(a: torch.Tensor, b: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """The CPU's fp32 matmul paths: torch.mm (MKL or OpenBLAS) and oneDNN's, which torch's own CPU
+    kernels (nn.LSTM, linear layers under mkldnn) use. On AMD CPUs MKL takes a slow path: oneDNN has
+    run twice as fast, so a ceiling from torch.mm alone put nn.LSTM at 200% of it."""
+    paths: dict[str, Callable[[], object]] = {"torch.mm": lambda: torch.mm(a, b)}
+    if torch.backends.mkldnn.is_available():
+        try:
+            with warnings.catch_warnings():  # torch.utils.mkldnn still uses torch.jit.script_method
+                warnings.simplefilter("ignore", FutureWarning)
+                from torch.utils import mkldnn as mkldnn_utils
+
+                linear = torch.nn.Linear(b.shape[0], b.shape[1], bias=False)
+                with torch.no_grad():
+                    linear.weight.copy_(b.t())
+                module, x = mkldnn_utils.to_mkldnn(linear), a.to_mkldnn()
+                with torch.no_grad():
+                    module(x)
+            paths["oneDNN linear"] = lambda: module(x)
+        except Exception:  # noqa: BLE001  (oneDNN absent or refusing: torch.mm is the ceiling)
+            pass
+    return paths
+
+
 def measure_roofline(device: torch.device) -> dict:
     """The device's limits, measured once: a large matmul (TFLOP/s) and a device-to-device copy (GB/s).
 
-    GPU: bf16 8192² matmul and a 1 GiB copy. CPU: fp32 1024² matmul and a 64 MiB copy. A limit is
-    the best the device did, so each takes its fastest call. A copy moves its bytes twice (read +
-    write), which is what GB/s counts elsewhere too.
+    GPU: bf16 8192² matmul and a 1 GiB copy. CPU: fp32 1024² matmul, the faster of torch.mm and oneDNN
+    (:func:`_cpu_matmuls`), and a 64 MiB copy. A limit is the best the device did, so each takes its
+    fastest call. A copy moves its bytes twice (read + write), which is what GB/s counts elsewhere too.
     """
     if device.type == "cuda":
         size, dtype, copy_bytes = 8192, torch.bfloat16, 2**30
@@ -203,17 +230,30 @@ def measure_roofline(device: torch.device) -> dict:
         size, dtype, copy_bytes = 1024, torch.float32, 64 * 2**20
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
-    matmul = time_call(lambda: torch.mm(a, b), device)
+    paths = _cpu_matmuls(a, b) if device.type == "cpu" else {"torch.mm": lambda: torch.mm(a, b)}
+    # A ceiling is the best call, so a CPU (whose calls the machine's load slows) samples more of them.
+    with torch.no_grad():
+        if device.type == "cpu":
+            timings = {name: time_cpu(fn, min_repeats=CPU_ROOFLINE_REPEATS) for name, fn in paths.items()}
+        else:
+            timings = {name: time_call(fn, device) for name, fn in paths.items()}
+    tflops = {name: 2.0 * size**3 / (timing.min_ms * 1e-3) / 1e12 for name, timing in timings.items()}
+    fastest = max(tflops, key=tflops.get)
     source = torch.empty(copy_bytes // 4, dtype=torch.float32, device=device).uniform_()
     target = torch.empty_like(source)
-    copy = time_call(lambda: target.copy_(source), device)
+    if device.type == "cpu":
+        copy = time_cpu(lambda: target.copy_(source), min_repeats=CPU_ROOFLINE_REPEATS)
+    else:
+        copy = time_call(lambda: target.copy_(source), device)
     dtype_name = str(dtype).removeprefix("torch.")
+    others = ", ".join(f"{name} {value:.3g}" for name, value in tflops.items() if name != fastest)
     roofline = {
-        "matmul_tflops": 2.0 * size**3 / (matmul.min_ms * 1e-3) / 1e12,
-        "matmul": f"{dtype_name} {size}x{size}x{size} torch.mm",
+        "matmul_tflops": tflops[fastest],
+        "matmul": f"{dtype_name} {size}x{size}x{size} {fastest}" + (f"; {others} TFLOP/s" if others else ""),
+        "matmul_paths_tflops": tflops,
         "copy_gbps": 2.0 * copy_bytes / (copy.min_ms * 1e-3) / 1e9,
         "copy": f"{copy_bytes / 2**20:.0f} MiB device-to-device copy (read + write counted)",
-        "method": matmul.method + ", fastest call",
+        "method": timings[fastest].method + ", fastest call",
     }
     if device.type == "cpu":
         threads = torch.get_num_threads()
