@@ -207,6 +207,7 @@ class MultiheadAttention(torch.nn.Module):
                 need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
         batched = self._check_inputs(query, key, value, key_padding_mask, attn_mask)
+        self_attention = query is key and key is value
         if is_causal and attn_mask is None:
             raise ValueError(f"{_NAME}: is_causal=True is a hint that attn_mask is the causal mask, so attn_mask is "
                              "required with it (as in torch), e.g. from "
@@ -220,11 +221,15 @@ class MultiheadAttention(torch.nn.Module):
         batch, seqlen_q, _ = query.shape
         heads, dtype = self.num_heads, query.dtype
 
-        weight_q, weight_k, weight_v = self._projection_weights()
-        bias_q, bias_k, bias_v = (None,) * 3 if self.in_proj_bias is None else self.in_proj_bias.chunk(3)
-        q = F.linear(query, weight_q, bias_q)
-        k = F.linear(key, weight_k, bias_k)
-        v = F.linear(value, weight_v, bias_v)
+        if self._qkv_same_embed_dim and self_attention:
+            # Self-attention: one GEMM for the three projections, as torch does (views of its result).
+            q, k, v = F.linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        else:
+            weight_q, weight_k, weight_v = self._projection_weights()
+            bias_q, bias_k, bias_v = (None,) * 3 if self.in_proj_bias is None else self.in_proj_bias.chunk(3)
+            q = F.linear(query, weight_q, bias_q)
+            k = F.linear(key, weight_k, bias_k)
+            v = F.linear(value, weight_v, bias_v)
         if self.bias_k is not None:
             k = torch.cat([k, self.bias_k.expand(batch, 1, self.embed_dim)], dim=1)
             v = torch.cat([v, self.bias_v.expand(batch, 1, self.embed_dim)], dim=1)

@@ -115,7 +115,8 @@ def torch_attention_weights(q, k, v, *, scale, mask, dropout_p):
             scores = scores.masked_fill(~mask, float("-inf"))
         else:
             scores = scores + mask.to(compute)
-    weights = torch.ops.aten._safe_softmax(scores, -1)
+    # Without a mask every row sees a key: plain softmax (aten's safe softmax costs ~1.7x on a CPU).
+    weights = torch.softmax(scores, -1) if mask is None else torch.ops.aten._safe_softmax(scores, -1)
     if dropout_p > 0:
         weights = F.dropout(weights, p=dropout_p)
     out = torch.matmul(weights, v.to(compute))
