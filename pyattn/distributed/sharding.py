@@ -45,7 +45,7 @@ def zigzag_shard(x: Tensor, rank: int, world_size: int, dim: int = 1) -> Tensor:
 
 
 def zigzag_unshard(shards: list[Tensor] | tuple[Tensor, ...], dim: int = 1) -> Tensor:
-    """The whole sequence from every rank's zigzag shard (``shards[r]`` from rank r): inverse of :func:`zigzag_shard`."""
+    """The whole sequence from every rank's zigzag shard (``shards[r]`` from rank r); inverts :func:`zigzag_shard`."""
     world_size = len(shards)
     if world_size == 0:
         raise ValueError("zigzag_unshard: shards is empty; pass one shard per rank, in rank order")

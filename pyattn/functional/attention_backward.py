@@ -89,7 +89,7 @@ def _flash_backward_request(grad_out, q, k, v, out, lse, *, causal=False, scale=
 def flash_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, *,
                              causal: bool = False, scale: float | None = None, window: tuple[int, int] = (-1, -1),
                              softcap: float = 0.0, layout: str = "bhsd") -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients ``(dq, dk, dv)`` of :func:`pyattn.flash_attention` given ``grad_out`` and the forward's ``out``, ``lse``.
+    """Gradients ``(dq, dk, dv)`` of :func:`pyattn.flash_attention` from ``grad_out``, the forward's ``out``, ``lse``.
 
     Shapes (layout="bhsd"): q (batch, nheads, seqlen_q, headdim), k (batch, nheads_k, seqlen_k,
     headdim), v (batch, nheads_k, seqlen_k, headdim_v), out and grad_out (batch, nheads, seqlen_q,
