@@ -6,8 +6,9 @@ compiles what that launch would. Reached by a call: dtype (fp16, bf16, fp32 with
 spec) × head-dim tile class (64, 128, 256; 80 is padded to 128) × BLOCK_M (16, 64) × contiguous or paged
 cache × split or direct for the attention kernel; dtype × head dim × layout for the append; output dtype ×
 head dim × padded split count (2 … 128) for the merge. Features (softcap, ALiBi, both window sides,
-cache_batch_idx) are compiled together once per half dtype and layout. "unaligned" launches take views whose
-base address and strides are not 16-byte multiples (a fused QKV projection's slices), so no divisibility hint.
+cache_batch_idx) are compiled together once per half dtype and layout. "unaligned" launches take q and the new
+k/v as views whose base address and strides are not 16-byte multiples (a fused QKV projection's slices): no
+divisibility hint on them.
 The sizes the kernels use only in arithmetic are ``do_not_specialize``: their values select no variant.
 """
 
@@ -26,18 +27,19 @@ _CACHE_LEN, _BLOCK_SIZE = 1024, 256
 
 
 def _tensor(shape, dtype, *, aligned: bool) -> torch.Tensor:
-    """A meta tensor of ``shape``; unaligned: a view one element into a buffer one element wider per row."""
+    """A meta tensor of ``shape``; unaligned: a view one element into a buffer one element wider per row (as q,
+    k, v sliced out of a fused projection; caches are allocated whole, so they stay aligned)."""
     if aligned:
         return torch.empty(shape, dtype=dtype, device="meta")
     wide = torch.empty((*shape[:-1], shape[-1] + 1), dtype=dtype, device="meta")
     return wide[..., 1:]
 
 
-def _cache(dtype, head_dim, *, paged: bool, aligned: bool):
+def _cache(dtype, head_dim, *, paged: bool):
     rows = _BATCH * _CACHE_LEN // _BLOCK_SIZE if paged else _BATCH
     length = _BLOCK_SIZE if paged else _CACHE_LEN
-    k_cache = _tensor((rows, length, _HEADS_K, head_dim), dtype, aligned=aligned)
-    v_cache = _tensor((rows, length, _HEADS_K, head_dim), dtype, aligned=aligned)
+    k_cache = _tensor((rows, length, _HEADS_K, head_dim), dtype, aligned=True)
+    v_cache = _tensor((rows, length, _HEADS_K, head_dim), dtype, aligned=True)
     block_table = None
     if paged:
         block_table = torch.empty((_BATCH, _CACHE_LEN // _BLOCK_SIZE), dtype=torch.int32, device="meta")
@@ -52,8 +54,8 @@ def _attention_spec(dtype, head_dim, block_m, *, paged, split, features=False, b
                     precision=None) -> CompileSpec:
     seqlen_q = 1 if block_m == 16 else 4  # a group of 8: 8 rows (one decode token) or 32 (speculative decoding)
     q = _tensor((_BATCH, seqlen_q, _HEADS_K * _GROUP, head_dim), dtype, aligned=aligned)
-    k_cache, v_cache, block_table = _cache(dtype, head_dim, paged=paged, aligned=aligned)
-    block_n, num_warps, num_stages = configs.decode_config(dtype, head_dim, head_dim, interpreter=False)
+    k_cache, v_cache, block_table = _cache(dtype, head_dim, paged=paged)
+    block_n, num_warps, num_stages = configs.decode_config(dtype, head_dim, head_dim, block_m, interpreter=False)
     splits = 4 if split else 1
     heads_q = q.shape[2]
     if split:
@@ -81,7 +83,7 @@ def _attention_spec(dtype, head_dim, block_m, *, paged, split, features=False, b
 
 
 def _append_spec(dtype, head_dim, *, paged, batch_idx=False, aligned=True) -> CompileSpec:
-    k_cache, v_cache, block_table = _cache(dtype, head_dim, paged=paged, aligned=aligned)
+    k_cache, v_cache, block_table = _cache(dtype, head_dim, paged=paged)
     k = _tensor((_BATCH, 1, _HEADS_K, head_dim), dtype, aligned=aligned)
     v = _tensor((_BATCH, 1, _HEADS_K, head_dim), dtype, aligned=aligned)
     arguments = launch.append_arguments(

@@ -13,19 +13,28 @@ import math
 import torch
 import triton
 
-# (BLOCK_N, num_warps, num_stages) per tile-width class: the larger padded head dim of K and V in 16-bit units
-# (fp32 counts double). Each stage buffers a K and a V tile: 64 × 128 × 2 B × 2 = 32 KB at d128 in 16 bits.
+# (BLOCK_N, num_warps, num_stages) per (tile-width class, BLOCK_M). The class is the larger padded head dim of K
+# and V in 16-bit units (fp32 counts double). Each stage buffers a K and a V tile: 64 × 128 × 2 B × 2 = 32 KB at
+# d128 in 16 bits. 64-row tiles take 8 warps and wide classes shorter key tiles, so that no spec spills
+# registers on sm_90 or sm_80 (strict-fp32 dots run on FMAs and hold their operands in registers: the 512 class,
+# fp32 d256, gets 16-key tiles).
 DECODE_CONFIGS = {
-    64: (64, 4, 3),
-    128: (64, 4, 3),
-    256: (32, 4, 3),
-    512: (32, 4, 2),
+    (64, 16): (64, 4, 3),
+    (64, 64): (64, 8, 3),
+    (128, 16): (64, 4, 3),
+    (128, 64): (64, 8, 3),
+    (256, 16): (32, 4, 3),
+    (256, 64): (32, 8, 2),
+    (512, 16): (16, 4, 2),
+    (512, 64): (16, 8, 2),
 }
+WIDTH_CLASSES = (64, 128, 256, 512)
 # Rows of a tile (group heads × seqlen_q, padded): tl.dot needs 16; a decode step of GQA groups up to 16 takes one
 # 16-row tile, anything longer (speculative decoding, chunked prefill) 64-row tiles. Compute is nearly free in
 # decode, so padding rows costs registers, not time; two sizes keep the compiled variants few.
 BLOCK_M_CHOICES = (16, 64)
-APPEND_BLOCK_N = 64  # new tokens per append program (one decode token: one program per (batch row, KV head))
+APPEND_BLOCK_N = 16  # new tokens per append program (a decode step appends one: one program per (row, KV head))
+MERGE_SPLITS_CHUNK = 16  # partial outputs the merge reads per iteration (a (16, Dv) fp32 tile)
 INTERPRETER_BLOCK_N = 16  # small tiles so the tests' short caches cross several tiles and splits
 INTERPRETER_APPEND_BLOCK_N = 16
 
@@ -42,14 +51,15 @@ EFFICIENCY_SLACK = 0.85
 def tile_width_class(dtype: torch.dtype, head_dim: int, head_dim_v: int) -> int:
     padded = max(16, triton.next_power_of_2(max(head_dim, head_dim_v)))
     width = padded * dtype.itemsize // 2
-    return next(limit for limit in sorted(DECODE_CONFIGS) if width <= limit)
+    return next(limit for limit in WIDTH_CLASSES if width <= limit)
 
 
-def decode_config(dtype: torch.dtype, head_dim: int, head_dim_v: int, *, interpreter: bool) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages) of a call."""
+def decode_config(dtype: torch.dtype, head_dim: int, head_dim_v: int, block_m: int, *,
+                  interpreter: bool) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) of a call whose tiles have ``block_m`` rows."""
     if interpreter:
         return INTERPRETER_BLOCK_N, 1, 1
-    return DECODE_CONFIGS[tile_width_class(dtype, head_dim, head_dim_v)]
+    return DECODE_CONFIGS[(tile_width_class(dtype, head_dim, head_dim_v), block_m)]
 
 
 def block_m_for(rows_per_head: int) -> int:

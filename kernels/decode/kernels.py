@@ -238,27 +238,33 @@ def combine_splits_kernel(
     stride_lb, stride_lh, stride_lm,
     num_heads, num_splits,
     HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PADDED: tl.constexpr, SPLITS_PADDED: tl.constexpr,
+    SPLITS_CHUNK: tl.constexpr,
 ):
-    """Merge the splits of one output row (b, i, h). Grid (seqlen_q · heads_q, batch)."""
+    """Merge the splits of one output row (b, i, h): all LSEs at once, the partial outputs SPLITS_CHUNK at a time
+    (a whole (128, 256) fp32 tile would not fit in registers). Grid (seqlen_q · heads_q, batch)."""
     query = tl.program_id(0) // num_heads
     head = tl.program_id(0) % num_heads
     batch64 = tl.program_id(1).to(tl.int64)
-    splits = tl.arange(0, SPLITS_PADDED)
     offs_dv = tl.arange(0, HEAD_DIM_V_PADDED)
-    split_valid = splits < num_splits
     row = batch64 * stride_qb + query.to(tl.int64) * stride_qm + head.to(tl.int64) * stride_qh
-    lse = tl.load(PartialLse + row + splits.to(tl.int64) * stride_qs, mask=split_valid, other=float("-inf"))
+    splits = tl.arange(0, SPLITS_PADDED)
+    lse = tl.load(PartialLse + row + splits.to(tl.int64) * stride_qs, mask=splits < num_splits, other=float("-inf"))
     lse_max = tl.max(lse, 0)
     shift = tl.where(lse_max == float("-inf"), 0.0, lse_max)
-    weight = tl.exp2((lse - shift) * LOG2E)  # exp2(−inf) = 0 for splits that saw no key
-    total = tl.sum(weight, 0)
+    total = tl.sum(tl.exp2((lse - shift) * LOG2E), 0)  # exp2(−inf) = 0 for splits that saw no key
     partial_row = batch64 * stride_pb + query.to(tl.int64) * stride_pm + head.to(tl.int64) * stride_ph
-    partial = tl.load(PartialOut + partial_row + splits[:, None].to(tl.int64) * stride_ps
-                      + offs_dv[None, :] * stride_pd,
-                      mask=split_valid[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    acc = tl.zeros([HEAD_DIM_V_PADDED], dtype=tl.float32)
+    for first in tl.static_range(0, SPLITS_PADDED, SPLITS_CHUNK):
+        chunk = first + tl.arange(0, SPLITS_CHUNK)
+        valid = chunk < num_splits
+        weight = tl.exp2((tl.load(PartialLse + row + chunk.to(tl.int64) * stride_qs, mask=valid,
+                                  other=float("-inf")) - shift) * LOG2E)
+        partial = tl.load(PartialOut + partial_row + chunk[:, None].to(tl.int64) * stride_ps
+                          + offs_dv[None, :] * stride_pd,
+                          mask=valid[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        acc += tl.sum(partial * weight[:, None], 0)
     safe_total = tl.where(total > 0, total, 1.0)
-    out = tl.sum(partial * weight[:, None], 0) / safe_total
     tl.store(Out + batch64 * stride_ob + query.to(tl.int64) * stride_om + head.to(tl.int64) * stride_oh
-             + offs_dv * stride_od, out.to(Out.dtype.element_ty), mask=offs_dv < HEAD_DIM_V)
+             + offs_dv * stride_od, (acc / safe_total).to(Out.dtype.element_ty), mask=offs_dv < HEAD_DIM_V)
     tl.store(Lse + batch64 * stride_lb + head.to(tl.int64) * stride_lh + query.to(tl.int64) * stride_lm,
              tl.where(total > 0, shift + tl.log(safe_total), float("-inf")))

@@ -67,10 +67,10 @@ def plan(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_ta
     batch, seqlen_q, heads_q, head_dim = q.shape
     heads_k = k_cache.shape[2]
     interpreter = q.device.type == "cpu"
-    block_n, num_warps, num_stages = configs.decode_config(q.dtype, head_dim, v_cache.shape[-1],
-                                                           interpreter=interpreter)
     rows_per_head = seqlen_q * (heads_q // heads_k)
     block_m = configs.block_m_for(rows_per_head)
+    block_n, num_warps, num_stages = configs.decode_config(q.dtype, head_dim, v_cache.shape[-1], block_m,
+                                                           interpreter=interpreter)
     row_tiles = triton.cdiv(rows_per_head, block_m)
     capacity = cache_capacity(k_cache, block_table)
     key_tiles = max(1, triton.cdiv(capacity, block_n))
@@ -147,7 +147,8 @@ def combine_arguments(partial_out, partial_lse, out, lse, *, num_splits) -> dict
     head_dim_v = out.shape[-1]
     return dict(PartialOut=partial_out, PartialLse=partial_lse, Out=out, Lse=lse, **strides, num_heads=out.shape[2],
                 num_splits=num_splits, HEAD_DIM_V=head_dim_v, HEAD_DIM_V_PADDED=_padded(head_dim_v),
-                SPLITS_PADDED=triton.next_power_of_2(num_splits))
+                SPLITS_PADDED=triton.next_power_of_2(num_splits),
+                SPLITS_CHUNK=min(triton.next_power_of_2(num_splits), configs.MERGE_SPLITS_CHUNK))
 
 
 def _small_launch(device: torch.device) -> tuple[int, int]:
