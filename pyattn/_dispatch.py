@@ -20,6 +20,7 @@ from typing import Iterator
 
 import torch
 
+from pyattn import _triton
 from pyattn._registry import (  # noqa: F401  (re-exported: the names ops and tests use)
     ASSUMABLE_TARGETS,
     AUTO,
@@ -38,8 +39,6 @@ BACKEND_ENVIRONMENT_VARIABLE = "PYATTN_BACKEND"
 
 
 def triton_interpreter_enabled() -> bool:
-    from pyattn import _triton
-
     return _triton.interpreter_enabled()
 
 
@@ -62,11 +61,18 @@ def _validated_name(name: str, source: str) -> str:
 _forced_stack: list[str] = []
 
 
+# PYATTN_BACKEND, read once (on the first call: the ops must be registered to validate a variant name).
+_environment_backend: list[str] = []
+
+
 def default_backend() -> str:
     """The forced name in effect: the innermost ``use_backend``, else PYATTN_BACKEND, else "auto"."""
     if _forced_stack:
         return _forced_stack[-1]
-    return _validated_name(os.environ.get(BACKEND_ENVIRONMENT_VARIABLE, AUTO), BACKEND_ENVIRONMENT_VARIABLE)
+    if not _environment_backend:
+        name = os.environ.get(BACKEND_ENVIRONMENT_VARIABLE, AUTO)
+        _environment_backend.append(_validated_name(name, BACKEND_ENVIRONMENT_VARIABLE))
+    return _environment_backend[0]
 
 
 @contextlib.contextmanager
@@ -86,7 +92,7 @@ _device_targets: dict[tuple[str, int | None, bool], Target] = {}
 
 def target_for(request: Request, assume: str | None = None) -> Target:
     """The device ``request`` runs on, or the GPU named by ``assume`` ("sm_90", "sm_80")."""
-    interpreter = triton_interpreter_enabled()
+    interpreter = _triton._INTERPRETER
     if assume is not None:
         if assume not in ASSUMABLE_TARGETS:
             raise ValueError(f"assume must be one of {sorted(ASSUMABLE_TARGETS)} (or None for the real device), "

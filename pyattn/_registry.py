@@ -22,6 +22,8 @@ from typing import Callable, Mapping
 
 import torch
 
+from pyattn import _extension, _triton
+
 # Automatic priority, fastest first. "torch" serves a call with PyTorch's own kernels wherever they
 # compute exactly what pyattn promises; "reference" is the float64-capable ground truth.
 BACKENDS = ("cuda", "triton", "torch", "reference")
@@ -216,11 +218,7 @@ def backend_unavailable_reason(backend: str, *, assumed: bool = False) -> str | 
     """Why ``backend`` cannot run in this process, or None. ``assumed``: only what is installed or built
     counts (the device is described, not present), so "no GPU visible" is no reason."""
     if backend == "cuda":
-        from pyattn import _extension
-
         return _extension.build_reason() if assumed else _extension.unavailable_reason()
     if backend == "triton":
-        from pyattn import _triton
-
         return _triton.import_reason() if assumed else _triton.unavailable_reason()
     return None

@@ -67,12 +67,14 @@ def test_unknown_names_are_rejected(monkeypatch):
         with pyattn.use_backend("triton/fast"):
             pass
     monkeypatch.setenv("PYATTN_BACKEND", "nope")
+    monkeypatch.setattr(_dispatch, "_environment_backend", [])  # PYATTN_BACKEND is read once per process
     with pytest.raises(ValueError, match="PYATTN_BACKEND"):
         _dispatch.default_backend()
 
 
 def test_environment_names_a_variant(monkeypatch):
     monkeypatch.setenv("PYATTN_BACKEND", "triton/stepwise")
+    monkeypatch.setattr(_dispatch, "_environment_backend", [])
     assert _dispatch.default_backend() == "triton/stepwise"
     with pyattn.use_backend("auto"):
         assert _dispatch.default_backend() == "auto"

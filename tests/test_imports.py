@@ -14,11 +14,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Layer of each module (a lower number may not import a higher one). Same-layer imports are allowed
 # only within one subpackage (e.g. pyattn.ops.attention_triton importing pyattn.ops.attention_common).
 LAYERS = [
-    ("pyattn._extension", 0), ("pyattn._triton", 0), ("pyattn.tolerances", 0), ("pyattn._layout", 0),
-    ("pyattn._registry", 1), ("pyattn.kernels", 1), ("pyattn.reference", 1), ("pyattn.ops", 2),
-    ("pyattn._dispatch", 3), ("pyattn.functional", 4), ("pyattn.nn", 5), ("pyattn._explain", 6),
-    ("pyattn.distributed", 6), ("pyattn.integrations", 7), ("pyattn.examples", 7), ("pyattn.bench", 7),
-    ("pyattn.build_info", 7), ("pyattn", 8),
+    ("pyattn._triton", 0), ("pyattn.tolerances", 0), ("pyattn._layout", 0), ("pyattn._extension", 1),
+    ("pyattn._registry", 2), ("pyattn.kernels", 2), ("pyattn.reference", 2), ("pyattn.ops", 3),
+    ("pyattn._dispatch", 4), ("pyattn.functional", 5), ("pyattn.nn", 6), ("pyattn._explain", 7),
+    ("pyattn.distributed", 7), ("pyattn.integrations", 8), ("pyattn.examples", 8), ("pyattn.bench", 8),
+    ("pyattn.build_info", 8), ("pyattn", 9),
 ]
 
 
