@@ -3,7 +3,7 @@
 Each spec is built from the *arguments of a launch* (``meta`` tensors laid out as the launchers lay them out,
 through the launchers' own argument builders and the JIT's binder: ``pyattn.kernels._aot.launch_spec``), so it
 compiles what that launch would. Reached by a call: dtype (fp16, bf16, fp32 with strict dots; one fp32 TF32
-spec) × head-dim tile class (64, 128, 256; 80 is padded to 128) × BLOCK_M (16, 64) × contiguous or paged
+spec) × head-dim tile class (64, 128, 256; 80 is padded to 128) × BLOCK_M (16, 64; fp32 16) × contiguous or paged
 cache × split or direct for the attention kernel; dtype × head dim × layout for the append; output dtype ×
 head dim × padded split count (2 … 128) for the merge. Features (softcap, ALiBi, both window sides,
 cache_batch_idx) are compiled together once per half dtype and layout. "unaligned" launches take q and the new
@@ -113,7 +113,7 @@ def aot_specs() -> list[CompileSpec]:
     specs = []
     for dtype in _DTYPES:
         for head_dim in _HEAD_DIMS:
-            for block_m in configs.BLOCK_M_CHOICES:
+            for block_m in configs.block_m_choices(dtype):
                 for paged in (False, True):
                     for split in (False, True):
                         specs.append(_attention_spec(dtype, head_dim, block_m, paged=paged, split=split))

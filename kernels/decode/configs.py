@@ -16,8 +16,7 @@ import triton
 # (BLOCK_N, num_warps, num_stages) per (tile-width class, BLOCK_M). The class is the larger padded head dim of K
 # and V in 16-bit units (fp32 counts double). Each stage buffers a K and a V tile: 64 × 128 × 2 B × 2 = 32 KB at
 # d128 in 16 bits. 64-row tiles take 8 warps and wide classes shorter key tiles, so that no spec spills
-# registers on sm_90 or sm_80 (strict-fp32 dots run on FMAs and hold their operands in registers: the 512 class,
-# fp32 d256, gets 16-key tiles).
+# registers on sm_90 or sm_80.
 DECODE_CONFIGS = {
     (64, 16): (64, 4, 3),
     (64, 64): (64, 8, 3),
@@ -25,9 +24,9 @@ DECODE_CONFIGS = {
     (128, 64): (64, 8, 3),
     (256, 16): (32, 4, 3),
     (256, 64): (32, 8, 2),
-    (512, 16): (16, 4, 2),
-    (512, 64): (16, 8, 2),
 }
+# fp32 (strict IEEE dots run on FMAs and hold both operands in registers): 16-row tiles only, short key tiles.
+FP32_CONFIGS = {128: (64, 4, 3), 256: (16, 4, 2), 512: (16, 4, 2)}  # by width class (fp32 d64, d128, d256)
 WIDTH_CLASSES = (64, 128, 256, 512)
 # Rows of a tile (group heads × seqlen_q, padded): tl.dot needs 16; a decode step of GQA groups up to 16 takes one
 # 16-row tile, anything longer (speculative decoding, chunked prefill) 64-row tiles. Compute is nearly free in
@@ -59,12 +58,20 @@ def decode_config(dtype: torch.dtype, head_dim: int, head_dim_v: int, block_m: i
     """(BLOCK_N, num_warps, num_stages) of a call whose tiles have ``block_m`` rows."""
     if interpreter:
         return INTERPRETER_BLOCK_N, 1, 1
-    return DECODE_CONFIGS[(tile_width_class(dtype, head_dim, head_dim_v), block_m)]
+    width = tile_width_class(dtype, head_dim, head_dim_v)
+    if dtype == torch.float32:
+        return FP32_CONFIGS[width]
+    return DECODE_CONFIGS[(width, block_m)]
 
 
-def block_m_for(rows_per_head: int) -> int:
+def block_m_choices(dtype: torch.dtype) -> tuple[int, ...]:
+    return (16,) if dtype == torch.float32 else BLOCK_M_CHOICES
+
+
+def block_m_for(rows_per_head: int, dtype: torch.dtype) -> int:
     """Rows of one program's tile for ``rows_per_head`` = group size × seqlen_q packed rows."""
-    return next((block_m for block_m in BLOCK_M_CHOICES if rows_per_head <= block_m), BLOCK_M_CHOICES[-1])
+    choices = block_m_choices(dtype)
+    return next((block_m for block_m in choices if rows_per_head <= block_m), choices[-1])
 
 
 def num_splits_heuristic(programs: int, capacity: int, sm_count: int | None, block_n: int) -> int:

@@ -68,7 +68,7 @@ def plan(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_ta
     heads_k = k_cache.shape[2]
     interpreter = q.device.type == "cpu"
     rows_per_head = seqlen_q * (heads_q // heads_k)
-    block_m = configs.block_m_for(rows_per_head)
+    block_m = configs.block_m_for(rows_per_head, q.dtype)
     block_n, num_warps, num_stages = configs.decode_config(q.dtype, head_dim, v_cache.shape[-1], block_m,
                                                            interpreter=interpreter)
     row_tiles = triton.cdiv(rows_per_head, block_m)
