@@ -7,6 +7,10 @@ from pyattn.functional.attention import (  # noqa: F401
     flash_attention_varlen,
     scaled_dot_product_attention,
 )
+from pyattn.functional.attention_backward import (  # noqa: F401
+    REQUEST_BUILDERS as _ATTENTION_BACKWARD_REQUEST_BUILDERS,
+    flash_attention_backward,
+)
 from pyattn.functional.kvcache import (  # noqa: F401
     REQUEST_BUILDERS as _KVCACHE_REQUEST_BUILDERS,
     flash_attention_with_kvcache,
@@ -19,7 +23,8 @@ from pyattn.functional.lstm import (  # noqa: F401
 )
 
 __all__ = ["scaled_dot_product_attention", "attention_with_weights", "flash_attention", "flash_attention_varlen",
-           "flash_attention_with_kvcache", "lstm", "lstm_cell"]
+           "flash_attention_backward", "flash_attention_with_kvcache", "lstm", "lstm_cell"]
 
 # name -> function(*same args) returning the dispatch Request the call would make (pyattn.explain).
-REQUEST_BUILDERS = {**_ATTENTION_REQUEST_BUILDERS, **_KVCACHE_REQUEST_BUILDERS, **_LSTM_REQUEST_BUILDERS}
+REQUEST_BUILDERS = {**_ATTENTION_REQUEST_BUILDERS, **_ATTENTION_BACKWARD_REQUEST_BUILDERS, **_KVCACHE_REQUEST_BUILDERS,
+                    **_LSTM_REQUEST_BUILDERS}

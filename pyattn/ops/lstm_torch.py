@@ -26,7 +26,17 @@ def _check_precision(request: Request, target: Target) -> str | None:
     return None
 
 
-_SUPPORT = dict(devices=frozenset({"cpu", "cuda", "meta"}), dtypes=ANY_FLOAT, checks=(_check_precision,))
+def _check_traceable(request: Request, target: Target) -> str | None:
+    # torch 2.14's _VF.lstm does not trace with a module's parameters (aot_eager: "expected all
+    # tensors_saved_with_vc_check to be Tensors"; inductor: aten.mkldnn_rnn_layer); torch.nn.LSTM escapes
+    # only through a graph break. Compiled code takes the reference instead: plain, traceable PyTorch.
+    if request.op == "lstm" and torch.compiler.is_compiling():
+        return "torch.compile cannot trace _VF.lstm (torch.nn.LSTM graph-breaks there); compiled code runs the reference"
+    return None
+
+
+_SUPPORT = dict(devices=frozenset({"cpu", "cuda", "meta"}), dtypes=ANY_FLOAT,
+                checks=(_check_precision, _check_traceable))
 
 
 @register("torch", "lstm_cell", Support(**_SUPPORT), summary="torch's lstm_cell (what torch.nn.LSTMCell runs)")
