@@ -127,6 +127,40 @@ def _plan_lstm_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh) -> _CellP
     return _CellPlan(batched, batch, hidden_size, autocast_dtype, request)
 
 
+def _metadata(tensor) -> tuple | None:
+    if not isinstance(tensor, torch.Tensor):
+        return None if tensor is None else (type(tensor),)
+    return tensor.shape, tensor.dtype, tensor.device
+
+
+# A cell step is short (a few hundred microseconds on a CPU), so validation and the choice must cost
+# little: both depend only on the operands' metadata, the autocast state and the forced backend, which
+# key this memo (plain dict: bounded, cleared when full; bypassed while torch.compile traces).
+_CELL_PLANS: dict[tuple, tuple] = {}
+_CELL_PLANS_LIMIT = 256
+
+
+def _planned_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh) -> tuple[_CellPlan, object]:
+    if torch.compiler.is_compiling():
+        plan = _plan_lstm_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh)
+        return plan, _dispatch.choose(plan.request).implementation
+    device = input.device if isinstance(input, torch.Tensor) else None
+    autocast = device is not None and device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type)
+    states = None if hx is None else tuple(_metadata(state) for state in hx) if isinstance(hx, (tuple, list)) \
+        else (type(hx),)
+    key = (_metadata(input), states, _metadata(weight_ih), _metadata(weight_hh), _metadata(bias_ih),
+           _metadata(bias_hh), autocast and torch.get_autocast_dtype(device.type), _dispatch.default_backend(),
+           _dispatch.triton_interpreter_enabled())
+    cached = _CELL_PLANS.get(key)
+    if cached is None:
+        plan = _plan_lstm_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh)
+        cached = plan, _dispatch.choose(plan.request).implementation
+        if len(_CELL_PLANS) >= _CELL_PLANS_LIMIT:
+            _CELL_PLANS.clear()
+        _CELL_PLANS[key] = cached
+    return cached
+
+
 def lstm_cell_request(input, hx, weight_ih, weight_hh, bias_ih=None, bias_hh=None) -> _dispatch.Request:
     """The dispatch request :func:`lstm_cell` would make (validates; reads no tensor data)."""
     return _plan_lstm_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh).request
@@ -151,8 +185,7 @@ def lstm_cell(
         ``(h', c')`` each (B, H) (or (H,)), in the input dtype; fp16/bf16 gate math runs in fp32.
         Under autocast on CUDA the step runs in the autocast dtype, as torch's does.
     """
-    shape = _plan_lstm_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh)
-    implementation = _dispatch.choose(shape.request).implementation
+    shape, implementation = _planned_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh)
     if not shape.batched:
         input = input.unsqueeze(0)
     if hx is None:
