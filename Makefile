@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch 2.14.1 is served locally on our machines; pyattn itself accepts torch>=2.4 (pyproject.toml).
 TORCH_SPEC ?= torch==2.14.1
-DEV_PACKAGES := ninja numpy packaging pytest pytest-benchmark expecttest matplotlib tqdm
+DEV_PACKAGES := ninja numpy packaging pytest pytest-benchmark expecttest matplotlib tqdm transformers
 BENCH_OUT ?= bench-out
 EXTENSION_SOURCES := $(shell find csrc -name '*.cu' -o -name '*.cpp' -o -name '*.cuh' -o -name '*.h' 2>/dev/null)
 

@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -102,7 +102,9 @@ def extension_modules() -> tuple[list, dict]:
 ext_modules, cmdclass = extension_modules()
 
 setup(
-    packages=["pyattn", "pyattn.reference", "pyattn.ops", "pyattn.functional", "pyattn.nn", "pyattn.bench", "pyattn.kernels"],
+    # Every subpackage of pyattn/, and kernels/ installed as pyattn.kernels (with its own subpackages).
+    packages=find_packages(include=["pyattn", "pyattn.*"])
+    + ["pyattn.kernels"] + [f"pyattn.kernels.{name}" for name in find_packages("kernels")],
     package_dir={"pyattn.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
