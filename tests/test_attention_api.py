@@ -51,7 +51,10 @@ def _torch_sdpa(*args, **kwargs):
 
 def _bad_calls():
     q, k, v = _qkv((2, 4, 5, 8), (2, 4, 7, 8), (2, 4, 7, 8))
-    sdpa, flash = scaled_dot_product_attention, flash_attention
+    sdpa = scaled_dot_product_attention
+
+    def flash(*args, **kwargs):  # these cases build (batch, nheads, seqlen, headdim) tensors
+        return flash_attention(*args, **{"layout": "bhsd", **kwargs})
     packed_q, packed_k, packed_v, cu_q, cu_k = _packed([2, 3], [4, 3])
     varlen = flash_attention_varlen
     return [
@@ -142,6 +145,7 @@ def test_request_builders_report_features():
     assert request.features == {"mask", "mask_grad", "dropout", "gqa"}
     slopes = torch.empty(4, device="meta")
     request = functional.REQUEST_BUILDERS["flash_attention"](q, k, v, causal=True, window=(8, -1), softcap=5.0,
+                                                              layout="bhsd",
                                                               alibi_slopes=slopes)
     assert request.features == {"causal", "window", "softcap", "alibi", "gqa"}
     packed_q, packed_k, packed_v = _meta((12, 4, 64), (10, 2, 64), (10, 2, 64))
@@ -168,7 +172,7 @@ def test_explain_on_meta_tensors_prints_each_variant(monkeypatch):
 
 def test_request_carries_sizes_and_operands_for_the_variants_checks():
     q, k, v = _meta((2, 6, 5, 64), (2, 3, 7, 64), (2, 3, 7, 64))
-    request = functional.REQUEST_BUILDERS["flash_attention"](q, k, v, causal=True, return_lse=True)
+    request = functional.REQUEST_BUILDERS["flash_attention"](q, k, v, causal=True, return_lse=True, layout="bhsd")
     assert request.sizes == dict(batch=2, heads_q=6, heads_k=3, seqlen_q=5, seqlen_k=7, diagonal_offset=2)
     assert set(request.operands) == {"q", "k", "v"} and request.operands["k"].shape == (2, 3, 7, 64)
     assert "lse" in request.features  # so the torch backend (which returns no lse) refuses it
@@ -181,7 +185,38 @@ def test_deterministic_algorithms_make_every_backward_deterministic():
     torch.use_deterministic_algorithms(True)
     try:
         assert functional._plan_sdpa(q, k, v).options["deterministic"] is True
-        assert functional._plan_flash(q, k, v).options["deterministic"] is True
+        assert functional._plan_flash(q, k, v, layout="bhsd").options["deterministic"] is True
     finally:
         torch.use_deterministic_algorithms(previous)
-    assert functional._plan_flash(q, k, v, deterministic=True).options["deterministic"] is True
+    assert functional._plan_flash(q, k, v, deterministic=True, layout="bhsd").options["deterministic"] is True
+
+
+# ---------------------------------------------------------------------------------------------
+# flash-attn's interface: its layout by default, its argument order and spellings
+
+
+def test_flash_attention_defaults_to_flash_attns_bshd_layout():
+    q, k, v = _qkv((2, 5, 4, 8), (2, 7, 2, 8), (2, 7, 2, 8))  # (batch, seqlen, nheads, headdim)
+    out = flash_attention(q, k, v, causal=True)
+    assert out.shape == (2, 5, 4, 8)
+    expected = flash_attention(*(x.transpose(1, 2) for x in (q, k, v)), causal=True, layout="bhsd").transpose(1, 2)
+    assert_close(out, expected, RTOL64)
+    packed = random_tensor(12, 4, 8, dtype=F64)
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    varlen = flash_attention_varlen(packed, packed, packed, cu, cu, 7, 7, 0.0, None, True)  # positional, as flash-attn
+    assert varlen.shape == (12, 4, 8)
+
+
+def test_flash_attention_takes_flash_attns_positional_order_and_names():
+    q, k, v = _qkv((1, 6, 2, 8), (1, 6, 2, 8), (1, 6, 2, 8))
+    by_position = flash_attention(q, k, v, 0.0, 0.3, True, (2, 0), 0.0, None, False)
+    by_name = flash_attention(q, k, v, softmax_scale=0.3, causal=True, window_size=(2, 0))
+    pyattn_names = flash_attention(q, k, v, scale=0.3, causal=True, window=(2, 0))
+    assert_close(by_position, by_name, 0.0)
+    assert_close(pyattn_names, by_name, 0.0)
+    out, lse, probabilities = flash_attention(q, k, v, return_attn_probs=True)
+    assert probabilities is None and lse.shape == (1, 2, 6) and out.shape == q.shape
+    with pytest.raises(ValueError, match="softmax_scale .* or scale, not both"):
+        flash_attention(q, k, v, softmax_scale=0.3, scale=0.3)
+    with pytest.raises(ValueError, match="window_size .* or window, not both"):
+        flash_attention(q, k, v, window_size=(1, 1), window=(1, 1))

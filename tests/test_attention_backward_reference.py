@@ -54,11 +54,11 @@ def test_matches_autograd_of_the_forward(case, layout):
 def test_lower_precision_against_float64(dtype):
     q, k, v = _inputs(16, 16, 4, 2, 8, 8)
     with pyattn.use_backend("reference"):
-        out, lse = pyattn.flash_attention(q, k, v, return_lse=True, causal=True)
+        out, lse = pyattn.flash_attention(q, k, v, return_lse=True, causal=True, layout="bhsd")
         grad_out = random_tensor(*out.shape, dtype=torch.float64)
-        expected = flash_attention_backward(grad_out, q, k, v, out.detach(), lse, causal=True)
+        expected = flash_attention_backward(grad_out, q, k, v, out.detach(), lse, causal=True, layout="bhsd")
         got = flash_attention_backward(*(x.detach().to(dtype) for x in (grad_out, q, k, v, out)), lse.float(),
-                                       causal=True)
+                                       causal=True, layout="bhsd")
     for name, grad, reference in zip(("dq", "dk", "dv"), got, expected):
         assert grad.dtype == dtype
         assert_close(grad, reference, RTOL[dtype], name=name)
@@ -69,10 +69,10 @@ def test_key_blocks_with_final_statistics_sum_to_the_whole():
     that block's share: dq sums over blocks, dk/dv of each block are the whole's rows for those keys."""
     q, k, v = _inputs(12, 18, 4, 2, 8, 8)
     with pyattn.use_backend("reference"):
-        out, lse = pyattn.flash_attention(q, k, v, return_lse=True, softcap=2.0)
+        out, lse = pyattn.flash_attention(q, k, v, return_lse=True, softcap=2.0, layout="bhsd")
         grad_out = random_tensor(*out.shape, dtype=torch.float64)
         whole = torch.autograd.grad(out, (q, k, v), grad_out)
-        shares = [flash_attention_backward(grad_out, q, k[:, :, keys], v[:, :, keys], out.detach(), lse, softcap=2.0)
+        shares = [flash_attention_backward(grad_out, q, k[:, :, keys], v[:, :, keys], out.detach(), lse, softcap=2.0, layout="bhsd")
                   for keys in (slice(0, 7), slice(7, 18))]
     tolerance = RTOL[torch.float64]
     assert_close(shares[0][0] + shares[1][0], whole[0], tolerance, name="dq (sum of shares)")
@@ -84,23 +84,23 @@ def test_arguments_are_named_in_errors():
     q, k, v = (x.detach() for x in _inputs(8, 8, 2, 2, 4, 4, dtype=torch.float32))
     out, grad_out, lse = torch.randn_like(q), torch.randn_like(q), torch.zeros(2, 2, 8)
     with pytest.raises(TypeError, match="lse must be float32"):
-        flash_attention_backward(grad_out, q, k, v, out, lse.double())
+        flash_attention_backward(grad_out, q, k, v, out, lse.double(), layout="bhsd")
     with pytest.raises(ValueError, match=r"lse must have shape \(batch, nheads, seqlen_q\)"):
-        flash_attention_backward(grad_out, q, k, v, out, lse[:, :, :4])
+        flash_attention_backward(grad_out, q, k, v, out, lse[:, :, :4], layout="bhsd")
     with pytest.raises(ValueError, match="out must have the forward output's shape"):
-        flash_attention_backward(grad_out, q, k, v, out[:, :, :4], lse)
+        flash_attention_backward(grad_out, q, k, v, out[:, :, :4], lse, layout="bhsd")
     with pytest.raises(TypeError, match="grad_out has dtype"):
-        flash_attention_backward(grad_out.double(), q, k, v, out, lse)
+        flash_attention_backward(grad_out.double(), q, k, v, out, lse, layout="bhsd")
     with pytest.raises(ValueError, match="layout must be one of"):
         flash_attention_backward(grad_out, q, k, v, out, lse, layout="sbhd")
     with pytest.raises(ValueError, match="window must be a pair"):
-        flash_attention_backward(grad_out, q, k, v, out, lse, window=(-2, 0))
+        flash_attention_backward(grad_out, q, k, v, out, lse, window=(-2, 0), layout="bhsd")
 
 
 def test_dispatch_serves_it_on_the_reference_without_the_interpreter():
     q, k, v = (torch.empty(1, 2, 8, 16, device="meta") for _ in range(3))
     lse = torch.empty(1, 2, 8, device="meta")
-    request = REQUEST_BUILDERS["flash_attention_backward"](q, q, k, v, q, lse, causal=True)
+    request = REQUEST_BUILDERS["flash_attention_backward"](q, q, k, v, q, lse, causal=True, layout="bhsd")
     assert request.op == "attention_backward" and "causal" in request.features
     text = explain_request(request)
     assert "auto picks: reference" in text

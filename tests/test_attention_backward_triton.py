@@ -40,12 +40,12 @@ def test_triton_matches_reference(case, device, dtype):
     k = random_tensor(2, heads_k, seqlen_k, head_dim, dtype=torch.float64)
     v = random_tensor(2, heads_k, seqlen_k, head_dim, dtype=torch.float64)
     with pyattn.use_backend("reference"):
-        out, lse = pyattn.flash_attention(q, k, v, return_lse=True, **options)
+        out, lse = pyattn.flash_attention(q, k, v, return_lse=True, **options, layout="bhsd")
         grad_out = random_tensor(*out.shape, dtype=torch.float64)
-        expected = flash_attention_backward(grad_out, q, k, v, out, lse, **options)
+        expected = flash_attention_backward(grad_out, q, k, v, out, lse, **options, layout="bhsd")
     with pyattn.use_backend("triton"):
         got = flash_attention_backward(*(x.to(device, dtype) for x in (grad_out, q, k, v, out)),
-                                       lse.to(device, torch.float32), **options)
+                                       lse.to(device, torch.float32), **options, layout="bhsd")
     for name, grad, reference in zip(("dq", "dk", "dv"), got, expected):
         assert grad.dtype == dtype and grad.device.type == device
         assert_close(grad.cpu(), reference, TOLERANCE[dtype], name=f"{case}: {name}")

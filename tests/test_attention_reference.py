@@ -187,7 +187,7 @@ def _band_mask(seqlen_q, seqlen_k, left, right):
 @pytest.mark.parametrize("causal,window", [(True, (-1, -1)), (False, (2, 1)), (True, (2, -1)), (False, (-1, 0))])
 def test_flash_causal_and_window_are_bottom_right(seqlen_q, seqlen_k, causal, window):
     q, k, v = _qkv((2, 2, seqlen_q, 8), (2, 2, seqlen_k, 8), (2, 2, seqlen_k, 8))
-    out = flash_attention(q, k, v, causal=causal, window=window)
+    out = flash_attention(q, k, v, causal=causal, window=window, layout="bhsd")
     band = _band_mask(seqlen_q, seqlen_k, window[0], 0 if causal else window[1])
     assert_close(out, _torch_sdpa(q, k, v, attn_mask=band), RTOL64)
 
@@ -196,7 +196,7 @@ def test_flash_causal_documented_example():
     """The docstring's seqlen_q=2, seqlen_k=5 example: row 0 sees keys 0..3."""
     assert _band_mask(2, 5, -1, 0).int().tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
     q, k, v = _qkv((1, 1, 2, 4), (1, 1, 5, 4), (1, 1, 5, 4))
-    out = flash_attention(q, k, v, causal=True)
+    out = flash_attention(q, k, v, causal=True, layout="bhsd")
     assert_close(out[:, :, :1], F.scaled_dot_product_attention(q[:, :, :1], k[:, :, :4], v[:, :, :4]), RTOL64)
 
 
@@ -220,7 +220,7 @@ def test_flash_options_match_reference(options, heads_k):
     if alibi is not None:
         shape = (heads,) if alibi == "heads" else (batch, heads)
         options["alibi_slopes"] = torch.rand(shape, dtype=torch.float32) + 0.1
-    out, lse = flash_attention(q, k, v, return_lse=True, **options)
+    out, lse = flash_attention(q, k, v, return_lse=True, **options, layout="bhsd")
     window = options.get("window", (-1, -1))
     expected, expected_lse = reference_attention(
         q, k, v, scale=options.get("scale", 8 ** -0.5), window_left=window[0],
@@ -235,7 +235,7 @@ def test_flash_bshd_layout_is_a_transposed_view():
     q, k, v = _qkv((2, 5, 4, 8), (2, 9, 2, 8), (2, 9, 2, 6))  # (B, S, H, D)
     out = flash_attention(q, k, v, causal=True, layout="bshd")
     assert out.shape == (2, 5, 4, 6)
-    expected = flash_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+    expected = flash_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True, layout="bhsd")
     assert_close(out, expected.transpose(1, 2), RTOL64)
     plan = functional._plan_flash(q, k, v, layout="bshd")
     assert plan.q.data_ptr() == q.data_ptr() and plan.q.shape == (2, 4, 5, 8)
@@ -342,7 +342,7 @@ def test_fully_masked_rows_give_zero_and_no_nan_gradient():
 
 def test_flash_causal_with_more_queries_than_keys_zeroes_the_top_rows():
     q, k, v = _qkv((1, 2, 6, 8), (1, 2, 3, 8), (1, 2, 3, 8), requires_grad=True)
-    out, lse = flash_attention(q, k, v, causal=True, return_lse=True)
+    out, lse = flash_attention(q, k, v, causal=True, return_lse=True, layout="bhsd")
     assert (out[:, :, :3] == 0).all() and torch.isneginf(lse[:, :, :3]).all()
     out.sum().backward()
     assert torch.isfinite(q.grad).all() and (q.grad[:, :, :3] == 0).all()
@@ -363,7 +363,7 @@ def test_gradcheck_flash_with_options():
     q, k, v = _qkv((1, 2, 3, 4), (1, 2, 5, 4), (1, 2, 5, 3), requires_grad=True)
     slopes = torch.rand(2) + 0.1
     assert torch.autograd.gradcheck(
-        lambda q, k, v: flash_attention(q, k, v, causal=True, window=(2, -1), softcap=2.0, alibi_slopes=slopes),
+        lambda q, k, v: flash_attention(q, k, v, causal=True, window=(2, -1), softcap=2.0, alibi_slopes=slopes, layout="bhsd"),
         (q, k, v))
 
 

@@ -69,7 +69,7 @@ def test_flash_attention_windows_become_masks_on_torch(case):
     q, k, v = _qkv(heads_k=heads_k, seqlen_q=7, seqlen_k=12)
     options = {"causal-bottom-right": dict(causal=True), "window": dict(window=(3, 2)),
                "window-causal": dict(window=(4, -1), causal=True), "gqa-window": dict(window=(2, 2))}[case]
-    ours, reference = _both(lambda q, k, v: flash_attention(q, k, v, **options), q, k, v)
+    ours, reference = _both(lambda q, k, v: flash_attention(q, k, v, **options, layout="bhsd"), q, k, v)
     assert_close(ours, reference, 1e-5)
 
 
@@ -96,21 +96,21 @@ def _forced_reasons(fn, *args, **kwargs) -> str:
 
 def test_torch_refuses_what_it_cannot_compute_exactly_and_auto_falls_to_the_reference():
     q, k, v = _qkv()
-    assert "softcap" in _forced_reasons(flash_attention, q, k, v, softcap=5.0)
-    assert "alibi" in _forced_reasons(flash_attention, q, k, v, alibi_slopes=torch.rand(4))
-    assert "lse" in _forced_reasons(flash_attention, q, k, v, return_lse=True)
+    assert "softcap" in _forced_reasons(flash_attention, q, k, v, softcap=5.0, layout="bhsd")
+    assert "alibi" in _forced_reasons(flash_attention, q, k, v, alibi_slopes=torch.rand(4), layout="bhsd")
+    assert "lse" in _forced_reasons(flash_attention, q, k, v, return_lse=True, layout="bhsd")
     packed = torch.randn(10, 4, 16)
     cu = torch.tensor([0, 4, 10], dtype=torch.int32)
     reasons = _forced_reasons(pyattn.flash_attention_varlen, packed, packed, packed, cu, cu, 6, 6)
     assert "has no implementation of attention_varlen" in reasons
-    request = pyattn.functional.REQUEST_BUILDERS["flash_attention"](q, k, v, softcap=5.0)
+    request = pyattn.functional.REQUEST_BUILDERS["flash_attention"](q, k, v, softcap=5.0, layout="bhsd")
     assert _dispatch.choose(request).qualified_name == "reference"
 
 
 def test_a_window_too_large_for_a_mask_is_refused():
     side = int(WINDOW_MASK_LIMIT**0.5) + 1
     q = torch.empty(1, 1, side, 16, device="meta")
-    text = pyattn.explain("flash_attention", q, q, q, window=(128, 0))
+    text = pyattn.explain("flash_attention", q, q, q, window=(128, 0), layout="bhsd")
     assert f"over the {WINDOW_MASK_LIMIT} this variant builds" in text
     assert text.endswith("auto picks: reference")
 

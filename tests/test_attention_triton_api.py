@@ -129,7 +129,7 @@ def test_flash_matches_reference(options, device, dtype, poisoned_allocations):
 
     def call(q, k, v):
         slopes = options.get("alibi_slopes")
-        return flash_attention(q, k, v, **{**options, "alibi_slopes": None if slopes is None else slopes.to(q.device)})
+        return flash_attention(q, k, v, **{**options, "alibi_slopes": None if slopes is None else slopes.to(q.device)}, layout="bhsd")
 
     _compare_with_reference(call, [random_tensor(*shape) for shape in shapes], dtype, device, poisoned_allocations)
 
@@ -138,9 +138,9 @@ def test_flash_matches_reference(options, device, dtype, poisoned_allocations):
 def test_flash_lse_matches_reference(device):
     q, k, v = random_tensor(1, 2, 9, 16), random_tensor(1, 2, 5, 16), random_tensor(1, 2, 5, 16)
     with pyattn.use_backend("triton"):
-        _, lse = flash_attention(q.to(device), k.to(device), v.to(device), causal=True, return_lse=True)
+        _, lse = flash_attention(q.to(device), k.to(device), v.to(device), causal=True, return_lse=True, layout="bhsd")
     with pyattn.use_backend("reference"):
-        _, expected = flash_attention(q.double(), k.double(), v.double(), causal=True, return_lse=True)
+        _, expected = flash_attention(q.double(), k.double(), v.double(), causal=True, return_lse=True, layout="bhsd")
     assert lse.dtype == torch.float32 and not lse.requires_grad
     lse = lse.cpu()
     assert torch.equal(torch.isneginf(lse), torch.isneginf(expected))  # rows 0..3 see no key (L > S, bottom-right)
@@ -262,10 +262,10 @@ def test_dropout_reproducible_and_equal_to_the_reference_with_the_kernels_patter
                                                device=device)
     with pyattn.use_backend("triton"):
         torch.manual_seed(5)
-        out = flash_attention(*ours, dropout_p=dropout_p)
+        out = flash_attention(*ours, dropout_p=dropout_p, layout="bhsd")
         torch.manual_seed(5)
-        again = flash_attention(*ours, dropout_p=dropout_p)
-        different = flash_attention(*ours, dropout_p=dropout_p)
+        again = flash_attention(*ours, dropout_p=dropout_p, layout="bhsd")
+        different = flash_attention(*ours, dropout_p=dropout_p, layout="bhsd")
         grad_out = random_tensor(*out.shape, device=device)
         grads = torch.autograd.grad(out, ours, grad_out)
     assert torch.equal(out, again) and not torch.equal(out, different)
@@ -372,3 +372,14 @@ def test_flash_bshd_output_is_contiguous_in_bshd(device):
         out = flash_attention(q, k, v, causal=True, layout="bshd")
     assert out.shape == (2, 7, 3, 16) and out.is_contiguous()
     out.view(2, 7, 48)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_flash_attention_default_layout_is_bshd_on_triton(device):
+    q, k, v = (random_tensor(2, 24, heads, 16, device=device) for heads in (4, 2, 2))  # (batch, seqlen, nheads, d)
+    with pyattn.use_backend("triton"):
+        out = flash_attention(q, k, v, causal=True)
+    with pyattn.use_backend("reference"):
+        expected = flash_attention(q.double(), k.double(), v.double(), causal=True)
+    assert out.shape == (2, 24, 4, 16)
+    assert_close(out, expected.to(out.dtype), TOLERANCE[torch.float32])

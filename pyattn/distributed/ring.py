@@ -151,7 +151,7 @@ def _ring_forward(q: Tensor, k: Tensor, v: Tensor, config: _RingConfig) -> tuple
                                config.window_right):
             block_out, block_lse = flash_attention(
                 q[:, :, block.rows], keys[:, :, block.cols], values[:, :, block.cols], causal=block.causal,
-                window=block.window, scale=config.scale, softcap=config.softcap, return_lse=True)
+                window=block.window, scale=config.scale, softcap=config.softcap, return_lse=True, layout="bhsd")
             _merge(out, lse, block.rows, block_out, block_lse)
         if works:
             _wait(config, works, "K/V", step)
@@ -187,7 +187,7 @@ def _ring_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
             block_dq, block_dk, block_dv = flash_attention_backward(
                 grad_out[:, :, rows], q[:, :, rows], keys[:, :, cols], values[:, :, cols], out[:, :, rows],
                 lse[:, :, rows], causal=block.causal, window=block.window, scale=config.scale,
-                softcap=config.softcap)
+                softcap=config.softcap, layout="bhsd")
             dq[:, :, rows] += block_dq
             share_k[:, :, cols] += block_dk
             share_v[:, :, cols] += block_dv

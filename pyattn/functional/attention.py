@@ -311,7 +311,7 @@ def _flash_features(causal: bool, window_left: int, window_right: int, softcap: 
 
 
 def _plan_flash(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0, alibi_slopes=None, dropout_p=0.0,
-                return_lse=False, deterministic=False, layout="bhsd") -> _AttentionPlan:
+                return_lse=False, deterministic=False, layout="bshd") -> _AttentionPlan:
     _check_qkv(_FLASH, {"q": q, "k": k, "v": v})
     if layout not in _LAYOUTS:
         raise ValueError(f"{_FLASH}: layout must be one of {sorted(_LAYOUTS)}, got {layout!r}")
@@ -349,46 +349,64 @@ def _plan_flash(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0
     return _AttentionPlan(request=request, q=q, k=k, v=v, options=options)
 
 
-def _flash_request(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0, alibi_slopes=None,
-                   dropout_p=0.0, return_lse=False, deterministic=False, layout="bhsd") -> Request:
+def _flash_spellings(function: str, scale, softmax_scale, window, window_size) -> tuple:
+    """flash-attn spells them softmax_scale and window_size; pyattn's scale and window are the same options."""
+    if scale is not None and softmax_scale is not None:
+        raise ValueError(f"{function}: pass softmax_scale (flash-attn's name) or scale, not both")
+    if window is not None and tuple(window_size) != (-1, -1):
+        raise ValueError(f"{function}: pass window_size (flash-attn's name) or window, not both")
+    return (softmax_scale if softmax_scale is not None else scale), (window_size if window is None else window)
+
+
+def _flash_request(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                   alibi_slopes=None, deterministic=False, return_attn_probs=False, *, scale=None, window=None,
+                   return_lse=False, layout="bshd") -> Request:
+    scale, window = _flash_spellings(_FLASH, scale, softmax_scale, window, window_size)
     return _plan_flash(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
-                       dropout_p=dropout_p, return_lse=return_lse, deterministic=deterministic, layout=layout).request
+                       dropout_p=dropout_p, return_lse=return_lse or return_attn_probs, deterministic=deterministic,
+                       layout=layout).request
 
 
-def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: float | None = None,
-                    window: tuple[int, int] = (-1, -1), softcap: float = 0.0, alibi_slopes: Tensor | None = None,
-                    dropout_p: float = 0.0, return_lse: bool = False, deterministic: bool = False,
-                    layout: str = "bhsd"):
-    """Attention with flash-attn's options (``flash_attn_func``'s meaning), on pyattn's backends.
+def flash_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, softmax_scale: float | None = None,
+                    causal: bool = False, window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                    alibi_slopes: Tensor | None = None, deterministic: bool = False, return_attn_probs: bool = False,
+                    *, scale: float | None = None, window: tuple[int, int] | None = None, return_lse: bool = False,
+                    layout: str = "bshd"):
+    """Drop-in for flash-attn's ``flash_attn_func``, on pyattn's backends: same arguments, order and layout.
 
-    Shapes (layout="bhsd", the default): q (batch, nheads, seqlen_q, headdim), k (batch, nheads_k,
-    seqlen_k, headdim), v (batch, nheads_k, seqlen_k, headdim_v) -> out (batch, nheads, seqlen_q,
-    headdim_v). layout="bshd" takes and returns flash-attn's (batch, seqlen, nheads, headdim)
-    instead (handled as transposed views, no copies). nheads % nheads_k == 0 (MQA/GQA: query
-    head h reads key/value head h // (nheads // nheads_k)); headdim_v may differ from headdim.
+    Shapes (layout="bshd", the default, flash-attn's): q (batch, seqlen_q, nheads, headdim), k
+    (batch, seqlen_k, nheads_k, headdim), v (batch, seqlen_k, nheads_k, headdim_v) -> out (batch,
+    seqlen_q, nheads, headdim_v). layout="bhsd" takes and returns (batch, nheads, seqlen, headdim)
+    instead (SDPA's order; any strides either way, no copies). nheads % nheads_k == 0 (MQA/GQA:
+    query head h reads key/value head h // (nheads // nheads_k)); headdim_v may differ from headdim.
 
     causal: query i sees keys j <= i + seqlen_k - seqlen_q, i.e. the mask is aligned to the
     bottom-right corner of the (seqlen_q, seqlen_k) score matrix (flash-attn >= 2.1). With
     seqlen_q = 2, seqlen_k = 5 the mask is [[1 1 1 1 0], [1 1 1 1 1]]; with seqlen_q = 5,
     seqlen_k = 2 it is [[0 0], [0 0], [0 0], [1 0], [1 1]]: rows with no visible key give 0.
-    window (left, right): sliding window, -1 = unbounded; query i sees keys j in
+    window_size (left, right) (or ``window=``): sliding window, -1 = unbounded; query i sees keys j in
     [i + seqlen_k - seqlen_q - left, i + seqlen_k - seqlen_q + right]; with causal, right is 0.
     softcap > 0: scores become softcap * tanh(scores / softcap). alibi_slopes: float32 (nheads,)
     or (batch, nheads): adds -slope * |i + seqlen_k - seqlen_q - j| to the scores (no gradient
-    flows to the slopes on the Triton backend). scale: defaults to 1 / sqrt(headdim).
-    dropout_p: on the attention probabilities whenever > 0 (pass 0.0 in evaluation), reproducible
-    with ``torch.manual_seed``. deterministic: a backward without atomics (same result each run);
-    also on whenever ``torch.use_deterministic_algorithms(True)`` is.
+    flows to the slopes on the Triton backend). softmax_scale (or ``scale=``): defaults to
+    1 / sqrt(headdim). dropout_p: on the attention probabilities whenever > 0 (pass 0.0 in
+    evaluation), reproducible with ``torch.manual_seed``. deterministic: a backward without atomics
+    (same result each run); also on whenever ``torch.use_deterministic_algorithms(True)`` is.
 
-    Returns out, or (out, lse) when return_lse: lse (batch, nheads, seqlen_q) float32 (the
-    natural log of each row's softmax denominator, -inf for rows with no visible key), detached:
-    no gradient flows through it (as in flash-attn).
+    Returns out; (out, lse) with return_lse; (out, lse, None) with return_attn_probs (flash-attn's
+    triple: pyattn never forms the probabilities, so the third is None). lse (batch, nheads,
+    seqlen_q) float32 is the natural log of each row's softmax denominator (-inf for rows with no
+    visible key), detached: no gradient flows through it (as in flash-attn).
     """
+    scale, window = _flash_spellings(_FLASH, scale, softmax_scale, window, window_size)
     plan = _plan_flash(q, k, v, causal=causal, scale=scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
-                       dropout_p=dropout_p, return_lse=return_lse, deterministic=deterministic, layout=layout)
+                       dropout_p=dropout_p, return_lse=return_lse or return_attn_probs, deterministic=deterministic,
+                       layout=layout)
     out, lse = choose(plan.request).implementation(plan.q, plan.k, plan.v, **plan.options)
     if layout == "bshd":
         out = out.transpose(1, 2)
+    if return_attn_probs:
+        return out, lse.detach(), None
     return (out, lse.detach()) if return_lse else out
 
 
@@ -451,26 +469,31 @@ def _plan_flash_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_se
     return _AttentionPlan(request=request, q=q, k=k, v=v, options=options)
 
 
-def _flash_varlen_request(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False, scale=None,
-                          window=(-1, -1), softcap=0.0, alibi_slopes=None, dropout_p=0.0, return_lse=False,
-                          deterministic=False) -> Request:
+def _flash_varlen_request(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                          softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                          deterministic=False, return_attn_probs=False, *, scale=None, window=None,
+                          return_lse=False) -> Request:
+    scale, window = _flash_spellings(_FLASH_VARLEN, scale, softmax_scale, window, window_size)
     return _plan_flash_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
                               scale=scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
-                              dropout_p=dropout_p, return_lse=return_lse, deterministic=deterministic).request
+                              dropout_p=dropout_p, return_lse=return_lse or return_attn_probs,
+                              deterministic=deterministic).request
 
 
 def flash_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
-                           max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False, scale: float | None = None,
-                           window: tuple[int, int] = (-1, -1), softcap: float = 0.0,
-                           alibi_slopes: Tensor | None = None, dropout_p: float = 0.0, return_lse: bool = False,
-                           deterministic: bool = False):
-    """:func:`flash_attention` over a batch of sequences of different lengths, packed without padding.
+                           max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0,
+                           softmax_scale: float | None = None, causal: bool = False,
+                           window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                           alibi_slopes: Tensor | None = None, deterministic: bool = False,
+                           return_attn_probs: bool = False, *, scale: float | None = None,
+                           window: tuple[int, int] | None = None, return_lse: bool = False):
+    """Drop-in for flash-attn's ``flash_attn_varlen_func``: sequences of different lengths, packed without padding.
 
-    Shapes (flash-attn's ``flash_attn_varlen_func``): q (total_q, nheads, headdim), k (total_k,
-    nheads_k, headdim), v (total_k, nheads_k, headdim_v) -> out (total_q, nheads, headdim_v).
-    cu_seqlens_q / cu_seqlens_k: int32 (batch + 1,), the cumulative sequence lengths starting at 0
-    (sequence b is rows cu_seqlens[b]:cu_seqlens[b + 1]); max_seqlen_q / max_seqlen_k: the longest
-    sequence of each (ints; they size the launch grid and must not be smaller than the truth).
+    Shapes (flash-attn's): q (total_q, nheads, headdim), k (total_k, nheads_k, headdim), v (total_k,
+    nheads_k, headdim_v) -> out (total_q, nheads, headdim_v). cu_seqlens_q / cu_seqlens_k: int32
+    (batch + 1,), the cumulative sequence lengths starting at 0 (sequence b is rows
+    cu_seqlens[b]:cu_seqlens[b + 1]); max_seqlen_q / max_seqlen_k: the longest sequence of each
+    (ints; they size the launch grid and must not be smaller than the truth).
 
     Every option means what it means for :func:`flash_attention`, per sequence, with positions
     counted from the sequence's start: causal, window and ALiBi are aligned to each sequence's own
@@ -480,12 +503,17 @@ def flash_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     output 0 under causal (they see no key). The Triton backend reads cu_seqlens on the device only
     (no host sync, no graph break under torch.compile); the reference loops over sequences on the host.
 
-    Returns out, or (out, lse) when return_lse: lse (nheads, total_q) float32, detached.
+    Returns out; (out, lse) with return_lse; (out, lse, None) with return_attn_probs. lse (nheads,
+    total_q) float32, detached.
     """
+    scale, window = _flash_spellings(_FLASH_VARLEN, scale, softmax_scale, window, window_size)
     plan = _plan_flash_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
                               scale=scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
-                              dropout_p=dropout_p, return_lse=return_lse, deterministic=deterministic)
+                              dropout_p=dropout_p, return_lse=return_lse or return_attn_probs,
+                              deterministic=deterministic)
     out, lse = choose(plan.request).implementation(plan.q, plan.k, plan.v, **plan.options)
+    if return_attn_probs:
+        return out, lse.detach(), None
     return (out, lse.detach()) if return_lse else out
 
 

@@ -81,21 +81,21 @@ def _plan(grad_out, q, k, v, out, lse, *, causal, scale, window, softcap, layout
 
 
 def _flash_backward_request(grad_out, q, k, v, out, lse, *, causal=False, scale=None, window=(-1, -1), softcap=0.0,
-                            layout="bhsd") -> Request:
+                            layout="bshd") -> Request:
     return _plan(grad_out, q, k, v, out, lse, causal=causal, scale=scale, window=window, softcap=softcap,
                  layout=layout)[0]
 
 
 def flash_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, *,
                              causal: bool = False, scale: float | None = None, window: tuple[int, int] = (-1, -1),
-                             softcap: float = 0.0, layout: str = "bhsd") -> tuple[Tensor, Tensor, Tensor]:
+                             softcap: float = 0.0, layout: str = "bshd") -> tuple[Tensor, Tensor, Tensor]:
     """Gradients ``(dq, dk, dv)`` of :func:`pyattn.flash_attention` from ``grad_out``, the forward's ``out``, ``lse``.
 
-    Shapes (layout="bhsd"): q (batch, nheads, seqlen_q, headdim), k (batch, nheads_k, seqlen_k,
-    headdim), v (batch, nheads_k, seqlen_k, headdim_v), out and grad_out (batch, nheads, seqlen_q,
-    headdim_v), lse (batch, nheads, seqlen_q) float32 (float64 allowed with float64 inputs) ->
-    dq, dk, dv shaped as q, k, v. layout="bshd" takes and returns (batch, seqlen, nheads, headdim)
-    for q, k, v, out, grad_out and their gradients (lse stays (batch, nheads, seqlen_q)).
+    Shapes (layout="bshd", the default, as :func:`pyattn.flash_attention`): q (batch, seqlen_q, nheads,
+    headdim), k (batch, seqlen_k, nheads_k, headdim), v (batch, seqlen_k, nheads_k, headdim_v), out
+    and grad_out (batch, seqlen_q, nheads, headdim_v) -> dq, dk, dv shaped as q, k, v; lse (batch,
+    nheads, seqlen_q) float32 (float64 allowed with float64 inputs) in either layout.
+    layout="bhsd" takes and returns (batch, nheads, seqlen, headdim) instead.
     causal, scale, window, softcap mean what they mean for :func:`pyattn.flash_attention`
     (bottom-right alignment: query i sees keys up to i + seqlen_k - seqlen_q); no ALiBi, dropout or mask.
 

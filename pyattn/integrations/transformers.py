@@ -170,7 +170,7 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     if lengths is not None:
         if seqlen_q == seqlen_k:  # a prefill with no past: every key is valid (lengths = S), the dense kernel
             out = pyattn.flash_attention(query, key, value, causal=True, window=(window_left, 0), softcap=softcap,
-                                         scale=scaling)
+                                         scale=scaling, layout="bhsd")
             return out.transpose(1, 2).contiguous(), None
         out = pyattn.flash_attention_with_kvcache(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                                                   cache_seqlens=lengths, causal=True, window=(window_left, 0),
@@ -178,7 +178,7 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
         return out, None
     if attention_mask is None:  # not causal, no mask: every query sees every key
         out = pyattn.flash_attention(query, key, value, causal=False, softcap=softcap, scale=scaling,
-                                     dropout_p=dropout)
+                                     dropout_p=dropout, layout="bhsd")
         return out.transpose(1, 2).contiguous(), None
     mask = attention_mask[:, :, :, :seqlen_k]
     if mask.dtype != torch.bool and mask.dtype != query.dtype:
