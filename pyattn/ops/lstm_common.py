@@ -59,7 +59,9 @@ def bias_gradients(grad_bias: torch.Tensor, has_bias_ih: bool, has_bias_hh: bool
 
 
 def require_saved(saved: torch.Tensor, op: str) -> None:
-    if saved.numel() == 0:
+    """The forward ops return a 1-D empty tensor for what they did not save (a saved one keeps its batch
+    axis, so an empty batch is no false alarm)."""
+    if saved.dim() == 1 and saved.numel() == 0:
         raise RuntimeError(
             f"{op}: backward called on a forward that saved nothing (save_for_backward=False); "
             "call the pyattn dispatch op, which saves when an input requires grad"

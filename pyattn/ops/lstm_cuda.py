@@ -150,7 +150,8 @@ def _cell_backward(ctx, grad_hy, grad_cy, _grad_workspace):
                                                   (grad_hy, grad_cy)))
         return tuple(gradients.values())
     input, hx, cx, weight_ih, weight_hh, _, _ = inputs
-    _require_workspace(workspace, "pyattn::cuda_lstm_cell_fwd")
+    if input.shape[0] > 0:  # an empty batch saves an empty workspace and needs none
+        _require_workspace(workspace, "pyattn::cuda_lstm_cell_fwd")
     grad_input, grad_hx, grad_cx, grad_weight_ih, grad_weight_hh, grad_bias = torch.ops.pyattn.cuda_lstm_cell_bwd(
         _gradient(grad_hy, cy), _gradient(grad_cy, cy), input, hx, cx, weight_ih, weight_hh, cy, workspace
     )
@@ -177,7 +178,7 @@ def _layer_backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cel
         gradients.update(differentiable_gradients(reference.lstm_layer, arguments, (grad_output, grad_h_n, grad_c_n)))
         return tuple(gradients.values())
     input, h0, c0, weight_ih, weight_hh, _, _, lengths = inputs
-    if input.shape[0] > 0:
+    if input.shape[0] > 0 and input.shape[1] > 0:  # no steps or an empty batch: nothing to save, none needed
         _require_workspace(gates, "pyattn::cuda_lstm_layer_fwd")
     grad_input, grad_h0, grad_c0, grad_weight_ih, grad_weight_hh, grad_bias = torch.ops.pyattn.cuda_lstm_layer_bwd(
         _gradient(grad_output, layer_output), _gradient(grad_h_n, h0), _gradient(grad_c_n, c0), input, h0, c0,
