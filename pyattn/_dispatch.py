@@ -126,9 +126,13 @@ def _reasons(variant: Variant, request: Request, target: Target, forced: bool) -
 def _candidates(request: Request, name: str) -> list[Variant]:
     if name == AUTO:
         return variants(request.op)
+    backend = name.split("/", 1)[0]
     if "/" in name:
-        return [v for v in variants(request.op) if v.qualified_name == name]
-    return [v for v in variants(request.op) if v.backend == name]
+        exact = [v for v in variants(request.op) if v.qualified_name == name]
+        if exact or any(v.qualified_name.startswith(backend + "/") for v in variants(request.op)):
+            return exact
+        # An op with no variants of that name (e.g. "triton/pointer" names an attention kernel): its backend's.
+    return [v for v in variants(request.op) if v.backend == backend]
 
 
 class RequestCaptured(Exception):

@@ -243,18 +243,35 @@ def test_dropout_preserves_the_expected_output(need_weights):
 # routing and validation
 
 
-def test_both_need_weights_paths_go_through_dispatch(monkeypatch):
+def test_the_module_goes_through_dispatch(monkeypatch):
     monkeypatch.setattr("pyattn._triton._INTERPRETER", False)
     _, ours = _modules()
     query, key, value = _inputs()
     with pyattn.use_backend("triton"):  # no GPU here: a forced triton serves neither path
-        with pytest.raises(pyattn.BackendUnavailableError, match="has no implementation of attention_weights"):
+        with pytest.raises(pyattn.BackendUnavailableError, match="cannot serve op=multihead_attention"):
             ours(query, key, value, need_weights=True)
-        with pytest.raises(pyattn.BackendUnavailableError, match="cannot serve op=attention "):
+        with pytest.raises(pyattn.BackendUnavailableError, match="cannot serve op=multihead_attention"):
             ours(query, key, value, need_weights=False)
     for backend in ("torch", "reference"):
         with pyattn.use_backend(backend):
             ours(query, key, value, need_weights=True)
+    padding = torch.zeros(BATCH, key.shape[0], dtype=torch.bool)
+    with pyattn.use_backend("auto"):
+        text = pyattn.explain(ours, query, key, value, key_padding_mask=padding)
+        assert "torch/module       no: unsupported features: mask" in text and text.endswith("auto picks: torch/sdpa")
+        assert pyattn.explain(ours, query, key, value).endswith("auto picks: torch/module")  # torch's own, exact
+    assert isinstance(ours, torch.nn.MultiheadAttention)  # a true drop-in: isinstance checks hold
+
+
+def test_unmasked_calls_run_torchs_own_forward_and_equal_pyattns_path():
+    theirs, ours = _modules()
+    query, key, value = _inputs()
+    with pyattn.use_backend("torch"):
+        got = ours(query, key, value, average_attn_weights=False)
+    with pyattn.use_backend("reference"):
+        expected = ours(query, key, value, average_attn_weights=False)
+    for g, e in zip(got, expected):
+        assert_close(g, e, 1e-10)
 
 
 def test_need_weights_torch_variant_equals_reference():

@@ -186,8 +186,8 @@ def test_explain_accepts_modules_and_functionals_and_rejects_others():
     assert text.startswith("op=lstm_cell")
     mha = pyattn.nn.MultiheadAttention(16, 4)
     y = torch.randn(5, 2, 16)
-    assert pyattn.explain(mha, y, y, y).startswith("op=attention_weights")
-    assert pyattn.explain(mha, y, y, y, need_weights=False).startswith("op=attention ")
+    assert pyattn.explain(mha, y, y, y).startswith("op=multihead_attention")
+    assert "features=need_weights" in pyattn.explain(mha, y, y, y).splitlines()[0]
     with pytest.raises(ValueError, match="not a pyattn module"):
         pyattn.explain(torch.nn.LSTM(8, 16), x)
     with pytest.raises(ValueError, match="not a pyattn functional"):

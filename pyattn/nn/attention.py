@@ -11,6 +11,8 @@ from torch.nn.init import constant_, xavier_normal_, xavier_uniform_
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from torch.nn.parameter import Parameter
 
+from pyattn import _dispatch
+from pyattn._registry import Request, Support, register
 from pyattn.functional.attention import attention_with_weights, scaled_dot_product_attention
 
 _NAME = "MultiheadAttention"
@@ -58,7 +60,7 @@ def _merge_masks(attn_mask: Tensor | None, padding_mask: Tensor | None, dtype: t
     return _additive(attn_mask, dtype) + _additive(padding_mask, dtype)
 
 
-class MultiheadAttention(torch.nn.Module):
+class MultiheadAttention(torch.nn.MultiheadAttention):
     """Drop-in for :class:`torch.nn.MultiheadAttention`: same arguments, parameter names, init and state_dict.
 
     Shapes: query (L, N, E) ((N, L, E) with batch_first, (L, E) unbatched), key (S, N, kdim),
@@ -91,7 +93,7 @@ class MultiheadAttention(torch.nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"{_NAME}: dropout must be in [0, 1), got {dropout}")
         factory_kwargs = {"device": device, "dtype": dtype}
-        super().__init__()
+        torch.nn.Module.__init__(self)  # the parameters below are torch's, built here with pyattn's argument checks
         self.embed_dim = embed_dim
         self.kdim = kdim if kdim is not None else embed_dim
         self.vdim = vdim if vdim is not None else embed_dim
@@ -207,63 +209,106 @@ class MultiheadAttention(torch.nn.Module):
                 need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
         batched = self._check_inputs(query, key, value, key_padding_mask, attn_mask)
-        self_attention = query is key and key is value
         if is_causal and attn_mask is None:
             raise ValueError(f"{_NAME}: is_causal=True is a hint that attn_mask is the causal mask, so attn_mask is "
                              "required with it (as in torch), e.g. from "
                              "torch.nn.Transformer.generate_square_subsequent_mask")
-        # Work batch-first: (N, L, E).
-        if not batched:
-            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
-            key_padding_mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
-        elif not self.batch_first:
-            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-        batch, seqlen_q, _ = query.shape
-        heads, dtype = self.num_heads, query.dtype
+        sequence_dim = 1 if batched and self.batch_first else 0
+        features = {name for name, used in (
+            ("mask", key_padding_mask is not None or attn_mask is not None), ("need_weights", need_weights),
+            ("dropout", self.training and self.dropout > 0)) if used}
+        request = Request(op="multihead_attention", device=query.device, dtype=query.dtype, head_dim=self.head_dim,
+                          features=frozenset(features),
+                          sizes=dict(batch=query.shape[1 - sequence_dim] if batched else 1,
+                                     seqlen_q=query.shape[sequence_dim], seqlen_k=key.shape[sequence_dim],
+                                     heads=self.num_heads))
+        return _dispatch.choose(request).implementation(self, query, key, value, key_padding_mask, need_weights,
+                                                        attn_mask, average_attn_weights, is_causal)
 
-        if self._qkv_same_embed_dim and self_attention:
-            # Self-attention: one GEMM for the three projections, as torch does (views of its result).
-            q, k, v = F.linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
-        else:
-            weight_q, weight_k, weight_v = self._projection_weights()
-            bias_q, bias_k, bias_v = (None,) * 3 if self.in_proj_bias is None else self.in_proj_bias.chunk(3)
-            q = F.linear(query, weight_q, bias_q)
-            k = F.linear(key, weight_k, bias_k)
-            v = F.linear(value, weight_v, bias_v)
-        if self.bias_k is not None:
-            k = torch.cat([k, self.bias_k.expand(batch, 1, self.embed_dim)], dim=1)
-            v = torch.cat([v, self.bias_v.expand(batch, 1, self.embed_dim)], dim=1)
-        if self.add_zero_attn:
-            k = torch.cat([k, k.new_zeros(batch, 1, self.embed_dim)], dim=1)
-            v = torch.cat([v, v.new_zeros(batch, 1, self.embed_dim)], dim=1)
-        extra_keys = k.shape[1] - key.shape[1]
-        # (N, H, L, head_dim) as views of the projections: the kernels take any strides.
-        q, k, v = (x.unflatten(-1, (heads, self.head_dim)).transpose(1, 2) for x in (q, k, v))
 
-        use_causal = is_causal and key_padding_mask is None and not need_weights
-        mask = None
-        if not use_causal:
-            if attn_mask is not None:
-                attn_mask = attn_mask.reshape(-1, heads, *attn_mask.shape[-2:]) if attn_mask.dim() == 3 else attn_mask
-                attn_mask = _as_sdpa_mask(_pad_keys(attn_mask, extra_keys), dtype)
-            if key_padding_mask is not None:
-                key_padding_mask = _as_sdpa_mask(_pad_keys(key_padding_mask, extra_keys), dtype)[:, None, None, :]
-            mask = _merge_masks(attn_mask, key_padding_mask, dtype)
-        dropout_p = self.dropout if self.training else 0.0
+def _multihead_attention(module: MultiheadAttention, query: Tensor, key: Tensor, value: Tensor,
+                         key_padding_mask: Tensor | None, need_weights: bool, attn_mask: Tensor | None,
+                         average_attn_weights: bool, is_causal: bool) -> tuple[Tensor, Tensor | None]:
+    """pyattn's own module path: the projections in PyTorch, the attention through dispatch (fused kernels,
+    torch's SDPA where it computes pyattn's semantics, else the reference); inputs already validated."""
+    batched = query.dim() == 3
+    self_attention = query is key and key is value
+    # Work batch-first: (N, L, E).
+    if not batched:
+        query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+        key_padding_mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
+    elif not module.batch_first:
+        query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+    batch, seqlen_q, _ = query.shape
+    heads, dtype, embed_dim = module.num_heads, query.dtype, module.embed_dim
 
-        if need_weights:
-            out, weights = attention_with_weights(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-            if average_attn_weights:
-                weights = weights.mean(dim=1)
-        else:
-            out = scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=use_causal)
-            weights = None
+    if module._qkv_same_embed_dim and self_attention:
+        # Self-attention: one GEMM for the three projections, as torch does (views of its result).
+        q, k, v = F.linear(query, module.in_proj_weight, module.in_proj_bias).chunk(3, dim=-1)
+    else:
+        weight_q, weight_k, weight_v = module._projection_weights()
+        bias_q, bias_k, bias_v = (None,) * 3 if module.in_proj_bias is None else module.in_proj_bias.chunk(3)
+        q = F.linear(query, weight_q, bias_q)
+        k = F.linear(key, weight_k, bias_k)
+        v = F.linear(value, weight_v, bias_v)
+    if module.bias_k is not None:
+        k = torch.cat([k, module.bias_k.expand(batch, 1, embed_dim)], dim=1)
+        v = torch.cat([v, module.bias_v.expand(batch, 1, embed_dim)], dim=1)
+    if module.add_zero_attn:
+        k = torch.cat([k, k.new_zeros(batch, 1, embed_dim)], dim=1)
+        v = torch.cat([v, v.new_zeros(batch, 1, embed_dim)], dim=1)
+    extra_keys = k.shape[1] - key.shape[1]
+    # (N, H, L, head_dim) as views of the projections: the kernels take any strides.
+    q, k, v = (x.unflatten(-1, (heads, module.head_dim)).transpose(1, 2) for x in (q, k, v))
 
-        if batched and not self.batch_first:
-            out = self.out_proj(out.permute(2, 0, 1, 3).reshape(seqlen_q, batch, self.embed_dim))
-        else:
-            out = self.out_proj(out.transpose(1, 2).reshape(batch, seqlen_q, self.embed_dim))
-        if not batched:
-            out = out.squeeze(0)
-            weights = None if weights is None else weights.squeeze(0)
-        return out, weights
+    use_causal = is_causal and key_padding_mask is None and not need_weights
+    mask = None
+    if not use_causal:
+        if attn_mask is not None:
+            attn_mask = attn_mask.reshape(-1, heads, *attn_mask.shape[-2:]) if attn_mask.dim() == 3 else attn_mask
+            attn_mask = _as_sdpa_mask(_pad_keys(attn_mask, extra_keys), dtype)
+        if key_padding_mask is not None:
+            key_padding_mask = _as_sdpa_mask(_pad_keys(key_padding_mask, extra_keys), dtype)[:, None, None, :]
+        mask = _merge_masks(attn_mask, key_padding_mask, dtype)
+    dropout_p = module.dropout if module.training else 0.0
+
+    if need_weights:
+        out, weights = attention_with_weights(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        if average_attn_weights:
+            weights = weights.mean(dim=1)
+    else:
+        out = scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=use_causal)
+        weights = None
+
+    if batched and not module.batch_first:
+        out = module.out_proj(out.permute(2, 0, 1, 3).reshape(seqlen_q, batch, embed_dim))
+    else:
+        out = module.out_proj(out.transpose(1, 2).reshape(batch, seqlen_q, embed_dim))
+    if not batched:
+        out = out.squeeze(0)
+        weights = None if weights is None else weights.squeeze(0)
+    return out, weights
+
+
+# The module's own op (dispatch-level signature: multihead_attention(module, query, key, value,
+# key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal) -> (out, weights)). pyattn's
+# path is registered where its inner attention runs fused (triton), after torch's own forward on the torch
+# backend (torch/module, pyattn/ops/attention_torch.py: torch.nn.MultiheadAttention.forward, fast path
+# included, for the calls it computes exactly) as torch/sdpa, and as the reference (inner calls forced there
+# run the reference). The inner attention call obeys the same forced name.
+_EVERY_FLOAT = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+register("triton", "multihead_attention",
+         Support(devices=frozenset({"cuda"}), interpreter_devices=frozenset({"cpu"}),
+                 dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}), max_head_dim=256,
+                 features=frozenset({"mask", "dropout"})),
+         summary="projections in PyTorch, attention on the fused kernels")(_multihead_attention)
+register("torch", "multihead_attention",
+         Support(devices=frozenset({"cpu", "cuda", "meta"}), dtypes=_EVERY_FLOAT,
+                 features=frozenset({"mask", "need_weights", "dropout"})),
+         variant="sdpa", summary="projections in PyTorch, attention on torch's SDPA / weights math where exact")(
+    _multihead_attention)
+register("reference", "multihead_attention",
+         Support(devices=frozenset({"cpu", "cuda", "meta"}), dtypes=_EVERY_FLOAT,
+                 features=frozenset({"mask", "need_weights", "dropout"})),
+         summary="projections in PyTorch, attention through dispatch (torch's SDPA where exact, else the reference)")(
+    _multihead_attention)

@@ -121,3 +121,17 @@ def torch_attention_weights(q, k, v, *, scale, mask, dropout_p):
         weights = F.dropout(weights, p=dropout_p)
     out = torch.matmul(weights, v.to(compute))
     return out.to(q.dtype), weights.to(q.dtype)
+
+
+@register("torch", "multihead_attention",
+          Support(devices=frozenset({"cpu", "cuda", "meta"}), dtypes=ANY_FLOAT,
+                  features=frozenset({"need_weights", "dropout"})),
+          variant="module", summary="torch.nn.MultiheadAttention's own forward (its fused fast path included)")
+def torch_multihead_attention(module, query, key, value, key_padding_mask, need_weights, attn_mask,
+                              average_attn_weights, is_causal):
+    """pyattn.nn.MultiheadAttention is a torch.nn.MultiheadAttention with the same parameters: without a mask
+    every query sees a key, so torch's forward computes exactly pyattn's result (masks may empty a row,
+    which torch turns into NaN: those calls go to pyattn's own path)."""
+    return torch.nn.MultiheadAttention.forward(module, query, key, value, key_padding_mask=key_padding_mask,
+                                               need_weights=need_weights, attn_mask=attn_mask,
+                                               average_attn_weights=average_attn_weights, is_causal=is_causal)
