@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "attention/attention_api.h"
 #include "lstm/lstm_api.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -31,6 +32,16 @@ TORCH_LIBRARY_FRAGMENT(pyattn, m) {
       "Tensor c0, Tensor weight_ih, Tensor weight_hh, Tensor output, Tensor gates, Tensor cell_states, "
       "bool reverse, Tensor? lengths, str recurrence) -> (Tensor grad_input, Tensor grad_h0, Tensor grad_c0, "
       "Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias)");
+  // Attention (csrc/attention): q (B, Hq, L, D), k/v (B, Hk, S, D), fp16/bf16, D 64 or 128; mask 4-D
+  // bool or q's dtype; deterministic is the backward's (read by autograd's setup_context).
+  m.def(
+      "cuda_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? alibi_slopes, float scale, "
+      "int window_left, int window_right, int diagonal_offset, float softcap, bool deterministic) -> (Tensor out, "
+      "Tensor lse)");
+  m.def(
+      "cuda_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask, "
+      "Tensor? alibi_slopes, float scale, int window_left, int window_right, int diagonal_offset, float softcap, "
+      "bool deterministic) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
 }
 
 TORCH_LIBRARY_IMPL(pyattn, CUDA, m) {
@@ -38,4 +49,6 @@ TORCH_LIBRARY_IMPL(pyattn, CUDA, m) {
   m.impl("cuda_lstm_cell_bwd", &pyattn::lstm::lstm_cell_backward);
   m.impl("cuda_lstm_layer_fwd", &pyattn::lstm::lstm_layer_forward);
   m.impl("cuda_lstm_layer_bwd", &pyattn::lstm::lstm_layer_backward);
+  m.impl("cuda_attention_fwd", &pyattn::attention::attention_forward);
+  m.impl("cuda_attention_bwd", &pyattn::attention::attention_backward);
 }

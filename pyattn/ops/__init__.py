@@ -7,6 +7,7 @@ dispatch never imports the ops (imports point one way: functional â†’ dispatch â
 from pyattn.ops import (  # noqa: F401  (each registers its variants)
     attention_backward_reference,
     attention_backward_triton,
+    attention_cuda,
     attention_reference,
     attention_torch,
     attention_triton,

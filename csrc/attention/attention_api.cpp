@@ -1,0 +1,231 @@
+// Attention ops: checks (messages name the argument), allocation, launches on the current stream.
+#include "attention/attention_api.h"
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+
+#include <climits>
+#include <cstdint>
+
+#include "attention/attention_launch.h"
+
+namespace pyattn::attention {
+namespace {
+
+// Calls f(element tag, head dim constant) for the instantiated kernels.
+template <typename F>
+void dispatch_kernels(at::ScalarType dtype, int64_t head_dim, F&& f) {
+  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16, "q: dtype ", dtype,
+              " is not supported by the CUDA attention kernels (float16, bfloat16)");
+  TORCH_CHECK(head_dim == 64 || head_dim == 128, "q: head dim ", head_dim,
+              " is not supported by the CUDA attention kernels (64, 128)");
+  const bool bf16 = dtype == at::kBFloat16;
+  if (head_dim == 64) return bf16 ? f(Bf16{}, std::integral_constant<int, 64>{}) : f(Fp16{}, std::integral_constant<int, 64>{});
+  return bf16 ? f(Bf16{}, std::integral_constant<int, 128>{}) : f(Fp16{}, std::integral_constant<int, 128>{});
+}
+
+// cp.async moves 16-byte chunks: the last dim contiguous, every other stride of a dim longer than 1 a
+// multiple of 8 elements, the base 16-byte aligned.
+bool chunk_aligned(const at::Tensor& t) {
+  if (t.stride(-1) != 1 && t.size(-1) > 1) return false;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d)
+    if (t.size(d) > 1 && t.stride(d) % 8 != 0) return false;
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+}
+
+void check_operand(const at::Tensor& t, const char* name, const at::Tensor& q) {
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got device ", t.device());
+  TORCH_CHECK(t.device() == q.device(), name, " must be on ", q.device(), " like q, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == q.scalar_type(), name, " must have dtype ", q.scalar_type(), " like q, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.dim() == 4, name, " must be 4-D (batch, heads, seqlen, head_dim), got shape ", t.sizes());
+  TORCH_CHECK(chunk_aligned(t), name, " must have a contiguous last dim and 16-byte aligned strides and base (got ",
+              "strides ", t.strides(), "); pass .contiguous()");
+}
+
+struct Sizes {
+  int64_t batch, heads_q, heads_k, seqlen_q, seqlen_k, head_dim;
+};
+
+Sizes check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  check_operand(q, "q", q);
+  check_operand(k, "k", q);
+  check_operand(v, "v", q);
+  const Sizes s{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3)};
+  TORCH_CHECK(k.size(0) == s.batch && v.size(0) == s.batch, "k and v must have q's batch size ", s.batch);
+  TORCH_CHECK(k.size(3) == s.head_dim, "k's head dim ", k.size(3), " != q's ", s.head_dim);
+  TORCH_CHECK(v.sizes() == k.sizes(), "v must have k's shape ", k.sizes(), " (the kernels need equal head dims), got ",
+              v.sizes());
+  TORCH_CHECK(s.heads_k > 0 && s.heads_q % s.heads_k == 0, "q's ", s.heads_q, " heads must be a multiple of k's ",
+              s.heads_k);
+  TORCH_CHECK(s.batch <= 65535 && s.heads_q <= 65535, "batch and heads must be <= 65535 (the grid's y and z)");
+  TORCH_CHECK(s.seqlen_q < INT_MAX && s.seqlen_k < INT_MAX, "sequence lengths must fit 32 bits");
+  return s;
+}
+
+// A new (B, H, rows, D) tensor laid out as `like` (pyattn/_layout.py: (B, rows, H, D) memory when like's
+// head stride is below its row stride), so that the fake kernels agree.
+at::Tensor new_like_layout(const at::Tensor& like, int64_t batch, int64_t heads, int64_t rows, int64_t head_dim) {
+  if (like.stride(1) < like.stride(2))
+    return at::empty({batch, rows, heads, head_dim}, like.options()).permute({0, 2, 1, 3});
+  return at::empty({batch, heads, rows, head_dim}, like.options());
+}
+
+void set_strides(const at::Tensor& t, int64_t& batch, int64_t& head, int64_t& row) {
+  batch = t.stride(0);
+  head = t.stride(1);
+  row = t.stride(2);
+}
+
+void fill_forward(ForwardParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Sizes& s,
+                  const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& alibi_slopes, double scale,
+                  int64_t window_left, int64_t window_right, int64_t diagonal_offset, double softcap) {
+  TORCH_CHECK(window_left >= -1 && window_left < INT_MAX && window_right >= -1 && window_right < INT_MAX,
+              "window_left and window_right must be -1 (unbounded) or a 32-bit count >= 0, got ", window_left, ", ",
+              window_right);
+  TORCH_CHECK(softcap >= 0, "softcap must be >= 0 (0: off), got ", softcap);
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  set_strides(q, p.q_batch_stride, p.q_head_stride, p.q_row_stride);
+  set_strides(k, p.k_batch_stride, p.k_head_stride, p.k_row_stride);
+  set_strides(v, p.v_batch_stride, p.v_head_stride, p.v_row_stride);
+  p.batch = static_cast<int>(s.batch);
+  p.heads_q = static_cast<int>(s.heads_q);
+  p.heads_k = static_cast<int>(s.heads_k);
+  p.seqlen_q = static_cast<int>(s.seqlen_q);
+  p.seqlen_k = static_cast<int>(s.seqlen_k);
+  p.scale = static_cast<float>(scale);
+  p.window_left = static_cast<int>(window_left);
+  p.window_right = static_cast<int>(window_right);
+  p.diagonal_offset = diagonal_offset;
+  p.softcap = static_cast<float>(softcap);
+  p.alibi_slopes = nullptr;
+  p.alibi_batch_stride = 0;
+  if (alibi_slopes.has_value()) {
+    const at::Tensor& a = *alibi_slopes;
+    TORCH_CHECK(a.device() == q.device(), "alibi_slopes must be on ", q.device(), ", got ", a.device());
+    TORCH_CHECK(a.scalar_type() == at::kFloat, "alibi_slopes must be float32, got ", a.scalar_type());
+    TORCH_CHECK((a.dim() == 1 && a.size(0) == s.heads_q) || (a.dim() == 2 && a.size(0) == s.batch && a.size(1) == s.heads_q),
+                "alibi_slopes must have shape (", s.heads_q, ",) or (", s.batch, ", ", s.heads_q, "), got ", a.sizes());
+    TORCH_CHECK(a.is_contiguous(), "alibi_slopes must be contiguous");
+    p.alibi_slopes = a.data_ptr<float>();
+    p.alibi_batch_stride = a.dim() == 2 ? s.heads_q : 0;
+  }
+  p.mask_kind = MaskKind::kNone;
+  p.mask = nullptr;
+  for (int64_t& stride : p.mask_strides) stride = 0;
+  if (mask.has_value()) {
+    const at::Tensor& m = *mask;
+    TORCH_CHECK(m.device() == q.device(), "mask must be on ", q.device(), ", got ", m.device());
+    TORCH_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == q.scalar_type(),
+                "mask must be bool (True = visible) or q's dtype ", q.scalar_type(), " (added), got ", m.scalar_type());
+    TORCH_CHECK(m.dim() == 4, "mask must be 4-D (batch, heads, L, S), got shape ", m.sizes());
+    const int64_t full[4] = {s.batch, s.heads_q, s.seqlen_q, s.seqlen_k};
+    for (int d = 0; d < 4; ++d) {
+      TORCH_CHECK(m.size(d) == 1 || m.size(d) == full[d], "mask dim ", d, " must be 1 or ", full[d], ", got shape ",
+                  m.sizes());
+      p.mask_strides[d] = m.size(d) == 1 ? 0 : m.stride(d);  // broadcast dims read index 0
+    }
+    p.mask_kind = m.scalar_type() == at::kBool ? MaskKind::kBool : MaskKind::kAdditive;
+    p.mask = m.data_ptr();
+  }
+  prepare_scores(p);
+}
+
+void check_architecture(const at::Tensor& q) {
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()));
+  TORCH_CHECK(major >= 8, "the CUDA attention kernels need compute capability >= 8.0 (mma.sync.m16n8k16, cp.async)");
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                     const std::optional<at::Tensor>& mask,
+                                                     const std::optional<at::Tensor>& alibi_slopes, double scale,
+                                                     int64_t window_left, int64_t window_right,
+                                                     int64_t diagonal_offset, double softcap, bool deterministic) {
+  (void)deterministic;
+  const Sizes s = check_qkv(q, k, v);
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor out = new_like_layout(q, s.batch, s.heads_q, s.seqlen_q, s.head_dim);
+  at::Tensor lse = at::empty({s.batch, s.heads_q, s.seqlen_q}, q.options().dtype(at::kFloat));
+  ForwardParams p{};
+  fill_forward(p, q, k, v, s, mask, alibi_slopes, scale, window_left, window_right, diagonal_offset, softcap);
+  if (out.numel() == 0) return {out, lse};
+  check_architecture(q);
+  p.out = out.data_ptr();
+  set_strides(out, p.out_batch_stride, p.out_head_stride, p.out_row_stride);
+  p.lse = lse.data_ptr<float>();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_kernels(q.scalar_type(), s.head_dim, [&](auto element, auto head_dim) {
+    C10_CUDA_CHECK((launch_attention_forward_sm80<decltype(element), decltype(head_dim)::value>(p, stream)));
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
+    const at::Tensor& grad_out_in, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& alibi_slopes,
+    double scale, int64_t window_left, int64_t window_right, int64_t diagonal_offset, double softcap,
+    bool deterministic) {
+  const Sizes s = check_qkv(q, k, v);
+  // Autograd may hand any strides (an expanded scalar from .sum() has stride 0): copy what cp.async can't read.
+  TORCH_CHECK(grad_out_in.sizes() == q.sizes(), "grad_out must have q's shape ", q.sizes(), ", got ", grad_out_in.sizes());
+  TORCH_CHECK(grad_out_in.scalar_type() == q.scalar_type() && grad_out_in.device() == q.device(),
+              "grad_out must have q's dtype and device");
+  const at::Tensor grad_out = chunk_aligned(grad_out_in) ? grad_out_in : grad_out_in.contiguous();
+  TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type() && out.device() == q.device(),
+              "out must be the forward's output: q's shape, dtype and device");
+  TORCH_CHECK(out.stride(-1) == 1, "out must have a contiguous last dim");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.device() == q.device() &&
+                  lse.sizes() == at::IntArrayRef({s.batch, s.heads_q, s.seqlen_q}),
+              "lse must be the forward's: float32, contiguous, shape (", s.batch, ", ", s.heads_q, ", ", s.seqlen_q,
+              "), got ", lse.sizes());
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor dq = new_like_layout(q, s.batch, s.heads_q, s.seqlen_q, s.head_dim);
+  at::Tensor dk = new_like_layout(k, s.batch, s.heads_k, s.seqlen_k, s.head_dim);
+  at::Tensor dv = new_like_layout(v, s.batch, s.heads_k, s.seqlen_k, s.head_dim);
+  BackwardParams p{};
+  fill_forward(p, q, k, v, s, mask, alibi_slopes, scale, window_left, window_right, diagonal_offset, softcap);
+  if (dq.numel() == 0 && dk.numel() == 0) return {dq, dk, dv};
+  if (dq.numel() == 0) return {dq, dk.zero_(), dv.zero_()};  // no query: no gradient
+  check_architecture(q);
+  p.out_fwd = out.data_ptr();
+  set_strides(out, p.o_batch_stride, p.o_head_stride, p.o_row_stride);
+  p.grad_out = grad_out.data_ptr();
+  set_strides(grad_out, p.do_batch_stride, p.do_head_stride, p.do_row_stride);
+  p.lse_fwd = lse.data_ptr<float>();
+  p.padded_seqlen_q = padded_rows(p.seqlen_q);
+  const auto float_options = q.options().dtype(at::kFloat);
+  at::Tensor delta = at::empty({s.batch, s.heads_q, p.padded_seqlen_q}, float_options);
+  at::Tensor lse_log2 = at::empty({s.batch, s.heads_q, p.padded_seqlen_q}, float_options);
+  p.delta = delta.data_ptr<float>();
+  p.lse_log2 = lse_log2.data_ptr<float>();
+  at::Tensor dq_accum;
+  p.deterministic = deterministic;
+  p.dq_accum = nullptr;
+  if (!deterministic) {
+    dq_accum = at::zeros({s.batch, s.heads_q, s.seqlen_q, s.head_dim}, float_options);
+    p.dq_accum = dq_accum.data_ptr<float>();
+  }
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  set_strides(dq, p.dq_batch_stride, p.dq_head_stride, p.dq_row_stride);
+  set_strides(dk, p.dk_batch_stride, p.dk_head_stride, p.dk_row_stride);
+  set_strides(dv, p.dv_batch_stride, p.dv_head_stride, p.dv_row_stride);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_kernels(q.scalar_type(), s.head_dim, [&](auto element, auto head_dim) {
+    C10_CUDA_CHECK((launch_attention_backward_sm80<decltype(element), decltype(head_dim)::value>(p, stream)));
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace pyattn::attention
