@@ -595,3 +595,33 @@ def test_compile_fullgraph_reaches_the_cuda_ops(ops):
         expected = attend(q.detach().double(), k.detach().double(), v.detach().double())
     assert_close(out.detach().cpu(), expected.cpu(), RTOL[torch.bfloat16])
     assert math.isfinite(q.grad.float().sum().item())
+
+
+# ---- plain process: the built kernels' resources ----
+
+
+def test_built_attention_kernels_do_not_spill(ops):
+    """cuobjdump -res-usage of pyattn._C: every attention kernel, for sm_80 and sm_90a, uses no stack or local
+    memory (no spills) and at most 255 registers (the table in docs/attention.md)."""
+    from pyattn import _C
+    from pyattn.build_info import _find_cuobjdump
+
+    cuobjdump = _find_cuobjdump()
+    if cuobjdump is None:
+        pytest.skip("no cuobjdump to read the extension's resource usage")
+    listing = subprocess.run([cuobjdump, "-res-usage", _C.__file__], capture_output=True, text=True).stdout
+    usage, arch, function = {}, None, None
+    for line in listing.splitlines():
+        if line.startswith("arch = "):
+            arch = line.split("=", 1)[1].strip()
+        elif line.startswith(" Function "):
+            function = line.split()[1].rstrip(":")
+        elif line.startswith("  REG:") and function is not None and "attention" in function:
+            usage[(arch, function)] = dict(field.split(":", 1) for field in line.split())
+            function = None
+    kernels = {name for _arch, name in usage}
+    assert len(kernels) == 4 * 5, sorted(kernels)  # (fp16, bf16) x (64, 128) x 5 kernels
+    for (arch_name, name), fields in usage.items():
+        assert fields["STACK"] == "0" and fields["LOCAL"] == "0", (arch_name, name, fields)
+        assert int(fields["REG"]) <= 255, (arch_name, name, fields)
+    assert {arch_name for arch_name, _ in usage} >= {"sm_80"}  # cuobjdump 12.x prints sm_90a as sm_90
