@@ -50,7 +50,7 @@ $(VENV)/.built: $(VENV)/.installed setup.py $(EXTENSION_SOURCES)
 
 # The whole suite in two processes: TRITON_INTERPRET must be set before triton is imported.
 test: build
-	$(PY) -m pytest tests -m "not interpreter" -q
+	TRITON_INTERPRET=0 $(PY) -m pytest tests -m "not interpreter" -q
 	TRITON_INTERPRET=1 $(PY) -m pytest tests -m interpreter -q
 
 bench: build

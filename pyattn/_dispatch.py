@@ -129,9 +129,10 @@ def _candidates(request: Request, name: str) -> list[Variant]:
     backend = name.split("/", 1)[0]
     if "/" in name:
         exact = [v for v in variants(request.op) if v.qualified_name == name]
-        if exact or any(v.qualified_name.startswith(backend + "/") for v in variants(request.op)):
+        if exact:
             return exact
-        # An op with no variants of that name (e.g. "triton/pointer" names an attention kernel): its backend's.
+        # An op with no variant of that name ("triton/grid" names an LSTM kernel; this is attention): the
+        # backend's variants serve it, so one forced name covers a model with several ops.
     return [v for v in variants(request.op) if v.backend == backend]
 
 
@@ -145,6 +146,11 @@ class RequestCaptured(Exception):
 
 # Non-empty inside capture_request: choose() records the request and stops the call there.
 _capturing: list[bool] = []
+
+
+def capturing() -> bool:
+    """Inside :func:`capture_request` (a caller that memoises its choice must ask dispatch then)."""
+    return bool(_capturing)
 
 
 @contextlib.contextmanager

@@ -15,8 +15,8 @@ def explain(function: Callable | str | torch.nn.Module, *args, assume: str | Non
     ``function``: a pyattn functional (``pyattn.functional.scaled_dot_product_attention``) or its
     name, or a pyattn module (``pyattn.nn.LSTM(...)``); the arguments are those of the call. Nothing
     is computed by a functional (inputs may be ``meta`` tensors); a module runs its forward up to its
-    first dispatched call (for MultiheadAttention, the input projections), so give it inputs on its
-    own device, or meta inputs to a module moved with ``.to("meta")``.
+    first dispatched call (its validation, for the pyattn modules), so give it inputs on its own
+    device, or meta inputs to a module moved with ``.to("meta")``.
 
     ``assume="sm_90"`` (or ``"sm_80"``) answers for that GPU instead of this machine's device, on any
     machine: whole-backend checks (extension built, Triton installed) still apply; "no GPU visible"

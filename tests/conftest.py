@@ -42,6 +42,15 @@ def poison_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def pytest_configure(config):
+    # A PYATTN_BACKEND in the environment would force every call and flip every "auto picks" assertion:
+    # the suite tests auto and forces backends itself.
+    if os.environ.pop("PYATTN_BACKEND", None) is not None:
+        from pyattn import _dispatch
+
+        _dispatch._environment_backend.clear()
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

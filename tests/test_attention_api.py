@@ -163,7 +163,8 @@ def test_explain_on_meta_tensors_prints_each_variant(monkeypatch):
     lines = report.splitlines()
     assert lines[0] == ("op=attention device=meta dtype=float16 head_dim=64 features=causal batch=2 heads_q=4 "
                         "heads_k=4 seqlen_q=128 seqlen_k=128 diagonal_offset=0")
-    assert [line.split()[0] for line in lines[1:-1]] == ["cuda", "triton/tma", "triton/pointer", "torch", "reference"]
+    names = [line.split()[0] for line in lines[1:-1]]
+    assert names[0].startswith("cuda") and names[-4:] == ["triton/tma", "triton/pointer", "torch", "reference"]
     if pyattn.backend_status()["triton"] == "available":
         assert "triton/pointer     no: device meta not in ['cuda']" in report
     assert lines[-1] == "  auto picks: torch"

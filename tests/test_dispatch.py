@@ -151,10 +151,13 @@ def test_explain_sdpa_as_if_on_hopper_names_the_triton_variant():
     picked = text.splitlines()[-1].split("auto picks: ")[1]
     if pyattn.backend_status()["triton"].startswith("triton is not installed"):
         pytest.skip("triton is not installed: no Triton variant can be named")
-    assert picked == "triton/tma", text
-    for variant in ("triton/tma", "triton/pointer", "torch", "reference", "cuda"):
+    assert lines["triton/tma"] == "serves", text
+    for variant in ("triton/tma", "triton/pointer", "torch", "reference"):
         assert variant in lines, text
-    assert lines["cuda"].startswith("no:")
+    cuda = [name for name in lines if name.startswith("cuda")]
+    serving_cuda = [name for name in cuda if lines[name] == "serves"]
+    # The first serving variant: a cuda one where the extension holds attention kernels, else the TMA forward.
+    assert picked == (serving_cuda[0] if serving_cuda else "triton/tma"), text
     assert "[assuming sm_90: 132 SMs]" in text.splitlines()[0]
 
 
@@ -164,7 +167,8 @@ def test_explain_sdpa_as_if_on_ampere_takes_the_pointer_variant():
     if pyattn.backend_status()["triton"].startswith("triton is not installed"):
         pytest.skip("triton is not installed")
     assert "triton/tma         no: compute capability 8.0 < 9.0" in text
-    assert text.endswith("auto picks: triton/pointer")
+    assert "triton/pointer     serves" in text
+    assert text.endswith("auto picks: triton/pointer") or "auto picks: cuda" in text
 
 
 def test_explain_lstm_as_if_on_hopper_lists_every_variant_with_reasons():
@@ -218,3 +222,30 @@ def test_auto_never_picks_the_triton_interpreter_but_a_forced_triton_does():
     assert text.endswith("auto picks: torch")
     with pyattn.use_backend("triton"):
         assert pyattn.explain("scaled_dot_product_attention", q, q, q).endswith("'triton' (forced) runs: triton/pointer")
+
+
+def test_a_forced_variant_name_an_op_lacks_falls_to_its_backend():
+    q = _meta(2, 8, 4096, 128)
+    request = pyattn.functional.REQUEST_BUILDERS["scaled_dot_product_attention"](q, q, q, is_causal=True)
+    if pyattn.backend_status()["triton"].startswith("triton is not installed"):
+        pytest.skip("triton is not installed")
+    # "triton/grid" is an LSTM kernel: on attention it means the triton backend
+    assert _dispatch.choose(request, "triton/grid", assume="sm_90").backend == "triton"
+    assert _dispatch.choose(request, "triton/pointer", assume="sm_90").qualified_name == "triton/pointer"
+
+
+def test_checks_without_operands_or_sizes_give_reasons_not_errors():
+    bare_attention = Request("attention", torch.device("cuda"), torch.float16, head_dim=64)
+    text = _dispatch.explain_request(bare_attention, assume="sm_90")
+    bare_lstm = Request("lstm", torch.device("cuda"), torch.float16)
+    text += _dispatch.explain_request(bare_lstm, assume="sm_90")
+    if pyattn.backend_status()["triton"] != "triton is not installed":
+        assert "unknown" in text
+
+
+def test_explain_after_a_memoised_cell_call_still_sees_the_request():
+    cell = pyattn.nn.LSTMCell(5, 6)
+    x = torch.randn(3, 5)
+    first = pyattn.explain(cell, x)
+    cell(x)  # fills the cell's plan memo
+    assert pyattn.explain(cell, x) == first

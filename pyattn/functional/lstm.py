@@ -152,7 +152,7 @@ def _planned_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh) -> tuple[_C
            _metadata(bias_hh), autocast and torch.get_autocast_dtype(device.type), _dispatch.default_backend(),
            _dispatch.triton_interpreter_enabled())
     cached = _CELL_PLANS.get(key)
-    if cached is None:
+    if cached is None or _dispatch.capturing():  # explain must see the request, not a memo hit
         plan = _plan_lstm_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh)
         cached = plan, _dispatch.choose(plan.request).implementation
         if len(_CELL_PLANS) >= _CELL_PLANS_LIMIT:

@@ -302,9 +302,15 @@ register("triton", "multihead_attention",
                  dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}), max_head_dim=256,
                  features=frozenset({"mask", "dropout"})),
          summary="projections in PyTorch, attention on the fused kernels")(_multihead_attention)
+def _check_torch_masks(request: Request, target) -> str | None:
+    if "mask" in request.features and target.device_type == "cuda":  # as the inner torch SDPA variant refuses
+        return "masks: torch's CUDA SDPA kernels do not all give 0 for a query that sees no key (pyattn does)"
+    return None
+
+
 register("torch", "multihead_attention",
          Support(devices=frozenset({"cpu", "cuda", "meta"}), dtypes=_EVERY_FLOAT,
-                 features=frozenset({"mask", "need_weights", "dropout"})),
+                 features=frozenset({"mask", "need_weights", "dropout"}), checks=(_check_torch_masks,)),
          variant="sdpa", summary="projections in PyTorch, attention on torch's SDPA / weights math where exact")(
     _multihead_attention)
 register("reference", "multihead_attention",

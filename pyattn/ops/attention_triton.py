@@ -28,6 +28,8 @@ def _check_tma(request: Request, target: Target) -> str | None:
     from pyattn.kernels.attention import tma_unsupported_reason
 
     operands = request.operands
+    if not {"q", "k", "v"} <= set(operands):
+        return "the call's q, k, v are unknown (their strides and alignment decide TMA)"
     return tma_unsupported_reason(operands["q"], operands["k"], operands["v"], varlen=False,
                                   capability=target.capability)
 

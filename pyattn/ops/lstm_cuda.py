@@ -275,6 +275,8 @@ def persistent_unsupported_reason(batch: int, hidden: int, dtype: torch.dtype, t
 
 
 def _check_persistent(request: Request, target: Target) -> str | None:
+    if request.size("hidden_size") is None or request.size("batch") is None:
+        return "the batch and hidden size are unknown"
     return persistent_unsupported_reason(request.size("batch"), request.size("hidden_size"), request.dtype, target)
 
 

@@ -253,12 +253,16 @@ def _layer(recurrence: str):
 def _check_persistent(request: Request, target: Target) -> str | None:
     from pyattn.kernels.lstm import persistent_unsupported_reason
 
+    if request.size("hidden_size") is None:
+        return "the hidden size is unknown"
     return persistent_unsupported_reason(request.size("hidden_size"), request.dtype)
 
 
 def _check_grid(request: Request, target: Target) -> str | None:
     from pyattn.kernels.lstm import grid_unsupported_reason
 
+    if request.size("hidden_size") is None or request.size("batch") is None:
+        return "the batch and hidden size are unknown"
     sm_count = target.sm_count if target.device_type == "cuda" else None  # None: the interpreter, one program
     return grid_unsupported_reason(request.size("batch"), request.size("hidden_size"), request.dtype,
                                    sm_count=sm_count)
