@@ -84,7 +84,8 @@ def _compat_attributes(section: bytes) -> dict[int, int]:
     bytes 2-3), format 4 a u16 size and that many bytes of data."""
     attributes, position = {}, 0
     while position + 4 <= len(section):
-        kind, attribute, value = section[position], section[position + 1], struct.unpack_from("<H", section, position + 2)[0]
+        kind, attribute = section[position], section[position + 1]
+        (value,) = struct.unpack_from("<H", section, position + 2)
         if kind in (1, 2, 3):
             attributes[attribute] = value & 0xFF if kind == 2 else value
             position += 4

@@ -143,6 +143,36 @@ def test_operand_reasons_name_head_dims_and_strides():
     assert "cp.async" in reason(last_dim_strided, k, v)
 
 
+def test_shared_memory_mirror_matches_the_kernels(tmp_path):
+    """attention_cuda.SHARED_MEMORY_BYTES (the Support check) is the largest kernel's shared memory per head dim."""
+    compiler = shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no g++")
+    program = tmp_path / "shared_bytes.cc"
+    program.write_text(
+        '#include <cstdio>\n#include "attention/attention_run.cuh"\nusing namespace pyattn::attention;\n'
+        "template <int D> unsigned most() { unsigned m = ForwardShape<D>::kSharedBytes; "
+        "if (DkDvShape<D>::kSharedBytes > m) m = DkDvShape<D>::kSharedBytes; "
+        "if (DqShape<D>::kSharedBytes > m) m = DqShape<D>::kSharedBytes; return m; }\n"
+        'int main() { std::printf("%u %u\\n", most<64>(), most<128>()); }\n')
+    binary = tmp_path / "shared_bytes"
+    build = subprocess.run([compiler, "-std=c++20", "-w", "-DPYATTN_EMULATION", f"-I{CSRC}",
+                            f"-I{CSRC / 'attention' / 'emulation' / 'include'}", str(program), "-o", str(binary)],
+                           capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-3000:]
+    sizes = subprocess.run([str(binary)], capture_output=True, text=True, check=True).stdout.split()
+    assert {64: int(sizes[0]), 128: int(sizes[1])} == attention_cuda.SHARED_MEMORY_BYTES
+
+
+def test_support_refuses_a_gpu_with_too_little_shared_memory(ops):
+    q, k, v = _qkv(1, 2, 2, 8, 8, 128, torch.float16, device="meta")
+    request = _registry.Request(op="attention", device=q.device, dtype=q.dtype, head_dim=128,
+                                operands=dict(q=q, k=k, v=v))
+    ada = _registry.Target("cuda", (8, 9), 128, 101376, 102400, assumed=True)  # RTX 4090: 99 KB per block
+    assert "shared memory" in attention_cuda._check_operands(request, ada)
+    assert attention_cuda._check_operands(request, _registry.ASSUMABLE_TARGETS["sm_80"]) is None
+
+
 def _explain(function, *args, assume, **kwargs):
     return pyattn.explain(function, *args, assume=assume, **kwargs)
 
@@ -392,6 +422,78 @@ def test_deterministic_backward_is_bitwise_the_same_under_another_schedule(emula
 
 def _bits(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.view(torch.int32 if tensor.dtype == torch.float32 else torch.int16)
+
+
+# ---- plain process: the ops' autograd wiring, on CPU kernels that run the emulation ----
+
+
+@pytest.fixture(scope="module")
+def emulated_cpu_ops(emulation_binary, tmp_path_factory):
+    """CPU implementations of pyattn::cuda_attention_fwd/bwd that run the kernels in the emulation, so that
+    setup_context, the backward op, gradient routing and opcheck run here through the real op registrations."""
+    if not attention_cuda.EXTENSION_OPS_LOADED:
+        pytest.skip("the extension's attention ops are not loaded")
+    folders = iter(tmp_path_factory.mktemp("emulated_ops") / str(n) for n in range(10**6))
+
+    def run(q, k, v, grad_out, mask, alibi_slopes, scale, window_left, window_right, diagonal_offset, softcap,
+            deterministic):
+        status, stderr, results = run_emulated(
+            emulation_binary, next(folders), q.detach(), k.detach(), v.detach(),
+            None if grad_out is None else grad_out.detach().contiguous(), scale=scale, window_left=window_left,
+            window_right=window_right, diagonal_offset=diagonal_offset, softcap=softcap,
+            alibi_slopes=None if alibi_slopes is None else alibi_slopes.detach(),
+            mask=None if mask is None else mask.detach(), deterministic=deterministic)
+        assert status == 0, stderr
+        return results
+
+    def like(layout_of, values):
+        return attention_cuda.new_attention_output(layout_of, values.shape[-1]).copy_(values)
+
+    def forward(q, k, v, mask, alibi_slopes, scale, window_left, window_right, diagonal_offset, softcap,
+                deterministic):
+        results = run(q, k, v, None, mask, alibi_slopes, scale, window_left, window_right, diagonal_offset, softcap,
+                      deterministic)
+        return like(q, results["out"]), results["lse"].clone()
+
+    def backward(grad_out, q, k, v, out, lse, mask, alibi_slopes, scale, window_left, window_right, diagonal_offset,
+                 softcap, deterministic):
+        # The emulation recomputes its forward: the same kernels on the same inputs give this out and lse.
+        results = run(q, k, v, grad_out, mask, alibi_slopes, scale, window_left, window_right, diagonal_offset,
+                      softcap, deterministic)
+        return like(q, results["dq"]), like(k, results["dk"]), like(v, results["dv"])
+
+    library = torch.library.Library("pyattn", "IMPL")
+    library.impl("cuda_attention_fwd", forward, "CPU")
+    library.impl("cuda_attention_bwd", backward, "CPU")
+    yield torch.ops.pyattn
+    library._destroy()
+
+
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_autograd_through_the_ops_matches_reference_on_emulated_cpu_kernels(emulated_cpu_ops, layout):
+    q, k, v = (t.requires_grad_() for t in _qkv(1, 4, 2, 40, 70, 64, torch.float16, layout=layout))
+    slopes = torch.rand(4)
+    out, lse = emulated_cpu_ops.cuda_attention_fwd(q, k, v, None, slopes, 0.125, 16, 0, 30, 0.0, True)
+    assert not lse.requires_grad  # marked non-differentiable, as flash-attn's
+    assert (out.stride(1) < out.stride(2)) == (layout == "bshd")
+    grad_out = random_tensor(*out.shape, dtype=out.dtype)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    expected = reference_results(q, k, v, grad_out, scale=0.125, window_left=16, window_right=0, diagonal_offset=30,
+                                 alibi_slopes=slopes)
+    assert_close(out, expected["out"], RTOL[torch.float16], "out")
+    for name, grad in zip(("dq", "dk", "dv"), grads):
+        assert_close(grad, expected[name], RTOL[torch.float16], name)
+        assert grad.shape == {"dq": q, "dk": k, "dv": v}[name].shape
+
+
+def test_opcheck_on_emulated_cpu_kernels(emulated_cpu_ops):
+    """Schema, fake kernels (shapes and strides against the real op's), autograd registration, AOT dispatch."""
+    q, k, v = _qkv(1, 2, 1, 24, 40, 64, torch.bfloat16, layout="bshd")
+    q.requires_grad_()
+    mask = torch.rand(1, 1, 24, 40) > 0.2
+    torch.library.opcheck(emulated_cpu_ops.cuda_attention_fwd.default,
+                          (q, k, v, mask, None, 0.125, -1, -1, 0, 0.0, False),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
 # Planted bugs: (name, file under csrc/, the line as it is, the line with the bug, how it must be caught).

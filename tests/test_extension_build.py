@@ -58,7 +58,8 @@ def _cubin(abi_version: int, flags: int, compat: bytes | None = None) -> bytes:
 def _compat(accelerated: bool) -> bytes:
     """.nv.compat as ptxas 13.0 writes it: attribute 0x09 first (1 for an "a" target), then the others and
     a sized record (format 4)."""
-    return bytes([2, 9, int(accelerated), 0]) + bytes.fromhex("02020300020505000307010102030000020601000" "40b08000000000000000000")
+    rest = "02020300" "02050500" "03070101" "02030000" "02060100" "040b0800" "0000000000000000"
+    return bytes([2, 9, int(accelerated), 0]) + bytes.fromhex(rest)
 
 
 @pytest.mark.parametrize(

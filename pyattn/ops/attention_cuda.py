@@ -32,6 +32,9 @@ _DEVICES = frozenset({"cuda"})
 _DTYPES = frozenset({torch.float16, torch.bfloat16})
 _FEATURES = frozenset({"mask", "causal", "window", "softcap", "alibi", "gqa", "lse"})
 _MIN_CAPABILITY = (8, 0)  # mma.sync.m16n8k16 with bf16, cp.async, ldmatrix
+# The most dynamic shared memory a kernel of each head dim asks for (the backward's dK/dV kernel; the
+# forward takes 64 KB / 96 KB), mirrored from csrc/attention (a test compares): sm_86/sm_89 allow 99 KB.
+SHARED_MEMORY_BYTES = {64: 82944, 128: 107008}
 
 
 def _extension_ops_loaded() -> bool:
@@ -54,7 +57,8 @@ def _fake_forward(q, k, v, mask, alibi_slopes, scale, window_left, window_right,
 
 def _fake_backward(grad_out, q, k, v, out, lse, mask, alibi_slopes, scale, window_left, window_right,
                    diagonal_offset, softcap, deterministic):
-    return new_attention_output(q, q.shape[-1]), new_attention_output(k, k.shape[-1]), new_attention_output(v, v.shape[-1])
+    return (new_attention_output(q, q.shape[-1]), new_attention_output(k, k.shape[-1]),
+            new_attention_output(v, v.shape[-1]))
 
 
 # ---- autograd ----
@@ -114,6 +118,10 @@ def operands_unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 def _check_operands(request: Request, target: Target) -> str | None:
     if not EXTENSION_OPS_LOADED:
         return "the extension pyattn._C holds no attention kernels (built before csrc/attention existed: rebuild)"
+    needed = SHARED_MEMORY_BYTES.get(request.head_dim)
+    if needed is not None and target.shared_memory_per_block is not None and needed > target.shared_memory_per_block:
+        return (f"head dim {request.head_dim}: the kernels need {needed} B of shared memory per block, over the "
+                f"{target.shared_memory_per_block} B this GPU allows")
     operands = request.operands
     if not operands:
         return None
