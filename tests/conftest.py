@@ -20,6 +20,15 @@ IS_SM90 = HAS_CUDA and torch.cuda.get_device_capability() >= (9, 0)
 from pyattn.tolerances import RTOL, RTOL_TF32, relative_error  # noqa: F401  (one table for tests and bench)
 
 
+def deadline(seconds: float) -> float:
+    """A test's wall-clock limit, loosened on a loaded or small machine (never tightened): a hang must fail,
+    a slow CI machine must not. PYATTN_TEST_TIMEOUT_SCALE multiplies it further."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    load = os.getloadavg()[0] / cores if hasattr(os, "getloadavg") else 1.0
+    scale = min(4.0, max(1.0, 2.0 / cores, load)) * float(os.environ.get("PYATTN_TEST_TIMEOUT_SCALE", "1"))
+    return seconds * scale
+
+
 def assert_close(out: torch.Tensor, ref: torch.Tensor, rtol: float, name: str = "output") -> None:
     assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
     assert torch.isfinite(out).all(), f"{name}: non-finite values"

@@ -23,7 +23,7 @@ from torch import nn
 import pyattn
 from pyattn.distributed import ContextParallelAttention, shard_sequence
 from pyattn.distributed.testing import run_on_local_ranks
-from tests.conftest import RTOL, random_tensor, relative_error
+from tests.conftest import deadline, RTOL, random_tensor, relative_error
 
 ROOT = str(Path(__file__).resolve().parents[1])
 WORKER = "tests.test_distributed_modules"
@@ -199,9 +199,20 @@ def modules_worker(rank: int, world_size: int) -> dict:
     return {name: CASES[name](rank, world_size) for name in CASES_AT[world_size]}
 
 
-@functools.lru_cache(maxsize=None)
+# One launch per world size for every test of this file: its result, or its failure (lru_cache would not
+# keep an exception, and every parametrised test would relaunch after a timeout).
+_LAUNCHES: dict[int, object] = {}
+
+
 def _results(world_size: int) -> list[dict]:
-    return run_on_local_ranks(f"{WORKER}:modules_worker", world_size, timeout=180, pythonpath=(ROOT,))
+    if world_size not in _LAUNCHES:
+        try:
+            _LAUNCHES[world_size] = run_on_local_ranks(f"{WORKER}:modules_worker", world_size, timeout=deadline(180), pythonpath=(ROOT,))
+        except Exception as error:  # noqa: BLE001  (re-raised for each test that needs this launch)
+            _LAUNCHES[world_size] = error
+    if isinstance(_LAUNCHES[world_size], Exception):
+        raise _LAUNCHES[world_size]
+    return _LAUNCHES[world_size]
 
 
 @pytest.mark.parametrize("world_size,case", [(w, name) for w, names in CASES_AT.items() for name in names])

@@ -55,6 +55,7 @@ def run_on_local_ranks(target: str, world_size: int, *, args: tuple = (), timeou
         raise ValueError(f"run_on_local_ranks: world_size must be an int >= 1, got {world_size!r}")
     port = free_port()
     environment = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    environment.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback: not whatever interface the hostname names
     environment["PYTHONPATH"] = os.pathsep.join([*pythonpath, *filter(None, [environment.get("PYTHONPATH")])])
     with tempfile.TemporaryDirectory(prefix="pyattn-ranks-") as directory:
         folder = Path(directory)
