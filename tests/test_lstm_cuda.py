@@ -398,6 +398,14 @@ def emulation_binary(tmp_path_factory):
     compiler = shutil.which("g++")
     if compiler is None:
         pytest.skip("no g++ to build the CPU emulation of the CUDA kernels")
+    probe_dir = tmp_path_factory.mktemp("cxx20_probe")
+    (probe_dir / "probe.cc").write_text("#include <barrier>\n#include <thread>\nint main() { std::barrier b(1); "
+                                        "b.arrive_and_wait(); std::thread t([] {}); t.join(); }\n")
+    probe = subprocess.run([compiler, "-std=c++20", "-pthread", str(probe_dir / "probe.cc"), "-o",
+                            str(probe_dir / "probe")], capture_output=True, text=True)
+    if probe.returncode != 0 or subprocess.run([str(probe_dir / "probe")]).returncode != 0:
+        pytest.skip(f"this g++ cannot build or run C++20 <barrier> with threads, which the emulation needs: "
+                    f"{probe.stderr.strip()[-300:]}")
     source = (CSRC / "lstm" / "lstm_kernels.cuh").read_text()
     assert SHARED_DECLARATION in source and LAUNCHERS_MARKER in source, "lstm_kernels.cuh changed shape: update the emulation"
     emulated = source.replace(SHARED_DECLARATION, "unsigned char* shared = emu::cta_shared;")
