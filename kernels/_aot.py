@@ -60,6 +60,7 @@ class CompileSpec:
     num_stages: int = 3
     auto_may_pick: bool = True  # whether autotuning/dispatch can choose this config for such a call
     min_capability: int = 80  # skip targets below this (e.g. the Hopper-only TMA path)
+    table_entry: tuple | None = None  # (table name, entry key, "aligned"/"unaligned") the config was taken from
 
     @property
     def name(self) -> str:
@@ -134,14 +135,16 @@ def jit_specialization(kernel, arguments: dict) -> tuple[dict, dict, dict]:
 
 
 def launch_spec(op: str, kernel_name: str, case: str, variant: str, kernel, arguments: dict, *, config: str,
-                num_warps: int, num_stages: int, auto_may_pick: bool, min_capability: int = 80) -> CompileSpec:
+                num_warps: int, num_stages: int, auto_may_pick: bool, min_capability: int = 80,
+                table_entry: tuple | None = None) -> CompileSpec:
     """The spec of ``kernel`` launched with ``arguments`` (see :func:`jit_specialization`)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     signature, constexprs, attrs = jit_specialization(kernel, arguments)
     return CompileSpec(op=op, kernel_name=kernel_name, case=case, variant=variant, config=config, kernel=kernel,
                        signature=signature, constexprs=constexprs, attrs=attrs, num_warps=num_warps,
-                       num_stages=num_stages, auto_may_pick=auto_may_pick, min_capability=min_capability)
+                       num_stages=num_stages, auto_may_pick=auto_may_pick, min_capability=min_capability,
+                       table_entry=table_entry)
 
 
 def compile_spec(spec: CompileSpec, capability: int):

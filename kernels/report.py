@@ -3,8 +3,8 @@
     python -m pyattn.kernels.report [--op attention|lstm] [--arch sm_90|sm_80] [--json]
 
 One row per (kernel, case, variant, config, arch) of the AOT specs (``pyattn.kernels._aot``), compiled as the
-JIT compiles the launch each models, plus the CUDA kernels of the C++ extension ``pyattn._C`` (op "lstm",
-variant "cuda") read from its library with ``cuobjdump``. Columns: registers per thread, spill (stack and
+JIT compiles the launch each models, plus the CUDA kernels of the C++ extension ``pyattn._C`` (variant
+"cuda", op from their namespace: the LSTM's and the attention's) read from its library with ``cuobjdump``. Columns: registers per thread, spill (stack and
 local) bytes per thread, shared memory per block, blocks (CTAs) resident per SM from registers, shared
 memory and warps on that arch, whether the PTX (SASS for the extension) has ``wgmma``, TMA bulk tensor
 copies (``cp.async.bulk.tensor``) and Ampere ``cp.async``, and ``auto_may_pick``: whether autotuning or
@@ -92,7 +92,7 @@ def _sass_features(library: str) -> dict[tuple[str, str], dict]:
     return features
 
 
-def cuda_rows(capabilities) -> tuple[list[dict], str | None]:
+def cuda_rows(ops, capabilities) -> tuple[list[dict], str | None]:
     """Rows of the extension's kernels, and a note when the extension (or cuobjdump) is missing."""
     library = extension_library()
     if library is None:
@@ -108,10 +108,15 @@ def cuda_rows(capabilities) -> tuple[list[dict], str | None]:
         if capability not in capabilities:
             continue
         readable = names.get(entry["function"], entry["function"])
-        match = re.match(r"(?:void )?(?:pyattn::lstm::)?(\w+)<(.*)>\(", readable)
-        kernel, config = (match.group(1), match.group(2)) if match else (readable, "")
+        # "void pyattn::<op>::<kernel><template arguments>(parameters)"
+        match = re.match(r"(?:void )?(?:pyattn::(\w+)::)?(?:[\w:]*::)?(\w+)(?:<(.*)>)?\(", readable)
+        op, kernel, config = (match.group(1) or "lstm", match.group(2), match.group(3) or "") if match else (
+            "lstm", readable, "")
+        if op not in ops:
+            continue
+        config = re.sub(r"pyattn::\w+::", "", config)
         flags = features.get((entry["arch"], entry["function"]), {})
-        rows.append(dict(op="lstm", kernel=kernel, case="", variant="cuda", config=config.replace(" ", ""),
+        rows.append(dict(op=op, kernel=kernel, case="", variant="cuda", config=config.replace(" ", ""),
                          arch=f"sm_{entry['arch']}", registers=entry["registers"],
                          spill_bytes=entry["stack_bytes"] + entry["local_bytes"],
                          shared_bytes=None,  # dynamic, sized by the launcher
@@ -149,18 +154,20 @@ def main(argv=None) -> int:
     ops = [args.op] if args.op else ["attention", "lstm"]
     capabilities = [ARCHS[args.arch]] if args.arch else [90, 80]
     rows = triton_rows(ops, capabilities, progress=sys.stderr)
-    note = None
-    if "lstm" in ops:
-        extension, note = cuda_rows(capabilities)
-        rows += extension
+    extension, note = cuda_rows(ops, capabilities)
+    rows += extension
     if note:
         print(f"[pyattn report] {note}", file=sys.stderr)
-    if args.json:
-        print(json.dumps(rows, indent=1))
-    else:
-        print(format_table(rows))
-        if note:
-            print(f"\nnote: {note}")
+    try:
+        if args.json:
+            print(json.dumps(rows, indent=1))
+        else:
+            print(format_table(rows))
+            if note:
+                print(f"\nnote: {note}")
+        sys.stdout.flush()
+    except BrokenPipeError:  # e.g. piped into head: the reader has what it wanted
+        sys.stdout = None
     return 1 if any(row.get("error") for row in rows) else 0
 
 

@@ -378,22 +378,43 @@ def test_bad_input_raises_naming_the_argument(bad, error, message):
 
 
 @pytest.mark.interpreter
-def test_gpu_autotune_configs_are_pruned_per_tile_width_and_length():
-    # The GPU tables, pruned as the autotuner calls the pruner: positional arguments and constexprs apart.
-    cases = [(torch.float16, 16, 64), (torch.bfloat16, 64, 64), (torch.float16, 80, 128), (torch.float32, 64, 128),
-             (torch.bfloat16, 200, 256), (torch.float32, 128, 256), (torch.float32, 256, 512)]
-    for table in (configs.FORWARD_CONFIGS, configs.DKDV_CONFIGS, configs.DQ_CONFIGS):
-        gpu_configs = configs.autotune_configs(table, interpreter=False)
-        prune = configs.config_pruner(table)
-        for dtype, head_dim, width_class in cases:
-            q = torch.empty(0, dtype=dtype)
-            constexprs = dict(HEAD_DIM_PADDED=launch.triton.next_power_of_2(head_dim), HEAD_DIM_V_PADDED=16)
-            chosen = prune(gpu_configs, dict(Q=q, seqlen_q_bucket=4096, seqlen_k_bucket=4096), **constexprs)
-            assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in chosen} == set(
-                table[width_class]), (dtype, head_dim)
-            short = prune(gpu_configs, dict(Q=q, seqlen_q_bucket=configs.seqlen_bucket(1),
-                                            seqlen_k_bucket=configs.seqlen_bucket(20)), **constexprs)
-            assert len(short) >= 1 and all(c in chosen for c in short)
+def test_gpu_autotune_configs_are_pruned_per_table_entry_and_length():
+    # The GPU tables, pruned as the autotuner calls the pruner: positional arguments and constexprs apart. The
+    # entry is (element kind, head-dim class, option class); any of mask, softcap, ALiBi, dropout is "features"
+    # (fp32 entries serve every option set: "any").
+    plain = dict(MASK_KIND=0, HAS_SOFTCAP=False, HAS_ALIBI=False, HAS_DROPOUT=False)
+    cases = [(torch.float16, 16, plain, ("16-bit", 64, "plain")),
+             (torch.bfloat16, 64, dict(plain, HAS_DROPOUT=True), ("16-bit", 64, "features")),
+             (torch.float16, 80, dict(plain, MASK_KIND=1), ("16-bit", 128, "features")),
+             (torch.float32, 64, plain, ("fp32", 64, "any")),
+             (torch.bfloat16, 200, dict(plain, HAS_SOFTCAP=True), ("16-bit", 256, "features")),
+             (torch.float32, 128, dict(plain, HAS_ALIBI=True), ("fp32", 128, "any")),
+             (torch.float32, 256, plain, ("fp32", 256, "any"))]
+    for table_name, (aligned_table, unaligned_table) in configs.TABLES.items():
+        gpu_configs = configs.autotune_configs(table_name, interpreter=False)
+        prune = configs.config_pruner(table_name)
+        for dtype, head_dim, options, entry in cases:
+            for alignment in (configs.ALIGNED, configs.UNALIGNED):
+                q = torch.empty(0, dtype=dtype)
+                constexprs = dict(HEAD_DIM_PADDED=launch.triton.next_power_of_2(head_dim), HEAD_DIM_V_PADDED=16,
+                                  **options)
+                arguments = dict(Q=q, seqlen_q_bucket=4096, seqlen_k_bucket=4096, alignment=alignment)
+                chosen = prune(gpu_configs, arguments, **constexprs)
+                # Unaligned launches take the override where the tables have one.
+                expected = unaligned_table.get(entry, aligned_table[entry]) if alignment == configs.UNALIGNED else (
+                    aligned_table[entry])
+                assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in chosen} == set(
+                    expected), (table_name, dtype, head_dim, entry, alignment)
+                short = prune(gpu_configs, dict(arguments, seqlen_q_bucket=configs.seqlen_bucket(1),
+                                                seqlen_k_bucket=configs.seqlen_bucket(20)), **constexprs)
+                assert len(short) >= 1 and all(c in chosen for c in short)
+
+
+def test_autotune_key_holds_every_option_that_changes_the_kernel():
+    # A choice tuned on one kernel must never be reused for another: every constexpr option and the GQA group.
+    for option in ("alignment", "group_size", "IS_VARLEN", "MASK_KIND", "HAS_SOFTCAP", "HAS_ALIBI", "HAS_WINDOW_LEFT",
+                   "HAS_WINDOW_RIGHT", "HAS_DROPOUT", "ALIGN_TO_END", "DOT_PRECISION", "HEAD_DIM", "HEAD_DIM_V"):
+        assert option in configs.TUNING_KEY, option
 
 
 def test_seqlen_buckets_are_powers_of_two_from_16():

@@ -490,8 +490,9 @@ class TestGPU:
     @pytest.mark.parametrize("ragged", [False, True], ids=["dense", "ragged"])
     @pytest.mark.parametrize("steps,batch,input_size,hidden_size", [(33, 16, 96, 40), (17, 70, 200, 256), (9, 5, 64, 768)])
     def test_layer(self, kernels, poisoned_allocations, recurrence, dtype, reverse, ragged, steps, batch, input_size, hidden_size):
-        if recurrence == "persistent" and kernels.hidden_pad(hidden_size) > kernels.PERSISTENT_MAX_HIDDEN[dtype]:
-            pytest.skip(f"the persistent kernel keeps W_hh in registers only up to H={kernels.PERSISTENT_MAX_HIDDEN[dtype]}")
+        reason = kernels.persistent_unsupported_reason(hidden_size, dtype)
+        if recurrence == "persistent" and reason is not None:
+            pytest.skip(f"the persistent kernel cannot run this call: {reason}")
         device = "cuda"
         lengths = torch.randint(0, steps + 1, (batch,), device=device) if ragged else None
         leaves = {

@@ -13,7 +13,6 @@ lengths, GQA: no divisibility hint at all).
 from __future__ import annotations
 
 import torch
-import triton
 
 from .. import _aot
 from . import configs, launch
@@ -37,19 +36,27 @@ OPTION_SETS = {
                                     align_to_end=True, dropout_p=0.1),
 }
 
-# (dtype, head dim, option set) cases compiled for the band kernels (forward, dK/dV, fused dK/dV/dQ, dQ).
+# (dtype, head dim, option set) cases compiled for the band kernels (forward, dK/dV, fused dK/dV/dQ, dQ). Each
+# table entry (configs.table_key) is reached by at least one case in each alignment, with every config it
+# lists; "dense-all" (every dense option at once) stands for the "features" entries, being their worst case.
+# fp16 plain is the odd-shaped cases' (and d80's); the fp32 entries serve every option set, so their
+# worst case, dense-all, stands for them.
 CASES = (
-    [(dtype, head_dim, "plain") for dtype in _DTYPE_NAME for head_dim in HEAD_DIMS]
-    + [(torch.bfloat16, head_dim, "causal") for head_dim in HEAD_DIMS]
-    + [(torch.bfloat16, head_dim, "dense-all") for head_dim in HEAD_DIMS]
-    + [(torch.float16, 128, "additive-mask-all"), (torch.bfloat16, 128, "varlen-all"),
+    [(torch.bfloat16, head_dim, "plain") for head_dim in HEAD_DIMS]
+    + [(dtype, head_dim, "dense-all") for dtype in (torch.bfloat16, torch.float32) for head_dim in HEAD_DIMS]
+    + [(torch.bfloat16, 128, "causal"), (torch.float16, 128, "additive-mask-all"), (torch.bfloat16, 128, "varlen-all"),
        (torch.float16, 80, "plain")]  # 80: a head dim padded to 128 with masked loads and stores
 )
-# The cases also compiled as an odd-shaped launch would compile them.
-UNALIGNED_CASES = [(torch.float16, head_dim, "plain") for head_dim in (*HEAD_DIMS, 80)] + [
-    (torch.bfloat16, 128, "dense-all")]
-TMA_CASES = [(dtype, head_dim, "plain") for dtype in launch.TMA_DTYPES for head_dim in HEAD_DIMS] + [
-    (torch.bfloat16, 128, "dense-all")]
+# The same entries as an odd-shaped launch compiles them (the unaligned tables' overrides included).
+UNALIGNED_CASES = (
+    [(torch.float16, head_dim, "plain") for head_dim in (*HEAD_DIMS, 80)]
+    + [(torch.bfloat16, head_dim, "dense-all") for head_dim in HEAD_DIMS]
+    + [(torch.float32, head_dim, "dense-all") for head_dim in HEAD_DIMS]
+)
+# The descriptor forward takes the aligned forward table (TMA needs aligned strides): each entry once, plus
+# odd lengths and GQA (the only unaligned launch TMA admits).
+TMA_CASES = [(torch.bfloat16, head_dim, option_set) for head_dim in HEAD_DIMS for option_set in ("plain", "dense-all")]
+TMA_CASES += [(torch.float16, 128, "plain")]
 TMA_UNALIGNED_CASES = [(torch.bfloat16, 128, "plain")]
 
 
@@ -104,18 +111,37 @@ def _launch_options(call: dict) -> dict:
                 cu_seqlens_q=call.get("cu_seqlens_q"), cu_seqlens_k=call.get("cu_seqlens_k"))
 
 
+def _call_configs(table_name: str, dtype, positional, kernel, constexprs: dict) -> list[tuple]:
+    """The configs autotuning may pick for this launch (as the pruner sees its arguments)."""
+    alignment = dict(zip(kernel.arg_names, positional))["alignment"]
+    return configs.table_configs(table_name, dtype, constexprs["HEAD_DIM_PADDED"], constexprs["HEAD_DIM_V_PADDED"],
+                                 alignment=alignment, mask_kind=constexprs["MASK_KIND"],
+                                 has_softcap=constexprs["HAS_SOFTCAP"], has_alibi=constexprs["HAS_ALIBI"],
+                                 has_dropout=constexprs["HAS_DROPOUT"])
+
+
 def _named(kernel, positional, constexprs, block_m, block_n):
     arguments = dict(zip(kernel.arg_names, positional))
     arguments.update(constexprs, BLOCK_M=block_m, BLOCK_N=block_n)
     return arguments
 
 
-def _spec(kernel_name, kernel, case, variant, arguments, config, *, auto_may_pick=True, min_capability=80):
+def _spec(kernel_name, kernel, case, variant, arguments, config, *, auto_may_pick=True, min_capability=80,
+          table_entry=None):
     block_m, block_n, num_warps, num_stages = config
     tiles = f"BM{block_m}" + (f",BN{block_n}" if block_n else "") + f",w{num_warps},s{num_stages}"
     return _aot.launch_spec("attention", kernel_name, case, variant, kernel, arguments, config=tiles,
                             num_warps=num_warps, num_stages=num_stages, auto_may_pick=auto_may_pick,
-                            min_capability=min_capability)
+                            min_capability=min_capability, table_entry=table_entry)
+
+
+def _table_entry(table_name: str, dtype, positional, kernel, constexprs: dict) -> tuple:
+    """(table name, entry key, alignment) of a launch: where autotuning takes its configs from."""
+    alignment = dict(zip(kernel.arg_names, positional))["alignment"]
+    key = configs.table_key(dtype, constexprs["HEAD_DIM_PADDED"], constexprs["HEAD_DIM_V_PADDED"],
+                            mask_kind=constexprs["MASK_KIND"], has_softcap=constexprs["HAS_SOFTCAP"],
+                            has_alibi=constexprs["HAS_ALIBI"], has_dropout=constexprs["HAS_DROPOUT"])
+    return table_name, key, "aligned" if alignment == configs.ALIGNED else "unaligned"
 
 
 def _case_name(dtype, head_dim, option_set, dot_precision=None):
@@ -138,7 +164,6 @@ def _band_specs(dtype, head_dim, option_set, variant, dot_precision=None) -> lis
     case = _case_name(dtype, head_dim, option_set, precision)
     grad_out = torch.empty_like(out) if variant == "aligned" else q.new_empty(
         *out.shape[:-1], out.shape[-1] + 1)[..., 1:]
-    padded = forward_constexprs["HEAD_DIM_PADDED"], forward_constexprs["HEAD_DIM_V_PADDED"]
     specs = []
     kinds = [("attention_forward", attention_forward_kernel, "forward", None),
              ("attention_backward_dkdv", attention_backward_dkdv_kernel, "dkdv", True),
@@ -152,9 +177,10 @@ def _band_specs(dtype, head_dim, option_set, variant, dot_precision=None) -> lis
             positional, constexprs = launch._backward_arguments(table_name, grad_out, q, k, v, lse, delta, dq, dk, dv,
                                                                 shape, deterministic=deterministic, **options)
         constexprs = dict(constexprs, DOT_PRECISION=precision)
-        for config in configs.table_configs(configs.TABLES[table_name], dtype, *padded):
+        entry = _table_entry(table_name, dtype, positional, kernel, constexprs)
+        for config in _call_configs(table_name, dtype, positional, kernel, constexprs):
             arguments = _named(kernel, positional, constexprs, config[0], config[1])
-            specs.append(_spec(kernel_name, kernel, case, variant, arguments, config))
+            specs.append(_spec(kernel_name, kernel, case, variant, arguments, config, table_entry=entry + (config,)))
     return specs
 
 
@@ -170,14 +196,16 @@ def _tma_specs(dtype, head_dim, option_set, variant) -> list[_aot.CompileSpec]:
     out, lse = launch._forward_outputs(q, v, shape, False)
     options = _launch_options(call)
     specs = []
-    padded = max(16, triton.next_power_of_2(head_dim))
-    for config in configs.table_configs(configs.FORWARD_CONFIGS, dtype, padded, padded):
+    call_positional, call_constexprs = launch._forward_arguments([q, k, v], out, lse, shape, q=q, v=v, use_tma=False,
+                                                                 **options)
+    for config in _call_configs("forward", dtype, call_positional, attention_forward_kernel, call_constexprs):
         tiles = [launch._tma_descriptor(x) for x in (q, k, v)]
         positional, constexprs = launch._forward_arguments(tiles, out, lse, shape, q=q, v=v, use_tma=True, **options)
         arguments = _named(attention_forward_kernel, positional, constexprs, config[0], config[1])
         launch._set_tma_block_shapes(arguments)
+        entry = _table_entry("forward", dtype, call_positional, attention_forward_kernel, call_constexprs)
         specs.append(_spec("attention_forward_tma", attention_forward_kernel, _case_name(dtype, head_dim, option_set),
-                           variant, arguments, config, min_capability=90))
+                           variant, arguments, config, min_capability=90, table_entry=entry + (config,)))
     return specs
 
 

@@ -7,31 +7,69 @@ from __future__ import annotations
 import torch
 import triton
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per tile-width class: the larger padded head dim of q/k and
-# v in 16-bit units (fp32 counts double: its rows take the bytes of a 16-bit head dim twice as wide).
-# Chosen for H100 (BLOCK_M 128 feeds wgmma's 64-row granularity with 4-8 warps); wider classes shrink
-# tiles and stages so the buffers fit the shared memory of both H100 (227 KB) and A100 (163 KB).
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per (element kind, head-dim class, option class) — see
+# ``table_key``. Chosen so that no config spills registers on sm_90 or sm_80 with the divisibility hints a
+# launch gets (aligned or not: ``python -m pyattn.kernels.report`` shows each), and the buffers fit the
+# shared memory of both H100 (227 KB) and A100 (163 KB); the tuning log in docs/attention.md has the
+# figures. 16-bit: BLOCK_M 128 with 8 warps gives each of two warpgroups wgmma's 64 rows; "features" calls
+# (mask, softcap, ALiBi, dropout: more live values per score) take smaller tiles. fp32 dots are strict IEEE
+# FMA (no tensor cores): their operands are replicated across threads, so fp32 takes the smallest tiles.
 FORWARD_CONFIGS = {
-    64: [(128, 64, 4, 3), (128, 128, 8, 3)],
-    128: [(128, 64, 4, 3), (128, 128, 8, 2)],
-    256: [(128, 64, 8, 2), (64, 64, 4, 2)],
-    512: [(64, 32, 4, 1), (32, 32, 4, 2)],
+    ("16-bit", 64, "plain"): [(128, 64, 8, 3), (128, 128, 8, 3)],
+    ("16-bit", 128, "plain"): [(128, 64, 8, 3), (128, 128, 8, 2)],
+    ("16-bit", 256, "plain"): [(128, 64, 8, 2), (64, 32, 4, 2)],
+    ("16-bit", 64, "features"): [(64, 64, 4, 3)],
+    ("16-bit", 128, "features"): [(128, 32, 8, 2)],
+    ("16-bit", 256, "features"): [(64, 32, 8, 2)],
+    ("fp32", 64, "any"): [(32, 32, 4, 2)],
+    ("fp32", 128, "any"): [(32, 16, 4, 2)],
+    ("fp32", 256, "any"): [(32, 16, 4, 2)],
 }
 # dK/dV holds a key tile and loops over query tiles: large BLOCK_N, small BLOCK_M.
 DKDV_CONFIGS = {
-    64: [(32, 128, 4, 3), (64, 128, 8, 2)],
-    128: [(32, 128, 8, 2), (64, 128, 8, 2)],
-    256: [(32, 64, 4, 2), (16, 64, 4, 2)],
-    512: [(16, 32, 4, 1), (16, 32, 4, 2)],
+    ("16-bit", 64, "plain"): [(64, 128, 8, 2), (32, 64, 4, 3)],
+    ("16-bit", 128, "plain"): [(32, 128, 8, 2), (64, 64, 8, 2)],
+    ("16-bit", 256, "plain"): [(16, 32, 4, 2)],
+    ("16-bit", 64, "features"): [(32, 64, 4, 3)],
+    ("16-bit", 128, "features"): [(32, 64, 8, 2)],
+    ("16-bit", 256, "features"): [(16, 32, 4, 2)],
+    ("fp32", 64, "any"): [(16, 32, 4, 2)],
+    ("fp32", 128, "any"): [(16, 32, 4, 2)],
+    ("fp32", 256, "any"): [(16, 16, 4, 2)],
 }
 # dQ holds a query tile and loops over key tiles: the mirror image.
 DQ_CONFIGS = {
-    64: [(128, 32, 4, 3), (128, 64, 8, 2)],
-    128: [(128, 32, 8, 2), (128, 64, 8, 2)],
-    256: [(64, 32, 4, 2), (64, 16, 4, 2)],
-    512: [(32, 16, 4, 1), (32, 16, 4, 2)],
+    ("16-bit", 64, "plain"): [(128, 32, 4, 3), (128, 64, 8, 2)],
+    ("16-bit", 128, "plain"): [(128, 32, 8, 2), (128, 64, 8, 2)],
+    ("16-bit", 256, "plain"): [(64, 32, 4, 2), (32, 32, 4, 2)],
+    ("16-bit", 64, "features"): [(64, 32, 4, 2)],
+    ("16-bit", 128, "features"): [(64, 32, 4, 2)],
+    ("16-bit", 256, "features"): [(32, 32, 4, 2)],
+    ("fp32", 64, "any"): [(32, 32, 4, 2)],
+    ("fp32", 128, "any"): [(32, 16, 4, 2)],
+    ("fp32", 256, "any"): [(16, 16, 4, 2)],
 }
-TABLES = {"forward": FORWARD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS}
+# Launches whose inputs are not all 16-byte aligned (a pointer or a row stride off the 16-element grid:
+# ``alignment`` = 1) get no vector loads and no cp.async; the tiles arrive through registers, which the
+# aligned tables' largest configs cannot spare. These entries replace the aligned ones for such launches;
+# the other entries serve both.
+FORWARD_UNALIGNED_CONFIGS = {
+    ("16-bit", 256, "plain"): [(32, 32, 4, 2)],
+    ("16-bit", 128, "features"): [(64, 32, 4, 2)],
+    ("16-bit", 256, "features"): [(32, 32, 4, 2)],
+}
+DKDV_UNALIGNED_CONFIGS = {
+    ("16-bit", 64, "plain"): [(32, 64, 4, 3)],
+    ("16-bit", 128, "plain"): [(64, 32, 8, 2), (16, 64, 4, 2)],
+    ("16-bit", 256, "plain"): [(32, 32, 8, 2)],
+}
+DQ_UNALIGNED_CONFIGS = {
+    ("16-bit", 256, "plain"): [(32, 32, 4, 2)],
+}
+# Each kernel's tables: (aligned inputs, the overrides for unaligned ones).
+TABLES = {"forward": (FORWARD_CONFIGS, FORWARD_UNALIGNED_CONFIGS), "dkdv": (DKDV_CONFIGS, DKDV_UNALIGNED_CONFIGS),
+          "dq": (DQ_CONFIGS, DQ_UNALIGNED_CONFIGS)}
+ALIGNED, UNALIGNED = 16, 1  # the launchers' ``alignment`` argument
 
 # The interpreter runs each program in Python: one small config, and tiles small enough that the
 # tests' short sequences still cross several tiles (edges, interiors, ragged ends).
@@ -45,8 +83,13 @@ INTERPRETER_KEEP_MASK_BLOCK = 16
 # Lengths enter the key as power-of-two buckets (kernel arguments the kernel itself ignores): varlen training
 # with a new max length each step would otherwise re-tune (benchmark runs, host syncs, no CUDA-graph capture)
 # nearly every step, and lengths within a bucket prune to the same configs.
-TUNING_KEY = ["seqlen_q_bucket", "seqlen_k_bucket", "HEAD_DIM", "HEAD_DIM_V", "IS_VARLEN", "MASK_KIND", "HAS_DROPOUT",
-              "DOT_PRECISION"]
+TUNING_KEY = ["seqlen_q_bucket", "seqlen_k_bucket", "alignment", "group_size", "HEAD_DIM", "HEAD_DIM_V", "IS_VARLEN",
+              "MASK_KIND", "HAS_SOFTCAP", "HAS_ALIBI", "HAS_WINDOW_LEFT", "HAS_WINDOW_RIGHT", "HAS_DROPOUT",
+              "ALIGN_TO_END", "DOT_PRECISION"]
+# Everything that changes the compiled kernel is in the key (the dtypes enter through the tensors), so a
+# tuned choice is never reused for a kernel it was not measured on; the GQA group changes dK/dV's loop.
+
+HEAD_DIM_CLASSES = (64, 128, 256)
 
 
 def seqlen_bucket(seqlen: int) -> int:
@@ -55,14 +98,41 @@ def seqlen_bucket(seqlen: int) -> int:
     return triton.next_power_of_2(max(int(seqlen), 16))
 
 
-def tile_width_class(dtype: torch.dtype, head_dim_padded: int, head_dim_v_padded: int) -> int:
-    width = max(head_dim_padded, head_dim_v_padded) * dtype.itemsize // 2
-    return next(limit for limit in sorted(FORWARD_CONFIGS) if width <= limit)
+def element_kind(dtype: torch.dtype) -> str:
+    """"16-bit" (fp16, bf16: tensor-core dots) or "fp32" (strict IEEE FMA dots, or TF32 when allowed)."""
+    return "fp32" if dtype == torch.float32 else "16-bit"
 
 
-def table_configs(table: dict, dtype: torch.dtype, head_dim_padded: int, head_dim_v_padded: int) -> list[tuple]:
-    """The entries of ``table`` that autotuning may choose among for a call (before the length filter)."""
-    return list(table[tile_width_class(dtype, head_dim_padded, head_dim_v_padded)])
+def head_dim_class(head_dim_padded: int, head_dim_v_padded: int) -> int:
+    width = max(head_dim_padded, head_dim_v_padded)
+    return next(limit for limit in HEAD_DIM_CLASSES if width <= limit)
+
+
+def option_class(*, mask_kind: int, has_softcap: bool, has_alibi: bool, has_dropout: bool) -> str:
+    """"features" when a call adds per-score work (mask loads, softcap's tanh, ALiBi, Philox), else "plain".
+    Causal and sliding windows only move loop bounds and the edge tiles' compare, so they stay "plain"."""
+    return "features" if mask_kind or has_softcap or has_alibi or has_dropout else "plain"
+
+
+def table_key(dtype: torch.dtype, head_dim_padded: int, head_dim_v_padded: int, **options) -> tuple[str, int, str]:
+    """(element kind, head-dim class, option class); fp32 entries serve every option set ("any"): their tiles
+    are already the smallest, and the same with every option on."""
+    kind = element_kind(dtype)
+    options_class = "any" if kind == "fp32" else option_class(**options)
+    return kind, head_dim_class(head_dim_padded, head_dim_v_padded), options_class
+
+
+def table_configs(table_name: str, dtype: torch.dtype, head_dim_padded: int, head_dim_v_padded: int, *,
+                  alignment: int, mask_kind: int, has_softcap: bool, has_alibi: bool,
+                  has_dropout: bool) -> list[tuple]:
+    """The configs autotuning may choose among for a call (before the length filter): its entry of the
+    ``table_name`` ("forward", "dkdv", "dq") tables, the unaligned override where ``alignment`` is not 16."""
+    aligned_table, unaligned_table = TABLES[table_name]
+    key = table_key(dtype, head_dim_padded, head_dim_v_padded, mask_kind=mask_kind, has_softcap=has_softcap,
+                    has_alibi=has_alibi, has_dropout=has_dropout)
+    if alignment != ALIGNED and key in unaligned_table:
+        return list(unaligned_table[key])
+    return list(aligned_table[key])
 
 
 def _config(block_m: int, block_n: int, num_warps: int, num_stages: int, pre_hook=None) -> triton.Config:
@@ -79,32 +149,34 @@ def _argument_dtype(arg) -> torch.dtype:
     return base.dtype if isinstance(base, torch.Tensor) else arg.dtype
 
 
-def config_pruner(table: dict):
-    """Keep the configs of the call's tile-width class whose tiles do not dwarf the sequences."""
+def config_pruner(table_name: str):
+    """Keep the configs of the call's table entry whose tiles do not dwarf the sequences."""
 
     def prune(configs, named_args, **kwargs):
         arguments = {**named_args, **kwargs}  # Triton passes the positional arguments and the constexprs apart
-        wanted = set(table_configs(table, _argument_dtype(arguments["Q"]), arguments["HEAD_DIM_PADDED"],
-                                   arguments["HEAD_DIM_V_PADDED"]))
+        wanted = set(table_configs(table_name, _argument_dtype(arguments["Q"]), arguments["HEAD_DIM_PADDED"],
+                                   arguments["HEAD_DIM_V_PADDED"], alignment=arguments["alignment"],
+                                   mask_kind=arguments["MASK_KIND"], has_softcap=arguments["HAS_SOFTCAP"],
+                                   has_alibi=arguments["HAS_ALIBI"], has_dropout=arguments["HAS_DROPOUT"]))
         chosen = [c for c in configs if _entry(c) in wanted]
         longest_q, longest_k = arguments["seqlen_q_bucket"], arguments["seqlen_k_bucket"]
         fitting = [c for c in chosen if c.kwargs["BLOCK_M"] <= longest_q and c.kwargs["BLOCK_N"] <= longest_k]
-        # A short sequence may fit no config: then the smallest tiles of the class still run correctly.
+        # A short sequence may fit no config: then the smallest tiles of the entry still run correctly.
         return fitting or [min(chosen, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
     return prune
 
 
-def autotune_configs(table: dict, *, interpreter: bool, pre_hook=None) -> list[triton.Config]:
+def autotune_configs(table_name: str, *, interpreter: bool, pre_hook=None) -> list[triton.Config]:
     if interpreter:
         return [_config(*INTERPRETER_CONFIG, pre_hook=pre_hook)]
-    unique = dict.fromkeys(entry for entries in table.values() for entry in entries)
+    unique = dict.fromkeys(entry for table in TABLES[table_name] for entries in table.values() for entry in entries)
     return [_config(*entry, pre_hook=pre_hook) for entry in unique]
 
 
-def autotuned(kernel, table: dict, *, interpreter: bool, reset_to_zero=None, pre_hook=None):
-    """``kernel`` autotuned over ``table`` (a GPU) or over the single interpreter config (nothing to tune:
+def autotuned(kernel, table_name: str, *, interpreter: bool, reset_to_zero=None, pre_hook=None):
+    """``kernel`` autotuned over its tables (a GPU) or over the single interpreter config (nothing to tune:
     Triton's autotuner neither benchmarks nor prunes a single config)."""
-    return triton.autotune(configs=autotune_configs(table, interpreter=interpreter, pre_hook=pre_hook),
-                           key=TUNING_KEY, prune_configs_by={"early_config_prune": config_pruner(table)},
+    return triton.autotune(configs=autotune_configs(table_name, interpreter=interpreter, pre_hook=pre_hook),
+                           key=TUNING_KEY, prune_configs_by={"early_config_prune": config_pruner(table_name)},
                            reset_to_zero=reset_to_zero)(kernel)

@@ -58,7 +58,7 @@ def attention_forward_kernel(
     stride_lb, stride_lh, stride_lm,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_ab, stride_ah,
-    num_heads, group_size, seqlen_q, seqlen_k, seqlen_q_bucket, seqlen_k_bucket,
+    num_heads, group_size, seqlen_q, seqlen_k, seqlen_q_bucket, seqlen_k_bucket, alignment,
     scale, softcap, window_left, window_right, diagonal_offset, dropout_p, seed,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PADDED: tl.constexpr,
     IS_VARLEN: tl.constexpr, MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
@@ -67,7 +67,9 @@ def attention_forward_kernel(
     USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One query tile of one head. With USE_TMA (dense layout, Hopper) Q, K, V are (B, H, rows, D) tensor
-    descriptors and their strides are unused; everything but the tile loads is the same code."""
+    descriptors and their strides are unused; everything but the tile loads is the same code.
+
+    ``seqlen_*_bucket`` and ``alignment`` are read by the autotuner (its key and pruning), not here."""
     start_m = tl.program_id(0) * BLOCK_M
     head = tl.program_id(1)
     batch = tl.program_id(2)

@@ -219,21 +219,31 @@ class Tuners:
     """One kernel autotuned twice: over the GPU tables, and over the interpreter's single small config.
     A launch takes the one for its tensors' device."""
 
-    def __init__(self, kernel, table: dict, **options):
-        self.gpu = configs.autotuned(kernel, table, interpreter=False, **options)
-        self.interpreter = configs.autotuned(kernel, table, interpreter=True, **options)
+    def __init__(self, kernel, table_name: str, **options):
+        self.gpu = configs.autotuned(kernel, table_name, interpreter=False, **options)
+        self.interpreter = configs.autotuned(kernel, table_name, interpreter=True, **options)
 
     def on(self, device: torch.device):
         return self.interpreter if on_interpreter(device) else self.gpu
 
 
-FORWARD = Tuners(attention_forward_kernel, configs.FORWARD_CONFIGS)
+FORWARD = Tuners(attention_forward_kernel, "forward")
 # The same kernel with USE_TMA: descriptors have no dtype, but Out (in the tuning key) carries it.
-FORWARD_TMA = Tuners(attention_forward_kernel, configs.FORWARD_CONFIGS, pre_hook=_set_tma_block_shapes)
-BACKWARD_DKDV = Tuners(attention_backward_dkdv_kernel, configs.DKDV_CONFIGS)
+FORWARD_TMA = Tuners(attention_forward_kernel, "forward", pre_hook=_set_tma_block_shapes)
+BACKWARD_DKDV = Tuners(attention_backward_dkdv_kernel, "dkdv")
 # Benchmarking a config adds into DQ: zero it before each trial and before the final run.
-BACKWARD_DKDV_FUSED_DQ = Tuners(attention_backward_dkdv_kernel, configs.DKDV_CONFIGS, reset_to_zero=["DQ"])
-BACKWARD_DQ = Tuners(attention_backward_dq_kernel, configs.DQ_CONFIGS)
+BACKWARD_DKDV_FUSED_DQ = Tuners(attention_backward_dkdv_kernel, "dkdv", reset_to_zero=["DQ"])
+BACKWARD_DQ = Tuners(attention_backward_dq_kernel, "dq")
+
+
+def _alignment(*tensors) -> int:
+    """``configs.ALIGNED`` when every tensor's address is 16-byte aligned and its strides (but the last, 1)
+    are multiples of 16 elements — what the JIT's divisibility hints need for vector loads and cp.async —,
+    else ``configs.UNALIGNED``. Metadata only: it works on meta tensors."""
+    for tensor in tensors:
+        if tensor.data_ptr() % 16 or any(stride % 16 for stride in tensor.stride()[:-1]):
+            return configs.UNALIGNED
+    return configs.ALIGNED
 
 
 def _forward_outputs(q, v, shape, varlen):
@@ -246,14 +256,14 @@ def _forward_outputs(q, v, shape, varlen):
 
 
 def _band_arguments(q, v, shape, *, scale, mask, window_left, window_right, diagonal_offset, align_to_end, softcap,
-                    alibi_slopes, dropout_p, seed, varlen):
+                    alibi_slopes, dropout_p, seed, varlen, alignment):
     """What every band kernel takes after its tensors' strides: (mask tensor, mask and ALiBi strides, the
     scalars from num_heads to seed, the feature constexprs)."""
     _, heads, kv_heads, seqlen_q, seqlen_k, _, _ = shape
     mask_arg, mask_kind, mask_strides = _mask_arguments(mask)
     scalars = (heads, heads // kv_heads, seqlen_q, seqlen_k, configs.seqlen_bucket(seqlen_q),
-               configs.seqlen_bucket(seqlen_k), float(scale), float(softcap), int(window_left), int(window_right),
-               int(diagonal_offset), float(dropout_p), int(seed))
+               configs.seqlen_bucket(seqlen_k), alignment, float(scale), float(softcap), int(window_left),
+               int(window_right), int(diagonal_offset), float(dropout_p), int(seed))
     features = _feature_constexprs(q, v, mask_kind, varlen, softcap, alibi_slopes, window_left, window_right,
                                    dropout_p, align_to_end)
     return mask_arg, (*mask_strides, *_alibi_strides(alibi_slopes), *scalars), features
@@ -264,7 +274,8 @@ def _forward_arguments(tiles, out, lse, shape, *, q, v, cu_seqlens_q, cu_seqlens
     ``tiles``: q, k, v, or their descriptors with ``use_tma``. ``aot.py`` builds its specs from the same."""
     varlen = cu_seqlens_q is not None
     q_, k_, v_ = (tile.base if use_tma else tile for tile in tiles)
-    mask_arg, trailing, features = _band_arguments(q, v, shape, alibi_slopes=alibi_slopes, varlen=varlen, **options)
+    mask_arg, trailing, features = _band_arguments(q, v, shape, alibi_slopes=alibi_slopes, varlen=varlen,
+                                                   alignment=_alignment(q_, k_, v_), **options)
     positional = [*tiles, out, lse, mask_arg, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
                   *_bhmd_strides(q_, varlen), *_bhmd_strides(k_, varlen), *_bhmd_strides(v_, varlen),
                   *_bhmd_strides(out, varlen), *_row_stat_strides(lse, varlen), *trailing]
@@ -346,7 +357,8 @@ def _backward_arguments(kernel_kind, grad_out, q, k, v, lse, delta, dq, dk, dv, 
     """(positional arguments, constexprs) of the dK/dV kernel (``kernel_kind`` "dkdv") or the dQ kernel ("dq"),
     less the config's tiles. ``dq``: the deterministic dQ output, or the fused kernel's fp32 accumulator."""
     varlen = cu_seqlens_q is not None
-    mask_arg, trailing, features = _band_arguments(q, v, shape, alibi_slopes=alibi_slopes, varlen=varlen, **options)
+    mask_arg, trailing, features = _band_arguments(q, v, shape, alibi_slopes=alibi_slopes, varlen=varlen,
+                                                   alignment=_alignment(q, k, v, grad_out), **options)
     strides = [*_bhmd_strides(q, varlen), *_bhmd_strides(k, varlen), *_bhmd_strides(v, varlen),
                *_bhmd_strides(grad_out, varlen), *_row_stat_strides(lse, varlen), *_bhmd_strides(dq, varlen)]
     if kernel_kind == "dkdv":

@@ -30,6 +30,7 @@ from .configs import (  # noqa: F401
     GRID_MAX_HIDDEN,
     PERSISTENT_BLOCK_B,
     PERSISTENT_MAX_HIDDEN,
+    PERSISTENT_MAX_HIDDEN_UNALIGNED,
     STEP_CONFIGS,
     hidden_pad,
     step_config,

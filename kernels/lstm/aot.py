@@ -55,7 +55,7 @@ def _spec(kernel_name, kernel, case, variant, arguments, num_warps, num_stages, 
 def _step_specs(dtype, bucket, variant) -> list[_aot.CompileSpec]:
     """Cell forward, stepwise layer forward, step backward (layer: with and without a next step; cell) at the
     tiles of one batch bucket."""
-    config = configs.STEP_CONFIGS[bucket]
+    config = configs.STEP_CONFIGS[(configs.element_kind(dtype), bucket)]
     block_b, block_h, block_k, num_warps, num_stages = config
     meta = configs.step_meta(config)
     num_warps, num_stages = meta.pop("num_warps"), meta.pop("num_stages")
@@ -146,9 +146,15 @@ def aot_specs() -> list[_aot.CompileSpec]:
     for dtype in _DTYPE_NAME:
         variants = ("aligned", "unaligned") if dtype in UNALIGNED_DTYPES else ("aligned",)
         for variant in variants:
-            for bucket in configs.STEP_CONFIGS:
-                specs += _step_specs(dtype, bucket, variant)
+            seen = set()
+            for bucket in configs.BATCH_BUCKETS:  # buckets sharing a config compile one kernel: once
+                config = configs.STEP_CONFIGS[(configs.element_kind(dtype), bucket)]
+                if config not in seen:
+                    seen.add(config)
+                    specs += _step_specs(dtype, bucket, variant)
+            limits = configs.PERSISTENT_MAX_HIDDEN if variant == "aligned" else configs.PERSISTENT_MAX_HIDDEN_UNALIGNED
             for padded in configs.persistent_hidden_sizes(dtype):
-                specs += _persistent_specs(dtype, padded, variant)
+                if padded <= limits[dtype]:
+                    specs += _persistent_specs(dtype, padded, variant)
             specs += [_grid_spec(dtype, padded, variant) for padded in configs.grid_hidden_sizes(dtype)]
     return specs

@@ -10,17 +10,27 @@ import triton
 # fp32 GEMMs in strict IEEE fp32, matching torch's default (TF32 off for matmul) and the fp32 bound.
 DOT_PRECISION = "ieee"
 
-# Per-step kernels: (BLOCK_B, BLOCK_H, BLOCK_K, num_warps, num_stages) by batch bucket. Small batch
-# takes narrow hidden tiles so the grid still spreads over the SMs. Untuned: no GPU measured these.
+# Per-step kernels: (BLOCK_B, BLOCK_H, BLOCK_K, num_warps, num_stages) by (element kind, batch bucket).
+# Chosen so that no config spills on sm_90 or sm_80, odd sizes included (the four gate accumulators and the
+# four weight tiles are all live in the K loop; masked scalar loads of an odd H take the most registers):
+# narrow hidden tiles and 16-32 deep K slices. Small batch also takes narrow hidden tiles so the grid still
+# spreads over the SMs. Not yet timed on a GPU.
 STEP_CONFIGS = {
-    16: (16, 32, 64, 4, 3),
-    32: (32, 32, 64, 4, 3),
-    64: (64, 64, 64, 8, 3),
+    ("16-bit", 16): (16, 32, 32, 4, 2),
+    ("16-bit", 32): (32, 16, 32, 4, 2),
+    ("16-bit", 64): (64, 16, 16, 4, 2),
+    ("fp32", 16): (16, 16, 32, 4, 2),
+    ("fp32", 32): (32, 16, 32, 4, 2),
+    ("fp32", 64): (32, 16, 32, 4, 2),
 }
-# Persistent kernels keep all of W_hh (4H × H) in registers: the largest padded hidden size per dtype
-# that fits one program's registers (ptxas -v, sm_90: no spills up to 64; at 128 in 16-bit types,
-# ~70 bytes a thread spill to L1: expected, not measured, to cost less than a launch per step).
+BATCH_BUCKETS = (16, 32, 64)
+# Persistent kernels keep W_hh (4H × H) on chip for the whole sequence (Triton stages it in shared memory for
+# the dots): the largest padded hidden size per dtype that compiles without spilling, for H a multiple of 16
+# (vector loads) and for other H (masked scalar loads, more registers).
 PERSISTENT_MAX_HIDDEN = {torch.float16: 128, torch.bfloat16: 128, torch.float32: 64}
+PERSISTENT_MAX_HIDDEN_UNALIGNED = {torch.float16: 64, torch.bfloat16: 64, torch.float32: 32}
+# Warps per padded hidden size: 8 for the largest sizes (16 warps cap a thread at 128 registers and spill).
+PERSISTENT_WARPS = {"16-bit": {16: 4, 32: 4, 64: 8, 128: 8}, "fp32": {16: 4, 32: 4, 64: 8}}
 PERSISTENT_BLOCK_B = 16
 # Grid kernel: all batch rows (≤ 16) in one tile, hidden units split 16 to a program (tl.dot's least N)
 # so H = 1024 spreads over 64 SMs. Each program keeps 4 · GRID_BLOCK_H · H_padded of W_hh on chip:
@@ -28,20 +38,31 @@ PERSISTENT_BLOCK_B = 16
 GRID_BLOCK_B = 16
 GRID_BLOCK_H = 16
 GRID_MAX_HIDDEN = {torch.float16: 1024, torch.bfloat16: 1024, torch.float32: 512}
+# Warps per padded hidden size. 16-bit at 512/1024: 16 warps is the least-spilling choice measured (sm_80
+# none, sm_90 48 bytes per thread; 4 and 8 warps spill more), an open item in docs/lstm.md.
+GRID_WARPS = {"16-bit": {256: 8, 512: 16, 1024: 16}, "fp32": {128: 8, 256: 8, 512: 8}}
 
 FORWARD_RECURRENCES = ("persistent", "grid", "stepwise")
 BACKWARD_RECURRENCES = ("persistent", "stepwise")
 
 
-def step_config(batch: int) -> tuple[int, int, int, int, int]:
-    for bucket in sorted(STEP_CONFIGS):
-        if batch <= bucket:
-            return STEP_CONFIGS[bucket]
-    return STEP_CONFIGS[max(STEP_CONFIGS)]
+def element_kind(dtype: torch.dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "16-bit"
+
+
+def step_config(batch: int, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+    bucket = next((bucket for bucket in BATCH_BUCKETS if batch <= bucket), BATCH_BUCKETS[-1])
+    return STEP_CONFIGS[(element_kind(dtype), bucket)]
 
 
 def hidden_pad(hidden_size: int) -> int:
     return max(16, triton.next_power_of_2(hidden_size))
+
+
+def persistent_max_hidden(hidden_size: int, dtype: torch.dtype) -> int:
+    """The persistent kernels' padded hidden-size limit for this H (see PERSISTENT_MAX_HIDDEN*)."""
+    table = PERSISTENT_MAX_HIDDEN if hidden_size % 16 == 0 else PERSISTENT_MAX_HIDDEN_UNALIGNED
+    return table[dtype]
 
 
 def persistent_hidden_sizes(dtype: torch.dtype) -> list[int]:
@@ -63,13 +84,6 @@ def grid_hidden_sizes(dtype: torch.dtype) -> list[int]:
     return sizes
 
 
-def persistent_warps(padded_hidden: int, dtype: torch.dtype, block_h: int | None = None) -> int:
-    # Spread the resident W_hh (4 · HIDDEN · block_h elements) so each thread holds at most ~64 registers of it.
-    block_h = padded_hidden if block_h is None else block_h
-    weight_bytes = 4 * padded_hidden * block_h * torch.finfo(dtype).bits // 8
-    return 4 if weight_bytes <= 16384 else 8 if weight_bytes <= 32768 else 16
-
-
 def step_meta(config: tuple[int, int, int, int, int]) -> dict:
     block_b, block_h, block_k, num_warps, num_stages = config
     return dict(BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k, DOT_PRECISION=DOT_PRECISION,
@@ -81,10 +95,13 @@ def persistent_meta(hidden_size: int, dtype: torch.dtype) -> dict:
     # num_stages=1: the software pipeliner would prefetch next step's h (or dgates) before this
     # step's stores and the barrier, reading a stale state.
     return dict(BLOCK_B=PERSISTENT_BLOCK_B, HIDDEN=padded, DOT_PRECISION=DOT_PRECISION,
-                num_warps=persistent_warps(padded, dtype), num_stages=1)
+                num_warps=PERSISTENT_WARPS[element_kind(dtype)][padded], num_stages=1)
 
 
 def grid_meta(padded_hidden: int, block_h: int, dtype: torch.dtype) -> dict:
+    """Launch options of the grid kernel; ``block_h`` is GRID_BLOCK_H on a GPU, HIDDEN for the interpreter's
+    single program (whose warps do not matter)."""
     # num_stages=1 for the same reason as the persistent kernel: no load may move above the barrier.
+    warps = GRID_WARPS[element_kind(dtype)].get(padded_hidden, 4)
     return dict(BLOCK_B=GRID_BLOCK_B, BLOCK_H=block_h, HIDDEN=padded_hidden, DOT_PRECISION=DOT_PRECISION,
-                num_warps=persistent_warps(padded_hidden, dtype, block_h), num_stages=1)
+                num_warps=warps, num_stages=1)

@@ -14,8 +14,8 @@ import triton
 from .._launch import on_input_device, on_interpreter
 from .cell import lstm_cell_forward_kernel, lstm_step_backward_kernel
 from .configs import (BACKWARD_RECURRENCES, FORWARD_RECURRENCES, GRID_BLOCK_B, GRID_BLOCK_H, GRID_MAX_HIDDEN,
-                      PERSISTENT_BLOCK_B, PERSISTENT_MAX_HIDDEN, grid_meta, hidden_pad, persistent_meta, step_config,
-                      step_meta)
+                      PERSISTENT_BLOCK_B, PERSISTENT_MAX_HIDDEN, grid_meta, hidden_pad, persistent_max_hidden,
+                      persistent_meta, step_config, step_meta)
 from .sequence import (lstm_sequence_backward_persistent_kernel, lstm_sequence_forward_grid_kernel,
                        lstm_sequence_forward_persistent_kernel, lstm_sequence_step_forward_kernel)
 
@@ -27,10 +27,11 @@ def persistent_unsupported_reason(hidden_size: int, dtype: torch.dtype) -> str |
     this hidden size and dtype, or None if it can."""
     if dtype not in PERSISTENT_MAX_HIDDEN:
         return f"dtype {dtype} is not supported (float16, bfloat16 and float32 are)"
-    limit = PERSISTENT_MAX_HIDDEN[dtype]
+    limit = persistent_max_hidden(hidden_size, dtype)
     if hidden_pad(hidden_size) > limit:
+        kind = "" if hidden_size % 16 == 0 else ", for a hidden size that is not a multiple of 16"
         return (f"weight_hh: hidden size {hidden_size} (padded {hidden_pad(hidden_size)}) in {dtype} is past the "
-                f"persistent recurrence's register-resident W_hh limit (padded {limit})")
+                f"persistent recurrence's on-chip W_hh limit (padded {limit}{kind})")
     return None
 
 
@@ -92,7 +93,7 @@ def lstm_cell_forward(input, hx, cx, weight_ih, weight_hh, bias, save_gates: boo
     hy = torch.empty((batch, hidden_size), dtype=dtype, device=device)
     cy = torch.empty((batch, hidden_size), dtype=dtype, device=device)
     gates = torch.empty((batch, 4 * hidden_size) if save_gates else (0,), dtype=dtype, device=device)
-    config = step_config(batch)
+    config = step_config(batch, dtype)
     lstm_cell_forward_kernel[_step_grid(batch, hidden_size, config)](
         input.contiguous(), hx.contiguous(), cx.contiguous(), weight_ih.contiguous(), weight_hh.contiguous(),
         hy if bias is None else bias, hy, cy, gates if save_gates else hy,
@@ -111,7 +112,7 @@ def lstm_cell_backward(grad_hy, grad_cy, input, hx, cx, weight_ih, weight_hh, ga
     batch, hidden_size = hx.shape
     dc = torch.zeros(hx.shape, dtype=torch.float32, device=hx.device) if grad_cy is None else grad_cy.float().contiguous().clone()
     dgates = torch.empty((batch, 4 * hidden_size), dtype=input.dtype, device=input.device)
-    config = step_config(batch)
+    config = step_config(batch, input.dtype)
     lstm_step_backward_kernel[_step_grid(batch, hidden_size, config)](
         dgates, weight_hh, dc, dc if grad_hy is None else grad_hy.contiguous(), dc, gates, cx.contiguous(), dc,
         0, batch, hidden_size, 1,
@@ -190,7 +191,7 @@ def lstm_sequence_forward(
             **flags, **persistent_meta(hidden_size, dtype),
         )
     else:
-        config = step_config(batch)
+        config = step_config(batch, dtype)
         grid = _step_grid(batch, hidden_size, config)
         for step in range(steps):
             lstm_sequence_step_forward_kernel[grid](
@@ -245,7 +246,7 @@ def lstm_sequence_backward(
             **flags, **persistent_meta(hidden_size, dtype),
         )
     else:
-        config = step_config(batch)
+        config = step_config(batch, dtype)
         grid = _step_grid(batch, hidden_size, config)
         for step in range(steps - 1, -1, -1):
             lstm_step_backward_kernel[grid](
