@@ -150,6 +150,61 @@ def test_int_cache_seqlens_and_return_lse():
     assert lse.shape == (3, 4, 1)
 
 
+# ------------------------------------------------------------------------------ the Triton launcher's launches
+
+
+class _RecordedKernel:
+    """Stands in for a Triton kernel: ``kernel[grid](**arguments)`` records the launch and runs nothing."""
+
+    def __init__(self, name: str, log: list):
+        self.name, self.log = name, log
+
+    def __getitem__(self, grid):
+        return lambda **arguments: self.log.append((self.name, grid, arguments))
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+@pytest.mark.parametrize("name", ["paged16-append1", "paged16-speculative", "contiguous-no-append", "batch-idx"])
+def test_triton_launcher_launches_attention_once_and_no_separate_append(name, num_splits, monkeypatch):
+    """The launcher layer mocked (no kernel runs): one attention launch, which carries the new k/v and so does the
+    append, then the merge when split; nothing else."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    from pyattn.kernels.decode import launch
+
+    log: list = []
+    monkeypatch.setattr(launch, "decode_attention_kernel", _RecordedKernel("attention", log))
+    monkeypatch.setattr(launch, "combine_splits_kernel", _RecordedKernel("merge", log))
+    options, inputs = _base(name=name)
+    before = inputs["k_cache"].clone()
+    launch.attention_with_kvcache(inputs["q"], inputs["k_cache"], inputs["v_cache"], inputs["k"], inputs["v"],
+                                  cache_seqlens=inputs["cache_seqlens"], block_table=inputs["block_table"],
+                                  cache_batch_idx=inputs["cache_batch_idx"], scale=0.1, window_right=0,
+                                  num_splits=num_splits)
+    assert torch.equal(inputs["k_cache"], before), "something besides the (mocked) kernels wrote the cache"
+    splits = launch.plan(inputs["q"], inputs["k_cache"], inputs["v_cache"], inputs["block_table"], num_splits,
+                         None)["num_splits"]  # clamped to the cache's key tiles
+    assert [entry[0] for entry in log] == ["attention"] + (["merge"] if splits > 1 else [])
+    _, grid, arguments = log[0]
+    batch, heads_k = options["batch"], options["heads_k"]
+    assert grid[1:] == (splits, batch) and grid[0] % heads_k == 0
+    assert arguments["seqlen_new"] == options["seqlen_new"]
+    if options["seqlen_new"]:
+        assert arguments["KNew"] is inputs["k"] and arguments["VNew"] is inputs["v"]
+    else:
+        assert arguments["KNew"] is inputs["q"]  # a placeholder of the same layout, never read
+
+
+def test_decode_kernels_hold_no_separate_append():
+    pytest.importorskip("triton", reason="triton is not installed")
+    import triton
+
+    from pyattn.kernels.decode import kernels
+
+    launched = sorted(name for name, value in vars(kernels).items()
+                      if isinstance(value, triton.runtime.JITFunction) and not name.startswith("_"))
+    assert launched == ["combine_splits_kernel", "decode_attention_kernel"]
+
+
 # ------------------------------------------------------------------------------------------------- GPU
 
 

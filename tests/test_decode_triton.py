@@ -10,6 +10,7 @@ tiles, so these short caches cross several tiles and splits.
 
 from __future__ import annotations
 
+import collections
 import math
 
 import pytest
@@ -155,3 +156,108 @@ def test_opcheck():
             inputs["cache_seqlens"], inputs["block_table"], None, None, 0.1, -1, 0, 0.0, 2, 0)
     torch.library.opcheck(torch.ops.pyattn.triton_attention_kvcache.default, args,
                           test_utils=("test_schema", "test_faketensor"))
+
+
+# ------------------------------------------------------------------------------------- the fused append
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Every Triton kernel launched, by name, counted where the kernels run (their ``run``)."""
+    counts: collections.Counter = collections.Counter()
+    kernel_type = type(launch.decode_attention_kernel)
+    run = kernel_type.run
+
+    def counted_run(self, *args, **kwargs):
+        counts[self.fn.__name__] += 1
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(kernel_type, "run", counted_run)
+    return counts
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("name", ["contiguous-append1-gqa", "paged16-speculative", "contiguous-no-append",
+                                  "batch-idx"])
+def test_one_attention_launch_appends_and_attends(name, num_splits, launches):
+    """One launch of the attention kernel (which also appends), plus the merge when split; no other kernel."""
+    options = case_options(name)
+    inputs = make_inputs(options, torch.float32)
+    want = call_reference(inputs, options, dtype=torch.float64)
+    _check(_call(inputs, options, num_splits=num_splits), want, torch.float32)
+    expected = {"decode_attention_kernel": 1}
+    if num_splits > 1:
+        expected["combine_splits_kernel"] = 1
+    assert dict(launches) == expected
+
+
+def test_new_keys_are_read_from_k_v_not_from_the_cache():
+    """The cache rows the call appends to hold NaN before it: the attention must take the new keys from k/v.
+
+    The interpreter runs programs one at a time in grid order, and the last programs write first. With 4 splits of
+    these ≤ 3-tile bands the last split has no keys, so it writes the first new tokens after the program that
+    attends to them has run: a kernel reading them from the cache would see NaN there."""
+    options = dict(case_options("paged16-speculative"), cache_seqlens=[0, 15, 40])
+    inputs = make_inputs(options, torch.float32)
+    want = call_reference(inputs, options, dtype=torch.float64)
+    for b, start in enumerate(inputs["cache_seqlens"].tolist()):
+        for position in range(start, start + options["seqlen_new"]):
+            block = inputs["block_table"][b, position // options["block_size"]]
+            inputs["k_cache"][block, position % options["block_size"]] = float("nan")
+            inputs["v_cache"][block, position % options["block_size"]] = float("nan")
+    for num_splits in (1, 2, 4):
+        _check(_call(inputs, options, num_splits=num_splits), want, torch.float32)
+
+
+def test_append_dealt_to_many_programs():
+    """Nine new tokens (chunks of 2 under the interpreter) over 2 row tiles (9 queries × a group of 8 = 72 rows, in
+    64-row fp16 tiles) × 3 splits: every token written once, into its block, and attended to."""
+    options = dict(case_options("paged16-speculative"), heads_q=16, heads_k=2, seqlen_q=9, seqlen_new=9,
+                   cache_seqlens=[0, 20, 55])
+    inputs = make_inputs(options, torch.float16)
+    assert kernels.plan(inputs["q"], inputs["k_cache"], inputs["v_cache"], inputs["block_table"], 3, None)[
+        "row_tiles"] == 2
+    want = call_reference(inputs, options, dtype=torch.float64)
+    _check(_call(inputs, options, num_splits=3), want, torch.float16)
+
+
+def _row_reference(inputs, options, b, cache_seqlen, new_tokens):
+    """The reference for batch row b of a contiguous cache alone, with ``new_tokens`` of its k/v appended at
+    ``cache_seqlen``."""
+    row = {name: (value[b:b + 1] if isinstance(value, torch.Tensor) else value) for name, value in inputs.items()}
+    row["cache_seqlens"] = torch.tensor([cache_seqlen], dtype=torch.int32)
+    row["k"] = row["k"][:, :new_tokens] if new_tokens else None
+    row["v"] = row["v"][:, :new_tokens] if new_tokens else None
+    row_options = dict(options, seqlen_new=new_tokens)
+    return call_reference(row, row_options, dtype=torch.float64)
+
+
+def test_lengths_out_of_range_are_clamped_not_written_past_the_cache():
+    """A negative length counts as 0; at the capacity, or one short of it, the new tokens past it are dropped."""
+    options = dict(case_options("mqa"), seqlen_q=2, seqlen_new=2, cache_seqlens=[0, 0, 0])
+    inputs = make_inputs(options, torch.float32)
+    capacity = options["capacity"]
+    lengths = torch.tensor([-3, capacity, capacity - 1], dtype=torch.int32)
+    k_cache, v_cache = inputs["k_cache"].clone(), inputs["v_cache"].clone()
+    out, lse = kernels.attention_with_kvcache(inputs["q"], k_cache, v_cache, inputs["k"], inputs["v"],
+                                              cache_seqlens=lengths, scale=1 / math.sqrt(options["head_dim"]),
+                                              window_right=0, num_splits=2)
+    for b, (cache_seqlen, new_tokens) in enumerate([(0, 2), (capacity, 0), (capacity - 1, 1)]):
+        want_out, want_lse, want_k, want_v = _row_reference(inputs, options, b, cache_seqlen, new_tokens)
+        assert torch.equal(k_cache[b], want_k[0].float()) and torch.equal(v_cache[b], want_v[0].float()), b
+        assert_close(out[b:b + 1], want_out, RTOL[torch.float32])
+        assert_close(lse[b:b + 1], want_lse, RTOL[torch.float32], "lse")
+
+
+def test_a_call_without_queries_still_appends(launches):
+    """seqlen_q = 0: nothing to attend, but k/v are written, by one launch of the same kernel."""
+    options = case_options("paged16-append1")
+    inputs = make_inputs(options, torch.float32)
+    want = call_reference(inputs, options, dtype=torch.float64)
+    k_cache, v_cache = inputs["k_cache"].clone(), inputs["v_cache"].clone()
+    out, lse = kernels.attention_with_kvcache(inputs["q"][:, :0], k_cache, v_cache, inputs["k"], inputs["v"],
+                                              cache_seqlens=inputs["cache_seqlens"], block_table=inputs["block_table"],
+                                              scale=0.1, window_right=0, num_splits=3)
+    assert out.shape == (3, 0, 4, 32) and lse.shape == (3, 4, 0)
+    assert torch.equal(k_cache, want[2].float()) and torch.equal(v_cache, want[3].float())
+    assert dict(launches) == {"decode_attention_kernel": 1}

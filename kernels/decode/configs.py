@@ -25,17 +25,19 @@ DECODE_CONFIGS = {
     (256, 16): (32, 4, 3),
     (256, 64): (32, 8, 2),
 }
-# fp32 (strict IEEE dots run on FMAs and hold both operands in registers): 16-row tiles only, short key tiles.
-FP32_CONFIGS = {128: (64, 4, 3), 256: (16, 4, 2), 512: (16, 4, 2)}  # by width class (fp32 d64, d128, d256)
+# fp32 (strict IEEE dots run on FMAs and hold both operands in registers): 16-row tiles only, short key tiles. With
+# the append fused in, d64 takes 32-key tiles and d128 one stage (64 keys and two stages spilled 8-16 bytes).
+FP32_CONFIGS = {128: (32, 4, 3), 256: (16, 4, 1), 512: (16, 4, 2)}  # by width class (fp32 d64, d128, d256)
 WIDTH_CLASSES = (64, 128, 256, 512)
 # Rows of a tile (group heads × seqlen_q, padded): tl.dot needs 16; a decode step of GQA groups up to 16 takes one
 # 16-row tile, anything longer (speculative decoding, chunked prefill) 64-row tiles. Compute is nearly free in
 # decode, so padding rows costs registers, not time; two sizes keep the compiled variants few.
 BLOCK_M_CHOICES = (16, 64)
-APPEND_BLOCK_N = 16  # new tokens per append program (a decode step appends one: one program per (row, KV head))
+# New tokens per chunk of the fused append (a decode step appends one: one program of each (row, KV head) writes it).
+APPEND_BLOCK_N = 16
 MERGE_SPLITS_CHUNK = 16  # partial outputs the merge reads per iteration (a (16, Dv) fp32 tile)
 INTERPRETER_BLOCK_N = 16  # small tiles so the tests' short caches cross several tiles and splits
-INTERPRETER_APPEND_BLOCK_N = 16
+INTERPRETER_APPEND_BLOCK_N = 2  # so the tests' 4- and 5-token appends are dealt to several programs
 
 # Split-K: at most MAX_SPLITS splits, and at least MIN_KEYS_PER_SPLIT cache positions per split (below that
 # the partial writes and the merge cost more than the parallelism returns).

@@ -1,8 +1,8 @@
 """Launchers of the decode kernels: allocate outputs and scratch, pick the split and the tiles, launch.
 
-One call, up to three launches on the current stream and no host synchronisation: append (when new keys are
-given), split-K attention, and the merge (when split). ``cache_seqlens`` is only ever read by the kernels, so a
-decode step can be captured in a CUDA graph and replayed with new lengths.
+One call, one or two launches on the current stream and no host synchronisation: the split-K attention, whose
+programs also append the new keys/values into the cache, and the merge (when split). ``cache_seqlens`` is only
+ever read by the kernels, so a decode step can be captured in a CUDA graph and replayed with new lengths.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import triton
 
 from .._launch import on_input_device
 from . import configs
-from .kernels import append_kv_kernel, combine_splits_kernel, decode_attention_kernel
+from .kernels import combine_splits_kernel, decode_attention_kernel
 
 MAX_HEAD_DIM = 256
 MAX_SPLITS = 128  # an explicit num_splits is clamped to this (and to the cache's key tiles)
@@ -71,7 +71,7 @@ def plan(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_ta
     block_m = configs.block_m_for(rows_per_head, q.dtype)
     block_n, num_warps, num_stages = configs.decode_config(q.dtype, head_dim, v_cache.shape[-1], block_m,
                                                            interpreter=interpreter)
-    row_tiles = triton.cdiv(rows_per_head, block_m)
+    row_tiles = max(1, triton.cdiv(rows_per_head, block_m))
     capacity = cache_capacity(k_cache, block_table)
     key_tiles = max(1, triton.cdiv(capacity, block_n))
     if num_splits <= 0:
@@ -79,32 +79,18 @@ def plan(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_ta
     else:
         splits = num_splits
     splits = max(1, min(splits, key_tiles, MAX_SPLITS))
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, row_tiles=row_tiles,
-                num_splits=splits)
+    block_new = configs.INTERPRETER_APPEND_BLOCK_N if interpreter else configs.APPEND_BLOCK_N
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_NEW=block_new, num_warps=num_warps, num_stages=num_stages,
+                row_tiles=row_tiles, num_splits=splits)
 
 
-def append_arguments(k_cache, v_cache, k, v, *, cache_seqlens, block_table, cache_batch_idx, block_n) -> dict:
-    """Every parameter of ``append_kv_kernel`` for a launch, by name (``aot.py`` builds its specs from the same)."""
-    paged = block_table is not None
-    names = ("stride_knb", "stride_knn", "stride_knh", "stride_knd", "stride_vnb", "stride_vnn", "stride_vnh",
-             "stride_vnd", "stride_kc0", "stride_kcn", "stride_kch", "stride_kcd", "stride_vc0", "stride_vcn",
-             "stride_vch", "stride_vcd")
-    return dict(
-        KNew=k, VNew=v, KCache=k_cache, VCache=v_cache, CacheSeqlens=cache_seqlens, BlockTable=block_table,
-        CacheBatchIdx=cache_batch_idx, **dict(zip(names, (*k.stride(), *v.stride(), *k_cache.stride(),
-                                                          *v_cache.stride()))),
-        stride_btb=block_table.stride(0) if paged else 0, seqlen_new=k.shape[1],
-        capacity=cache_capacity(k_cache, block_table), num_cache_rows=k_cache.shape[0],
-        block_size=k_cache.shape[1] if paged else 1,
-        HEAD_DIM=k.shape[-1], HEAD_DIM_PADDED=_padded(k.shape[-1]), HEAD_DIM_V=v.shape[-1],
-        HEAD_DIM_V_PADDED=_padded(v.shape[-1]), PAGED=paged, HAS_BATCH_IDX=cache_batch_idx is not None,
-        BLOCK_N=block_n)
-
-
-def attention_arguments(q, k_cache, v_cache, out, lse, *, cache_seqlens, block_table, cache_batch_idx, alibi_slopes,
-                        seqlen_new, scale, window_left, window_right, softcap, launch) -> dict:
-    """Every parameter of ``decode_attention_kernel`` by name. ``out``/``lse``: the final (b, m, h, Dv) output and
-    (b, h, m) LSE when ``launch["num_splits"]`` is 1, else the fp32 partials (split, b, m, h, ·)."""
+def attention_arguments(q, k_cache, v_cache, k, v, out, lse, *, cache_seqlens, block_table, cache_batch_idx,
+                        alibi_slopes, scale, window_left, window_right, softcap, launch) -> dict:
+    """Every parameter of ``decode_attention_kernel`` by name (``aot.py`` builds its specs from the same).
+    ``out``/``lse``: the final (b, m, h, Dv) output and (b, h, m) LSE when ``launch["num_splits"]`` is 1, else the
+    fp32 partials (split, b, m, h, ·). ``k``/``v``: the new tokens, or None (q then stands in for them, with q's
+    strides, so the launch specialises as one with new tokens laid out like q; seqlen_new 0: never read).
+    ``launch`` may carry ``seqlen_q`` (0: a launch that only appends)."""
     split = launch["num_splits"] > 1
     paged = block_table is not None
     if split:
@@ -117,17 +103,22 @@ def attention_arguments(q, k_cache, v_cache, out, lse, *, cache_seqlens, block_t
     alibi_strides = (0, 0)
     if alibi_slopes is not None:
         alibi_strides = (0, alibi_slopes.stride(0)) if alibi_slopes.dim() == 1 else tuple(alibi_slopes.stride())
+    seqlen_new = 0 if k is None else k.shape[1]
+    k_new, v_new = (q, q) if k is None else (k, v)
     strides = dict(zip(
-        ("stride_qb", "stride_qm", "stride_qh", "stride_qd", "stride_kc0", "stride_kcn", "stride_kch", "stride_kcd",
+        ("stride_qb", "stride_qm", "stride_qh", "stride_qd", "stride_knb", "stride_knn", "stride_knh", "stride_knd",
+         "stride_vnb", "stride_vnn", "stride_vnh", "stride_vnd", "stride_kc0", "stride_kcn", "stride_kch", "stride_kcd",
          "stride_vc0", "stride_vcn", "stride_vch", "stride_vcd", "stride_os", "stride_ob", "stride_om", "stride_oh",
          "stride_od", "stride_ls", "stride_lb", "stride_lh", "stride_lm", "stride_ab", "stride_ah"),
-        (*q.stride(), *k_cache.stride(), *v_cache.stride(), *out_strides, *lse_strides, *alibi_strides)))
+        (*q.stride(), *k_new.stride(), *v_new.stride(), *k_cache.stride(), *v_cache.stride(), *out_strides,
+         *lse_strides, *alibi_strides)))
     head_dim, head_dim_v = q.shape[-1], v_cache.shape[-1]
     return dict(
-        Q=q, KCache=k_cache, VCache=v_cache, Out=out, Lse=lse, CacheSeqlens=cache_seqlens, BlockTable=block_table,
+        Q=q, KNew=k_new, VNew=v_new, KCache=k_cache, VCache=v_cache, Out=out, Lse=lse, CacheSeqlens=cache_seqlens, BlockTable=block_table,
         CacheBatchIdx=cache_batch_idx, AlibiSlopes=alibi_slopes, **strides,
         stride_btb=block_table.stride(0) if paged else 0,
-        seqlen_q=q.shape[1], seqlen_new=seqlen_new, group_size=q.shape[2] // k_cache.shape[2],
+        seqlen_q=launch.get("seqlen_q", q.shape[1]), seqlen_new=seqlen_new,
+        group_size=max(1, q.shape[2] // k_cache.shape[2]),
         capacity=cache_capacity(k_cache, block_table), num_cache_rows=k_cache.shape[0],
         block_size=k_cache.shape[1] if paged else 1, num_splits=launch["num_splits"],
         scale=float(scale), softcap=float(softcap), window_left=int(window_left), window_right=int(window_right),
@@ -135,7 +126,7 @@ def attention_arguments(q, k_cache, v_cache, out, lse, *, cache_seqlens, block_t
         HEAD_DIM_V_PADDED=_padded(head_dim_v), PAGED=paged, HAS_BATCH_IDX=cache_batch_idx is not None,
         HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None, HAS_WINDOW_LEFT=window_left >= 0,
         HAS_WINDOW_RIGHT=window_right >= 0, SPLIT=split, DOT_PRECISION=_dot_precision(q.dtype),
-        BLOCK_M=launch["BLOCK_M"], BLOCK_N=launch["BLOCK_N"])
+        BLOCK_M=launch["BLOCK_M"], BLOCK_N=launch["BLOCK_N"], BLOCK_NEW=launch["BLOCK_NEW"])
 
 
 def combine_arguments(partial_out, partial_lse, out, lse, *, num_splits) -> dict:
@@ -151,40 +142,24 @@ def combine_arguments(partial_out, partial_lse, out, lse, *, num_splits) -> dict
                 SPLITS_CHUNK=min(triton.next_power_of_2(num_splits), configs.MERGE_SPLITS_CHUNK))
 
 
-def _small_launch(device: torch.device) -> tuple[int, int]:
-    """(num_warps, num_stages) of the append and merge kernels."""
+def _merge_launch(device: torch.device) -> tuple[int, int]:
+    """(num_warps, num_stages) of the merge kernel."""
     return (1, 1) if device.type == "cpu" else (4, 1)
-
-
-@on_input_device
-def append_kv(k_cache, v_cache, k, v, *, cache_seqlens, block_table=None, cache_batch_idx=None):
-    """Write k/v (B, n, Hk, ·) into the caches in place at positions cache_seqlens[b] + t (no host sync).
-
-    Positions past the cache's capacity are skipped; block indices and cache rows are clamped into the cache.
-    """
-    batch, seqlen_new, heads_k, _ = k.shape
-    if batch == 0 or seqlen_new == 0 or heads_k == 0:
-        return
-    block_n = configs.INTERPRETER_APPEND_BLOCK_N if k.device.type == "cpu" else configs.APPEND_BLOCK_N
-    num_warps, num_stages = _small_launch(k.device)
-    arguments = append_arguments(k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
-                                 cache_batch_idx=cache_batch_idx, block_n=block_n)
-    append_kv_kernel[(triton.cdiv(seqlen_new, block_n), heads_k, batch)](**arguments, num_warps=num_warps,
-                                                                       num_stages=num_stages)
 
 
 @on_input_device
 def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens, block_table=None,
                            cache_batch_idx=None, scale, window_left=-1, window_right=-1, softcap=0.0,
                            alibi_slopes=None, num_splits=0, sm_count=None):
-    """Append k/v into the cache in place, then attend to it; returns ``(out, lse)``. Semantics:
-    ``pyattn.reference.decode``.
+    """Append k/v into the cache in place and attend to it (the new tokens included); returns ``(out, lse)``.
+    Semantics: ``pyattn.reference.decode``.
 
     q (B, L, Hq, D); caches (B_cache, S_cache, Hk, D/Dv), or paged (num_blocks, block_size, Hk, ·) with
     block_table int32 (B, max_blocks); k/v (B, n, Hk, ·) or None; cache_seqlens int32 (B,) on the device.
     Causal is ``window_right = 0``. Any strides (the head dim need not be contiguous). out (B, L, Hq, Dv)
     contiguous in q's dtype, lse (B, Hq, L) float32.
 
+    One launch of ``decode_attention_kernel`` (which also writes k/v into the cache), plus the merge when split.
     ``num_splits`` 0 picks the split from ``sm_count`` and the cache's capacity
     (:func:`configs.num_splits_heuristic`); > 0 forces it (clamped to the cache's key tiles and 128).
     """
@@ -193,26 +168,28 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
     heads_k, head_dim_v = k_cache.shape[2], v_cache.shape[-1]
     out = _empty((batch, seqlen_q, heads_q, head_dim_v), q.dtype, q.device)
     lse = _empty((batch, heads_q, seqlen_q), torch.float32, q.device)
-    if k is not None:
-        append_kv(k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
-                  cache_batch_idx=cache_batch_idx)
-    if out.numel() == 0:
-        lse.fill_(float("-inf"))
-        return out.zero_(), lse
+    if k is not None and k.shape[1] == 0:
+        k = v = None
     launch = plan(q, k_cache, v_cache, block_table, num_splits, sm_count)
+    if out.numel() == 0:  # nothing to attend: out 0, lse −inf; a launch with no query rows only appends
+        lse.fill_(float("-inf"))
+        out.zero_()
+        if k is None or batch == 0:
+            return out, lse
+        launch.update(seqlen_q=0, row_tiles=1, num_splits=1)
     splits = launch["num_splits"]
     target_out, target_lse = out, lse
     if splits > 1:
         target_out = _empty((splits, batch, seqlen_q, heads_q, head_dim_v), torch.float32, q.device)
         target_lse = _empty((splits, batch, seqlen_q, heads_q), torch.float32, q.device)
     arguments = attention_arguments(
-        q, k_cache, v_cache, target_out, target_lse, cache_seqlens=cache_seqlens, block_table=block_table,
-        cache_batch_idx=cache_batch_idx, alibi_slopes=alibi_slopes, seqlen_new=0 if k is None else k.shape[1],
-        scale=scale, window_left=window_left, window_right=window_right, softcap=softcap, launch=launch)
+        q, k_cache, v_cache, k, v, target_out, target_lse, cache_seqlens=cache_seqlens, block_table=block_table,
+        cache_batch_idx=cache_batch_idx, alibi_slopes=alibi_slopes, scale=scale, window_left=window_left,
+        window_right=window_right, softcap=softcap, launch=launch)
     decode_attention_kernel[(launch["row_tiles"] * heads_k, splits, batch)](
         **arguments, num_warps=launch["num_warps"], num_stages=launch["num_stages"])
     if splits > 1:
-        num_warps, num_stages = _small_launch(q.device)
+        num_warps, num_stages = _merge_launch(q.device)
         combine_splits_kernel[(seqlen_q * heads_q, batch)](
             **combine_arguments(target_out, target_lse, out, lse, num_splits=splits), num_warps=num_warps,
             num_stages=num_stages)
