@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import torch
 
-BUILTIN_SUITES = ("pyattn.bench.attention", "pyattn.bench.mha", "pyattn.bench.lstm")
+BUILTIN_SUITES = ("pyattn.bench.attention", "pyattn.bench.mha", "pyattn.bench.lstm", "pyattn.bench.decode")
 # tiny: structure only (tests, CI; seconds). small: each drop-in at one realistic shape beside PyTorch
 # (the CPU set). default: about 5 minutes on an H100. full: the whole grid.
 SHAPE_SETS = ("tiny", "small", "default", "full")

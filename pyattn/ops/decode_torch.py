@@ -23,14 +23,14 @@ from pyattn._registry import Request, Support, Target, register
 from pyattn.ops.decode_common import ANY_FLOAT, OP
 from pyattn.reference.decode import cache_capacity, check_cache_values
 
-_TORCH_VERSION = torch.torch_version.TorchVersion(torch.__version__)
+_TORCH_BEFORE_2_5 = torch.torch_version.TorchVersion(torch.__version__) < "2.5"  # once, not per call
 
 
 def _check_exact(request: Request, target: Target) -> str | None:
     if target.device_type == "cuda":
         return ("torch's CUDA SDPA kernels do not all give 0 for a query that sees no key (an empty cache row); "
                 "pyattn does")
-    if _TORCH_VERSION < "2.5":
+    if _TORCH_BEFORE_2_5:
         return f"0 for a query that sees no key and enable_gqa need torch >= 2.5; this is {torch.__version__}"
     return None
 
@@ -84,15 +84,22 @@ def torch_attention_kvcache(q, k_cache, v_cache, k, v, *, cache_seqlens, block_t
         return out, None  # no row sees a key
     rows = _cache_rows(k_cache, block_table, cache_batch_idx, batch)
     keys, values = rows(k_cache)[:, :keys_used], rows(v_cache)[:, :keys_used]
-    key_positions = torch.arange(keys_used, device=q.device)
-    query_positions = lengths[:, None] - seqlen_q + torch.arange(seqlen_q, device=q.device)  # (B, L)
-    visible = key_positions[None, None, :] < lengths[:, None, None]
-    if window_left >= 0:
-        visible = visible & (key_positions[None, None, :] >= query_positions[:, :, None] - window_left)
-    if window_right >= 0:
-        visible = visible & (key_positions[None, None, :] <= query_positions[:, :, None] + window_right)
     extra = {"enable_gqa": True} if heads_q != k_cache.shape[2] else {}
+    mask = None
+    # Every query sees every key (a decode step at equal lengths, no left window): SDPA without a mask, as a user
+    # calls it, instead of a (B, 1, L, S) one.
+    every_key = (not on_meta and window_left < 0 and (window_right < 0 or seqlen_q == 1)
+                 and int(lengths.min()) == keys_used)
+    if not every_key:
+        key_positions = torch.arange(keys_used, device=q.device)
+        query_positions = lengths[:, None] - seqlen_q + torch.arange(seqlen_q, device=q.device)  # (B, L)
+        visible = key_positions[None, None, :] < lengths[:, None, None]
+        if window_left >= 0:
+            visible = visible & (key_positions[None, None, :] >= query_positions[:, :, None] - window_left)
+        if window_right >= 0:
+            visible = visible & (key_positions[None, None, :] <= query_positions[:, :, None] + window_right)
+        mask = visible[:, None]
     attended = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-                                              attn_mask=visible[:, None], scale=scale, **extra)
+                                              attn_mask=mask, scale=scale, **extra)
     out.copy_(attended.transpose(1, 2))
     return out, None
