@@ -120,6 +120,30 @@ def test_torch_backend_matches_reference(name, dtype):
     assert_close(out, want_out, RTOL[dtype])
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("name", ["contiguous-append1-gqa", "paged16-append1"])
+def test_torch_backend_at_equal_lengths_calls_sdpa_without_a_mask(name, causal, monkeypatch):
+    """A decode step in which every query sees every key (equal lengths, one query) needs no mask."""
+    options = dict(case_options(name), cache_seqlens=[30, 30, 30], causal=causal)
+    inputs = make_inputs(options, torch.float64)
+    masks = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recorded_sdpa(*args, attn_mask=None, **kwargs):
+        masks.append(attn_mask)
+        return sdpa(*args, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recorded_sdpa)
+    k_cache, v_cache = inputs["k_cache"].clone(), inputs["v_cache"].clone()
+    with pyattn.use_backend("torch"):
+        out = FN(inputs["q"], k_cache, v_cache, inputs["k"], inputs["v"], **_kwargs(inputs, causal=causal))
+    monkeypatch.undo()
+    assert masks == [None]
+    want_out, _, want_k, want_v = expected(inputs, options)
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+    assert_close(out, want_out, RTOL[torch.float64])
+
+
 def test_auto_on_cpu_takes_torch_and_the_reference_for_what_sdpa_cannot_do():
     _, inputs = _base()
     args = (inputs["q"], inputs["k_cache"], inputs["v_cache"], inputs["k"], inputs["v"])
