@@ -76,6 +76,7 @@ def test_small_run_covers_every_op_mode_and_backend_with_passing_checks(small_ru
         ("lstm_cell", FORWARD_BACKWARD),
         ("mha", FORWARD),
         ("mha", FORWARD_BACKWARD),
+        ("decode", FORWARD),
     }
     assert {row["backend"] for row in rows} >= {
         "pyattn:auto",
@@ -95,7 +96,7 @@ def test_small_run_covers_every_op_mode_and_backend_with_passing_checks(small_ru
         assert 0 < timing["min"] <= timing["median"] <= timing["max"]
         assert row["peak_memory_bytes"] is None  # not measured on a CPU
         assert row["tflops"] == pytest.approx(row["flops"] / (timing["median"] * 1e-3) / 1e12)
-        assert (row["gbps"] is not None) == (row["op"] == "lstm_cell")
+        assert (row["gbps"] is not None) == (row["op"] in ("lstm_cell", "decode"))
 
 
 def test_speedups_are_relative_to_the_fastest_baseline(small_run):
@@ -150,7 +151,8 @@ def test_cpu_report_says_its_times_are_for_checking(small_run):
 def test_auto_is_compared_side_by_side_with_the_call_it_replaces(small_run):
     _, results, out = small_run
     rows = results["results"]
-    expected = {"attention": "torch:sdpa", "mha": "torch:mha", "lstm": "torch:lstm", "lstm_cell": "torch:lstmcell"}
+    expected = {"attention": "torch:sdpa", "mha": "torch:mha", "lstm": "torch:lstm", "lstm_cell": "torch:lstmcell",
+                "decode": "torch:sdpa"}
     autos = [row for row in rows if row["backend"] == "pyattn:auto"]
     assert {row["op"] for row in autos} == set(expected)
     for row in autos:
