@@ -88,18 +88,36 @@ def _layer_leaves(steps, batch, input_size, hidden_size, dtype, device="cpu", bi
     }
 
 
-def _layer_request(dtype, device="cpu", features=frozenset()):
-    return Request(op="lstm_layer", device=torch.device(device), dtype=dtype, features=frozenset(features))
+def _layer_request(dtype, device="cpu", features=frozenset(), batch=2, hidden_size=8):
+    return Request(op="lstm", device=torch.device(device), dtype=dtype, features=frozenset(features),
+                   sizes=dict(batch=batch, hidden_size=hidden_size))
 
 
 def _triton_op(op, dtype, device="cpu", features=frozenset()):
-    """The triton implementation of ``op``: the variant a test forces (``pyattn.use_backend("triton/...")``),
-    else the first triton variant that serves."""
+    """The triton implementation of ``op`` ("lstm_cell", or one layer of "lstm"): the variant a test forces
+    (``pyattn.use_backend("triton/...")``), else the first triton variant that serves the call's sizes."""
     forced = default_backend()
     backend = forced if forced.split("/")[0] == "triton" else "triton"
-    variant = choose(Request(op=op, device=torch.device(device), dtype=dtype, features=frozenset(features)), backend)
-    assert variant.backend == "triton"
-    return variant.implementation
+    if op == "lstm_cell":
+        variant = choose(Request(op=op, device=torch.device(device), dtype=dtype, features=frozenset(features)),
+                         backend)
+        assert variant.backend == "triton"
+        return variant.implementation
+
+    def layer(input, h0, c0, weight_ih, weight_hh, bias_ih=None, bias_hh=None, weight_hr=None, reverse=False,
+              lengths=None):
+        request = _layer_request(dtype, device, features, batch=input.shape[1], hidden_size=h0.shape[1])
+        try:
+            variant = choose(request, backend)
+        except BackendUnavailableError as error:
+            if "/" not in backend:
+                raise
+            pytest.skip(f"{backend} does not serve this shape (dispatch would not pick it): {error}")
+        assert variant.backend == "triton"
+        return variant.implementation.layer(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse,
+                                            lengths)
+
+    return layer
 
 
 def _make_weights(input_size, hidden_size, dtype, device, bias):
@@ -309,8 +327,7 @@ class TestInterpreter:
         reference_leaves = _float64(leaves)
         index = ["output", "h_n", "c_n"].index(used)
         with pyattn.use_backend("triton"):
-            _, lstm_layer = choose(_layer_request(torch.float32))
-        out = lstm_layer(**leaves)[index]
+            out = _triton_op("lstm_layer", torch.float32)(**leaves)[index]
         ref = reference.lstm_layer(**reference_leaves)[index]
         upstream = random_tensor(*out.shape, dtype=torch.float64)
         out.backward(upstream.float())
@@ -344,19 +361,19 @@ class TestInterpreter:
         with torch.no_grad():
             outputs = torch.ops.pyattn.triton_lstm_layer_fwd(
                 random_tensor(steps, batch, input_size), random_tensor(batch, hidden_size),
-                random_tensor(batch, hidden_size), *weights.values(), None, False, False,
+                random_tensor(batch, hidden_size), *weights.values(), None, False, False, "stepwise",
             )
         assert [t.numel() for t in outputs[3:]] == [0, 0, 0]
 
     def test_layer_dispatch_declares_support(self):
         with pyattn.use_backend("triton"):
-            assert choose(_layer_request(torch.float16, features={"lengths"}))[0] == "triton"
+            assert choose(_layer_request(torch.float16, features={"lengths"})).backend == "triton"
             with pytest.raises(BackendUnavailableError, match="projection"):
                 choose(_layer_request(torch.float32, features={"projection"}))
             with pytest.raises(BackendUnavailableError, match="float64"):
                 choose(_layer_request(torch.float64))
-        # Automatic choice falls back to the reference for what the triton backend does not serve.
-        assert choose(_layer_request(torch.float32, features={"projection"}), "auto")[0] == "reference"
+        # Automatic choice falls back (to torch's own LSTM on a CPU) for what the triton backend does not serve.
+        assert choose(_layer_request(torch.float32, features={"projection"}), "auto").qualified_name == "torch"
 
     def test_layer_rejects_projection(self):
         hidden_size, proj_size = 8, 4
@@ -423,15 +440,15 @@ class TestInterpreter:
             random_tensor(batch, hidden_size, requires_grad=True),
             *_make_weights(input_size, hidden_size, torch.float32, "cpu", "both").values(),
         ]
-        torch.library.opcheck(torch.ops.pyattn.triton_lstm_layer_fwd, (*args, lengths, True, True))
+        torch.library.opcheck(torch.ops.pyattn.triton_lstm_layer_fwd, (*args, lengths, True, True, "stepwise"))
         detached = [a.detach() for a in args]
-        torch.library.opcheck(torch.ops.pyattn.triton_lstm_layer_fwd, (*detached, lengths, False, False))
+        torch.library.opcheck(torch.ops.pyattn.triton_lstm_layer_fwd, (*detached, lengths, False, False, "stepwise"))
         _, _, _, gates, cell_states, hidden_before = torch.ops.pyattn.triton_lstm_layer_fwd(
-            *detached, lengths, True, True
+            *detached, lengths, True, True, "stepwise"
         )
         input, _, _, weight_ih, weight_hh, _, _ = detached
         grads = (random_tensor(steps, batch, hidden_size), random_tensor(batch, hidden_size), random_tensor(batch, hidden_size))
-        saved = (lengths, gates, cell_states, hidden_before, True)
+        saved = (lengths, gates, cell_states, hidden_before, True, "stepwise")
         torch.library.opcheck(torch.ops.pyattn.triton_lstm_layer_bwd, (*grads, input, weight_ih, weight_hh, *saved))
         torch.library.opcheck(
             torch.ops.pyattn.triton_lstm_layer_bwd, (grads[0], None, None, input, weight_ih, weight_hh, *saved)

@@ -237,8 +237,11 @@ def triton_lstm_cell(input, hx, cx, weight_ih, weight_hh, bias_ih=None, bias_hh=
 
 
 def _layer(recurrence: str):
-    def triton_lstm_layer(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse, lengths):
-        del weight_hr  # refused by the support ("projection")
+    def triton_lstm_layer(input, h0, c0, weight_ih, weight_hh, bias_ih=None, bias_hh=None, weight_hr=None,
+                          reverse=False, lengths=None):
+        if weight_hr is not None:  # refused by the support ("projection"): only a direct call gets here
+            raise ValueError("weight_hr: the triton LSTM has no projection (proj_size > 0); dispatch routes such "
+                             "calls to another backend")
         if lengths is not None:
             lengths = lengths.to(device=input.device, dtype=torch.int64)
         save = needs_grad(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh)
