@@ -299,7 +299,8 @@ def compile_result(spec: CompileSpec, capability: int) -> dict:
 
 
 # Spec lists by module, built once per process (workers rebuild them: kernels do not pickle).
-_SPEC_MODULES = {"attention": "pyattn.kernels.attention.aot", "lstm": "pyattn.kernels.lstm.aot"}
+_SPEC_MODULES = {"attention": "pyattn.kernels.attention.aot", "lstm": "pyattn.kernels.lstm.aot",
+                 "decode": "pyattn.kernels.decode.aot"}  # decode's compile gate: tests/test_decode_compile.py
 _spec_lists: dict[str, dict[str, CompileSpec]] = {}
 
 

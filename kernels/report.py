@@ -1,6 +1,6 @@
 """Compile report: every kernel specialisation with its registers, spills, shared memory and occupancy.
 
-    python -m pyattn.kernels.report [--op attention|lstm] [--arch sm_90|sm_80] [--json]
+    python -m pyattn.kernels.report [--op attention|lstm|decode] [--arch sm_90|sm_80] [--json]
 
 One row per (kernel, case, variant, config, arch) of the AOT specs (``pyattn.kernels._aot``), compiled as the
 JIT compiles the launch each models, plus the CUDA kernels of the C++ extension ``pyattn._C`` (variant
@@ -147,11 +147,11 @@ def format_table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pyattn.kernels.report", description=__doc__.splitlines()[0])
-    parser.add_argument("--op", choices=["attention", "lstm"], help="only this op's kernels (default: both)")
+    parser.add_argument("--op", choices=["attention", "lstm", "decode"], help="only this op's kernels (default: all)")
     parser.add_argument("--arch", choices=sorted(ARCHS), help="only this target (default: sm_90 and sm_80)")
     parser.add_argument("--json", action="store_true", help="print a JSON list of row objects")
     args = parser.parse_args(argv)
-    ops = [args.op] if args.op else ["attention", "lstm"]
+    ops = [args.op] if args.op else ["attention", "lstm", "decode"]
     capabilities = [ARCHS[args.arch]] if args.arch else [90, 80]
     rows = triton_rows(ops, capabilities, progress=sys.stderr)
     extension, note = cuda_rows(ops, capabilities)
