@@ -378,5 +378,7 @@ def describe(spec: CompileSpec) -> dict:
 
 
 def progress_stream():
-    """Where progress goes while pytest captures output: the real stderr."""
+    """The process's original stderr. Under pytest's default fd capture it is captured too: a test shows
+    progress live by suspending capture around the compiles (``capturemanager.global_and_fixture_disabled``,
+    as tests/test_triton_compile.py does)."""
     return sys.__stderr__

@@ -57,10 +57,16 @@ SPECS = _specs()
 
 
 @pytest.fixture(scope="module")
-def compiled_results():
+def compiled_results(pytestconfig):
+    """Every (spec, arch) compiled once, before the first check; progress goes to the terminal (pytest's
+    capture is suspended for it, as a cold run takes minutes)."""
+    import sys
+
     from pyattn.kernels import _aot
 
-    return _aot.compile_results(_aot.all_jobs(OPS, CAPABILITIES), progress=_aot.progress_stream())
+    capture = pytestconfig.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():
+        return _aot.compile_results(_aot.all_jobs(OPS, CAPABILITIES), progress=sys.stderr)
 
 
 @pytest.mark.parametrize("capability", CAPABILITIES, ids=[f"sm{c}" for c in CAPABILITIES])
