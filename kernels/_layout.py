@@ -29,3 +29,12 @@ def new_attention_output(q: torch.Tensor, head_dim_v: int, empty=None) -> torch.
     else:
         buffer = empty(stored, q.dtype, q.device)
     return buffer.permute(*[order.index(axis) for axis in range(4)])
+
+
+def base_is_16_byte_aligned(tensor: torch.Tensor) -> bool:
+    """Whether the tensor's first element sits on a 16-byte boundary (what vector loads, cp.async and TMA
+    need). While torch.compile traces there is no address: the storage offset decides, since the caching
+    allocator aligns every allocation's base (meta tensors have address 0)."""
+    if torch.compiler.is_compiling():
+        return tensor.storage_offset() * tensor.element_size() % 16 == 0
+    return tensor.data_ptr() % 16 == 0

@@ -9,12 +9,17 @@ Two pytest processes make up the suite (``make test`` runs both):
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 HAS_CUDA = torch.cuda.is_available()
+# Whether `make` built the extension: a CUDA toolkit is here (nvcc on PATH or CUDA_HOME) and the build was
+# not skipped on purpose. Where it holds, a missing extension is a failure, not a skip.
+TOOLKIT_PRESENT = (shutil.which("nvcc") is not None or bool(os.environ.get("CUDA_HOME"))) and os.environ.get(
+    "PYATTN_SKIP_CUDA_BUILD", "0") != "1"
 IS_SM90 = HAS_CUDA and torch.cuda.get_device_capability() >= (9, 0)
 
 from pyattn.tolerances import RTOL, RTOL_TF32, relative_error  # noqa: F401  (one table for tests and bench)

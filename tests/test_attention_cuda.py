@@ -19,7 +19,6 @@ dQ/dK/dV), deterministic dQ bit-reproducible, opcheck, torch.compile(fullgraph=T
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -32,11 +31,8 @@ from pyattn import _extension, _registry
 from pyattn.functional import flash_attention, scaled_dot_product_attention
 from pyattn.ops import attention_cuda
 from pyattn.reference import attention as reference
-from tests.conftest import RTOL, assert_close, poison_, random_tensor, relative_error
+from tests.conftest import RTOL, TOOLKIT_PRESENT, assert_close, poison_, random_tensor, relative_error
 
-TOOLKIT_PRESENT = (shutil.which("nvcc") is not None or bool(os.environ.get("CUDA_HOME"))) and os.environ.get(
-    "PYATTN_SKIP_CUDA_BUILD", "0"
-) != "1"
 DTYPES = [torch.float16, torch.bfloat16]
 HEAD_DIMS = [64, 128]
 OP_NAMES = ["cuda_attention_fwd", "cuda_attention_bwd"]

@@ -554,6 +554,24 @@ def test_tma_is_chosen_by_the_caller_and_its_eligibility_is_pure(monkeypatch):
                                                                    capability=(9, 0))
 
 
+def test_tma_rule_reads_no_address_while_torch_compile_traces(monkeypatch):
+    """Under torch.compile the operands are fake tensors with no address (data_ptr raises): the rule reads
+    the storage offset instead, so a fullgraph compile on a Hopper GPU can still choose the TMA variant."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with FakeTensorMode():
+        q, k, v = (torch.empty(1, 2, 32, 64, dtype=torch.float16) for _ in range(3))
+        with pytest.raises(Exception):
+            q.data_ptr()  # what the rule must not call while tracing
+        assert kernels.tma_unsupported_reason(q, k, v, varlen=False, capability=(9, 0)) is None
+        shifted = torch.empty(4 + 2 * 32 * 64, dtype=torch.float16)[4:].view(1, 2, 32, 64)
+        assert "not 16-byte aligned" in kernels.tma_unsupported_reason(shifted, k, v, varlen=False,
+                                                                       capability=(9, 0))
+        assert launch._alignment(q, k, v) == configs.ALIGNED
+        assert launch._alignment(shifted, k, v) == configs.UNALIGNED
+
+
 class _TmaLaunchFails:
     """Stands in for the TMA forward's autotuner: its launch raises, as a compile error of an older Triton would."""
 

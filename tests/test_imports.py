@@ -14,7 +14,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Layer of each module (a lower number may not import a higher one). Same-layer imports are allowed
 # only within one subpackage (e.g. pyattn.ops.attention_triton importing pyattn.ops.attention_common).
 LAYERS = [
-    ("pyattn._triton", 0), ("pyattn.tolerances", 0), ("pyattn._layout", 0), ("pyattn._extension", 1),
+    ("pyattn._triton", 0), ("pyattn.tolerances", 0), ("pyattn._extension", 1),
     ("pyattn._registry", 2), ("pyattn.kernels", 2), ("pyattn.reference", 2), ("pyattn.ops", 3),
     ("pyattn._dispatch", 4), ("pyattn.functional", 5), ("pyattn.nn", 6), ("pyattn._explain", 7),
     ("pyattn.distributed", 7), ("pyattn.integrations", 8), ("pyattn.examples", 8), ("pyattn.bench", 8),

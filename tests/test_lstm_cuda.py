@@ -15,7 +15,6 @@ variants' kernels, passed explicitly), cuDNN, opcheck, torch.compile.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -27,11 +26,8 @@ import pyattn
 from pyattn import _dispatch, _extension, _registry
 from pyattn.ops import lstm_cuda
 from pyattn.reference import lstm as reference
-from tests.conftest import RTOL, assert_close, poison_, random_tensor, relative_error
+from tests.conftest import RTOL, TOOLKIT_PRESENT, assert_close, poison_, random_tensor, relative_error
 
-TOOLKIT_PRESENT = (shutil.which("nvcc") is not None or bool(os.environ.get("CUDA_HOME"))) and os.environ.get(
-    "PYATTN_SKIP_CUDA_BUILD", "0"
-) != "1"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 OP_NAMES = ["cuda_lstm_cell_fwd", "cuda_lstm_cell_bwd", "cuda_lstm_layer_fwd", "cuda_lstm_layer_bwd"]
 # (batch, input_size, hidden_size): tiny, odd (no 16-byte vector path), a batch above 16 (BM = 64 tiles), H = 1024.

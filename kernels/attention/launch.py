@@ -11,7 +11,7 @@ import torch
 import triton
 
 from .._launch import on_input_device, on_interpreter
-from .._layout import new_attention_output
+from .._layout import base_is_16_byte_aligned, new_attention_output
 from . import configs
 from .backward import attention_backward_dkdv_kernel, attention_backward_dq_kernel, attention_backward_preprocess_kernel
 from .common import ADDITIVE_MASK, BOOL_MASK, NO_MASK, attention_dropout_keep_mask_kernel
@@ -184,8 +184,8 @@ def tma_unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
             return f"{name} is empty (shape {tuple(tensor.shape)})"
         if tensor.stride(-1) != 1:
             return f"{name} has feature stride {tensor.stride(-1)}; the last dim must be contiguous"
-        if tensor.data_ptr() % 16 or any(stride * tensor.element_size() % 16 for stride in tensor.stride()[:-1]):
-            return (f"{name} is not 16-byte aligned (address {tensor.data_ptr():#x}, strides {tuple(tensor.stride())} "
+        if not base_is_16_byte_aligned(tensor) or any(stride * tensor.element_size() % 16 for stride in tensor.stride()[:-1]):
+            return (f"{name} is not 16-byte aligned (storage offset {tensor.storage_offset()}, strides {tuple(tensor.stride())} "
                     f"in {tensor.element_size()}-byte elements)")
     if capability is None or tuple(capability) < (9, 0):
         where = "not a CUDA GPU" if capability is None else f"compute capability {capability[0]}.{capability[1]}"
@@ -241,7 +241,7 @@ def _alignment(*tensors) -> int:
     are multiples of 16 elements — what the JIT's divisibility hints need for vector loads and cp.async —,
     else ``configs.UNALIGNED``. Metadata only: it works on meta tensors."""
     for tensor in tensors:
-        if tensor.data_ptr() % 16 or any(stride % 16 for stride in tensor.stride()[:-1]):
+        if not base_is_16_byte_aligned(tensor) or any(stride % 16 for stride in tensor.stride()[:-1]):
             return configs.UNALIGNED
     return configs.ALIGNED
 

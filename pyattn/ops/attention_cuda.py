@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from pyattn._layout import new_attention_output
+from pyattn.kernels._layout import base_is_16_byte_aligned, new_attention_output
 from pyattn._registry import Request, Support, Target, register
 from pyattn.ops.attention_backward_reference import BACKWARD_FEATURES
 
@@ -97,9 +97,7 @@ def chunk_aligned(tensor: torch.Tensor) -> bool:
         return False
     if any(size > 1 and stride % 8 for size, stride in zip(tensor.shape[:-1], tensor.stride()[:-1])):
         return False
-    if torch.compiler.is_compiling():  # no address while tracing: the caching allocator aligns every base
-        return tensor.storage_offset() * tensor.element_size() % 16 == 0
-    return tensor.data_ptr() % 16 == 0
+    return base_is_16_byte_aligned(tensor)
 
 
 def operands_unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from pyattn._layout import new_attention_output
+from pyattn.kernels._layout import new_attention_output
 from pyattn._registry import Request, Support, Target, register
 from pyattn.ops.attention_common import FEATURES
 
