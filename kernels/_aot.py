@@ -216,7 +216,10 @@ def kernel_figures(compiled, capability: int, num_warps: int) -> dict:
     cubin = compiled.asm.get("cubin")
     ptx = compiled.asm.get("ptx", "")
     figures = dict(has_cubin=bool(cubin), wgmma="wgmma" in ptx, tma="cp.async.bulk.tensor" in ptx,
-                   cp_async=re.search(r"cp\.async\.c[ag]\.", ptx) is not None)
+                   cp_async=re.search(r"cp\.async\.c[ag]\.", ptx) is not None,
+                   # Static count of tensor-core MMA instructions (per warp; per iteration where the loop that
+                   # holds them is not unrolled, as the LSTM grid kernel's time loop). Absent from older caches.
+                   mma_instructions=len(re.findall(r"\b(?:mma\.sync\.aligned|wgmma\.mma_async)\.", ptx)))
     registers = stack = static_shared = local = None
     if cubin:
         with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as handle:

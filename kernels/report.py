@@ -6,7 +6,9 @@ One row per (kernel, case, variant, config, arch) of the AOT specs (``pyattn.ker
 JIT compiles the launch each models, plus the CUDA kernels of the C++ extension ``pyattn._C`` (variant
 "cuda", op from their namespace: the LSTM's and the attention's) read from its library with ``cuobjdump``. Columns: registers per thread, spill (stack and
 local) bytes per thread, shared memory per block, blocks (CTAs) resident per SM from registers, shared
-memory and warps on that arch, whether the PTX (SASS for the extension) has ``wgmma``, TMA bulk tensor
+memory and warps on that arch, the static count of tensor-core MMA instructions (``mma.sync`` and ``wgmma`` in
+the PTX; per warp and step for the LSTM grid kernel, whose time loop holds them all), whether the PTX (SASS for
+the extension) has ``wgmma``, TMA bulk tensor
 copies (``cp.async.bulk.tensor``) and Ampere ``cp.async``, and ``auto_may_pick``: whether autotuning or
 dispatch can choose that config (from the config tables the launchers use).
 
@@ -27,7 +29,7 @@ from . import _aot
 
 ARCHS = {"sm_90": 90, "sm_80": 80}
 COLUMNS = ["op", "kernel", "case", "variant", "config", "arch", "registers", "spill_bytes", "shared_bytes",
-           "ctas_per_sm", "wgmma", "tma", "cp_async", "auto_may_pick"]
+           "ctas_per_sm", "mma_instructions", "wgmma", "tma", "cp_async", "auto_may_pick"]
 # Every CUDA kernel of the extension runs 128 threads per block (csrc/lstm: 4 warps everywhere).
 CUDA_WARPS = 4
 
@@ -41,7 +43,8 @@ def triton_rows(ops, capabilities, *, progress=None) -> list[dict]:
         result = results[(op, name, capability)]
         row = dict(op=op, kernel=spec.kernel_name, case=spec.case, variant=spec.variant, config=spec.config,
                    arch=f"sm_{capability}", auto_may_pick=spec.auto_may_pick, error=result.get("error"))
-        for key in ("registers", "spill_bytes", "shared_bytes", "ctas_per_sm", "wgmma", "tma", "cp_async"):
+        for key in ("registers", "spill_bytes", "shared_bytes", "ctas_per_sm", "mma_instructions", "wgmma", "tma",
+                    "cp_async"):
             row[key] = result.get(key)
         rows.append(row)
     return rows
@@ -65,7 +68,8 @@ def _demangle(names: list[str]) -> dict[str, str]:
 
 
 def _sass_features(library: str) -> dict[tuple[str, str], dict]:
-    """(arch, mangled function) -> whether its SASS has HGMMA (wgmma), UTMALDG (TMA) and LDGSTS (cp.async)."""
+    """(arch, mangled function) -> whether its SASS has HGMMA (wgmma), UTMALDG (TMA) and LDGSTS (cp.async), and its
+    static count of HMMA/HGMMA instructions."""
     tool = _aot.cuobjdump_path()
     text = subprocess.run([tool, "-sass", library], capture_output=True, text=True, check=True).stdout
     features, arch, function, body = {}, None, None, []
@@ -74,7 +78,8 @@ def _sass_features(library: str) -> dict[tuple[str, str], dict]:
         if function is not None:
             joined = "\n".join(body)
             features[(arch, function)] = dict(wgmma="HGMMA" in joined, tma="UTMALDG" in joined,
-                                              cp_async="LDGSTS" in joined)
+                                              cp_async="LDGSTS" in joined,
+                                              mma_instructions=len(re.findall(r"\bH(?:G)?MMA\.", joined)))
 
     for line in text.splitlines():
         arch_match = re.match(r"\s*arch = sm_(\w+)", line)
@@ -121,7 +126,8 @@ def cuda_rows(ops, capabilities) -> tuple[list[dict], str | None]:
                          spill_bytes=entry["stack_bytes"] + entry["local_bytes"],
                          shared_bytes=None,  # dynamic, sized by the launcher
                          ctas_per_sm=_aot.blocks_per_sm(capability, entry["registers"], None, CUDA_WARPS),
-                         wgmma=flags.get("wgmma"), tma=flags.get("tma"), cp_async=flags.get("cp_async"),
+                         mma_instructions=flags.get("mma_instructions"), wgmma=flags.get("wgmma"),
+                         tma=flags.get("tma"), cp_async=flags.get("cp_async"),
                          auto_may_pick=True, error=None))  # every instantiated template is reachable
     return rows, None
 
@@ -135,10 +141,10 @@ def _cell(value) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    headers = ["op", "kernel", "case", "variant", "config", "arch", "regs", "spill", "shared", "ctas/SM", "wgmma",
-               "tma", "cp.async", "auto"]
+    headers = ["op", "kernel", "case", "variant", "config", "arch", "regs", "spill", "shared", "ctas/SM", "mma",
+               "wgmma", "tma", "cp.async", "auto"]
     keys = ["op", "kernel", "case", "variant", "config", "arch", "registers", "spill_bytes", "shared_bytes",
-            "ctas_per_sm", "wgmma", "tma", "cp_async", "auto_may_pick"]
+            "ctas_per_sm", "mma_instructions", "wgmma", "tma", "cp_async", "auto_may_pick"]
     table = [headers] + [[_cell(row[key]) if not row.get("error") or key in keys[:6] else "ERROR" for key in keys]
                          for row in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(headers))]

@@ -63,6 +63,9 @@ def _record_grid_launches(monkeypatch, launch) -> list:
     original = launch.lstm_sequence_forward_grid_kernel
 
     class RecordingKernel:
+        def warmup(self, *args, **kwargs):  # the launcher's occupancy check compiles first (GPU only)
+            return original.warmup(*args, **kwargs)
+
         def __getitem__(self, grid):
             launched.append(grid)
             return original[grid]
@@ -240,19 +243,73 @@ class TestInterpreter:
         )
         assert grid_recurrence == [(1,)] * 2, "the grid kernel did not run (once with grad, once without)"
 
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+    @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+    @pytest.mark.parametrize(
+        "batch,input_size,hidden_size,bias,lengths",
+        [(3, 12, 40, "both", None), (16, 20, 70, "ih", None), (5, 10, 33, "both", [1, 0, 1, 1, 0]), (2, 8, 16, "none", None)],
+        ids=["odd-3-tiles", "full-batch-5-tiles", "ragged-odd", "one-tile"],
+    )
+    def test_layer_grid_tiles(self, poisoned_allocations, grid_recurrence, dtype, reverse, batch, input_size,
+                              hidden_size, bias, lengths):
+        """One step crosses no barrier, so the interpreter runs the GPU's tiling (a program per 16 hidden units,
+        the last one partial for odd H): every tile's gate columns, masks and stores, against float64."""
+        steps = 1
+        lengths = None if lengths is None else torch.tensor(lengths)
+        leaves = _layer_leaves(steps, batch, input_size, hidden_size, dtype, bias=bias)
+        lstm_layer = _triton_op("lstm_layer", dtype, features={"lengths"} if lengths is not None else set())
+        _check_outputs_and_gradients(
+            lambda t: lstm_layer(**t, reverse=reverse, lengths=lengths),
+            lambda t: reference.lstm_layer(**t, reverse=reverse, lengths=lengths),
+            leaves, dtype, ["output", "h_n", "c_n"],
+        )
+        programs = -(-hidden_size // 16)
+        assert grid_recurrence == [(programs,)] * 2, "the grid kernel did not run with the GPU's tiling"
+
     def test_recurrence_eligibility(self, kernels):
-        """The eligibility rules are pure functions of sizes, dtype and the SM count (None: the interpreter,
+        """The eligibility rules are pure functions of sizes, dtype and the GPU's figures (None: the interpreter,
         where the grid kernel runs as one program); their reasons name the argument."""
+        hopper = kernels.SmResources.for_arch(90, 132)
         assert kernels.persistent_unsupported_reason(64, torch.float16) is None
         assert kernels.persistent_unsupported_reason(64, torch.float32) is None
         assert "weight_hh: hidden size 768" in kernels.persistent_unsupported_reason(768, torch.float16)
         assert "hidden size 65" in kernels.persistent_unsupported_reason(65, torch.float32)
-        assert kernels.grid_unsupported_reason(16, 768, torch.float16, sm_count=132) is None
-        assert kernels.grid_unsupported_reason(16, 768, torch.float16, sm_count=None) is None
+        assert kernels.grid_unsupported_reason(16, 768, torch.float16, device=hopper) is None
+        assert kernels.grid_unsupported_reason(16, 768, torch.float16, device=None) is None
         assert kernels.grid_programs(768, interpreter=False) == 48 and kernels.grid_programs(768, interpreter=True) == 1
-        assert "48 programs" in kernels.grid_unsupported_reason(16, 768, torch.float16, sm_count=32)
-        assert "batch 17" in kernels.grid_unsupported_reason(17, 768, torch.float16, sm_count=132)
-        assert "hidden size 520" in kernels.grid_unsupported_reason(1, 520, torch.float32, sm_count=132)
+        assert kernels.grid_programs(40, interpreter=True, steps=1) == 3  # one step: no barrier, the GPU's tiling
+        small = kernels.SmResources.for_arch(90, 32)
+        assert "48 programs" in kernels.grid_unsupported_reason(16, 768, torch.float16, device=small)
+        assert "batch 17" in kernels.grid_unsupported_reason(17, 768, torch.float16, device=hopper)
+        assert "hidden size 520" in kernels.grid_unsupported_reason(1, 520, torch.float32, device=hopper)
+        turing = kernels.SmResources.for_arch(75, 40)
+        assert "sm_75" in kernels.grid_unsupported_reason(16, 768, torch.float16, device=turing)
+
+    def test_grid_residency_rule(self, kernels):
+        """Programs resident at once = SMs × the least of what registers (per warp, in units of 256), shared
+        memory (plus the driver's 1 KB per block), warps and the block limit allow per SM."""
+        hopper = kernels.SmResources.for_arch(90, 132)
+        assert (hopper.registers_per_sm, hopper.shared_bytes_per_sm, hopper.max_warps_per_sm) == (65536, 233472, 64)
+        # 128 registers × 8 warps = 32768 per block: 2 by registers; 100 KB + 1 KB: 2 by shared memory.
+        assert kernels.resident_programs(hopper, registers=128, shared_bytes=100 * 1024, num_warps=8) == 264
+        # 250 registers round up to 256: one 8-warp block fills the register file.
+        assert kernels.resident_programs(hopper, registers=250, shared_bytes=1024, num_warps=8) == 132
+        assert kernels.resident_programs(hopper, registers=32, shared_bytes=0, num_warps=8) == 132 * 8  # warps
+        assert kernels.resident_programs(hopper, registers=16, shared_bytes=0, num_warps=1) == 132 * 32  # blocks
+        assert kernels.resident_programs(hopper, registers=64, shared_bytes=240_000, num_warps=4) == 0
+        assert kernels.grid_residency_reason(132, hopper, registers=250, shared_bytes=1024, num_warps=8) is None
+        reason = kernels.grid_residency_reason(133, hopper, registers=250, shared_bytes=1024, num_warps=8)
+        assert "133 programs" in reason and "132 SMs holds 132" in reason and "250 registers × 8 warps" in reason
+        # The SM's own shared memory, where it differs from its architecture's (an sm_86 SM has 100 KB).
+        ampere_consumer = kernels.SmResources.for_arch(86, 84, 102400)
+        assert kernels.resident_programs(ampere_consumer, registers=64, shared_bytes=140_000, num_warps=8) == 0
+        # The table dispatch reads holds every padded size auto may run the grid kernel at, on both archs.
+        from pyattn.kernels.lstm import configs
+
+        for capability in (90, 80):
+            for dtype in (torch.float16, torch.bfloat16, torch.float32):
+                for padded in configs.grid_hidden_sizes(dtype):
+                    assert (capability, configs.element_kind(dtype), padded) in configs.GRID_COMPILED
 
     def test_recurrence_is_required_and_checked(self, kernels):
         """The launchers take the recurrence the caller chose: no default, no environment, bad names fail."""
@@ -455,6 +512,99 @@ class TestInterpreter:
         )
 
 
+class _FakeGridKernel:
+    """Stands in for the grid kernel on a CPU: ``warmup`` returns a compiled kernel with the given figures,
+    a launch is recorded (grid, launch options) and computes nothing."""
+
+    def __init__(self, registers, shared_bytes, num_warps):
+        from types import SimpleNamespace
+
+        self.compiled = SimpleNamespace(n_regs=registers, metadata=SimpleNamespace(shared=shared_bytes,
+                                                                                   num_warps=num_warps))
+        self.warmed, self.launched = [], []
+
+    def warmup(self, *args, grid, **options):
+        self.warmed.append((grid, options))
+        return self.compiled
+
+    def __getitem__(self, grid):
+        return lambda *args, **options: self.launched.append((grid, options))
+
+
+class TestGridLaunch:
+    """The grid launcher's own occupancy check, on the GPU path with the compiled kernel and the device mocked
+    (plain process: no interpreter, no GPU)."""
+
+    HIDDEN_SIZE = 256  # 16 programs of 16 units
+
+    @pytest.fixture
+    def gpu_path(self, monkeypatch, launch):
+        """The launcher takes its GPU branch for CPU tensors; the device is a 12-SM sm_90 and the dispatch table
+        says the kernel is small (so only the launcher's re-check with the compiled figures can refuse)."""
+        from pyattn.kernels.lstm import configs
+
+        monkeypatch.setattr(launch, "on_interpreter", lambda device: False)
+        monkeypatch.setattr(launch, "_sm_resources", lambda device: launch.SmResources.for_arch(90, 12))
+        monkeypatch.setitem(configs.GRID_COMPILED, (90, "fp32", self.HIDDEN_SIZE), (64, 16384))
+
+        def use(kernel):
+            monkeypatch.setattr(launch, "lstm_sequence_forward_grid_kernel", kernel)
+            return kernel
+
+        return use
+
+    def _forward(self, kernels):
+        leaves = {name: t.detach() for name, t in _layer_leaves(3, 4, 8, self.HIDDEN_SIZE, torch.float32).items()}
+        return kernels.lstm_sequence_forward(leaves["input"], leaves["h0"], leaves["c0"], leaves["weight_ih"],
+                                             leaves["weight_hh"], None, None, False, False, recurrence="grid")
+
+    def test_refuses_when_the_compiled_kernel_does_not_fit(self, kernels, gpu_path):
+        # 255 registers × 8 warps fill an SM's register file: 12 SMs hold 12 programs, the grid needs 16.
+        kernel = gpu_path(_FakeGridKernel(registers=255, shared_bytes=150_000, num_warps=8))
+        with pytest.raises(RuntimeError, match="needs its 16 programs resident at once, but sm_90 with 12 SMs holds 12 "
+                                               "\\(255 registers × 8 warps and 150000 bytes"):
+            self._forward(kernels)
+        assert len(kernel.warmed) == 1 and kernel.launched == [], "the launcher launched a grid that could hang"
+
+    def test_launches_cooperatively_when_it_fits(self, kernels, launch, gpu_path):
+        kernel = gpu_path(_FakeGridKernel(registers=96, shared_bytes=70_000, num_warps=8))  # 2 per SM: 24 >= 16
+        self._forward(kernels)
+        [(grid, options)] = kernel.launched
+        assert grid == (16,) and options["num_warps"] == 8 and options["K_SPLIT"] == 8
+        # Triton has launched cooperatively since 3.3; the installed one must (the GPU machine runs 3.6).
+        assert launch._cooperative_launch_supported()
+        assert options["launch_cooperative_grid"] is True
+        assert kernel.warmed == [((16,), options)], "the occupancy was not checked on the kernel that launches"
+
+    def test_dispatch_table_refuses_before_compiling(self, kernels, gpu_path, launch, monkeypatch):
+        monkeypatch.setattr(launch, "_sm_resources", lambda device: launch.SmResources.for_arch(90, 2))
+        kernel = gpu_path(_FakeGridKernel(registers=96, shared_bytes=70_000, num_warps=8))
+        with pytest.raises(ValueError, match="recurrence='grid' cannot run this call: weight_hh: hidden size 256"):
+            self._forward(kernels)
+        assert kernel.warmed == [] and kernel.launched == []
+
+    def test_explain_gives_the_occupancy_reason(self, monkeypatch):
+        """For an assumed GPU, dispatch applies the same rule to the compile report's figures: explain says why
+        the grid kernel is not chosen when the GPU cannot hold every program."""
+        import dataclasses
+
+        from pyattn import _registry
+
+        lstm = pyattn.nn.LSTM(768, 768).to("meta", torch.bfloat16)
+        x = torch.empty(64, 16, 768, device="meta", dtype=torch.bfloat16)
+        if pyattn.backend_status()["triton"].startswith("triton is not installed"):
+            pytest.skip("triton is not installed")
+        text = pyattn.explain(lstm, x, assume="sm_90")
+        assert "triton/grid        serves" in text, text
+        small = dataclasses.replace(_registry.ASSUMABLE_TARGETS["sm_90"], sm_count=40)
+        monkeypatch.setitem(_registry.ASSUMABLE_TARGETS, "sm_90", small)
+        text = pyattn.explain(lstm, x, assume="sm_90")
+        line = next(line for line in text.splitlines() if line.strip().startswith("triton/grid"))
+        assert "no: weight_hh: hidden size 768: the grid recurrence needs its 48 programs resident at once, but " \
+               "sm_90 with 40 SMs holds 40" in line, text
+        assert "auto picks: triton/grid" not in text
+
+
 def _gpu_tolerance(dtype, torch_error: float) -> float:
     """flash-attention's rule on GPU: within RTOL, or within 2× PyTorch's own error in that dtype.
 
@@ -552,12 +702,16 @@ class TestGPU:
     @pytest.mark.parametrize("batch", [1, 8, 16])
     @pytest.mark.parametrize("hidden_size", [256, 512, 1024])
     @pytest.mark.parametrize("reverse,ragged", [(False, False), (True, True)], ids=["forward-dense", "reverse-ragged"])
-    def test_layer_grid(self, kernels, poisoned_allocations, grid_recurrence, dtype, batch, hidden_size, reverse, ragged):
+    def test_layer_grid(self, kernels, launch, poisoned_allocations, grid_recurrence, dtype, batch, hidden_size, reverse,
+                        ragged):
         """The grid-barrier forward with a real multi-program grid (hidden tiles across SMs), gradients included."""
         device, steps, input_size = "cuda", 64, 128
         programs = kernels.grid_programs(hidden_size, interpreter=False)
         if programs > torch.cuda.get_device_properties(device).multi_processor_count:
             pytest.skip(f"H={hidden_size} needs {programs} co-resident programs, more than this GPU's SMs")
+        if kernels.hidden_pad(hidden_size) <= kernels.GRID_MAX_HIDDEN[dtype]:
+            reason = kernels.grid_unsupported_reason(batch, hidden_size, dtype, device=launch._sm_resources(device))
+            assert reason is None, reason
         lengths = torch.randint(0, steps + 1, (batch,), device=device) if ragged else None
         leaves = _layer_leaves(steps, batch, input_size, hidden_size, dtype, device)
         lstm_layer = _triton_op("lstm_layer", dtype, device, {"lengths"} if ragged else set())
@@ -592,12 +746,12 @@ class TestGPU:
         device = torch.device("cuda")
         needed = kernels.grid_programs(768, interpreter=False)
         assert needed == 48
-        sm_count = torch.cuda.get_device_properties(device).multi_processor_count
-        if sm_count < needed:
+        gpu = launch._sm_resources(device)
+        if gpu.sm_count < needed:
             pytest.skip(f"needs {needed} SMs")
         assert kernels.persistent_unsupported_reason(768, torch.float16) is not None
-        assert kernels.grid_unsupported_reason(16, 768, torch.float16, sm_count=sm_count) is None
-        assert kernels.grid_unsupported_reason(17, 768, torch.float16, sm_count=sm_count) is not None
+        assert kernels.grid_unsupported_reason(16, 768, torch.float16, device=gpu) is None
+        assert kernels.grid_unsupported_reason(17, 768, torch.float16, device=gpu) is not None
         assert kernels.persistent_unsupported_reason(128, torch.float16) is None
         launched = _record_grid_launches(monkeypatch, launch)
         leaves = _layer_leaves(8, 16, 32, 768, torch.float16, "cuda")

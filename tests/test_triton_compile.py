@@ -116,6 +116,49 @@ def test_hopper_forward_uses_wgmma(compiled_results):
         assert compiled_results[(spec.op, spec.name, 90)]["tma"], f"{spec.name}: no cp.async.bulk.tensor"
 
 
+def _grid_specs():
+    return [spec for spec in SPECS if spec.kernel_name == "lstm_sequence_forward_grid"]
+
+
+def _grid_spec_key(spec) -> tuple[str, int]:
+    """(element kind, padded H) of a grid-kernel spec, from its case ("fp16,B16,H1024") and config ("...HIDDEN1024,")."""
+    import re
+
+    kind = "fp32" if spec.case.startswith("fp32") else "16-bit"
+    return kind, int(re.search(r"HIDDEN(\d+),", spec.config + ",").group(1))
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES, ids=[f"sm{c}" for c in CAPABILITIES])
+def test_lstm_grid_table_bounds_the_compiled_kernel(capability, compiled_results):
+    """Dispatch checks the grid kernel's occupancy from GRID_COMPILED: each entry must be at least what the compiler
+    reports (registers, shared memory) for every spec of that size, or dispatch could choose a grid the launcher
+    then refuses."""
+    from pyattn.kernels.lstm import configs
+
+    assert _grid_specs()
+    for spec in _grid_specs():
+        kind, padded = _grid_spec_key(spec)
+        result = compiled_results[(spec.op, spec.name, capability)]
+        registers, shared_bytes = configs.GRID_COMPILED[(capability, kind, padded)]
+        assert result["registers"] <= registers and result["shared_bytes"] <= shared_bytes, (
+            f"{spec.name} on sm_{capability}: {result['registers']} registers, {result['shared_bytes']} bytes of "
+            f"shared memory; GRID_COMPILED says {registers}, {shared_bytes}")
+
+
+def test_lstm_grid_kernel_computes_each_product_once(compiled_results):
+    """No warp repeats another's tensor-core work: per warp and step the 16-bit grid kernel issues exactly its share
+    of the (16 × H_pad) · (H_pad × 4·BLOCK_H) product, m16n8k16 instructions over (N / 8) · (K slice / 16)."""
+    for spec in (spec for spec in _grid_specs() if _grid_spec_key(spec)[0] == "16-bit"):
+        named = {spec.kernel.arg_names[path[0]]: value for path, value in spec.constexprs.items()}
+        k_slice = named["HIDDEN"] // named["K_SPLIT"]
+        assert named["K_SPLIT"] == spec.num_warps, f"{spec.name}: K slices != warps (warps would repeat a slice)"
+        expected = (4 * named["BLOCK_H"] // 8) * (k_slice // 16) * (named["BLOCK_B"] // 16)
+        for capability in CAPABILITIES:
+            result = compiled_results[(spec.op, spec.name, capability)]
+            assert result.get("mma_instructions") == expected, (
+                f"{spec.name} on sm_{capability}: {result.get('mma_instructions')} mma per warp, expected {expected}")
+
+
 def test_specs_carry_the_jit_specialisation():
     """The aligned forward's pointers and strides carry tt.divisibility=16 and its unit strides are constants, as
     a launch with contiguous tensors compiles them; the unaligned one carries no divisibility hint."""

@@ -13,7 +13,8 @@ Layer (sequence) path: the input projection of all steps is one torch GEMM; the 
   * grid: ``lstm_sequence_forward_grid_kernel`` loops over time inside one launch for large hidden
     sizes at small batch; each program owns a tile of hidden units (its rows of W_hh on chip) for
     every batch row, and all programs meet at a global-memory barrier after each step. Valid only
-    when every program is resident at once (grid ≤ SM count); one program under the interpreter.
+    when every program is resident at once (checked from the compiled kernel's occupancy, launched
+    cooperatively); one program under the interpreter.
 Backward through time runs persistent or stepwise; dW_ih, dW_hh, dx and the bias gradient are one GEMM
 (or sum) each over the stacked gate gradients at the end. The caller chooses the recurrence
 (``recurrence=``); the ``*_unsupported_reason`` functions say which can run.
@@ -27,6 +28,7 @@ from .configs import (  # noqa: F401
     FORWARD_RECURRENCES,
     GRID_BLOCK_B,
     GRID_BLOCK_H,
+    GRID_COMPILED,
     GRID_MAX_HIDDEN,
     PERSISTENT_BLOCK_B,
     PERSISTENT_MAX_HIDDEN,
@@ -36,11 +38,14 @@ from .configs import (  # noqa: F401
     step_config,
 )
 from .launch import (  # noqa: F401
+    SmResources,
     grid_programs,
+    grid_residency_reason,
     grid_unsupported_reason,
     lstm_cell_backward,
     lstm_cell_forward,
     lstm_sequence_backward,
     lstm_sequence_forward,
     persistent_unsupported_reason,
+    resident_programs,
 )

@@ -129,7 +129,7 @@ def _grid_spec(dtype, padded, variant) -> _aot.CompileSpec:
     batch, hidden_size, _ = _sizes(variant, configs.GRID_BLOCK_B, padded)
     meta = configs.grid_meta(padded, configs.GRID_BLOCK_H, dtype)
     num_warps, num_stages = meta.pop("num_warps"), meta.pop("num_stages")
-    tiles = f"BB{meta['BLOCK_B']},BH{meta['BLOCK_H']},HIDDEN{padded},w{num_warps},s{num_stages}"
+    tiles = f"BB{meta['BLOCK_B']},BH{meta['BLOCK_H']},HIDDEN{padded},KS{meta['K_SPLIT']},w{num_warps},s{num_stages}"
     b = _layer_buffers(dtype, STEPS, batch, hidden_size)
     arguments = dict(projection_ptr=b["projection"], w_hh_ptr=_empty(4 * hidden_size, hidden_size, dtype=dtype),
                      bias_ptr=b["bias"], lengths_ptr=b["lengths"], h_state_ptr=b["h_state"], c_state_ptr=b["c_state"],

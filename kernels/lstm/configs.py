@@ -32,15 +32,21 @@ PERSISTENT_MAX_HIDDEN_UNALIGNED = {torch.float16: 64, torch.bfloat16: 64, torch.
 # Warps per padded hidden size: 8 for the largest sizes (16 warps cap a thread at 128 registers and spill).
 PERSISTENT_WARPS = {"16-bit": {16: 4, 32: 4, 64: 8, 128: 8}, "fp32": {16: 4, 32: 4, 64: 8}}
 PERSISTENT_BLOCK_B = 16
-# Grid kernel: all batch rows (≤ 16) in one tile, hidden units split 16 to a program (tl.dot's least N)
-# so H = 1024 spreads over 64 SMs. Each program keeps 4 · GRID_BLOCK_H · H_padded of W_hh on chip:
-# 128 KB at H = 1024 in 16-bit types; fp32 up to 512.
+# Grid kernel: all batch rows (≤ 16) in one tile, hidden units split GRID_BLOCK_H to a program, so a step's product
+# per program is one (16 × H_pad) · (H_pad × 4·GRID_BLOCK_H) GEMM with its K split over the warps (K_SPLIT =
+# num_warps: a warp per K slice, see the kernel). H = 1024 spreads over 64 programs. Each program keeps
+# 4 · GRID_BLOCK_H · H_pad of W_hh on chip: 128 KB at H_pad = 1024 in 16-bit types; fp32 up to 512.
 GRID_BLOCK_B = 16
 GRID_BLOCK_H = 16
 GRID_MAX_HIDDEN = {torch.float16: 1024, torch.bfloat16: 1024, torch.float32: 512}
-# Warps per padded hidden size. 16-bit at 512/1024: 16 warps is the least-spilling choice measured (sm_80
-# none, sm_90 48 bytes per thread; 4 and 8 warps spill more), an open item in docs/lstm.md.
-GRID_WARPS = {"16-bit": {256: 8, 512: 16, 1024: 16}, "fp32": {128: 8, 256: 8, 512: 8}}
+# Warps (= K slices) per padded hidden size; chosen for no spills on sm_90 and sm_80 (docs/lstm.md).
+GRID_WARPS = {"16-bit": {256: 8, 512: 8, 1024: 8}, "fp32": {128: 8, 256: 8, 512: 8}}
+# The compiled grid kernel's registers per thread and shared memory per program, by (arch, element kind, H_pad):
+# the larger of the aligned and odd-size compiles of `python -m pyattn.kernels.report --op lstm` (Triton 3.8,
+# this repository's toolchain). Dispatch computes the grid's occupancy from these for an assumed GPU (and for a
+# real one before the launch, where the launcher then re-checks the kernel it compiled);
+# tests/test_triton_compile.py checks that they bound what the compiler reports.
+GRID_COMPILED = {}
 
 FORWARD_RECURRENCES = ("persistent", "grid", "stepwise")
 BACKWARD_RECURRENCES = ("persistent", "stepwise")
@@ -103,5 +109,7 @@ def grid_meta(padded_hidden: int, block_h: int, dtype: torch.dtype) -> dict:
     single program (whose warps do not matter)."""
     # num_stages=1 for the same reason as the persistent kernel: no load may move above the barrier.
     warps = GRID_WARPS[element_kind(dtype)].get(padded_hidden, 4)
-    return dict(BLOCK_B=GRID_BLOCK_B, BLOCK_H=block_h, HIDDEN=padded_hidden, DOT_PRECISION=DOT_PRECISION,
-                num_warps=warps, num_stages=1)
+    # One K slice per warp (a rank-3 dot gives its warps to the slice axis); slices at least 16 deep (tl.dot's K).
+    k_split = min(warps, padded_hidden // 16)
+    return dict(BLOCK_B=GRID_BLOCK_B, BLOCK_H=block_h, HIDDEN=padded_hidden, K_SPLIT=k_split,
+                DOT_PRECISION=DOT_PRECISION, num_warps=warps, num_stages=1)

@@ -1,21 +1,24 @@
 """LSTM launchers: allocation, grids, the recurrence eligibility rules, and the launches.
 
 The caller (``pyattn`` dispatch) chooses the recurrence kernel and passes it as ``recurrence``; the
-eligibility functions below are pure functions of sizes and dtype (no device query), so dispatch can ask
-them for an assumed GPU. The launchers keep their own safety checks: a grid that could not be co-resident
-raises instead of hanging.
+eligibility functions below are pure functions of sizes, dtype and the GPU's figures (no device query), so
+dispatch can ask them for an assumed GPU. The launchers keep their own safety checks: a grid that could not be
+co-resident raises instead of hanging (the grid launcher re-checks with the kernel it compiled).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 
+from .. import _aot
 from .._launch import on_input_device, on_interpreter
 from .cell import lstm_cell_forward_kernel, lstm_step_backward_kernel
-from .configs import (BACKWARD_RECURRENCES, FORWARD_RECURRENCES, GRID_BLOCK_B, GRID_BLOCK_H, GRID_MAX_HIDDEN,
-                      PERSISTENT_BLOCK_B, PERSISTENT_MAX_HIDDEN, grid_meta, hidden_pad, persistent_max_hidden,
-                      persistent_meta, step_config, step_meta)
+from .configs import (BACKWARD_RECURRENCES, FORWARD_RECURRENCES, GRID_BLOCK_B, GRID_BLOCK_H, GRID_COMPILED,
+                      GRID_MAX_HIDDEN, PERSISTENT_BLOCK_B, PERSISTENT_MAX_HIDDEN, element_kind, grid_meta, hidden_pad,
+                      persistent_max_hidden, persistent_meta, step_config, step_meta)
 from .sequence import (lstm_sequence_backward_persistent_kernel, lstm_sequence_forward_grid_kernel,
                        lstm_sequence_forward_persistent_kernel, lstm_sequence_step_forward_kernel)
 
@@ -35,39 +38,150 @@ def persistent_unsupported_reason(hidden_size: int, dtype: torch.dtype) -> str |
     return None
 
 
-def grid_programs(hidden_size: int, *, interpreter: bool) -> int:
+@dataclass(frozen=True)
+class SmResources:
+    """What a GPU offers programs that must all be resident at once: its SM count and each SM's registers,
+    shared memory, warps and blocks (the driver reserves ``shared_reserved_per_block`` of shared memory per block)."""
+
+    capability: int  # 90, 80, ...
+    sm_count: int
+    registers_per_sm: int
+    shared_bytes_per_sm: int
+    max_warps_per_sm: int
+    max_blocks_per_sm: int
+    shared_reserved_per_block: int = _aot.SHARED_MEMORY_RESERVED_PER_BLOCK
+
+    @classmethod
+    def for_arch(cls, capability: int, sm_count: int, shared_bytes_per_sm: int | None = None) -> SmResources:
+        """An assumed GPU: NVIDIA's per-SM figures for its architecture (``_aot``'s tables: sm_90 for 9.x and
+        later, sm_80 for 8.x); ``shared_bytes_per_sm`` overrides the table's (an sm_86 SM has 100 KB, not 164)."""
+        table = 90 if capability >= 90 else 80
+        return cls(capability, sm_count, _aot.REGISTERS_PER_SM[table],
+                   shared_bytes_per_sm or _aot.SHARED_MEMORY_PER_SM[table], _aot.MAX_WARPS_PER_SM[table],
+                   _aot.MAX_BLOCKS_PER_SM[table])
+
+
+def resident_programs(device: SmResources, *, registers: int, shared_bytes: int, num_warps: int) -> int:
+    """How many programs of a kernel with these figures the GPU holds at once: SMs × blocks per SM, the least of
+    what registers (allocated per warp in units of 256), shared memory, warps and the block limit allow."""
+    registers_per_warp = -(-max(registers, 1) * 32 // 256) * 256
+    per_sm = min(device.registers_per_sm // (registers_per_warp * num_warps),
+                 device.shared_bytes_per_sm // (shared_bytes + device.shared_reserved_per_block),
+                 device.max_warps_per_sm // num_warps, device.max_blocks_per_sm)
+    return device.sm_count * max(per_sm, 0)
+
+
+def grid_residency_reason(programs: int, device: SmResources, *, registers: int, shared_bytes: int,
+                          num_warps: int) -> str | None:
+    """Why ``programs`` programs of a kernel with these compiled figures cannot all be resident on ``device`` at
+    once (a grid barrier among them would never complete), or None if they can. The one occupancy rule:
+    dispatch applies it to the compile report's figures (``GRID_COMPILED``), the launcher to the kernel it
+    compiled."""
+    resident = resident_programs(device, registers=registers, shared_bytes=shared_bytes, num_warps=num_warps)
+    if programs <= resident:
+        return None
+    return (f"the grid recurrence needs its {programs} programs resident at once, but sm_{device.capability} with "
+            f"{device.sm_count} SMs holds {resident} ({registers} registers × {num_warps} warps and {shared_bytes} "
+            f"bytes of shared memory per program): its barrier would never complete")
+
+
+def grid_programs(hidden_size: int, *, interpreter: bool, steps: int | None = None) -> int:
     """Programs the grid kernel launches: hidden tiles of GRID_BLOCK_H on a GPU, one under the interpreter.
 
     The interpreter runs programs one after another, so a program spinning at the barrier would wait
-    forever for the next; a single program (owning every hidden unit) meets the barrier alone.
+    forever for the next; a single program (owning every hidden unit) meets the barrier alone. A one-step
+    launch (``steps`` = 1) crosses no barrier, so the interpreter runs it with the GPU's tiling.
     """
-    return 1 if interpreter else triton.cdiv(hidden_size, GRID_BLOCK_H)
+    return 1 if interpreter and steps != 1 else triton.cdiv(hidden_size, GRID_BLOCK_H)
 
 
-def grid_unsupported_reason(batch: int, hidden_size: int, dtype: torch.dtype, *, sm_count: int | None) -> str | None:
+def _grid_block_h(hidden_size: int, programs: int) -> int:
+    return GRID_BLOCK_H if programs > 1 else hidden_pad(hidden_size)
+
+
+def grid_unsupported_reason(batch: int, hidden_size: int, dtype: torch.dtype, *,
+                            device: SmResources | None) -> str | None:
     """Why the grid-barrier forward cannot run, or None if it can: past these limits it would be wrong (batch),
-    not launch (W_hh slices past shared memory) or hang (more programs than can be resident at once).
+    not launch (W_hh slices past shared memory) or hang (more programs than the GPU holds at once, from the
+    compiled kernel's registers and shared memory in ``GRID_COMPILED``).
 
-    ``sm_count``: the GPU's SM count; None for the interpreter, where the kernel runs as one program.
+    ``device``: the GPU (:class:`SmResources`, real or assumed); None for the interpreter, where the kernel
+    runs as one program.
     """
     if dtype not in GRID_MAX_HIDDEN:
         return f"dtype {dtype} is not supported (float16, bfloat16 and float32 are)"
     if batch > GRID_BLOCK_B:
         return f"input: batch {batch} > {GRID_BLOCK_B}, the grid recurrence's one batch tile"
-    if hidden_pad(hidden_size) > GRID_MAX_HIDDEN[dtype]:
+    padded = hidden_pad(hidden_size)
+    if padded > GRID_MAX_HIDDEN[dtype]:
         return (f"weight_hh: hidden size {hidden_size} in {dtype} is past the grid recurrence's on-chip W_hh limit "
                 f"(padded {GRID_MAX_HIDDEN[dtype]})")
-    programs = grid_programs(hidden_size, interpreter=sm_count is None)
-    if sm_count is not None and programs > sm_count:
-        return (f"weight_hh: hidden size {hidden_size} needs {programs} programs for the grid recurrence, more than "
-                f"the {sm_count} SMs that can hold them all at once (its barrier would never complete)")
-    return None
-
-
-def _sm_count(device: torch.device) -> int | None:
-    if on_interpreter(device):
+    if device is None:
         return None
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    programs = grid_programs(hidden_size, interpreter=False)
+    figures = GRID_COMPILED.get((90 if device.capability >= 90 else 80, element_kind(dtype), padded))
+    if device.capability < 80 or figures is None:
+        return (f"weight_hh: no compiled figures of the grid recurrence for hidden size {hidden_size} (padded "
+                f"{padded}) in {dtype} on sm_{device.capability}, so its occupancy cannot be checked")
+    registers, shared_bytes = figures
+    num_warps = grid_meta(padded, _grid_block_h(hidden_size, programs), dtype)["num_warps"]
+    reason = grid_residency_reason(programs, device, registers=registers, shared_bytes=shared_bytes,
+                                   num_warps=num_warps)
+    return None if reason is None else f"weight_hh: hidden size {hidden_size}: {reason}"
+
+
+def _sm_resources(device: torch.device) -> SmResources:
+    """The real GPU's figures, from the driver (torch's device properties; the architecture's table where an
+    older torch lacks one)."""
+    properties = torch.cuda.get_device_properties(device)
+    capability = properties.major * 10 + properties.minor
+    assumed = SmResources.for_arch(capability, properties.multi_processor_count,
+                                   getattr(properties, "shared_memory_per_multiprocessor", None))
+    max_threads = getattr(properties, "max_threads_per_multi_processor", None)
+    return SmResources(capability, properties.multi_processor_count,
+                       getattr(properties, "regs_per_multiprocessor", None) or assumed.registers_per_sm,
+                       assumed.shared_bytes_per_sm,
+                       max_threads // 32 if max_threads else assumed.max_warps_per_sm, assumed.max_blocks_per_sm)
+
+
+def _cooperative_launch_supported() -> bool:
+    """Whether this Triton launches with ``launch_cooperative_grid`` (CUDAOptions has had it since 3.3; an
+    older one would silently ignore the keyword)."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return "launch_cooperative_grid" in getattr(CUDAOptions, "__dataclass_fields__", {})
+
+
+def _compiled_registers(compiled) -> int:
+    """Registers per thread of a compiled kernel (``n_regs``, known once Triton has loaded it on the device)."""
+    if getattr(compiled, "n_regs", None) is None and hasattr(compiled, "_init_handles"):
+        compiled._init_handles()
+    registers = getattr(compiled, "n_regs", None)
+    if registers is None:
+        raise RuntimeError("lstm_sequence_forward: recurrence='grid': this Triton's compiled kernel does not report "
+                           "its registers, so the grid's occupancy cannot be checked")
+    return registers
+
+
+def _launch_grid_kernel(arguments: tuple, meta: dict, programs: int, device: torch.device) -> None:
+    """Launch the grid kernel; on a GPU only after checking that the compiled kernel's programs all fit at once
+    (raises ``RuntimeError`` with the figures if not: never a launch that could hang), cooperatively where
+    this Triton can (the driver then refuses a grid it cannot co-schedule instead of starting part of it)."""
+    kernel = lstm_sequence_forward_grid_kernel
+    if on_interpreter(device):
+        kernel[(programs,)](*arguments, **meta)
+        return
+    options = dict(meta)
+    if _cooperative_launch_supported():
+        options["launch_cooperative_grid"] = True
+    compiled = kernel.warmup(*arguments, grid=(programs,), **options)
+    reason = grid_residency_reason(programs, _sm_resources(device), registers=_compiled_registers(compiled),
+                                   shared_bytes=compiled.metadata.shared, num_warps=compiled.metadata.num_warps)
+    if reason is not None:
+        raise RuntimeError(f"lstm_sequence_forward: recurrence='grid' cannot launch: {reason}")
+    kernel[(programs,)](*arguments, **options)
 
 
 def _step_grid(batch: int, hidden_size: int, config: tuple[int, int, int, int, int]) -> tuple[int, int]:
@@ -144,7 +258,8 @@ def lstm_sequence_forward(
     hidden_size = h0.shape[1]
     dtype, device = input.dtype, input.device
     if recurrence == "grid":
-        reason = grid_unsupported_reason(batch, hidden_size, dtype, sm_count=_sm_count(device))
+        reason = grid_unsupported_reason(batch, hidden_size, dtype,
+                                         device=None if on_interpreter(device) else _sm_resources(device))
     elif recurrence == "persistent":
         reason = persistent_unsupported_reason(hidden_size, dtype)
     else:
@@ -175,14 +290,13 @@ def lstm_sequence_forward(
     gates_arg = gates if save_for_backward else output
     hidden_arg = hidden_before if save_for_backward else output
     if recurrence == "grid":
-        programs = grid_programs(hidden_size, interpreter=on_interpreter(device))
+        programs = grid_programs(hidden_size, interpreter=on_interpreter(device), steps=steps)
         padded = hidden_pad(hidden_size)
-        block_h = GRID_BLOCK_H if programs > 1 else padded
         barrier = torch.zeros((1,), dtype=torch.int32, device=device)
-        lstm_sequence_forward_grid_kernel[(programs,)](
-            projection, weight_hh, bias_arg, lengths_arg, h_state, c_state, c_slots,
-            output, hidden_arg, gates_arg, barrier, batch, hidden_size, steps,
-            **flags, **grid_meta(padded, block_h, dtype),
+        _launch_grid_kernel(
+            (projection, weight_hh, bias_arg, lengths_arg, h_state, c_state, c_slots,
+             output, hidden_arg, gates_arg, barrier, batch, hidden_size, steps),
+            dict(**flags, **grid_meta(padded, _grid_block_h(hidden_size, programs), dtype)), programs, device,
         )
     elif recurrence == "persistent":
         lstm_sequence_forward_persistent_kernel[(triton.cdiv(batch, PERSISTENT_BLOCK_B),)](

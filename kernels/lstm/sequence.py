@@ -110,58 +110,94 @@ def lstm_sequence_forward_persistent_kernel(
 
 
 @triton.jit
+def _split_gates(pre, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    """(BLOCK_B, 4·BLOCK_H) pre-activations with gate-interleaved columns n = 4·j + q (unit j, gate q in
+    i, f, g, o order) -> the four (BLOCK_B, BLOCK_H) gate tiles."""
+    quads = tl.reshape(pre, (BLOCK_B, BLOCK_H, 2, 2))  # [b, j, q // 2, q % 2]
+    even, odd = tl.split(quads)  # q % 2 = 0 (i, g), 1 (f, o)
+    pre_i, pre_g = tl.split(even)
+    pre_f, pre_o = tl.split(odd)
+    return pre_i, pre_f, pre_g, pre_o
+
+
+@triton.jit
 def lstm_sequence_forward_grid_kernel(
     projection_ptr, w_hh_ptr, bias_ptr, lengths_ptr, h_state_ptr, c_state_ptr, c_slots,
     output_ptr, hidden_saved_ptr, gates_ptr, barrier_ptr,
     B, H, T,
     HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr, STORE_FOR_BACKWARD: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, HIDDEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, HIDDEN: tl.constexpr, K_SPLIT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
-    """All T steps for every batch row and one tile of hidden units, its W_hhᵀ columns in registers.
+    """All T steps for every batch row and one tile of BLOCK_H hidden units, its W_hh rows on chip.
 
-    Step t needs all of h_{t-1}, written by every program: h ping-pongs between two global slots and
-    the programs meet at a barrier after each step (a counter in global memory, zeroed before launch,
-    that reaches (t + 1) · programs once every program has stored step t). Two slots suffice: a
-    program writes slot t % 2 again only after that barrier, when every read of it has completed.
-    Correct for any grid, but a program spins until all others arrive: the launcher must keep the
-    grid ≤ the programs resident at once (≤ SM count), and launch one program under the interpreter.
+    The step's product is one GEMM, h_{t-1} (BLOCK_B × HIDDEN) · W_tileᵀ (HIDDEN × 4·BLOCK_H), whose columns
+    interleave the four gates of the tile's units (n = 4·j + q), so the epilogue gets i, f, g, o of a unit
+    from one accumulator. K is split K_SPLIT ways as the batch axis of a 3-D dot: Triton gives a rank-3
+    dot's warps to that axis, so with K_SPLIT = num_warps each warp multiplies its own K slice by its own
+    W slice (no warp computes another's tile, and no warp reads another's h or W), and one cross-warp sum
+    adds the partial tiles.
+
+    Step t needs all of h_{t-1}, written by every program: h ping-pongs between two global slots and the
+    programs meet at a barrier after each step but the last (a counter in global memory, zeroed before
+    launch, that reaches (t + 1) · programs once every program has stored step t). Two slots suffice: a
+    program writes slot t % 2 again only after that barrier, when every read of it has completed. A
+    program spins until all others arrive, so every program must be resident at once: the launcher checks
+    the compiled kernel's occupancy and launches cooperatively; the interpreter, which runs programs one
+    after another, gets one program (or any number for T = 1, which crosses no barrier).
     """
+    N = 4 * BLOCK_H  # constexpr arithmetic: both stay compile-time constants
+    K_CHUNK = HIDDEN // K_SPLIT
     num_programs = tl.num_programs(0)
+    first_unit = tl.program_id(0) * BLOCK_H
     offs_b = tl.arange(0, BLOCK_B)
-    offs_h = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_k = tl.arange(0, HIDDEN)
-    b_mask, h_mask, k_mask = offs_b < B, offs_h < H, offs_k < H
+    offs_h = first_unit + tl.arange(0, BLOCK_H)
+    b_mask, h_mask = offs_b < B, offs_h < H
     mask = b_mask[:, None] & h_mask[None, :]
-    # Gate q's (HIDDEN, BLOCK_H) block of W_hhᵀ: W_hh[q·H + offs_h, offs_k], loaded once.
-    w_mask = k_mask[:, None] & h_mask[None, :]
-    w_columns = w_hh_ptr + offs_h[None, :] * H + offs_k[:, None]
-    w_i = tl.load(w_columns, mask=w_mask, other=0.0)
-    w_f = tl.load(w_columns + H * H, mask=w_mask, other=0.0)
-    w_g = tl.load(w_columns + 2 * H * H, mask=w_mask, other=0.0)
-    w_o = tl.load(w_columns + 3 * H * H, mask=w_mask, other=0.0)
-    every_unit = offs_b[:, None] * H + offs_k[None, :]
-    every_unit_mask = b_mask[:, None] & k_mask[None, :]
+    # W_tileᵀ split along K: w[s, kk, n] = W_hh[q·H + unit j, s·K_CHUNK + kk] for n = 4·j + q; loaded once.
+    offs_n = tl.arange(0, N)
+    w_unit = first_unit + offs_n // 4
+    w_row = (offs_n % 4) * H + w_unit
+    k_3d = tl.arange(0, K_SPLIT)[:, None, None] * K_CHUNK + tl.arange(0, K_CHUNK)[None, :, None]
+    w_mask = (k_3d < H) & (w_unit < H)[None, None, :]
+    w = tl.load(w_hh_ptr + w_row[None, None, :] * H + k_3d, mask=w_mask, other=0.0)
+    # h_{t-1} split the same way: h[s, b, kk] = h_{t-1}[b, s·K_CHUNK + kk].
+    k_h = tl.arange(0, K_SPLIT)[:, None, None] * K_CHUNK + tl.arange(0, K_CHUNK)[None, None, :]
+    every_unit = offs_b[None, :, None] * H + k_h
+    every_unit_mask = b_mask[None, :, None] & (k_h < H)
     state_size = B * H
     for step in range(0, T):
         _, active, time = row_schedule(step, offs_b, b_mask, lengths_ptr, T, REVERSE, HAS_LENGTHS)
         h_in_ptr = h_state_ptr + (step % 2) * state_size
         # Other SMs wrote most of h_{t-1}: read it from L2 (.cg), never from a stale L1 line.
         h_prev = tl.load(h_in_ptr + every_unit, mask=every_unit_mask, other=0.0, cache_modifier=".cg")
-        _persistent_step(
-            h_prev, w_i, w_f, w_g, w_o, projection_ptr, bias_ptr, h_state_ptr, c_state_ptr, c_slots, output_ptr,
-            hidden_saved_ptr, gates_ptr, step, active, time, offs_b, offs_h, mask, h_mask, B, H,
-            HAS_BIAS, HAS_LENGTHS, STORE_FOR_BACKWARD, DOT_PRECISION,
+        partial = tl.dot(h_prev, w, input_precision=DOT_PRECISION)  # (K_SPLIT, BLOCK_B, N), fp32
+        pre_i, pre_f, pre_g, pre_o = _split_gates(tl.sum(partial, axis=0), BLOCK_B, BLOCK_H)
+        pre_i, pre_f, pre_g, pre_o = add_input_projection(
+            pre_i, pre_f, pre_g, pre_o, projection_ptr, time, B, H, offs_b, offs_h, mask
         )
-        # Grid barrier. The CTA barrier orders every thread's stores of h_t before the (one-thread,
-        # scalar) release increment; the acquire that sees the target orders the next step's loads.
-        tl.debug_barrier()
-        target = (step + 1) * num_programs
-        arrived = tl.atomic_add(barrier_ptr, 1, sem="acq_rel", scope="gpu") + 1
-        while arrived < target:
-            # A compare-and-swap that never swaps (the count is never negative) reads the counter
-            # atomically; an atomic add of 0 is folded away by the compiler, leaving a loop that never ends.
-            arrived = tl.atomic_cas(barrier_ptr, -1, -1, sem="acquire", scope="gpu")
-        tl.debug_barrier()
+        if HAS_BIAS:
+            pre_i, pre_f, pre_g, pre_o = add_bias(pre_i, pre_f, pre_g, pre_o, bias_ptr, H, offs_h, h_mask)
+        forward_epilogue(
+            pre_i, pre_f, pre_g, pre_o, active, time, offs_b, offs_h, mask, B, H,
+            h_in_ptr, c_state_ptr + tl.cast(step % c_slots, tl.int64) * state_size,
+            h_state_ptr + ((step + 1) % 2) * state_size,
+            c_state_ptr + tl.cast((step + 1) % c_slots, tl.int64) * state_size,
+            output_ptr, hidden_saved_ptr, gates_ptr + tl.cast(step, tl.int64) * (4 * state_size),
+            HAS_LENGTHS, True, STORE_FOR_BACKWARD, STORE_FOR_BACKWARD,
+        )
+        if step + 1 < T:
+            # Grid barrier (none after the last step: nothing in this launch reads h_T). The CTA barrier
+            # orders every thread's stores of h_t before the (one-thread, scalar) release increment; the
+            # acquire that sees the target orders the next step's loads.
+            tl.debug_barrier()
+            target = (step + 1) * num_programs
+            arrived = tl.atomic_add(barrier_ptr, 1, sem="acq_rel", scope="gpu") + 1
+            while arrived < target:
+                # A compare-and-swap that never swaps (the count is never negative) reads the counter
+                # atomically; an atomic add of 0 is folded away by the compiler, leaving a loop that never ends.
+                arrived = tl.atomic_cas(barrier_ptr, -1, -1, sem="acquire", scope="gpu")
+            tl.debug_barrier()
 
 
 @triton.jit

@@ -5,7 +5,8 @@ ops also return what their backward needs (empty tensors at inference), so the s
 visible to torch.compile like any other output. Three variants serve ``lstm``, tried in order:
 
 * ``triton/persistent`` — one program per batch tile runs every step, W_hh in registers (small H);
-* ``triton/grid`` — W_hh split over co-resident programs, a grid barrier per step (B ≤ 16, larger H);
+* ``triton/grid`` — W_hh split over co-resident programs, a grid barrier per step (B ≤ 16, larger H; only
+  where the compiled kernel's occupancy holds every program at once);
 * ``triton/stepwise`` — one fused launch per step (any size).
 """
 
@@ -262,13 +263,17 @@ def _check_persistent(request: Request, target: Target) -> str | None:
 
 
 def _check_grid(request: Request, target: Target) -> str | None:
-    from pyattn.kernels.lstm import grid_unsupported_reason
+    from pyattn.kernels.lstm import SmResources, grid_unsupported_reason
 
     if request.size("hidden_size") is None or request.size("batch") is None:
         return "the batch and hidden size are unknown"
-    sm_count = target.sm_count if target.device_type == "cuda" else None  # None: the interpreter, one program
-    return grid_unsupported_reason(request.size("batch"), request.size("hidden_size"), request.dtype,
-                                   sm_count=sm_count)
+    device = None  # the interpreter: one program, nothing to co-schedule
+    if target.device_type == "cuda":
+        if target.capability is None or target.sm_count is None:
+            return "the GPU's compute capability and SM count are unknown (the grid's occupancy cannot be checked)"
+        major, minor = target.capability
+        device = SmResources.for_arch(major * 10 + minor, target.sm_count, target.shared_memory_per_sm)
+    return grid_unsupported_reason(request.size("batch"), request.size("hidden_size"), request.dtype, device=device)
 
 
 def _layer_support(*checks) -> Support:
