@@ -435,6 +435,68 @@ def test_lstm_on_triton_interpreter_matches_torch(packed):
         assert_close(g, e, RTOL_TF32, name)
 
 
+# The issue's bound for the projection on the Triton interpreter (fp32 against torch in float64).
+PROJECTION_RTOL = 1e-4
+
+
+@pytest.fixture
+def poisoned_triton_allocations(monkeypatch):
+    """Every tensor the Triton LSTM launchers allocate with torch.empty starts as NaN."""
+    from pyattn.kernels.lstm import launch
+
+    from tests.conftest import poison_
+
+    class PoisonedTorch:
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        @staticmethod
+        def empty(*args, **kwargs):
+            return poison_(torch.empty(*args, **kwargs))
+
+    monkeypatch.setattr(launch, "torch", PoisonedTorch())
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("backend", ["triton/persistent", "triton/stepwise"])
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("packed", [False, True])
+def test_lstm_projection_on_triton_interpreter_matches_torch(poisoned_triton_allocations, backend, bidirectional,
+                                                             packed):
+    """proj_size > 0 through pyattn.nn.LSTM on the Triton kernels: 2 layers (layer 2 reads the P-wide outputs),
+    outputs, h_n, c_n and the gradients of input, h_0, c_0 and every parameter (weight_hr included) equal to
+    torch.nn.LSTM in float64 holding the same weights."""
+    kwargs = dict(num_layers=2, bidirectional=bidirectional, proj_size=PROJ_SIZE)
+    ours = pyattn.nn.LSTM(INPUT_SIZE, HIDDEN_SIZE, **kwargs)
+    theirs = torch.nn.LSTM(INPUT_SIZE, HIDDEN_SIZE, **kwargs, dtype=F64)
+    theirs.load_state_dict(ours.state_dict())  # float64 copies of the float32 weights
+    layers = 2 * (2 if bidirectional else 1)
+    values = [random_tensor(STEPS, BATCH, INPUT_SIZE), random_tensor(layers, BATCH, PROJ_SIZE),
+              random_tensor(layers, BATCH, HIDDEN_SIZE)]
+    rows = int(RAGGED_LENGTHS.sum()) if packed else STEPS
+    output_shape = (rows,) + (() if packed else (BATCH,)) + (layers // 2 * PROJ_SIZE,)
+    upstream = [random_tensor(*output_shape, dtype=F64), random_tensor(layers, BATCH, PROJ_SIZE, dtype=F64),
+                random_tensor(layers, BATCH, HIDDEN_SIZE, dtype=F64)]
+
+    def run(module, dtype):
+        leaves = [value.to(dtype).requires_grad_() for value in values]
+        module_input = pack_padded_sequence(leaves[0], RAGGED_LENGTHS, enforce_sorted=False) if packed else leaves[0]
+        output, (h_n, c_n) = module(module_input, (leaves[1], leaves[2]))
+        data = output.data if packed else output
+        loss = sum((t.double() * u).sum() for t, u in zip((data, h_n, c_n), upstream))
+        grads = torch.autograd.grad(loss, [*leaves, *module.parameters()])
+        return [t.detach().double() for t in (data, h_n, c_n, *grads)]
+
+    with pyattn.use_backend(backend):
+        got = run(ours, torch.float32)
+    expected = run(theirs, F64)
+    names = ["output", "h_n", "c_n", "grad input", "grad h_0", "grad c_0"] + [
+        f"grad {name}" for name, _ in theirs.named_parameters()]
+    assert any(name.startswith("grad weight_hr") for name in names)
+    for name, g, e in zip(names, got, expected, strict=True):
+        assert_close(g, e, PROJECTION_RTOL, name)
+
+
 @pytest.mark.interpreter
 def test_cell_on_triton_interpreter_matches_torch():
     theirs = torch.nn.LSTMCell(INPUT_SIZE, HIDDEN_SIZE, dtype=F64)

@@ -82,18 +82,19 @@ def grid_recurrence(monkeypatch, launch):
         yield launched
 
 
-def _layer_leaves(steps, batch, input_size, hidden_size, dtype, device="cpu", bias="both"):
+def _layer_leaves(steps, batch, input_size, hidden_size, dtype, device="cpu", bias="both", proj_size=0):
     return {
         "input": random_tensor(steps, batch, input_size, dtype=dtype, device=device, requires_grad=True),
-        "h0": random_tensor(batch, hidden_size, dtype=dtype, device=device, requires_grad=True),
+        "h0": random_tensor(batch, proj_size or hidden_size, dtype=dtype, device=device, requires_grad=True),
         "c0": random_tensor(batch, hidden_size, dtype=dtype, device=device, requires_grad=True),
-        **_make_weights(input_size, hidden_size, dtype, device, bias),
+        **_make_weights(input_size, hidden_size, dtype, device, bias, proj_size),
     }
 
 
-def _layer_request(dtype, device="cpu", features=frozenset(), batch=2, hidden_size=8):
-    return Request(op="lstm", device=torch.device(device), dtype=dtype, features=frozenset(features),
-                   sizes=dict(batch=batch, hidden_size=hidden_size))
+def _layer_request(dtype, device="cpu", features=frozenset(), batch=2, hidden_size=8, proj_size=0):
+    features = frozenset(features) | ({"projection"} if proj_size else set())
+    return Request(op="lstm", device=torch.device(device), dtype=dtype, features=features,
+                   sizes=dict(batch=batch, hidden_size=hidden_size, proj_size=proj_size))
 
 
 def _triton_op(op, dtype, device="cpu", features=frozenset()):
@@ -109,7 +110,8 @@ def _triton_op(op, dtype, device="cpu", features=frozenset()):
 
     def layer(input, h0, c0, weight_ih, weight_hh, bias_ih=None, bias_hh=None, weight_hr=None, reverse=False,
               lengths=None):
-        request = _layer_request(dtype, device, features, batch=input.shape[1], hidden_size=h0.shape[1])
+        request = _layer_request(dtype, device, features, batch=input.shape[1], hidden_size=c0.shape[1],
+                                 proj_size=0 if weight_hr is None else weight_hr.shape[0])
         try:
             variant = choose(request, backend)
         except BackendUnavailableError as error:
@@ -123,15 +125,20 @@ def _triton_op(op, dtype, device="cpu", features=frozenset()):
     return layer
 
 
-def _make_weights(input_size, hidden_size, dtype, device, bias):
-    """bias: "both", "ih", "hh" or "none". Scaled like torch's init so gates are not saturated."""
+def _make_weights(input_size, hidden_size, dtype, device, bias, proj_size=0):
+    """bias: "both", "ih", "hh" or "none". Scaled like torch's init so gates are not saturated. With ``proj_size``
+    W_hh is (4H, P) and a "weight_hr" (P, H) is added."""
     scale = hidden_size**-0.5
+    state_size = proj_size or hidden_size
     weights = {
         "weight_ih": random_tensor(4 * hidden_size, input_size, dtype=dtype, device=device, scale=scale, requires_grad=True),
-        "weight_hh": random_tensor(4 * hidden_size, hidden_size, dtype=dtype, device=device, scale=scale, requires_grad=True),
+        "weight_hh": random_tensor(4 * hidden_size, state_size, dtype=dtype, device=device, scale=scale, requires_grad=True),
         "bias_ih": None,
         "bias_hh": None,
     }
+    if proj_size:
+        weights["weight_hr"] = random_tensor(proj_size, hidden_size, dtype=dtype, device=device, scale=scale,
+                                             requires_grad=True)
     for name in ("bias_ih", "bias_hh"):
         if bias in ("both", name.removeprefix("bias_")):
             weights[name] = random_tensor(4 * hidden_size, dtype=dtype, device=device, scale=0.5, requires_grad=True)
@@ -425,22 +432,95 @@ class TestInterpreter:
     def test_layer_dispatch_declares_support(self):
         with pyattn.use_backend("triton"):
             assert choose(_layer_request(torch.float16, features={"lengths"})).backend == "triton"
-            with pytest.raises(BackendUnavailableError, match="projection"):
-                choose(_layer_request(torch.float32, features={"projection"}))
             with pytest.raises(BackendUnavailableError, match="float64"):
                 choose(_layer_request(torch.float64))
+            # A projection: the persistent kernel where W_hh and W_hr fit on chip, else stepwise; never grid.
+            assert choose(_layer_request(torch.float32, features={"lengths"}, hidden_size=32, proj_size=16)).qualified_name \
+                == "triton/persistent"
+            assert choose(_layer_request(torch.float32, hidden_size=64, proj_size=48)).qualified_name \
+                == "triton/stepwise"
+        with pyattn.use_backend("triton/grid"), pytest.raises(BackendUnavailableError,
+                                                              match="unsupported features: projection"):
+            choose(_layer_request(torch.float32, hidden_size=32, proj_size=16))
         # Automatic choice falls back (to torch's own LSTM on a CPU) for what the triton backend does not serve.
-        assert choose(_layer_request(torch.float32, features={"projection"}), "auto").qualified_name == "torch"
+        assert choose(_layer_request(torch.float32, proj_size=4), "auto").qualified_name == "torch"
 
-    def test_layer_rejects_projection(self):
-        hidden_size, proj_size = 8, 4
-        weights = _make_weights(4, hidden_size, torch.float32, "cpu", "none")
-        weights["weight_hh"] = random_tensor(4 * hidden_size, proj_size)
-        with pytest.raises(ValueError, match="weight_hr"):
-            _triton_op("lstm_layer", torch.float32)(
-                random_tensor(2, 1, 4), random_tensor(1, proj_size), random_tensor(1, hidden_size),
-                **weights, weight_hr=random_tensor(proj_size, hidden_size),
-            )
+    def test_projection_eligibility(self, kernels):
+        """The persistent kernels hold W_hh (4H × P) and W_hr (P × H) on chip: within the elements W_hh alone takes
+        at the hidden-size limit, and with the unaligned limit when P is not a multiple of 16."""
+        assert kernels.persistent_unsupported_reason(128, torch.float16, 64) is None
+        assert kernels.persistent_unsupported_reason(64, torch.float32, 32) is None
+        assert kernels.persistent_unsupported_reason(16, torch.float32, 3) is None
+        assert "weight_hr: hidden size 128 with proj_size 100" in kernels.persistent_unsupported_reason(
+            128, torch.float16, 100)
+        assert "weight_hr: hidden size 64 with proj_size 48" in kernels.persistent_unsupported_reason(
+            64, torch.float32, 48)
+        assert "proj_size (24) that is not a multiple of 16" in kernels.persistent_unsupported_reason(
+            64, torch.float32, 24)
+        assert "weight_hh: hidden size 256" in kernels.persistent_unsupported_reason(256, torch.float16, 16)
+
+    def test_grid_refuses_projection(self, kernels, grid_recurrence):
+        """The grid kernel has no projection: the launcher raises naming weight_hr, before any launch."""
+        leaves = {name: t.detach() for name, t in _layer_leaves(2, 1, 4, 8, torch.float32, proj_size=4).items()}
+        with pytest.raises(ValueError, match="weight_hr: the grid recurrence has no projection"):
+            kernels.lstm_sequence_forward(leaves["input"], leaves["h0"], leaves["c0"], leaves["weight_ih"],
+                                          leaves["weight_hh"], None, None, False, False, recurrence="grid",
+                                          weight_hr=leaves["weight_hr"])
+        assert grid_recurrence == []
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+    @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+    @pytest.mark.parametrize(
+        "steps,batch,input_size,hidden_size,proj_size,bias,lengths",
+        [(1, 1, 8, 8, 4, "both", None), (4, 3, 12, 24, 10, "none", None), (6, 17, 20, 32, 16, "ih", None),
+         (7, 5, 10, 32, 16, "both", [3, 7, 1, 0, 5]), (5, 2, 16, 64, 48, "hh", [5, 2])],
+        ids=["tiny", "odd", "two-tiles", "ragged", "ragged-wide"],
+    )
+    def test_layer_projection(self, poisoned_allocations, recurrence, dtype, reverse, steps, batch, input_size,
+                              hidden_size, proj_size, bias, lengths):
+        """proj_size > 0: r_t = (σ(o)·tanh(c_t))·W_hrᵀ is the recurrent state and the output; outputs and every
+        gradient (weight_hr included) against float64. fp32 H=64, P=48 is past the persistent kernel's budget
+        (skipped there with the reason)."""
+        lengths = None if lengths is None else torch.tensor(lengths)
+        leaves = _layer_leaves(steps, batch, input_size, hidden_size, dtype, bias=bias, proj_size=proj_size)
+        lstm_layer = _triton_op("lstm_layer", dtype, features={"lengths"} if lengths is not None else set())
+        _check_outputs_and_gradients(
+            lambda t: lstm_layer(**t, reverse=reverse, lengths=lengths),
+            lambda t: reference.lstm_layer(**t, reverse=reverse, lengths=lengths),
+            leaves, dtype, ["output", "h_n", "c_n"],
+        )
+
+    @pytest.mark.parametrize("forward_recurrence,backward_recurrence",
+                             [("persistent", "persistent"), ("stepwise", "stepwise"), ("stepwise", "persistent"),
+                              ("persistent", "stepwise")])
+    @pytest.mark.parametrize("reverse,lengths", [(False, None), (True, [3, 7, 1, 0, 5])], ids=["dense", "ragged"])
+    def test_launchers_projection(self, kernels, poisoned_allocations, forward_recurrence, backward_recurrence,
+                                  reverse, lengths):
+        """The launchers alone with a projection: either forward's saved tensors serve either backward, whose
+        seventh result is dW_hr (= Σ drᵀ·m, m rebuilt from the saved gates and cell states)."""
+        steps, batch, input_size, hidden_size, proj_size = 7, 5, 10, 32, 16
+        lengths = None if lengths is None else torch.tensor(lengths)
+        leaves = _layer_leaves(steps, batch, input_size, hidden_size, torch.float32, proj_size=proj_size)
+        detached = {name: t.detach() for name, t in leaves.items()}
+        bias = (detached["bias_ih"] + detached["bias_hh"]).float()
+        output, h_n, c_n, gates, cell_states, hidden_before = kernels.lstm_sequence_forward(
+            detached["input"], detached["h0"], detached["c0"], detached["weight_ih"], detached["weight_hh"], bias,
+            lengths, reverse, True, recurrence=forward_recurrence, weight_hr=detached["weight_hr"])
+        assert output.shape == (steps, batch, proj_size) and h_n.shape == (batch, proj_size)
+        assert c_n.shape == (batch, hidden_size) and hidden_before.shape == (steps, batch, proj_size)
+        reference_leaves = _float64(leaves)
+        references = reference.lstm_layer(**reference_leaves, reverse=reverse, lengths=lengths)
+        for name, out, ref in zip(("output", "h_n", "c_n"), (output, h_n, c_n), references):
+            assert_close(out, ref, RTOL[torch.float32], name)
+        upstream = [random_tensor(*out.shape, dtype=torch.float64) for out in references]
+        torch.autograd.backward(references, upstream)
+        grads = kernels.lstm_sequence_backward(
+            upstream[0].float(), upstream[1].float(), upstream[2].float(), detached["input"], detached["weight_ih"],
+            detached["weight_hh"], lengths, reverse, gates, cell_states, hidden_before, recurrence=backward_recurrence,
+            weight_hr=detached["weight_hr"])
+        names = ("input", "h0", "c0", "weight_ih", "weight_hh", "bias_ih", "weight_hr")
+        for name, grad in zip(names, grads, strict=True):
+            assert_close(grad, reference_leaves[name].grad, RTOL[torch.float32], f"grad of {name}")
 
     @pytest.mark.parametrize("op", ["lstm_cell", "lstm_layer"])
     def test_torch_compile_fullgraph(self, op):
@@ -510,6 +590,26 @@ class TestInterpreter:
         torch.library.opcheck(
             torch.ops.pyattn.triton_lstm_layer_bwd, (grads[0], None, None, input, weight_ih, weight_hh, *saved)
         )
+
+    @pytest.mark.parametrize("recurrence_name", ["persistent", "stepwise"])
+    def test_opcheck_layer_ops_with_projection(self, recurrence_name):
+        """weight_hr is the ops' last (defaulted) argument: schema, fake kernels and autograd with it given."""
+        steps, batch, input_size, hidden_size, proj_size = 3, 2, 5, 16, 8
+        leaves = _layer_leaves(steps, batch, input_size, hidden_size, torch.float32, proj_size=proj_size)
+        weight_hr = leaves.pop("weight_hr")
+        args = list(leaves.values())
+        lengths = torch.tensor([2, 3])
+        torch.library.opcheck(torch.ops.pyattn.triton_lstm_layer_fwd,
+                              (*args, lengths, True, True, recurrence_name, weight_hr))
+        detached = [a.detach() for a in args]
+        _, _, _, gates, cell_states, hidden_before = torch.ops.pyattn.triton_lstm_layer_fwd(
+            *detached, lengths, True, True, recurrence_name, weight_hr.detach()
+        )
+        input, _, _, weight_ih, weight_hh, _, _ = detached
+        grads = (random_tensor(steps, batch, proj_size), random_tensor(batch, proj_size),
+                 random_tensor(batch, hidden_size))
+        saved = (lengths, gates, cell_states, hidden_before, True, recurrence_name, weight_hr.detach())
+        torch.library.opcheck(torch.ops.pyattn.triton_lstm_layer_bwd, (*grads, input, weight_ih, weight_hh, *saved))
 
 
 class _FakeGridKernel:

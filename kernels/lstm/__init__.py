@@ -18,6 +18,8 @@ Layer (sequence) path: the input projection of all steps is one torch GEMM; the 
 Backward through time runs persistent or stepwise; dW_ih, dW_hh, dx and the bias gradient are one GEMM
 (or sum) each over the stacked gate gradients at the end. The caller chooses the recurrence
 (``recurrence=``); the ``*_unsupported_reason`` functions say which can run.
+A projection (``weight_hr``, proj_size > 0) runs in the persistent kernels (W_hh and W_hr on chip) and the
+stepwise path (a second launch per step for r = m·W_hrᵀ), not in the grid kernel; dW_hr is one GEMM at the end.
 
 Modules: ``common`` (jit helpers), ``cell`` (one step), ``sequence`` (the recurrences), ``configs``
 (tiles and limits), ``launch`` (launchers and eligibility), ``aot`` (ahead-of-time compile specs).

@@ -15,9 +15,10 @@ import torch
 
 from .. import _aot
 from . import configs
-from .cell import lstm_cell_forward_kernel, lstm_step_backward_kernel
+from .cell import lstm_cell_forward_kernel, lstm_step_backward_kernel, lstm_step_projection_backward_kernel
 from .sequence import (lstm_sequence_backward_persistent_kernel, lstm_sequence_forward_grid_kernel,
-                       lstm_sequence_forward_persistent_kernel, lstm_sequence_step_forward_kernel)
+                       lstm_sequence_forward_persistent_kernel, lstm_sequence_step_forward_kernel,
+                       lstm_sequence_step_projection_kernel)
 
 _DTYPE_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 UNALIGNED_DTYPES = (torch.float16, torch.float32)
@@ -36,14 +37,23 @@ def _sizes(variant: str, batch: int, hidden_size: int) -> tuple[int, int, int]:
     return batch - 3, hidden_size - 8 if hidden_size > 16 else hidden_size - 1, hidden_size - 1
 
 
-def _layer_buffers(dtype, steps, batch, hidden_size):
-    """The forward launcher's allocations, training mode (T + 1 cell-state slots, gates, h before each step)."""
+def _proj_size(variant: str, hidden_size: int) -> int:
+    """The modelled projection size: half of H (aligned), or an odd size below it."""
+    return hidden_size // 2 if variant == "aligned" else max(1, hidden_size // 2 - 5)
+
+
+def _layer_buffers(dtype, steps, batch, hidden_size, proj_size=0):
+    """The forward launcher's allocations, training mode (T + 1 cell-state slots, gates, h before each step); h,
+    output and h before each step are P wide with a projection, and the stepwise path's m is (B, H)."""
+    state_size = proj_size or hidden_size
     return dict(projection=_empty(steps, batch, 4 * hidden_size, dtype=dtype),
-                output=_empty(steps, batch, hidden_size, dtype=dtype),
-                h_state=_empty(2, batch, hidden_size, dtype=dtype),
+                output=_empty(steps, batch, state_size, dtype=dtype),
+                h_state=_empty(2, batch, state_size, dtype=dtype),
                 c_state=_empty(steps + 1, batch, hidden_size, dtype=torch.float32),
                 gates=_empty(steps, batch, 4 * hidden_size, dtype=dtype),
-                hidden_before=_empty(steps, batch, hidden_size, dtype=dtype),
+                hidden_before=_empty(steps, batch, state_size, dtype=dtype),
+                cell_output=_empty(batch, hidden_size, dtype=dtype),
+                dr=_empty(steps, batch, state_size, dtype=dtype),
                 bias=_empty(4 * hidden_size, dtype=torch.float32), lengths=_empty(batch, dtype=torch.int64))
 
 
@@ -54,7 +64,7 @@ def _spec(kernel_name, kernel, case, variant, arguments, num_warps, num_stages, 
 
 def _step_specs(dtype, bucket, variant) -> list[_aot.CompileSpec]:
     """Cell forward, stepwise layer forward, step backward (layer: with and without a next step; cell) at the
-    tiles of one batch bucket."""
+    tiles of one batch bucket, and the projected layer's step kernels (proj_size > 0) at the same tiles."""
     config = configs.STEP_CONFIGS[(configs.element_kind(dtype), bucket)]
     block_b, block_h, block_k, num_warps, num_stages = config
     meta = configs.step_meta(config)
@@ -70,54 +80,94 @@ def _step_specs(dtype, bucket, variant) -> list[_aot.CompileSpec]:
                         bias_ptr=_empty(4 * hidden_size, dtype=torch.float32), h_out_ptr=state, c_out_ptr=state,
                         gates_ptr=_empty(batch, 4 * hidden_size, dtype=dtype), B=batch, I=input_size, H=hidden_size,
                         HAS_BIAS=True, STORE_FOR_BACKWARD=True, **meta)
-    b = _layer_buffers(dtype, STEPS, batch, hidden_size)
-    w_hh = _empty(4 * hidden_size, hidden_size, dtype=dtype)
-    layer_forward = dict(projection_ptr=b["projection"], w_hh_ptr=w_hh, bias_ptr=b["bias"], lengths_ptr=b["lengths"],
-                         h_in_ptr=b["h_state"][step % 2], c_in_ptr=b["c_state"][step],
-                         h_out_ptr=b["h_state"][(step + 1) % 2], c_out_ptr=b["c_state"][step + 1],
-                         output_ptr=b["output"], hidden_saved_ptr=b["hidden_before"], gates_ptr=b["gates"][step],
-                         step=step, B=batch, H=hidden_size, T=STEPS, **FEATURES, **meta)
-    dc = _empty(batch, hidden_size, dtype=torch.float32)
     specs = [_spec("lstm_cell_forward", lstm_cell_forward_kernel, case, variant, cell_forward, num_warps, num_stages,
-                   tiles),
-             _spec("lstm_sequence_step_forward", lstm_sequence_step_forward_kernel, case, variant, layer_forward,
-                   num_warps, num_stages, tiles)]
-    for has_next in (True, False):  # the last step (launched first) has no successor: HAS_NEXT=False
-        layer_backward = dict(dgates_ptr=_empty(STEPS, batch, 4 * hidden_size, dtype=dtype), w_hh_ptr=w_hh,
-                              grad_output_ptr=b["output"], grad_h_n_ptr=state, dc_ptr=dc, gates_ptr=b["gates"][step],
-                              c_prev_ptr=b["c_state"][step], lengths_ptr=b["lengths"], step=step, B=batch,
-                              H=hidden_size, T=STEPS, HAS_NEXT=has_next, HAS_GRAD_OUTPUT=True, HAS_GRAD_H_N=True,
-                              HAS_LENGTHS=True, REVERSE=True, **meta)
-        specs.append(_spec("lstm_step_backward", lstm_step_backward_kernel,
-                           f"{case},layer{'' if has_next else ',last-step'}", variant, layer_backward, num_warps,
-                           num_stages, tiles))
+                   tiles)]
+    dc = _empty(batch, hidden_size, dtype=torch.float32)
+    for proj_size in (0, _proj_size(variant, hidden_size)):
+        state_size = proj_size or hidden_size
+        layer_case = case + (f",P{proj_size}" if proj_size else "")
+        b = _layer_buffers(dtype, STEPS, batch, hidden_size, proj_size)
+        w_hh = _empty(4 * hidden_size, state_size, dtype=dtype)
+        w_hr = _empty(proj_size, hidden_size, dtype=dtype) if proj_size else w_hh
+        # The launcher passes the output for the unused m buffer without a projection.
+        cell_output = b["cell_output"] if proj_size else b["output"]
+        layer_forward = dict(projection_ptr=b["projection"], w_hh_ptr=w_hh, bias_ptr=b["bias"],
+                             lengths_ptr=b["lengths"], h_in_ptr=b["h_state"][step % 2], c_in_ptr=b["c_state"][step],
+                             h_out_ptr=b["h_state"][(step + 1) % 2], c_out_ptr=b["c_state"][step + 1],
+                             output_ptr=b["output"], hidden_saved_ptr=b["hidden_before"], gates_ptr=b["gates"][step],
+                             cell_output_ptr=cell_output, step=step, B=batch, H=hidden_size, P=state_size, T=STEPS,
+                             **FEATURES, PROJECTION=proj_size > 0, **meta)
+        specs.append(_spec("lstm_sequence_step_forward", lstm_sequence_step_forward_kernel, layer_case, variant,
+                           layer_forward, num_warps, num_stages, tiles))
+        if proj_size:
+            projection_step = dict(cell_output_ptr=b["cell_output"], w_hr_ptr=w_hr, lengths_ptr=b["lengths"],
+                                   h_in_ptr=b["h_state"][step % 2], h_out_ptr=b["h_state"][(step + 1) % 2],
+                                   output_ptr=b["output"], hidden_saved_ptr=b["hidden_before"], step=step, B=batch,
+                                   H=hidden_size, P=proj_size, T=STEPS, HAS_LENGTHS=True, REVERSE=True,
+                                   STORE_FOR_BACKWARD=True, **meta)
+            specs.append(_spec("lstm_sequence_step_projection", lstm_sequence_step_projection_kernel, layer_case,
+                               variant, projection_step, num_warps, num_stages, tiles))
+        dgates = _empty(STEPS, batch, 4 * hidden_size, dtype=dtype)
+        grad_h_n = _empty(batch, state_size, dtype=dtype)
+        for has_next in (True, False):  # the last step (launched first) has no successor: HAS_NEXT=False
+            suffix = f"{layer_case},layer{'' if has_next else ',last-step'}"
+            if proj_size:
+                projection_backward = dict(dgates_ptr=dgates, w_hh_ptr=w_hh, grad_output_ptr=b["output"],
+                                           grad_h_n_ptr=grad_h_n, dr_ptr=b["dr"][step], lengths_ptr=b["lengths"],
+                                           step=step, B=batch, H=hidden_size, P=proj_size, T=STEPS,
+                                           HAS_NEXT=has_next, HAS_GRAD_OUTPUT=True, HAS_GRAD_H_N=True,
+                                           HAS_LENGTHS=True, REVERSE=True, **meta)
+                specs.append(_spec("lstm_step_projection_backward", lstm_step_projection_backward_kernel, suffix,
+                                   variant, projection_backward, num_warps, num_stages, tiles))
+                if has_next:  # with a projection the launcher passes HAS_NEXT=False (its product is dr·W_hr)
+                    continue
+            layer_backward = dict(dgates_ptr=dgates, dr_ptr=b["dr"][step] if proj_size else dc, w_hh_ptr=w_hh,
+                                  w_hr_ptr=w_hr, grad_output_ptr=b["output"], grad_h_n_ptr=grad_h_n, dc_ptr=dc,
+                                  gates_ptr=b["gates"][step], c_prev_ptr=b["c_state"][step], lengths_ptr=b["lengths"],
+                                  step=step, B=batch, H=hidden_size, P=state_size, T=STEPS, HAS_NEXT=has_next,
+                                  HAS_GRAD_OUTPUT=not proj_size, HAS_GRAD_H_N=not proj_size, HAS_LENGTHS=True,
+                                  REVERSE=True, PROJECTION=proj_size > 0, **meta)
+            specs.append(_spec("lstm_step_backward", lstm_step_backward_kernel, suffix, variant, layer_backward,
+                               num_warps, num_stages, tiles))
     # The cell's backward (lstm_cell_backward): T = 1, c_prev in the input dtype, dc standing in for the absent.
-    cell_backward = dict(dgates_ptr=_empty(batch, 4 * hidden_size, dtype=dtype), w_hh_ptr=w_hh, grad_output_ptr=dc,
-                         grad_h_n_ptr=state, dc_ptr=dc, gates_ptr=_empty(batch, 4 * hidden_size, dtype=dtype),
-                         c_prev_ptr=state, lengths_ptr=dc, step=0, B=batch, H=hidden_size, T=1, HAS_NEXT=False,
-                         HAS_GRAD_OUTPUT=False, HAS_GRAD_H_N=True, HAS_LENGTHS=False, REVERSE=False, **meta)
+    w_hh = _empty(4 * hidden_size, hidden_size, dtype=dtype)
+    cell_backward = dict(dgates_ptr=_empty(batch, 4 * hidden_size, dtype=dtype), dr_ptr=dc, w_hh_ptr=w_hh,
+                         w_hr_ptr=w_hh, grad_output_ptr=dc, grad_h_n_ptr=state, dc_ptr=dc,
+                         gates_ptr=_empty(batch, 4 * hidden_size, dtype=dtype), c_prev_ptr=state, lengths_ptr=dc,
+                         step=0, B=batch, H=hidden_size, P=hidden_size, T=1, HAS_NEXT=False, HAS_GRAD_OUTPUT=False,
+                         HAS_GRAD_H_N=True, HAS_LENGTHS=False, REVERSE=False, PROJECTION=False, **meta)
     specs.append(_spec("lstm_step_backward", lstm_step_backward_kernel, f"{case},cell", variant, cell_backward,
                        num_warps, num_stages, tiles))
     return specs
 
 
-def _persistent_specs(dtype, padded, variant) -> list[_aot.CompileSpec]:
+def _persistent_specs(dtype, padded, variant, padded_proj=0) -> list[_aot.CompileSpec]:
+    """The persistent forward and backward at one padded H (and, for a projected LSTM, padded P)."""
     batch, hidden_size, _ = _sizes(variant, 64, padded)
-    meta = configs.persistent_meta(hidden_size, dtype)
+    proj_size = 0
+    if padded_proj:  # an odd P just below the padded size when unaligned (P < H either way)
+        proj_size = padded_proj if variant == "aligned" else padded_proj - 3
+        proj_size = min(proj_size, hidden_size - 1)
+    state_size = proj_size or hidden_size
+    meta = configs.persistent_meta(hidden_size, dtype, proj_size)
     num_warps, num_stages = meta.pop("num_warps"), meta.pop("num_stages")
-    tiles = f"BB{meta['BLOCK_B']},HIDDEN{meta['HIDDEN']},w{num_warps},s{num_stages}"
-    case = f"{_DTYPE_NAME[dtype]},B{batch},H{hidden_size}"
-    b = _layer_buffers(dtype, STEPS, batch, hidden_size)
-    w_hh = _empty(4 * hidden_size, hidden_size, dtype=dtype)
-    forward = dict(projection_ptr=b["projection"], w_hh_ptr=w_hh, bias_ptr=b["bias"], lengths_ptr=b["lengths"],
-                   h_state_ptr=b["h_state"], c_state_ptr=b["c_state"], c_slots=STEPS + 1, output_ptr=b["output"],
-                   hidden_saved_ptr=b["hidden_before"], gates_ptr=b["gates"], B=batch, H=hidden_size, T=STEPS,
-                   **FEATURES, **meta)
-    backward = dict(dgates_ptr=_empty(STEPS, batch, 4 * hidden_size, dtype=dtype), w_hh_ptr=w_hh,
-                    grad_output_ptr=b["output"], grad_h_n_ptr=_empty(batch, hidden_size, dtype=dtype),
-                    dc_ptr=_empty(batch, hidden_size, dtype=torch.float32), gates_ptr=b["gates"],
-                    c_state_ptr=b["c_state"], lengths_ptr=b["lengths"], B=batch, H=hidden_size, T=STEPS,
-                    HAS_GRAD_OUTPUT=True, HAS_GRAD_H_N=True, HAS_LENGTHS=True, REVERSE=True, **meta)
+    projected = f",PROJ{meta['PROJ']}" if proj_size else ""
+    tiles = f"BB{meta['BLOCK_B']},HIDDEN{meta['HIDDEN']}{projected},w{num_warps},s{num_stages}"
+    case = f"{_DTYPE_NAME[dtype]},B{batch},H{hidden_size}" + (f",P{proj_size}" if proj_size else "")
+    b = _layer_buffers(dtype, STEPS, batch, hidden_size, proj_size)
+    w_hh = _empty(4 * hidden_size, state_size, dtype=dtype)
+    w_hr = _empty(proj_size, hidden_size, dtype=dtype) if proj_size else w_hh
+    dc = _empty(batch, hidden_size, dtype=torch.float32)
+    forward = dict(projection_ptr=b["projection"], w_hh_ptr=w_hh, w_hr_ptr=w_hr, bias_ptr=b["bias"],
+                   lengths_ptr=b["lengths"], h_state_ptr=b["h_state"], c_state_ptr=b["c_state"], c_slots=STEPS + 1,
+                   output_ptr=b["output"], hidden_saved_ptr=b["hidden_before"], gates_ptr=b["gates"], B=batch,
+                   H=hidden_size, P=state_size, T=STEPS, **FEATURES, **meta)
+    backward = dict(dgates_ptr=_empty(STEPS, batch, 4 * hidden_size, dtype=dtype),
+                    dr_ptr=b["dr"] if proj_size else dc, w_hh_ptr=w_hh, w_hr_ptr=w_hr,
+                    grad_output_ptr=b["output"], grad_h_n_ptr=_empty(batch, state_size, dtype=dtype),
+                    dc_ptr=dc, gates_ptr=b["gates"], c_state_ptr=b["c_state"], lengths_ptr=b["lengths"], B=batch,
+                    H=hidden_size, P=state_size, T=STEPS, HAS_GRAD_OUTPUT=True, HAS_GRAD_H_N=True, HAS_LENGTHS=True,
+                    REVERSE=True, **meta)
     return [_spec("lstm_sequence_forward_persistent", lstm_sequence_forward_persistent_kernel, case, variant, forward,
                   num_warps, num_stages, tiles),
             _spec("lstm_sequence_backward_persistent", lstm_sequence_backward_persistent_kernel, case, variant,
@@ -156,5 +206,7 @@ def aot_specs() -> list[_aot.CompileSpec]:
             for padded in configs.persistent_hidden_sizes(dtype):
                 if padded <= limits[dtype]:
                     specs += _persistent_specs(dtype, padded, variant)
+            for padded, padded_proj in configs.persistent_projection_sizes(dtype, aligned=variant == "aligned"):
+                specs += _persistent_specs(dtype, padded, variant, padded_proj)
             specs += [_grid_spec(dtype, padded, variant) for padded in configs.grid_hidden_sizes(dtype)]
     return specs

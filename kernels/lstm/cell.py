@@ -1,13 +1,15 @@
 """One LSTM step as one launch: the fused cell forward (both GEMMs and the gate update) and the step
 backward (the recurrent GEMM dh = dgates_{t+1} · W_hh with the gate gradients in its epilogue), which serves
-the cell (T = 1) and the stepwise backward through time."""
+the cell (T = 1) and the stepwise backward through time, and the projection's part of a projected step's
+backward (dr = dgates_{t+1} · W_hh, before dm = dr · W_hr)."""
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from .common import accumulate_gates, add_bias, backward_epilogue, forward_epilogue, row_schedule
+from .common import (accumulate_a_w, accumulate_gates, add_bias, add_output_gradients, backward_epilogue,
+                     forward_epilogue, row_schedule)
 
 
 @triton.jit
@@ -45,16 +47,19 @@ def lstm_cell_forward_kernel(
 # ``step`` changes every launch: specialising on it (== 1, % 16 == 0) would compile three kernels.
 @triton.jit(do_not_specialize=["step"])
 def lstm_step_backward_kernel(
-    dgates_ptr, w_hh_ptr, grad_output_ptr, grad_h_n_ptr, dc_ptr, gates_ptr, c_prev_ptr, lengths_ptr,
-    step, B, H, T,
+    dgates_ptr, dr_ptr, w_hh_ptr, w_hr_ptr, grad_output_ptr, grad_h_n_ptr, dc_ptr, gates_ptr, c_prev_ptr, lengths_ptr,
+    step, B, H, P, T,
     HAS_NEXT: tl.constexpr, HAS_GRAD_OUTPUT: tl.constexpr, HAS_GRAD_H_N: tl.constexpr,
-    HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr, PROJECTION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Iteration ``step`` of backward through time for one tile (the cell is T = 1, step 0).
 
     dh = dgates_{step+1} · W_hh (K = 4H, read at each row's own time) + the output and h_n gradients;
-    the epilogue writes dgates_step (time order) and the carried dc in place.
+    the epilogue writes dgates_step (time order) and the carried dc in place. With ``PROJECTION``,
+    dh is dm = dr_step · W_hr (K = P), dr_step (B × P) written by this step's
+    ``lstm_step_projection_backward_kernel`` with dgates_{step+1} and the output and h_n gradients already
+    in it (the launcher sets HAS_NEXT, HAS_GRAD_OUTPUT and HAS_GRAD_H_N off).
     """
     offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -62,20 +67,40 @@ def lstm_step_backward_kernel(
     mask = b_mask[:, None] & h_mask[None, :]
     length, active, time = row_schedule(step, offs_b, b_mask, lengths_ptr, T, REVERSE, HAS_LENGTHS)
     dh = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    if HAS_NEXT:
+    if PROJECTION:
+        dh = accumulate_a_w(dh, dr_ptr, offs_b, b_mask, P, w_hr_ptr, H, offs_h, h_mask, BLOCK_K, DOT_PRECISION)
+    elif HAS_NEXT:
         _, _, time_next = row_schedule(step + 1, offs_b, b_mask, lengths_ptr, T, REVERSE, HAS_LENGTHS)
-        offs_k = tl.arange(0, BLOCK_K)
-        a_ptrs = dgates_ptr + (time_next[:, None] * B + offs_b[:, None]) * (4 * H) + offs_k[None, :]
-        w_ptrs = w_hh_ptr + offs_k[:, None] * H + offs_h[None, :]
-        for k_start in range(0, 4 * H, BLOCK_K):
-            k_mask = (k_start + offs_k) < 4 * H
-            a = tl.load(a_ptrs, mask=b_mask[:, None] & k_mask[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_mask[:, None] & h_mask[None, :], other=0.0)
-            dh = tl.dot(a, w, dh, input_precision=DOT_PRECISION)
-            a_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K * H
+        dh = accumulate_a_w(dh, dgates_ptr, time_next * B + offs_b, b_mask, 4 * H, w_hh_ptr, H, offs_h, h_mask,
+                            BLOCK_K, DOT_PRECISION)
     backward_epilogue(
         dh, step, length, active, time, offs_b, offs_h, mask, B, H,
         grad_output_ptr, grad_h_n_ptr, dc_ptr, gates_ptr, c_prev_ptr, dgates_ptr,
         HAS_LENGTHS, HAS_GRAD_OUTPUT, HAS_GRAD_H_N,
     )
+
+
+@triton.jit(do_not_specialize=["step"])
+def lstm_step_projection_backward_kernel(
+    dgates_ptr, w_hh_ptr, grad_output_ptr, grad_h_n_ptr, dr_ptr, lengths_ptr,
+    step, B, H, P, T,
+    HAS_NEXT: tl.constexpr, HAS_GRAD_OUTPUT: tl.constexpr, HAS_GRAD_H_N: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """The first half of a projected LSTM's backward step, for a (BLOCK_B × BLOCK_H) tile of r's P units:
+    dr = dgates_{step+1} · W_hh (W_hh 4H × P) + the output and h_n gradients, stored for iteration ``step``
+    (zero past a row's length, so that dW_hr = Σ drᵀ·m gets nothing from a frozen step)."""
+    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_p = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    b_mask, p_mask = offs_b < B, offs_p < P
+    mask = b_mask[:, None] & p_mask[None, :]
+    length, active, time = row_schedule(step, offs_b, b_mask, lengths_ptr, T, REVERSE, HAS_LENGTHS)
+    dr = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    if HAS_NEXT:
+        _, _, time_next = row_schedule(step + 1, offs_b, b_mask, lengths_ptr, T, REVERSE, HAS_LENGTHS)
+        dr = accumulate_a_w(dr, dgates_ptr, time_next * B + offs_b, b_mask, 4 * H, w_hh_ptr, P, offs_p, p_mask,
+                            BLOCK_K, DOT_PRECISION)
+    dr = add_output_gradients(dr, step, length, active, time, offs_b, offs_p, mask, B, P, grad_output_ptr,
+                              grad_h_n_ptr, HAS_GRAD_OUTPUT, HAS_GRAD_H_N)
+    tl.store(dr_ptr + offs_b[:, None] * P + offs_p[None, :], tl.where(active[:, None], dr, 0.0), mask=mask)

@@ -83,6 +83,27 @@ def add_input_projection(pre_i, pre_f, pre_g, pre_o, projection_ptr, time, B, H,
 
 
 @triton.jit
+def lstm_update(pre_i, pre_f, pre_g, pre_o, c_prev):
+    """The activated gates, c' = σ(f)·c + σ(i)·tanh(g) and h' = σ(o)·tanh(c') (before any projection)."""
+    input_gate = tl.sigmoid(pre_i)
+    forget_gate = tl.sigmoid(pre_f)
+    cell_gate = tanh(pre_g)
+    output_gate = tl.sigmoid(pre_o)
+    c = forget_gate * c_prev + input_gate * cell_gate
+    h = output_gate * tanh(c)
+    return input_gate, forget_gate, cell_gate, output_gate, c, h
+
+
+@triton.jit
+def store_gates(gates_ptr, input_gate, forget_gate, cell_gate, output_gate, offs_b, offs_h, mask, H):
+    gate = offs_b[:, None] * (4 * H) + offs_h[None, :]
+    tl.store(gates_ptr + gate, input_gate, mask=mask)
+    tl.store(gates_ptr + gate + H, forget_gate, mask=mask)
+    tl.store(gates_ptr + gate + 2 * H, cell_gate, mask=mask)
+    tl.store(gates_ptr + gate + 3 * H, output_gate, mask=mask)
+
+
+@triton.jit
 def forward_epilogue(
     pre_i, pre_f, pre_g, pre_o, active, time, offs_b, offs_h, mask, B, H,
     h_in_ptr, c_in_ptr, h_out_ptr, c_out_ptr, output_ptr, hidden_saved_ptr, gates_ptr,
@@ -91,12 +112,7 @@ def forward_epilogue(
     """The LSTM update of one (batch rows × hidden units) tile and every store that follows from it."""
     state = offs_b[:, None] * H + offs_h[None, :]
     c_prev = tl.load(c_in_ptr + state, mask=mask, other=0.0).to(tl.float32)
-    input_gate = tl.sigmoid(pre_i)
-    forget_gate = tl.sigmoid(pre_f)
-    cell_gate = tanh(pre_g)
-    output_gate = tl.sigmoid(pre_o)
-    c = forget_gate * c_prev + input_gate * cell_gate
-    h = output_gate * tanh(c)
+    input_gate, forget_gate, cell_gate, output_gate, c, h = lstm_update(pre_i, pre_f, pre_g, pre_o, c_prev)
     if HAS_LENGTHS or SAVE_HIDDEN:
         h_prev = tl.load(h_in_ptr + state, mask=mask, other=0.0)
     at_time = (time[:, None] * B + offs_b[:, None]) * H + offs_h[None, :]
@@ -112,11 +128,66 @@ def forward_epilogue(
         # dW_hh = Σ_t dgates_tᵀ · h_before_t is one GEMM over time order: keep h_before there.
         tl.store(hidden_saved_ptr + at_time, h_prev, mask=mask)
     if SAVE_GATES:
-        gate = offs_b[:, None] * (4 * H) + offs_h[None, :]
-        tl.store(gates_ptr + gate, input_gate, mask=mask)
-        tl.store(gates_ptr + gate + H, forget_gate, mask=mask)
-        tl.store(gates_ptr + gate + 2 * H, cell_gate, mask=mask)
-        tl.store(gates_ptr + gate + 3 * H, output_gate, mask=mask)
+        store_gates(gates_ptr, input_gate, forget_gate, cell_gate, output_gate, offs_b, offs_h, mask, H)
+
+
+@triton.jit
+def projected_forward_epilogue(
+    pre_i, pre_f, pre_g, pre_o, active, offs_b, offs_h, mask, H,
+    c_in_ptr, c_out_ptr, cell_output_ptr, gates_ptr,
+    HAS_LENGTHS: tl.constexpr, STORE_CELL_OUTPUT: tl.constexpr, SAVE_GATES: tl.constexpr,
+):
+    """The LSTM update of a tile when a projection follows: stores c and the gates as ``forward_epilogue``, and
+    returns m = σ(o)·tanh(c) (fp32) for r = m·W_hrᵀ; ``STORE_CELL_OUTPUT`` also writes m to (B, H) for a product
+    that runs in another launch. A row past its length keeps c (its r is frozen by ``projection_epilogue``)."""
+    state = offs_b[:, None] * H + offs_h[None, :]
+    c_prev = tl.load(c_in_ptr + state, mask=mask, other=0.0).to(tl.float32)
+    input_gate, forget_gate, cell_gate, output_gate, c, m = lstm_update(pre_i, pre_f, pre_g, pre_o, c_prev)
+    if HAS_LENGTHS:
+        c = tl.where(active[:, None], c, c_prev)
+    tl.store(c_out_ptr + state, c, mask=mask)
+    if STORE_CELL_OUTPUT:
+        tl.store(cell_output_ptr + state, m, mask=mask)
+    if SAVE_GATES:
+        store_gates(gates_ptr, input_gate, forget_gate, cell_gate, output_gate, offs_b, offs_h, mask, H)
+    return m
+
+
+@triton.jit
+def projection_epilogue(
+    r, active, time, offs_b, offs_p, mask, B, P, h_in_ptr, h_out_ptr, output_ptr, hidden_saved_ptr,
+    HAS_LENGTHS: tl.constexpr, SAVE_HIDDEN: tl.constexpr,
+):
+    """The stores of r = m·W_hrᵀ (B × P), the recurrent state and output of a projected LSTM, as
+    ``forward_epilogue`` stores h: output (zeros past a row's length), the next state (frozen past it), and
+    (training) the state before the step in time order, for dW_hh = Σ dgatesᵀ·r_{t-1}."""
+    state = offs_b[:, None] * P + offs_p[None, :]
+    if HAS_LENGTHS or SAVE_HIDDEN:
+        r_prev = tl.load(h_in_ptr + state, mask=mask, other=0.0)
+    at_time = (time[:, None] * B + offs_b[:, None]) * P + offs_p[None, :]
+    tl.store(output_ptr + at_time, tl.where(active[:, None], r, 0.0), mask=mask)
+    if HAS_LENGTHS:
+        r = tl.where(active[:, None], r, r_prev.to(tl.float32))
+    tl.store(h_out_ptr + state, r, mask=mask)
+    if SAVE_HIDDEN:
+        tl.store(hidden_saved_ptr + at_time, r_prev, mask=mask)
+
+
+@triton.jit
+def add_output_gradients(
+    dh, step, length, active, time, offs_b, offs_n, mask, B, N, grad_output_ptr, grad_h_n_ptr,
+    HAS_GRAD_OUTPUT: tl.constexpr, HAS_GRAD_H_N: tl.constexpr,
+):
+    """dh (B × N, the recurrent state's width) plus the gradients of the output and of h_n that reach it."""
+    if HAS_GRAD_H_N:
+        # h_n is the state after a row's last active step, so its gradient enters there.
+        last = (step + 1) >= length
+        state = offs_b[:, None] * N + offs_n[None, :]
+        dh += tl.where(last[:, None], tl.load(grad_h_n_ptr + state, mask=mask, other=0.0).to(tl.float32), 0.0)
+    if HAS_GRAD_OUTPUT:
+        at_time = (time[:, None] * B + offs_b[:, None]) * N + offs_n[None, :]
+        dh += tl.where(active[:, None], tl.load(grad_output_ptr + at_time, mask=mask, other=0.0).to(tl.float32), 0.0)
+    return dh
 
 
 @triton.jit
@@ -127,13 +198,8 @@ def backward_epilogue(
 ):
     """Gate gradients of one tile from dh (its recurrent part) and the carried dc (updated in place)."""
     state = offs_b[:, None] * H + offs_h[None, :]
-    at_time = (time[:, None] * B + offs_b[:, None]) * H + offs_h[None, :]
-    if HAS_GRAD_H_N:
-        # h_n is the state after a row's last active step, so its gradient enters there.
-        last = (step + 1) >= length
-        dh += tl.where(last[:, None], tl.load(grad_h_n_ptr + state, mask=mask, other=0.0).to(tl.float32), 0.0)
-    if HAS_GRAD_OUTPUT:
-        dh += tl.where(active[:, None], tl.load(grad_output_ptr + at_time, mask=mask, other=0.0).to(tl.float32), 0.0)
+    dh = add_output_gradients(dh, step, length, active, time, offs_b, offs_h, mask, B, H, grad_output_ptr,
+                              grad_h_n_ptr, HAS_GRAD_OUTPUT, HAS_GRAD_H_N)
     dc_next = tl.load(dc_ptr + state, mask=mask, other=0.0)
     gate = offs_b[:, None] * (4 * H) + offs_h[None, :]
     input_gate = tl.load(gates_ptr + gate, mask=mask, other=0.0).to(tl.float32)
@@ -171,3 +237,48 @@ def load_gate_block(w_ptr, row_start, H, offs_row, offs_col, TRANSPOSE: tl.const
     if TRANSPOSE:
         return tl.load(w_ptr + (row_start + offs_col[None, :]) * H + offs_row[:, None], mask=mask, other=0.0)
     return tl.load(w_ptr + (row_start + offs_row[:, None]) * H + offs_col[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def load_weight_block(w_ptr, row_start, num_rows, num_columns, offs_row, offs_col, TRANSPOSE: tl.constexpr):
+    """Block W[row_start + r, c] (r < num_rows, c < num_columns) of a row-major W with num_columns columns,
+    zero-padded to the offsets' extent; transposed to [c, r] if asked."""
+    if TRANSPOSE:
+        mask = (offs_col[None, :] < num_rows) & (offs_row[:, None] < num_columns)
+        return tl.load(w_ptr + (row_start + offs_col[None, :]) * num_columns + offs_row[:, None], mask=mask, other=0.0)
+    mask = (offs_row[:, None] < num_rows) & (offs_col[None, :] < num_columns)
+    return tl.load(w_ptr + (row_start + offs_row[:, None]) * num_columns + offs_col[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def accumulate_a_w(acc, a_ptr, a_rows, a_row_mask, K, w_ptr, N, offs_n, n_mask,
+                   BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc += A[a_rows, :K] · W[:K, offs_n], A row-major with K columns, W row-major (K, N)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_rows[:, None] * K + offs_k[None, :]
+    w_ptrs = w_ptr + offs_k[:, None] * N + offs_n[None, :]
+    for k_start in range(0, K, BLOCK_K):
+        k_mask = (k_start + offs_k) < K
+        a = tl.load(a_ptrs, mask=a_row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * N
+    return acc
+
+
+@triton.jit
+def accumulate_a_wt(acc, a_ptr, a_rows, a_row_mask, K, w_ptr, offs_n, n_mask,
+                    BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc += A[a_rows, :K] · W[offs_n, :K]ᵀ, A and W row-major with K columns."""
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_rows[:, None] * K + offs_k[None, :]
+    w_ptrs = w_ptr + offs_n[None, :] * K + offs_k[:, None]  # a (BLOCK_K, BLOCK_N) tile of Wᵀ
+    for k_start in range(0, K, BLOCK_K):
+        k_mask = (k_start + offs_k) < K
+        a = tl.load(a_ptrs, mask=a_row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    return acc

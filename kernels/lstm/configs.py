@@ -65,10 +65,43 @@ def hidden_pad(hidden_size: int) -> int:
     return max(16, triton.next_power_of_2(hidden_size))
 
 
-def persistent_max_hidden(hidden_size: int, dtype: torch.dtype) -> int:
-    """The persistent kernels' padded hidden-size limit for this H (see PERSISTENT_MAX_HIDDEN*)."""
-    table = PERSISTENT_MAX_HIDDEN if hidden_size % 16 == 0 else PERSISTENT_MAX_HIDDEN_UNALIGNED
+def persistent_max_hidden(hidden_size: int, dtype: torch.dtype, proj_size: int = 0) -> int:
+    """The persistent kernels' padded hidden-size limit for this H (and P: its loads are as wide), see
+    PERSISTENT_MAX_HIDDEN*."""
+    aligned = hidden_size % 16 == 0 and proj_size % 16 == 0
+    table = PERSISTENT_MAX_HIDDEN if aligned else PERSISTENT_MAX_HIDDEN_UNALIGNED
     return table[dtype]
+
+
+def persistent_weight_elements(hidden_size: int, proj_size: int = 0) -> int:
+    """Padded weight elements a persistent program keeps on chip: W_hh (4H × H), or with a projection W_hh
+    (4H × P) and W_hr (P × H)."""
+    hidden = hidden_pad(hidden_size)
+    if proj_size == 0:
+        return 4 * hidden * hidden
+    return 5 * hidden * hidden_pad(proj_size)
+
+
+def persistent_weight_budget(hidden_size: int, dtype: torch.dtype, proj_size: int = 0) -> int:
+    """The on-chip weight elements allowed: what W_hh takes at the hidden-size limit, the size that compiles
+    without spills (a projected LSTM's two matrices share it)."""
+    limit = persistent_max_hidden(hidden_size, dtype, proj_size)
+    return 4 * limit * limit
+
+
+def persistent_projection_sizes(dtype: torch.dtype, aligned: bool = True) -> list[tuple[int, int]]:
+    """(padded H, padded P) the projected persistent kernels compile for: per padded H up to the limit, the
+    widest padded P < H whose W_hh and W_hr fit the budget (a narrower P holds less)."""
+    limit = (PERSISTENT_MAX_HIDDEN if aligned else PERSISTENT_MAX_HIDDEN_UNALIGNED)[dtype]
+    sizes = []
+    for hidden in persistent_hidden_sizes(dtype):
+        if hidden > limit:
+            continue
+        proj = hidden
+        while proj > 16 and 5 * hidden * proj > 4 * limit * limit:
+            proj //= 2
+        sizes.append((hidden, proj))
+    return sizes
 
 
 def persistent_hidden_sizes(dtype: torch.dtype) -> list[int]:
@@ -96,11 +129,12 @@ def step_meta(config: tuple[int, int, int, int, int]) -> dict:
                 num_warps=num_warps, num_stages=num_stages)
 
 
-def persistent_meta(hidden_size: int, dtype: torch.dtype) -> dict:
+def persistent_meta(hidden_size: int, dtype: torch.dtype, proj_size: int = 0) -> dict:
     padded = hidden_pad(hidden_size)
     # num_stages=1: the software pipeliner would prefetch next step's h (or dgates) before this
-    # step's stores and the barrier, reading a stale state.
-    return dict(BLOCK_B=PERSISTENT_BLOCK_B, HIDDEN=padded, DOT_PRECISION=DOT_PRECISION,
+    # step's stores and the barrier, reading a stale state. PROJ (padded P) is unused without a projection.
+    return dict(BLOCK_B=PERSISTENT_BLOCK_B, HIDDEN=padded, PROJECTION=proj_size > 0,
+                PROJ=hidden_pad(proj_size) if proj_size > 0 else 16, DOT_PRECISION=DOT_PRECISION,
                 num_warps=PERSISTENT_WARPS[element_kind(dtype)][padded], num_stages=1)
 
 

@@ -15,26 +15,39 @@ import triton
 
 from .. import _aot
 from .._launch import on_input_device, on_interpreter
-from .cell import lstm_cell_forward_kernel, lstm_step_backward_kernel
+from .cell import lstm_cell_forward_kernel, lstm_step_backward_kernel, lstm_step_projection_backward_kernel
 from .configs import (BACKWARD_RECURRENCES, FORWARD_RECURRENCES, GRID_BLOCK_B, GRID_BLOCK_H, GRID_COMPILED,
                       GRID_MAX_HIDDEN, PERSISTENT_BLOCK_B, PERSISTENT_MAX_HIDDEN, element_kind, grid_meta, hidden_pad,
-                      persistent_max_hidden, persistent_meta, step_config, step_meta)
+                      persistent_max_hidden, persistent_meta, persistent_weight_budget, persistent_weight_elements,
+                      step_config, step_meta)
 from .sequence import (lstm_sequence_backward_persistent_kernel, lstm_sequence_forward_grid_kernel,
-                       lstm_sequence_forward_persistent_kernel, lstm_sequence_step_forward_kernel)
+                       lstm_sequence_forward_persistent_kernel, lstm_sequence_step_forward_kernel,
+                       lstm_sequence_step_projection_kernel)
 
 SUPPORTED_DTYPES = tuple(PERSISTENT_MAX_HIDDEN)
 
 
-def persistent_unsupported_reason(hidden_size: int, dtype: torch.dtype) -> str | None:
-    """Why the persistent recurrence (forward and backward: W_hh resident in one program's registers) cannot run
-    this hidden size and dtype, or None if it can."""
+def persistent_unsupported_reason(hidden_size: int, dtype: torch.dtype, proj_size: int = 0) -> str | None:
+    """Why the persistent recurrence (forward and backward: W_hh, and W_hr when ``proj_size`` > 0, resident in one
+    program) cannot run this hidden size, projection size and dtype, or None if it can."""
     if dtype not in PERSISTENT_MAX_HIDDEN:
         return f"dtype {dtype} is not supported (float16, bfloat16 and float32 are)"
-    limit = persistent_max_hidden(hidden_size, dtype)
+    limit = persistent_max_hidden(hidden_size, dtype, proj_size)
     if hidden_pad(hidden_size) > limit:
-        kind = "" if hidden_size % 16 == 0 else ", for a hidden size that is not a multiple of 16"
+        if hidden_size % 16 != 0:
+            kind = ", for a hidden size that is not a multiple of 16"
+        elif proj_size % 16 != 0:
+            kind = f", for a proj_size ({proj_size}) that is not a multiple of 16"
+        else:
+            kind = ""
         return (f"weight_hh: hidden size {hidden_size} (padded {hidden_pad(hidden_size)}) in {dtype} is past the "
                 f"persistent recurrence's on-chip W_hh limit (padded {limit}{kind})")
+    held, budget = persistent_weight_elements(hidden_size, proj_size), persistent_weight_budget(hidden_size, dtype,
+                                                                                               proj_size)
+    if held > budget:
+        return (f"weight_hr: hidden size {hidden_size} with proj_size {proj_size} (padded {hidden_pad(hidden_size)} "
+                f"and {hidden_pad(proj_size)}) in {dtype}: W_hh (4H x P) and W_hr (P x H) together are {held} "
+                f"elements, past the persistent recurrence's on-chip budget of {budget}")
     return None
 
 
@@ -228,10 +241,11 @@ def lstm_cell_backward(grad_hy, grad_cy, input, hx, cx, weight_ih, weight_hh, ga
     dgates = torch.empty((batch, 4 * hidden_size), dtype=input.dtype, device=input.device)
     config = step_config(batch, input.dtype)
     lstm_step_backward_kernel[_step_grid(batch, hidden_size, config)](
-        dgates, weight_hh, dc, dc if grad_hy is None else grad_hy.contiguous(), dc, gates, cx.contiguous(), dc,
-        0, batch, hidden_size, 1,
+        dgates, dc, weight_hh, weight_hh, dc, dc if grad_hy is None else grad_hy.contiguous(), dc, gates,
+        cx.contiguous(), dc,
+        0, batch, hidden_size, hidden_size, 1,
         HAS_NEXT=False, HAS_GRAD_OUTPUT=False, HAS_GRAD_H_N=grad_hy is not None, HAS_LENGTHS=False, REVERSE=False,
-        **step_meta(config),
+        PROJECTION=False, **step_meta(config),
     )
     grad_bias = dgates.sum(0, dtype=torch.float32).to(input.dtype)
     return (
@@ -243,25 +257,33 @@ def lstm_cell_backward(grad_hy, grad_cy, input, hx, cx, weight_ih, weight_hh, ga
 @on_input_device
 def lstm_sequence_forward(
     input, h0, c0, weight_ih, weight_hh, bias, lengths, reverse: bool, save_for_backward: bool, *, recurrence: str,
+    weight_hr=None,
 ):
-    """One layer, one direction. ``bias``: b_ih + b_hh in float32 or None; ``lengths``: int64 (B,) or None.
+    """One layer, one direction. ``bias``: b_ih + b_hh in float32 or None; ``lengths``: int64 (B,) or None;
+    ``weight_hr``: the projection (P, H) or None. With it the recurrent state is r = (σ(o)·tanh(c))·W_hrᵀ:
+    h0, output and h_n are P wide, weight_hh is (4H, P).
 
     ``recurrence``: the recurrence kernel, "persistent", "grid" or "stepwise" (a call one of them cannot run —
-    :func:`persistent_unsupported_reason`, :func:`grid_unsupported_reason` — raises ``ValueError``).
+    :func:`persistent_unsupported_reason`, :func:`grid_unsupported_reason`; the grid kernel has no
+    projection — raises ``ValueError``).
     Returns (output, h_n, c_n, gates, cell_states, hidden_before); the last three are what backward
     needs (empty unless ``save_for_backward``): activated gates per iteration (T, B, 4H), the float32
-    cell state before each iteration and after the last (T + 1, B, H), and h before each step in
-    time order (T, B, H).
+    cell state before each iteration and after the last (T + 1, B, H), and h (r) before each step in
+    time order (T, B, P).
     """
     _check_recurrence("lstm_sequence_forward", recurrence, FORWARD_RECURRENCES)
     steps, batch, input_size = input.shape
-    hidden_size = h0.shape[1]
+    hidden_size = c0.shape[1]
+    proj_size = 0 if weight_hr is None else weight_hr.shape[0]
+    state_size = proj_size or hidden_size  # the width of h (r with a projection)
     dtype, device = input.dtype, input.device
-    if recurrence == "grid":
+    if recurrence == "grid" and proj_size:
+        reason = "weight_hr: the grid recurrence has no projection (proj_size > 0)"
+    elif recurrence == "grid":
         reason = grid_unsupported_reason(batch, hidden_size, dtype,
                                          device=None if on_interpreter(device) else _sm_resources(device))
     elif recurrence == "persistent":
-        reason = persistent_unsupported_reason(hidden_size, dtype)
+        reason = persistent_unsupported_reason(hidden_size, dtype, proj_size)
     else:
         reason = None
     if reason is not None:
@@ -269,15 +291,16 @@ def lstm_sequence_forward(
     # The input projection of every step at once: one GEMM, off the sequential path.
     projection = torch.matmul(input.reshape(steps * batch, input_size), weight_ih.t()).view(steps, batch, 4 * hidden_size)
     weight_hh = weight_hh.contiguous()
-    output = torch.empty((steps, batch, hidden_size), dtype=dtype, device=device)
-    h_state = torch.empty((2, batch, hidden_size), dtype=dtype, device=device)
+    weight_hr_arg = weight_hh if weight_hr is None else weight_hr.contiguous()
+    output = torch.empty((steps, batch, state_size), dtype=dtype, device=device)
+    h_state = torch.empty((2, batch, state_size), dtype=dtype, device=device)
     h_state[0].copy_(h0)
     c_slots = steps + 1 if save_for_backward else 2
     c_state = torch.empty((c_slots, batch, hidden_size), dtype=torch.float32, device=device)
     c_state[0].copy_(c0)
     if save_for_backward:
         gates = torch.empty((steps, batch, 4 * hidden_size), dtype=dtype, device=device)
-        hidden_before = torch.empty((steps, batch, hidden_size), dtype=dtype, device=device)
+        hidden_before = torch.empty((steps, batch, state_size), dtype=dtype, device=device)
     else:
         gates = torch.empty((0,), dtype=dtype, device=device)
         hidden_before = torch.empty((0,), dtype=dtype, device=device)
@@ -300,21 +323,32 @@ def lstm_sequence_forward(
         )
     elif recurrence == "persistent":
         lstm_sequence_forward_persistent_kernel[(triton.cdiv(batch, PERSISTENT_BLOCK_B),)](
-            projection, weight_hh, bias_arg, lengths_arg, h_state, c_state, c_slots,
-            output, hidden_arg, gates_arg, batch, hidden_size, steps,
-            **flags, **persistent_meta(hidden_size, dtype),
+            projection, weight_hh, weight_hr_arg, bias_arg, lengths_arg, h_state, c_state, c_slots,
+            output, hidden_arg, gates_arg, batch, hidden_size, state_size, steps,
+            **flags, **persistent_meta(hidden_size, dtype, proj_size),
         )
     else:
         config = step_config(batch, dtype)
         grid = _step_grid(batch, hidden_size, config)
+        # With a projection each step is two launches: the gates and m = σ(o)·tanh(c) (into cell_output),
+        # then r = m·W_hrᵀ, whose K (= H) spans every program of the first launch.
+        cell_output = torch.empty((batch, hidden_size) if proj_size else (0,), dtype=dtype, device=device)
+        cell_output_arg = cell_output if proj_size else output
         for step in range(steps):
             lstm_sequence_step_forward_kernel[grid](
                 projection, weight_hh, bias_arg, lengths_arg,
                 h_state[step % 2], c_state[step % c_slots], h_state[(step + 1) % 2], c_state[(step + 1) % c_slots],
-                output, hidden_arg, gates_arg[step] if save_for_backward else gates_arg,
-                step, batch, hidden_size, steps,
-                **flags, **step_meta(config),
+                output, hidden_arg, gates_arg[step] if save_for_backward else gates_arg, cell_output_arg,
+                step, batch, hidden_size, state_size, steps,
+                **flags, PROJECTION=proj_size > 0, **step_meta(config),
             )
+            if proj_size:
+                lstm_sequence_step_projection_kernel[_step_grid(batch, proj_size, config)](
+                    cell_output, weight_hr_arg, lengths_arg, h_state[step % 2], h_state[(step + 1) % 2], output,
+                    hidden_arg, step, batch, hidden_size, proj_size, steps,
+                    HAS_LENGTHS=lengths is not None, REVERSE=reverse, STORE_FOR_BACKWARD=save_for_backward,
+                    **step_meta(config),
+                )
     h_n = h_state[steps % 2].clone()
     c_n = c_state[steps % c_slots].to(dtype, copy=True)
     cell_states = c_state if save_for_backward else torch.empty((0,), dtype=torch.float32, device=device)
@@ -324,24 +358,31 @@ def lstm_sequence_forward(
 @on_input_device
 def lstm_sequence_backward(
     grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, lengths, reverse: bool,
-    gates, cell_states, hidden_before, *, recurrence: str,
+    gates, cell_states, hidden_before, *, recurrence: str, weight_hr=None,
 ):
-    """Backward through time from the tensors ``lstm_sequence_forward`` saved (output gradients may be None).
+    """Backward through time from the tensors ``lstm_sequence_forward`` saved (output gradients may be None;
+    ``weight_hr`` the forward's projection or None).
 
     ``recurrence``: the recurrence kernel, "persistent" (where :func:`persistent_unsupported_reason` allows;
     else ``ValueError``) or "stepwise". Any forward recurrence's saved tensors serve either.
-    Returns (grad_input, grad_h0, grad_c0, grad_weight_ih, grad_weight_hh, grad_bias).
+    Returns (grad_input, grad_h0, grad_c0, grad_weight_ih, grad_weight_hh, grad_bias, grad_weight_hr), the last
+    an empty tensor without a projection.
     """
     _check_recurrence("lstm_sequence_backward", recurrence, BACKWARD_RECURRENCES)
     steps, batch, input_size = input.shape
-    hidden_size = weight_hh.shape[1]
+    hidden_size = weight_hh.shape[0] // 4
+    proj_size = 0 if weight_hr is None else weight_hr.shape[0]
+    state_size = proj_size or hidden_size
     dtype, device = input.dtype, input.device
     if recurrence == "persistent":
-        reason = persistent_unsupported_reason(hidden_size, dtype)
+        reason = persistent_unsupported_reason(hidden_size, dtype, proj_size)
         if reason is not None:
             raise ValueError(f"lstm_sequence_backward: recurrence='persistent' cannot run this call: {reason}")
     weight_hh = weight_hh.contiguous()
+    weight_hr_arg = weight_hh if weight_hr is None else weight_hr.contiguous()
     dgates = torch.empty((steps, batch, 4 * hidden_size), dtype=dtype, device=device)
+    # With a projection: dr (the gradient reaching r_t = m_t·W_hrᵀ) per iteration, for dW_hr after the loop.
+    dr = torch.empty((steps, batch, proj_size) if proj_size else (0,), dtype=dtype, device=device)
     if grad_c_n is None:
         dc = torch.zeros((batch, hidden_size), dtype=torch.float32, device=device)
     else:
@@ -353,27 +394,47 @@ def lstm_sequence_backward(
         HAS_GRAD_OUTPUT=grad_output is not None, HAS_GRAD_H_N=grad_h_n is not None,
         HAS_LENGTHS=lengths is not None, REVERSE=reverse,
     )
+    dr_arg = dr if proj_size else dc
     if recurrence == "persistent":
         lstm_sequence_backward_persistent_kernel[(triton.cdiv(batch, PERSISTENT_BLOCK_B),)](
-            dgates, weight_hh, grad_output_arg, grad_h_n_arg, dc, gates, cell_states, lengths_arg,
-            batch, hidden_size, steps,
-            **flags, **persistent_meta(hidden_size, dtype),
+            dgates, dr_arg, weight_hh, weight_hr_arg, grad_output_arg, grad_h_n_arg, dc, gates, cell_states,
+            lengths_arg, batch, hidden_size, state_size, steps,
+            **flags, **persistent_meta(hidden_size, dtype, proj_size),
         )
     else:
         config = step_config(batch, dtype)
         grid = _step_grid(batch, hidden_size, config)
         for step in range(steps - 1, -1, -1):
+            if proj_size:
+                # dr first (P wide, the output and h_n gradients enter here), then dm = dr·W_hr and the gates.
+                lstm_step_projection_backward_kernel[_step_grid(batch, proj_size, config)](
+                    dgates, weight_hh, grad_output_arg, grad_h_n_arg, dr[step], lengths_arg,
+                    step, batch, hidden_size, proj_size, steps,
+                    HAS_NEXT=step < steps - 1, **flags, **step_meta(config),
+                )
+                # dgates_{step+1} went into dr: one compiled variant serves every step (HAS_NEXT off).
+                step_flags = dict(flags, HAS_NEXT=False, HAS_GRAD_OUTPUT=False, HAS_GRAD_H_N=False)
+            else:
+                step_flags = dict(flags, HAS_NEXT=step < steps - 1)
             lstm_step_backward_kernel[grid](
-                dgates, weight_hh, grad_output_arg, grad_h_n_arg, dc, gates[step], cell_states[step], lengths_arg,
-                step, batch, hidden_size, steps,
-                HAS_NEXT=step < steps - 1, **flags, **step_meta(config),
+                dgates, dr[step] if proj_size else dr_arg, weight_hh, weight_hr_arg, grad_output_arg, grad_h_n_arg, dc,
+                gates[step], cell_states[step], lengths_arg,
+                step, batch, hidden_size, state_size, steps,
+                PROJECTION=proj_size > 0, **step_flags, **step_meta(config),
             )
     # Every weight gradient is one GEMM over all steps of the stacked gate gradients.
     flat_dgates = dgates.view(steps * batch, 4 * hidden_size)
     grad_input = torch.matmul(flat_dgates, weight_ih).view(steps, batch, input_size)
     grad_weight_ih = flat_dgates.t() @ input.reshape(steps * batch, input_size)
-    grad_weight_hh = flat_dgates.t() @ hidden_before.view(steps * batch, hidden_size)
+    grad_weight_hh = flat_dgates.t() @ hidden_before.view(steps * batch, state_size)
     grad_bias = flat_dgates.sum(0, dtype=torch.float32).to(dtype)
+    if proj_size:
+        # dW_hr = Σ drᵀ·m over iterations, m = σ(o)·tanh(c) rebuilt from the saved gates and cell states rather
+        # than saved (T·B·H fewer saved elements); dr is zero where a row is frozen.
+        cell_output = (gates[..., 3 * hidden_size:].float() * torch.tanh(cell_states[1:])).to(dtype)
+        grad_weight_hr = dr.view(steps * batch, proj_size).t() @ cell_output.view(steps * batch, hidden_size)
+    else:
+        grad_weight_hr = torch.empty((0,), dtype=dtype, device=device)
     # h0 fed each row's first iteration: at time 0, or at its own last step when reversed.
     if not reverse:
         first_dgates = dgates[0]
@@ -386,4 +447,4 @@ def lstm_sequence_backward(
     if grad_h_n is not None and lengths is not None:
         # A row of length 0 never steps: h_n is h0.
         grad_h0 = grad_h0 + torch.where((lengths == 0)[:, None], grad_h_n, torch.zeros_like(grad_h_n))
-    return grad_input, grad_h0, dc.to(dtype), grad_weight_ih, grad_weight_hh, grad_bias
+    return grad_input, grad_h0, dc.to(dtype), grad_weight_ih, grad_weight_hh, grad_bias, grad_weight_hr

@@ -4,10 +4,13 @@ The launchers are imported inside the op bodies, so ``import pyattn`` needs no T
 ops also return what their backward needs (empty tensors at inference), so the saved state is
 visible to torch.compile like any other output. Three variants serve ``lstm``, tried in order:
 
-* ``triton/persistent`` — one program per batch tile runs every step, W_hh in registers (small H);
+* ``triton/persistent`` — one program per batch tile runs every step, W_hh in registers (small H; with a
+  projection W_hr too, both within one on-chip budget);
 * ``triton/grid`` — W_hh split over co-resident programs, a grid barrier per step (B ≤ 16, larger H; only
   where the compiled kernel's occupancy holds every program at once);
-* ``triton/stepwise`` — one fused launch per step (any size).
+* ``triton/stepwise`` — one fused launch per step (any size; a second, r = m·W_hrᵀ, with a projection).
+
+``proj_size > 0`` (feature "projection") is served by ``triton/persistent`` and ``triton/stepwise``.
 """
 
 from __future__ import annotations
@@ -126,29 +129,32 @@ def triton_lstm_layer_fwd(
     reverse: bool,
     save_for_backward: bool,
     recurrence: str,
+    weight_hr: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(output, h_n, c_n, gates, cell_states, hidden_before); the last three are empty unless saving.
-    ``recurrence``: the forward's kernel, "persistent", "grid" or "stepwise" (dispatch's variant)."""
+    ``recurrence``: the forward's kernel, "persistent", "grid" or "stepwise" (dispatch's variant).
+    ``weight_hr`` (P, H): the projection (proj_size > 0); then h0, output, h_n and hidden_before are P wide."""
     from pyattn.kernels import lstm as kernels
 
     return kernels.lstm_sequence_forward(
         input, h0, c0, weight_ih, weight_hh, combined_bias(bias_ih, bias_hh), lengths, reverse, save_for_backward,
-        recurrence=recurrence,
+        recurrence=recurrence, weight_hr=weight_hr,
     )
 
 
 @triton_lstm_layer_fwd.register_fake
-def _(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, lengths, reverse, save_for_backward, recurrence):
+def _(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, lengths, reverse, save_for_backward, recurrence,
+      weight_hr=None):
     steps, batch, _ = input.shape
-    hidden_size = h0.shape[1]
+    hidden_size, state_size = c0.shape[1], h0.shape[1]  # state_size: P with a projection, else H
     if save_for_backward:
         gates = input.new_empty((steps, batch, 4 * hidden_size))
         cell_states = input.new_empty((steps + 1, batch, hidden_size), dtype=torch.float32)
-        hidden_before = input.new_empty((steps, batch, hidden_size))
+        hidden_before = input.new_empty((steps, batch, state_size))
     else:
         gates, hidden_before = input.new_empty((0,)), input.new_empty((0,))
         cell_states = input.new_empty((0,), dtype=torch.float32)
-    output = input.new_empty((steps, batch, hidden_size))
+    output = input.new_empty((steps, batch, state_size))
     return output, h0.new_empty(h0.shape), c0.new_empty(c0.shape), gates, cell_states, hidden_before
 
 
@@ -166,39 +172,43 @@ def triton_lstm_layer_bwd(
     hidden_before: torch.Tensor,
     reverse: bool,
     recurrence: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad_input, grad_h0, grad_c0, grad_weight_ih, grad_weight_hh, grad_bias); ``recurrence``: the
-    backward's kernel, "persistent" or "stepwise"."""
+    weight_hr: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_input, grad_h0, grad_c0, grad_weight_ih, grad_weight_hh, grad_bias, grad_weight_hr); ``recurrence``:
+    the backward's kernel, "persistent" or "stepwise"; grad_weight_hr is empty without a projection."""
     from pyattn.kernels import lstm as kernels
 
     return kernels.lstm_sequence_backward(
         grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, lengths, reverse,
-        gates, cell_states, hidden_before, recurrence=recurrence,
+        gates, cell_states, hidden_before, recurrence=recurrence, weight_hr=weight_hr,
     )
 
 
 @triton_lstm_layer_bwd.register_fake
 def _(grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, lengths, gates, cell_states, hidden_before, reverse,
-      recurrence):
-    batch, hidden_size = input.shape[1], weight_hh.shape[1]
+      recurrence, weight_hr=None):
+    batch, hidden_size, state_size = input.shape[1], weight_hh.shape[0] // 4, weight_hh.shape[1]
+    grad_weight_hr = weight_hh.new_empty((0,) if weight_hr is None else weight_hr.shape)
     return (
-        input.new_empty(input.shape), input.new_empty((batch, hidden_size)), input.new_empty((batch, hidden_size)),
+        input.new_empty(input.shape), input.new_empty((batch, state_size)), input.new_empty((batch, hidden_size)),
         weight_ih.new_empty(weight_ih.shape), weight_hh.new_empty(weight_hh.shape),
-        weight_hh.new_empty((weight_hh.shape[0],)),
+        weight_hh.new_empty((weight_hh.shape[0],)), grad_weight_hr,
     )
 
 
 def _layer_setup_context(ctx, inputs, output):
     arguments = dict(zip(_LAYER_FORWARD_PARAMETERS, inputs))
+    arguments.setdefault("weight_hr", None)  # a defaulted trailing argument may not be among the inputs
     _, _, _, gates, cell_states, hidden_before = output
     ctx.save_for_backward(*(arguments[name] for name in _LAYER_SAVED_INPUTS), gates, cell_states, hidden_before)
+    ctx.num_inputs = len(inputs)
     ctx.has_bias_ih, ctx.has_bias_hh = arguments["bias_ih"] is not None, arguments["bias_hh"] is not None
     ctx.reverse = arguments["reverse"]
     ctx.recurrence = _BACKWARD_RECURRENCE[arguments["recurrence"]]
     ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not a zeros tensor
 
 
-_LAYER_SAVED_INPUTS = ("input", "h0", "c0", "weight_ih", "weight_hh", "bias_ih", "bias_hh", "lengths")
+_LAYER_SAVED_INPUTS = ("input", "h0", "c0", "weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr", "lengths")
 
 
 def _layer_backward(ctx, grad_output, grad_h_n, grad_c_n, *_grad_saved):
@@ -207,17 +217,19 @@ def _layer_backward(ctx, grad_output, grad_h_n, grad_c_n, *_grad_saved):
         arguments = dict(zip(_LAYER_SAVED_INPUTS, inputs), reverse=ctx.reverse)
         gradients = dict.fromkeys(_LAYER_FORWARD_PARAMETERS)
         gradients.update(differentiable_gradients(reference.lstm_layer, arguments, (grad_output, grad_h_n, grad_c_n)))
-        return tuple(gradients.values())
-    input, _, _, weight_ih, weight_hh, _, _, lengths = inputs
+        return tuple(gradients.values())[:ctx.num_inputs]
+    input, _, _, weight_ih, weight_hh, _, _, weight_hr, lengths = inputs
     require_saved(cell_states, "pyattn::triton_lstm_layer_fwd")
-    grad_input, grad_h0, grad_c0, grad_weight_ih, grad_weight_hh, grad_bias = triton_lstm_layer_bwd(
+    grad_input, grad_h0, grad_c0, grad_weight_ih, grad_weight_hh, grad_bias, grad_weight_hr = triton_lstm_layer_bwd(
         grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, lengths,
-        gates, cell_states, hidden_before, ctx.reverse, ctx.recurrence,
+        gates, cell_states, hidden_before, ctx.reverse, ctx.recurrence, weight_hr,
     )
     gradients = dict.fromkeys(_LAYER_FORWARD_PARAMETERS)
     gradients.update(input=grad_input, h0=grad_h0, c0=grad_c0, weight_ih=grad_weight_ih, weight_hh=grad_weight_hh)
     gradients["bias_ih"], gradients["bias_hh"] = bias_gradients(grad_bias, ctx.has_bias_ih, ctx.has_bias_hh)
-    return tuple(gradients.values())
+    gradients["weight_hr"] = None if weight_hr is None else grad_weight_hr
+    # One gradient per input the op received (a defaulted trailing weight_hr may not be one of them).
+    return tuple(gradients.values())[:ctx.num_inputs]
 
 
 _CELL_FORWARD_PARAMETERS = tuple(a.name for a in torch.ops.pyattn.triton_lstm_cell_fwd.default._schema.arguments)
@@ -240,14 +252,11 @@ def triton_lstm_cell(input, hx, cx, weight_ih, weight_hh, bias_ih=None, bias_hh=
 def _layer(recurrence: str):
     def triton_lstm_layer(input, h0, c0, weight_ih, weight_hh, bias_ih=None, bias_hh=None, weight_hr=None,
                           reverse=False, lengths=None):
-        if weight_hr is not None:  # refused by the support ("projection"): only a direct call gets here
-            raise ValueError("weight_hr: the triton LSTM has no projection (proj_size > 0); dispatch routes such "
-                             "calls to another backend")
         if lengths is not None:
             lengths = lengths.to(device=input.device, dtype=torch.int64)
-        save = needs_grad(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh)
+        save = needs_grad(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr)
         output, h_n, c_n, *_ = triton_lstm_layer_fwd(
-            input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, lengths, reverse, save, recurrence
+            input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, lengths, reverse, save, recurrence, weight_hr
         )
         return output, h_n, c_n
 
@@ -259,7 +268,12 @@ def _check_persistent(request: Request, target: Target) -> str | None:
 
     if request.size("hidden_size") is None:
         return "the hidden size is unknown"
-    return persistent_unsupported_reason(request.size("hidden_size"), request.dtype)
+    proj_size = 0
+    if "projection" in request.features:
+        proj_size = request.size("proj_size")
+        if proj_size is None:
+            return "the projection size (proj_size) is unknown"
+    return persistent_unsupported_reason(request.size("hidden_size"), request.dtype, proj_size)
 
 
 def _check_grid(request: Request, target: Target) -> str | None:
@@ -276,14 +290,17 @@ def _check_grid(request: Request, target: Target) -> str | None:
     return grid_unsupported_reason(request.size("batch"), request.size("hidden_size"), request.dtype, device=device)
 
 
-def _layer_support(*checks) -> Support:
+def _layer_support(*checks, projection: bool = True) -> Support:
+    features = frozenset({"lengths", "projection"} if projection else {"lengths"})
     return Support(devices=frozenset({"cuda"}), interpreter_devices=frozenset({"cpu"}), dtypes=_TRITON_DTYPES,
-                   features=frozenset({"lengths"}), checks=checks)
+                   features=features, checks=checks)
 
 
 register("triton", "lstm", _layer_support(_check_persistent), variant="persistent",
-         summary="one program per batch tile runs every step, W_hh in registers")(stacked(_layer("persistent")))
-register("triton", "lstm", _layer_support(_check_grid), variant="grid",
+         summary="one program per batch tile runs every step, W_hh (and W_hr) in registers")(
+             stacked(_layer("persistent")))
+# The grid kernel has no projection: dispatch refuses proj_size > 0 there ("unsupported features: projection").
+register("triton", "lstm", _layer_support(_check_grid, projection=False), variant="grid",
          summary="W_hh split over co-resident programs, a grid barrier per step")(stacked(_layer("grid")))
 register("triton", "lstm", _layer_support(), variant="stepwise",
-         summary="one fused launch per step")(stacked(_layer("stepwise")))
+         summary="one fused launch per step (two with a projection)")(stacked(_layer("stepwise")))
