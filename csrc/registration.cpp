@@ -42,6 +42,16 @@ TORCH_LIBRARY_FRAGMENT(pyattn, m) {
       "cuda_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask, "
       "Tensor? alibi_slopes, float scale, int window_left, int window_right, int diagonal_offset, float softcap, "
       "bool deterministic) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+  // Varlen: q (total_q, Hq, D), k/v (total_k, Hk, D), cu_seqlens int32 (B + 1,); lse (Hq, total_q).
+  m.def(
+      "cuda_attention_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+      "Tensor? alibi_slopes, int max_seqlen_q, int max_seqlen_k, float scale, int window_left, int window_right, "
+      "int diagonal_offset, bool align_to_end, float softcap, bool deterministic) -> (Tensor out, Tensor lse)");
+  m.def(
+      "cuda_attention_varlen_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor cu_seqlens_q, Tensor cu_seqlens_k, Tensor? alibi_slopes, int max_seqlen_q, int max_seqlen_k, "
+      "float scale, int window_left, int window_right, int diagonal_offset, bool align_to_end, float softcap, "
+      "bool deterministic) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
 }
 
 TORCH_LIBRARY_IMPL(pyattn, CUDA, m) {
@@ -51,4 +61,6 @@ TORCH_LIBRARY_IMPL(pyattn, CUDA, m) {
   m.impl("cuda_lstm_layer_bwd", &pyattn::lstm::lstm_layer_backward);
   m.impl("cuda_attention_fwd", &pyattn::attention::attention_forward);
   m.impl("cuda_attention_bwd", &pyattn::attention::attention_backward);
+  m.impl("cuda_attention_varlen_fwd", &pyattn::attention::attention_varlen_forward);
+  m.impl("cuda_attention_varlen_bwd", &pyattn::attention::attention_varlen_backward);
 }

@@ -10,6 +10,7 @@
 #include <cuda_runtime_api.h>
 
 #include <climits>
+#include <cmath>
 #include <cstdint>
 
 #include "attention/attention_launch.h"
@@ -92,6 +93,10 @@ void fill_forward(ForwardParams& p, const at::Tensor& q, const at::Tensor& k, co
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
+  p.cu_seqlens_q = p.cu_seqlens_k = nullptr;
+  p.align_to_end = false;
+  p.lse_batch_stride = s.heads_q * s.seqlen_q;
+  p.lse_head_stride = s.seqlen_q;
   set_strides(q, p.q_batch_stride, p.q_head_stride, p.q_row_stride);
   set_strides(k, p.k_batch_stride, p.k_head_stride, p.k_row_stride);
   set_strides(v, p.v_batch_stride, p.v_head_stride, p.v_row_stride);
@@ -138,10 +143,123 @@ void fill_forward(ForwardParams& p, const at::Tensor& q, const at::Tensor& k, co
   prepare_scores(p);
 }
 
+// The backward's float32 workspaces: delta and lse·log2 e (`rows_per_head` rows per head, from
+// `row_values_elements` in all), and unless deterministic the zeroed dQ accumulator, `accum_rows` rows per head
+// (batch stride set by the caller: 0 in the varlen layout).
+struct Workspace {
+  at::Tensor delta, lse_log2, dq_accum;
+};
+
+Workspace new_workspace(BackwardParams& p, const at::Tensor& q, int64_t row_values_elements, int64_t rows_per_head,
+                        int64_t batch, int64_t heads_q, int64_t accum_rows, int64_t head_dim, bool deterministic) {
+  const auto float_options = q.options().dtype(at::kFloat);
+  Workspace w;
+  w.delta = at::empty({row_values_elements}, float_options);
+  w.lse_log2 = at::empty({row_values_elements}, float_options);
+  p.delta = w.delta.data_ptr<float>();
+  p.lse_log2 = w.lse_log2.data_ptr<float>();
+  p.row_values_head_stride = rows_per_head;
+  p.deterministic = deterministic;
+  p.dq_accum = nullptr;
+  p.dq_accum_head_stride = accum_rows * head_dim;
+  if (!deterministic) {
+    w.dq_accum = at::zeros({batch * heads_q * accum_rows * head_dim}, float_options);
+    p.dq_accum = w.dq_accum.data_ptr<float>();
+  }
+  return w;
+}
+
+void set_output_strides(const at::Tensor& t, int64_t& batch, int64_t& head, int64_t& row, bool packed) {
+  if (packed) {  // (total, heads, D): one batch of packed rows
+    batch = 0;
+    head = t.stride(1);
+    row = t.stride(0);
+  } else {
+    set_strides(t, batch, head, row);
+  }
+}
+
+void launch_backward(BackwardParams& p, const at::Tensor& q, int64_t head_dim, at::Tensor& dq, at::Tensor& dk,
+                     at::Tensor& dv) {
+  const bool packed = p.cu_seqlens_q != nullptr;
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  set_output_strides(dq, p.dq_batch_stride, p.dq_head_stride, p.dq_row_stride, packed);
+  set_output_strides(dk, p.dk_batch_stride, p.dk_head_stride, p.dk_row_stride, packed);
+  set_output_strides(dv, p.dv_batch_stride, p.dv_head_stride, p.dv_row_stride, packed);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_kernels(q.scalar_type(), head_dim, [&](auto element, auto head_dim_constant) {
+    C10_CUDA_CHECK((launch_attention_backward_sm80<decltype(element), decltype(head_dim_constant)::value>(p, stream)));
+  });
+}
+
 void check_architecture(const at::Tensor& q) {
   int major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()));
   TORCH_CHECK(major >= 8, "the CUDA attention kernels need compute capability >= 8.0 (mma.sync.m16n8k16, cp.async)");
+}
+
+// ------------------------------------------------------------------------------------------- varlen
+
+// Varlen operands are (total, heads, D); the kernels see them as one batch of packed rows, (1, heads, total, D)
+// views, with each sequence's rows and lengths read from cu_seqlens on the device.
+at::Tensor packed_view(const at::Tensor& t) { return t.unsqueeze(0).transpose(1, 2); }
+
+void check_packed(const at::Tensor& t, const char* name, const at::Tensor& q) {
+  TORCH_CHECK(t.dim() == 3, name, " must be 3-D (total, heads, head_dim) in the varlen layout, got shape ", t.sizes());
+  check_operand(packed_view(t), name, q);
+}
+
+void check_cu_seqlens(const at::Tensor& cu, const char* name, const at::Tensor& q, int64_t batch) {
+  TORCH_CHECK(cu.device() == q.device(), name, " must be on ", q.device(), " like q, got ", cu.device());
+  TORCH_CHECK(cu.scalar_type() == at::kInt && cu.dim() == 1 && cu.is_contiguous(), name,
+              " must be a contiguous 1-D int32 tensor, got ", cu.scalar_type(), " of shape ", cu.sizes());
+  TORCH_CHECK(cu.numel() == batch + 1, name, " must have batch + 1 = ", batch + 1, " entries, got ", cu.numel());
+}
+
+struct VarlenSizes {
+  Sizes sizes;  // batch = sequences, seqlen_q/k = the longest (the grids), heads and head_dim
+  int64_t total_q, total_k;
+};
+
+VarlenSizes check_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+                         const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k) {
+  check_packed(q, "q", q);
+  check_packed(k, "k", q);
+  check_packed(v, "v", q);
+  TORCH_CHECK(cu_seqlens_q.dim() == 1 && cu_seqlens_q.numel() >= 2, "cu_seqlens_q must be (batch + 1,) with batch >= 1, "
+              "got shape ", cu_seqlens_q.sizes());
+  const int64_t batch = cu_seqlens_q.numel() - 1;
+  check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q, batch);
+  check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q, batch);
+  TORCH_CHECK(k.size(2) == q.size(2), "k's head dim ", k.size(2), " != q's ", q.size(2));
+  TORCH_CHECK(v.sizes() == k.sizes(), "v must have k's shape ", k.sizes(), " (the kernels need equal head dims), got ",
+              v.sizes());
+  const int64_t heads_q = q.size(1), heads_k = k.size(1);
+  TORCH_CHECK(heads_k > 0 && heads_q % heads_k == 0, "q's ", heads_q, " heads must be a multiple of k's ", heads_k);
+  TORCH_CHECK(batch <= 65535 && heads_q <= 65535, "batch and heads must be <= 65535 (the grid's y and z)");
+  // The grids cover max_seqlen rows per sequence: a sequence longer than it would be cut short (its
+  // lengths live on the device, so this is the caller's promise, as in flash-attn).
+  TORCH_CHECK(max_seqlen_q >= 0 && max_seqlen_k >= 0 && max_seqlen_q < INT_MAX && max_seqlen_k < INT_MAX,
+              "max_seqlen_q and max_seqlen_k must be 32-bit counts >= 0, got ", max_seqlen_q, ", ", max_seqlen_k);
+  TORCH_CHECK(q.size(0) < INT_MAX && k.size(0) < INT_MAX, "total_q and total_k must fit 32 bits (cu_seqlens is int32)");
+  return {{batch, heads_q, heads_k, max_seqlen_q, max_seqlen_k, q.size(2)}, q.size(0), k.size(0)};
+}
+
+// fill_forward on the packed views, then the varlen fields: batch strides 0, cu_seqlens, lse (Hq, total_q).
+void fill_varlen_forward(ForwardParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                         const VarlenSizes& vs, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                         const std::optional<at::Tensor>& alibi_slopes, double scale, int64_t window_left,
+                         int64_t window_right, int64_t diagonal_offset, bool align_to_end, double softcap) {
+  fill_forward(p, packed_view(q), packed_view(k), packed_view(v), vs.sizes, std::nullopt, alibi_slopes, scale,
+               window_left, window_right, diagonal_offset, softcap);
+  p.q_batch_stride = p.k_batch_stride = p.v_batch_stride = 0;
+  p.cu_seqlens_q = cu_seqlens_q.data_ptr<int>();
+  p.cu_seqlens_k = cu_seqlens_k.data_ptr<int>();
+  p.align_to_end = align_to_end;
+  p.lse_batch_stride = 0;
+  p.lse_head_stride = vs.total_q;
 }
 
 }  // namespace
@@ -203,28 +321,81 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
   set_strides(grad_out, p.do_batch_stride, p.do_head_stride, p.do_row_stride);
   p.lse_fwd = lse.data_ptr<float>();
   p.padded_seqlen_q = padded_rows(p.seqlen_q);
-  const auto float_options = q.options().dtype(at::kFloat);
-  at::Tensor delta = at::empty({s.batch, s.heads_q, p.padded_seqlen_q}, float_options);
-  at::Tensor lse_log2 = at::empty({s.batch, s.heads_q, p.padded_seqlen_q}, float_options);
-  p.delta = delta.data_ptr<float>();
-  p.lse_log2 = lse_log2.data_ptr<float>();
-  at::Tensor dq_accum;
-  p.deterministic = deterministic;
-  p.dq_accum = nullptr;
-  if (!deterministic) {
-    dq_accum = at::zeros({s.batch, s.heads_q, s.seqlen_q, s.head_dim}, float_options);
-    p.dq_accum = dq_accum.data_ptr<float>();
-  }
-  p.dq = dq.data_ptr();
-  p.dk = dk.data_ptr();
-  p.dv = dv.data_ptr();
-  set_strides(dq, p.dq_batch_stride, p.dq_head_stride, p.dq_row_stride);
-  set_strides(dk, p.dk_batch_stride, p.dk_head_stride, p.dk_row_stride);
-  set_strides(dv, p.dv_batch_stride, p.dv_head_stride, p.dv_row_stride);
+  const Workspace workspace = new_workspace(p, q, s.batch * s.heads_q * p.padded_seqlen_q, p.padded_seqlen_q,
+                                            s.batch, s.heads_q, s.seqlen_q, s.head_dim, deterministic);
+  p.row_values_batch_stride = s.heads_q * p.padded_seqlen_q;
+  p.dq_accum_batch_stride = s.heads_q * s.seqlen_q * s.head_dim;
+  launch_backward(p, q, s.head_dim, dq, dk, dv);
+  return {dq, dk, dv};
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_varlen_forward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, const std::optional<at::Tensor>& alibi_slopes, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, double scale, int64_t window_left, int64_t window_right, int64_t diagonal_offset,
+    bool align_to_end, double softcap, bool deterministic) {
+  (void)deterministic;
+  const VarlenSizes vs = check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  const Sizes& s = vs.sizes;
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor out = at::empty({vs.total_q, s.heads_q, s.head_dim}, q.options());
+  at::Tensor lse = at::empty({s.heads_q, vs.total_q}, q.options().dtype(at::kFloat));
+  ForwardParams p{};
+  fill_varlen_forward(p, q, k, v, vs, cu_seqlens_q, cu_seqlens_k, alibi_slopes, scale, window_left, window_right,
+                      diagonal_offset, align_to_end, softcap);
+  if (out.numel() == 0 || s.seqlen_q == 0) return {out.zero_(), lse.fill_(-INFINITY)};
+  check_architecture(q);
+  p.out = out.data_ptr();
+  set_output_strides(out, p.out_batch_stride, p.out_head_stride, p.out_row_stride, true);
+  p.lse = lse.data_ptr<float>();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_kernels(q.scalar_type(), s.head_dim, [&](auto element, auto head_dim) {
-    C10_CUDA_CHECK((launch_attention_backward_sm80<decltype(element), decltype(head_dim)::value>(p, stream)));
+    C10_CUDA_CHECK((launch_attention_forward_sm80<decltype(element), decltype(head_dim)::value>(p, stream)));
   });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward(
+    const at::Tensor& grad_out_in, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+    const std::optional<at::Tensor>& alibi_slopes, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
+    int64_t window_left, int64_t window_right, int64_t diagonal_offset, bool align_to_end, double softcap,
+    bool deterministic) {
+  const VarlenSizes vs = check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  const Sizes& s = vs.sizes;
+  TORCH_CHECK(grad_out_in.sizes() == q.sizes(), "grad_out must have q's shape ", q.sizes(), ", got ", grad_out_in.sizes());
+  TORCH_CHECK(grad_out_in.scalar_type() == q.scalar_type() && grad_out_in.device() == q.device(),
+              "grad_out must have q's dtype and device");
+  const at::Tensor grad_out = chunk_aligned(grad_out_in) ? grad_out_in : grad_out_in.contiguous();
+  TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type() && out.device() == q.device(),
+              "out must be the forward's output: q's shape, dtype and device");
+  TORCH_CHECK(out.stride(-1) == 1, "out must have a contiguous last dim");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.device() == q.device() &&
+                  lse.sizes() == at::IntArrayRef({s.heads_q, vs.total_q}),
+              "lse must be the forward's: float32, contiguous, shape (", s.heads_q, ", ", vs.total_q, "), got ",
+              lse.sizes());
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor dq = at::empty({vs.total_q, s.heads_q, s.head_dim}, q.options());
+  at::Tensor dk = at::empty({vs.total_k, s.heads_k, s.head_dim}, q.options());
+  at::Tensor dv = at::empty({vs.total_k, s.heads_k, s.head_dim}, q.options());
+  if (dq.numel() == 0 || dk.numel() == 0 || s.seqlen_q == 0 || s.seqlen_k == 0)
+    return {dq.zero_(), dk.zero_(), dv.zero_()};  // no query or no key: no gradient
+  BackwardParams p{};
+  fill_varlen_forward(p, q, k, v, vs, cu_seqlens_q, cu_seqlens_k, alibi_slopes, scale, window_left, window_right,
+                      diagonal_offset, align_to_end, softcap);
+  check_architecture(q);
+  p.out_fwd = out.data_ptr();
+  set_output_strides(out, p.o_batch_stride, p.o_head_stride, p.o_row_stride, true);
+  p.grad_out = grad_out.data_ptr();
+  set_output_strides(grad_out, p.do_batch_stride, p.do_head_stride, p.do_row_stride, true);
+  p.lse_fwd = lse.data_ptr<float>();
+  p.padded_seqlen_q = padded_rows(p.seqlen_q);
+  const int64_t rows_per_head = varlen_row_values(vs.total_q, static_cast<int>(s.batch));
+  const Workspace workspace = new_workspace(p, q, s.heads_q * rows_per_head, rows_per_head, 1, s.heads_q, vs.total_q,
+                                            s.head_dim, deterministic);
+  p.row_values_batch_stride = 0;
+  p.dq_accum_batch_stride = 0;
+  launch_backward(p, q, s.head_dim, dq, dk, dv);
   return {dq, dk, dv};
 }
 

@@ -29,4 +29,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
     double scale, int64_t window_left, int64_t window_right, int64_t diagonal_offset, double softcap,
     bool deterministic);
 
+// Varlen: q (total_q, Hq, D), k and v (total_k, Hk, D), sequence b in rows [cu_seqlens[b], cu_seqlens[b + 1])
+// (int32 (B + 1,) on q's device; max_seqlen_q/k at least every sequence's length: they size the grids)
+// -> out (total_q, Hq, D) contiguous, lse (Hq, total_q) float32 (the Triton varlen path's layouts).
+// align_to_end: sequence b's diagonal offset is diagonal_offset + S_b - L_b (flash-attn's varlen causal).
+std::tuple<at::Tensor, at::Tensor> attention_varlen_forward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, const std::optional<at::Tensor>& alibi_slopes, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, double scale, int64_t window_left, int64_t window_right, int64_t diagonal_offset,
+    bool align_to_end, double softcap, bool deterministic);
+
+// -> grad_q (total_q, Hq, D), grad_k, grad_v (total_k, Hk, D), contiguous.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+    const std::optional<at::Tensor>& alibi_slopes, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
+    int64_t window_left, int64_t window_right, int64_t diagonal_offset, bool align_to_end, double softcap,
+    bool deterministic);
+
 }  // namespace pyattn::attention

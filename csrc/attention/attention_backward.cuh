@@ -9,6 +9,8 @@
 //      buffer with atomics (one pass over the band);
 //   3. deterministic: a dQ kernel per (query tile, head, batch) recomputes S and dP over the key band and
 //      writes dQ once (2 more GEMMs per tile, bit-reproducible); otherwise a conversion of the fp32 buffer.
+// In the varlen layout every kernel works inside one sequence (attention_common.cuh's Sequence); the grids
+// cover the longest one and CTAs past their own sequence's end return at once.
 // Every transposed product is arranged so that its operands come straight from ldmatrix (.trans where the
 // stored layout is the other way round) and the accumulators of one mma feed the next as A fragments.
 #pragma once
@@ -20,6 +22,12 @@ namespace pyattn::attention {
 // ------------------------------------------------------------------------------------ preprocess
 
 constexpr int kPreprocessWarps = 4;
+
+// Index of (batch, head, row 0) in the per-row workspaces (delta, lse·log2 e): attention_params.h's layout.
+PYATTN_DEVICE int64_t row_values_base(const BackwardParams& p, const Sequence& seq, int batch, int head) {
+  const int64_t first = p.cu_seqlens_q != nullptr ? varlen_row_values(seq.q_start, batch) : 0;
+  return batch * p.row_values_batch_stride + head * p.row_values_head_stride + first;
+}
 
 template <int HEAD_DIM>
 struct PreprocessShape {
@@ -38,19 +46,22 @@ PYATTN_GLOBAL void PYATTN_LAUNCH_BOUNDS(kPreprocessWarps * 32, 4)
   const int lane = thread_index() & 31, warp = thread_index() >> 5;
   const int row = block_index_x() * kPreprocessWarps + warp, head = block_index_y(), batch = block_index_z();
   if (row >= p.padded_seqlen_q) return;  // the whole warp
+  const Sequence seq = sequence_of(p, batch);
+  if (row >= padded_rows(seq.seqlen_q)) return;  // varlen: past this sequence's padded tiles
   float delta = 0.f, lse_log2 = INFINITY;
-  if (row < p.seqlen_q) {
+  if (row < seq.seqlen_q) {
+    const int64_t packed_row = seq.q_start + row;
     const uint16_t* o = static_cast<const uint16_t*>(p.out_fwd) + batch * p.o_batch_stride +
-                        head * p.o_head_stride + row * p.o_row_stride;
+                        head * p.o_head_stride + packed_row * p.o_row_stride;
     const uint16_t* d_o = static_cast<const uint16_t*>(p.grad_out) + batch * p.do_batch_stride +
-                          head * p.do_head_stride + row * p.do_row_stride;
+                          head * p.do_head_stride + packed_row * p.do_row_stride;
     for (int d = lane; d < HEAD_DIM; d += 32) delta += to_float(E{}, ld_global(d_o + d)) * to_float(E{}, ld_global(o + d));
-    const float lse = ld_global(p.lse_fwd + (int64_t(batch) * p.heads_q + head) * p.seqlen_q + row);
+    const float lse = ld_global(p.lse_fwd + batch * p.lse_batch_stride + head * p.lse_head_stride + packed_row);
     lse_log2 = lse == -INFINITY ? INFINITY : lse * kLog2e;
   }
   for (int mask = 16; mask >= 1; mask /= 2) delta += shfl_xor(delta, mask);
   if (lane == 0) {
-    const int64_t index = (int64_t(batch) * p.heads_q + head) * p.padded_seqlen_q + row;
+    const int64_t index = row_values_base(p, seq, batch, head) + row;
     st_global(p.delta + index, delta);
     st_global(p.lse_log2 + index, lse_log2);
   }
@@ -92,9 +103,13 @@ PYATTN_GLOBAL void PYATTN_LAUNCH_BOUNDS(DkDvShape<HEAD_DIM>::kThreads, 1)
   const int tid = thread_index(), lane = tid & 31, warp = tid >> 5;
   const int group_row = lane >> 2, quad = lane & 3;
   const int n0 = block_index_x() * BLOCK_N, head_k = block_index_y(), batch = block_index_z();
+  const Sequence seq = sequence_of(p, batch);
+  if (n0 >= seq.seqlen_k) return;  // varlen: past this sequence's end
   const int group = p.heads_q / p.heads_k;
-  const uint16_t* k = static_cast<const uint16_t*>(p.k) + batch * p.k_batch_stride + head_k * p.k_head_stride;
-  const uint16_t* v = static_cast<const uint16_t*>(p.v) + batch * p.v_batch_stride + head_k * p.v_head_stride;
+  const uint16_t* k = static_cast<const uint16_t*>(p.k) + batch * p.k_batch_stride + head_k * p.k_head_stride +
+                      seq.k_start * p.k_row_stride;
+  const uint16_t* v = static_cast<const uint16_t*>(p.v) + batch * p.v_batch_stride + head_k * p.v_head_stride +
+                      seq.k_start * p.v_row_stride;
   const int keys[2] = {n0 + warp * 16 + group_row, n0 + warp * 16 + group_row + 8};
 
   float dk[D_TILES][4], dv[D_TILES][4];
@@ -103,7 +118,7 @@ PYATTN_GLOBAL void PYATTN_LAUNCH_BOUNDS(DkDvShape<HEAD_DIM>::kThreads, 1)
     #pragma unroll
     for (int e = 0; e < 4; ++e) dk[nt][e] = dv[nt][e] = 0.f;
 
-  const Band band = query_tiles<BLOCK_M, BLOCK_N>(p, n0);
+  const Band band = query_tiles<BLOCK_M, BLOCK_N>(p, seq, n0);
   const int tiles = band.end - band.begin, items = tiles * group;  // (query head of the group, query tile)
 
   const uint32_t shared = shared_base();
@@ -116,18 +131,20 @@ PYATTN_GLOBAL void PYATTN_LAUNCH_BOUNDS(DkDvShape<HEAD_DIM>::kThreads, 1)
   auto load_item = [&](int item, int stage) {
     const int head = item_head(item), m0 = item_m0(item);
     const uint32_t base = stages + stage * Shape::kStage;
-    const uint16_t* q = static_cast<const uint16_t*>(p.q) + batch * p.q_batch_stride + head * p.q_head_stride;
-    const uint16_t* d_o = static_cast<const uint16_t*>(p.grad_out) + batch * p.do_batch_stride + head * p.do_head_stride;
-    load_tile<BLOCK_M, HEAD_DIM, THREADS>(base, q, p.q_row_stride, m0, p.seqlen_q);
-    load_tile<BLOCK_M, HEAD_DIM, THREADS>(base + Shape::kTileQ, d_o, p.do_row_stride, m0, p.seqlen_q);
-    const int64_t row_values = (int64_t(batch) * p.heads_q + head) * p.padded_seqlen_q + m0;
+    const uint16_t* q = static_cast<const uint16_t*>(p.q) + batch * p.q_batch_stride + head * p.q_head_stride +
+                        seq.q_start * p.q_row_stride;
+    const uint16_t* d_o = static_cast<const uint16_t*>(p.grad_out) + batch * p.do_batch_stride +
+                          head * p.do_head_stride + seq.q_start * p.do_row_stride;
+    load_tile<BLOCK_M, HEAD_DIM, THREADS>(base, q, p.q_row_stride, m0, seq.seqlen_q);
+    load_tile<BLOCK_M, HEAD_DIM, THREADS>(base + Shape::kTileQ, d_o, p.do_row_stride, m0, seq.seqlen_q);
+    const int64_t row_values = row_values_base(p, seq, batch, head) + m0;
     load_row_values<BLOCK_M>(base + 2 * Shape::kTileQ, p.lse_log2 + row_values);
     load_row_values<BLOCK_M>(base + 2 * Shape::kTileQ + Shape::kRowValues, p.delta + row_values);
   };
 
   if (items > 0) {
-    load_tile<BLOCK_N, HEAD_DIM, THREADS>(k_tile, k, p.k_row_stride, n0, p.seqlen_k);
-    load_tile<BLOCK_N, HEAD_DIM, THREADS>(v_tile, v, p.v_row_stride, n0, p.seqlen_k);
+    load_tile<BLOCK_N, HEAD_DIM, THREADS>(k_tile, k, p.k_row_stride, n0, seq.seqlen_k);
+    load_tile<BLOCK_N, HEAD_DIM, THREADS>(v_tile, v, p.v_row_stride, n0, seq.seqlen_k);
     for (int s = 0; s < STAGES - 1; ++s) {
       if (s < items) load_item(s, s);
       cp_async_commit();
@@ -175,7 +192,7 @@ PYATTN_GLOBAL void PYATTN_LAUNCH_BOUNDS(DkDvShape<HEAD_DIM>::kThreads, 1)
     }
 
     // Pᵀ and dSᵀ element by element (key j = row, query i = column), packed as A fragments.
-    const bool crosses_window = tile_crosses_window<BLOCK_M, BLOCK_N>(p, m0, n0);
+    const bool crosses_window = tile_crosses_window<BLOCK_M, BLOCK_N>(p, seq, m0, n0);
     const bool transform = !p.plain_scores || crosses_window || p.mask_kind != MaskKind::kNone;
     uint32_t pt[Q_STEPS][4], dst[Q_STEPS][4];
     #pragma unroll
@@ -189,8 +206,8 @@ PYATTN_GLOBAL void PYATTN_LAUNCH_BOUNDS(DkDvShape<HEAD_DIM>::kThreads, 1)
         #pragma unroll
         for (int h = 0; h < 2; ++h) {
           float x = st[nt][2 * r + h], tanh_value = 0.f;
-          if (transform) x = transformed_score<E>(p, terms, x, m0 + nt * 8 + 2 * quad + h, keys[r], crosses_window,
-                                                  tanh_value);
+          if (transform) x = transformed_score<E>(p, seq, terms, x, m0 + nt * 8 + 2 * quad + h, keys[r],
+                                                  crosses_window, tanh_value);
           probability[h] = fast_exp2(fmaf(x, c, -lse_log2[h]));
           grad_score[h] = probability[h] * (dpt[nt][2 * r + h] - delta[h]);
           if (p.softcap > 0.f) grad_score[h] *= 1.f - tanh_value * tanh_value;
@@ -250,24 +267,27 @@ PYATTN_GLOBAL void PYATTN_LAUNCH_BOUNDS(DkDvShape<HEAD_DIM>::kThreads, 1)
           mma_m16n8k16<E>(dq[j + 1], a, b1);
         }
       }
-      float* accum = p.dq_accum + (int64_t(batch) * p.heads_q + head) * p.seqlen_q * HEAD_DIM;
+      float* accum = p.dq_accum + batch * p.dq_accum_batch_stride + head * p.dq_accum_head_stride +
+                     seq.q_start * HEAD_DIM;
       #pragma unroll
       for (int j = 0; j < N_PER_WARP; ++j)
         #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int row = m0 + mt * 16 + group_row + 8 * (e >> 1), col = (n_first + j) * 8 + 2 * quad + (e & 1);
-          if (row < p.seqlen_q) atomic_add_f32(accum + int64_t(row) * HEAD_DIM + col, dq[j][e]);
+          if (row < seq.seqlen_q) atomic_add_f32(accum + int64_t(row) * HEAD_DIM + col, dq[j][e]);
         }
     }
   }
   cp_async_wait<0>();
 
   // dK = scale · Σ dSᵀ Q, dV = Σ Pᵀ dO (zero for keys no query sees).
-  uint16_t* dk_out = static_cast<uint16_t*>(p.dk) + batch * p.dk_batch_stride + head_k * p.dk_head_stride;
-  uint16_t* dv_out = static_cast<uint16_t*>(p.dv) + batch * p.dv_batch_stride + head_k * p.dv_head_stride;
+  uint16_t* dk_out = static_cast<uint16_t*>(p.dk) + batch * p.dk_batch_stride + head_k * p.dk_head_stride +
+                     seq.k_start * p.dk_row_stride;
+  uint16_t* dv_out = static_cast<uint16_t*>(p.dv) + batch * p.dv_batch_stride + head_k * p.dv_head_stride +
+                     seq.k_start * p.dv_row_stride;
   #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    if (keys[r] >= p.seqlen_k) continue;
+    if (keys[r] >= seq.seqlen_k) continue;
     #pragma unroll
     for (int nt = 0; nt < D_TILES; ++nt) {
       const int col = nt * 8 + 2 * quad;
@@ -306,12 +326,19 @@ PYATTN_GLOBAL void PYATTN_LAUNCH_BOUNDS(DqShape<HEAD_DIM>::kThreads, 1)
   const int tid = thread_index(), lane = tid & 31, warp = tid >> 5;
   const int group_row = lane >> 2, quad = lane & 3;
   const int m0 = block_index_x() * BLOCK_M, head = block_index_y(), batch = block_index_z();
+  const Sequence seq = sequence_of(p, batch);
+  if (m0 >= seq.seqlen_q) return;  // varlen: past this sequence's end
   const int head_k = head / (p.heads_q / p.heads_k);
-  const uint16_t* q = static_cast<const uint16_t*>(p.q) + batch * p.q_batch_stride + head * p.q_head_stride;
-  const uint16_t* d_o = static_cast<const uint16_t*>(p.grad_out) + batch * p.do_batch_stride + head * p.do_head_stride;
-  const uint16_t* k = static_cast<const uint16_t*>(p.k) + batch * p.k_batch_stride + head_k * p.k_head_stride;
-  const uint16_t* v = static_cast<const uint16_t*>(p.v) + batch * p.v_batch_stride + head_k * p.v_head_stride;
-  uint16_t* dq_out = static_cast<uint16_t*>(p.dq) + batch * p.dq_batch_stride + head * p.dq_head_stride;
+  const uint16_t* q = static_cast<const uint16_t*>(p.q) + batch * p.q_batch_stride + head * p.q_head_stride +
+                      seq.q_start * p.q_row_stride;
+  const uint16_t* d_o = static_cast<const uint16_t*>(p.grad_out) + batch * p.do_batch_stride +
+                        head * p.do_head_stride + seq.q_start * p.do_row_stride;
+  const uint16_t* k = static_cast<const uint16_t*>(p.k) + batch * p.k_batch_stride + head_k * p.k_head_stride +
+                      seq.k_start * p.k_row_stride;
+  const uint16_t* v = static_cast<const uint16_t*>(p.v) + batch * p.v_batch_stride + head_k * p.v_head_stride +
+                      seq.k_start * p.v_row_stride;
+  uint16_t* dq_out = static_cast<uint16_t*>(p.dq) + batch * p.dq_batch_stride + head * p.dq_head_stride +
+                     seq.q_start * p.dq_row_stride;
   const int rows[2] = {m0 + warp * 16 + group_row, m0 + warp * 16 + group_row + 8};
 
   float acc[D_TILES][4];
@@ -320,23 +347,24 @@ PYATTN_GLOBAL void PYATTN_LAUNCH_BOUNDS(DqShape<HEAD_DIM>::kThreads, 1)
     #pragma unroll
     for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
 
-  const Band band = key_tiles<BLOCK_M, BLOCK_N>(p, m0);
+  const Band band = key_tiles<BLOCK_M, BLOCK_N>(p, seq, m0);
   const uint32_t shared = shared_base();
   const uint32_t q_tile = shared, do_tile = shared + Shape::kTileQ, kv_tiles = shared + 2 * Shape::kTileQ;
   if (band.begin < band.end) {
-    load_tile<BLOCK_M, HEAD_DIM, THREADS>(q_tile, q, p.q_row_stride, m0, p.seqlen_q);
-    load_tile<BLOCK_M, HEAD_DIM, THREADS>(do_tile, d_o, p.do_row_stride, m0, p.seqlen_q);
+    load_tile<BLOCK_M, HEAD_DIM, THREADS>(q_tile, q, p.q_row_stride, m0, seq.seqlen_q);
+    load_tile<BLOCK_M, HEAD_DIM, THREADS>(do_tile, d_o, p.do_row_stride, m0, seq.seqlen_q);
     for (int s = 0; s < STAGES - 1; ++s) {
       const int n = band.begin + s;
       if (n < band.end) {
         const uint32_t k_stage = kv_tiles + 2 * s * Shape::kTileKV;
-        load_tile<BLOCK_N, HEAD_DIM, THREADS>(k_stage, k, p.k_row_stride, n * BLOCK_N, p.seqlen_k);
-        load_tile<BLOCK_N, HEAD_DIM, THREADS>(k_stage + Shape::kTileKV, v, p.v_row_stride, n * BLOCK_N, p.seqlen_k);
+        load_tile<BLOCK_N, HEAD_DIM, THREADS>(k_stage, k, p.k_row_stride, n * BLOCK_N, seq.seqlen_k);
+        load_tile<BLOCK_N, HEAD_DIM, THREADS>(k_stage + Shape::kTileKV, v, p.v_row_stride, n * BLOCK_N,
+                                              seq.seqlen_k);
       }
       cp_async_commit();
     }
   }
-  const int64_t row_values = (int64_t(batch) * p.heads_q + head) * p.padded_seqlen_q;
+  const int64_t row_values = row_values_base(p, seq, batch, head);
   const float lse_log2[2] = {ld_global(p.lse_log2 + row_values + rows[0]), ld_global(p.lse_log2 + row_values + rows[1])};
   const float delta[2] = {ld_global(p.delta + row_values + rows[0]), ld_global(p.delta + row_values + rows[1])};
   const ScoreTerms terms = score_terms<E>(p, batch, head);
@@ -349,9 +377,9 @@ PYATTN_GLOBAL void PYATTN_LAUNCH_BOUNDS(DqShape<HEAD_DIM>::kThreads, 1)
       const int refill = n + STAGES - 1;
       if (refill < band.end) {
         const uint32_t k_stage = kv_tiles + 2 * ((it + STAGES - 1) % STAGES) * Shape::kTileKV;
-        load_tile<BLOCK_N, HEAD_DIM, THREADS>(k_stage, k, p.k_row_stride, refill * BLOCK_N, p.seqlen_k);
+        load_tile<BLOCK_N, HEAD_DIM, THREADS>(k_stage, k, p.k_row_stride, refill * BLOCK_N, seq.seqlen_k);
         load_tile<BLOCK_N, HEAD_DIM, THREADS>(k_stage + Shape::kTileKV, v, p.v_row_stride, refill * BLOCK_N,
-                                              p.seqlen_k);
+                                              seq.seqlen_k);
       }
       cp_async_commit();
     }
@@ -382,7 +410,7 @@ PYATTN_GLOBAL void PYATTN_LAUNCH_BOUNDS(DqShape<HEAD_DIM>::kThreads, 1)
       }
     }
 
-    const bool crosses_window = tile_crosses_window<BLOCK_M, BLOCK_N>(p, m0, n * BLOCK_N);
+    const bool crosses_window = tile_crosses_window<BLOCK_M, BLOCK_N>(p, seq, m0, n * BLOCK_N);
     const bool transform = !p.plain_scores || crosses_window || p.mask_kind != MaskKind::kNone;
     float ds[S_TILES][4];
     #pragma unroll
@@ -392,8 +420,8 @@ PYATTN_GLOBAL void PYATTN_LAUNCH_BOUNDS(DqShape<HEAD_DIM>::kThreads, 1)
         const int r = e >> 1;
         float x = s[nt][e], tanh_value = 0.f;
         if (transform)
-          x = transformed_score<E>(p, terms, x, rows[r], n * BLOCK_N + nt * 8 + 2 * quad + (e & 1), crosses_window,
-                                   tanh_value);
+          x = transformed_score<E>(p, seq, terms, x, rows[r], n * BLOCK_N + nt * 8 + 2 * quad + (e & 1),
+                                   crosses_window, tanh_value);
         const float probability = fast_exp2(fmaf(x, c, -lse_log2[r]));
         ds[nt][e] = probability * (dp[nt][e] - delta[r]);
         if (p.softcap > 0.f) ds[nt][e] *= 1.f - tanh_value * tanh_value;
@@ -418,7 +446,7 @@ PYATTN_GLOBAL void PYATTN_LAUNCH_BOUNDS(DqShape<HEAD_DIM>::kThreads, 1)
 
   #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    if (rows[r] >= p.seqlen_q) continue;
+    if (rows[r] >= seq.seqlen_q) continue;
     #pragma unroll
     for (int nt = 0; nt < D_TILES; ++nt)
       st_global(reinterpret_cast<uint32_t*>(dq_out + rows[r] * p.dq_row_stride + nt * 8 + 2 * quad),
@@ -442,11 +470,14 @@ struct ConvertShape {
 template <class E, int HEAD_DIM>
 PYATTN_GLOBAL void PYATTN_LAUNCH_BOUNDS(128, 4) attention_backward_convert_dq_kernel(const BackwardParams p) {
   const int m0 = block_index_x() * kConvertRows, head = block_index_y(), batch = block_index_z();
-  const float* accum = p.dq_accum + (int64_t(batch) * p.heads_q + head) * p.seqlen_q * HEAD_DIM;
-  uint16_t* dq_out = static_cast<uint16_t*>(p.dq) + batch * p.dq_batch_stride + head * p.dq_head_stride;
+  const Sequence seq = sequence_of(p, batch);
+  const float* accum = p.dq_accum + batch * p.dq_accum_batch_stride + head * p.dq_accum_head_stride +
+                       seq.q_start * HEAD_DIM;
+  uint16_t* dq_out = static_cast<uint16_t*>(p.dq) + batch * p.dq_batch_stride + head * p.dq_head_stride +
+                     seq.q_start * p.dq_row_stride;
   for (int index = thread_index(); index < kConvertRows * HEAD_DIM / 2; index += 128) {
     const int row = m0 + index / (HEAD_DIM / 2), col = 2 * (index % (HEAD_DIM / 2));
-    if (row >= p.seqlen_q) break;
+    if (row >= seq.seqlen_q) break;
     const float* pair = accum + int64_t(row) * HEAD_DIM + col;
     st_global(reinterpret_cast<uint32_t*>(dq_out + row * p.dq_row_stride + col),
               pack_pair(E{}, ld_global(pair) * p.scale, ld_global(pair + 1) * p.scale));

@@ -126,6 +126,30 @@ PYATTN_DEVICE void load_row_values(uint32_t destination, const float* source) {
   if (c < COUNT / 4) cp_async_16(destination + c * 16, source + c * 4, true);
 }
 
+// ------------------------------------------------------------------------------------ sequences
+
+// One batch entry's rows: in the dense layout rows [0, seqlen) of its own batch slice; in the varlen layout
+// rows [start, start + length) of the packed tensors, read from cu_seqlens. Every bound the kernels test
+// (tile loads, visibility, stores) is the sequence's own, so no tile reads or writes another sequence's rows:
+// a query tile that runs past its sequence's end zero-fills those rows and never stores them.
+struct Sequence {
+  int64_t q_start, k_start;  // first packed row (0 in the dense layout)
+  int seqlen_q, seqlen_k;
+  int64_t diagonal_offset;   // key position of query 0's diagonal: p.diagonal_offset (+ S_b − L_b with align_to_end)
+};
+
+PYATTN_DEVICE Sequence sequence_of(const ForwardParams& p, int batch) {
+  Sequence seq{0, 0, p.seqlen_q, p.seqlen_k, p.diagonal_offset};
+  if (p.cu_seqlens_q != nullptr) {
+    seq.q_start = ld_global(p.cu_seqlens_q + batch);
+    seq.k_start = ld_global(p.cu_seqlens_k + batch);
+    seq.seqlen_q = ld_global(p.cu_seqlens_q + batch + 1) - static_cast<int>(seq.q_start);
+    seq.seqlen_k = ld_global(p.cu_seqlens_k + batch + 1) - static_cast<int>(seq.k_start);
+  }
+  if (p.align_to_end) seq.diagonal_offset += seq.seqlen_k - seq.seqlen_q;
+  return seq;
+}
+
 // ---------------------------------------------------------------------------------------- band
 
 struct Band {
@@ -135,33 +159,33 @@ struct Band {
 // The key tiles of BLOCK_N that some row of the query tile [m0, m0 + BLOCK_M) can see. Tiles outside
 // are never loaded: under causal about half, under a window of w keys O(w / BLOCK_N) per query tile.
 template <int BLOCK_M, int BLOCK_N>
-PYATTN_DEVICE Band key_tiles(const ForwardParams& p, int m0) {
-  const int64_t last_row = imin(m0 + BLOCK_M, p.seqlen_q) - 1;
-  int64_t lo = 0, hi = p.seqlen_k;
-  if (p.window_left >= 0) lo = imax64(lo, m0 + p.diagonal_offset - p.window_left);
-  if (p.window_right >= 0) hi = imin64(hi, last_row + p.diagonal_offset + p.window_right + 1);
+PYATTN_DEVICE Band key_tiles(const ForwardParams& p, const Sequence& seq, int m0) {
+  const int64_t last_row = imin(m0 + BLOCK_M, seq.seqlen_q) - 1;
+  int64_t lo = 0, hi = seq.seqlen_k;
+  if (p.window_left >= 0) lo = imax64(lo, m0 + seq.diagonal_offset - p.window_left);
+  if (p.window_right >= 0) hi = imin64(hi, last_row + seq.diagonal_offset + p.window_right + 1);
   if (hi <= lo) return {0, 0};
   return {static_cast<int>(lo / BLOCK_N), static_cast<int>((hi + BLOCK_N - 1) / BLOCK_N)};
 }
 
 // The query tiles of BLOCK_M that see some key of the key tile [n0, n0 + BLOCK_N).
 template <int BLOCK_M, int BLOCK_N>
-PYATTN_DEVICE Band query_tiles(const ForwardParams& p, int n0) {
-  const int64_t last_key = imin(n0 + BLOCK_N, p.seqlen_k) - 1;
-  int64_t lo = 0, hi = p.seqlen_q;
-  if (p.window_right >= 0) lo = imax64(lo, n0 - p.diagonal_offset - p.window_right);
-  if (p.window_left >= 0) hi = imin64(hi, last_key - p.diagonal_offset + p.window_left + 1);
+PYATTN_DEVICE Band query_tiles(const ForwardParams& p, const Sequence& seq, int n0) {
+  const int64_t last_key = imin(n0 + BLOCK_N, seq.seqlen_k) - 1;
+  int64_t lo = 0, hi = seq.seqlen_q;
+  if (p.window_right >= 0) lo = imax64(lo, n0 - seq.diagonal_offset - p.window_right);
+  if (p.window_left >= 0) hi = imin64(hi, last_key - seq.diagonal_offset + p.window_left + 1);
   if (hi <= lo) return {0, 0};
   return {static_cast<int>(lo / BLOCK_M), static_cast<int>((hi + BLOCK_M - 1) / BLOCK_M)};
 }
 
 // Whether the tile (queries [m0, m0 + BLOCK_M), keys [n0, n0 + BLOCK_N)) needs per-element visibility:
-// the window's edge crosses it, or it runs past the last key. Interior tiles skip that arithmetic.
+// the window's edge crosses it, or it runs past the sequence's last key. Interior tiles skip that arithmetic.
 template <int BLOCK_M, int BLOCK_N>
-PYATTN_DEVICE bool tile_crosses_window(const ForwardParams& p, int m0, int n0) {
-  if (n0 + BLOCK_N > p.seqlen_k) return true;
-  if (p.window_left >= 0 && int64_t(n0) < int64_t(m0 + BLOCK_M - 1) + p.diagonal_offset - p.window_left) return true;
-  if (p.window_right >= 0 && int64_t(n0 + BLOCK_N - 1) > int64_t(m0) + p.diagonal_offset + p.window_right) return true;
+PYATTN_DEVICE bool tile_crosses_window(const ForwardParams& p, const Sequence& seq, int m0, int n0) {
+  if (n0 + BLOCK_N > seq.seqlen_k) return true;
+  if (p.window_left >= 0 && int64_t(n0) < int64_t(m0 + BLOCK_M - 1) + seq.diagonal_offset - p.window_left) return true;
+  if (p.window_right >= 0 && int64_t(n0 + BLOCK_N - 1) > int64_t(m0) + seq.diagonal_offset + p.window_right) return true;
   return false;
 }
 
@@ -190,9 +214,9 @@ PYATTN_DEVICE ScoreTerms score_terms(const ForwardParams& p, int batch, int head
 // acc = q_i·k_j: -inf where key j is invisible (window, past the keys, bool mask) or the row is padding.
 // `tanh_out` receives tanh(s / softcap) for the backward's chain rule.
 template <class E>
-PYATTN_DEVICE float transformed_score(const ForwardParams& p, const ScoreTerms& t, float acc, int i, int j,
-                                      bool crosses_window, float& tanh_out) {
-  const bool in_bounds = i < p.seqlen_q && j < p.seqlen_k;
+PYATTN_DEVICE float transformed_score(const ForwardParams& p, const Sequence& seq, const ScoreTerms& t, float acc, int i,
+                                      int j, bool crosses_window, float& tanh_out) {
+  const bool in_bounds = i < seq.seqlen_q && j < seq.seqlen_k;
   float x = acc;
   if (!p.plain_scores) {
     x = acc * p.scale;
@@ -201,7 +225,7 @@ PYATTN_DEVICE float transformed_score(const ForwardParams& p, const ScoreTerms& 
       x = p.softcap * tanh_out;
     }
     if (p.alibi_slopes != nullptr) {
-      const int64_t distance = int64_t(i) + p.diagonal_offset - j;
+      const int64_t distance = int64_t(i) + seq.diagonal_offset - j;
       x -= t.slope * static_cast<float>(distance < 0 ? -distance : distance);
     }
     if (p.mask_kind == MaskKind::kAdditive && in_bounds) {
@@ -211,8 +235,8 @@ PYATTN_DEVICE float transformed_score(const ForwardParams& p, const ScoreTerms& 
   }
   bool visible = true;
   if (crosses_window) {
-    const int64_t diagonal = int64_t(i) + p.diagonal_offset;
-    visible = j < p.seqlen_k && (p.window_left < 0 || j >= diagonal - p.window_left) &&
+    const int64_t diagonal = int64_t(i) + seq.diagonal_offset;
+    visible = j < seq.seqlen_k && (p.window_left < 0 || j >= diagonal - p.window_left) &&
               (p.window_right < 0 || j <= diagonal + p.window_right);
   }
   if (p.mask_kind != MaskKind::kNone) {

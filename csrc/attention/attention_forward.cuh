@@ -9,7 +9,8 @@
 // with c = scale·log2(e) when x = q·k (the scale folded into the FFMA), or log2(e) when x is already the
 // transformed logit (softcap, ALiBi, additive mask). P's accumulators become the A fragments of P·V in
 // registers. A row that has seen no visible key keeps m = −inf and is shifted by 0 (never −inf − −inf),
-// so ℓ = 0 at the end gives out = 0 and lse = −inf.
+// so ℓ = 0 at the end gives out = 0 and lse = −inf. In the varlen layout the grid covers the longest
+// sequence; a CTA past its own sequence's end returns at once.
 #pragma once
 
 #include "attention/attention_common.cuh"
@@ -44,19 +45,25 @@ PYATTN_GLOBAL void PYATTN_LAUNCH_BOUNDS(ForwardShape<HEAD_DIM>::kThreads, 1)
   const int tid = thread_index(), lane = tid & 31, warp = tid >> 5;
   const int group_row = lane >> 2, quad = lane & 3;  // a lane holds rows g, g + 8 and columns 2t, 2t + 1
   const int m0 = block_index_x() * BLOCK_M, head = block_index_y(), batch = block_index_z();
+  const Sequence seq = sequence_of(p, batch);
+  if (m0 >= seq.seqlen_q) return;  // varlen: past this sequence's end
   const int head_k = head / (p.heads_q / p.heads_k);
-  const uint16_t* q = static_cast<const uint16_t*>(p.q) + batch * p.q_batch_stride + head * p.q_head_stride;
-  const uint16_t* k = static_cast<const uint16_t*>(p.k) + batch * p.k_batch_stride + head_k * p.k_head_stride;
-  const uint16_t* v = static_cast<const uint16_t*>(p.v) + batch * p.v_batch_stride + head_k * p.v_head_stride;
-  uint16_t* out = static_cast<uint16_t*>(p.out) + batch * p.out_batch_stride + head * p.out_head_stride;
-  float* lse = p.lse + (int64_t(batch) * p.heads_q + head) * p.seqlen_q;
+  const uint16_t* q = static_cast<const uint16_t*>(p.q) + batch * p.q_batch_stride + head * p.q_head_stride +
+                      seq.q_start * p.q_row_stride;
+  const uint16_t* k = static_cast<const uint16_t*>(p.k) + batch * p.k_batch_stride + head_k * p.k_head_stride +
+                      seq.k_start * p.k_row_stride;
+  const uint16_t* v = static_cast<const uint16_t*>(p.v) + batch * p.v_batch_stride + head_k * p.v_head_stride +
+                      seq.k_start * p.v_row_stride;
+  uint16_t* out = static_cast<uint16_t*>(p.out) + batch * p.out_batch_stride + head * p.out_head_stride +
+                  seq.q_start * p.out_row_stride;
+  float* lse = p.lse + batch * p.lse_batch_stride + head * p.lse_head_stride + seq.q_start;
   const int rows[2] = {m0 + warp * 16 + group_row, m0 + warp * 16 + group_row + 8};
 
-  const Band band = key_tiles<BLOCK_M, BLOCK_N>(p, m0);
+  const Band band = key_tiles<BLOCK_M, BLOCK_N>(p, seq, m0);
   if (band.begin >= band.end) {  // no row of this tile sees a key: out = 0, lse = -inf
     #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      if (rows[r] >= p.seqlen_q) continue;
+      if (rows[r] >= seq.seqlen_q) continue;
       #pragma unroll
       for (int nt = 0; nt < O_TILES; ++nt)
         st_global(reinterpret_cast<uint32_t*>(out + rows[r] * p.out_row_stride + nt * 8 + 2 * quad), 0u);
@@ -71,13 +78,13 @@ PYATTN_GLOBAL void PYATTN_LAUNCH_BOUNDS(ForwardShape<HEAD_DIM>::kThreads, 1)
 
   // Prologue: Q with the first K/V tile in group 0, then K/V tiles 1 .. STAGES - 2, one group each
   // (committed even when empty, so that "tile n has landed" is always wait_group<STAGES - 2>).
-  load_tile<BLOCK_M, HEAD_DIM, THREADS>(q_tile, q, p.q_row_stride, m0, p.seqlen_q);
+  load_tile<BLOCK_M, HEAD_DIM, THREADS>(q_tile, q, p.q_row_stride, m0, seq.seqlen_q);
   for (int s = 0; s < STAGES - 1; ++s) {
     const int n = band.begin + s;
     if (n < band.end) {
       const uint32_t k_tile = kv_tiles + 2 * s * Shape::kTileKV;
-      load_tile<BLOCK_N, HEAD_DIM, THREADS>(k_tile, k, p.k_row_stride, n * BLOCK_N, p.seqlen_k);
-      load_tile<BLOCK_N, HEAD_DIM, THREADS>(k_tile + Shape::kTileKV, v, p.v_row_stride, n * BLOCK_N, p.seqlen_k);
+      load_tile<BLOCK_N, HEAD_DIM, THREADS>(k_tile, k, p.k_row_stride, n * BLOCK_N, seq.seqlen_k);
+      load_tile<BLOCK_N, HEAD_DIM, THREADS>(k_tile + Shape::kTileKV, v, p.v_row_stride, n * BLOCK_N, seq.seqlen_k);
     }
     cp_async_commit();
   }
@@ -105,9 +112,9 @@ PYATTN_GLOBAL void PYATTN_LAUNCH_BOUNDS(ForwardShape<HEAD_DIM>::kThreads, 1)
       const int refill = n + STAGES - 1;
       if (refill < band.end) {
         const uint32_t k_tile = kv_tiles + 2 * ((it + STAGES - 1) % STAGES) * Shape::kTileKV;
-        load_tile<BLOCK_N, HEAD_DIM, THREADS>(k_tile, k, p.k_row_stride, refill * BLOCK_N, p.seqlen_k);
+        load_tile<BLOCK_N, HEAD_DIM, THREADS>(k_tile, k, p.k_row_stride, refill * BLOCK_N, seq.seqlen_k);
         load_tile<BLOCK_N, HEAD_DIM, THREADS>(k_tile + Shape::kTileKV, v, p.v_row_stride, refill * BLOCK_N,
-                                              p.seqlen_k);
+                                              seq.seqlen_k);
       }
       cp_async_commit();
     }
@@ -133,7 +140,7 @@ PYATTN_GLOBAL void PYATTN_LAUNCH_BOUNDS(ForwardShape<HEAD_DIM>::kThreads, 1)
     }
 
     // Transform and mask only where needed: interior tiles of a plain call keep x = q·k as it is.
-    const bool crosses_window = tile_crosses_window<BLOCK_M, BLOCK_N>(p, m0, n * BLOCK_N);
+    const bool crosses_window = tile_crosses_window<BLOCK_M, BLOCK_N>(p, seq, m0, n * BLOCK_N);
     if (!p.plain_scores || crosses_window || p.mask_kind != MaskKind::kNone) {
       #pragma unroll
       for (int nt = 0; nt < S_TILES; ++nt)
@@ -141,7 +148,7 @@ PYATTN_GLOBAL void PYATTN_LAUNCH_BOUNDS(ForwardShape<HEAD_DIM>::kThreads, 1)
         for (int e = 0; e < 4; ++e) {
           float unused;
           const int j = n * BLOCK_N + nt * 8 + 2 * quad + (e & 1);
-          s[nt][e] = transformed_score<E>(p, terms, s[nt][e], rows[e >> 1], j, crosses_window, unused);
+          s[nt][e] = transformed_score<E>(p, seq, terms, s[nt][e], rows[e >> 1], j, crosses_window, unused);
         }
     }
 
@@ -197,7 +204,7 @@ PYATTN_GLOBAL void PYATTN_LAUNCH_BOUNDS(ForwardShape<HEAD_DIM>::kThreads, 1)
     float sum = row_sum[r];
     sum += shfl_xor(sum, 1);
     sum += shfl_xor(sum, 2);
-    if (rows[r] >= p.seqlen_q) continue;
+    if (rows[r] >= seq.seqlen_q) continue;
     const float inverse = sum > 0.f ? 1.f / sum : 0.f;
     #pragma unroll
     for (int nt = 0; nt < O_TILES; ++nt)

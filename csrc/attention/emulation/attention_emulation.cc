@@ -9,6 +9,9 @@
 // CASE_DIR/case.txt holds "key value..." lines (see read_case); tensors are raw little-endian files.
 // Outputs: out.bin, lse.bin (and dq.bin, dk.bin, dv.bin), each gathered to a contiguous (B, H, rows, D)
 // (lse (B, Hq, L)), and stats.txt. Exit status 0: ran; 3: an emulator error (printed on stderr).
+// Varlen cases ("varlen 1"): operands are packed (total, H, D) with batch stride 0, cu_seqlens_q/k list the
+// offsets, seqlen_q/k are the longest sequences; outputs are (total, H, D) and lse (Hq, total_q), as
+// attention_api.cpp's varlen ops allocate them.
 #include <cstdio>
 #include <fstream>
 #include <map>
@@ -77,11 +80,16 @@ Operand read_operand(const Case& c, const std::string& dir, const std::string& n
 }
 
 // An output laid out as the API lays it out: (B, rows, H, D) memory when the input it mirrors is a
-// (B, L, H, D) view (its head stride below its row stride), else (B, H, rows, D). NaN-poisoned.
-Operand new_output(const Operand& like, int batch, int heads, int rows, int head_dim) {
+// (B, L, H, D) view (its head stride below its row stride), else (B, H, rows, D); varlen (packed): (total,
+// H, D) with batch stride 0 (`rows` is the total). NaN-poisoned.
+Operand new_output(const Operand& like, int batch, int heads, int rows, int head_dim, bool packed) {
   Operand o;
-  o.storage.assign(size_t(batch) * heads * rows * head_dim, 0xFFFF);
-  if (like.strides[1] < like.strides[2]) {
+  o.storage.assign(size_t(packed ? 1 : batch) * heads * rows * head_dim, 0xFFFF);
+  if (packed) {
+    o.strides[0] = 0;
+    o.strides[1] = head_dim;
+    o.strides[2] = int64_t(heads) * head_dim;
+  } else if (like.strides[1] < like.strides[2]) {
     o.strides[0] = int64_t(rows) * heads * head_dim;
     o.strides[1] = head_dim;
     o.strides[2] = int64_t(heads) * head_dim;
@@ -93,7 +101,8 @@ Operand new_output(const Operand& like, int batch, int heads, int rows, int head
   return o;
 }
 
-std::vector<uint16_t> gather(const Operand& o, int batch, int heads, int rows, int head_dim) {
+std::vector<uint16_t> gather(const Operand& o, int batch, int heads, int rows, int head_dim, bool packed) {
+  if (packed) return o.storage;  // (total, H, D) contiguous already
   std::vector<uint16_t> dense(size_t(batch) * heads * rows * head_dim);
   size_t n = 0;
   for (int b = 0; b < batch; ++b)
@@ -116,6 +125,10 @@ template <class E, int HEAD_DIM>
 void run_case(const Case& c, const std::string& dir) {
   const int batch = int(integer(c, "batch")), heads_q = int(integer(c, "heads_q")), heads_k = int(integer(c, "heads_k"));
   const int seqlen_q = int(integer(c, "seqlen_q")), seqlen_k = int(integer(c, "seqlen_k"));
+  const bool varlen = c.count("varlen") != 0 && integer(c, "varlen") != 0;
+  // Rows the outputs hold per (batch, head): the sequence length, or every packed row.
+  const int rows_q = varlen ? int(integer(c, "total_q")) : seqlen_q;
+  const int rows_k = varlen ? int(integer(c, "total_k")) : seqlen_k;
   Operand q = read_operand(c, dir, "q"), k = read_operand(c, dir, "k"), v = read_operand(c, dir, "v");
   emu::register_buffer(q.storage.data(), q.storage.size() * 2, "q");
   emu::register_buffer(k.storage.data(), k.storage.size() * 2, "k");
@@ -134,6 +147,22 @@ void run_case(const Case& c, const std::string& dir) {
   p.window_right = int(integer(c, "window_right"));
   p.diagonal_offset = integer(c, "diagonal_offset");
   p.softcap = float(real(c, "softcap"));
+  std::vector<int> cu_seqlens_q, cu_seqlens_k;
+  p.lse_batch_stride = int64_t(heads_q) * seqlen_q;
+  p.lse_head_stride = seqlen_q;
+  if (varlen) {
+    for (const std::string& value : field(c, "cu_seqlens_q")) cu_seqlens_q.push_back(std::stoi(value));
+    for (const std::string& value : field(c, "cu_seqlens_k")) cu_seqlens_k.push_back(std::stoi(value));
+    if (cu_seqlens_q.size() != size_t(batch) + 1 || cu_seqlens_k.size() != size_t(batch) + 1)
+      throw std::runtime_error("cu_seqlens_q and cu_seqlens_k need batch + 1 entries");
+    emu::register_buffer(cu_seqlens_q.data(), cu_seqlens_q.size() * 4, "cu_seqlens_q");
+    emu::register_buffer(cu_seqlens_k.data(), cu_seqlens_k.size() * 4, "cu_seqlens_k");
+    p.cu_seqlens_q = cu_seqlens_q.data();
+    p.cu_seqlens_k = cu_seqlens_k.data();
+    p.align_to_end = integer(c, "align_to_end") != 0;
+    p.lse_batch_stride = 0;
+    p.lse_head_stride = rows_q;
+  }
 
   std::vector<float> alibi;
   if (integer(c, "alibi") != 0) {
@@ -154,8 +183,8 @@ void run_case(const Case& c, const std::string& dir) {
   }
   prepare_scores(p);
 
-  Operand out = new_output(q, batch, heads_q, seqlen_q, HEAD_DIM);
-  std::vector<float> lse(size_t(batch) * heads_q * seqlen_q, NAN);
+  Operand out = new_output(q, batch, heads_q, rows_q, HEAD_DIM, varlen);
+  std::vector<float> lse(size_t(varlen ? 1 : batch) * heads_q * rows_q, NAN);
   emu::register_buffer(out.storage.data(), out.storage.size() * 2, "out");
   emu::register_buffer(lse.data(), lse.size() * 4, "lse");
   p.out = out.storage.data();
@@ -164,7 +193,7 @@ void run_case(const Case& c, const std::string& dir) {
 
   EmulationLauncher launch;
   run_attention_forward<E, HEAD_DIM>(p, launch);
-  write_file(dir + "/out.bin", gather(out, batch, heads_q, seqlen_q, HEAD_DIM));
+  write_file(dir + "/out.bin", gather(out, batch, heads_q, rows_q, HEAD_DIM, varlen));
   write_file(dir + "/lse.bin", lse);
 
   if (integer(c, "backward") != 0) {
@@ -179,7 +208,14 @@ void run_case(const Case& c, const std::string& dir) {
     b.do_row_stride = grad_out.strides[2];
     b.lse_fwd = lse.data();
     b.padded_seqlen_q = padded_rows(seqlen_q);
-    std::vector<float> delta(size_t(batch) * heads_q * b.padded_seqlen_q, NAN), lse_log2(delta.size(), NAN);
+    // The workspaces as attention_api.cpp allocates them (attention_params.h's layouts), NaN-poisoned.
+    const int64_t row_values_per_head = varlen ? varlen_row_values(rows_q, batch) : b.padded_seqlen_q;
+    b.row_values_head_stride = row_values_per_head;
+    b.row_values_batch_stride = varlen ? 0 : int64_t(heads_q) * row_values_per_head;
+    b.dq_accum_head_stride = int64_t(rows_q) * HEAD_DIM;
+    b.dq_accum_batch_stride = varlen ? 0 : int64_t(heads_q) * rows_q * HEAD_DIM;
+    std::vector<float> delta(size_t(varlen ? 1 : batch) * heads_q * row_values_per_head, NAN);
+    std::vector<float> lse_log2(delta.size(), NAN);
     emu::register_buffer(delta.data(), delta.size() * 4, "delta");
     emu::register_buffer(lse_log2.data(), lse_log2.size() * 4, "lse_log2");
     b.delta = delta.data();
@@ -187,13 +223,13 @@ void run_case(const Case& c, const std::string& dir) {
     b.deterministic = integer(c, "deterministic") != 0;
     std::vector<float> dq_accum;
     if (!b.deterministic) {
-      dq_accum.assign(size_t(batch) * heads_q * seqlen_q * HEAD_DIM, 0.f);
+      dq_accum.assign(size_t(varlen ? 1 : batch) * heads_q * rows_q * HEAD_DIM, 0.f);
       emu::register_buffer(dq_accum.data(), dq_accum.size() * 4, "dq_accum");
       b.dq_accum = dq_accum.data();
     }
-    Operand dq = new_output(q, batch, heads_q, seqlen_q, HEAD_DIM);
-    Operand dk = new_output(k, batch, heads_k, seqlen_k, HEAD_DIM);
-    Operand dv = new_output(v, batch, heads_k, seqlen_k, HEAD_DIM);
+    Operand dq = new_output(q, batch, heads_q, rows_q, HEAD_DIM, varlen);
+    Operand dk = new_output(k, batch, heads_k, rows_k, HEAD_DIM, varlen);
+    Operand dv = new_output(v, batch, heads_k, rows_k, HEAD_DIM, varlen);
     emu::register_buffer(dq.storage.data(), dq.storage.size() * 2, "dq");
     emu::register_buffer(dk.storage.data(), dk.storage.size() * 2, "dk");
     emu::register_buffer(dv.storage.data(), dv.storage.size() * 2, "dv");
@@ -202,9 +238,9 @@ void run_case(const Case& c, const std::string& dir) {
     b.dk_batch_stride = dk.strides[0], b.dk_head_stride = dk.strides[1], b.dk_row_stride = dk.strides[2];
     b.dv_batch_stride = dv.strides[0], b.dv_head_stride = dv.strides[1], b.dv_row_stride = dv.strides[2];
     run_attention_backward<E, HEAD_DIM>(b, launch);
-    write_file(dir + "/dq.bin", gather(dq, batch, heads_q, seqlen_q, HEAD_DIM));
-    write_file(dir + "/dk.bin", gather(dk, batch, heads_k, seqlen_k, HEAD_DIM));
-    write_file(dir + "/dv.bin", gather(dv, batch, heads_k, seqlen_k, HEAD_DIM));
+    write_file(dir + "/dq.bin", gather(dq, batch, heads_q, rows_q, HEAD_DIM, varlen));
+    write_file(dir + "/dk.bin", gather(dk, batch, heads_k, rows_k, HEAD_DIM, varlen));
+    write_file(dir + "/dv.bin", gather(dv, batch, heads_k, rows_k, HEAD_DIM, varlen));
   }
   emu::clear_buffers();
 }
