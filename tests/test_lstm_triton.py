@@ -816,7 +816,7 @@ class TestGPU:
         leaves = _layer_leaves(steps, batch, input_size, hidden_size, dtype, device)
         lstm_layer = _triton_op("lstm_layer", dtype, device, {"lengths"} if ragged else set())
         if kernels.hidden_pad(hidden_size) > kernels.GRID_MAX_HIDDEN[dtype]:
-            # fp32 H=1024: 4·16·1024 fp32 of W_hh per program is past shared memory; a clear error, no launch.
+            # fp32 H ≥ 512: past the no-spill limit (GRID_MAX_HIDDEN); a clear error, no launch.
             with pytest.raises(BackendUnavailableError, match="weight_hh"):
                 lstm_layer(**leaves, reverse=reverse, lengths=lengths)
             assert grid_recurrence == []

@@ -26,10 +26,6 @@ CAPABILITIES = [90, 80]
 # regression still fails. Each is a table entry with no spill-free config left (docs/attention.md and
 # docs/lstm.md, "open"): (kernel name prefix, case prefix, variant, config substring) -> bound.
 KNOWN_SPILLS = {
-    # LSTM grid-barrier forward: 4, 8 and 16 warps all spill a little at these sizes (16 the least).
-    ("lstm_sequence_forward_grid", "", "", "HIDDEN256,"): 16,
-    ("lstm_sequence_forward_grid", "", "", "HIDDEN512,"): 48,
-    ("lstm_sequence_forward_grid", "", "", "HIDDEN1024,"): 48,
     # dK/dV of odd-shaped calls at the smallest tiles (16x16, 8 warps, 1 stage): K, V, dK, dV stay live.
     ("attention_backward_dkdv", "bf16,d256,dense-all", "unaligned", "BM16,BN16,w8,s1"): 16,
     ("attention_backward_dkdv", "fp32-ieee,d128,dense-all", "unaligned", "BM16,BN16,w8,s1"): 16,

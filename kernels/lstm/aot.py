@@ -208,5 +208,7 @@ def aot_specs() -> list[_aot.CompileSpec]:
                     specs += _persistent_specs(dtype, padded, variant)
             for padded, padded_proj in configs.persistent_projection_sizes(dtype, aligned=variant == "aligned"):
                 specs += _persistent_specs(dtype, padded, variant, padded_proj)
-            specs += [_grid_spec(dtype, padded, variant) for padded in configs.grid_hidden_sizes(dtype)]
+            grid_limits = configs.GRID_MAX_HIDDEN if variant == "aligned" else configs.GRID_MAX_HIDDEN_UNALIGNED
+            specs += [_grid_spec(dtype, padded, variant) for padded in configs.grid_hidden_sizes(dtype)
+                      if padded <= grid_limits[dtype]]
     return specs

@@ -35,18 +35,27 @@ PERSISTENT_BLOCK_B = 16
 # Grid kernel: all batch rows (≤ 16) in one tile, hidden units split GRID_BLOCK_H to a program, so a step's product
 # per program is one (16 × H_pad) · (H_pad × 4·GRID_BLOCK_H) GEMM with its K split over the warps (K_SPLIT =
 # num_warps: a warp per K slice, see the kernel). H = 1024 spreads over 64 programs. Each program keeps
-# 4 · GRID_BLOCK_H · H_pad of W_hh on chip: 128 KB at H_pad = 1024 in 16-bit types; fp32 up to 512.
+# 4 · GRID_BLOCK_H · H_pad of W_hh on chip (staged in shared memory): 128 KB at H_pad = 1024 in 16-bit types.
 GRID_BLOCK_B = 16
 GRID_BLOCK_H = 16
-GRID_MAX_HIDDEN = {torch.float16: 1024, torch.bfloat16: 1024, torch.float32: 512}
-# Warps (= K slices) per padded hidden size; chosen for no spills on sm_90 and sm_80 (docs/lstm.md).
-GRID_WARPS = {"16-bit": {256: 8, 512: 8, 1024: 8}, "fp32": {128: 8, 256: 8, 512: 8}}
+# The largest padded H that compiles without spills on sm_90 and sm_80, for H a multiple of 16 and for other H
+# (masked scalar loads of the W_hh slice take more registers): H_pad 1024 odd-size 16-bit spills 24-56 bytes,
+# fp32 at 512 48-232 bytes, so those run stepwise.
+GRID_MAX_HIDDEN = {torch.float16: 1024, torch.bfloat16: 1024, torch.float32: 256}
+GRID_MAX_HIDDEN_UNALIGNED = {torch.float16: 512, torch.bfloat16: 512, torch.float32: 256}
+# Warps (= K slices) per padded hidden size: 8 everywhere (4 and 16 spill more at H_pad 1024, docs/lstm.md).
+GRID_WARPS = {"16-bit": {256: 8, 512: 8, 1024: 8}, "fp32": {128: 8, 256: 8}}
 # The compiled grid kernel's registers per thread and shared memory per program, by (arch, element kind, H_pad):
 # the larger of the aligned and odd-size compiles of `python -m pyattn.kernels.report --op lstm` (Triton 3.8,
 # this repository's toolchain). Dispatch computes the grid's occupancy from these for an assumed GPU (and for a
 # real one before the launch, where the launcher then re-checks the kernel it compiled);
 # tests/test_triton_compile.py checks that they bound what the compiler reports.
-GRID_COMPILED = {}
+GRID_COMPILED = {
+    (90, "16-bit", 256): (154, 41984), (90, "16-bit", 512): (200, 82944), (90, "16-bit", 1024): (154, 164864),
+    (90, "fp32", 128): (119, 41984), (90, "fp32", 256): (182, 82944),
+    (80, "16-bit", 256): (158, 40960), (80, "16-bit", 512): (255, 81920), (80, "16-bit", 1024): (158, 163840),
+    (80, "fp32", 128): (126, 40960), (80, "fp32", 256): (202, 81920),
+}
 
 FORWARD_RECURRENCES = ("persistent", "grid", "stepwise")
 BACKWARD_RECURRENCES = ("persistent", "stepwise")
@@ -111,6 +120,11 @@ def persistent_hidden_sizes(dtype: torch.dtype) -> list[int]:
         sizes.append(padded)
         padded *= 2
     return sizes
+
+
+def grid_max_hidden(hidden_size: int, dtype: torch.dtype) -> int:
+    """The grid kernel's padded hidden-size limit for this H (see GRID_MAX_HIDDEN*)."""
+    return (GRID_MAX_HIDDEN if hidden_size % 16 == 0 else GRID_MAX_HIDDEN_UNALIGNED)[dtype]
 
 
 def grid_hidden_sizes(dtype: torch.dtype) -> list[int]:

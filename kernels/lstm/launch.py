@@ -17,7 +17,8 @@ from .. import _aot
 from .._launch import on_input_device, on_interpreter
 from .cell import lstm_cell_forward_kernel, lstm_step_backward_kernel, lstm_step_projection_backward_kernel
 from .configs import (BACKWARD_RECURRENCES, FORWARD_RECURRENCES, GRID_BLOCK_B, GRID_BLOCK_H, GRID_COMPILED,
-                      GRID_MAX_HIDDEN, PERSISTENT_BLOCK_B, PERSISTENT_MAX_HIDDEN, element_kind, grid_meta, hidden_pad,
+                      GRID_MAX_HIDDEN_UNALIGNED, PERSISTENT_BLOCK_B, PERSISTENT_MAX_HIDDEN, element_kind, grid_max_hidden,
+                      grid_meta, hidden_pad,
                       persistent_max_hidden, persistent_meta, persistent_weight_budget, persistent_weight_elements,
                       step_config, step_meta)
 from .sequence import (lstm_sequence_backward_persistent_kernel, lstm_sequence_forward_grid_kernel,
@@ -121,14 +122,15 @@ def grid_unsupported_reason(batch: int, hidden_size: int, dtype: torch.dtype, *,
     ``device``: the GPU (:class:`SmResources`, real or assumed); None for the interpreter, where the kernel
     runs as one program.
     """
-    if dtype not in GRID_MAX_HIDDEN:
+    if dtype not in GRID_MAX_HIDDEN_UNALIGNED:
         return f"dtype {dtype} is not supported (float16, bfloat16 and float32 are)"
     if batch > GRID_BLOCK_B:
         return f"input: batch {batch} > {GRID_BLOCK_B}, the grid recurrence's one batch tile"
-    padded = hidden_pad(hidden_size)
-    if padded > GRID_MAX_HIDDEN[dtype]:
+    padded, limit = hidden_pad(hidden_size), grid_max_hidden(hidden_size, dtype)
+    if padded > limit:
+        kind = "" if hidden_size % 16 == 0 else ", for a hidden size that is not a multiple of 16"
         return (f"weight_hh: hidden size {hidden_size} in {dtype} is past the grid recurrence's on-chip W_hh limit "
-                f"(padded {GRID_MAX_HIDDEN[dtype]})")
+                f"(padded {limit}{kind})")
     if device is None:
         return None
     programs = grid_programs(hidden_size, interpreter=False)

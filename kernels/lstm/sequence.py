@@ -245,8 +245,8 @@ def lstm_sequence_forward_grid_kernel(
     the compiled kernel's occupancy and launches cooperatively; the interpreter, which runs programs one
     after another, gets one program (or any number for T = 1, which crosses no barrier).
     """
-    N = 4 * BLOCK_H  # constexpr arithmetic: both stay compile-time constants
-    K_CHUNK = HIDDEN // K_SPLIT
+    N: tl.constexpr = 4 * BLOCK_H  # annotated: the interpreter too keeps them constants
+    K_CHUNK: tl.constexpr = HIDDEN // K_SPLIT
     num_programs = tl.num_programs(0)
     first_unit = tl.program_id(0) * BLOCK_H
     offs_b = tl.arange(0, BLOCK_B)
