@@ -21,6 +21,7 @@ pytest.importorskip("triton", reason="triton is not installed")
 
 from pyattn.kernels import attention as kernels  # noqa: E402
 from pyattn.kernels.attention import configs, launch  # noqa: E402
+from pyattn.kernels.attention.common import quantised_dropout_p  # noqa: E402
 from pyattn.reference.attention import attention as reference_attention  # noqa: E402
 
 # Interpreter tests carry the mark one by one (no module pytestmark): the Hopper tests at the end run in the
@@ -59,6 +60,8 @@ def check_against_reference(q, k, v, *, deterministic=False, dropout_keep_mask=N
     grad_out = random_tensor(*out.shape, dtype=q.dtype)
     dq, dk, dv = kernels.attention_backward(grad_out, q, k, v, out, lse, deterministic=deterministic, **options)
     reference_options = {key: value for key, value in options.items() if key != "seed"}
+    if "dropout_p" in options:  # the kernels drop with p rounded to 1/65536 and rescale by 1/(1 − that)
+        reference_options["dropout_p"] = quantised_dropout_p(options["dropout_p"])
     ref_out, ref_lse, ref_dq, ref_dk, ref_dv = reference_with_grads(
         q, k, v, grad_out, dropout_keep_mask=dropout_keep_mask, **reference_options)
     assert out.dtype == q.dtype and lse.dtype == torch.float32

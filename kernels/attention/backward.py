@@ -6,7 +6,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import LOG2E, attention_scores, dropout_keep, key_ranges, load_tile, query_ranges, sequence_bounds
+from .common import (LOG2E, attention_scores, dropout_keep, dropout_scale, element_offsets, key_ranges, load_tile,
+                     query_ranges, sequence_bounds)
 
 
 @triton.jit
@@ -30,10 +31,10 @@ def attention_backward_preprocess_kernel(
     offs_dv = tl.arange(0, HEAD_DIM_V_PADDED)
     o_ptr = Out + batch64 * stride_ob + head64 * stride_oh + q_start64 * stride_om
     g_ptr = GradOut + batch64 * stride_gb + head64 * stride_gh + q_start64 * stride_gm
-    out = load_tile(o_ptr + rows[:, None] * stride_om + offs_dv[None, :] * stride_od, rows, seqlen_q_b, offs_dv,
-                    HEAD_DIM_V, True, HEAD_DIM_V != HEAD_DIM_V_PADDED)
-    grad_out = load_tile(g_ptr + rows[:, None] * stride_gm + offs_dv[None, :] * stride_gd, rows, seqlen_q_b,
-                         offs_dv, HEAD_DIM_V, True, HEAD_DIM_V != HEAD_DIM_V_PADDED)
+    out = load_tile(o_ptr + element_offsets(rows[:, None], stride_om, offs_dv[None, :], stride_od), rows, seqlen_q_b,
+                    offs_dv, HEAD_DIM_V, True, HEAD_DIM_V != HEAD_DIM_V_PADDED)
+    grad_out = load_tile(g_ptr + element_offsets(rows[:, None], stride_gm, offs_dv[None, :], stride_gd), rows,
+                         seqlen_q_b, offs_dv, HEAD_DIM_V, True, HEAD_DIM_V != HEAD_DIM_V_PADDED)
     delta = tl.sum(out.to(tl.float32) * grad_out.to(tl.float32), 1)
     d_ptr = Delta + batch64 * stride_db + head64 * stride_dh + q_start64 * stride_dm
     tl.store(d_ptr + rows * stride_dm, delta, mask=rows < seqlen_q_b)
@@ -41,23 +42,24 @@ def attention_backward_preprocess_kernel(
 
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, q_ptr, g_ptr, dq_ptr, lse_ptr, delta_ptr, mask_ptr, row_start,
-                row_end, cols, offs_dk, offs_dv, seqlen_q, seqlen_k, stride_qm, stride_qd,
+                row_end, start_n, offs_dk, offs_dv, seqlen_q, seqlen_k, stride_qm, stride_qd,
                 stride_gm, stride_gd, stride_dqm, stride_dqd, stride_lm, stride_dm, stride_mm,
                 stride_mn, scale, softcap, slope, window_left, window_right, diagonal_offset,
                 dropout_p, seed, batch_head,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-                HEAD_DIM_V_PADDED: tl.constexpr, BLOCK_M: tl.constexpr, MASK_KIND: tl.constexpr,
-                HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                HEAD_DIM_V_PADDED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                 HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
                 HAS_DROPOUT: tl.constexpr, FUSED_DQ: tl.constexpr, ON_EDGE: tl.constexpr,
                 DOT_PRECISION: tl.constexpr):
     # Tiles are transposed, (keys, queries), so that dK and dV accumulate as plain dot products.
+    cols = start_n + tl.arange(0, BLOCK_N)
     for start_m in range(row_start, row_end, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
-        q = load_tile(q_ptr + rows[:, None] * stride_qm + offs_dk[None, :] * stride_qd, rows, seqlen_q, offs_dk,
-                      HEAD_DIM, ON_EDGE, HEAD_DIM != HEAD_DIM_PADDED)
-        grad_out = load_tile(g_ptr + rows[:, None] * stride_gm + offs_dv[None, :] * stride_gd, rows, seqlen_q,
-                             offs_dv, HEAD_DIM_V, ON_EDGE, HEAD_DIM_V != HEAD_DIM_V_PADDED)
+        q = load_tile(q_ptr + element_offsets(rows[:, None], stride_qm, offs_dk[None, :], stride_qd), rows, seqlen_q,
+                      offs_dk, HEAD_DIM, ON_EDGE, HEAD_DIM != HEAD_DIM_PADDED)
+        grad_out = load_tile(g_ptr + element_offsets(rows[:, None], stride_gm, offs_dv[None, :], stride_gd), rows,
+                             seqlen_q, offs_dv, HEAD_DIM_V, ON_EDGE, HEAD_DIM_V != HEAD_DIM_V_PADDED)
         if ON_EDGE:
             lse = tl.load(lse_ptr + rows * stride_lm, mask=rows < seqlen_q, other=0.0)
             delta = tl.load(delta_ptr + rows * stride_dm, mask=rows < seqlen_q, other=0.0)
@@ -73,8 +75,8 @@ def _dkdv_inner(dk, dv, k, v, q_ptr, g_ptr, dq_ptr, lse_ptr, delta_ptr, mask_ptr
         p_t = tl.exp2(s_t - lse2[None, :])
         dp_t = tl.dot(v, tl.trans(grad_out), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
-            keep_t = dropout_keep(seed, batch_head, rows[None, :], cols[:, None], dropout_p)
-            rescale = 1.0 / (1.0 - dropout_p)
+            keep_t = tl.trans(dropout_keep(seed, batch_head, rows, start_n, dropout_p, BLOCK_N))
+            rescale = dropout_scale(dropout_p)
             dv = tl.dot(tl.where(keep_t, p_t * rescale, 0.0).to(grad_out.dtype), grad_out, dv,
                         input_precision=DOT_PRECISION)
             dp_t = tl.where(keep_t, dp_t * rescale, 0.0)
@@ -87,7 +89,7 @@ def _dkdv_inner(dk, dv, k, v, q_ptr, g_ptr, dq_ptr, lse_ptr, delta_ptr, mask_ptr
         dk = tl.dot(ds_t, q, dk, input_precision=DOT_PRECISION)
         if FUSED_DQ:
             dq = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION) * scale
-            tl.atomic_add(dq_ptr + rows[:, None] * stride_dqm + offs_dk[None, :] * stride_dqd, dq,
+            tl.atomic_add(dq_ptr + element_offsets(rows[:, None], stride_dqm, offs_dk[None, :], stride_dqd), dq,
                           mask=(rows[:, None] < seqlen_q) & (offs_dk[None, :] < HEAD_DIM), sem="relaxed")
     return dk, dv
 
@@ -131,10 +133,10 @@ def attention_backward_dkdv_kernel(
     offs_dv = tl.arange(0, HEAD_DIM_V_PADDED)
     k_ptr = K + batch64 * stride_kb + kv_head64 * stride_kh + k_start64 * stride_kn
     v_ptr = V + batch64 * stride_vb + kv_head64 * stride_vh + k_start64 * stride_vn
-    k = load_tile(k_ptr + cols[:, None] * stride_kn + offs_dk[None, :] * stride_kd, cols, seqlen_k_b, offs_dk,
-                  HEAD_DIM, True, HEAD_DIM != HEAD_DIM_PADDED)
-    v = load_tile(v_ptr + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd, cols, seqlen_k_b, offs_dv,
-                  HEAD_DIM_V, True, HEAD_DIM_V != HEAD_DIM_V_PADDED)
+    k = load_tile(k_ptr + element_offsets(cols[:, None], stride_kn, offs_dk[None, :], stride_kd), cols, seqlen_k_b,
+                  offs_dk, HEAD_DIM, True, HEAD_DIM != HEAD_DIM_PADDED)
+    v = load_tile(v_ptr + element_offsets(cols[:, None], stride_vn, offs_dv[None, :], stride_vd), cols, seqlen_k_b,
+                  offs_dv, HEAD_DIM_V, True, HEAD_DIM_V != HEAD_DIM_V_PADDED)
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PADDED], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM_V_PADDED], dtype=tl.float32)
     lo, interior_lo, interior_hi, hi = query_ranges(start_n, seqlen_q_b, seqlen_k_b, window_left, window_right,
@@ -157,33 +159,33 @@ def attention_backward_dkdv_kernel(
         if HAS_ALIBI:
             slope = tl.load(AlibiSlopes + batch64 * stride_ab + head64 * stride_ah)
         dk, dv = _dkdv_inner(
-            dk, dv, k, v, q_ptr, g_ptr, dq_ptr, lse_ptr, delta_ptr, mask_ptr, lo, interior_lo, cols, offs_dk, offs_dv,
-            seqlen_q_b, seqlen_k_b, stride_qm, stride_qd, stride_gm, stride_gd, stride_dqm, stride_dqd, stride_lm,
-            stride_lm, stride_mm, stride_mn, scale, softcap, slope, window_left, window_right, diagonal_offset,
-            dropout_p, seed, batch_head, HEAD_DIM, HEAD_DIM_PADDED, HEAD_DIM_V, HEAD_DIM_V_PADDED, BLOCK_M, MASK_KIND,
-            HAS_SOFTCAP, HAS_ALIBI, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_DROPOUT, FUSED_DQ,
-            ON_EDGE=True, DOT_PRECISION=DOT_PRECISION)
-        dk, dv = _dkdv_inner(
-            dk, dv, k, v, q_ptr, g_ptr, dq_ptr, lse_ptr, delta_ptr, mask_ptr, interior_lo, interior_hi, cols, offs_dk,
+            dk, dv, k, v, q_ptr, g_ptr, dq_ptr, lse_ptr, delta_ptr, mask_ptr, lo, interior_lo, start_n, offs_dk,
             offs_dv, seqlen_q_b, seqlen_k_b, stride_qm, stride_qd, stride_gm, stride_gd, stride_dqm, stride_dqd,
             stride_lm, stride_lm, stride_mm, stride_mn, scale, softcap, slope, window_left, window_right,
             diagonal_offset, dropout_p, seed, batch_head, HEAD_DIM, HEAD_DIM_PADDED, HEAD_DIM_V, HEAD_DIM_V_PADDED,
-            BLOCK_M, MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_DROPOUT, FUSED_DQ,
-            ON_EDGE=False, DOT_PRECISION=DOT_PRECISION)
+            BLOCK_M, BLOCK_N, MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_DROPOUT,
+            FUSED_DQ, ON_EDGE=True, DOT_PRECISION=DOT_PRECISION)
         dk, dv = _dkdv_inner(
-            dk, dv, k, v, q_ptr, g_ptr, dq_ptr, lse_ptr, delta_ptr, mask_ptr, interior_hi, hi, cols, offs_dk, offs_dv,
-            seqlen_q_b, seqlen_k_b, stride_qm, stride_qd, stride_gm, stride_gd, stride_dqm, stride_dqd, stride_lm,
-            stride_lm, stride_mm, stride_mn, scale, softcap, slope, window_left, window_right, diagonal_offset,
-            dropout_p, seed, batch_head, HEAD_DIM, HEAD_DIM_PADDED, HEAD_DIM_V, HEAD_DIM_V_PADDED, BLOCK_M, MASK_KIND,
-            HAS_SOFTCAP, HAS_ALIBI, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_DROPOUT, FUSED_DQ,
-            ON_EDGE=True, DOT_PRECISION=DOT_PRECISION)
+            dk, dv, k, v, q_ptr, g_ptr, dq_ptr, lse_ptr, delta_ptr, mask_ptr, interior_lo, interior_hi, start_n,
+            offs_dk, offs_dv, seqlen_q_b, seqlen_k_b, stride_qm, stride_qd, stride_gm, stride_gd, stride_dqm,
+            stride_dqd, stride_lm, stride_lm, stride_mm, stride_mn, scale, softcap, slope, window_left,
+            window_right, diagonal_offset, dropout_p, seed, batch_head, HEAD_DIM, HEAD_DIM_PADDED, HEAD_DIM_V,
+            HEAD_DIM_V_PADDED, BLOCK_M, BLOCK_N, MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
+            HAS_DROPOUT, FUSED_DQ, ON_EDGE=False, DOT_PRECISION=DOT_PRECISION)
+        dk, dv = _dkdv_inner(
+            dk, dv, k, v, q_ptr, g_ptr, dq_ptr, lse_ptr, delta_ptr, mask_ptr, interior_hi, hi, start_n, offs_dk,
+            offs_dv, seqlen_q_b, seqlen_k_b, stride_qm, stride_qd, stride_gm, stride_gd, stride_dqm, stride_dqd,
+            stride_lm, stride_lm, stride_mm, stride_mn, scale, softcap, slope, window_left, window_right,
+            diagonal_offset, dropout_p, seed, batch_head, HEAD_DIM, HEAD_DIM_PADDED, HEAD_DIM_V, HEAD_DIM_V_PADDED,
+            BLOCK_M, BLOCK_N, MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_DROPOUT,
+            FUSED_DQ, ON_EDGE=True, DOT_PRECISION=DOT_PRECISION)
 
     dk_ptr = DK + batch64 * stride_dkb + kv_head64 * stride_dkh + k_start64 * stride_dkn
     dv_ptr = DV + batch64 * stride_dvb + kv_head64 * stride_dvh + k_start64 * stride_dvn
-    tl.store(dk_ptr + cols[:, None] * stride_dkn + offs_dk[None, :] * stride_dkd, (dk * scale).to(DK.dtype.element_ty),
-             mask=(cols[:, None] < seqlen_k_b) & (offs_dk[None, :] < HEAD_DIM))
-    tl.store(dv_ptr + cols[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd, dv.to(DV.dtype.element_ty),
-             mask=(cols[:, None] < seqlen_k_b) & (offs_dv[None, :] < HEAD_DIM_V))
+    tl.store(dk_ptr + element_offsets(cols[:, None], stride_dkn, offs_dk[None, :], stride_dkd),
+             (dk * scale).to(DK.dtype.element_ty), mask=(cols[:, None] < seqlen_k_b) & (offs_dk[None, :] < HEAD_DIM))
+    tl.store(dv_ptr + element_offsets(cols[:, None], stride_dvn, offs_dv[None, :], stride_dvd),
+             dv.to(DV.dtype.element_ty), mask=(cols[:, None] < seqlen_k_b) & (offs_dv[None, :] < HEAD_DIM_V))
 
 
 @triton.jit
@@ -198,10 +200,10 @@ def _dq_inner(dq, q, grad_out, lse2, delta, k_ptr, v_ptr, mask_ptr, key_start, k
               DOT_PRECISION: tl.constexpr):
     for start_n in range(key_start, key_end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = load_tile(k_ptr + offs_n[:, None] * stride_kn + offs_dk[None, :] * stride_kd, offs_n, seqlen_k,
-                      offs_dk, HEAD_DIM, ON_EDGE, HEAD_DIM != HEAD_DIM_PADDED)
-        v = load_tile(v_ptr + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd, offs_n, seqlen_k,
-                      offs_dv, HEAD_DIM_V, ON_EDGE, HEAD_DIM_V != HEAD_DIM_V_PADDED)
+        k = load_tile(k_ptr + element_offsets(offs_n[:, None], stride_kn, offs_dk[None, :], stride_kd), offs_n,
+                      seqlen_k, offs_dk, HEAD_DIM, ON_EDGE, HEAD_DIM != HEAD_DIM_PADDED)
+        v = load_tile(v_ptr + element_offsets(offs_n[:, None], stride_vn, offs_dv[None, :], stride_vd), offs_n,
+                      seqlen_k, offs_dv, HEAD_DIM_V, ON_EDGE, HEAD_DIM_V != HEAD_DIM_V_PADDED)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         s, tanh = attention_scores(qk, rows[:, None], offs_n[None, :], seqlen_q, seqlen_k, scale, softcap, slope,
                                    window_left, window_right, diagonal_offset, mask_ptr, stride_mm, stride_mn,
@@ -209,8 +211,8 @@ def _dq_inner(dq, q, grad_out, lse2, delta, k_ptr, v_ptr, mask_ptr, key_start, k
         p = tl.exp2(s - lse2[:, None])
         dp = tl.dot(grad_out, tl.trans(v), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, batch_head, rows[:, None], offs_n[None, :], dropout_p)
-            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+            keep = dropout_keep(seed, batch_head, rows, start_n, dropout_p, BLOCK_N)
+            dp = tl.where(keep, dp * dropout_scale(dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
         if HAS_SOFTCAP:
             ds = ds * (1.0 - tanh * tanh)
@@ -264,10 +266,10 @@ def attention_backward_dq_kernel(
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(AlibiSlopes + batch * stride_ab + head * stride_ah)
-    q = load_tile(q_ptr + rows[:, None] * stride_qm + offs_dk[None, :] * stride_qd, rows, seqlen_q_b, offs_dk,
-                  HEAD_DIM, True, HEAD_DIM != HEAD_DIM_PADDED)
-    grad_out = load_tile(g_ptr + rows[:, None] * stride_gm + offs_dv[None, :] * stride_gd, rows, seqlen_q_b, offs_dv,
-                         HEAD_DIM_V, True, HEAD_DIM_V != HEAD_DIM_V_PADDED)
+    q = load_tile(q_ptr + element_offsets(rows[:, None], stride_qm, offs_dk[None, :], stride_qd), rows, seqlen_q_b,
+                  offs_dk, HEAD_DIM, True, HEAD_DIM != HEAD_DIM_PADDED)
+    grad_out = load_tile(g_ptr + element_offsets(rows[:, None], stride_gm, offs_dv[None, :], stride_gd), rows,
+                         seqlen_q_b, offs_dv, HEAD_DIM_V, True, HEAD_DIM_V != HEAD_DIM_V_PADDED)
     row_offset = batch64 * stride_lb + head64 * stride_lh + q_start64 * stride_lm
     lse = tl.load(Lse + row_offset + rows * stride_lm, mask=rows < seqlen_q_b, other=0.0)
     delta = tl.load(Delta + row_offset + rows * stride_lm, mask=rows < seqlen_q_b, other=0.0)
@@ -294,6 +296,6 @@ def attention_backward_dq_kernel(
         HEAD_DIM_V, HEAD_DIM_V_PADDED, BLOCK_N, MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
         HAS_DROPOUT, ON_EDGE=True, DOT_PRECISION=DOT_PRECISION)
     dq_ptr = DQ + batch64 * stride_dqb + head64 * stride_dqh + q_start64 * stride_dqm
-    tl.store(dq_ptr + rows[:, None] * stride_dqm + offs_dk[None, :] * stride_dqd, (dq * scale).to(DQ.dtype.element_ty),
-             mask=(rows[:, None] < seqlen_q_b) & (offs_dk[None, :] < HEAD_DIM))
+    tl.store(dq_ptr + element_offsets(rows[:, None], stride_dqm, offs_dk[None, :], stride_dqd),
+             (dq * scale).to(DQ.dtype.element_ty), mask=(rows[:, None] < seqlen_q_b) & (offs_dk[None, :] < HEAD_DIM))
 

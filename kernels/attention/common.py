@@ -1,8 +1,10 @@
-"""Device helpers shared by the attention kernels: tanh, the Philox dropout draw, score masking, tile loads
-and the band (causal / sliding-window) ranges. docs/attention.md states the semantics these implement."""
+"""Device helpers shared by the attention kernels: tanh, the Philox dropout draw, int64 tile offsets, score
+masking, tile loads and the band (causal / sliding-window) ranges. docs/attention.md states the semantics these
+implement."""
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -22,13 +24,62 @@ def tanh(x):
     return tl.where(x >= 0, t, -t)
 
 
+# Dropout: a 16-bit uniform per score, eight per Philox4x32-10 call (docs/attention.md, "Dropout RNG").
+DROPOUT_KEYS_PER_DRAW = 8
+DROPOUT_RESOLUTION = 65536  # drop probabilities are multiples of 1/65536
+
+
+def quantised_dropout_p(dropout_p: float) -> float:
+    """The drop probability the kernels apply for ``dropout_p``: ``round(p · 65536) / 65536``, at most
+    65535/65536, rounded as :func:`dropout_threshold` rounds it (from ``p`` in fp32, the kernel argument's type).
+    Their 1/(1 − p) scale uses this value, so E[keep · scale] = 1 exactly."""
+    scaled = torch.tensor(dropout_p, dtype=torch.float32) * DROPOUT_RESOLUTION + 0.5
+    return min(int(scaled.floor()), DROPOUT_RESOLUTION - 1) / DROPOUT_RESOLUTION
+
+
 @triton.jit
-def dropout_keep(seed, batch_head, rows, cols, dropout_p):
-    """True where the element (batch_head, i = rows, j = cols) survives dropout; rows/cols broadcast."""
-    zero = (rows * 0 + cols * 0).to(tl.uint32)
-    random, _, _, _ = tl.philox(seed, cols.to(tl.uint32) + zero, rows.to(tl.uint32) + zero,
-                                zero + batch_head.to(tl.uint32), zero)
-    return tl.uint_to_uniform_float(random) >= dropout_p
+def dropout_threshold(dropout_p):
+    """t = round(p · 65536) ≤ 65535: a 16-bit uniform u keeps its score iff u ≥ t, with probability 1 − t/65536.
+    p · 65536 is exact in fp32 and, below 2¹⁶, so is adding ½ (p = 0 never reaches here: HAS_DROPOUT)."""
+    return tl.minimum((tl.to_tensor(dropout_p) * 65536.0 + 0.5).to(tl.uint32), 65535)
+
+
+@triton.jit
+def dropout_scale(dropout_p):
+    """1 / (1 − t/65536) = 65536 / (65536 − t): the rescale of the kept scores for the probability applied."""
+    return 65536.0 / (65536 - dropout_threshold(dropout_p)).to(tl.float32)
+
+
+@triton.jit
+def dropout_keep(seed, batch_head, rows, start_col, dropout_p, NUM_COLS: tl.constexpr):
+    """(len(rows), NUM_COLS) tile, True where score (batch_head, i = rows, j = start_col + c) survives dropout.
+
+    One Philox call per row and run of 8 keys: key = seed, counter = (j // 8, i, batch_head, 0); key j takes
+    16-bit half (j % 2) of output word (j % 8) // 2, low half first. The bits depend on (seed, batch_head, i, j)
+    only, so every kernel redraws the same ones whatever its tiles; ``start_col`` must be a multiple of 8.
+    """
+    tl.static_assert(NUM_COLS % 8 == 0, "dropout draws keys in runs of 8: NUM_COLS must be a multiple of 8")
+    groups = start_col // 8 + tl.arange(0, NUM_COLS // 8)
+    zero = (rows[:, None] * 0 + groups[None, :] * 0).to(tl.uint32)
+    word0, word1, word2, word3 = tl.philox(seed, groups[None, :].to(tl.uint32) + zero, rows[:, None].to(tl.uint32)
+                                           + zero, zero + batch_head.to(tl.uint32), zero)
+    # (rows, groups, 2, 2): [..., a, b] = word 2a + b; then the halves: [..., a, b, h] is key 8 g + 2 (2a + b) + h.
+    words = tl.join(tl.join(word0, word2), tl.join(word1, word3))
+    threshold = dropout_threshold(dropout_p)
+    keep = tl.join((words & 0xFFFF) >= threshold, (words >> 16) >= threshold)
+    return tl.reshape(keep, (rows.shape[0], NUM_COLS))
+
+
+@triton.jit
+def element_offsets(rows, stride_rows, cols, stride_cols):
+    """int64 offsets rows · stride_rows + cols · stride_cols (broadcasting): an index times a stride passes 2³¹
+    inside one slice (a 46k × 46k mask plane, bshd/varlen rows of seqlen · H · D; even the head-dim term, as
+    inputs may have any strides). The casts act on the index vectors before they broadcast to the tile.
+
+    Offsets left int32, being provably small: lse/delta rows (the launchers allocate them with unit row stride,
+    so rows · stride_lm < seqlen), ALiBi slopes (B · H entries), cu_seqlens (B + 1), and the Philox counters
+    (32-bit by design). Batch, head and sequence-start offsets are int64 scalars in each kernel."""
+    return rows.to(tl.int64) * stride_rows + cols.to(tl.int64) * stride_cols
 
 
 @triton.jit
@@ -54,7 +105,7 @@ def attention_scores(qk, rows, cols, seqlen_q, seqlen_k, scale, softcap, slope, 
         s -= (slope * LOG2E) * distance
     if MASK_KIND != 0:
         in_bounds = (rows < seqlen_q) & (cols < seqlen_k)
-        mask = tl.load(mask_ptr + rows * stride_mm + cols * stride_mn, mask=in_bounds, other=0)
+        mask = tl.load(mask_ptr + element_offsets(rows, stride_mm, cols, stride_mn), mask=in_bounds, other=0)
         if MASK_KIND == 1:
             s = tl.where(mask != 0, s, float("-inf"))
         else:
@@ -96,8 +147,8 @@ def load_kv_tile(base, batch, kv_head, start_n, offs_n, seqlen_k, offs_d, stride
     if USE_TMA:
         tile = base.load([batch, kv_head, start_n, 0]).reshape(BLOCK_N, HEAD_DIM_PADDED)
     else:
-        tile = load_tile(base + offs_n[:, None] * stride_n + offs_d[None, :] * stride_d, offs_n, seqlen_k, offs_d,
-                         HEAD_DIM, ON_EDGE, HEAD_DIM != HEAD_DIM_PADDED)
+        tile = load_tile(base + element_offsets(offs_n[:, None], stride_n, offs_d[None, :], stride_d), offs_n, seqlen_k,
+                         offs_d, HEAD_DIM, ON_EDGE, HEAD_DIM != HEAD_DIM_PADDED)
     return tile
 
 
@@ -178,7 +229,7 @@ def attention_dropout_keep_mask_kernel(Keep, num_heads, seqlen_q, seqlen_k, drop
     keep_ptr = Keep + batch_head.to(tl.int64) * seqlen_q * seqlen_k
     for start_n in range(0, seqlen_k, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        keep = dropout_keep(seed, batch_head, rows[:, None], cols[None, :], dropout_p)
-        tl.store(keep_ptr + rows[:, None] * seqlen_k + cols[None, :], keep.to(tl.int8),
+        keep = dropout_keep(seed, batch_head, rows, start_n, dropout_p, BLOCK_N)
+        tl.store(keep_ptr + element_offsets(rows[:, None], seqlen_k, cols[None, :], 1), keep.to(tl.int8),
                  mask=(rows[:, None] < seqlen_q) & (cols[None, :] < seqlen_k))
 

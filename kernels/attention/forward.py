@@ -7,7 +7,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import LN2, attention_scores, dropout_keep, key_ranges, load_kv_tile, load_tile, sequence_bounds
+from .common import (LN2, attention_scores, dropout_keep, dropout_scale, element_offsets, key_ranges, load_kv_tile,
+                     load_tile, sequence_bounds)
 
 
 @triton.jit
@@ -38,8 +39,8 @@ def _forward_inner(acc, row_sum, row_max, q, k_ptr, v_ptr, mask_ptr, key_start, 
         row_sum = row_sum * correction + tl.sum(p, 1)
         acc = acc * correction[:, None]
         if HAS_DROPOUT:
-            # Dropped after the denominator: dropout acts on normalised probabilities (1/(1−p) at the end).
-            keep = dropout_keep(seed, batch_head, rows[:, None], offs_n[None, :], dropout_p)
+            # Dropped after the denominator: dropout acts on normalised probabilities (the rescale at the end).
+            keep = dropout_keep(seed, batch_head, rows, start_n, dropout_p, BLOCK_N)
             p = tl.where(keep, p, 0.0)
         v = load_kv_tile(v_ptr, batch, kv_head, start_n, offs_n, seqlen_k, offs_dv, stride_vn, stride_vd, HEAD_DIM_V,
                          HEAD_DIM_V_PADDED, BLOCK_N, USE_TMA, ON_EDGE)
@@ -94,8 +95,8 @@ def attention_forward_kernel(
         q_ptr = Q + batch64 * stride_qb + head64 * stride_qh + q_start.to(tl.int64) * stride_qm
         k_ptr = K + batch64 * stride_kb + kv_head64 * stride_kh + k_start.to(tl.int64) * stride_kn
         v_ptr = V + batch64 * stride_vb + kv_head64 * stride_vh + k_start.to(tl.int64) * stride_vn
-        q = load_tile(q_ptr + rows[:, None] * stride_qm + offs_dk[None, :] * stride_qd, rows, seqlen_q_b, offs_dk,
-                      HEAD_DIM, True, HEAD_DIM != HEAD_DIM_PADDED)
+        q = load_tile(q_ptr + element_offsets(rows[:, None], stride_qm, offs_dk[None, :], stride_qd), rows, seqlen_q_b,
+                      offs_dk, HEAD_DIM, True, HEAD_DIM != HEAD_DIM_PADDED)
     mask_ptr = Mask
     if MASK_KIND != 0:
         mask_ptr = Mask + batch64 * stride_mb + head64 * stride_mh
@@ -134,11 +135,11 @@ def attention_forward_kernel(
     safe_sum = tl.where(has_keys, row_sum, 1.0)
     out = acc / safe_sum[:, None]
     if HAS_DROPOUT:
-        out = out * (1.0 / (1.0 - dropout_p))
+        out = out * dropout_scale(dropout_p)
     lse = tl.where(has_keys, (row_max + tl.log2(safe_sum)) * LN2, float("-inf"))
     o_ptr = Out + batch64 * stride_ob + head64 * stride_oh + q_start.to(tl.int64) * stride_om
-    tl.store(o_ptr + rows[:, None] * stride_om + offs_dv[None, :] * stride_od, out.to(Out.dtype.element_ty),
-             mask=(rows[:, None] < seqlen_q_b) & (offs_dv[None, :] < HEAD_DIM_V))
+    tl.store(o_ptr + element_offsets(rows[:, None], stride_om, offs_dv[None, :], stride_od),
+             out.to(Out.dtype.element_ty), mask=(rows[:, None] < seqlen_q_b) & (offs_dv[None, :] < HEAD_DIM_V))
     lse_ptr = Lse + batch64 * stride_lb + head64 * stride_lh + q_start.to(tl.int64) * stride_lm
     tl.store(lse_ptr + rows * stride_lm, lse, mask=rows < seqlen_q_b)
 
