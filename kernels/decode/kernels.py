@@ -167,13 +167,18 @@ def decode_attention_kernel(
     key_start = lo + split * tiles_per_split * BLOCK_N
     key_end = tl.minimum(key_start + tiles_per_split * BLOCK_N, hi)
 
+    # Every index that meets a stride is int64 (the head dim need not be contiguous, so even d · stride_d may
+    # pass 2³¹); int32 stays only where the tensor is tiny or has unit stride: ALiBi slopes (B · H), cache_seqlens,
+    # cache_batch_idx and a block-table row (positions // block_size, stride 1 checked by the launcher).
     batch64 = batch.to(tl.int64)
     offs_d = tl.arange(0, HEAD_DIM_PADDED)
     offs_dv = tl.arange(0, HEAD_DIM_V_PADDED)
+    offs_d64, offs_dv64 = offs_d.to(tl.int64), offs_dv.to(tl.int64)
     d_valid = offs_d < HEAD_DIM
     dv_valid = offs_dv < HEAD_DIM_V
-    q = tl.load(Q + batch64 * stride_qb + query[:, None].to(tl.int64) * stride_qm + head[:, None] * stride_qh
-                + offs_d[None, :] * stride_qd, mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+    q = tl.load(Q + batch64 * stride_qb + query[:, None].to(tl.int64) * stride_qm
+                + head[:, None].to(tl.int64) * stride_qh + offs_d64[None, :] * stride_qd,
+                mask=row_valid[:, None] & d_valid[None, :], other=0.0)
     slope = tl.zeros([BLOCK_M], dtype=tl.float32)
     if HAS_ALIBI:
         slope = tl.load(AlibiSlopes + batch * stride_ab + head * stride_ah, mask=row_valid, other=0.0)
@@ -200,14 +205,15 @@ def decode_attention_kernel(
         rows0, write = _locate(block_table_row, cache_row, cache_row_ok, new_positions,
                                (tokens < seqlen_new) & (new_positions < capacity), block_size, num_cache_rows, PAGED)
         tokens64 = tokens.to(tl.int64)
-        k = tl.load(k_new_base + tokens64[:, None] * stride_knn + offs_d[None, :] * stride_knd,
+        k = tl.load(k_new_base + tokens64[:, None] * stride_knn + offs_d64[None, :] * stride_knd,
                     mask=write[:, None] & d_valid[None, :])
         tl.store(k_base + _offsets(rows0, new_positions, block_size, stride_kc0, stride_kcn, PAGED)[:, None]
-                 + offs_d[None, :] * stride_kcd, k.to(KCache.dtype.element_ty), mask=write[:, None] & d_valid[None, :])
-        v = tl.load(v_new_base + tokens64[:, None] * stride_vnn + offs_dv[None, :] * stride_vnd,
+                 + offs_d64[None, :] * stride_kcd, k.to(KCache.dtype.element_ty),
+                 mask=write[:, None] & d_valid[None, :])
+        v = tl.load(v_new_base + tokens64[:, None] * stride_vnn + offs_dv64[None, :] * stride_vnd,
                     mask=write[:, None] & dv_valid[None, :])
         tl.store(v_base + _offsets(rows0, new_positions, block_size, stride_vc0, stride_vcn, PAGED)[:, None]
-                 + offs_dv[None, :] * stride_vcd, v.to(VCache.dtype.element_ty),
+                 + offs_dv64[None, :] * stride_vcd, v.to(VCache.dtype.element_ty),
                  mask=write[:, None] & dv_valid[None, :])
 
     acc = tl.zeros([BLOCK_M, HEAD_DIM_V_PADDED], dtype=tl.float32)
@@ -219,9 +225,9 @@ def decode_attention_kernel(
         rows0, key_valid = _locate(block_table_row, cache_row, cache_row_ok, offs_n, offs_n < cached_end, block_size,
                                    num_cache_rows, PAGED)
         k = tl.load(k_base + _offsets(rows0, offs_n, block_size, stride_kc0, stride_kcn, PAGED)[:, None]
-                    + offs_d[None, :] * stride_kcd, mask=key_valid[:, None] & d_valid[None, :], other=0.0)
+                    + offs_d64[None, :] * stride_kcd, mask=key_valid[:, None] & d_valid[None, :], other=0.0)
         v = tl.load(v_base + _offsets(rows0, offs_n, block_size, stride_vc0, stride_vcn, PAGED)[:, None]
-                    + offs_dv[None, :] * stride_vcd, mask=key_valid[:, None] & dv_valid[None, :], other=0.0)
+                    + offs_dv64[None, :] * stride_vcd, mask=key_valid[:, None] & dv_valid[None, :], other=0.0)
         acc, row_sum, row_max = _attend_tile(acc, row_sum, row_max, q, k, v, offs_n, key_valid, row_valid, position,
                                              slope, scale, softcap, window_left, window_right, HAS_SOFTCAP,
                                              HAS_ALIBI, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, DOT_PRECISION)
@@ -232,9 +238,9 @@ def decode_attention_kernel(
         _, key_valid = _locate(block_table_row, cache_row, cache_row_ok, offs_n, offs_n < key_end, block_size,
                                num_cache_rows, PAGED)
         tokens = (offs_n - start).to(tl.int64)
-        k = tl.load(k_new_base + tokens[:, None] * stride_knn + offs_d[None, :] * stride_knd,
+        k = tl.load(k_new_base + tokens[:, None] * stride_knn + offs_d64[None, :] * stride_knd,
                     mask=key_valid[:, None] & d_valid[None, :], other=0.0).to(KCache.dtype.element_ty)
-        v = tl.load(v_new_base + tokens[:, None] * stride_vnn + offs_dv[None, :] * stride_vnd,
+        v = tl.load(v_new_base + tokens[:, None] * stride_vnn + offs_dv64[None, :] * stride_vnd,
                     mask=key_valid[:, None] & dv_valid[None, :], other=0.0).to(VCache.dtype.element_ty)
         acc, row_sum, row_max = _attend_tile(acc, row_sum, row_max, q, k, v, offs_n, key_valid, row_valid, position,
                                              slope, scale, softcap, window_left, window_right, HAS_SOFTCAP,
@@ -251,7 +257,7 @@ def decode_attention_kernel(
         o_ptr += split.to(tl.int64) * stride_os
         lse_ptr += split.to(tl.int64) * stride_ls
     o_ptr = (o_ptr + batch64 * stride_ob + query[:, None].to(tl.int64) * stride_om
-             + head[:, None].to(tl.int64) * stride_oh + offs_dv[None, :] * stride_od)
+             + head[:, None].to(tl.int64) * stride_oh + offs_dv64[None, :] * stride_od)
     tl.store(o_ptr, out.to(Out.dtype.element_ty), mask=row_valid[:, None] & dv_valid[None, :])
     lse_ptr = (lse_ptr + batch64 * stride_lb + head.to(tl.int64) * stride_lh
                + query.to(tl.int64) * stride_lm)
@@ -275,6 +281,7 @@ def combine_splits_kernel(
     head = tl.program_id(0) % num_heads
     batch64 = tl.program_id(1).to(tl.int64)
     offs_dv = tl.arange(0, HEAD_DIM_V_PADDED)
+    offs_dv64 = offs_dv.to(tl.int64)
     row = batch64 * stride_qb + query.to(tl.int64) * stride_qm + head.to(tl.int64) * stride_qh
     splits = tl.arange(0, SPLITS_PADDED)
     lse = tl.load(PartialLse + row + splits.to(tl.int64) * stride_qs, mask=splits < num_splits, other=float("-inf"))
@@ -289,11 +296,11 @@ def combine_splits_kernel(
         weight = tl.exp2((tl.load(PartialLse + row + chunk.to(tl.int64) * stride_qs, mask=valid,
                                   other=float("-inf")) - shift) * LOG2E)
         partial = tl.load(PartialOut + partial_row + chunk[:, None].to(tl.int64) * stride_ps
-                          + offs_dv[None, :] * stride_pd,
+                          + offs_dv64[None, :] * stride_pd,
                           mask=valid[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
         acc += tl.sum(partial * weight[:, None], 0)
     safe_total = tl.where(total > 0, total, 1.0)
     tl.store(Out + batch64 * stride_ob + query.to(tl.int64) * stride_om + head.to(tl.int64) * stride_oh
-             + offs_dv * stride_od, (acc / safe_total).to(Out.dtype.element_ty), mask=offs_dv < HEAD_DIM_V)
+             + offs_dv64 * stride_od, (acc / safe_total).to(Out.dtype.element_ty), mask=offs_dv < HEAD_DIM_V)
     tl.store(Lse + batch64 * stride_lb + head.to(tl.int64) * stride_lh + query.to(tl.int64) * stride_lm,
              tl.where(total > 0, shift + tl.log(safe_total), float("-inf")))
