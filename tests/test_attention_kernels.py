@@ -53,12 +53,14 @@ def reference_with_grads(q, k, v, grad_out, **options):
     return (out.detach(), lse.detach(), *(leaf.grad for leaf in leaves))
 
 
-def check_against_reference(q, k, v, *, deterministic=False, dropout_keep_mask=None, use_tma=False, **options):
+def check_against_reference(q, k, v, *, deterministic=False, dropout_keep_mask=None, use_tma=False,
+                            gqa_heads_per_program=None, **options):
     """Runs forward + backward through the launchers and compares all five results with the reference."""
     rtol = RTOL[q.dtype]
     out, lse = kernels.attention_forward(q, k, v, use_tma=use_tma, **options)
     grad_out = random_tensor(*out.shape, dtype=q.dtype)
-    dq, dk, dv = kernels.attention_backward(grad_out, q, k, v, out, lse, deterministic=deterministic, **options)
+    dq, dk, dv = kernels.attention_backward(grad_out, q, k, v, out, lse, deterministic=deterministic,
+                                            gqa_heads_per_program=gqa_heads_per_program, **options)
     reference_options = {key: value for key, value in options.items() if key != "seed"}
     if "dropout_p" in options:  # the kernels drop with p rounded to 1/65536 and rescale by 1/(1 − that)
         reference_options["dropout_p"] = quantised_dropout_p(options["dropout_p"])
@@ -283,6 +285,111 @@ def test_deterministic_and_atomic_backward_agree(dtype):
     assert_close(deterministic[0], ref_dq, RTOL[dtype], "deterministic dq")
 
 
+# The schedule: causal query tiles (and left-window-only key tiles) run in reversed index order, longest first.
+# Each tile's arithmetic is unchanged, so the result must be bit-identical to the same band spelled with a
+# second window side that cuts nothing (which keeps ascending order): causal + a left window wider than the keys
+# (forward and dQ), a left window + a right window wider than the keys (dK/dV).
+LONGEST_FIRST_BANDS = {
+    "causal-top-left": (dict(window_right=0), dict(window_left=1000)),
+    "causal-bottom-right": (dict(window_right=0, diagonal_offset=14), dict(window_left=1000)),
+    "causal-rows-without-keys": (dict(window_right=0, diagonal_offset=-20), dict(window_left=1000)),
+    "left-window-only": (dict(window_left=9, diagonal_offset=14), dict(window_right=1000)),
+}
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-dq", "deterministic-dq"])
+@pytest.mark.parametrize("name", LONGEST_FIRST_BANDS)
+def test_longest_first_tile_order_is_bit_identical_to_ascending(name, deterministic):
+    band, no_op_side = LONGEST_FIRST_BANDS[name]
+    q, k, v = make_inputs(2, 2, 1, 47, 33, 32, 32, torch.float32)
+    results = []
+    for options in (band, dict(band, **no_op_side)):
+        out, lse = kernels.attention_forward(q, k, v, scale=0.3, **options)
+        grad_out = torch.ones_like(out).cumsum(-2) / out.shape[-2]
+        grads = kernels.attention_backward(grad_out, q, k, v, out, lse, scale=0.3, deterministic=deterministic,
+                                           **options)
+        results.append((out, lse, *grads))
+    for label, reversed_order, ascending in zip(("out", "lse", "dq", "dk", "dv"), *results):
+        if label == "dq" and not deterministic:  # atomics: the order of the dQ sums is not fixed
+            assert_close(reversed_order, ascending, 1e-6, label)
+        else:
+            assert torch.equal(reversed_order, ascending), f"{name}: {label} differs between the tile orders"
+    check_against_reference(q, k, v, scale=0.3, deterministic=deterministic, **band)
+
+
+# GQA dK/dV: programs over slices of the group write fp32 partials summed after; every slicing, even or not,
+# must give the reference's gradients (the default slices MQA/GQA fully on these small launches).
+@pytest.mark.interpreter
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-dq", "deterministic-dq"])
+@pytest.mark.parametrize("heads_per_program", [1, 2, 3, 4, None], ids=lambda n: f"heads{n}")
+def test_gqa_backward_split_over_the_group_matches_reference(heads_per_program, deterministic):
+    q, k, v = make_inputs(2, 8, 2, 33, 40, 32, 16, torch.float32)  # group of 4
+    check_against_reference(q, k, v, scale=0.25, window_right=0, diagonal_offset=7, deterministic=deterministic,
+                            gqa_heads_per_program=heads_per_program)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("heads_per_program", [1, 3, 5])
+def test_gqa_backward_split_varlen_mqa_matches_reference(heads_per_program):
+    q, k, v, layout = varlen_inputs([5, 17, 0, 33], [9, 16, 3, 40], 5, 1, 32, 16, torch.float32)  # MQA, group 5
+    check_against_reference(q, k, v, scale=0.2, align_to_end=True, window_right=0, deterministic=True, **layout,
+                            gqa_heads_per_program=heads_per_program)
+
+
+@pytest.mark.interpreter
+def test_gqa_backward_splits_agree_and_stay_deterministic():
+    q, k, v = make_inputs(1, 6, 1, 40, 50, 32, 32, torch.float32)
+    out, lse = kernels.attention_forward(q, k, v, scale=0.2)
+    grad_out = random_tensor(*out.shape)
+    runs = {n: kernels.attention_backward(grad_out, q, k, v, out, lse, scale=0.2, deterministic=True,
+                                         gqa_heads_per_program=n) for n in (1, 2, 6)}
+    again = kernels.attention_backward(grad_out, q, k, v, out, lse, scale=0.2, deterministic=True,
+                                       gqa_heads_per_program=2)
+    assert all(torch.equal(a, b) for a, b in zip(runs[2], again)), "a split backward is not bit-reproducible"
+    for n in (1, 2):
+        assert torch.equal(runs[n][0], runs[6][0]), "dq does not depend on the dK/dV split"
+        for label, a, b in zip(("dk", "dv"), runs[n][1:], runs[6][1:]):
+            assert relative_error(a, b) <= 1e-6, f"{label}: split {n} differs beyond fp32 summation order"
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("value", [0, 7, 2.0, True])
+def test_gqa_heads_per_program_is_checked(value):
+    q, k, v = make_inputs(1, 6, 1, 8, 8, 16, 16, torch.float32)
+    out, lse = kernels.attention_forward(q, k, v, scale=0.2)
+    with pytest.raises(ValueError, match="gqa_heads_per_program"):
+        kernels.attention_backward(out, q, k, v, out, lse, scale=0.2, gqa_heads_per_program=value)
+
+
+def test_gqa_split_rule_fills_the_gpu_and_keeps_large_launches_whole():
+    # MQA at batch 1, 4k keys: 32 key tiles of 128 for 132 SMs -> split the group of 32 into 9 slices of 4.
+    assert configs.dkdv_heads_per_program(32, 1, 1, 4096, 132) == 4
+    assert configs.dkdv_heads_per_program(8, 4, 8, 16384, 132) == 8  # 4096 programs already: one per group
+    assert configs.dkdv_heads_per_program(1, 1, 1, 16, 132) == 1  # MHA never splits
+    assert configs.dkdv_heads_per_program(3, 1, 1, 16, 132) == 1  # tiny launches split fully
+
+
+# A non-positive scale does not commute with the row max: those calls keep the scaled-score path (FOLD_SCALE off).
+@pytest.mark.interpreter
+@pytest.mark.parametrize("scale", [-0.3, 0.0])
+def test_non_positive_scale_matches_reference(scale):
+    q, k, v = make_inputs(1, 2, 1, 33, 47, 32, 32, torch.float32)
+    mask = torch.rand(1, 1, 33, 47) > 0.3
+    check_against_reference(q, k, v, scale=scale, window_right=0, diagonal_offset=14)
+    check_against_reference(q, k, v, scale=scale, mask=mask)
+
+
+def test_forward_folds_the_scale_only_where_it_commutes_with_the_max():
+    features = dict(HAS_SOFTCAP=False, HAS_ALIBI=False, MASK_KIND=launch.NO_MASK)
+    assert launch._folds_scale(0.125, features)
+    assert launch._folds_scale(0.125, dict(features, MASK_KIND=launch.BOOL_MASK))
+    assert not launch._folds_scale(0.125, dict(features, MASK_KIND=launch.ADDITIVE_MASK))
+    assert not launch._folds_scale(0.125, dict(features, HAS_SOFTCAP=True))
+    assert not launch._folds_scale(0.125, dict(features, HAS_ALIBI=True))
+    assert not launch._folds_scale(0.0, features) and not launch._folds_scale(-1.0, features)
+
+
 DROPOUT = dict(dropout_p=0.3, seed=1234)
 
 
@@ -432,7 +539,8 @@ def test_seqlen_buckets_are_powers_of_two_from_16():
 
 class _RecordingTuner:
     """Wraps an autotuned kernel: records the autotune key of each launch (as the autotuner builds it from the
-    key names), then launches. The interpreter has one config, so the autotuner keeps no cache to inspect."""
+    key names, skipping those the kernel lacks), then launches. The interpreter has one config, so the autotuner
+    keeps no cache to inspect."""
 
     def __init__(self, tuner):
         self.tuner, self.keys = tuner, []
@@ -440,7 +548,7 @@ class _RecordingTuner:
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             named = {**dict(zip(self.tuner.arg_names, args)), **kwargs}
-            self.keys.append(tuple(named[name] for name in self.tuner.keys))
+            self.keys.append(tuple(named[name] for name in self.tuner.keys if name in named))
             return self.tuner[grid](*args, **kwargs)
 
         return launch

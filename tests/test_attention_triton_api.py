@@ -389,3 +389,32 @@ def test_flash_attention_default_layout_is_bshd_on_triton(device):
         expected = flash_attention(q.double(), k.double(), v.double(), causal=True)
     assert out.shape == (2, 24, 4, 16)
     assert_close(out, expected.to(out.dtype), TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_deterministic_algorithms_reach_the_triton_backward(device, monkeypatch):
+    """Under ``torch.use_deterministic_algorithms(True)`` the Triton backward gets ``deterministic=True`` (the
+    separate dQ kernel, no atomics) from SDPA and flash_attention alike, and repeats bit for bit; a GQA call's
+    dK/dV slices stay deterministic too (their fp32 partials are summed in a fixed order)."""
+    import pyattn.kernels.attention as kernels  # what the Triton op calls
+
+    seen = []
+    backward = kernels.attention_backward
+    monkeypatch.setattr(kernels, "attention_backward", lambda *a, **kw: seen.append(kw["deterministic"]) or backward(
+        *a, **kw))
+    q = random_tensor(1, 4, 40, 32).to(device).requires_grad_()
+    k = random_tensor(1, 2, 40, 32).to(device).requires_grad_()
+    v = random_tensor(1, 2, 40, 32).to(device).requires_grad_()
+    grad_out = random_tensor(1, 4, 40, 32).to(device)
+    calls = [lambda: scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+             lambda: flash_attention(q, k, v, causal=True, layout="bhsd")]
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with pyattn.use_backend("triton"):
+            for call in calls:
+                grads = [torch.autograd.grad(call(), (q, k, v), grad_out) for _ in range(2)]
+                assert all(torch.equal(a, b) for a, b in zip(*grads)), "deterministic backward is not reproducible"
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert seen == [True] * 4

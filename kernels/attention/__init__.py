@@ -12,9 +12,11 @@ The algorithm and its invariants are in docs/attention.md; the option semantics 
   tiles wholly inside the band and the sequence run without any visibility arithmetic, only the
   band's edge tiles and the ragged last tile compute it;
 * backward: delta = rowsum(dO·O), then one program per (key tile, batch·kv-head) accumulates
-  dK/dV over every query head of its GQA group (no atomics), and dQ is either added atomically
-  by that same program (fast) or computed by its own kernel looping over key tiles
-  (``deterministic=True``);
+  dK/dV over the query heads of its GQA group (no atomics; when those programs cannot fill the GPU,
+  slices of the group write fp32 partials summed after), and dQ is either added atomically by that
+  same program (fast) or computed by its own kernel looping over key tiles (``deterministic=True``);
+* under causal, query tiles run longest first (reversed index); plain scores keep raw q·k with
+  scale·log2(e) folded into exp2's argument (one FFMA per score);
 * dropout draws Philox numbers whose counter is (j, i, batch·heads + head): a pure function of the
   element, so the backward and :func:`attention_dropout_keep_mask` regenerate the forward's pattern.
 

@@ -174,8 +174,12 @@ def _band_specs(dtype, head_dim, option_set, variant, dot_precision=None) -> lis
             positional, constexprs = forward_positional, forward_constexprs
         else:
             delta, dq, dk, dv = launch._backward_buffers(q, k, v, lse, deterministic=deterministic)
+            # GQA as the launcher splits it (the unaligned case's group of 3 over few programs: fp32 partials).
+            heads_per_program = launch._gqa_heads_per_program(shape, q.device, None)
+            dk, dv, _ = launch._dkdv_targets(dk, dv, shape, heads_per_program, varlen)
             positional, constexprs = launch._backward_arguments(table_name, grad_out, q, k, v, lse, delta, dq, dk, dv,
-                                                                shape, deterministic=deterministic, **options)
+                                                                shape, deterministic=deterministic,
+                                                                heads_per_program=heads_per_program, **options)
         constexprs = dict(constexprs, DOT_PRECISION=precision)
         entry = _table_entry(table_name, dtype, positional, kernel, constexprs)
         for config in _call_configs(table_name, dtype, positional, kernel, constexprs):

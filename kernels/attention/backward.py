@@ -108,17 +108,29 @@ def attention_backward_dkdv_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_ab, stride_ah,
     num_heads, group_size, seqlen_q, seqlen_k, seqlen_q_bucket, seqlen_k_bucket, alignment,
-    scale, softcap, window_left, window_right, diagonal_offset, dropout_p, seed,
+    scale, softcap, window_left, window_right, diagonal_offset, dropout_p, seed, heads_per_program,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PADDED: tl.constexpr,
     IS_VARLEN: tl.constexpr, MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     ALIGN_TO_END: tl.constexpr, DOT_PRECISION: tl.constexpr,
     FUSED_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One key tile of one kv head: dK, dV summed over the query heads of its GQA group, no atomics.
+    """One key tile of one kv head and ``heads_per_program`` query heads of its GQA group: their dK, dV summed in
+    registers, no atomics. Program (tile, kv_head · splits + split, batch) takes the group's heads
+    [split · heads_per_program, …) and writes slot kv_head · splits + split of DK/DV: the kv head itself when one
+    program takes the whole group (splits = 1), else an fp32 partial the launcher sums over the splits.
     With FUSED_DQ it also adds each (query tile, key tile) term of dQ into the fp32 buffer DQ."""
-    start_n = tl.program_id(0) * BLOCK_N
-    kv_head = tl.program_id(1)
+    key_tile = tl.program_id(0)
+    if HAS_WINDOW_LEFT and not HAS_WINDOW_RIGHT:
+        # A left window alone: a key tile's band of queries grows with its index, so the heaviest start first
+        # (causal already runs that way: its key tile 0 sees every query).
+        key_tile = tl.num_programs(0) - 1 - key_tile
+    start_n = key_tile * BLOCK_N
+    slot = tl.program_id(1)
+    splits = tl.cdiv(group_size, heads_per_program)
+    kv_head = slot // splits
+    first_head = (slot % splits) * heads_per_program
+    last_head = tl.minimum(first_head + heads_per_program, group_size)
     batch = tl.program_id(2)
     q_start, seqlen_q_b = sequence_bounds(CuSeqlensQ, batch, seqlen_q, IS_VARLEN)
     k_start, seqlen_k_b = sequence_bounds(CuSeqlensK, batch, seqlen_k, IS_VARLEN)
@@ -142,7 +154,7 @@ def attention_backward_dkdv_kernel(
     lo, interior_lo, interior_hi, hi = query_ranges(start_n, seqlen_q_b, seqlen_k_b, window_left, window_right,
                                                     diagonal_offset, BLOCK_M, BLOCK_N, HAS_WINDOW_LEFT,
                                                     HAS_WINDOW_RIGHT)
-    for head_in_group in range(0, group_size):
+    for head_in_group in range(first_head, last_head):
         head64 = kv_head64 * group_size + head_in_group
         batch_head = batch * num_heads + head64.to(tl.int32)
         q_ptr = Q + batch64 * stride_qb + head64 * stride_qh + q_start64 * stride_qm
@@ -180,8 +192,9 @@ def attention_backward_dkdv_kernel(
             BLOCK_M, BLOCK_N, MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_DROPOUT,
             FUSED_DQ, ON_EDGE=True, DOT_PRECISION=DOT_PRECISION)
 
-    dk_ptr = DK + batch64 * stride_dkb + kv_head64 * stride_dkh + k_start64 * stride_dkn
-    dv_ptr = DV + batch64 * stride_dvb + kv_head64 * stride_dvh + k_start64 * stride_dvn
+    slot64 = slot.to(tl.int64)
+    dk_ptr = DK + batch64 * stride_dkb + slot64 * stride_dkh + k_start64 * stride_dkn
+    dv_ptr = DV + batch64 * stride_dvb + slot64 * stride_dvh + k_start64 * stride_dvn
     tl.store(dk_ptr + element_offsets(cols[:, None], stride_dkn, offs_dk[None, :], stride_dkd),
              (dk * scale).to(DK.dtype.element_ty), mask=(cols[:, None] < seqlen_k_b) & (offs_dk[None, :] < HEAD_DIM))
     tl.store(dv_ptr + element_offsets(cols[:, None], stride_dvn, offs_dv[None, :], stride_dvd),
@@ -240,7 +253,10 @@ def attention_backward_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One query tile of one head: dQ over the same key band as the forward, written once (deterministic)."""
-    start_m = tl.program_id(0) * BLOCK_M
+    query_tile = tl.program_id(0)
+    if HAS_WINDOW_RIGHT and not HAS_WINDOW_LEFT:  # causal: the heaviest tiles first, as in the forward
+        query_tile = tl.num_programs(0) - 1 - query_tile
+    start_m = query_tile * BLOCK_M
     head = tl.program_id(1)
     batch = tl.program_id(2)
     batch_head = batch * num_heads + head

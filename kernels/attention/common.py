@@ -103,13 +103,31 @@ def attention_scores(qk, rows, cols, seqlen_q, seqlen_k, scale, softcap, slope, 
     if HAS_ALIBI:
         distance = tl.abs(rows + diagonal_offset - cols).to(tl.float32)
         s -= (slope * LOG2E) * distance
+    if MASK_KIND == 2:
+        s += mask_tile(mask_ptr, rows, cols, seqlen_q, seqlen_k, stride_mm, stride_mn, MASK_KIND).to(tl.float32) * LOG2E
+    s = visible_scores(s, rows, cols, seqlen_q, seqlen_k, window_left, window_right, diagonal_offset, mask_ptr,
+                       stride_mm, stride_mn, MASK_KIND, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, ON_EDGE)
+    return s, capped
+
+
+@triton.jit
+def mask_tile(mask_ptr, rows, cols, seqlen_q, seqlen_k, stride_mm, stride_mn, MASK_KIND: tl.constexpr):
+    """The user mask's (rows, cols) tile, 0 outside the sequences (called only with a mask: MASK_KIND != 0)."""
     if MASK_KIND != 0:
         in_bounds = (rows < seqlen_q) & (cols < seqlen_k)
         mask = tl.load(mask_ptr + element_offsets(rows, stride_mm, cols, stride_mn), mask=in_bounds, other=0)
-        if MASK_KIND == 1:
-            s = tl.where(mask != 0, s, float("-inf"))
-        else:
-            s += mask.to(tl.float32) * LOG2E
+    return mask
+
+
+@triton.jit
+def visible_scores(s, rows, cols, seqlen_q, seqlen_k, window_left, window_right, diagonal_offset, mask_ptr,
+                   stride_mm, stride_mn, MASK_KIND: tl.constexpr, HAS_WINDOW_LEFT: tl.constexpr,
+                   HAS_WINDOW_RIGHT: tl.constexpr, ON_EDGE: tl.constexpr):
+    """``s`` with −inf where the key is invisible: False in a bool mask, outside the window or the sequence.
+    Scale-free, so the forward's folded path applies it to raw q·k (a positive scale keeps −inf and the max)."""
+    if MASK_KIND == 1:
+        s = tl.where(mask_tile(mask_ptr, rows, cols, seqlen_q, seqlen_k, stride_mm, stride_mn, MASK_KIND) != 0, s,
+                     float("-inf"))
     if ON_EDGE:
         visible = (rows < seqlen_q) & (cols < seqlen_k)
         if HAS_WINDOW_LEFT:
@@ -117,7 +135,7 @@ def attention_scores(qk, rows, cols, seqlen_q, seqlen_k, scale, softcap, slope, 
         if HAS_WINDOW_RIGHT:
             visible &= cols <= rows + diagonal_offset + window_right
         s = tl.where(visible, s, float("-inf"))
-    return s, capped
+    return s
 
 
 @triton.jit

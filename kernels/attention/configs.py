@@ -41,8 +41,8 @@ DKDV_CONFIGS = {
 DQ_CONFIGS = {
     ("16-bit", 64, "plain"): [(128, 32, 4, 3), (128, 64, 8, 2)],
     ("16-bit", 128, "plain"): [(128, 32, 8, 2), (64, 32, 4, 2)],
-    ("16-bit", 256, "plain"): [(64, 32, 4, 2), (32, 32, 4, 2)],
-    ("16-bit", 64, "features"): [(32, 32, 4, 2)],
+    ("16-bit", 256, "plain"): [(64, 32, 4, 2)],
+    ("16-bit", 64, "features"): [(64, 32, 4, 2)],
     ("16-bit", 128, "features"): [(32, 32, 4, 2)],
     ("16-bit", 256, "features"): [(32, 32, 4, 2)],
     ("fp32", 64, "any"): [(16, 16, 4, 2)],
@@ -100,11 +100,29 @@ INTERPRETER_KEEP_MASK_BLOCK = 16
 # nearly every step, and lengths within a bucket prune to the same configs.
 TUNING_KEY = ["seqlen_q_bucket", "seqlen_k_bucket", "alignment", "group_size", "HEAD_DIM", "HEAD_DIM_V", "IS_VARLEN",
               "MASK_KIND", "HAS_SOFTCAP", "HAS_ALIBI", "HAS_WINDOW_LEFT", "HAS_WINDOW_RIGHT", "HAS_DROPOUT",
-              "ALIGN_TO_END", "DOT_PRECISION"]
+              "ALIGN_TO_END", "DOT_PRECISION", "FOLD_SCALE"]
 # Everything that changes the compiled kernel is in the key (the dtypes enter through the tensors), so a
-# tuned choice is never reused for a kernel it was not measured on; the GQA group changes dK/dV's loop.
+# tuned choice is never reused for a kernel it was not measured on; the GQA group changes dK/dV's loop. Names a
+# kernel lacks (FOLD_SCALE: the forward's) are skipped by the autotuner.
 
 HEAD_DIM_CLASSES = (64, 128, 256)
+
+# GQA dK/dV: a program per (key tile, kv head, batch) sums its group's query heads in registers, which leaves MQA
+# and small batches with fewer programs than the GPU has SMs. Then each program takes a slice of the group and
+# writes an fp32 partial dK/dV that the launcher sums over the slices (a fixed-order sum: deterministic), at the
+# cost of (group / heads per program) fp32 copies of dK and dV. Slices are cut so that a launch has at least
+# DKDV_PROGRAMS_PER_SM programs per SM, counting key tiles at DKDV_NOMINAL_BLOCK_N (the largest 16-bit tile,
+# so the estimate errs toward splitting). Launches on the interpreter or on meta tensors count an H100's SMs.
+DKDV_PROGRAMS_PER_SM = 2
+DKDV_NOMINAL_BLOCK_N = 128
+NOMINAL_SM_COUNT = 132
+
+
+def dkdv_heads_per_program(group_size: int, batch: int, kv_heads: int, seqlen_k: int, sm_count: int) -> int:
+    """Query heads of a GQA group one dK/dV program sums: the whole group, unless too few programs fill the GPU."""
+    programs = max(1, batch * kv_heads * triton.cdiv(seqlen_k, DKDV_NOMINAL_BLOCK_N))
+    splits = min(group_size, triton.cdiv(DKDV_PROGRAMS_PER_SM * sm_count, programs))
+    return triton.cdiv(group_size, max(1, splits))
 
 
 def seqlen_bucket(seqlen: int) -> int:

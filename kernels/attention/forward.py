@@ -9,6 +9,7 @@ import triton.language as tl
 
 from .common import (LN2, attention_scores, dropout_keep, dropout_scale, element_offsets, key_ranges, load_kv_tile,
                      load_tile, sequence_bounds)
+from .common import LOG2E, visible_scores
 
 
 @triton.jit
@@ -20,21 +21,32 @@ def _forward_inner(acc, row_sum, row_max, q, k_ptr, v_ptr, mask_ptr, key_start, 
                    HEAD_DIM_V_PADDED: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
                    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_WINDOW_LEFT: tl.constexpr,
                    HAS_WINDOW_RIGHT: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr,
-                   ON_EDGE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   ON_EDGE: tl.constexpr, DOT_PRECISION: tl.constexpr, FOLD_SCALE: tl.constexpr):
+    scale_log2 = scale * LOG2E
     for start_n in range(key_start, key_end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = load_kv_tile(k_ptr, batch, kv_head, start_n, offs_n, seqlen_k, offs_dk, stride_kn, stride_kd, HEAD_DIM,
                          HEAD_DIM_PADDED, BLOCK_N, USE_TMA, ON_EDGE)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        s, _ = attention_scores(qk, rows[:, None], offs_n[None, :], seqlen_q, seqlen_k, scale, softcap, slope,
-                                window_left, window_right, diagonal_offset, mask_ptr, stride_mm, stride_mn,
-                                MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, ON_EDGE)
         # Invariant: acc = Σ_j exp2(s_ij − row_max_i) v_j and row_sum = Σ_j exp2(s_ij − row_max_i) over
-        # the keys seen so far. A row that has seen only invisible keys keeps row_max = −inf; shifting it
-        # by 0 instead keeps exp2 free of −inf − (−inf).
-        new_max = tl.maximum(row_max, tl.max(s, 1))
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        p = tl.exp2(s - shift[:, None])
+        # the keys seen so far (s in log2 units). A row that has seen only invisible keys keeps row_max = −inf;
+        # shifting it by 0 instead keeps exp2 free of −inf − (−inf).
+        if FOLD_SCALE:
+            # s = scale·log2(e)·q·k with no transform: a positive scale commutes with the row max and keeps −inf,
+            # so the scores stay raw and the scale enters exp2's argument, one FFMA per score.
+            qk = visible_scores(qk, rows[:, None], offs_n[None, :], seqlen_q, seqlen_k, window_left, window_right,
+                                diagonal_offset, mask_ptr, stride_mm, stride_mn, MASK_KIND, HAS_WINDOW_LEFT,
+                                HAS_WINDOW_RIGHT, ON_EDGE)
+            new_max = tl.maximum(row_max, tl.max(qk, 1) * scale_log2)
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+            p = tl.exp2(qk * scale_log2 - shift[:, None])
+        else:
+            s, _ = attention_scores(qk, rows[:, None], offs_n[None, :], seqlen_q, seqlen_k, scale, softcap, slope,
+                                    window_left, window_right, diagonal_offset, mask_ptr, stride_mm, stride_mn,
+                                    MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, ON_EDGE)
+            new_max = tl.maximum(row_max, tl.max(s, 1))
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+            p = tl.exp2(s - shift[:, None])
         correction = tl.exp2(row_max - shift)
         row_sum = row_sum * correction + tl.sum(p, 1)
         acc = acc * correction[:, None]
@@ -64,14 +76,22 @@ def attention_forward_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PADDED: tl.constexpr,
     IS_VARLEN: tl.constexpr, MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    ALIGN_TO_END: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ALIGN_TO_END: tl.constexpr, DOT_PRECISION: tl.constexpr, FOLD_SCALE: tl.constexpr,
     USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One query tile of one head. With USE_TMA (dense layout, Hopper) Q, K, V are (B, H, rows, D) tensor
     descriptors and their strides are unused; everything but the tile loads is the same code.
 
-    ``seqlen_*_bucket`` and ``alignment`` are read by the autotuner (its key and pruning), not here."""
-    start_m = tl.program_id(0) * BLOCK_M
+    ``seqlen_*_bucket`` and ``alignment`` are read by the autotuner (its key and pruning), not here.
+    ``FOLD_SCALE``: scale > 0 and no softcap, ALiBi or additive mask (the launcher's rule): see the loop."""
+    tl.static_assert(not (FOLD_SCALE and (HAS_SOFTCAP or (HAS_ALIBI or MASK_KIND == 2))),
+                     "FOLD_SCALE needs scores without a per-score transform")
+    query_tile = tl.program_id(0)
+    if HAS_WINDOW_RIGHT and not HAS_WINDOW_LEFT:
+        # Causal: a tile's band grows with its index. Blocks start in index order, so reversing it starts each
+        # head's heaviest tiles first and leaves the lightest for the tail of the last wave.
+        query_tile = tl.num_programs(0) - 1 - query_tile
+    start_m = query_tile * BLOCK_M
     head = tl.program_id(1)
     batch = tl.program_id(2)
     batch_head = batch * num_heads + head
@@ -116,19 +136,22 @@ def attention_forward_kernel(
         seqlen_k_b, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale, softcap, slope,
         window_left, window_right, diagonal_offset, dropout_p, seed, batch, kv_head, batch_head, HEAD_DIM,
         HEAD_DIM_PADDED, HEAD_DIM_V, HEAD_DIM_V_PADDED, BLOCK_N, MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, HAS_WINDOW_LEFT,
-        HAS_WINDOW_RIGHT, HAS_DROPOUT, USE_TMA, ON_EDGE=True, DOT_PRECISION=DOT_PRECISION)
+        HAS_WINDOW_RIGHT, HAS_DROPOUT, USE_TMA, ON_EDGE=True, DOT_PRECISION=DOT_PRECISION,
+        FOLD_SCALE=FOLD_SCALE)
     acc, row_sum, row_max = _forward_inner(
         acc, row_sum, row_max, q, k_ptr, v_ptr, mask_ptr, interior_lo, interior_hi, rows, offs_dk, offs_dv,
         seqlen_q_b, seqlen_k_b, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale, softcap,
         slope, window_left, window_right, diagonal_offset, dropout_p, seed, batch, kv_head, batch_head, HEAD_DIM,
         HEAD_DIM_PADDED, HEAD_DIM_V, HEAD_DIM_V_PADDED, BLOCK_N, MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, HAS_WINDOW_LEFT,
-        HAS_WINDOW_RIGHT, HAS_DROPOUT, USE_TMA, ON_EDGE=False, DOT_PRECISION=DOT_PRECISION)
+        HAS_WINDOW_RIGHT, HAS_DROPOUT, USE_TMA, ON_EDGE=False, DOT_PRECISION=DOT_PRECISION,
+        FOLD_SCALE=FOLD_SCALE)
     acc, row_sum, row_max = _forward_inner(
         acc, row_sum, row_max, q, k_ptr, v_ptr, mask_ptr, interior_hi, hi, rows, offs_dk, offs_dv, seqlen_q_b,
         seqlen_k_b, stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn, scale, softcap, slope,
         window_left, window_right, diagonal_offset, dropout_p, seed, batch, kv_head, batch_head, HEAD_DIM,
         HEAD_DIM_PADDED, HEAD_DIM_V, HEAD_DIM_V_PADDED, BLOCK_N, MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, HAS_WINDOW_LEFT,
-        HAS_WINDOW_RIGHT, HAS_DROPOUT, USE_TMA, ON_EDGE=True, DOT_PRECISION=DOT_PRECISION)
+        HAS_WINDOW_RIGHT, HAS_DROPOUT, USE_TMA, ON_EDGE=True, DOT_PRECISION=DOT_PRECISION,
+        FOLD_SCALE=FOLD_SCALE)
 
     # A row with no visible key has row_sum = 0: output 0 and lse = −inf, never 0/0.
     has_keys = row_sum > 0

@@ -279,7 +279,15 @@ def _forward_arguments(tiles, out, lse, shape, *, q, v, cu_seqlens_q, cu_seqlens
     positional = [*tiles, out, lse, mask_arg, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
                   *_bhmd_strides(q_, varlen), *_bhmd_strides(k_, varlen), *_bhmd_strides(v_, varlen),
                   *_bhmd_strides(out, varlen), *_row_stat_strides(lse, varlen), *trailing]
-    return positional, dict(features, USE_TMA=use_tma)
+    return positional, dict(features, FOLD_SCALE=_folds_scale(options["scale"], features), USE_TMA=use_tma)
+
+
+def _folds_scale(scale: float, features: dict) -> bool:
+    """Whether the forward keeps raw q·k scores and folds scale·log2(e) into exp2's argument: a positive scale
+    (it must commute with the row max and keep −inf) and no softcap, ALiBi or additive mask (each transforms
+    the scaled score)."""
+    return (float(scale) > 0 and not features["HAS_SOFTCAP"] and not features["HAS_ALIBI"]
+            and features["MASK_KIND"] != ADDITIVE_MASK)
 
 
 @on_input_device
@@ -352,10 +360,45 @@ def _backward_buffers(q, k, v, lse, *, deterministic):
     return delta, dq, dk, dv
 
 
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return configs.NOMINAL_SM_COUNT  # the interpreter, meta tensors (AOT specs)
+
+
+def _gqa_heads_per_program(shape, device, requested) -> int:
+    """Query heads of a GQA group each dK/dV program sums: ``requested``, else ``configs.dkdv_heads_per_program``."""
+    batch, heads, kv_heads, _, seqlen_k, _, _ = shape
+    group = heads // kv_heads
+    if requested is None:
+        return configs.dkdv_heads_per_program(group, batch, kv_heads, seqlen_k, _sm_count(device))
+    if isinstance(requested, bool) or not isinstance(requested, int) or not 1 <= requested <= group:
+        raise ValueError(f"attention_backward: gqa_heads_per_program must be an int in 1..{group} (the GQA group "
+                         f"size), got {requested!r}")
+    return requested
+
+
+def _dkdv_targets(dk, dv, shape, heads_per_program, varlen):
+    """(DK, DV, partials) the dK/dV kernel writes. One program per whole GQA group writes dk and dv (partials
+    None); slices of the group write fp32 partials, (B, Hk, splits, S, D) or (total, Hk, splits, D), passed to
+    the kernel with slot kv_head · splits + split on the head axis and summed over the splits afterwards."""
+    _, heads, kv_heads, _, _, _, _ = shape
+    splits = triton.cdiv(heads // kv_heads, heads_per_program)
+    if splits == 1:
+        return dk, dv, None
+    partials = []
+    for grad in (dk, dv):
+        split_shape = (*grad.shape[:-1 if varlen else -2], splits, *grad.shape[-1 if varlen else -2:])
+        partials.append(_empty(split_shape, torch.float32, grad.device))
+    flat = [partial.flatten(1, 2) for partial in partials]  # the (Hk, splits) axes as one head axis of slots
+    return flat[0], flat[1], partials
+
+
 def _backward_arguments(kernel_kind, grad_out, q, k, v, lse, delta, dq, dk, dv, shape, *, cu_seqlens_q, cu_seqlens_k,
-                        alibi_slopes, deterministic, **options):
+                        alibi_slopes, deterministic, heads_per_program=1, **options):
     """(positional arguments, constexprs) of the dK/dV kernel (``kernel_kind`` "dkdv") or the dQ kernel ("dq"),
-    less the config's tiles. ``dq``: the deterministic dQ output, or the fused kernel's fp32 accumulator."""
+    less the config's tiles. ``dq``: the deterministic dQ output, or the fused kernel's fp32 accumulator;
+    ``dk``/``dv`` and ``heads_per_program``: the dK/dV kernel's targets and GQA slice (``_dkdv_targets``)."""
     varlen = cu_seqlens_q is not None
     mask_arg, trailing, features = _band_arguments(q, v, shape, alibi_slopes=alibi_slopes, varlen=varlen,
                                                    alignment=_alignment(q, k, v, grad_out), **options)
@@ -364,7 +407,7 @@ def _backward_arguments(kernel_kind, grad_out, q, k, v, lse, delta, dq, dk, dv, 
     if kernel_kind == "dkdv":
         positional = [q, k, v, grad_out, lse, delta, None if deterministic else dq, dk, dv, mask_arg, alibi_slopes,
                       cu_seqlens_q, cu_seqlens_k, *strides, *_bhmd_strides(dk, varlen), *_bhmd_strides(dv, varlen),
-                      *trailing]
+                      *trailing, heads_per_program]
         return positional, dict(features, FUSED_DQ=not deterministic)
     positional = [q, k, v, grad_out, lse, delta, dq, mask_arg, alibi_slopes, cu_seqlens_q, cu_seqlens_k, *strides,
                   *trailing]
@@ -375,11 +418,14 @@ def _backward_arguments(kernel_kind, grad_out, q, k, v, lse, delta, dq, dk, dv, 
 def attention_backward(grad_out, q, k, v, out, lse, *, scale, mask=None, window_left=-1, window_right=-1,
                        diagonal_offset=0, align_to_end=False, softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=0,
                        cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0,
-                       deterministic=False):
+                       deterministic=False, gqa_heads_per_program=None):
     """Gradients ``(dq, dk, dv)`` of :func:`attention_forward` given its ``out`` and ``lse``, in q's dtype.
 
     ``deterministic=False`` adds dQ with fp32 atomics from the dK/dV kernel (one pass over the band);
     ``True`` computes dQ in its own kernel instead (two passes, bit-reproducible).
+    ``gqa_heads_per_program``: query heads of a GQA group each dK/dV program sums (1..group); fewer than the
+    group splits it over programs whose fp32 partials are summed after. None: enough programs to fill the GPU
+    (``configs.dkdv_heads_per_program``). Every choice gives the same gradients up to fp32 summation order.
     """
     shape = _check_inputs("attention_backward", q, k, v, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                           max_seqlen_k, dropout_p, softcap, seed)
@@ -406,9 +452,16 @@ def attention_backward(grad_out, q, k, v, out, lse, *, scale, mask=None, window_
                    diagonal_offset=diagonal_offset, align_to_end=align_to_end, softcap=softcap,
                    alibi_slopes=alibi_slopes, dropout_p=dropout_p, seed=seed, cu_seqlens_q=cu_seqlens_q,
                    cu_seqlens_k=cu_seqlens_k, deterministic=deterministic)
-    positional, constexprs = _backward_arguments("dkdv", grad_out, q, k, v, lse, delta, dq, dk, dv, shape, **options)
+    heads_per_program = _gqa_heads_per_program(shape, q.device, gqa_heads_per_program)
+    dk_target, dv_target, partials = _dkdv_targets(dk, dv, shape, heads_per_program, varlen)
+    positional, constexprs = _backward_arguments("dkdv", grad_out, q, k, v, lse, delta, dq, dk_target, dv_target,
+                                                 shape, heads_per_program=heads_per_program, **options)
     dkdv = (BACKWARD_DKDV if deterministic else BACKWARD_DKDV_FUSED_DQ).on(q.device)
-    dkdv[lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), kv_heads, batch)](*positional, **constexprs)
+    slots = kv_heads * triton.cdiv(heads // kv_heads, heads_per_program)
+    dkdv[lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), slots, batch)](*positional, **constexprs)
+    if partials is not None:
+        dk.copy_(partials[0].sum(2))
+        dv.copy_(partials[1].sum(2))
     if not deterministic:
         return dq.to(q.dtype), dk, dv
     positional, constexprs = _backward_arguments("dq", grad_out, q, k, v, lse, delta, dq, dk, dv, shape, **options)
