@@ -451,8 +451,8 @@ class TestInterpreter:
         assert kernels.persistent_unsupported_reason(128, torch.float16, 64) is None
         assert kernels.persistent_unsupported_reason(64, torch.float32, 32) is None
         assert kernels.persistent_unsupported_reason(16, torch.float32, 3) is None
-        assert "weight_hr: hidden size 128 with proj_size 100" in kernels.persistent_unsupported_reason(
-            128, torch.float16, 100)
+        assert "weight_hr: hidden size 128 with proj_size 112" in kernels.persistent_unsupported_reason(
+            128, torch.float16, 112)
         assert "weight_hr: hidden size 64 with proj_size 48" in kernels.persistent_unsupported_reason(
             64, torch.float32, 48)
         assert "proj_size (24) that is not a multiple of 16" in kernels.persistent_unsupported_reason(

@@ -85,6 +85,10 @@ def _step_specs(dtype, bucket, variant) -> list[_aot.CompileSpec]:
     dc = _empty(batch, hidden_size, dtype=torch.float32)
     for proj_size in (0, _proj_size(variant, hidden_size)):
         state_size = proj_size or hidden_size
+        layer_config = configs.step_config(bucket, dtype, projection=proj_size > 0)
+        layer_meta = configs.step_meta(layer_config)
+        layer_warps, layer_stages = layer_meta.pop("num_warps"), layer_meta.pop("num_stages")
+        layer_tiles = "BB{},BH{},BK{},w{},s{}".format(*layer_config)
         layer_case = case + (f",P{proj_size}" if proj_size else "")
         b = _layer_buffers(dtype, STEPS, batch, hidden_size, proj_size)
         w_hh = _empty(4 * hidden_size, state_size, dtype=dtype)
@@ -96,17 +100,17 @@ def _step_specs(dtype, bucket, variant) -> list[_aot.CompileSpec]:
                              h_out_ptr=b["h_state"][(step + 1) % 2], c_out_ptr=b["c_state"][step + 1],
                              output_ptr=b["output"], hidden_saved_ptr=b["hidden_before"], gates_ptr=b["gates"][step],
                              cell_output_ptr=cell_output, step=step, B=batch, H=hidden_size, P=state_size, T=STEPS,
-                             **FEATURES, PROJECTION=proj_size > 0, **meta)
+                             **FEATURES, PROJECTION=proj_size > 0, **layer_meta)
         specs.append(_spec("lstm_sequence_step_forward", lstm_sequence_step_forward_kernel, layer_case, variant,
-                           layer_forward, num_warps, num_stages, tiles))
+                           layer_forward, layer_warps, layer_stages, layer_tiles))
         if proj_size:
             projection_step = dict(cell_output_ptr=b["cell_output"], w_hr_ptr=w_hr, lengths_ptr=b["lengths"],
                                    h_in_ptr=b["h_state"][step % 2], h_out_ptr=b["h_state"][(step + 1) % 2],
                                    output_ptr=b["output"], hidden_saved_ptr=b["hidden_before"], step=step, B=batch,
                                    H=hidden_size, P=proj_size, T=STEPS, HAS_LENGTHS=True, REVERSE=True,
-                                   STORE_FOR_BACKWARD=True, **meta)
+                                   STORE_FOR_BACKWARD=True, **layer_meta)
             specs.append(_spec("lstm_sequence_step_projection", lstm_sequence_step_projection_kernel, layer_case,
-                               variant, projection_step, num_warps, num_stages, tiles))
+                               variant, projection_step, layer_warps, layer_stages, layer_tiles))
         dgates = _empty(STEPS, batch, 4 * hidden_size, dtype=dtype)
         grad_h_n = _empty(batch, state_size, dtype=dtype)
         for has_next in (True, False):  # the last step (launched first) has no successor: HAS_NEXT=False
@@ -116,9 +120,9 @@ def _step_specs(dtype, bucket, variant) -> list[_aot.CompileSpec]:
                                            grad_h_n_ptr=grad_h_n, dr_ptr=b["dr"][step], lengths_ptr=b["lengths"],
                                            step=step, B=batch, H=hidden_size, P=proj_size, T=STEPS,
                                            HAS_NEXT=has_next, HAS_GRAD_OUTPUT=True, HAS_GRAD_H_N=True,
-                                           HAS_LENGTHS=True, REVERSE=True, **meta)
+                                           HAS_LENGTHS=True, REVERSE=True, **layer_meta)
                 specs.append(_spec("lstm_step_projection_backward", lstm_step_projection_backward_kernel, suffix,
-                                   variant, projection_backward, num_warps, num_stages, tiles))
+                                   variant, projection_backward, layer_warps, layer_stages, layer_tiles))
                 if has_next:  # with a projection the launcher passes HAS_NEXT=False (its product is dr·W_hr)
                     continue
             layer_backward = dict(dgates_ptr=dgates, dr_ptr=b["dr"][step] if proj_size else dc, w_hh_ptr=w_hh,
@@ -126,9 +130,9 @@ def _step_specs(dtype, bucket, variant) -> list[_aot.CompileSpec]:
                                   gates_ptr=b["gates"][step], c_prev_ptr=b["c_state"][step], lengths_ptr=b["lengths"],
                                   step=step, B=batch, H=hidden_size, P=state_size, T=STEPS, HAS_NEXT=has_next,
                                   HAS_GRAD_OUTPUT=not proj_size, HAS_GRAD_H_N=not proj_size, HAS_LENGTHS=True,
-                                  REVERSE=True, PROJECTION=proj_size > 0, **meta)
+                                  REVERSE=True, PROJECTION=proj_size > 0, **layer_meta)
             specs.append(_spec("lstm_step_backward", lstm_step_backward_kernel, suffix, variant, layer_backward,
-                               num_warps, num_stages, tiles))
+                               layer_warps, layer_stages, layer_tiles))
     # The cell's backward (lstm_cell_backward): T = 1, c_prev in the input dtype, dc standing in for the absent.
     w_hh = _empty(4 * hidden_size, hidden_size, dtype=dtype)
     cell_backward = dict(dgates_ptr=_empty(batch, 4 * hidden_size, dtype=dtype), dr_ptr=dc, w_hh_ptr=w_hh,
@@ -145,9 +149,19 @@ def _persistent_specs(dtype, padded, variant, padded_proj=0) -> list[_aot.Compil
     """The persistent forward and backward at one padded H (and, for a projected LSTM, padded P)."""
     batch, hidden_size, _ = _sizes(variant, 64, padded)
     proj_size = 0
-    if padded_proj:  # an odd P just below the padded size when unaligned (P < H either way)
-        proj_size = padded_proj if variant == "aligned" else padded_proj - 3
-        proj_size = min(proj_size, hidden_size - 1)
+    if padded_proj:
+        # Aligned: P = padded P, or the widest multiple of 16 below H where that is H itself; unaligned: an odd P
+        # just below the padded size. Either way a launch the eligibility rule admits (P < H).
+        if variant == "aligned":
+            proj_size = padded_proj if padded_proj < hidden_size else hidden_size - 16
+        else:
+            proj_size = min(padded_proj - 3, hidden_size - 1)
+        if proj_size <= 0:
+            return []  # H = 16 has no aligned P < H: the unaligned variant covers it
+        from .launch import persistent_unsupported_reason
+
+        reason = persistent_unsupported_reason(hidden_size, dtype, proj_size)
+        assert reason is None, f"AOT spec H={hidden_size}, P={proj_size}: {reason}"
     state_size = proj_size or hidden_size
     meta = configs.persistent_meta(hidden_size, dtype, proj_size)
     num_warps, num_stages = meta.pop("num_warps"), meta.pop("num_stages")
@@ -198,7 +212,7 @@ def aot_specs() -> list[_aot.CompileSpec]:
         for variant in variants:
             seen = set()
             for bucket in configs.BATCH_BUCKETS:  # buckets sharing a config compile one kernel: once
-                config = configs.STEP_CONFIGS[(configs.element_kind(dtype), bucket)]
+                config = (configs.step_config(bucket, dtype), configs.step_config(bucket, dtype, projection=True))
                 if config not in seen:
                     seen.add(config)
                     specs += _step_specs(dtype, bucket, variant)

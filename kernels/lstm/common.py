@@ -242,7 +242,8 @@ def load_gate_block(w_ptr, row_start, H, offs_row, offs_col, TRANSPOSE: tl.const
 @triton.jit
 def load_weight_block(w_ptr, row_start, num_rows, num_columns, offs_row, offs_col, TRANSPOSE: tl.constexpr):
     """Block W[row_start + r, c] (r < num_rows, c < num_columns) of a row-major W with num_columns columns,
-    zero-padded to the offsets' extent; transposed to [c, r] if asked."""
+    zero-padded, as a (len(offs_row), len(offs_col)) tile: tile[a, b] = W[row_start + offs_row[a], offs_col[b]],
+    or with TRANSPOSE tile[a, b] = W[row_start + offs_col[b], offs_row[a]] (offs_row then walks W's columns)."""
     if TRANSPOSE:
         mask = (offs_col[None, :] < num_rows) & (offs_row[:, None] < num_columns)
         return tl.load(w_ptr + (row_start + offs_col[None, :]) * num_columns + offs_row[:, None], mask=mask, other=0.0)

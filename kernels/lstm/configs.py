@@ -24,6 +24,12 @@ STEP_CONFIGS = {
     ("fp32", 64): (32, 16, 32, 4, 2),
 }
 BATCH_BUCKETS = (16, 32, 64)
+# A projected LSTM's step kernels (proj_size > 0) where the bucket's tiles spill: fp32 at 32 × 16 × 32 spills
+# 8 bytes on sm_80 in the gate launch (K = P); 16-deep K slices do not (80 registers).
+STEP_CONFIGS_PROJECTION = {
+    ("fp32", 32): (32, 16, 16, 4, 2),
+    ("fp32", 64): (32, 16, 16, 4, 2),
+}
 # Persistent kernels keep W_hh (4H × H) on chip for the whole sequence (Triton stages it in shared memory for
 # the dots): the largest padded hidden size per dtype that compiles without spilling, for H a multiple of 16
 # (vector loads) and for other H (masked scalar loads, more registers).
@@ -31,6 +37,9 @@ PERSISTENT_MAX_HIDDEN = {torch.float16: 128, torch.bfloat16: 128, torch.float32:
 PERSISTENT_MAX_HIDDEN_UNALIGNED = {torch.float16: 64, torch.bfloat16: 64, torch.float32: 32}
 # Warps per padded hidden size: 8 for the largest sizes (16 warps cap a thread at 128 registers and spill).
 PERSISTENT_WARPS = {"16-bit": {16: 4, 32: 4, 64: 8, 128: 8}, "fp32": {16: 4, 32: 4, 64: 8}}
+# With a projection (W_hr and a second product on chip too): fp32 at H_pad 32 spills 8 bytes on sm_80 with 4 warps
+# (odd H), none with 8.
+PERSISTENT_WARPS_PROJECTION = {"16-bit": {}, "fp32": {32: 8}}
 PERSISTENT_BLOCK_B = 16
 # Grid kernel: all batch rows (≤ 16) in one tile, hidden units split GRID_BLOCK_H to a program, so a step's product
 # per program is one (16 × H_pad) · (H_pad × 4·GRID_BLOCK_H) GEMM with its K split over the warps (K_SPLIT =
@@ -65,9 +74,13 @@ def element_kind(dtype: torch.dtype) -> str:
     return "fp32" if dtype == torch.float32 else "16-bit"
 
 
-def step_config(batch: int, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+def step_config(batch: int, dtype: torch.dtype, projection: bool = False) -> tuple[int, int, int, int, int]:
+    """The per-step tiles of this batch bucket; ``projection``: of a projected LSTM's step kernels."""
     bucket = next((bucket for bucket in BATCH_BUCKETS if batch <= bucket), BATCH_BUCKETS[-1])
-    return STEP_CONFIGS[(element_kind(dtype), bucket)]
+    key = (element_kind(dtype), bucket)
+    if projection and key in STEP_CONFIGS_PROJECTION:
+        return STEP_CONFIGS_PROJECTION[key]
+    return STEP_CONFIGS[key]
 
 
 def hidden_pad(hidden_size: int) -> int:
@@ -149,7 +162,14 @@ def persistent_meta(hidden_size: int, dtype: torch.dtype, proj_size: int = 0) ->
     # step's stores and the barrier, reading a stale state. PROJ (padded P) is unused without a projection.
     return dict(BLOCK_B=PERSISTENT_BLOCK_B, HIDDEN=padded, PROJECTION=proj_size > 0,
                 PROJ=hidden_pad(proj_size) if proj_size > 0 else 16, DOT_PRECISION=DOT_PRECISION,
-                num_warps=PERSISTENT_WARPS[element_kind(dtype)][padded], num_stages=1)
+                num_warps=_persistent_warps(padded, dtype, proj_size > 0), num_stages=1)
+
+
+def _persistent_warps(padded_hidden: int, dtype: torch.dtype, projection: bool) -> int:
+    kind = element_kind(dtype)
+    if projection and padded_hidden in PERSISTENT_WARPS_PROJECTION[kind]:
+        return PERSISTENT_WARPS_PROJECTION[kind][padded_hidden]
+    return PERSISTENT_WARPS[kind][padded_hidden]
 
 
 def grid_meta(padded_hidden: int, block_h: int, dtype: torch.dtype) -> dict:

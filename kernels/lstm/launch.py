@@ -330,7 +330,7 @@ def lstm_sequence_forward(
             **flags, **persistent_meta(hidden_size, dtype, proj_size),
         )
     else:
-        config = step_config(batch, dtype)
+        config = step_config(batch, dtype, projection=proj_size > 0)
         grid = _step_grid(batch, hidden_size, config)
         # With a projection each step is two launches: the gates and m = σ(o)·tanh(c) (into cell_output),
         # then r = m·W_hrᵀ, whose K (= H) spans every program of the first launch.
@@ -404,7 +404,7 @@ def lstm_sequence_backward(
             **flags, **persistent_meta(hidden_size, dtype, proj_size),
         )
     else:
-        config = step_config(batch, dtype)
+        config = step_config(batch, dtype, projection=proj_size > 0)
         grid = _step_grid(batch, hidden_size, config)
         for step in range(steps - 1, -1, -1):
             if proj_size:

@@ -174,11 +174,11 @@ def lstm_sequence_forward_persistent_kernel(
         offs_p = tl.arange(0, PROJ)
         mask_p = b_mask[:, None] & (offs_p < P)[None, :]
         # Gate q's (PROJ, HIDDEN) block of W_hhᵀ and the (HIDDEN, PROJ) W_hrᵀ, loaded once.
-        w_i = load_weight_block(w_hh_ptr, 0, H, P, offs_h, offs_p, True)
-        w_f = load_weight_block(w_hh_ptr, H, H, P, offs_h, offs_p, True)
-        w_g = load_weight_block(w_hh_ptr, 2 * H, H, P, offs_h, offs_p, True)
-        w_o = load_weight_block(w_hh_ptr, 3 * H, H, P, offs_h, offs_p, True)
-        w_hr = load_weight_block(w_hr_ptr, 0, P, H, offs_p, offs_h, True)
+        w_i = load_weight_block(w_hh_ptr, 0, H, P, offs_p, offs_h, True)
+        w_f = load_weight_block(w_hh_ptr, H, H, P, offs_p, offs_h, True)
+        w_g = load_weight_block(w_hh_ptr, 2 * H, H, P, offs_p, offs_h, True)
+        w_o = load_weight_block(w_hh_ptr, 3 * H, H, P, offs_p, offs_h, True)
+        w_hr = load_weight_block(w_hr_ptr, 0, P, H, offs_h, offs_p, True)
         recurrent = offs_b[:, None] * P + offs_p[None, :]
         recurrent_size = B * P
     else:
