@@ -11,6 +11,7 @@ tests at the end run in the plain process on an H100.
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -671,10 +672,11 @@ def test_tma_rule_reads_no_address_while_torch_compile_traces(monkeypatch):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    with FakeTensorMode():
+    # A fake tensor's data_ptr warns ("almost definitely a bug ... with torch.compile") or, in other
+    # torch versions, raises: as an error here, either way the rule must not reach it.
+    with FakeTensorMode(), warnings.catch_warnings():
+        warnings.simplefilter("error")
         q, k, v = (torch.empty(1, 2, 32, 64, dtype=torch.float16) for _ in range(3))
-        with pytest.raises(Exception):
-            q.data_ptr()  # what the rule must not call while tracing
         assert kernels.tma_unsupported_reason(q, k, v, varlen=False, capability=(9, 0)) is None
         shifted = torch.empty(4 + 2 * 32 * 64, dtype=torch.float16)[4:].view(1, 2, 32, 64)
         assert "not 16-byte aligned" in kernels.tma_unsupported_reason(shifted, k, v, varlen=False,

@@ -556,6 +556,19 @@ def test_interleaved_timing_alternates_the_calls_and_rotates_their_order():
     assert len({len(t.samples) for t in timings}) == 1 and len(timings[0].samples) == len(rounds)
 
 
+def test_every_timed_cpu_call_starts_after_a_cache_flush(monkeypatch):
+    # Without it a short call is timed warm or cold by whichever backend ran just before it.
+    order: list[str] = []
+    monkeypatch.setattr(measure, "_flush_cpu_caches", lambda: order.append("flush"))
+    calls = [(lambda name=name: order.append(name), [], False) for name in "ab"]
+    measure.time_interleaved(calls, torch.device("cpu"))
+    timed = order[2:]  # after the two warm-up calls
+    assert timed and all(timed[i] == "flush" and timed[i + 1] in "ab" for i in range(0, len(timed), 2))
+    order.clear()
+    measure.time_cpu(lambda: order.append("a"))
+    assert order[0] == "a" and order[1:] and all(list(pair) == ["flush", "a"] for pair in zip(order[1::2], order[2::2]))
+
+
 def test_short_calls_get_rounds_until_they_fill_the_minimum_time():
     # A no-op never fills CPU_MIN_SECONDS in CPU_MIN_REPEATS calls: it must get more rounds than that.
     (timing,) = measure.time_interleaved([(lambda: None, [], False)], torch.device("cpu"))

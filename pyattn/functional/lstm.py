@@ -127,37 +127,48 @@ def _plan_lstm_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh) -> _CellP
     return _CellPlan(batched, batch, hidden_size, autocast_dtype, request)
 
 
-def _metadata(tensor) -> tuple | None:
-    if not isinstance(tensor, torch.Tensor):
-        return None if tensor is None else (type(tensor),)
-    return tensor.shape, tensor.dtype, tensor.device
+def _cell_key(input, hx, weight_ih, weight_hh, bias_ih, bias_hh) -> tuple | None:
+    """What the plan of a cell step depends on, as one flat tuple: each operand's (shape, dtype, device),
+    the autocast state, the forced backend and the interpreter switch. None when an operand is not a
+    tensor (or hx not a pair): planning then raises the error, so such a call is never memoised."""
+    if hx is None:
+        h = c = None
+    elif type(hx) in (tuple, list) and len(hx) == 2:
+        h, c = hx
+    else:
+        return None
+    key = []
+    for operand in (input, h, c, weight_ih, weight_hh, bias_ih, bias_hh):
+        if operand is None:
+            key.append(None)
+        elif isinstance(operand, torch.Tensor):
+            key += (operand.shape, operand.dtype, operand.device)
+        else:
+            return None
+    device = input.device
+    autocast = device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type)
+    key += (autocast and torch.get_autocast_dtype(device.type), _dispatch.default_backend(),
+            _dispatch.triton_interpreter_enabled())
+    return tuple(key)
 
 
-# A cell step is short (a few hundred microseconds on a CPU), so validation and the choice must cost
-# little: both depend only on the operands' metadata, the autocast state and the forced backend, which
-# key this memo (plain dict: bounded, cleared when full; bypassed while torch.compile traces).
+# A cell step is short (tens of microseconds on a GPU, a few hundred on a CPU), so validation and the
+# choice must cost little: both depend only on what _cell_key holds, which keys this memo (plain dict:
+# bounded, cleared when full; bypassed while torch.compile traces and while explain captures requests).
 _CELL_PLANS: dict[tuple, tuple] = {}
 _CELL_PLANS_LIMIT = 256
 
 
 def _planned_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh) -> tuple[_CellPlan, object]:
-    if torch.compiler.is_compiling():
-        plan = _plan_lstm_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh)
-        return plan, _dispatch.choose(plan.request).implementation
-    device = input.device if isinstance(input, torch.Tensor) else None
-    autocast = device is not None and device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type)
-    states = None if hx is None else tuple(_metadata(state) for state in hx) if isinstance(hx, (tuple, list)) \
-        else (type(hx),)
-    key = (_metadata(input), states, _metadata(weight_ih), _metadata(weight_hh), _metadata(bias_ih),
-           _metadata(bias_hh), autocast and torch.get_autocast_dtype(device.type), _dispatch.default_backend(),
-           _dispatch.triton_interpreter_enabled())
-    cached = _CELL_PLANS.get(key)
+    key = None if torch.compiler.is_compiling() else _cell_key(input, hx, weight_ih, weight_hh, bias_ih, bias_hh)
+    cached = None if key is None else _CELL_PLANS.get(key)
     if cached is None or _dispatch.capturing():  # explain must see the request, not a memo hit
         plan = _plan_lstm_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh)
         cached = plan, _dispatch.choose(plan.request).implementation
-        if len(_CELL_PLANS) >= _CELL_PLANS_LIMIT:
-            _CELL_PLANS.clear()
-        _CELL_PLANS[key] = cached
+        if key is not None:
+            if len(_CELL_PLANS) >= _CELL_PLANS_LIMIT:
+                _CELL_PLANS.clear()
+            _CELL_PLANS[key] = cached
     return cached
 
 
@@ -186,6 +197,8 @@ def lstm_cell(
         Under autocast on CUDA the step runs in the autocast dtype, as torch's does.
     """
     shape, implementation = _planned_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh)
+    if shape.batched and hx is not None and shape.autocast_dtype is None:  # the common step: nothing to adapt
+        return implementation(input, hx[0], hx[1], weight_ih, weight_hh, bias_ih, bias_hh)
     if not shape.batched:
         input = input.unsqueeze(0)
     if hx is None:
