@@ -141,7 +141,8 @@ def test_dropout_probability_is_quantised_to_1_in_65536():
     assert quantised_dropout_p(0.5) == 0.5
     assert quantised_dropout_p(1e-6) == 0.0  # below 1/131072: nothing is dropped
     assert quantised_dropout_p(1 - 1e-7) == 65535 / 65536  # capped: some score always survives on average
-    assert all(abs(quantised_dropout_p(p) - p) <= 2**-17 for p in np.linspace(0, 0.9999, 997))
+    # Half a step, plus p's own rounding to fp32 (the kernel argument's type).
+    assert all(abs(quantised_dropout_p(p) - p) <= 2**-17 + 2**-24 for p in np.linspace(0, 0.9999, 997))
 
 
 @pytest.mark.interpreter
