@@ -112,6 +112,23 @@ def test_hopper_forward_uses_wgmma(compiled_results):
         assert compiled_results[(spec.op, spec.name, 90)]["tma"], f"{spec.name}: no cp.async.bulk.tensor"
 
 
+def test_hopper_backward_uses_wgmma_on_64_row_tiles(compiled_results):
+    """Where the tables give the sm_90 16-bit backward 64-row tiles (dQ kernel: BLOCK_M; dK/dV: BLOCK_N, the M of
+    its products but the fused dQ), those kernels must use wgmma (docs/attention.md, "Schedule v3")."""
+    import re
+
+    checked = 0
+    for spec in SPECS:
+        if not spec.kernel_name.startswith("attention_backward_d") or spec.case.startswith("fp32"):
+            continue
+        block_m, block_n = (int(x) for x in re.match(r"BM(\d+),BN(\d+)", spec.config).groups())
+        rows = block_m if spec.kernel_name == "attention_backward_dq" else block_n
+        if rows % 64 == 0:
+            checked += 1
+            assert compiled_results[(spec.op, spec.name, 90)]["wgmma"], f"{spec.name}: no wgmma in the sm_90 PTX"
+    assert checked
+
+
 def _grid_specs():
     return [spec for spec in SPECS if spec.kernel_name == "lstm_sequence_forward_grid"]
 
