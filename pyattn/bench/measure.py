@@ -10,11 +10,12 @@ Min / median / max come from the same samples (quantiles 0, ½, 1).
 CPU: ``time.perf_counter`` around each call; memory is not measured (null). A CPU figure is as steady
 as the machine: min / median / max are all kept, and the backends of one case are timed interleaved
 (:func:`time_interleaved`: round r calls each backend once, in an order rotated every round), so load
-that comes and goes hits them alike and their ratio is taken round by round. Before every timed call
-the CPU caches are flushed (CPU_CACHE_FLUSH_BYTES written), as L2 is on a GPU: otherwise a short call
-(an LSTM cell step, ~0.5 ms on 1 MiB of weights) is timed warm or cold by whichever backend ran just
-before it (with a rotated order, always the same one), which showed as a 0.86-0.91x "gap" between
-pyattn and the very same torch kernel.
+that comes and goes hits them alike and their ratio is taken round by round. A short call (under
+CPU_REWARM_BELOW_MS: an LSTM cell step, ~0.5 ms on 1 MiB of weights) is called once, untimed, right
+before each timed call, so it is timed with its own caches warm, as in a loop: otherwise it is timed
+after whichever backend ran just before it (with a rotated order, always the same one), which showed
+as a 0.86-0.91x "gap" between pyattn and the very same torch kernel. (Flushing the caches instead
+times every short call cold: then the Python around a kernel costs ten times what it costs in a loop.)
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ CPU_MAX_REPEATS = 200  # for calls of microseconds: enough of them to fill CPU_M
 CPU_MIN_SECONDS = 0.02  # per backend, at least
 CPU_MAX_GROUP_SECONDS = 20.0
 CPU_ROOFLINE_REPEATS = 20  # one case's interleaved timing stops adding rounds after this long
-CPU_CACHE_FLUSH_BYTES = 64 * 2**20  # beyond the last-level cache of the CPUs we run on (32 MiB an EPYC CCD)
+CPU_REWARM_BELOW_MS = 5.0  # a call shorter than this is called once more, untimed, before each timed call
 GPU_ROUNDS = 3  # do_bench runs per backend, interleaved across a case's backends
 DEFAULT_L2_BYTES = 50 * 2**20  # H100's L2, for a device whose properties do not report it
 
@@ -89,17 +90,6 @@ def time_gpu(
     return Timing(low, median, high, "cuda-events, L2 flushed per call")
 
 
-_cpu_flush_buffer: torch.Tensor | None = None
-
-
-def _flush_cpu_caches() -> None:
-    """Evict the caches by writing a buffer larger than the last-level cache (allocated once)."""
-    global _cpu_flush_buffer
-    if _cpu_flush_buffer is None:
-        _cpu_flush_buffer = torch.empty(CPU_CACHE_FLUSH_BYTES // 4, dtype=torch.int32)
-    _cpu_flush_buffer.fill_(0)
-
-
 def time_cpu(
     fn: Callable[[], object], grad_to_none: Sequence[torch.Tensor] = (), min_repeats: int = CPU_MIN_REPEATS
 ) -> Timing:
@@ -110,7 +100,6 @@ def time_cpu(
     samples: list[float] = []
     while len(samples) < CPU_MAX_REPEATS and (len(samples) < min_repeats or sum(samples) < CPU_MIN_SECONDS):
         _clear_grads(grad_to_none)
-        _flush_cpu_caches()
         start = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - start)
@@ -123,8 +112,8 @@ def time_interleaved(
 ) -> list[Timing]:
     """Time several calls (``(fn, grad_to_none, cuda_graph)`` each) in alternating rounds.
 
-    CPU: one warm-up call each, then rounds of one call each (the order rotated every round, the caches
-    flushed before each call) until every
+    CPU: one warm-up call each, then rounds of one call each (the order rotated every round; a call
+    shorter than CPU_REWARM_BELOW_MS is called once, untimed, right before each timed call) until every
     call has CPU_MIN_REPEATS samples and CPU_MIN_SECONDS of them, or CPU_MAX_REPEATS rounds, or
     CPU_MAX_GROUP_SECONDS in all. GPU: GPU_ROUNDS rounds of one ``do_bench`` each (of GPU_REPEAT_MS / GPU_ROUNDS);
     min and max over all of a call's samples, median of its round medians.
@@ -150,10 +139,13 @@ def time_interleaved(
             )
             for timings in per_call
         ]
+    warmup_ms = []
     for fn, grads, _ in calls:
         for _ in range(CPU_WARMUP_CALLS):
             _clear_grads(grads)
+            begin = time.perf_counter()
             fn()
+            warmup_ms.append((time.perf_counter() - begin) * 1e3)
     samples: list[list[float]] = [[] for _ in calls]
     start = time.perf_counter()
     for r in range(CPU_MAX_REPEATS):
@@ -162,8 +154,11 @@ def time_interleaved(
             break
         for index in _rotated(range(len(calls)), r):
             fn, grads, _ = calls[index]
+            last_ms = samples[index][-1] if samples[index] else warmup_ms[index]
+            if last_ms < CPU_REWARM_BELOW_MS:  # its own caches warm, not its predecessor's
+                _clear_grads(grads)
+                fn()
             _clear_grads(grads)
-            _flush_cpu_caches()
             begin = time.perf_counter()
             fn()
             samples[index].append((time.perf_counter() - begin) * 1e3)
