@@ -16,13 +16,14 @@ import triton
 # (BLOCK_N, num_warps, num_stages) per (tile-width class, BLOCK_M). The class is the larger padded head dim of K
 # and V in 16-bit units (fp32 counts double). Each stage buffers a K and a V tile: 64 × 128 × 2 B × 2 = 32 KB at
 # d128 in 16 bits. 64-row tiles take 8 warps and wide classes shorter key tiles, so that no spec spills
-# registers on sm_90 or sm_80.
+# registers on sm_90 or sm_80 (d256 with 16-row tiles: 32 keys spilled 8 bytes on sm_80 once the offsets
+# became int64, and 8 warps spilled 8-24; 16 keys with 4 warps do not).
 DECODE_CONFIGS = {
     (64, 16): (64, 4, 3),
     (64, 64): (64, 8, 3),
     (128, 16): (64, 4, 3),
     (128, 64): (64, 8, 3),
-    (256, 16): (32, 4, 3),
+    (256, 16): (16, 4, 3),
     (256, 64): (32, 8, 2),
 }
 # fp32 (strict IEEE dots run on FMAs and hold both operands in registers): 16-row tiles only, short key tiles. With
