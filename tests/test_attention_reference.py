@@ -373,3 +373,17 @@ def test_gradcheck_varlen():
     assert torch.autograd.gradcheck(lambda q, k, v: flash_attention_varlen(q, k, v, cu_q, cu_k, 3, 3, causal=True),
                                     (q, k, v))
 
+
+
+def test_varlen_reference_with_a_sequence_that_has_queries_but_no_keys():
+    # Sequence 1 has 3 queries and no key: its rows see nothing (output 0, LSE -inf); the others are ordinary.
+    cu_seqlens_q = torch.tensor([0, 4, 7, 12], dtype=torch.int32)
+    cu_seqlens_k = torch.tensor([0, 5, 5, 11], dtype=torch.int32)
+    q, k, v = (random_tensor(total, 2, 8, dtype=torch.float64) for total in (12, 11, 11))
+    out, lse = reference_attention(q, k, v, scale=0.35, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                                   max_seqlen_q=5, max_seqlen_k=6)
+    assert torch.equal(out[4:7], torch.zeros_like(out[4:7])) and torch.isneginf(lse[:, 4:7]).all()
+    for rows, keys in ((slice(0, 4), slice(0, 5)), (slice(7, 12), slice(5, 11))):
+        expected = F.scaled_dot_product_attention(q[rows].transpose(0, 1), k[keys].transpose(0, 1),
+                                                  v[keys].transpose(0, 1), scale=0.35).transpose(0, 1)
+        assert_close(out[rows], expected, 1e-12)

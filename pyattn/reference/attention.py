@@ -56,7 +56,8 @@ def _dense_attention(q, k, v, scale, mask, window_left, window_right, diagonal_o
     visible = visible & (scores > float("-inf"))
     # torch.where (not a NaN-producing −inf arithmetic) keeps fully masked rows at zero gradient.
     scores = torch.where(visible, scores, torch.full_like(scores, float("-inf")))
-    row_max = scores.amax(dim=-1, keepdim=True).detach()  # softmax is shift-invariant: no gradient needed
+    # softmax is shift-invariant: no gradient needed (and a call with no keys at all has no maximum)
+    row_max = (scores.amax(dim=-1, keepdim=True) if seqlen_k else scores.new_zeros(*scores.shape[:-1], 1)).detach()
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     unnormalised = torch.where(visible, torch.exp(scores - row_max), torch.zeros_like(scores))
     denominator = unnormalised.sum(dim=-1, keepdim=True)
