@@ -12,7 +12,8 @@ as the machine: min / median / max are all kept, and the backends of one case ar
 (:func:`time_interleaved`: round r calls each backend once, in an order rotated every round), so load
 that comes and goes hits them alike and their ratio is taken round by round. A short call (under
 CPU_REWARM_BELOW_MS: an LSTM cell step, ~0.5 ms on 1 MiB of weights) is called once, untimed, right
-before each timed call, so it is timed with its own caches warm, as in a loop: otherwise it is timed
+before each timed sample, and a sample is the mean of a batch of back-to-back calls filling about that
+long (at most CPU_MAX_BATCH), so it is timed with its own caches warm, as in a loop: otherwise it is timed
 after whichever backend ran just before it (with a rotated order, always the same one), which showed
 as a 0.86-0.91x "gap" between pyattn and the very same torch kernel. (Flushing the caches instead
 times every short call cold: then the Python around a kernel costs ten times what it costs in a loop.)
@@ -38,7 +39,8 @@ CPU_MAX_REPEATS = 200  # for calls of microseconds: enough of them to fill CPU_M
 CPU_MIN_SECONDS = 0.02  # per backend, at least
 CPU_MAX_GROUP_SECONDS = 20.0
 CPU_ROOFLINE_REPEATS = 20  # one case's interleaved timing stops adding rounds after this long
-CPU_REWARM_BELOW_MS = 5.0  # a call shorter than this is called once more, untimed, before each timed call
+CPU_REWARM_BELOW_MS = 5.0  # a call shorter than this is called once more, untimed, before each timed batch
+CPU_MAX_BATCH = 32  # a short call's sample is the mean of up to this many back-to-back calls
 GPU_ROUNDS = 3  # do_bench runs per backend, interleaved across a case's backends
 DEFAULT_L2_BYTES = 50 * 2**20  # H100's L2, for a device whose properties do not report it
 
@@ -158,10 +160,14 @@ def time_interleaved(
             if last_ms < CPU_REWARM_BELOW_MS:  # its own caches warm, not its predecessor's
                 _clear_grads(grads)
                 fn()
-            _clear_grads(grads)
+            # A short call is timed in a batch that fills about CPU_REWARM_BELOW_MS (the sample: the batch's mean),
+            # so one preemption or timer tick does not decide a sub-millisecond figure.
+            batch = 1 if last_ms >= CPU_REWARM_BELOW_MS else min(CPU_MAX_BATCH, max(1, int(CPU_REWARM_BELOW_MS / max(last_ms, 1e-3))))
             begin = time.perf_counter()
-            fn()
-            samples[index].append((time.perf_counter() - begin) * 1e3)
+            for _ in range(batch):
+                _clear_grads(grads)
+                fn()
+            samples[index].append((time.perf_counter() - begin) * 1e3 / batch)
     return [
         Timing(min(s), statistics.median(s), max(s), f"perf_counter (CPU), {len(s)} calls interleaved", tuple(s))
         for s in samples
