@@ -200,6 +200,18 @@ void check_architecture(const at::Tensor& q) {
   TORCH_CHECK(major >= 8, "the CUDA attention kernels need compute capability >= 8.0 (mma.sync.m16n8k16, cp.async)");
 }
 
+// The backward's grad_out and out, checked against q (dense and varlen alike). Autograd may hand grad_out any
+// strides (an expanded scalar from .sum() has stride 0): a copy where cp.async cannot read it.
+at::Tensor checked_grad_out(const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& q) {
+  TORCH_CHECK(grad_out.sizes() == q.sizes(), "grad_out must have q's shape ", q.sizes(), ", got ", grad_out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && grad_out.device() == q.device(),
+              "grad_out must have q's dtype and device");
+  TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type() && out.device() == q.device(),
+              "out must be the forward's output: q's shape, dtype and device");
+  TORCH_CHECK(out.stride(-1) == 1, "out must have a contiguous last dim");
+  return chunk_aligned(grad_out) ? grad_out : grad_out.contiguous();
+}
+
 // ------------------------------------------------------------------------------------------- varlen
 
 // Varlen operands are (total, heads, D); the kernels see them as one batch of packed rows, (1, heads, total, D)
@@ -294,14 +306,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
     double scale, int64_t window_left, int64_t window_right, int64_t diagonal_offset, double softcap,
     bool deterministic) {
   const Sizes s = check_qkv(q, k, v);
-  // Autograd may hand any strides (an expanded scalar from .sum() has stride 0): copy what cp.async can't read.
-  TORCH_CHECK(grad_out_in.sizes() == q.sizes(), "grad_out must have q's shape ", q.sizes(), ", got ", grad_out_in.sizes());
-  TORCH_CHECK(grad_out_in.scalar_type() == q.scalar_type() && grad_out_in.device() == q.device(),
-              "grad_out must have q's dtype and device");
-  const at::Tensor grad_out = chunk_aligned(grad_out_in) ? grad_out_in : grad_out_in.contiguous();
-  TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type() && out.device() == q.device(),
-              "out must be the forward's output: q's shape, dtype and device");
-  TORCH_CHECK(out.stride(-1) == 1, "out must have a contiguous last dim");
+  const at::Tensor grad_out = checked_grad_out(grad_out_in, out, q);
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.device() == q.device() &&
                   lse.sizes() == at::IntArrayRef({s.batch, s.heads_q, s.seqlen_q}),
               "lse must be the forward's: float32, contiguous, shape (", s.batch, ", ", s.heads_q, ", ", s.seqlen_q,
@@ -363,13 +368,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_backward(
     bool deterministic) {
   const VarlenSizes vs = check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
   const Sizes& s = vs.sizes;
-  TORCH_CHECK(grad_out_in.sizes() == q.sizes(), "grad_out must have q's shape ", q.sizes(), ", got ", grad_out_in.sizes());
-  TORCH_CHECK(grad_out_in.scalar_type() == q.scalar_type() && grad_out_in.device() == q.device(),
-              "grad_out must have q's dtype and device");
-  const at::Tensor grad_out = chunk_aligned(grad_out_in) ? grad_out_in : grad_out_in.contiguous();
-  TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type() && out.device() == q.device(),
-              "out must be the forward's output: q's shape, dtype and device");
-  TORCH_CHECK(out.stride(-1) == 1, "out must have a contiguous last dim");
+  const at::Tensor grad_out = checked_grad_out(grad_out_in, out, q);
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.device() == q.device() &&
                   lse.sizes() == at::IntArrayRef({s.heads_q, vs.total_q}),
               "lse must be the forward's: float32, contiguous, shape (", s.heads_q, ", ", vs.total_q, "), got ",
