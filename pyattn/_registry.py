@@ -222,3 +222,28 @@ def backend_unavailable_reason(backend: str, *, assumed: bool = False) -> str | 
     if backend == "triton":
         return _triton.import_reason() if assumed else _triton.unavailable_reason()
     return None
+
+
+# ------------------------------------------------------------------------------------------------ notes
+
+# What ran differently from what dispatch chose, decided at call time from facts dispatch cannot see (a compiled
+# kernel's figures, a CUDA-graph capture): per topic (an op's name, or "graphs"), each text with how often it
+# happened, the most recent last; bounded, so a long process never grows them. ``pyattn.explain`` prints them.
+_NOTES: dict[str, dict[str, int]] = {}
+_NOTES_PER_TOPIC = 16
+
+
+def record_note(topic: str, text: str) -> None:
+    entries = _NOTES.setdefault(topic, {})
+    entries[text] = entries.pop(text, 0) + 1
+    while len(entries) > _NOTES_PER_TOPIC:
+        del entries[next(iter(entries))]
+
+
+def notes(topic: str) -> list[str]:
+    """The notes recorded under ``topic``, oldest first, each with its count when it happened more than once."""
+    return [text if count == 1 else f"{text} ({count} calls)" for text, count in _NOTES.get(topic, {}).items()]
+
+
+def clear_notes() -> None:
+    _NOTES.clear()
