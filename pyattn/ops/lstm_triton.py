@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from pyattn._registry import Request, Support, Target, register
+from pyattn.ops import graphs
 from pyattn.ops.lstm_common import (
     bias_gradients,
     combined_bias,
@@ -29,6 +30,9 @@ from pyattn.ops.lstm_common import (
 from pyattn.reference import lstm as reference
 
 _TRITON_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
+# Recurrences whose launcher launches once per step (twice with a projection): on a GPU their calls run as one
+# CUDA-graph replay (pyattn.ops.graphs; docs/lstm.md, "CUDA graphs of the stepwise loops").
+_PER_STEP_LAUNCHES = frozenset({"stepwise"})
 _BACKWARD_RECURRENCE = {"persistent": "persistent", "grid": "stepwise", "stepwise": "stepwise"}
 
 
@@ -136,10 +140,14 @@ def triton_lstm_layer_fwd(
     ``weight_hr`` (P, H): the projection (proj_size > 0); then h0, output, h_n and hidden_before are P wide."""
     from pyattn.kernels import lstm as kernels
 
-    return kernels.lstm_sequence_forward(
-        input, h0, c0, weight_ih, weight_hh, combined_bias(bias_ih, bias_hh), lengths, reverse, save_for_backward,
-        recurrence=recurrence, weight_hr=weight_hr,
-    )
+    def forward(input, h0, c0, bias, lengths, weight_ih, weight_hh, weight_hr):
+        return kernels.lstm_sequence_forward(input, h0, c0, weight_ih, weight_hh, bias, lengths, reverse,
+                                             save_for_backward, recurrence=recurrence, weight_hr=weight_hr)
+
+    inputs, weights = (input, h0, c0, combined_bias(bias_ih, bias_hh), lengths), (weight_ih, weight_hh, weight_hr)
+    if recurrence not in _PER_STEP_LAUNCHES:
+        return forward(*inputs, *weights)
+    return graphs.run("triton_lstm_layer_fwd", forward, inputs, weights, (reverse, save_for_backward, recurrence))
 
 
 @triton_lstm_layer_fwd.register_fake
@@ -178,10 +186,17 @@ def triton_lstm_layer_bwd(
     the backward's kernel, "persistent" or "stepwise"; grad_weight_hr is empty without a projection."""
     from pyattn.kernels import lstm as kernels
 
-    return kernels.lstm_sequence_backward(
-        grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, lengths, reverse,
-        gates, cell_states, hidden_before, recurrence=recurrence, weight_hr=weight_hr,
-    )
+    def backward(grad_output, grad_h_n, grad_c_n, input, lengths, gates, cell_states, hidden_before, weight_ih,
+                 weight_hh, weight_hr):
+        return kernels.lstm_sequence_backward(grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, lengths,
+                                              reverse, gates, cell_states, hidden_before, recurrence=recurrence,
+                                              weight_hr=weight_hr)
+
+    inputs = (grad_output, grad_h_n, grad_c_n, input, lengths, gates, cell_states, hidden_before)
+    weights = (weight_ih, weight_hh, weight_hr)
+    if recurrence not in _PER_STEP_LAUNCHES:
+        return backward(*inputs, *weights)
+    return graphs.run("triton_lstm_layer_bwd", backward, inputs, weights, (reverse, recurrence))
 
 
 @triton_lstm_layer_bwd.register_fake
