@@ -64,6 +64,41 @@ def test_cell_errors_name_the_argument():
         pyattn.functional.lstm_cell(x, None, cell.weight_ih, cell.weight_hh[:, :-1])
 
 
+
+def test_cell_memo_is_keyed_on_every_operand(monkeypatch):
+    """A step's plan is memoised; a later call that differs in any operand's shape, dtype or device, in
+    a missing bias or in the forced backend is planned afresh (so its error names the argument)."""
+    cell = pyattn.nn.LSTMCell(INPUT_SIZE, HIDDEN_SIZE, dtype=F64)
+    x = random_tensor(BATCH, INPUT_SIZE, dtype=F64)
+    h, c = random_tensor(BATCH, HIDDEN_SIZE, dtype=F64), random_tensor(BATCH, HIDDEN_SIZE, dtype=F64)
+    weights = (cell.weight_ih, cell.weight_hh)
+    cell(x, (h, c))  # memoised
+    with pytest.raises(ValueError, match=r"hx\[1\] dtype \(torch.float32\) does not match input dtype"):
+        cell(x, (h, c.float()))
+    with pytest.raises(RuntimeError, match=r"hx\[1\] is on meta but input is on cpu"):
+        cell(x, (h, torch.empty_like(c, device="meta")))
+    with pytest.raises(RuntimeError, match=r"hx\[0\] \(h\) must have shape .* = \(3, 6\), got \(3, 7\)"):
+        cell(x, (random_tensor(BATCH, HIDDEN_SIZE + 1, dtype=F64), c))
+    with pytest.raises(ValueError, match=r"bias_hh dtype \(torch.float32\) does not match input dtype"):
+        pyattn.functional.lstm_cell(x, (h, c), *weights, cell.bias_ih, cell.bias_hh.float())
+    with pytest.raises(ValueError, match=r"bias_ih dtype \(torch.float32\) does not match input dtype"):
+        pyattn.functional.lstm_cell(x, (h, c), *weights, cell.bias_ih.float(), cell.bias_hh)
+    with pytest.raises(ValueError, match=r"weight_hh dtype \(torch.float32\) does not match input dtype"):
+        pyattn.functional.lstm_cell(x, (h, c), cell.weight_ih, cell.weight_hh.float(), cell.bias_ih, cell.bias_hh)
+    with pytest.raises(TypeError, match=r"hx\[1\] must be a Tensor"):
+        pyattn.functional.lstm_cell(x, (h, c.tolist()), *weights, cell.bias_ih, cell.bias_hh)
+    # A missing bias on one side is a different plan from both biases (and from none).
+    with_both = pyattn.functional.lstm_cell(x, (h, c), *weights, cell.bias_ih, cell.bias_hh)
+    only_ih = pyattn.functional.lstm_cell(x, (h, c), *weights, cell.bias_ih, None)
+    expected = pyattn.reference.lstm.lstm_cell(x, h, c, *weights, cell.bias_ih, None)
+    torch.testing.assert_close(only_ih, expected, rtol=0, atol=0)
+    assert not torch.equal(with_both[0], only_ih[0])
+    # The forced backend is part of the key: a memoised reference plan does not serve a forced triton.
+    monkeypatch.setattr("pyattn._triton._INTERPRETER", False)
+    if not torch.cuda.is_available():
+        with pyattn.use_backend("triton"), pytest.raises(pyattn.BackendUnavailableError, match="'triton' cannot serve"):
+            cell(x, (h, c))
+
 @pytest.mark.parametrize("make_module", ["lstm", "cell"])
 def test_forcing_triton_without_a_gpu_or_interpreter_raises(make_module, monkeypatch):
     monkeypatch.setattr("pyattn._triton._INTERPRETER", False)

@@ -25,9 +25,9 @@ from pyattn.bench.workload import (
     Unsupported,
     Workload,
     all_finite,
-    backend_context,
     bounds_from,
     errors,
+    on_backend,
     poison_allocator,
     probe,
     random_tensor,
@@ -239,10 +239,9 @@ def attention_function(backend: str, case: AttentionCase, mask: torch.Tensor | N
     if kind == "pyattn":
 
         def run_pyattn(q, k, v):
-            with backend_context(name):
-                return pyattn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+            return pyattn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
 
-        return run_pyattn
+        return on_backend(name, run_pyattn)
     if name == "flex":
         return _flex_function(case, mask, device)
     if name == "sdpa":  # as a user calls it: torch picks the kernel

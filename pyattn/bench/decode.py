@@ -39,9 +39,9 @@ from pyattn.bench.workload import (
     Unsupported,
     Workload,
     all_finite,
-    backend_context,
     bounds_from,
     errors,
+    on_backend,
     poison_allocator,
     probe,
     random_tensor,
@@ -265,12 +265,11 @@ def decode_function(backend: str, data: DecodeData):
     if kind == "pyattn":
 
         def run_pyattn():
-            with backend_context(name):
-                return pyattn.flash_attention_with_kvcache(
-                    data.q, data.k_cache, data.v_cache, data.k, data.v, cache_seqlens=data.cache_seqlens,
-                    block_table=data.block_table, causal=True)
+            return pyattn.flash_attention_with_kvcache(
+                data.q, data.k_cache, data.v_cache, data.k, data.v, cache_seqlens=data.cache_seqlens,
+                block_table=data.block_table, causal=True)
 
-        return run_pyattn
+        return on_backend(name, run_pyattn)
     if name not in DECODE_BASELINES:
         raise Unsupported(f"{backend} does not run decode")
     append, cache = _torch_append(data), _torch_cache_view(data)

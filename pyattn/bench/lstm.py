@@ -24,9 +24,9 @@ from pyattn.bench.workload import (
     Unsupported,
     Workload,
     all_finite,
-    backend_context,
     bounds_from,
     errors,
+    on_backend,
     poison_allocator,
     probe,
     random_tensor,
@@ -241,12 +241,7 @@ def lstm_function(backend: str, case: LSTMCase, parameters: dict[str, torch.Tens
         module = module.to(device=parameters["weight_ih"].device, dtype=case.dtype)
         module.load_state_dict(_torch_module(torch_type, case, parameters).state_dict())
         inner = _cell_call(module) if case.cell else _sequence_call(module, case)
-
-        def run_pyattn(x, h0, c0):
-            with backend_context(name):
-                return inner(x, h0, c0)
-
-        return run_pyattn, _canonical_parameters(module)
+        return on_backend(name, inner), _canonical_parameters(module)
     if name == "lstm":
         module = _torch_module(torch.nn.LSTM, case, parameters)
         return _sequence_call(module, case), _canonical_parameters(module)

@@ -177,10 +177,7 @@ def _loaded(module_type, case: MHACase, state: dict[str, torch.Tensor], dtype: t
 def prepare_mha(case: MHACase, backend: str, data: MHAData) -> Workload:
     kind, name = backend.split(":", 1)
     if kind == "pyattn":
-        module = _loaded(pyattn.nn.MultiheadAttention, case, data.state)
-
-        def context():
-            return backend_context(name)
+        module, context = _loaded(pyattn.nn.MultiheadAttention, case, data.state), backend_context(name)
     else:
         if name != "mha":
             raise Unsupported(f"{backend} does not run {case.op}")

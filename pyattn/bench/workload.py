@@ -10,6 +10,7 @@ dtype), both against the same float64 reference.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -46,12 +47,28 @@ class Workload:
             torch.cuda.synchronize(self.device)
 
 
-def backend_context(name: str):
-    """The context a pyattn row runs in: ``use_backend(name)``, except for "auto" when nothing forces a
-    backend, which runs bare, as a user's code does after changing one import."""
+def backend_context(name: str) -> Callable[[], contextlib.AbstractContextManager]:
+    """The context a pyattn row runs in, as a factory decided once when the row is prepared:
+    ``use_backend(name)``, except for "auto" when nothing forces a backend, which runs bare, as a
+    user's code does after changing one import (the environment is read here, not on every call)."""
     if name == "auto" and os.environ.get("PYATTN_BACKEND", "auto") in ("", "auto"):
-        return contextlib.nullcontext()
-    return pyattn.use_backend(name)
+        return contextlib.nullcontext
+    return functools.partial(pyattn.use_backend, name)
+
+
+def on_backend(name: str, function: Callable) -> Callable:
+    """``function`` run in :func:`backend_context`; ``function`` itself where that is bare, so a timed
+    call carries exactly the Python a user's call does."""
+    context = backend_context(name)
+    if context is contextlib.nullcontext:
+        return function
+
+    @functools.wraps(function)
+    def run_on_backend(*args, **kwargs):
+        with context():
+            return function(*args, **kwargs)
+
+    return run_on_backend
 
 
 def errors(outputs: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> dict[str, float]:
