@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from pyattn._registry import Request, Support, Target, register
+from pyattn.ops import graphs
 from pyattn.ops.lstm_common import bias_gradients, differentiable_gradients, needs_grad, stacked
 from pyattn.reference import lstm as reference
 
@@ -180,7 +181,7 @@ def _layer_backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cel
     input, h0, c0, weight_ih, weight_hh, _, _, lengths = inputs
     if input.shape[0] > 0 and input.shape[1] > 0:  # no steps or an empty batch: nothing to save, none needed
         _require_workspace(gates, "pyattn::cuda_lstm_layer_fwd")
-    grad_input, grad_h0, grad_c0, grad_weight_ih, grad_weight_hh, grad_bias = torch.ops.pyattn.cuda_lstm_layer_bwd(
+    grad_input, grad_h0, grad_c0, grad_weight_ih, grad_weight_hh, grad_bias = _layer_backward_op(
         _gradient(grad_output, layer_output), _gradient(grad_h_n, h0), _gradient(grad_c_n, c0), input, h0, c0,
         weight_ih, weight_hh, layer_output, gates, cell_states, ctx.reverse, lengths, ctx.recurrence,
     )
@@ -188,6 +189,60 @@ def _layer_backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cel
     gradients.update(input=grad_input, h0=grad_h0, c0=grad_c0, weight_ih=grad_weight_ih, weight_hh=grad_weight_hh)
     gradients["bias_ih"], gradients["bias_hh"] = bias_gradients(grad_bias, ctx.has_bias_ih, ctx.has_bias_hh)
     return tuple(gradients.values())
+
+
+# ---- CUDA graphs of the stepwise recurrence (T launches per call; docs/lstm.md, "CUDA graphs") ----
+
+
+def _layer_forward_op(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, reverse, lengths, save_for_backward,
+                      recurrence, weight_hr=None):
+    """``cuda_lstm_layer_fwd``; with recurrence "stepwise" through one CUDA-graph replay where graphs apply."""
+    op = torch.ops.pyattn.cuda_lstm_layer_fwd
+
+    def forward(input, h0, c0, lengths, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr):
+        projection = () if weight_hr is None else (weight_hr,)  # the op's trailing default
+        return op(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, reverse, lengths, save_for_backward,
+                  recurrence, *projection)
+
+    inputs, weights = (input, h0, c0, lengths), (weight_ih, weight_hh, bias_ih, bias_hh, weight_hr)
+    if recurrence != "stepwise":
+        return forward(*inputs, *weights)
+    return graphs.run("cuda_lstm_layer_fwd", forward, inputs, weights, (reverse, save_for_backward, recurrence))
+
+
+def _layer_backward_op(grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih, weight_hh, output, gates,
+                       cell_states, reverse, lengths, recurrence, *, weight_hr=None):
+    """``cuda_lstm_layer_bwd``; with recurrence "stepwise" through one CUDA-graph replay where graphs apply."""
+    op = torch.ops.pyattn.cuda_lstm_layer_bwd
+
+    def backward(grad_output, grad_h_n, grad_c_n, input, h0, c0, output, gates, cell_states, lengths, weight_ih,
+                 weight_hh, weight_hr):
+        projection = () if weight_hr is None else (weight_hr,)
+        return op(grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih, weight_hh, output, gates, cell_states,
+                  reverse, lengths, recurrence, *projection)
+
+    inputs = (grad_output, grad_h_n, grad_c_n, input, h0, c0, output, gates, cell_states, lengths)
+    weights = (weight_ih, weight_hh, weight_hr)
+    if recurrence != "stepwise":
+        return backward(*inputs, *weights)
+    return graphs.run("cuda_lstm_layer_bwd", backward, inputs, weights, (reverse, recurrence))
+
+
+class _GraphedStepwiseLayer(torch.autograd.Function):
+    """``cuda_lstm_layer_fwd`` through the graph runner, with the op's own autograd (setup_context, backward):
+    the runner calls the op on detached static buffers, so the graph must sit below autograd, not inside it."""
+
+    @staticmethod
+    def forward(*arguments):
+        return _layer_forward_op(*arguments)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _layer_setup_context(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _layer_backward(ctx, *grads)
 
 
 # ---- dispatch variants (the signatures every backend shares) ----
@@ -213,12 +268,16 @@ def lstm_layer(input, h0, c0, weight_ih, weight_hh, bias_ih=None, bias_hh=None, 
         raise ValueError("weight_hr: the cuda LSTM has no projection (proj_size > 0); dispatch routes such calls "
                          "to another backend")
     save_for_backward = needs_grad(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh)
-    output, h_n, c_n, _gates, _cell_states = torch.ops.pyattn.cuda_lstm_layer_fwd(
+    arguments = (
         input.contiguous(), h0.contiguous(), c0.contiguous(), weight_ih.contiguous(), weight_hh.contiguous(),
         _contiguous_or_none(bias_ih), _contiguous_or_none(bias_hh), bool(reverse),
         None if lengths is None else lengths.to(device=input.device, dtype=torch.int64).contiguous(),
         save_for_backward, recurrence,
     )
+    if recurrence == "stepwise" and graphs.applies(arguments):
+        output, h_n, c_n, _gates, _cell_states = _GraphedStepwiseLayer.apply(*arguments)
+    else:
+        output, h_n, c_n, _gates, _cell_states = torch.ops.pyattn.cuda_lstm_layer_fwd(*arguments)
     return output, h_n, c_n
 
 
