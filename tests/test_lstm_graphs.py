@@ -1,0 +1,458 @@
+"""No per-step launches on any LSTM path ``auto`` may take: the stepwise loops replay as one CUDA graph.
+
+Launches are counted at the launcher layer: every Triton kernel object of ``pyattn.kernels.lstm.launch`` is
+wrapped by a counter, the CUDA extension's layer ops by CPU stand-ins that count what the C++ launcher launches
+(T step kernels per stepwise call), and a fake graph backend (:class:`FakeGraphs`) stands in for CUDA graphs on
+CPU: its capture runs the call once and records the launches it made; a replay reruns the call with the counter
+paused (so its results are real, and the static-buffer copies are checked against the reference) and counts one
+launch. Then, for every kernel variant of ``lstm`` registered with dispatch (so a new one is covered once
+registered), forward and backward, the launches per call at T = 3 and T = 9 must be equal.
+
+Plain process: the graph runner itself and the cuda variants (on the stand-ins); interpreter process
+(``TRITON_INTERPRET=1 -m interpreter``): the triton variants' real kernels.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+
+import pytest
+import torch
+
+import pyattn
+from pyattn import _dispatch, _registry
+from pyattn.ops import graphs
+from pyattn.reference import lstm as reference
+from tests.conftest import RTOL, assert_close, random_tensor
+
+
+class LaunchCounter:
+    def __init__(self):
+        self.launches = collections.Counter()
+        self.paused = False
+
+    def count(self, name: str, number: int = 1) -> None:
+        if not self.paused:
+            self.launches[name] += number
+
+    @contextlib.contextmanager
+    def pause(self):
+        self.paused, before = True, self.paused
+        try:
+            yield
+        finally:
+            self.paused = before
+
+    def total(self) -> int:
+        return sum(self.launches.values())
+
+
+class FakeGraph:
+    def __init__(self, function, outputs, counter: LaunchCounter, recorded: int):
+        self.function, self.outputs, self.counter, self.recorded = function, outputs, counter, recorded
+        self.released = False
+
+    def replay(self):
+        assert not self.released, "a released graph was replayed"
+        with self.counter.pause(), torch.no_grad():
+            fresh = self.function()
+        for static, value in zip(self.outputs, fresh):
+            static.copy_(value)  # a replay rewrites the same static outputs
+        self.counter.count("graph replay")
+
+    def release(self):
+        self.released = True
+
+
+class FakeGraphs:
+    """CUDA graphs on ``device_type`` tensors: capture runs the call (recording its launches), replay reruns it."""
+
+    def __init__(self, counter: LaunchCounter, device_type: str = "cpu"):
+        self.counter, self.device_type = counter, device_type
+        self.captured: list[FakeGraph] = []
+        self.capturing_now = False
+        self.fail_capture = False
+
+    def applies(self, device):
+        return device.type == self.device_type
+
+    def capturing(self, device):
+        return self.capturing_now
+
+    def stream(self, device):
+        return 0
+
+    def capture(self, device, function):
+        if self.fail_capture:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        before = self.counter.total()
+        outputs = function()
+        graph = FakeGraph(function, outputs, self.counter, self.counter.total() - before)
+        self.captured.append(graph)
+        return graph, outputs
+
+
+@pytest.fixture
+def counter():
+    return LaunchCounter()
+
+
+@pytest.fixture
+def fake_graphs(monkeypatch, counter):
+    graphs.clear()
+    _registry.clear_notes()
+    fake = FakeGraphs(counter)
+    monkeypatch.setattr(graphs, "backend", fake)
+    yield fake
+    graphs.clear()
+
+
+# ------------------------------------------------------------------------------------ the runner itself
+
+
+def _affine(x, bias, weight):
+    return (x @ weight + bias, (x * 2).sum(0))
+
+
+def _run_affine(x, bias, weight, options=()):
+    return graphs.run("affine", _affine, (x, bias), (weight,), options)
+
+
+def test_first_call_eager_second_captures_then_replays(fake_graphs, counter):
+    weight = torch.randn(4, 3)
+    for call in range(5):
+        x, bias = torch.randn(2, 4), torch.randn(3)
+        out, total = _run_affine(x, bias, weight)
+        torch.testing.assert_close(out, x @ weight + bias)
+        torch.testing.assert_close(total, (x * 2).sum(0))
+        assert len(fake_graphs.captured) == (0 if call == 0 else 1), f"call {call}"
+        assert counter.launches["graph replay"] == max(call - 1, 0), f"call {call}"
+    graph = fake_graphs.captured[0]
+    # Fresh outputs: nothing the caller holds is a static output a later replay rewrites.
+    out, _ = _run_affine(torch.randn(2, 4), torch.randn(3), weight)
+    assert out.data_ptr() != graph.outputs[0].data_ptr()
+    kept = out.clone()
+    _run_affine(torch.randn(2, 4), torch.randn(3), weight)
+    torch.testing.assert_close(out, kept)
+
+
+def test_weights_are_read_at_their_address(fake_graphs):
+    weight = torch.randn(4, 3)
+    x, bias = torch.randn(2, 4), torch.randn(3)
+    for _ in range(3):
+        _run_affine(x, bias, weight)
+    with torch.no_grad():
+        weight.mul_(-3)  # an optimizer step: same tensor, new values, seen by the next replay
+    torch.testing.assert_close(_run_affine(x, bias, weight)[0], x @ weight + bias)
+    assert len(fake_graphs.captured) == 1
+    other = weight.clone()  # same shape, another address: another key (eager first)
+    torch.testing.assert_close(_run_affine(x, bias, other)[0], x @ other + bias)
+    assert len(fake_graphs.captured) == 1 and graphs.cached_graphs() == 1
+
+
+def test_key_holds_shapes_strides_dtypes_and_options(fake_graphs):
+    weight = torch.randn(4, 3)
+    calls = [
+        lambda: _run_affine(torch.randn(2, 4), torch.randn(3), weight),
+        lambda: _run_affine(torch.randn(5, 4), torch.randn(3), weight),  # shape
+        lambda: _run_affine(torch.randn(4, 2).t(), torch.randn(3), weight),  # strides
+        lambda: _run_affine(torch.randn(2, 4), torch.randn(3), weight, options=(True,)),  # options
+    ]
+    for call in calls:
+        call()
+    assert fake_graphs.captured == []  # each was a first call
+    for call in calls:
+        call()
+    assert len(fake_graphs.captured) == 4
+
+
+def test_cache_is_bounded_and_evicts_the_least_recently_used(fake_graphs, monkeypatch):
+    monkeypatch.setattr(graphs, "CACHE_SIZE", 2)
+    weight = torch.randn(4, 3)
+    for rows in (1, 2, 3):
+        for _ in range(2):
+            _run_affine(torch.randn(rows, 4), torch.randn(3), weight)
+    assert graphs.cached_graphs() == 2
+    assert [graph.released for graph in fake_graphs.captured] == [True, False, False]
+
+
+def test_capture_failure_runs_eagerly_and_is_noted(fake_graphs, counter):
+    fake_graphs.fail_capture = True
+    weight = torch.randn(4, 3)
+    for _ in range(4):
+        x, bias = torch.randn(2, 4), torch.randn(3)
+        torch.testing.assert_close(_run_affine(x, bias, weight)[0], x @ weight + bias)
+    assert fake_graphs.captured == [] and counter.launches["graph replay"] == 0
+    [note] = graphs.notes()
+    assert "affine: CUDA-graph capture failed, the call runs eagerly" in note
+    assert "operation not permitted" in note
+
+
+@pytest.mark.parametrize("situation", ["compiling", "capturing", "inference_mode"])
+def test_eager_where_a_graph_must_not_be_made(fake_graphs, monkeypatch, situation):
+    if situation == "compiling":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    elif situation == "capturing":
+        fake_graphs.capturing_now = True  # the caller's own graph (or torch.compile's cudagraphs) is recording
+    seen = []
+
+    def function(x, weight):
+        seen.append(x)
+        return (x @ weight,)
+
+    context = torch.inference_mode() if situation == "inference_mode" else contextlib.nullcontext()
+    with context:
+        x, weight = torch.randn(2, 4), torch.randn(4, 3)
+        for _ in range(3):
+            graphs.run("eager", function, (x,), (weight,))
+    assert fake_graphs.captured == []
+    assert all(value is x for value in seen), "an eager call must get the caller's own tensors"
+
+
+def test_stay_eager_keeps_a_key_out_of_capture(fake_graphs):
+    weight = torch.randn(4, 3)
+    for _ in range(3):
+        graphs.run("affine", _affine, (torch.randn(2, 4), torch.randn(3)), (weight,), stay_eager=lambda: True)
+    assert fake_graphs.captured == []
+
+
+def test_host_tensors_of_a_device_call_are_keyed_by_value(monkeypatch, counter):
+    """A CPU tensor in a call on another device can steer launches (a host-side size list): its values are in the
+    key, so a replay never runs a graph captured for other values. (The fake backend graphs "meta" calls.)"""
+    graphs.clear()
+    fake = FakeGraphs(counter, device_type="meta")
+    monkeypatch.setattr(graphs, "backend", fake)
+
+    def function(x, sizes):
+        return (x[: int(sizes.sum())].clone(),)
+
+    x = torch.empty(8, 3, device="meta")
+    try:
+        for sizes in ([1, 2], [1, 2], [1, 2], [2, 2], [2, 2]):
+            out, = graphs.run("sizes", function, (x, torch.tensor(sizes)))
+            assert out.shape == (sum(sizes), 3)
+        assert len(fake.captured) == 2
+    finally:
+        graphs.clear()
+
+
+# ------------------------------------------------------------------------------- launches per LSTM call
+
+STEPS = (3, 9)
+KERNEL_BACKENDS = ("triton", "cuda")
+# Shapes a variant may serve, tried in order: (batch, input_size, hidden_size, proj_size).
+CANDIDATE_SHAPES = [(2, 4, 8, 0), (3, 5, 24, 0), (2, 4, 40, 0)]
+PROJECTION_SHAPE = (2, 4, 8, 4)
+
+
+def _lstm_variants(backend: str) -> list:
+    return [v for v in _registry.variants("lstm") if v.backend == backend]
+
+
+def _shape_for(variant, device: str, dtype, projection: bool):
+    """The first candidate shape dispatch lets ``variant`` serve when forced (None: none)."""
+    candidates = [PROJECTION_SHAPE] if projection else CANDIDATE_SHAPES
+    for batch, input_size, hidden_size, proj_size in candidates:
+        request = _dispatch.Request(
+            op="lstm", device=torch.device(device), dtype=dtype,
+            features=frozenset({"projection"} if proj_size else ()),
+            sizes=dict(batch=batch, hidden_size=hidden_size, proj_size=proj_size, input_size=input_size),
+        )
+        try:
+            chosen = _dispatch.choose(request, variant.qualified_name)
+        except _dispatch.BackendUnavailableError:
+            continue
+        if chosen.qualified_name == variant.qualified_name:
+            return batch, input_size, hidden_size, proj_size
+    return None
+
+
+def _layer_leaves(steps, batch, input_size, hidden_size, proj_size, dtype=torch.float32):
+    state = proj_size or hidden_size
+    scale = hidden_size ** -0.5
+    leaves = {
+        "input": random_tensor(steps, batch, input_size, dtype=dtype, requires_grad=True),
+        "h0": random_tensor(batch, state, dtype=dtype, requires_grad=True),
+        "c0": random_tensor(batch, hidden_size, dtype=dtype, requires_grad=True),
+        "weight_ih": random_tensor(4 * hidden_size, input_size, dtype=dtype, scale=scale, requires_grad=True),
+        "weight_hh": random_tensor(4 * hidden_size, state, dtype=dtype, scale=scale, requires_grad=True),
+        "bias_ih": random_tensor(4 * hidden_size, dtype=dtype, scale=0.5, requires_grad=True),
+        "bias_hh": random_tensor(4 * hidden_size, dtype=dtype, scale=0.5, requires_grad=True),
+        "weight_hr": (random_tensor(proj_size, hidden_size, dtype=dtype, scale=scale, requires_grad=True)
+                      if proj_size else None),
+    }
+    return leaves
+
+
+def _launches_per_call(layer, counter, steps, shape, calls=3):
+    """(forward, backward) launches of the last of ``calls`` calls, each on fresh inputs (the weights stay, as in
+    training), every result checked against the float64 reference."""
+    batch, input_size, hidden_size, proj_size = shape
+    leaves = _layer_leaves(steps, batch, input_size, hidden_size, proj_size)
+    weights = {name: leaves[name] for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")}
+    for call in range(calls):
+        for name in ("input", "h0", "c0"):
+            leaves[name] = random_tensor(*leaves[name].shape, requires_grad=True)
+        for weight in weights.values():
+            if weight is not None:
+                weight.grad = None
+        arguments = [leaves[name] for name in ("input", "h0", "c0", "weight_ih", "weight_hh", "bias_ih", "bias_hh",
+                                               "weight_hr")]
+        before = counter.total()
+        outputs = layer(*arguments, False, None)
+        forward = counter.total() - before
+        upstream = [random_tensor(*out.shape) for out in outputs]
+        before = counter.total()
+        torch.autograd.backward(outputs, upstream)
+        backward = counter.total() - before
+
+        reference_leaves = {name: None if t is None else t.detach().double().requires_grad_() for name, t in
+                            leaves.items()}
+        expected = reference.lstm_layer(**reference_leaves)
+        torch.autograd.backward(expected, [grad.double() for grad in upstream])
+        for name, out, ref in zip(("output", "h_n", "c_n"), outputs, expected):
+            assert_close(out, ref, RTOL[torch.float32], f"{name} (call {call}, T={steps})")
+        for name, leaf in leaves.items():
+            if leaf is not None:
+                assert_close(leaf.grad, reference_leaves[name].grad, RTOL[torch.float32],
+                             f"grad of {name} (call {call}, T={steps})")
+    return forward, backward
+
+
+def _check_launches_do_not_grow_with_steps(layer, counter, shape, name):
+    counts = {steps: _launches_per_call(layer, counter, steps, shape) for steps in STEPS}
+    (short, long) = (counts[steps] for steps in STEPS)
+    assert short[0] == long[0], f"{name}: forward launches per call grow with T: {counts}"
+    assert short[1] == long[1], f"{name}: backward launches per call grow with T: {counts}"
+    assert max(short) <= 4, f"{name}: {counts}"  # one recurrence launch (or one replay) and a few constant ones
+    return counts
+
+
+# ---- cuda variants on CPU stand-ins (plain process) ----
+
+
+def _stand_in_kernels(counter):
+    """The CUDA layer ops on CPU, modelled in torch (tests/test_lstm_cuda.py's stand-ins), counting what the C++
+    launcher launches: T step kernels per stepwise call (forward or backward), one persistent kernel otherwise."""
+    from tests.test_lstm_cuda import _model_layer_bwd, _model_layer_fwd
+
+    def forward(*args):
+        counter.count("cuda layer forward", args[0].shape[0] if args[10] == "stepwise" else 1)
+        return _model_layer_fwd(*args)
+
+    def backward(*args):
+        counter.count("cuda layer backward", args[3].shape[0] if args[13] == "stepwise" else 1)
+        return _model_layer_bwd(*args)
+
+    return forward, backward
+
+
+@pytest.fixture
+def cuda_stand_ins(counter):
+    from pyattn.ops import lstm_cuda
+
+    if not lstm_cuda.EXTENSION_OPS_LOADED:
+        pytest.skip("the CUDA extension's ops are not loaded (pyattn._C not built)")
+    forward, backward = _stand_in_kernels(counter)
+    library = torch.library.Library("pyattn", "IMPL")
+    library.impl("cuda_lstm_layer_fwd", forward, "CPU")
+    library.impl("cuda_lstm_layer_bwd", backward, "CPU")
+    yield
+    library._destroy()
+
+
+def _cuda_layer(variant):
+    layer = variant.implementation.layer
+
+    def run(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse, lengths):
+        return layer(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse, lengths)
+
+    return run
+
+
+@pytest.mark.parametrize("variant_name", [v.qualified_name for v in _lstm_variants("cuda")])
+def test_cuda_variant_launches_do_not_grow_with_steps(cuda_stand_ins, fake_graphs, counter, variant_name):
+    variant = next(v for v in _lstm_variants("cuda") if v.qualified_name == variant_name)
+    counts = _check_launches_do_not_grow_with_steps(_cuda_layer(variant), counter, CANDIDATE_SHAPES[0], variant_name)
+    if variant_name == "cuda/stepwise":
+        # Per step in eager mode: served by one replay, the T step launches recorded in the captured graph.
+        assert counts[3] == (1, 1), counts
+        assert counter.launches["graph replay"] > 0
+        assert sorted({graph.recorded for graph in fake_graphs.captured}) == sorted(set(STEPS))
+
+
+def test_cuda_stepwise_is_eager_without_graphs(cuda_stand_ins, counter):
+    """Off a CUDA target (the real backend: this CPU), the stepwise call is the op itself, T launches."""
+    shape = CANDIDATE_SHAPES[0]
+    layer = _cuda_layer(next(v for v in _lstm_variants("cuda") if v.name == "stepwise"))
+    for steps in STEPS:
+        forward, backward = _launches_per_call(layer, counter, steps, shape, calls=2)
+        assert (forward, backward) == (steps, steps)
+
+
+# ---- triton variants on the interpreter ----
+
+
+@pytest.fixture
+def counted_triton_kernels(monkeypatch, counter):
+    from pyattn.kernels.lstm import launch
+
+    wrapped = []
+    for name, kernel in list(vars(launch).items()):
+        if name.endswith("_kernel") and hasattr(kernel, "__getitem__") and hasattr(kernel, "fn"):
+            monkeypatch.setattr(launch, name, _CountingKernel(kernel, name, counter))
+            wrapped.append(name)
+    assert "lstm_sequence_step_forward_kernel" in wrapped, wrapped
+    return wrapped
+
+
+class _CountingKernel:
+    def __init__(self, kernel, name, counter):
+        self.kernel, self.name, self.counter = kernel, name, counter
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def counted(*args, **kwargs):
+            self.counter.count(self.name)
+            return launch(*args, **kwargs)
+
+        return counted
+
+    def __getattr__(self, attribute):
+        return getattr(self.kernel, attribute)
+
+
+def _triton_cases():
+    cases = []
+    for variant in _lstm_variants("triton"):
+        cases.append(pytest.param(variant.qualified_name, False, id=variant.qualified_name))
+        if "projection" in variant.support.features:
+            cases.append(pytest.param(variant.qualified_name, True, id=f"{variant.qualified_name}-projection"))
+    return cases
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize(("variant_name", "projection"), _triton_cases())
+def test_triton_variant_launches_do_not_grow_with_steps(counted_triton_kernels, fake_graphs, counter, variant_name,
+                                                        projection):
+    variant = next(v for v in _lstm_variants("triton") if v.qualified_name == variant_name)
+    shape = _shape_for(variant, "cpu", torch.float32, projection)
+    assert shape is not None, f"{variant_name} serves none of the candidate shapes: add one it serves"
+    with pyattn.use_backend(variant_name):
+        counts = _check_launches_do_not_grow_with_steps(variant.implementation.layer, counter, shape, variant_name)
+    if variant.name == "stepwise":
+        assert counts[3] == (1, 1), counts  # the step loops, forward and backward, each one replay
+        assert sorted({graph.recorded for graph in fake_graphs.captured}) == sorted(
+            {steps * (2 if projection else 1) for steps in STEPS})
+
+
+@pytest.mark.interpreter
+def test_triton_stepwise_launches_per_step_without_graphs(counted_triton_kernels, counter):
+    """The baseline the graphs remove: off a CUDA target (no fake backend) the stepwise loop launches T times."""
+    variant = next(v for v in _lstm_variants("triton") if v.name == "stepwise")
+    shape = _shape_for(variant, "cpu", torch.float32, False)
+    with pyattn.use_backend(variant.qualified_name):
+        forward, backward = _launches_per_call(variant.implementation.layer, counter, 3, shape, calls=1)
+    assert (forward, backward) == (3, 3)
