@@ -22,16 +22,19 @@ TORCH_LIBRARY_FRAGMENT(pyattn, m) {
       "Tensor weight_hh, Tensor cy, Tensor workspace) -> (Tensor grad_input, Tensor grad_hx, Tensor grad_cx, "
       "Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias)");
   // recurrence: "persistent" (raises when the layer does not fit on chip) or "stepwise".
-  // lengths: int64 (batch,) ragged batch, or None.
+  // lengths: int64 (batch,) ragged batch, or None. weight_hr: (proj_size, hidden_size) projection, or
+  // None; with it h0, output, h_n (and their gradients) are proj_size wide; grad_weight_hr is empty
+  // without it.
   m.def(
       "cuda_lstm_layer_fwd(Tensor input, Tensor h0, Tensor c0, Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, "
-      "Tensor? bias_hh, bool reverse, Tensor? lengths, bool save_for_backward, str recurrence) -> (Tensor output, "
-      "Tensor h_n, Tensor c_n, Tensor gates, Tensor cell_states)");
+      "Tensor? bias_hh, bool reverse, Tensor? lengths, bool save_for_backward, str recurrence, "
+      "Tensor? weight_hr=None) -> (Tensor output, Tensor h_n, Tensor c_n, Tensor gates, Tensor cell_states)");
   m.def(
       "cuda_lstm_layer_bwd(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor input, Tensor h0, "
       "Tensor c0, Tensor weight_ih, Tensor weight_hh, Tensor output, Tensor gates, Tensor cell_states, "
-      "bool reverse, Tensor? lengths, str recurrence) -> (Tensor grad_input, Tensor grad_h0, Tensor grad_c0, "
-      "Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias)");
+      "bool reverse, Tensor? lengths, str recurrence, Tensor? weight_hr=None) -> (Tensor grad_input, "
+      "Tensor grad_h0, Tensor grad_c0, Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias, "
+      "Tensor grad_weight_hr)");
   // Attention (csrc/attention): q (B, Hq, L, D), k/v (B, Hk, S, D), fp16/bf16, D 64 or 128; mask 4-D
   // bool or q's dtype; deterministic is the backward's (read by autograd's setup_context).
   m.def(

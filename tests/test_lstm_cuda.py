@@ -15,6 +15,8 @@ variants' kernels, passed explicitly), cuDNN, opcheck, torch.compile.
 
 from __future__ import annotations
 
+import copy
+import ctypes
 import shutil
 import subprocess
 from pathlib import Path
@@ -104,8 +106,9 @@ def test_forward_ops_have_autograd_and_dispatch_registration(ops):
     for variant in cell + layer:
         assert variant.support.devices == frozenset({"cuda"})
         assert variant.support.dtypes == frozenset(DTYPES)
-        # projection goes to the next backend; ragged batches are served by the layer
-        assert variant.support.features == (frozenset({"lengths"}) if variant.op == "lstm" else frozenset())
+        # the layer serves ragged batches and the projection (proj_size > 0), the cell has neither
+        assert variant.support.features == (frozenset({"lengths", "projection"}) if variant.op == "lstm"
+                                            else frozenset())
 
 
 def test_module_registers_no_ops_without_the_extension(monkeypatch):
@@ -126,6 +129,22 @@ def test_persistent_variant_refuses_what_cannot_be_co_resident():
     assert fp32_backward is not None and fp32_backward.startswith("backward")
     unknown = lstm_cuda.persistent_unsupported_reason(4, 64, torch.float16, _registry.Target("cuda"))
     assert unknown == "the device's SM count and shared memory are unknown"
+    # A projection adds W_hr's rows to each CTA: H = 1024, P = 512 in fp16 still fits; fp32 backward
+    # (4H + P wide rows of 16 units) does not, and the reason names both matrices.
+    assert lstm_cuda.persistent_unsupported_reason(16, 1024, torch.float16, hopper, proj_size=512) is None
+    projected = lstm_cuda.persistent_unsupported_reason(4, 1024, torch.float32, hopper, proj_size=512)
+    assert projected is not None and projected.startswith("backward") and "W_hh and W_hr" in projected
+
+
+def test_persistent_footprint_mirrors_the_kernel_layouts():
+    """The Python mirror against PersistentForwardLayout / PersistentBackwardLayout, worked by hand for
+    fp16, B <= 16, H = 40, P = 24: forward 32 rows × (64 + 8) + 16 rows × (64 + 8) halves, the A slice
+    16 × 72 halves, the larger C tile (projection: 4 splits × 16 × 20 floats); backward 16 × (192 + 8)
+    + 16 × (64 + 8) halves, A, C 4 × 16 × 20 floats."""
+    footprint = lstm_cuda.persistent_footprint(3, 40, 24, torch.float16)
+    assert footprint["forward"] == (4608 + 2304 + 2304 + 5120, 5)
+    assert footprint["backward"] == (6400 + 2304 + 2304 + 5120, 3)
+    assert lstm_cuda.persistent_footprint(3, 40, 0, torch.float16)["forward"] == (4608 + 2304 + 5120, 5)
 
 
 def _cell_args(batch, input_size, hidden, dtype, device, bias=True, requires_grad=False):
@@ -192,7 +211,23 @@ def test_fake_layer_ops_give_shapes(ops, device, save_for_backward):
         grads = ops.cuda_lstm_layer_bwd(output, h_n, c_n, *args[:5], output, workspace_gates, workspace_cells, False, None, "stepwise")
         assert [tuple(g.shape) for g in grads] == [
             (steps, batch, input_size), (batch, hidden), (batch, hidden), (4 * hidden, input_size), (4 * hidden, hidden),
-            (4 * hidden,),
+            (4 * hidden,), (0,),
+        ]
+        # With a projection (P = 3): h0, output, h_n and weight_hh's columns are P wide, c stays H wide.
+        proj = 3
+        sequence, _, c0, weight_ih, _, bias_ih, bias_hh = args
+        h0 = sequence.new_empty(batch, proj)
+        weight_hh, weight_hr = sequence.new_empty(4 * hidden, proj), sequence.new_empty(proj, hidden)
+        projected = (sequence, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh)
+        output, h_n, c_n, gates, cell_states = ops.cuda_lstm_layer_fwd(*projected, True, None, save_for_backward,
+                                                                       "persistent", weight_hr)
+        assert output.shape == (steps, batch, proj) and h_n.shape == (batch, proj) and c_n.shape == (batch, hidden)
+        assert gates.shape == (saved, batch, 4 * hidden) and cell_states.shape == (saved, batch, hidden)
+        grads = ops.cuda_lstm_layer_bwd(output, h_n, c_n, *projected[:5], output, workspace_gates, workspace_cells, True,
+                                        None, "persistent", weight_hr)
+        assert [tuple(g.shape) for g in grads] == [
+            (steps, batch, input_size), (batch, proj), (batch, hidden), (4 * hidden, input_size), (4 * hidden, proj),
+            (4 * hidden,), (proj, hidden),
         ]
 
     if device == "meta":
@@ -243,7 +278,9 @@ def _model_cell_bwd(grad_hy, grad_cy, input, hx, cx, weight_ih, weight_hh, cy, w
             grad_gates.t() @ hx, grad_gates.float().sum(0).to(input.dtype))
 
 
-def _model_layer_fwd(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, reverse, lengths, save_for_backward, recurrence):
+def _model_layer_fwd(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, reverse, lengths, save_for_backward, recurrence,
+                     weight_hr=None):
+    assert weight_hr is None, "the CPU model has no projection (the emulated kernels below do)"
     steps, batch, hidden = input.shape[0], input.shape[1], h0.shape[1]
     output = input.new_empty(steps, batch, hidden)
     gates = input.new_empty(steps, batch, 4 * hidden)
@@ -266,7 +303,7 @@ def _model_layer_fwd(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, reve
 
 
 def _model_layer_bwd(grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih, weight_hh, output, gates, cell_states,
-                     reverse, lengths, recurrence):
+                     reverse, lengths, recurrence, weight_hr=None):
     steps, batch, hidden = input.shape[0], input.shape[1], h0.shape[1]
     lengths_or_all = lengths if lengths is not None else torch.full((batch,), steps)
     last_valid = torch.zeros(batch, dtype=torch.int64) if reverse else lengths_or_all.clamp(max=steps) - 1
@@ -295,7 +332,7 @@ def _model_layer_bwd(grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih, 
         grad_h0 = grad_h0 + grad_h_n.masked_fill((lengths != 0)[:, None], 0)
     return (flat @ weight_ih).view_as(input), grad_h0, grad_cell.to(input.dtype), \
         flat.t() @ input.reshape(-1, input.shape[-1]), first.t() @ h0 + rest.t() @ previous_h, \
-        flat.float().sum(0).to(input.dtype)
+        flat.float().sum(0).to(input.dtype), input.new_empty(0)
 
 
 @pytest.fixture
@@ -361,12 +398,6 @@ def test_workspace_is_saved_only_when_grad_is_needed_on_cpu_model(cpu_model_kern
     assert save_flags == [False, False, True]
 
 
-def test_layer_refuses_the_projection_it_does_not_serve():
-    args = _layer_args(4, 2, 3, 5, torch.float32, "cpu")
-    with pytest.raises(ValueError, match="weight_hr"):
-        lstm_cuda.lstm_layer(*args, weight_hr=torch.randn(3, 5), recurrence="stepwise")
-
-
 def test_layer_compiles_fullgraph_on_cpu_model(cpu_model_kernels):
     args = _layer_args(4, 2, 3, 5, torch.float32, "cpu", requires_grad=True)
     compiled = torch.compile(lambda *a: lstm_cuda.lstm_layer(*a, reverse=True, recurrence="stepwise")[0].square().sum(),
@@ -388,9 +419,8 @@ SHARED_DECLARATION = "extern __shared__ __align__(128) unsigned char shared[];"
 LAUNCHERS_MARKER = "// Launchers."
 
 
-@pytest.fixture(scope="module")
-def emulation_binary(tmp_path_factory):
-    """csrc/lstm/emulation/lstm_emulation.cc built with g++ against lstm_kernels.cuh as it is now."""
+def _emulation_compiler(tmp_path_factory) -> str:
+    """g++ when it can build and run C++20 <barrier> with threads (the emulation's needs), else skip."""
     compiler = shutil.which("g++")
     if compiler is None:
         pytest.skip("no g++ to build the CPU emulation of the CUDA kernels")
@@ -402,18 +432,31 @@ def emulation_binary(tmp_path_factory):
     if probe.returncode != 0 or subprocess.run([str(probe_dir / "probe")]).returncode != 0:
         pytest.skip(f"this g++ cannot build or run C++20 <barrier> with threads, which the emulation needs: "
                     f"{probe.stderr.strip()[-300:]}")
-    source = (CSRC / "lstm" / "lstm_kernels.cuh").read_text()
-    assert SHARED_DECLARATION in source and LAUNCHERS_MARKER in source, "lstm_kernels.cuh changed shape: update the emulation"
-    emulated = source.replace(SHARED_DECLARATION, "unsigned char* shared = emu::cta_shared;")
+    return compiler
+
+
+def _build_emulation(tmp_path_factory, source: str, output: str, *extra: str) -> Path:
+    """``source`` (in csrc/lstm/emulation) built with g++ against lstm_kernels.cuh as it is now: its dynamic
+    shared-memory declaration pointed at the CTA's buffer, its launchers (host CUDA API) cut."""
+    compiler = _emulation_compiler(tmp_path_factory)
+    kernels = (CSRC / "lstm" / "lstm_kernels.cuh").read_text()
+    assert SHARED_DECLARATION in kernels and LAUNCHERS_MARKER in kernels, "lstm_kernels.cuh changed shape: update the emulation"
+    emulated = kernels.replace(SHARED_DECLARATION, "unsigned char* shared = emu::cta_shared;")
     emulated = emulated[: emulated.index(LAUNCHERS_MARKER)] + "}  // namespace pyattn::lstm\n"
     build = tmp_path_factory.mktemp("lstm_emulation")
     (build / "lstm_kernels_emulated.cuh").write_text(emulated)
-    binary = build / "lstm_emulation"
-    command = [compiler, "-std=c++20", "-O1", "-pthread", "-w", f"-I{EMULATION / 'include'}", f"-I{CSRC}", f"-I{build}",
-               str(EMULATION / "lstm_emulation.cc"), "-o", str(binary)]
+    target = build / output
+    command = [compiler, "-std=c++20", "-O1", "-pthread", "-w", *extra, f"-I{EMULATION / 'include'}", f"-I{CSRC}",
+               f"-I{build}", str(EMULATION / source), "-o", str(target)]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, f"emulation build failed:\n{result.stderr[-4000:]}"
-    return binary
+    return target
+
+
+@pytest.fixture(scope="module")
+def emulation_binary(tmp_path_factory):
+    """csrc/lstm/emulation/lstm_emulation.cc: the kernels against its float64 model (an executable)."""
+    return _build_emulation(tmp_path_factory, "lstm_emulation.cc", "lstm_emulation")
 
 
 @pytest.mark.parametrize("suite", ["fp32", "fp16", "bf16", "ragged"])
@@ -421,6 +464,181 @@ def test_kernels_match_float64_model_in_cpu_emulation(emulation_binary, suite):
     """Every kernel and tile configuration vs a float64 model, outputs NaN-poisoned (see lstm_emulation.cc)."""
     result = subprocess.run([str(emulation_binary), suite], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and "0 failure(s)" in result.stdout, result.stdout + result.stderr
+
+
+# ---- plain process: whole torch.nn.LSTMs on the emulated kernels ----
+#
+# csrc/lstm/emulation/lstm_emulation_api.cc exposes the emulated recurrences (what lstm_api.cpp launches
+# for one layer: persistent kernel or stepwise loop, the launchers' tile choices) through a C interface.
+# The CPU implementations of the layer ops below do lstm_api.cpp's host work in torch — the input
+# projection GEMM, allocation (NaN-poisoned), h_n/c_n and the ragged-row zeroing forward; after the
+# emulated BPTT the weight-gradient GEMMs, dh0 and dW_hr = dRᵀ·M with M rebuilt from the saved o gates
+# and cell states — so a whole module (layers, directions, packed input, projection) runs forward and
+# backward on the kernels' own code, through pyattn/ops/lstm_cuda.py's autograd, against torch.nn.LSTM.
+
+_EMULATED_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+@pytest.fixture(scope="module")
+def emulation_library(tmp_path_factory):
+    library = ctypes.CDLL(str(_build_emulation(tmp_path_factory, "lstm_emulation_api.cc", "liblstm_emulation.so",
+                                               "-shared", "-fPIC")))
+    library.emu_layer_forward.restype = library.emu_layer_backward.restype = ctypes.c_int
+    return library
+
+
+def _pointer(tensor):
+    if tensor is None or tensor.numel() == 0:
+        return None
+    assert tensor.is_contiguous() and tensor.device.type == "cpu"
+    return ctypes.c_void_p(tensor.data_ptr())
+
+
+def _nan(*shape, dtype):
+    return torch.full(shape, float("nan"), dtype=dtype)
+
+
+def _emulated_layer_fwd(library, input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, reverse, lengths,
+                        save_for_backward, recurrence, weight_hr=None):
+    """lstm_api.cpp's lstm_layer_forward with the recurrence on the emulated kernels."""
+    assert recurrence in ("persistent", "stepwise")
+    steps, batch, input_size = input.shape
+    dtype, hidden = input.dtype, c0.shape[1]
+    proj = 0 if weight_hr is None else weight_hr.shape[0]
+    width = proj or hidden
+    saved = steps if save_for_backward else 0
+    output = _nan(steps, batch, width, dtype=dtype)
+    gates, cell_states = _nan(saved, batch, 4 * hidden, dtype=dtype), _nan(saved, batch, hidden, dtype=torch.float32)
+    if steps == 0 or batch == 0:
+        return output, h0.clone(), c0.clone(), gates, cell_states
+    biases = [b.float() for b in (bias_ih, bias_hh) if b is not None]
+    flat_input = input.reshape(steps * batch, input_size)
+    projection = (torch.addmm(sum(biases).to(dtype), flat_input, weight_ih.t()) if biases
+                  else flat_input @ weight_ih.t()).contiguous()
+    state = cell_states if save_for_backward else _nan(1, batch, hidden, dtype=torch.float32)
+    m_scratch = _nan(batch if proj else 0, hidden, dtype=dtype)
+    status = library.emu_layer_forward(
+        _EMULATED_DTYPES[dtype], recurrence == "persistent", _pointer(projection), _pointer(weight_hh),
+        _pointer(weight_hr), _pointer(h0), _pointer(c0), _pointer(output), _pointer(state), save_for_backward,
+        _pointer(gates), _pointer(m_scratch), _pointer(lengths), steps, batch, hidden, proj, bool(reverse))
+    assert status == 0
+    last = 0 if reverse else steps - 1
+    h_n = output[last].clone()
+    c_n = state[last if save_for_backward else 0].to(dtype)
+    if lengths is not None:
+        output.masked_fill_((torch.arange(steps)[:, None] >= lengths[None, :])[:, :, None], 0)
+    return output, h_n, c_n, gates, cell_states
+
+
+def _emulated_layer_bwd(library, grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih, weight_hh, output, gates,
+                        cell_states, reverse, lengths, recurrence, weight_hr=None):
+    """lstm_api.cpp's lstm_layer_backward with BPTT on the emulated kernels."""
+    steps, batch, input_size = input.shape
+    dtype, hidden = input.dtype, c0.shape[1]
+    proj = 0 if weight_hr is None else weight_hr.shape[0]
+    width = proj or hidden
+    grad_gates = _nan(steps, batch, 4 * hidden, dtype=dtype)
+    grad_cell = _nan(batch, hidden, dtype=torch.float32)
+    grad_recurrent = _nan(steps if proj else 0, batch, proj, dtype=dtype)
+    weight_hh_t = weight_hh.t().contiguous()  # held here: the pointers below must outlive the call
+    weight_hr_t = None if weight_hr is None else weight_hr.t().contiguous()
+    status = library.emu_layer_backward(
+        _EMULATED_DTYPES[dtype], recurrence == "persistent", _pointer(weight_hh_t), _pointer(weight_hr_t),
+        _pointer(grad_output),
+        _pointer(grad_h_n), _pointer(grad_c_n), _pointer(gates), _pointer(cell_states), _pointer(c0),
+        _pointer(grad_gates), _pointer(grad_cell), _pointer(grad_recurrent), _pointer(lengths), steps, batch, hidden,
+        proj, bool(reverse))
+    assert status == 0
+    flat = grad_gates.view(steps * batch, 4 * hidden)
+    if reverse and lengths is not None:
+        first_step = (lengths - 1).clamp(0, steps - 1).view(1, batch, 1).expand(1, batch, 4 * hidden)
+        first = grad_gates.gather(0, first_step).squeeze(0)
+    else:
+        first = grad_gates[steps - 1 if reverse else 0]
+    rest = grad_gates.narrow(0, 0 if reverse else 1, steps - 1).reshape(-1, 4 * hidden)
+    previous_h = output.narrow(0, 1 if reverse else 0, steps - 1).reshape(-1, width)
+    grad_h0 = first @ weight_hh
+    if lengths is not None:
+        grad_h0 = grad_h0 + grad_h_n.masked_fill((lengths != 0)[:, None], 0)
+    grad_weight_hr = input.new_empty(0)
+    if proj:
+        m = (gates[..., 3 * hidden:].float() * torch.tanh(cell_states)).to(dtype).view(steps * batch, hidden)
+        grad_weight_hr = grad_recurrent.view(steps * batch, proj).t() @ m
+    return ((flat @ weight_ih).view(steps, batch, input_size), grad_h0, grad_cell.to(dtype),
+            flat.t() @ input.reshape(steps * batch, input_size), torch.addmm(first.t() @ h0, rest.t(), previous_h),
+            flat.float().sum(0).to(dtype), grad_weight_hr)
+
+
+@pytest.fixture
+def emulated_kernels(ops, emulation_library):
+    library = torch.library.Library("pyattn", "IMPL")
+    library.impl("cuda_lstm_layer_fwd", lambda *a, **k: _emulated_layer_fwd(emulation_library, *a, **k), "CPU")
+    library.impl("cuda_lstm_layer_bwd", lambda *a, **k: _emulated_layer_bwd(emulation_library, *a, **k), "CPU")
+    yield
+    library._destroy()
+
+
+# (dtype, bound vs torch.nn.LSTM in float64): fp32 to 1e-4 (the issue's bound for whole modules), 16-bit
+# by the dtype's table entry.
+EMULATED_MODULE_DTYPES = [(torch.float32, 1e-4), (torch.float16, RTOL[torch.float16]),
+                          (torch.bfloat16, RTOL[torch.bfloat16])]
+# (input_size, hidden_size, proj_size, num_layers, bidirectional, batch, packed lengths or None): odd sizes
+# (scalar loads), a batch above 16 (BM = 64 tiles), proj_size 0 through the same path.
+EMULATED_MODULE_CASES = [
+    (7, 20, 12, 2, True, 3, None),
+    (9, 37, 5, 1, False, 4, [5, 1, 3, 5]),
+    (8, 24, 16, 2, True, 3, [4, 5, 2]),
+    (6, 20, 0, 1, True, 3, [5, 2, 4]),
+    (5, 16, 9, 1, False, 18, None),
+]
+
+
+@pytest.mark.parametrize("recurrence", RECURRENCES)
+@pytest.mark.parametrize(("dtype", "bound"), EMULATED_MODULE_DTYPES, ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("case", EMULATED_MODULE_CASES,
+                         ids=lambda c: f"I{c[0]}H{c[1]}P{c[2]}L{c[3]}{'bi' if c[4] else 'uni'}B{c[5]}"
+                                       f"{'packed' if c[6] else ''}")
+def test_module_with_projection_on_emulated_kernels_matches_torch_lstm(emulated_kernels, recurrence, dtype, bound,
+                                                                       case):
+    """torch.nn.LSTM (proj_size, layers, directions, packed input) against its float64 copy, and the same
+    weights through lstm_cuda's layer (autograd included) on the emulated kernels: output, h_n, c_n and
+    the gradients of input, h0, c0 and every weight."""
+    input_size, hidden, proj, layers, bidirectional, batch, lengths = case
+    if dtype != torch.float32 and (layers > 1 or batch > 16):
+        pytest.skip("16-bit: one layer at B <= 16 is enough to check the rounding; the shapes run in fp32")
+    steps, directions, width = 5, 2 if bidirectional else 1, proj or hidden
+    module = torch.nn.LSTM(input_size, hidden, num_layers=layers, bidirectional=bidirectional, proj_size=proj)
+    module = module.to(dtype)
+    module64 = copy.deepcopy(module).double()
+    sequence = random_tensor(steps, batch, input_size, dtype=dtype)
+    h0 = random_tensor(layers * directions, batch, width, dtype=dtype, scale=0.5)
+    c0 = random_tensor(layers * directions, batch, hidden, dtype=dtype, scale=0.5)
+    leaves = [t.requires_grad_() for t in (sequence, h0, c0)]
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+
+    def packed(x):
+        return x if lengths is None else torch.nn.utils.rnn.pack_padded_sequence(x, torch.tensor(lengths),
+                                                                                enforce_sorted=False)
+
+    layer = lstm_cuda._layer(recurrence)
+    run = lstm_cuda.stacked(layer)
+    output, (h_n, c_n) = run(packed(leaves[0]), (leaves[1], leaves[2]), module._flat_weights, num_layers=layers,
+                             bias=True, batch_first=False, dropout=0.0, training=False, bidirectional=bidirectional,
+                             proj_size=proj)
+    output64, (h_n64, c_n64) = module64(packed(leaves64[0]), (leaves64[1], leaves64[2]))
+    if lengths is not None:
+        output, output64 = output.data, output64.data
+    for name, got, want in (("output", output, output64), ("h_n", h_n, h_n64), ("c_n", c_n, c_n64)):
+        assert got.dtype == dtype, name
+        assert_close(got, want, bound, name)
+
+    upstream = [random_tensor(*t.shape, dtype=dtype) for t in (output, h_n, c_n)]
+    torch.autograd.backward((output, h_n, c_n), upstream)
+    torch.autograd.backward((output64, h_n64, c_n64), [g.double() for g in upstream])
+    for name, got, want in zip(("input", "h0", "c0"), leaves, leaves64):
+        assert_close(got.grad, want.grad, bound, f"grad {name}")
+    for name in module._flat_weights_names:
+        assert_close(getattr(module, name).grad, getattr(module64, name).grad, bound, f"grad {name}")
 
 
 # ---- GPU: accuracy against the float64 reference ----
@@ -577,6 +795,92 @@ def test_layer_hidden_1024_persistent_and_stepwise_agree_with_reference(dtype, h
         assert_close(grad, want, RTOL[dtype], f"grad {name}")
 
 
+# (steps, batch, input_size, hidden_size, proj_size): odd sizes, B = 16 (BM 16 tiles, K split), a batch
+# above 16 (BM 64), and H = 1024 / P = 256 (the persistent kernels' W_hh + W_hr slices at scale).
+PROJECTION_CASES = [(9, 5, 59, 97, 31), (64, 16, 128, 256, 128), (33, 20, 32, 128, 64), (32, 8, 64, 1024, 256)]
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", PROJECTION_CASES, ids=lambda c: f"T{c[0]}B{c[1]}H{c[3]}P{c[4]}")
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("ragged", [False, True])
+def test_layer_with_projection_matches_reference(dtype, case, reverse, ragged, recurrence):
+    """proj_size > 0: outputs (P wide), c_n, and every gradient including weight_hr's, poisoned allocations."""
+    steps, batch, input_size, hidden, proj = case
+    args = _layer_args(steps, batch, input_size, hidden, dtype, "cuda", requires_grad=True)
+    h0 = random_tensor(batch, proj, dtype=dtype, device="cuda", requires_grad=True)
+    weight_hh = random_tensor(4 * hidden, proj, dtype=dtype, device="cuda", scale=proj**-0.5, requires_grad=True)
+    weight_hr = random_tensor(proj, hidden, dtype=dtype, device="cuda", scale=hidden**-0.5, requires_grad=True)
+    args[1], args[4] = h0, weight_hh
+    lengths = torch.randint(0, steps + 1, (batch,), device="cuda") if ragged else None
+    upstream = [random_tensor(steps, batch, proj, dtype=dtype, device="cuda"),
+                random_tensor(batch, proj, dtype=dtype, device="cuda"),
+                random_tensor(batch, hidden, dtype=dtype, device="cuda")]
+    leaves = [*args, weight_hr]
+    leaves64 = _float64(leaves)
+    expected = reference.lstm_layer(*leaves64[:7], weight_hr=leaves64[7], reverse=reverse, lengths=lengths)
+    torch.autograd.backward(expected, [g.double() for g in upstream])
+
+    poison_cuda_allocator()
+    results = lstm_cuda.lstm_layer(*args, weight_hr=weight_hr, reverse=reverse, lengths=lengths, recurrence=recurrence)
+    for name, result, want in zip(("output", "h_n", "c_n"), results, expected):
+        assert result.dtype == dtype
+        assert_close(result, want, RTOL[dtype], name)
+    poison_cuda_allocator()
+    torch.autograd.backward(results, upstream)
+    for name, grad, want in zip([*LAYER_GRAD_NAMES, "weight_hr"], _grads(leaves), _grads(leaves64)):
+        assert grad is not None and grad.dtype == dtype, name
+        assert_close(grad, want, RTOL[dtype], f"grad {name}")
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_module_with_projection_matches_torch_lstm(dtype):
+    """A 2-layer bidirectional torch.nn.LSTM with proj_size through pyattn.functional.lstm on the cuda backend."""
+    module = torch.nn.LSTM(24, 96, num_layers=2, bidirectional=True, proj_size=40).to(device="cuda", dtype=dtype)
+    module64 = copy.deepcopy(module).double()
+    sequence = random_tensor(17, 6, 24, dtype=dtype, device="cuda", requires_grad=True)
+    sequence64 = sequence.detach().double().requires_grad_()
+    with pyattn.use_backend("cuda"):
+        output, (h_n, c_n) = pyattn.functional.lstm(sequence, None, module._flat_weights, num_layers=2,
+                                                    bidirectional=True, proj_size=40)
+    output64, (h_n64, c_n64) = module64(sequence64)
+    bound = 1e-4 if dtype == torch.float32 else RTOL[dtype]
+    for name, got, want in (("output", output, output64), ("h_n", h_n, h_n64), ("c_n", c_n, c_n64)):
+        assert_close(got, want, bound, name)
+    (output.float().square().sum() + h_n.float().sum()).backward()
+    (output64.square().sum() + h_n64.sum()).backward()
+    assert_close(sequence.grad, sequence64.grad, bound, "grad input")
+    for name in module._flat_weights_names:
+        assert_close(getattr(module, name).grad, getattr(module64, name).grad, bound, f"grad {name}")
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize(
+    ("argument", "change", "message"),
+    [
+        ("weight_hr", lambda t: t[:, :-1].contiguous(), "weight_hr must have shape"),
+        ("weight_hr", lambda t: t[0], "weight_hr must be 2-D"),
+        ("weight_hr", lambda t: t.double(), "weight_hr must have dtype"),
+        ("h0", lambda t: torch.cat([t, t], 1), "h0 must have shape"),
+        ("weight_hh", lambda t: torch.cat([t, t], 1), "weight_hh must have shape"),
+    ],
+)
+def test_layer_with_projection_rejects_bad_arguments_naming_them(argument, change, message):
+    steps, batch, input_size, hidden, proj = 4, 3, 8, 16, 5
+    args = dict(zip(LAYER_GRAD_NAMES, _layer_args(steps, batch, input_size, hidden, torch.float32, "cuda")))
+    args["h0"] = random_tensor(batch, proj, device="cuda")
+    args["weight_hh"] = random_tensor(4 * hidden, proj, device="cuda")
+    weight_hr = random_tensor(proj, hidden, device="cuda")
+    if argument == "weight_hr":
+        weight_hr = change(weight_hr)
+    else:
+        args[argument] = change(args[argument])
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.pyattn.cuda_lstm_layer_fwd(*args.values(), False, None, False, "stepwise", weight_hr)
+
+
 def _chosen_cuda_variant(args) -> str:
     input, h0 = args[0], args[1]
     request = _registry.Request("lstm", input.device, input.dtype, features=frozenset(),
@@ -685,8 +989,18 @@ def test_opcheck_every_op(dtype):
         torch.library.opcheck(
             torch.ops.pyattn.cuda_lstm_layer_bwd.default,
             (torch.randn_like(output), torch.randn_like(h_n), torch.randn_like(c_n), *plain_layer[:5], output, gates,
-             cell_states, False, ragged, 0),
+             cell_states, False, ragged, "stepwise"),
         )
+    # With a projection (weight_hr (P, H), h0 and weight_hh's columns P wide).
+    proj = 7
+    projected = list(layer)
+    projected[1] = random_tensor(5, proj, dtype=dtype, device="cuda", requires_grad=True)
+    projected[4] = random_tensor(4 * 32, proj, dtype=dtype, device="cuda", scale=proj**-0.5, requires_grad=True)
+    weight_hr = random_tensor(proj, 32, dtype=dtype, device="cuda", scale=32**-0.5, requires_grad=True)
+    for recurrence in ("persistent", "stepwise"):
+        for ragged in (None, lengths):
+            torch.library.opcheck(torch.ops.pyattn.cuda_lstm_layer_fwd.default,
+                                  (*projected, True, ragged, True, recurrence, weight_hr))
 
 
 @pytest.mark.requires_cuda
@@ -744,14 +1058,16 @@ def test_layer_rejects_bad_arguments_naming_them(argument, change, message):
     args = dict(zip(LAYER_GRAD_NAMES, _layer_args(4, 3, 8, 8, torch.float32, "cuda")))
     args[argument] = change(args[argument])
     with pytest.raises(RuntimeError, match=message):
-        torch.ops.pyattn.cuda_lstm_layer_fwd(*args.values(), False, None, False, 0)
+        torch.ops.pyattn.cuda_lstm_layer_fwd(*args.values(), False, None, False, "stepwise")
     good = _layer_args(4, 3, 8, 8, torch.float32, "cuda")
     with pytest.raises(RuntimeError, match="recurrence must be"):
-        torch.ops.pyattn.cuda_lstm_layer_fwd(*good, False, None, False, 7)
+        torch.ops.pyattn.cuda_lstm_layer_fwd(*good, False, None, False, "auto")
     with pytest.raises(RuntimeError, match="lengths must be int64"):
-        torch.ops.pyattn.cuda_lstm_layer_fwd(*good, False, torch.ones(3, device="cuda", dtype=torch.int32), False, 0)
+        torch.ops.pyattn.cuda_lstm_layer_fwd(*good, False, torch.ones(3, device="cuda", dtype=torch.int32), False,
+                                             "stepwise")
     with pytest.raises(RuntimeError, match="lengths must have shape"):
-        torch.ops.pyattn.cuda_lstm_layer_fwd(*good, False, torch.ones(2, device="cuda", dtype=torch.int64), False, 0)
+        torch.ops.pyattn.cuda_lstm_layer_fwd(*good, False, torch.ones(2, device="cuda", dtype=torch.int64), False,
+                                             "stepwise")
 
 
 def test_double_backward_through_the_cuda_ops_on_cpu_model(cpu_model_kernels):

@@ -9,7 +9,9 @@
 #include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/mul.h>
 #include <ATen/ops/sum.h>
+#include <ATen/ops/tanh.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <c10/cuda/CUDAException.h>
@@ -109,24 +111,40 @@ void check_lengths(const std::optional<at::Tensor>& lengths, const at::Tensor& i
 
 struct LayerSizes {
   int64_t steps, batch, input_size, hidden;
+  int64_t proj;  // proj_size, 0 without a projection
+  // The width of h (output, h0, h_n, the recurrent product's K): P with a projection, else H.
+  int64_t width() const { return proj > 0 ? proj : hidden; }
 };
 
-// The operands every layer op shares, checked once; returns their sizes.
+// The operands every layer op shares, checked once; returns their sizes. With weight_hr (P, H) the
+// hidden size is its column count and h is P wide (torch's proj_size), else H is h0's width.
 LayerSizes check_layer_operands(const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0,
                                 const at::Tensor& weight_ih, const at::Tensor& weight_hh,
-                                const std::optional<at::Tensor>& lengths) {
+                                const std::optional<at::Tensor>& weight_hr, const std::optional<at::Tensor>& lengths) {
   check_input(input, 3);
-  TORCH_CHECK(h0.dim() == 2, "h0 must be 2-D (batch, hidden_size), got shape ", h0.sizes());
-  const int64_t steps = input.size(0), batch = input.size(1), input_size = input.size(2), hidden = h0.size(1);
-  check_like_input(h0, "h0", input, {batch, hidden});
+  TORCH_CHECK(h0.dim() == 2, "h0 must be 2-D (batch, ", weight_hr.has_value() ? "proj_size" : "hidden_size",
+              "), got shape ", h0.sizes());
+  const int64_t steps = input.size(0), batch = input.size(1), input_size = input.size(2);
+  int64_t hidden = h0.size(1), proj = 0;
+  if (weight_hr.has_value()) {  // proj_size from weight_hr's rows, hidden_size from c0 (c is H wide)
+    TORCH_CHECK(weight_hr->dim() == 2, "weight_hr must be 2-D (proj_size, hidden_size), got shape ",
+                weight_hr->sizes());
+    TORCH_CHECK(c0.dim() == 2, "c0 must be 2-D (batch, hidden_size), got shape ", c0.sizes());
+    proj = weight_hr->size(0);
+    hidden = c0.size(1);
+    TORCH_CHECK(proj > 0, "weight_hr must have at least one row (proj_size > 0), got shape ", weight_hr->sizes());
+    check_like_input(*weight_hr, "weight_hr", input, {proj, hidden});
+  }
+  const int64_t width = proj > 0 ? proj : hidden;
+  check_like_input(h0, "h0", input, {batch, width});
   check_like_input(c0, "c0", input, {batch, hidden});
   check_like_input(weight_ih, "weight_ih", input, {4 * hidden, input_size});
-  check_like_input(weight_hh, "weight_hh", input, {4 * hidden, hidden});
+  check_like_input(weight_hh, "weight_hh", input, {4 * hidden, width});
   check_lengths(lengths, input, batch);
   check_fits_int(steps, "sequence length");
   check_fits_int(batch, "batch");
   check_fits_int(4 * hidden, "4 * hidden_size");
-  return {steps, batch, input_size, hidden};
+  return {steps, batch, input_size, hidden, proj};
 }
 
 // (T, B) true where step t of row b is past the row's length.
@@ -237,15 +255,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward(
     const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& weight_ih,
     const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih, const std::optional<at::Tensor>& bias_hh,
-    bool reverse, const std::optional<at::Tensor>& lengths, bool save_for_backward, c10::string_view recurrence) {
+    bool reverse, const std::optional<at::Tensor>& lengths, bool save_for_backward, c10::string_view recurrence,
+    const std::optional<at::Tensor>& weight_hr) {
   const Recurrence mode = checked_recurrence(recurrence);
-  const LayerSizes sizes = check_layer_operands(input, h0, c0, weight_ih, weight_hh, lengths);
+  const LayerSizes sizes = check_layer_operands(input, h0, c0, weight_ih, weight_hh, weight_hr, lengths);
   const int64_t steps = sizes.steps, batch = sizes.batch, input_size = sizes.input_size, hidden = sizes.hidden;
+  const int64_t proj = sizes.proj, width = sizes.width();
   check_bias(bias_ih, "bias_ih", input, hidden);
   check_bias(bias_hh, "bias_hh", input, hidden);
 
   const c10::cuda::CUDAGuard guard(input.device());
-  at::Tensor output = at::empty({steps, batch, hidden}, input.options());
+  at::Tensor output = at::empty({steps, batch, width}, input.options());
   at::Tensor gates = at::empty({save_for_backward ? steps : 0, batch, 4 * hidden}, input.options());
   at::Tensor cell_states = at::empty({save_for_backward ? steps : 0, batch, hidden}, input.options().dtype(at::kFloat));
   if (steps == 0 || batch == 0 || hidden == 0) return {output, h0.clone(), c0.clone(), gates, cell_states};
@@ -257,6 +277,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
       bias.has_value() ? at::addmm(*bias, input_2d, weight_ih.t()) : at::mm(input_2d, weight_ih.t());
   // Without saving, the float32 cell state lives in one slot that each step updates in place.
   at::Tensor state = save_for_backward ? cell_states : at::empty({1, batch, hidden}, cell_states.options());
+  // With a projection, m = σ(o)·tanh(c) of the step crosses from the gate kernel to the projection.
+  at::Tensor m_scratch = at::empty({proj > 0 ? batch : 0, hidden}, input.options());
 
   LayerForwardParams layer{};
   layer.input_projection = projection.data_ptr();
@@ -268,6 +290,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   layer.save_all_cell_states = save_for_backward;
   layer.gates = save_for_backward ? gates.data_ptr() : nullptr;
   layer.lengths = lengths.has_value() ? lengths->data_ptr<int64_t>() : nullptr;
+  layer.weight_hr = data_or_null(weight_hr);
+  layer.m_scratch = proj > 0 ? m_scratch.data_ptr() : nullptr;
+  layer.proj_size = static_cast<int>(proj);
   layer.steps = static_cast<int>(steps);
   layer.batch = static_cast<int>(batch);
   layer.hidden = static_cast<int>(hidden);
@@ -282,20 +307,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
                 " with this dtype and batch does not fit on chip (W_hh slices in shared memory, all CTAs "
                 "co-resident); the cuda/stepwise variant serves it");
     if (fits) return;
-    const int64_t state_size = batch * hidden;
+    const int64_t state_size = batch * hidden, h_size = batch * width;
     auto* output_data = static_cast<T*>(output.data_ptr());
     auto* state_data = state.data_ptr<float>();
     for (int64_t s = 0; s < steps; ++s) {
       const int64_t t = reverse ? steps - 1 - s : s;
       const int64_t t_prev = reverse ? t + 1 : t - 1;
       StepForwardParams step{};
-      step.a0 = s == 0 ? h0.data_ptr() : static_cast<const void*>(output_data + t_prev * state_size);
+      step.a0 = s == 0 ? h0.data_ptr() : static_cast<const void*>(output_data + t_prev * h_size);
       step.w0 = weight_hh.data_ptr();
-      step.k0 = static_cast<int>(hidden);
+      step.k0 = static_cast<int>(width);
       step.pre_gates = static_cast<const T*>(projection.data_ptr()) + t * 4 * state_size;
       step.c_prev = s == 0 ? c0.data_ptr() : nullptr;
       step.c_prev_f32 = s == 0 ? nullptr : state_data + (save_for_backward ? t_prev * state_size : 0);
-      step.h_out = output_data + t * state_size;
+      step.h_out = output_data + t * h_size;
+      step.m_out = proj > 0 ? m_scratch.data_ptr() : nullptr;
       step.c_out_f32 = state_data + (save_for_backward ? t * state_size : 0);
       step.gates_out = save_for_backward ? static_cast<T*>(gates.data_ptr()) + t * 4 * state_size : nullptr;
       step.lengths = layer.lengths;
@@ -304,6 +330,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
       step.batch = static_cast<int>(batch);
       step.hidden = static_cast<int>(hidden);
       C10_CUDA_CHECK(launch_step_forward<T>(step, stream));
+      if (proj == 0) continue;
+      ProjectionForwardParams projection_step{};
+      projection_step.m = m_scratch.data_ptr();
+      projection_step.weight_hr = weight_hr->data_ptr();
+      projection_step.r_prev = step.a0;
+      projection_step.r_out = step.h_out;
+      projection_step.lengths = layer.lengths;
+      projection_step.time = static_cast<int>(t);
+      projection_step.batch = static_cast<int>(batch);
+      projection_step.hidden = static_cast<int>(hidden);
+      projection_step.proj_size = static_cast<int>(proj);
+      C10_CUDA_CHECK(launch_projection_forward<T>(projection_step, stream));
     }
   });
 
@@ -315,30 +353,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   return {output, h_n, c_n, gates, cell_states};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_backward(
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n, const at::Tensor& input,
     const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cell_states, bool reverse,
-    const std::optional<at::Tensor>& lengths, c10::string_view recurrence) {
+    const std::optional<at::Tensor>& lengths, c10::string_view recurrence, const std::optional<at::Tensor>& weight_hr) {
   const Recurrence mode = checked_recurrence(recurrence);
-  const LayerSizes sizes = check_layer_operands(input, h0, c0, weight_ih, weight_hh, lengths);
+  const LayerSizes sizes = check_layer_operands(input, h0, c0, weight_ih, weight_hh, weight_hr, lengths);
   const int64_t steps = sizes.steps, batch = sizes.batch, input_size = sizes.input_size, hidden = sizes.hidden;
-  check_like_input(output, "output", input, {steps, batch, hidden});
-  check_like_input(grad_output, "grad_output", input, {steps, batch, hidden});
-  check_like_input(grad_h_n, "grad_h_n", input, {batch, hidden});
+  const int64_t proj = sizes.proj, width = sizes.width();
+  check_like_input(output, "output", input, {steps, batch, width});
+  check_like_input(grad_output, "grad_output", input, {steps, batch, width});
+  check_like_input(grad_h_n, "grad_h_n", input, {batch, width});
   check_like_input(grad_c_n, "grad_c_n", input, {batch, hidden});
   check_like_input(gates, "gates", input, {steps, batch, 4 * hidden});
   check_float_state(cell_states, "cell_states", input, {steps, batch, hidden});
 
   const c10::cuda::CUDAGuard guard(input.device());
   const at::ScalarType dtype = input.scalar_type();
+  // grad_weight_hr: (P, H), or empty without a projection.
+  at::Tensor grad_weight_hr = weight_hr.has_value() ? at::zeros_like(*weight_hr) : at::empty({0}, input.options());
   if (steps == 0 || batch == 0 || hidden == 0) {
     return {at::zeros_like(input), grad_h_n.clone(), grad_c_n.clone(), at::zeros_like(weight_ih),
-            at::zeros_like(weight_hh), at::zeros({4 * hidden}, input.options())};
+            at::zeros_like(weight_hh), at::zeros({4 * hidden}, input.options()), grad_weight_hr};
   }
   at::Tensor grad_gates = at::empty({steps, batch, 4 * hidden}, input.options());
   at::Tensor grad_cell = at::empty({batch, hidden}, input.options().dtype(at::kFloat));
   const at::Tensor weight_hh_t = weight_hh.t().contiguous();
+  // With a projection: W_hrᵀ (H, P) for dm = dr · W_hr, and dr of every step (kept for dW_hr).
+  const at::Tensor weight_hr_t = proj > 0 ? weight_hr->t().contiguous() : at::Tensor();
+  at::Tensor grad_recurrent = at::empty({proj > 0 ? steps : 0, batch, proj}, input.options());
 
   LayerBackwardParams layer{};
   layer.weight_hh_t = weight_hh_t.data_ptr();
@@ -351,6 +395,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   layer.grad_gates = grad_gates.data_ptr();
   layer.grad_cell = grad_cell.data_ptr<float>();
   layer.lengths = lengths.has_value() ? lengths->data_ptr<int64_t>() : nullptr;
+  layer.weight_hr_t = proj > 0 ? weight_hr_t.data_ptr() : nullptr;
+  layer.grad_recurrent = proj > 0 ? grad_recurrent.data_ptr() : nullptr;
+  layer.proj_size = static_cast<int>(proj);
   layer.steps = static_cast<int>(steps);
   layer.batch = static_cast<int>(batch);
   layer.hidden = static_cast<int>(hidden);
@@ -379,7 +426,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     grad_gates_first = grad_gates.select(0, reverse ? steps - 1 : 0);
   }
   const at::Tensor grad_gates_rest = grad_gates.narrow(0, reverse ? 0 : 1, steps - 1).view({-1, 4 * hidden});
-  const at::Tensor previous_h = output.narrow(0, reverse ? 1 : 0, steps - 1).view({-1, hidden});
+  const at::Tensor previous_h = output.narrow(0, reverse ? 1 : 0, steps - 1).view({-1, width});
   at::Tensor grad_weight_hh = at::addmm(at::mm(grad_gates_first.t(), h0), grad_gates_rest.t(), previous_h);
   at::Tensor grad_weight_ih = at::mm(grad_gates_2d.t(), input.view({steps * batch, input_size}));
   at::Tensor grad_input = at::mm(grad_gates_2d, weight_ih).view({steps, batch, input_size});
@@ -387,7 +434,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // A row of length 0 never ran: its h_n is h0.
   if (lengths.has_value()) grad_h0.add_(grad_h_n.masked_fill(lengths->ne(0).unsqueeze(1), 0));
   at::Tensor grad_bias = at::sum(grad_gates_2d, {0}, false, at::kFloat).to(dtype);
-  return {grad_input, grad_h0, grad_cell.to(dtype), grad_weight_ih, grad_weight_hh, grad_bias};
+  if (proj > 0) {
+    // dW_hr = Σ_t dr_tᵀ m_t, one GEMM; m = σ(o)·tanh(c) rebuilt from the saved o gate and float32 cell
+    // states (frozen steps have dr = 0, so their m does not matter).
+    const at::Tensor output_gate = gates.narrow(2, 3 * hidden, hidden).to(at::kFloat);
+    const at::Tensor m = at::mul(output_gate, at::tanh(cell_states)).to(dtype).view({steps * batch, hidden});
+    grad_weight_hr = at::mm(grad_recurrent.view({steps * batch, proj}).t(), m);
+  }
+  return {grad_input, grad_h0, grad_cell.to(dtype), grad_weight_ih, grad_weight_hh, grad_bias, grad_weight_hr};
 }
 
 }  // namespace pyattn::lstm

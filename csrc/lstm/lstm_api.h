@@ -27,20 +27,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& cx, const at::Tensor& weight_ih, const at::Tensor& weight_hh, const at::Tensor& cy,
     const at::Tensor& workspace);
 
-// -> output (T, B, H), h_n (B, H), c_n (B, H), and for backward (empty unless save_for_backward):
-//    gates (T, B, 4H) activated, cell_states (T, B, H) float32.
+// -> output (T, B, W), h_n (B, W), c_n (B, H), and for backward (empty unless save_for_backward):
+//    gates (T, B, 4H) activated, cell_states (T, B, H) float32. W = P with weight_hr (P, H) (torch's
+//    proj_size: h_t = W_hr · (σ(o)·tanh(c_t)), h0 and weight_hh's columns are P wide), else W = H.
 // lengths (B,) int64 (ragged batch): row b is valid at steps t < lengths[b]; past them its state is
 // frozen and its output zero; reversed, each row starts from its own last valid step.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_forward(
     const at::Tensor& input, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& weight_ih,
     const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih, const std::optional<at::Tensor>& bias_hh,
-    bool reverse, const std::optional<at::Tensor>& lengths, bool save_for_backward, c10::string_view recurrence);
+    bool reverse, const std::optional<at::Tensor>& lengths, bool save_for_backward, c10::string_view recurrence,
+    const std::optional<at::Tensor>& weight_hr);
 
-// -> grad_input, grad_h0, grad_c0, grad_weight_ih, grad_weight_hh, grad_bias (4H,: both biases').
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_backward(
+// -> grad_input, grad_h0, grad_c0, grad_weight_ih, grad_weight_hh, grad_bias (4H,: both biases'),
+//    grad_weight_hr ((P, H), or empty without a projection).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_backward(
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n, const at::Tensor& input,
     const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cell_states, bool reverse,
-    const std::optional<at::Tensor>& lengths, c10::string_view recurrence);
+    const std::optional<at::Tensor>& lengths, c10::string_view recurrence, const std::optional<at::Tensor>& weight_hr);
 
 }  // namespace pyattn::lstm

@@ -4,4 +4,5 @@
 namespace pyattn::lstm {
 template cudaError_t launch_step_forward<__nv_bfloat16>(const StepForwardParams&, cudaStream_t);
 template cudaError_t launch_persistent_forward<__nv_bfloat16>(const LayerForwardParams&, cudaStream_t, bool&);
+template cudaError_t launch_projection_forward<__nv_bfloat16>(const ProjectionForwardParams&, cudaStream_t);
 }  // namespace pyattn::lstm

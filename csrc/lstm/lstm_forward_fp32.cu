@@ -4,4 +4,5 @@
 namespace pyattn::lstm {
 template cudaError_t launch_step_forward<float>(const StepForwardParams&, cudaStream_t);
 template cudaError_t launch_persistent_forward<float>(const LayerForwardParams&, cudaStream_t, bool&);
+template cudaError_t launch_projection_forward<float>(const ProjectionForwardParams&, cudaStream_t);
 }  // namespace pyattn::lstm

@@ -281,6 +281,7 @@ struct ForwardStep {
   T* c_out;
   float* c_out_f32;
   T* gates_out;
+  T* m_out;  // projection: m = σ(o)·tanh(c') goes here (zero on frozen rows) and h_out is not written
   const int64_t* lengths;  // ragged batch: rows with time >= lengths[b] keep their state
   int time;
   const T* h_prev;
@@ -301,8 +302,13 @@ __device__ __forceinline__ void forward_epilogue(const float* c_tile, int ldc, i
     const float c_old = step.c_prev_f32 ? step.c_prev_f32[state] : E::to_float(step.c_prev[state]);
     if (step.lengths && step.time >= step.lengths[b]) {
       // Past this sequence's end (or, reversed, before its start): the state is frozen, and the
-      // output row carries h on to the next step; the caller zeroes those rows afterwards.
-      step.h_out[state] = step.h_prev[state];
+      // output row carries h on to the next step; the caller zeroes those rows afterwards. With a
+      // projection the projection epilogue carries r instead, and m (unused) is zero.
+      if (step.m_out) {
+        step.m_out[state] = E::from_float(0.f);
+      } else {
+        step.h_out[state] = step.h_prev[state];
+      }
       if (step.c_out) step.c_out[state] = E::from_float(c_old);
       if (step.c_out_f32) step.c_out_f32[state] = c_old;
       if (step.gates_out) {
@@ -327,7 +333,11 @@ __device__ __forceinline__ void forward_epilogue(const float* c_tile, int ldc, i
     const float cell_gate = tanh_fast(pre[2]), output_gate = sigmoid(pre[3]);
     const float c_new = forget_gate * c_old + input_gate * cell_gate;
     const float h_new = output_gate * tanh_fast(c_new);
-    step.h_out[state] = E::from_float(h_new);
+    if (step.m_out) {
+      step.m_out[state] = E::from_float(h_new);
+    } else {
+      step.h_out[state] = E::from_float(h_new);
+    }
     if (step.c_out) step.c_out[state] = E::from_float(c_new);
     if (step.c_out_f32) step.c_out_f32[state] = c_new;
     if (step.gates_out) {
@@ -337,6 +347,79 @@ __device__ __forceinline__ void forward_epilogue(const float* c_tile, int ldc, i
       step.gates_out[gate_row + 3 * hidden + j] = E::from_float(output_gate);
     }
   }
+}
+
+// acc += A[b0 + r, 0 .. k_size) · W[w_row(n), 0 .. k_size)ᵀ over kBlockK-deep slices; A is (batch, k_size)
+// row-major. kAFromL2: A was written in this kernel by other CTAs (read through L2 only). W is either
+// resident (staged once into w_resident with leading dimension w_ld) or streamed through w_tile.
+template <typename T, int BM, int BN, int SPLITS, bool kAFromL2, bool kResident, typename RowOf>
+__device__ __forceinline__ void accumulate_product(TileAccumulator<T, BM, BN, SPLITS>& accumulator, const T* a,
+                                                   int k_size, int b0, int batch, const T* w_resident, const T* w,
+                                                   RowOf w_row, int w_ld, T* w_tile, T* a_tile) {
+  constexpr int kLdA = TileShape<T, BM, BN, SPLITS>::kLdA;
+  auto batch_row = [&](int r) -> int64_t { return b0 + r < batch ? int64_t(b0 + r) : -1; };
+  const bool a_vectorized = is_vectorizable<T>(a, k_size);
+  const bool w_vectorized = kResident || is_vectorizable<T>(w, k_size);
+  for (int k0 = 0; k0 < k_size; k0 += kBlockK) {
+    load_tile<T, BM, kAFromL2>(a_tile, kLdA, a, k_size, k0, k_size, a_vectorized, batch_row);
+    if constexpr (!kResident) load_tile<T, BN, false>(w_tile, w_ld, w, k_size, k0, k_size, w_vectorized, w_row);
+    __syncthreads();
+    accumulator.accumulate(a_tile, kLdA, kResident ? w_resident + k0 : w_tile, w_ld);
+    __syncthreads();
+  }
+}
+
+// Stages rows w_row(0 .. ROWS) of a (·, k_size) row-major matrix into shared memory for the whole kernel.
+template <typename T, int ROWS, typename RowOf>
+__device__ __forceinline__ void stage_resident(T* w_resident, int w_ld, const T* w, int k_size, RowOf w_row) {
+  const bool vectorized = is_vectorizable<T>(w, k_size);
+  for (int k0 = 0; k0 < round_up(k_size, kBlockK); k0 += kBlockK) {
+    load_tile<T, ROWS, false>(w_resident + k0, w_ld, w, k_size, k0, k_size, vectorized, w_row);
+  }
+}
+
+// The projection's tile: kProjectionColumns columns of r per CTA, K (= H) split across the warps when
+// the batch tile is one fragment high so that all four warps have work.
+constexpr int kProjectionColumns = 16;
+template <int BM>
+constexpr int kProjectionSplits = BM == 16 ? 4 : 1;
+template <typename T, int BM>
+using ProjectionShape = TileShape<T, BM, kProjectionColumns, kProjectionSplits<BM>>;
+template <typename T, int BM>
+using ProjectionAccumulator = TileAccumulator<T, BM, kProjectionColumns, kProjectionSplits<BM>>;
+
+// r[b0.., p0..p0 + 16) = m · W_hr[p0.., :]ᵀ for one batch tile; rows past their end keep r_prev.
+template <typename T, int BM, bool kResident>
+__device__ __forceinline__ void projection_step(const ProjectionForwardParams& p, int b0, int p0, const T* w_resident,
+                                                int w_ld, T* w_tile, T* a_tile, float* c_tile) {
+  using Shape = ProjectionShape<T, BM>;
+  using E = Element<T>;
+  const int hidden = p.hidden, proj = p.proj_size;
+  auto column_row = [&](int n) -> int64_t { return p0 + n < proj ? int64_t(p0 + n) : -1; };
+  ProjectionAccumulator<T, BM> accumulator;
+  accumulator.zero();
+  accumulate_product<T, BM, kProjectionColumns, kProjectionSplits<BM>, kResident, kResident>(
+      accumulator, static_cast<const T*>(p.m), hidden, b0, p.batch, w_resident, static_cast<const T*>(p.weight_hr),
+      column_row, w_ld, w_tile, a_tile);
+  accumulator.store(c_tile, Shape::kLdC);
+  __syncthreads();
+  const T* r_prev = static_cast<const T*>(p.r_prev);
+  T* r_out = static_cast<T*>(p.r_out);
+  for (int index = threadIdx.x; index < BM * kProjectionColumns; index += kThreads) {
+    const int m = index / kProjectionColumns, n = index % kProjectionColumns;
+    const int b = b0 + m, column = p0 + n;
+    if (b >= p.batch || column >= proj) continue;
+    const int64_t state = int64_t(b) * proj + column;
+    if (p.lengths && p.time >= p.lengths[b]) {  // frozen: r carries on (this CTA wrote it, or it is h0)
+      r_out[state] = r_prev[state];
+      continue;
+    }
+    float value = 0.f;
+#pragma unroll
+    for (int split = 0; split < Shape::kSplits; ++split) value += c_tile[(split * BM + m) * Shape::kLdC + n];
+    r_out[state] = E::from_float(value);
+  }
+  __syncthreads();
 }
 
 // lstm_cell forward, and one step of a layer when it does not fit on chip.
@@ -352,7 +435,6 @@ __global__ void __launch_bounds__(kThreads) lstm_step_forward_kernel(const StepF
   float* c_tile = reinterpret_cast<float*>(shared + Shape::w_bytes(0, false) + Shape::kABytes);
 
   const int j0 = blockIdx.x * BJ, b0 = blockIdx.y * BM;
-  auto batch_row = [&](int r) -> int64_t { return b0 + r < p.batch ? int64_t(b0 + r) : -1; };
   auto gate_row = [&](int n) -> int64_t {
     const int j = j0 + n % BJ;
     return j < p.hidden ? int64_t(n / BJ) * p.hidden + j : -1;
@@ -365,14 +447,8 @@ __global__ void __launch_bounds__(kThreads) lstm_step_forward_kernel(const StepF
     const T* w = static_cast<const T*>(source == 0 ? p.w0 : p.w1);
     const int k_size = source == 0 ? p.k0 : p.k1;
     if (a == nullptr) continue;
-    const bool a_vectorized = is_vectorizable<T>(a, k_size), w_vectorized = is_vectorizable<T>(w, k_size);
-    for (int k0 = 0; k0 < k_size; k0 += kBlockK) {
-      load_tile<T, BM, false>(a_tile, Shape::kLdA, a, k_size, k0, k_size, a_vectorized, batch_row);
-      load_tile<T, BN, false>(w_tile, w_ld, w, k_size, k0, k_size, w_vectorized, gate_row);
-      __syncthreads();
-      accumulator.accumulate(a_tile, Shape::kLdA, w_tile, w_ld);
-      __syncthreads();
-    }
+    accumulate_product<T, BM, BN, 1, false, false>(accumulator, a, k_size, b0, p.batch, nullptr, w, gate_row, w_ld,
+                                                   w_tile, a_tile);
   }
   accumulator.store(c_tile, Shape::kLdC);
   __syncthreads();
@@ -387,36 +463,77 @@ __global__ void __launch_bounds__(kThreads) lstm_step_forward_kernel(const StepF
   step.c_out = static_cast<T*>(p.c_out);
   step.c_out_f32 = p.c_out_f32;
   step.gates_out = static_cast<T*>(p.gates_out);
+  step.m_out = static_cast<T*>(p.m_out);
   step.lengths = p.lengths;
   step.time = p.time;
   step.h_prev = static_cast<const T*>(p.h_prev);
   forward_epilogue<T, BM, BJ, Shape::kSplits>(c_tile, Shape::kLdC, b0, j0, p.batch, p.hidden, step);
 }
 
+// One step's projection r = m · W_hrᵀ when the layer runs stepwise. Grid: (ceil(P / 16), ceil(batch / BM)).
+template <typename T, int BM>
+__global__ void __launch_bounds__(kThreads) lstm_projection_forward_kernel(const ProjectionForwardParams p) {
+  using Shape = ProjectionShape<T, BM>;
+  extern __shared__ __align__(128) unsigned char shared[];
+  T* w_tile = reinterpret_cast<T*>(shared);
+  T* a_tile = reinterpret_cast<T*>(shared + Shape::w_bytes(0, false));
+  float* c_tile = reinterpret_cast<float*>(shared + Shape::w_bytes(0, false) + Shape::kABytes);
+  projection_step<T, BM, false>(p, blockIdx.y * BM, blockIdx.x * kProjectionColumns, nullptr, Shape::w_ld(0, false),
+                                w_tile, a_tile, c_tile);
+}
+
+// Shared memory of the persistent forward: W_hh's 4·BJ rows (K = W, the width of h), W_hr's 16 rows
+// (K = H) with a projection, the A slice, and one C tile big enough for either product.
+template <typename T, int BM, int BJ, int SPLITS>
+struct PersistentForwardLayout {
+  using Gates = TileShape<T, BM, 4 * BJ, SPLITS>;
+  using Projection = ProjectionShape<T, BM>;
+  static constexpr size_t kCBytes = Gates::kCBytes > Projection::kCBytes ? Gates::kCBytes : Projection::kCBytes;
+  __host__ __device__ static int width(int hidden, int proj) { return proj > 0 ? proj : hidden; }
+  __host__ __device__ static size_t projection_bytes(int hidden, int proj) {
+    return proj > 0 ? Projection::w_bytes(hidden, true) : 0;
+  }
+  __host__ __device__ static size_t total_bytes(int hidden, int proj) {
+    return Gates::w_bytes(width(hidden, proj), true) + projection_bytes(hidden, proj) + Gates::kABytes + kCBytes;
+  }
+  // CTAs: BJ units each for the gates, 16 columns of r each for the projection.
+  __host__ __device__ static int grid(int hidden, int proj) {
+    const int gates = ceil_div(hidden, BJ), projection = ceil_div(proj, kProjectionColumns);
+    return gates > projection ? gates : projection;
+  }
+};
+
 // A layer's whole recurrence (minimum one CTA per SM in the launch bounds: without it ptxas aims at
 // an occupancy these kernels never have and spills). CTA x owns hidden units [x·BJ, x·BJ + BJ) — their 4·BJ rows of W_hh stay
 // in shared memory for all T steps — and computes them for every batch row; a grid-wide barrier
-// per step publishes h_t (written into output[t]) before any CTA reads it.
+// per step publishes h_t (written into output[t]) before any CTA reads it. With a projection the
+// epilogue publishes m_t instead; after a second barrier CTA x computes r_t's columns
+// [16x, 16x + 16) from its resident rows of W_hr.
 template <typename T, int BM, int BJ, int SPLITS>
 __global__ void __launch_bounds__(kThreads, 1) lstm_persistent_forward_kernel(const LayerForwardParams p) {
   constexpr int BN = 4 * BJ;
-  using Shape = TileShape<T, BM, BN, SPLITS>;
+  using Layout = PersistentForwardLayout<T, BM, BJ, SPLITS>;
+  using Shape = typename Layout::Gates;
   extern __shared__ __align__(128) unsigned char shared[];
-  const int hidden = p.hidden, batch = p.batch;
-  const int w_ld = Shape::w_ld(hidden, true);
+  const int hidden = p.hidden, batch = p.batch, proj = p.proj_size;
+  const int width = Layout::width(hidden, proj);
+  const int w_ld = Shape::w_ld(width, true), hr_ld = Layout::Projection::w_ld(hidden, true);
+  const size_t w_bytes = Shape::w_bytes(width, true), hr_bytes = Layout::projection_bytes(hidden, proj);
   T* w_resident = reinterpret_cast<T*>(shared);
-  T* a_tile = reinterpret_cast<T*>(shared + Shape::w_bytes(hidden, true));
-  float* c_tile = reinterpret_cast<float*>(shared + Shape::w_bytes(hidden, true) + Shape::kABytes);
+  T* hr_resident = reinterpret_cast<T*>(shared + w_bytes);
+  T* a_tile = reinterpret_cast<T*>(shared + w_bytes + hr_bytes);
+  float* c_tile = reinterpret_cast<float*>(shared + w_bytes + hr_bytes + Shape::kABytes);
 
-  const int j0 = blockIdx.x * BJ;
-  const T* weight_hh = static_cast<const T*>(p.weight_hh);
+  const int j0 = blockIdx.x * BJ, p0 = blockIdx.x * kProjectionColumns;
+  const bool owns_units = j0 < hidden, owns_columns = proj > 0 && p0 < proj;
   auto gate_row = [&](int n) -> int64_t {
     const int j = j0 + n % BJ;
     return j < hidden ? int64_t(n / BJ) * hidden + j : -1;
   };
-  const bool w_vectorized = is_vectorizable<T>(weight_hh, hidden);
-  for (int k0 = 0; k0 < round_up(hidden, kBlockK); k0 += kBlockK) {
-    load_tile<T, BN, false>(w_resident + k0, w_ld, weight_hh, hidden, k0, hidden, w_vectorized, gate_row);
+  if (owns_units) stage_resident<T, BN>(w_resident, w_ld, static_cast<const T*>(p.weight_hh), width, gate_row);
+  if (owns_columns) {
+    auto column_row = [&](int n) -> int64_t { return p0 + n < proj ? int64_t(p0 + n) : -1; };
+    stage_resident<T, kProjectionColumns>(hr_resident, hr_ld, static_cast<const T*>(p.weight_hr), hidden, column_row);
   }
   __syncthreads();
 
@@ -424,57 +541,125 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_persistent_forward_kernel(co
   T* output = static_cast<T*>(p.output);
   T* gates = static_cast<T*>(p.gates);
   const T* input_projection = static_cast<const T*>(p.input_projection);
-  const bool h_vectorized = is_vectorizable<T>(h0, hidden) && is_vectorizable<T>(output, hidden);
-  const int64_t state_size = int64_t(batch) * hidden;
+  const int64_t state_size = int64_t(batch) * hidden, h_size = int64_t(batch) * width;
   cooperative_groups::grid_group grid = cooperative_groups::this_grid();
 
   for (int s = 0; s < p.steps; ++s) {
     const int t = p.reverse ? p.steps - 1 - s : s;
     const int t_prev = p.reverse ? t + 1 : t - 1;
-    const T* h_prev = s == 0 ? h0 : output + t_prev * state_size;
-    ForwardStep<T> step;
-    step.pre_gates = input_projection + t * 4 * state_size;
-    step.bias0 = nullptr;
-    step.bias1 = nullptr;
-    step.c_prev = s == 0 ? static_cast<const T*>(p.c0) : nullptr;
-    step.c_prev_f32 = s == 0 ? nullptr : p.cell_states + (p.save_all_cell_states ? t_prev * state_size : 0);
-    step.h_out = output + t * state_size;
-    step.c_out = nullptr;
-    step.c_out_f32 = p.cell_states + (p.save_all_cell_states ? t * state_size : 0);
-    step.gates_out = gates ? gates + t * 4 * state_size : nullptr;
-    step.lengths = p.lengths;
-    step.time = t;
-    step.h_prev = h_prev;
+    const T* h_prev = s == 0 ? h0 : output + t_prev * h_size;
+    if (owns_units) {
+      ForwardStep<T> step;
+      step.pre_gates = input_projection + t * 4 * state_size;
+      step.bias0 = nullptr;
+      step.bias1 = nullptr;
+      step.c_prev = s == 0 ? static_cast<const T*>(p.c0) : nullptr;
+      step.c_prev_f32 = s == 0 ? nullptr : p.cell_states + (p.save_all_cell_states ? t_prev * state_size : 0);
+      step.h_out = output + t * h_size;
+      step.c_out = nullptr;
+      step.c_out_f32 = p.cell_states + (p.save_all_cell_states ? t * state_size : 0);
+      step.gates_out = gates ? gates + t * 4 * state_size : nullptr;
+      step.m_out = proj > 0 ? static_cast<T*>(p.m_scratch) : nullptr;
+      step.lengths = p.lengths;
+      step.time = t;
+      step.h_prev = h_prev;
 
-    for (int b0 = 0; b0 < batch; b0 += BM) {
-      auto batch_row = [&](int r) -> int64_t { return b0 + r < batch ? int64_t(b0 + r) : -1; };
-      TileAccumulator<T, BM, BN, SPLITS> accumulator;
-      accumulator.zero();
-      for (int k0 = 0; k0 < hidden; k0 += kBlockK) {
-        load_tile<T, BM, true>(a_tile, Shape::kLdA, h_prev, hidden, k0, hidden, h_vectorized, batch_row);
+      for (int b0 = 0; b0 < batch; b0 += BM) {
+        TileAccumulator<T, BM, BN, SPLITS> accumulator;
+        accumulator.zero();
+        accumulate_product<T, BM, BN, SPLITS, true, true>(accumulator, h_prev, width, b0, batch, w_resident, nullptr,
+                                                          gate_row, w_ld, nullptr, a_tile);
+        accumulator.store(c_tile, Shape::kLdC);
         __syncthreads();
-        accumulator.accumulate(a_tile, Shape::kLdA, w_resident + k0, w_ld);
+        forward_epilogue<T, BM, BJ, Shape::kSplits>(c_tile, Shape::kLdC, b0, j0, batch, hidden, step);
         __syncthreads();
       }
-      accumulator.store(c_tile, Shape::kLdC);
-      __syncthreads();
-      forward_epilogue<T, BM, BJ, Shape::kSplits>(c_tile, Shape::kLdC, b0, j0, batch, hidden, step);
-      __syncthreads();
+    }
+    if (proj > 0) {
+      grid.sync();  // every CTA's units of m_t are out
+      if (owns_columns) {
+        ProjectionForwardParams projection{};
+        projection.m = p.m_scratch;
+        projection.weight_hr = p.weight_hr;
+        projection.r_prev = h_prev;
+        projection.r_out = output + t * h_size;
+        projection.lengths = p.lengths;
+        projection.time = t;
+        projection.batch = batch;
+        projection.hidden = hidden;
+        projection.proj_size = proj;
+        for (int b0 = 0; b0 < batch; b0 += BM) {
+          projection_step<T, BM, true>(projection, b0, p0, hr_resident, hr_ld, nullptr, a_tile, c_tile);
+        }
+      }
     }
     if (s + 1 < p.steps) grid.sync();
   }
 }
 
-// One backward step s of a layer for batch rows [b0, b0 + BM) × hidden units [j0, j0 + BJ):
-// dh_t = dgates_{t_next} · W_hh[:, units] + grad_output[t] (+ grad_h_n when s = 0), then the gate
-// gradients. The W slice is W_hhᵀ's rows for the units: resident in shared memory (persistent
-// kernel) or streamed (one launch per step).
+// Row b's last valid forward step, where grad_h_n enters: T-1 (or 0 reversed) unless ragged.
+__device__ __forceinline__ int last_valid_step(const LayerBackwardParams& p, int b) {
+  if (p.reverse || !p.lengths) return p.reverse ? 0 : p.steps - 1;
+  const int64_t length = p.lengths[b];
+  return static_cast<int>(length < p.steps ? length : p.steps) - 1;
+}
+
+// With a projection, backward step s's first half for batch rows [b0, b0 + BM) × columns [p0, p0 + BJ)
+// of r: dr_t = dgates_{t_next} · W_hh[:, columns] + grad_output[t] (+ grad_h_n at the row's last
+// valid step), stored into grad_recurrent[t] (zero on frozen steps). The W slice is W_hhᵀ's rows
+// for the columns: resident (persistent kernel) or streamed (one launch per step).
+template <typename T, int BM, int BJ, int SPLITS, bool kResident>
+__device__ __forceinline__ void backward_recurrent_step(const LayerBackwardParams& p, int s, int b0, int p0,
+                                                        const T* w_resident, T* w_tile, int w_ld, T* a_tile,
+                                                        float* c_tile) {
+  using Shape = TileShape<T, BM, BJ, SPLITS>;
+  using E = Element<T>;
+  const int hidden = p.hidden, batch = p.batch, proj = p.proj_size, gates_width = 4 * hidden;
+  const int64_t state_size = int64_t(batch) * hidden, r_size = int64_t(batch) * proj;
+  const int t = p.reverse ? s : p.steps - 1 - s;
+  const int t_next = p.reverse ? t - 1 : t + 1;
+  const T* grad_gates = static_cast<const T*>(p.grad_gates);
+  TileAccumulator<T, BM, BJ, SPLITS> accumulator;
+  accumulator.zero();
+  if (s != 0) {
+    auto column_row = [&](int n) -> int64_t { return p0 + n < proj ? int64_t(p0 + n) : -1; };
+    accumulate_product<T, BM, BJ, SPLITS, kResident, kResident>(
+        accumulator, grad_gates + t_next * 4 * state_size, gates_width, b0, batch, w_resident,
+        static_cast<const T*>(p.weight_hh_t), column_row, w_ld, w_tile, a_tile);
+  }
+  accumulator.store(c_tile, Shape::kLdC);
+  __syncthreads();
+  const T* grad_output = static_cast<const T*>(p.grad_output) + t * r_size;
+  T* grad_recurrent = static_cast<T*>(p.grad_recurrent) + t * r_size;
+  for (int index = threadIdx.x; index < BM * BJ; index += kThreads) {
+    const int m = index / BJ, n = index % BJ;
+    const int b = b0 + m, column = p0 + n;
+    if (b >= batch || column >= proj) continue;
+    const int64_t state = int64_t(b) * proj + column;
+    if (p.lengths && t >= p.lengths[b]) {  // frozen: r had no effect here
+      grad_recurrent[state] = E::from_float(0.f);
+      continue;
+    }
+    float dr = E::to_float(grad_output[state]);
+#pragma unroll
+    for (int split = 0; split < Shape::kSplits; ++split) dr += c_tile[(split * BM + m) * Shape::kLdC + n];
+    if (t == last_valid_step(p, b)) dr += E::to_float(static_cast<const T*>(p.grad_h_n)[state]);
+    grad_recurrent[state] = E::from_float(dr);
+  }
+  __syncthreads();
+}
+
+// One backward step s of a layer for batch rows [b0, b0 + BM) × hidden units [j0, j0 + BJ), then the
+// gate gradients. Without a projection dh_t = dgates_{t_next} · W_hh[:, units] + grad_output[t]
+// (+ grad_h_n at the row's last valid step), the W slice being W_hhᵀ's rows for the units; with one
+// dh_t = dm_t = dr_t · W_hr[:, units] (dr_t from backward_recurrent_step), the W slice W_hrᵀ's rows.
+// The slice is resident in shared memory (persistent kernel) or streamed (one launch per step).
 template <typename T, int BM, int BJ, int SPLITS, bool kResident>
 __device__ __forceinline__ void backward_step(const LayerBackwardParams& p, int s, int b0, int j0, const T* w_resident,
                                               T* w_tile, int w_ld, T* a_tile, float* c_tile) {
   using Shape = TileShape<T, BM, BJ, SPLITS>;
   using E = Element<T>;
-  const int hidden = p.hidden, batch = p.batch, gates_width = 4 * hidden;
+  const int hidden = p.hidden, batch = p.batch, proj = p.proj_size, gates_width = 4 * hidden;
   const int64_t state_size = int64_t(batch) * hidden;
   const int t = p.reverse ? s : p.steps - 1 - s;
   const int t_next = p.reverse ? t - 1 : t + 1;  // the forward step after t, processed just before
@@ -482,25 +667,17 @@ __device__ __forceinline__ void backward_step(const LayerBackwardParams& p, int 
   const bool first = s == 0, forward_first = s == p.steps - 1;
   T* grad_gates = static_cast<T*>(p.grad_gates);
 
-  auto batch_row = [&](int r) -> int64_t { return b0 + r < batch ? int64_t(b0 + r) : -1; };
+  auto unit_row = [&](int n) -> int64_t { return j0 + n < hidden ? int64_t(j0 + n) : -1; };
   TileAccumulator<T, BM, BJ, SPLITS> accumulator;
   accumulator.zero();
-  if (!first) {
-    const T* grad_gates_next = grad_gates + t_next * 4 * state_size;
-    const T* weight_hh_t = static_cast<const T*>(p.weight_hh_t);
-    const bool a_vectorized = is_vectorizable<T>(grad_gates, gates_width);
-    const bool w_vectorized = is_vectorizable<T>(weight_hh_t, gates_width);
-    auto unit_row = [&](int n) -> int64_t { return j0 + n < hidden ? int64_t(j0 + n) : -1; };
-    for (int k0 = 0; k0 < gates_width; k0 += kBlockK) {
-      load_tile<T, BM, kResident>(a_tile, Shape::kLdA, grad_gates_next, gates_width, k0, gates_width, a_vectorized,
-                                  batch_row);
-      if constexpr (!kResident) {
-        load_tile<T, BJ, false>(w_tile, w_ld, weight_hh_t, gates_width, k0, gates_width, w_vectorized, unit_row);
-      }
-      __syncthreads();
-      accumulator.accumulate(a_tile, Shape::kLdA, kResident ? w_resident + k0 : w_tile, w_ld);
-      __syncthreads();
-    }
+  if (proj > 0) {
+    accumulate_product<T, BM, BJ, SPLITS, kResident, kResident>(
+        accumulator, static_cast<const T*>(p.grad_recurrent) + t * int64_t(batch) * proj, proj, b0, batch, w_resident,
+        static_cast<const T*>(p.weight_hr_t), unit_row, w_ld, w_tile, a_tile);
+  } else if (!first) {
+    accumulate_product<T, BM, BJ, SPLITS, kResident, kResident>(
+        accumulator, grad_gates + t_next * 4 * state_size, gates_width, b0, batch, w_resident,
+        static_cast<const T*>(p.weight_hh_t), unit_row, w_ld, w_tile, a_tile);
   }
   accumulator.store(c_tile, Shape::kLdC);
   __syncthreads();
@@ -516,22 +693,19 @@ __device__ __forceinline__ void backward_step(const LayerBackwardParams& p, int 
     const int64_t gate_row = int64_t(b) * gates_width;
     const float dc = first ? E::to_float(static_cast<const T*>(p.grad_c_n)[state]) : p.grad_cell[state];
     T* out = grad_gates + t * 4 * state_size + gate_row;
-    // h_n is the h of the forward's last valid step of the row: T-1 (or 0 reversed) unless ragged.
-    int last_valid = p.reverse ? 0 : p.steps - 1;
-    if (p.lengths) {
-      const int64_t length = p.lengths[b];
-      if (t >= length) {  // a frozen step: dc passes through, the gates had no effect
-        p.grad_cell[state] = dc;
+    if (p.lengths && t >= p.lengths[b]) {  // a frozen step: dc passes through, the gates had no effect
+      p.grad_cell[state] = dc;
 #pragma unroll
-        for (int gate = 0; gate < 4; ++gate) out[gate * hidden + j] = E::from_float(0.f);
-        continue;
-      }
-      if (!p.reverse) last_valid = static_cast<int>(length < p.steps ? length : p.steps) - 1;
+      for (int gate = 0; gate < 4; ++gate) out[gate * hidden + j] = E::from_float(0.f);
+      continue;
     }
-    float dh = E::to_float(grad_output[state]);
+    float dh = 0.f;
 #pragma unroll
     for (int split = 0; split < Shape::kSplits; ++split) dh += c_tile[(split * BM + m) * Shape::kLdC + jj];
-    if (t == last_valid) dh += E::to_float(static_cast<const T*>(p.grad_h_n)[state]);
+    if (proj == 0) {
+      dh += E::to_float(grad_output[state]);
+      if (t == last_valid_step(p, b)) dh += E::to_float(static_cast<const T*>(p.grad_h_n)[state]);
+    }
     const float c_prev = forward_first ? E::to_float(static_cast<const T*>(p.c0)[state])
                                        : p.cell_states[t_prev * state_size + state];
     float grads[4];
@@ -556,32 +730,74 @@ __global__ void __launch_bounds__(kThreads) lstm_step_backward_kernel(const Laye
                                           Shape::w_ld(0, false), a_tile, c_tile);
 }
 
-// Backward through time in one persistent kernel: CTA x keeps W_hhᵀ rows [x·BJ, x·BJ + BJ) (all 4H
-// columns) on chip; a grid-wide barrier per step publishes dgates_t before any CTA reads it.
+// With a projection, the dr half of a backward step, one launch per step. Grid: (ceil(P / BJ), ceil(batch / BM)).
 template <typename T, int BM, int BJ, int SPLITS>
-__global__ void __launch_bounds__(kThreads, 1) lstm_persistent_backward_kernel(const LayerBackwardParams p) {
+__global__ void __launch_bounds__(kThreads) lstm_step_recurrent_backward_kernel(const LayerBackwardParams p, int s) {
   using Shape = TileShape<T, BM, BJ, SPLITS>;
   extern __shared__ __align__(128) unsigned char shared[];
-  const int gates_width = 4 * p.hidden;
-  const int w_ld = Shape::w_ld(gates_width, true);
+  T* w_tile = reinterpret_cast<T*>(shared);
+  T* a_tile = reinterpret_cast<T*>(shared + Shape::w_bytes(0, false));
+  float* c_tile = reinterpret_cast<float*>(shared + Shape::w_bytes(0, false) + Shape::kABytes);
+  backward_recurrent_step<T, BM, BJ, SPLITS, false>(p, s, blockIdx.y * BM, blockIdx.x * BJ, nullptr, w_tile,
+                                                    Shape::w_ld(0, false), a_tile, c_tile);
+}
+
+// Shared memory of the persistent backward: W_hhᵀ's BJ rows (K = 4H) for the dh (or dr) product,
+// W_hrᵀ's BJ rows (K = P) with a projection, the A slice and the C tile.
+template <typename T, int BM, int BJ, int SPLITS>
+struct PersistentBackwardLayout {
+  using Shape = TileShape<T, BM, BJ, SPLITS>;
+  __host__ __device__ static size_t projection_bytes(int proj) { return proj > 0 ? Shape::w_bytes(proj, true) : 0; }
+  __host__ __device__ static size_t total_bytes(int hidden, int proj) {
+    return Shape::w_bytes(4 * hidden, true) + projection_bytes(proj) + Shape::kABytes + Shape::kCBytes;
+  }
+  __host__ __device__ static int grid(int hidden, int proj) { return ceil_div(hidden > proj ? hidden : proj, BJ); }
+};
+
+// Backward through time in one persistent kernel: CTA x keeps W_hhᵀ rows [x·BJ, x·BJ + BJ) (all 4H
+// columns) on chip; a grid-wide barrier per step publishes dgates_t before any CTA reads it. With a
+// projection those rows are r's columns (dr), CTA x also keeps W_hrᵀ rows [x·BJ, x·BJ + BJ) (all P
+// columns) for its hidden units, and a second barrier per step publishes dr_t before dm_t is formed.
+template <typename T, int BM, int BJ, int SPLITS>
+__global__ void __launch_bounds__(kThreads, 1) lstm_persistent_backward_kernel(const LayerBackwardParams p) {
+  using Layout = PersistentBackwardLayout<T, BM, BJ, SPLITS>;
+  using Shape = typename Layout::Shape;
+  extern __shared__ __align__(128) unsigned char shared[];
+  const int hidden = p.hidden, proj = p.proj_size, gates_width = 4 * hidden;
+  const int w_ld = Shape::w_ld(gates_width, true), hr_ld = Shape::w_ld(proj, true);
+  const size_t w_bytes = Shape::w_bytes(gates_width, true), hr_bytes = Layout::projection_bytes(proj);
   T* w_resident = reinterpret_cast<T*>(shared);
-  T* a_tile = reinterpret_cast<T*>(shared + Shape::w_bytes(gates_width, true));
-  float* c_tile = reinterpret_cast<float*>(shared + Shape::w_bytes(gates_width, true) + Shape::kABytes);
+  T* hr_resident = reinterpret_cast<T*>(shared + w_bytes);
+  T* a_tile = reinterpret_cast<T*>(shared + w_bytes + hr_bytes);
+  float* c_tile = reinterpret_cast<float*>(shared + w_bytes + hr_bytes + Shape::kABytes);
 
   const int j0 = blockIdx.x * BJ;
-  const T* weight_hh_t = static_cast<const T*>(p.weight_hh_t);
-  auto unit_row = [&](int n) -> int64_t { return j0 + n < p.hidden ? int64_t(j0 + n) : -1; };
-  const bool w_vectorized = is_vectorizable<T>(weight_hh_t, gates_width);
-  for (int k0 = 0; k0 < round_up(gates_width, kBlockK); k0 += kBlockK) {
-    load_tile<T, BJ, false>(w_resident + k0, w_ld, weight_hh_t, gates_width, k0, gates_width, w_vectorized, unit_row);
+  const int w_rows = proj > 0 ? proj : hidden;  // rows of W_hhᵀ
+  const bool owns_rows = j0 < w_rows, owns_units = j0 < hidden;
+  auto w_row = [&](int n) -> int64_t { return j0 + n < w_rows ? int64_t(j0 + n) : -1; };
+  if (owns_rows) stage_resident<T, BJ>(w_resident, w_ld, static_cast<const T*>(p.weight_hh_t), gates_width, w_row);
+  if (proj > 0 && owns_units) {
+    auto unit_row = [&](int n) -> int64_t { return j0 + n < hidden ? int64_t(j0 + n) : -1; };
+    stage_resident<T, BJ>(hr_resident, hr_ld, static_cast<const T*>(p.weight_hr_t), proj, unit_row);
   }
   __syncthreads();
 
   cooperative_groups::grid_group grid = cooperative_groups::this_grid();
   for (int s = 0; s < p.steps; ++s) {
-    for (int b0 = 0; b0 < p.batch; b0 += BM) {
-      backward_step<T, BM, BJ, SPLITS, true>(p, s, b0, j0, w_resident, nullptr, w_ld, a_tile, c_tile);
-      __syncthreads();
+    if (proj > 0) {
+      if (owns_rows) {
+        for (int b0 = 0; b0 < p.batch; b0 += BM) {
+          backward_recurrent_step<T, BM, BJ, SPLITS, true>(p, s, b0, j0, w_resident, nullptr, w_ld, a_tile, c_tile);
+        }
+      }
+      grid.sync();  // every CTA's columns of dr_t are out
+    }
+    if (owns_units) {
+      for (int b0 = 0; b0 < p.batch; b0 += BM) {
+        backward_step<T, BM, BJ, SPLITS, true>(p, s, b0, j0, proj > 0 ? hr_resident : w_resident, nullptr,
+                                               proj > 0 ? hr_ld : w_ld, a_tile, c_tile);
+        __syncthreads();
+      }
     }
     if (s + 1 < p.steps) grid.sync();
   }
@@ -616,9 +832,19 @@ __global__ void __launch_bounds__(256) lstm_cell_backward_kernel(const CellBackw
   }
 }
 
+// Tile choices, shared by the launchers and the CPU emulation: a batch of at most 16 rows takes
+// BM = 16 (with K split across warps so all four stay busy); larger batches take BM = 64 and loop
+// over batch chunks. Persistent forward: 8 units per CTA (H = 1024 spreads over 128 CTAs, one per SM
+// on an H100); backward: 16 (W_hhᵀ rows are 4H long, so a CTA holds as many bytes as forward's 8).
+constexpr int kPersistentForwardUnits = 8;
+constexpr int kBackwardUnits = 16;
+template <int BM>
+constexpr int kPersistentForwardSplits = BM == 16 ? 2 : 1;
+template <int BM>
+constexpr int kBackwardSplits = BM == 16 ? 4 : 1;
+
 // ---------------------------------------------------------------------------------------------
-// Launchers. Tile choices: a batch of at most 16 rows takes BM = 16 (with K split across warps so
-// all four stay busy); larger batches take BM = 64 and loop over batch chunks.
+// Launchers.
 
 template <typename Kernel>
 cudaError_t set_shared_memory(Kernel kernel, size_t bytes) {
@@ -659,11 +885,29 @@ cudaError_t launch_step_forward(const StepForwardParams& p, cudaStream_t stream)
   return p.batch <= 16 ? launch_step_forward_tiles<T, 16, 16>(p, stream) : launch_step_forward_tiles<T, 64, 16>(p, stream);
 }
 
-template <typename T, int BM, int BJ, int SPLITS>
+template <typename T, int BM>
+cudaError_t launch_projection_forward_tiles(const ProjectionForwardParams& p, cudaStream_t stream) {
+  const size_t shared_bytes = ProjectionShape<T, BM>::total_bytes(0, false);
+  auto kernel = lstm_projection_forward_kernel<T, BM>;
+  cudaError_t error = set_shared_memory(kernel, shared_bytes);
+  if (error != cudaSuccess) return error;
+  kernel<<<dim3(ceil_div(p.proj_size, kProjectionColumns), ceil_div(p.batch, BM)), kThreads, shared_bytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_projection_forward(const ProjectionForwardParams& p, cudaStream_t stream) {
+  return p.batch <= 16 ? launch_projection_forward_tiles<T, 16>(p, stream)
+                       : launch_projection_forward_tiles<T, 64>(p, stream);
+}
+
+template <typename T, int BM>
 cudaError_t launch_persistent_forward_tiles(const LayerForwardParams& p, cudaStream_t stream, bool& fits) {
-  const size_t shared_bytes = TileShape<T, BM, 4 * BJ, SPLITS>::total_bytes(p.hidden, true);
+  constexpr int BJ = kPersistentForwardUnits, SPLITS = kPersistentForwardSplits<BM>;
+  using Layout = PersistentForwardLayout<T, BM, BJ, SPLITS>;
+  const size_t shared_bytes = Layout::total_bytes(p.hidden, p.proj_size);
   auto kernel = lstm_persistent_forward_kernel<T, BM, BJ, SPLITS>;
-  const int grid = ceil_div(p.hidden, BJ);
+  const int grid = Layout::grid(p.hidden, p.proj_size);
   cudaError_t error = fits_on_chip(kernel, shared_bytes, grid, fits);
   if (error != cudaSuccess || !fits) return error;
   LayerForwardParams params = p;
@@ -672,34 +916,45 @@ cudaError_t launch_persistent_forward_tiles(const LayerForwardParams& p, cudaStr
                                      shared_bytes, stream);
 }
 
-// Eight units per CTA: H = 1024 spreads over 128 CTAs, one per SM on an H100 (132 SMs).
 template <typename T>
 cudaError_t launch_persistent_forward(const LayerForwardParams& p, cudaStream_t stream, bool& fits) {
-  return p.batch <= 16 ? launch_persistent_forward_tiles<T, 16, 8, 2>(p, stream, fits)
-                       : launch_persistent_forward_tiles<T, 64, 8, 1>(p, stream, fits);
+  return p.batch <= 16 ? launch_persistent_forward_tiles<T, 16>(p, stream, fits)
+                       : launch_persistent_forward_tiles<T, 64>(p, stream, fits);
 }
 
-template <typename T, int BM, int BJ, int SPLITS>
+template <typename T, int BM>
 cudaError_t launch_step_backward_tiles(const LayerBackwardParams& p, int s, cudaStream_t stream) {
+  constexpr int BJ = kBackwardUnits, SPLITS = kBackwardSplits<BM>;
   const size_t shared_bytes = TileShape<T, BM, BJ, SPLITS>::total_bytes(0, false);
+  const int batch_tiles = ceil_div(p.batch, BM);
+  cudaError_t error = cudaSuccess;
+  if (p.proj_size > 0) {
+    auto recurrent = lstm_step_recurrent_backward_kernel<T, BM, BJ, SPLITS>;
+    error = set_shared_memory(recurrent, shared_bytes);
+    if (error != cudaSuccess) return error;
+    recurrent<<<dim3(ceil_div(p.proj_size, BJ), batch_tiles), kThreads, shared_bytes, stream>>>(p, s);
+    error = cudaGetLastError();
+    if (error != cudaSuccess) return error;
+  }
   auto kernel = lstm_step_backward_kernel<T, BM, BJ, SPLITS>;
-  cudaError_t error = set_shared_memory(kernel, shared_bytes);
+  error = set_shared_memory(kernel, shared_bytes);
   if (error != cudaSuccess) return error;
-  kernel<<<dim3(ceil_div(p.hidden, BJ), ceil_div(p.batch, BM)), kThreads, shared_bytes, stream>>>(p, s);
+  kernel<<<dim3(ceil_div(p.hidden, BJ), batch_tiles), kThreads, shared_bytes, stream>>>(p, s);
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t launch_step_backward(const LayerBackwardParams& p, int s, cudaStream_t stream) {
-  return p.batch <= 16 ? launch_step_backward_tiles<T, 16, 16, 4>(p, s, stream)
-                       : launch_step_backward_tiles<T, 64, 16, 1>(p, s, stream);
+  return p.batch <= 16 ? launch_step_backward_tiles<T, 16>(p, s, stream) : launch_step_backward_tiles<T, 64>(p, s, stream);
 }
 
-template <typename T, int BM, int BJ, int SPLITS>
+template <typename T, int BM>
 cudaError_t launch_persistent_backward_tiles(const LayerBackwardParams& p, cudaStream_t stream, bool& fits) {
-  const size_t shared_bytes = TileShape<T, BM, BJ, SPLITS>::total_bytes(4 * p.hidden, true);
+  constexpr int BJ = kBackwardUnits, SPLITS = kBackwardSplits<BM>;
+  using Layout = PersistentBackwardLayout<T, BM, BJ, SPLITS>;
+  const size_t shared_bytes = Layout::total_bytes(p.hidden, p.proj_size);
   auto kernel = lstm_persistent_backward_kernel<T, BM, BJ, SPLITS>;
-  const int grid = ceil_div(p.hidden, BJ);
+  const int grid = Layout::grid(p.hidden, p.proj_size);
   cudaError_t error = fits_on_chip(kernel, shared_bytes, grid, fits);
   if (error != cudaSuccess || !fits) return error;
   LayerBackwardParams params = p;
@@ -708,11 +963,10 @@ cudaError_t launch_persistent_backward_tiles(const LayerBackwardParams& p, cudaS
                                      shared_bytes, stream);
 }
 
-// Sixteen units per CTA (W_hhᵀ rows are 4H long, so a CTA holds as many bytes as forward's eight).
 template <typename T>
 cudaError_t launch_persistent_backward(const LayerBackwardParams& p, cudaStream_t stream, bool& fits) {
-  return p.batch <= 16 ? launch_persistent_backward_tiles<T, 16, 16, 4>(p, stream, fits)
-                       : launch_persistent_backward_tiles<T, 64, 16, 1>(p, stream, fits);
+  return p.batch <= 16 ? launch_persistent_backward_tiles<T, 16>(p, stream, fits)
+                       : launch_persistent_backward_tiles<T, 64>(p, stream, fits);
 }
 
 template <typename T>

@@ -30,6 +30,9 @@ struct StepForwardParams {
   void* c_out;               // (batch, H) or null
   float* c_out_f32;          // (batch, H) or null
   void* gates_out;           // (batch, 4H) activated gates (σi, σf, tanh g, σo) for backward, or null
+  // Projection (proj_size > 0): the step writes m = σ(o)·tanh(c') (batch, H) here instead of h_out
+  // (zero on frozen rows); a projection launch then makes r = m · W_hrᵀ. Null without a projection.
+  void* m_out;
   // Ragged batch (layer steps only): row b is past its end when time >= lengths[b]; then its state
   // is frozen — h_out gets h_prev, the cell state is copied, the gates are zero.
   const int64_t* lengths;    // (batch,) or null
@@ -39,19 +42,39 @@ struct StepForwardParams {
   int hidden;
 };
 
+// The projection of one step (proj_size = P > 0): r = m · W_hrᵀ, the recurrent state and output.
+// Rows past their end (time >= lengths[b]) keep r_prev.
+struct ProjectionForwardParams {
+  const void* m;          // (batch, H): σ(o)·tanh(c) of the step
+  const void* weight_hr;  // (P, H)
+  const void* r_prev;     // (batch, P)
+  void* r_out;            // (batch, P)
+  const int64_t* lengths;  // (batch,) or null
+  int time;
+  int batch;
+  int hidden;
+  int proj_size;
+};
+
 // A whole layer's recurrence in one persistent kernel (W_hh held on chip, grid-wide sync per step).
+// W = P (proj_size) with a projection, else H: the width of h, the recurrent product's K.
 struct LayerForwardParams {
   const void* input_projection;  // (T, batch, 4H): x_t · W_ihᵀ + b_ih + b_hh
-  const void* weight_hh;         // (4H, H)
-  const void* h0;                // (batch, H)
+  const void* weight_hh;         // (4H, W)
+  const void* h0;                // (batch, W)
   const void* c0;                // (batch, H)
-  void* output;                  // (T, batch, H); output[t] is also h_t for the next step
+  void* output;                  // (T, batch, W); output[t] is also h_t for the next step
   float* cell_states;            // (T, batch, H) when saving for backward, else (1, batch, H) scratch
   bool save_all_cell_states;     // cell_states holds every step (training) or one reused slot
   void* gates;                   // (T, batch, 4H) activated gates, or null
   // (batch,) or null. Rows past their end keep their state; their output rows hold the frozen h
   // (the caller zeroes them afterwards), so the recurrence always reads the right h_{t-1}.
   const int64_t* lengths;
+  // Projection: W_hr (P, H) kept on chip too, and m (batch, H) exchanged through a scratch slot
+  // (a second grid barrier per step: r_t needs every CTA's units of m). Null / 0 without one.
+  const void* weight_hr;
+  void* m_scratch;
+  int proj_size;
   int steps;
   int batch;
   int hidden;
@@ -61,10 +84,12 @@ struct LayerForwardParams {
 // Backward through time of one layer. Processing runs opposite to the forward's order; at each
 // step t: dh_t = grad_output[t] + dgates_{t_next} · W_hh (+ grad_h_n on the first), the fused
 // pointwise gate gradients write dgates_t and carry dc in float32.
+// With a projection (W = P, else W = H): dr_t = grad_output[t] (+ grad_h_n) + dgates_{t_next} · W_hh
+// is stored per step (P wide), then dm_t = dr_t · W_hr takes dh's place in the gate gradients.
 struct LayerBackwardParams {
-  const void* weight_hh_t;    // (H, 4H): W_hhᵀ, contiguous
-  const void* grad_output;    // (T, batch, H)
-  const void* grad_h_n;       // (batch, H)
+  const void* weight_hh_t;    // (W, 4H): W_hhᵀ, contiguous
+  const void* grad_output;    // (T, batch, W)
+  const void* grad_h_n;       // (batch, W)
   const void* grad_c_n;       // (batch, H)
   const void* gates;          // (T, batch, 4H) activated gates saved by the forward
   const float* cell_states;   // (T, batch, H)
@@ -72,6 +97,9 @@ struct LayerBackwardParams {
   void* grad_gates;           // (T, batch, 4H) output: gradient w.r.t. pre-activation gates
   float* grad_cell;           // (batch, H) carried dc; holds grad_c0 at the end
   const int64_t* lengths;     // (batch,) or null: steps t >= lengths[b] pass dc through, dgates = 0
+  const void* weight_hr_t;    // (H, P): W_hrᵀ, contiguous; null without a projection
+  void* grad_recurrent;       // (T, batch, P) output dr (zero on frozen steps); null without a projection
+  int proj_size;              // P, or 0
   int steps;
   int batch;
   int hidden;
@@ -99,7 +127,11 @@ cudaError_t launch_step_forward(const StepForwardParams& params, cudaStream_t st
 template <typename T>
 cudaError_t launch_persistent_forward(const LayerForwardParams& params, cudaStream_t stream, bool& fits);
 
-// One backward step `step` (0 = the first processed) of LayerBackwardParams, for the fallback loop.
+template <typename T>
+cudaError_t launch_projection_forward(const ProjectionForwardParams& params, cudaStream_t stream);
+
+// One backward step `step` (0 = the first processed) of LayerBackwardParams, for the fallback loop;
+// with a projection it is two launches (dr, then the gate gradients from dm = dr · W_hr).
 template <typename T>
 cudaError_t launch_step_backward(const LayerBackwardParams& params, int step, cudaStream_t stream);
 

@@ -8,16 +8,22 @@ what backward needs when ``save_for_backward`` is set (empty tensors otherwise):
   pyattn::cuda_lstm_cell_bwd(grad_hy, grad_cy, input, hx, cx, weight_ih, weight_hh, cy, workspace)
       -> grad_input, grad_hx, grad_cx, grad_weight_ih, grad_weight_hh, grad_bias (4H,)
   pyattn::cuda_lstm_layer_fwd(input, h0, c0, weight_ih, weight_hh, bias_ih?, bias_hh?, reverse,
-                              lengths?, save_for_backward, recurrence)
-      -> output (T, B, H), h_n, c_n, gates (T, B, 4H) activated, cell_states (T, B, H) float32
+                              lengths?, save_for_backward, recurrence, weight_hr?=None)
+      -> output (T, B, P), h_n (B, P), c_n (B, H), gates (T, B, 4H) activated, cell_states (T, B, H) float32
   pyattn::cuda_lstm_layer_bwd(grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih, weight_hh,
-                              output, gates, cell_states, reverse, lengths?, recurrence)
-      -> grad_input, grad_h0, grad_c0, grad_weight_ih, grad_weight_hh, grad_bias (4H,)
+                              output, gates, cell_states, reverse, lengths?, recurrence, weight_hr?=None)
+      -> grad_input, grad_h0, grad_c0, grad_weight_ih, grad_weight_hh, grad_bias (4H,),
+         grad_weight_hr ((P, H); empty without weight_hr)
+
+P = proj_size with ``weight_hr`` (P, H) (h_t = W_hr·(σ(o)·tanh(c_t)); h0, weight_hh's columns, output and
+h_n are P wide), else P = H.
 
 ``recurrence`` is the variant's kernel: "persistent" (one cooperative kernel, W_hh slices resident in
 shared memory, a grid-wide sync per step; raises when the layer does not fit on chip) or
 "stepwise" (one launch per step). ``lengths`` (int64, (B,)) is served: rows past their length keep
-their state and output zeros. Projection (``weight_hr``) is not: dispatch sends those calls on.
+their state and output zeros. Projection (``weight_hr``, feature "projection") is served by both
+recurrences: the persistent kernels keep W_hr's rows on chip too and cross a second grid barrier per
+step (m_t forward, dr_t backward); stepwise runs two launches per step.
 
 Importing this module never fails: without the extension the variants say so in ``explain``.
 """
@@ -84,14 +90,15 @@ def _fake_cell_backward(grad_hy, grad_cy, input, hx, cx, weight_ih, weight_hh, c
 
 
 def _fake_layer_forward(
-    input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, reverse, lengths, save_for_backward, recurrence
+    input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, reverse, lengths, save_for_backward, recurrence,
+    weight_hr=None,
 ):
     steps, batch = input.shape[0], input.shape[1]
-    hidden = h0.shape[1]
+    width, hidden = h0.shape[1], c0.shape[1]  # width: proj_size with weight_hr, else hidden_size
     saved_steps = steps if save_for_backward else 0
     return (
-        input.new_empty((steps, batch, hidden)),
-        input.new_empty((batch, hidden)),
+        input.new_empty((steps, batch, width)),
+        input.new_empty((batch, width)),
         input.new_empty((batch, hidden)),
         input.new_empty((saved_steps, batch, 4 * hidden)),
         input.new_empty((saved_steps, batch, hidden), dtype=torch.float32),
@@ -100,7 +107,7 @@ def _fake_layer_forward(
 
 def _fake_layer_backward(
     grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih, weight_hh, output, gates, cell_states, reverse, lengths,
-    recurrence,
+    recurrence, weight_hr=None,
 ):
     return (
         torch.empty_like(input),
@@ -109,6 +116,7 @@ def _fake_layer_backward(
         torch.empty_like(weight_ih),
         torch.empty_like(weight_hh),
         input.new_empty((weight_ih.shape[0],)),
+        input.new_empty((0,)) if weight_hr is None else torch.empty_like(weight_hr),
     )
 
 
@@ -140,7 +148,7 @@ def _cell_setup_context(ctx, inputs, output):
 
 
 _CELL_INPUTS = ("input", "hx", "cx", "weight_ih", "weight_hh", "bias_ih", "bias_hh")
-_LAYER_INPUTS = ("input", "h0", "c0", "weight_ih", "weight_hh", "bias_ih", "bias_hh", "lengths")
+_LAYER_INPUTS = ("input", "h0", "c0", "weight_ih", "weight_hh", "bias_ih", "bias_hh", "lengths", "weight_hr")
 
 
 def _cell_backward(ctx, grad_hy, grad_cy, _grad_workspace):
@@ -164,8 +172,10 @@ def _cell_backward(ctx, grad_hy, grad_cy, _grad_workspace):
 
 def _layer_setup_context(ctx, inputs, output):
     arguments = dict(zip(_schema_names("cuda_lstm_layer_fwd"), inputs))
+    arguments.setdefault("weight_hr", None)  # a defaulted trailing argument may not be among the inputs
     layer_output, _h_n, _c_n, gates, cell_states = output
     ctx.save_for_backward(*(arguments[name] for name in _LAYER_INPUTS), layer_output, gates, cell_states)
+    ctx.num_inputs = len(inputs)
     _skip_workspace_gradients(ctx, gates, cell_states)
     ctx.has_bias_ih, ctx.has_bias_hh = arguments["bias_ih"] is not None, arguments["bias_hh"] is not None
     ctx.reverse, ctx.recurrence = arguments["reverse"], arguments["recurrence"]
@@ -177,18 +187,22 @@ def _layer_backward(ctx, grad_output, grad_h_n, grad_c_n, _grad_gates, _grad_cel
         arguments = dict(zip(_LAYER_INPUTS, inputs), reverse=ctx.reverse)
         gradients = dict.fromkeys(_schema_names("cuda_lstm_layer_fwd"))
         gradients.update(differentiable_gradients(reference.lstm_layer, arguments, (grad_output, grad_h_n, grad_c_n)))
-        return tuple(gradients.values())
-    input, h0, c0, weight_ih, weight_hh, _, _, lengths = inputs
+        return tuple(gradients.values())[:ctx.num_inputs]
+    input, h0, c0, weight_ih, weight_hh, _, _, lengths, weight_hr = inputs
     if input.shape[0] > 0 and input.shape[1] > 0:  # no steps or an empty batch: nothing to save, none needed
         _require_workspace(gates, "pyattn::cuda_lstm_layer_fwd")
-    grad_input, grad_h0, grad_c0, grad_weight_ih, grad_weight_hh, grad_bias = _layer_backward_op(
+    grads = _layer_backward_op(
         _gradient(grad_output, layer_output), _gradient(grad_h_n, h0), _gradient(grad_c_n, c0), input, h0, c0,
         weight_ih, weight_hh, layer_output, gates, cell_states, ctx.reverse, lengths, ctx.recurrence,
+        weight_hr=weight_hr,
     )
+    grad_input, grad_h0, grad_c0, grad_weight_ih, grad_weight_hh, grad_bias, grad_weight_hr = grads
     gradients = dict.fromkeys(_schema_names("cuda_lstm_layer_fwd"))
     gradients.update(input=grad_input, h0=grad_h0, c0=grad_c0, weight_ih=grad_weight_ih, weight_hh=grad_weight_hh)
     gradients["bias_ih"], gradients["bias_hh"] = bias_gradients(grad_bias, ctx.has_bias_ih, ctx.has_bias_hh)
-    return tuple(gradients.values())
+    gradients["weight_hr"] = None if weight_hr is None else grad_weight_hr
+    # One gradient per input the op received (a defaulted trailing weight_hr may not be one of them).
+    return tuple(gradients.values())[:ctx.num_inputs]
 
 
 # ---- CUDA graphs of the stepwise recurrence (T launches per call; docs/lstm.md, "CUDA graphs") ----
@@ -260,20 +274,20 @@ def lstm_cell(input, hx, cx, weight_ih, weight_hh, bias_ih=None, bias_hh=None):
 
 def lstm_layer(input, h0, c0, weight_ih, weight_hh, bias_ih=None, bias_hh=None, weight_hr=None, reverse=False,
                lengths=None, *, recurrence: str):
-    """One LSTM layer, one direction, on the CUDA kernels: input (T, B, I) -> output (T, B, H), h_n, c_n.
+    """One LSTM layer, one direction, on the CUDA kernels: input (T, B, I) -> output (T, B, P), h_n (B, P),
+    c_n (B, H); P = proj_size with ``weight_hr`` (P, H), else H.
 
     ``recurrence``: "persistent" or "stepwise" (the variant's kernel; dispatch passes it).
     """
-    if weight_hr is not None:
-        raise ValueError("weight_hr: the cuda LSTM has no projection (proj_size > 0); dispatch routes such calls "
-                         "to another backend")
-    save_for_backward = needs_grad(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh)
+    save_for_backward = needs_grad(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr)
     arguments = (
         input.contiguous(), h0.contiguous(), c0.contiguous(), weight_ih.contiguous(), weight_hh.contiguous(),
         _contiguous_or_none(bias_ih), _contiguous_or_none(bias_hh), bool(reverse),
         None if lengths is None else lengths.to(device=input.device, dtype=torch.int64).contiguous(),
         save_for_backward, recurrence,
     )
+    if weight_hr is not None:
+        arguments += (weight_hr.contiguous(),)
     if recurrence == "stepwise" and graphs.applies(arguments):
         output, h_n, c_n, _gates, _cell_states = _GraphedStepwiseLayer.apply(*arguments)
     else:
@@ -299,32 +313,53 @@ def _align128(size: int) -> int:
     return (size + 127) // 128 * 128
 
 
-def _tile_bytes(element: int, tensor_cores: bool, bm: int, bn: int, splits: int, k_size: int) -> int:
-    row_pad = 1 if element == 4 else 8
-    splits = splits if tensor_cores else 1
-    a_bytes = _align128(bm * (_BLOCK_K + row_pad) * element)
-    c_bytes = _align128(splits * bm * (bn + 4) * 4)
-    w_ld = (k_size + _BLOCK_K - 1) // _BLOCK_K * _BLOCK_K + row_pad
-    return _align128(bn * w_ld * element) + a_bytes + c_bytes
+def _c_bytes(tensor_cores: bool, bm: int, bn: int, splits: int) -> int:
+    return _align128((splits if tensor_cores else 1) * bm * (bn + 4) * 4)
 
 
-def persistent_unsupported_reason(batch: int, hidden: int, dtype: torch.dtype, target: Target) -> str | None:
+def _a_bytes(element: int, bm: int) -> int:
+    return _align128(bm * (_BLOCK_K + (1 if element == 4 else 8)) * element)
+
+
+def _resident_bytes(element: int, rows: int, k_size: int) -> int:
+    """TileShape::w_bytes(k_size, resident=true): rows × K rounded up to whole slices, plus the row pad."""
+    w_ld = (k_size + _BLOCK_K - 1) // _BLOCK_K * _BLOCK_K + (1 if element == 4 else 8)
+    return _align128(rows * w_ld * element)
+
+
+def persistent_footprint(batch: int, hidden: int, proj_size: int, dtype: torch.dtype) -> dict[str, tuple[int, int]]:
+    """(shared bytes per CTA, CTAs) of the persistent forward and backward kernels, as the launchers size
+    them (PersistentForwardLayout / PersistentBackwardLayout and the tile constants of lstm_kernels.cuh)."""
+    element = torch.finfo(dtype).bits // 8
+    tensor_cores = element == 2
+    bm = 16 if batch <= 16 else 64
+    width = proj_size if proj_size > 0 else hidden  # the width of h: the recurrent product's K
+    forward_units, backward_units, projection_columns = 8, 16, 16
+    forward_splits, backward_splits, projection_splits = (2, 4, 4) if bm == 16 else (1, 1, 1)
+    forward = (_resident_bytes(element, 4 * forward_units, width)
+               + (_resident_bytes(element, projection_columns, hidden) if proj_size > 0 else 0)
+               + _a_bytes(element, bm)
+               + max(_c_bytes(tensor_cores, bm, 4 * forward_units, forward_splits),
+                     _c_bytes(tensor_cores, bm, projection_columns, projection_splits)))
+    backward = (_resident_bytes(element, backward_units, 4 * hidden)
+                + (_resident_bytes(element, backward_units, proj_size) if proj_size > 0 else 0)
+                + _a_bytes(element, bm) + _c_bytes(tensor_cores, bm, backward_units, backward_splits))
+    return {
+        "forward": (forward, max(-(-hidden // forward_units), -(-proj_size // projection_columns))),
+        "backward": (backward, -(-max(hidden, proj_size) // backward_units)),
+    }
+
+
+def persistent_unsupported_reason(batch: int, hidden: int, dtype: torch.dtype, target: Target,
+                                  proj_size: int = 0) -> str | None:
     """Why the persistent kernels (forward and backward) cannot hold this layer on ``target``'s chip."""
     if target.sm_count is None or target.shared_memory_per_block is None:
         return "the device's SM count and shared memory are unknown"
-    element = torch.finfo(dtype).bits // 8
-    tensor_cores = element == 2
-    small = batch <= 16
-    plans = {  # (BM, BN, SPLITS, K resident, units per CTA): forward 4·BJ gate columns, backward BJ units
-        "forward": (16, 4 * 8, 2, hidden, 8) if small else (64, 4 * 8, 1, hidden, 8),
-        "backward": (16, 16, 4, 4 * hidden, 16) if small else (64, 16, 1, 4 * hidden, 16),
-    }
     per_sm = target.shared_memory_per_sm or target.shared_memory_per_block
-    for direction, (bm, bn, splits, k_size, units) in plans.items():
-        shared = _tile_bytes(element, tensor_cores, bm, bn, splits, k_size)
-        ctas = -(-hidden // units)  # one CTA per slice of units; each walks every batch tile
+    weights = "W_hh and W_hr slices" if proj_size > 0 else "W_hh slice"
+    for direction, (shared, ctas) in persistent_footprint(batch, hidden, proj_size, dtype).items():
         if shared > target.shared_memory_per_block:
-            return (f"{direction}: a CTA needs {shared} B of shared memory for its W_hh slice, over the "
+            return (f"{direction}: a CTA needs {shared} B of shared memory for its {weights}, over the "
                     f"{target.shared_memory_per_block} B a block may use")
         resident = target.sm_count * max(1, per_sm // (shared + 1024))  # 1 KB reserved per block
         if ctas > resident:
@@ -336,14 +371,16 @@ def persistent_unsupported_reason(batch: int, hidden: int, dtype: torch.dtype, t
 def _check_persistent(request: Request, target: Target) -> str | None:
     if request.size("hidden_size") is None or request.size("batch") is None:
         return "the batch and hidden size are unknown"
-    return persistent_unsupported_reason(request.size("batch"), request.size("hidden_size"), request.dtype, target)
+    proj_size = request.size("proj_size", 0) if "projection" in request.features else 0
+    return persistent_unsupported_reason(request.size("batch"), request.size("hidden_size"), request.dtype, target,
+                                         proj_size=proj_size or 0)
 
 
 _CELL_SUPPORT = Support(devices=_DEVICES, dtypes=_DTYPES, min_compute_capability=_MIN_CAPABILITY)
 
 
 def _layer_support(*checks) -> Support:
-    return Support(devices=_DEVICES, dtypes=_DTYPES, features=frozenset({"lengths"}),
+    return Support(devices=_DEVICES, dtypes=_DTYPES, features=frozenset({"lengths", "projection"}),
                    min_compute_capability=_MIN_CAPABILITY, checks=checks)
 
 

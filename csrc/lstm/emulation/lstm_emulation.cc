@@ -111,7 +111,7 @@ Model model(int steps, int batch, int hidden, bool reverse, const std::vector<in
 
 // The layer forward as lstm_api.cpp drives it (persistent kernel, or one launch per step), then
 // the rows past each sequence's end zeroed; returns h_n as taken before the zeroing.
-template <class T, int BM, int S>
+template <class T, int BM>
 std::vector<T> layer_forward(bool persistent, int steps, int batch, int H, bool reverse, const int64_t* lengths,
                              const std::vector<T>& proj, const std::vector<T>& whh, const std::vector<T>& h0,
                              const std::vector<T>& c0, std::vector<T>& output, std::vector<float>& cells, bool save_all,
@@ -122,8 +122,8 @@ std::vector<T> layer_forward(bool persistent, int steps, int batch, int H, bool 
     p.input_projection = proj.data(); p.weight_hh = whh.data(); p.h0 = h0.data(); p.c0 = c0.data();
     p.output = output.data(); p.cell_states = cells.data(); p.save_all_cell_states = save_all; p.gates = gates;
     p.lengths = lengths; p.steps = steps; p.batch = batch; p.hidden = H; p.reverse = reverse;
-    constexpr int BJ = 8;
-    emu::launch(dim3(ceil_div(H, BJ)), kThreads, TileShape<T, BM, 4 * BJ, S>::total_bytes(H, true),
+    constexpr int BJ = kPersistentForwardUnits, S = kPersistentForwardSplits<BM>;  // the launcher's tiles
+    emu::launch(dim3(ceil_div(H, BJ)), kThreads, PersistentForwardLayout<T, BM, BJ, S>::total_bytes(H, 0),
                 [&] { lstm_persistent_forward_kernel<T, BM, BJ, S>(p); });
   } else {
     for (int s = 0; s < steps; ++s) {
@@ -152,7 +152,7 @@ std::vector<T> layer_forward(bool persistent, int steps, int batch, int H, bool 
   return h_n;
 }
 
-template <class T, int BM, int S>
+template <class T, int BM>
 void run_layer(const char* dtype, int steps, int batch, int hidden, bool reverse, bool persistent, double tol,
                std::vector<int64_t> lengths = {}) {
   printf("layer %s T=%d B=%d H=%d reverse=%d %s%s\n", dtype, steps, batch, hidden, reverse, persistent ? "persistent" : "stepwise",
@@ -169,7 +169,7 @@ void run_layer(const char* dtype, int steps, int batch, int hidden, bool reverse
   auto output = poisoned<T>(steps * state);
   std::vector<float> cells(steps * state, NAN);
   auto gates = poisoned<T>(steps * state * 4);
-  auto h_n = layer_forward<T, BM, S>(persistent, steps, batch, H, reverse, length_data, proj, whh, h0, c0, output, cells,
+  auto h_n = layer_forward<T, BM>(persistent, steps, batch, H, reverse, length_data, proj, whh, h0, c0, output, cells,
                                      true, gates.data());
   check("output", output, want.output, tol);
   check("h_n", h_n, want.h_n, tol);
@@ -179,7 +179,7 @@ void run_layer(const char* dtype, int steps, int batch, int hidden, bool reverse
   // Inference: nothing saved, the float32 cell state updated in place in one slot.
   auto output_inference = poisoned<T>(steps * state);
   std::vector<float> cell_slot(state, NAN);
-  layer_forward<T, BM, S>(persistent, steps, batch, H, reverse, length_data, proj, whh, h0, c0, output_inference,
+  layer_forward<T, BM>(persistent, steps, batch, H, reverse, length_data, proj, whh, h0, c0, output_inference,
                           cell_slot, false, nullptr);
   const int last = reverse ? 0 : steps - 1;
   check("inference output", output_inference, want.output, tol);
@@ -198,10 +198,10 @@ void run_layer(const char* dtype, int steps, int batch, int hidden, bool reverse
   b.weight_hh_t = whh_t.data(); b.grad_output = gout.data(); b.grad_h_n = ghn.data(); b.grad_c_n = gcn.data();
   b.gates = saved_gates.data(); b.cell_states = saved_cells.data(); b.c0 = c0.data(); b.grad_gates = grad_gates.data();
   b.grad_cell = grad_cell.data(); b.lengths = length_data; b.steps = steps; b.batch = batch; b.hidden = H; b.reverse = reverse;
-  constexpr int BJB = 16;
-  constexpr int SB = BM == 16 ? 4 : 1;
+  constexpr int BJB = kBackwardUnits;
+  constexpr int SB = kBackwardSplits<BM>;
   if (persistent) {
-    emu::launch(dim3(ceil_div(H, BJB)), kThreads, TileShape<T, BM, BJB, SB>::total_bytes(G, true),
+    emu::launch(dim3(ceil_div(H, BJB)), kThreads, PersistentBackwardLayout<T, BM, BJB, SB>::total_bytes(H, 0),
                 [&] { lstm_persistent_backward_kernel<T, BM, BJB, SB>(b); });
   } else {
     for (int s = 0; s < steps; ++s)
@@ -261,27 +261,27 @@ int main(int argc, char** argv) {
     run_cell<float, 16>("fp32", 3, 19, 37, 1e-5);
     run_cell<float, 64>("fp32", 20, 72, 40, 1e-5);
     for (bool reverse : {false, true}) for (bool persistent : {true, false}) {
-      run_layer<float, 16, 2>("fp32", 5, 3, 37, reverse, persistent, 1e-5);
-      run_layer<float, 64, 1>("fp32", 4, 20, 40, reverse, persistent, 1e-5);
+      run_layer<float, 16>("fp32", 5, 3, 37, reverse, persistent, 1e-5);
+      run_layer<float, 64>("fp32", 4, 20, 40, reverse, persistent, 1e-5);
     }
   }
   if (which == "all" || which == "fp16") {
     run_cell<__half, 16>("fp16", 3, 19, 37, 1e-2);
     run_cell<__half, 64>("fp16", 20, 72, 40, 1e-2);
     for (bool reverse : {false, true}) for (bool persistent : {true, false}) {
-      run_layer<__half, 16, 2>("fp16", 5, 3, 37, reverse, persistent, 1e-2);
-      run_layer<__half, 64, 1>("fp16", 4, 20, 40, reverse, persistent, 1e-2);
+      run_layer<__half, 16>("fp16", 5, 3, 37, reverse, persistent, 1e-2);
+      run_layer<__half, 64>("fp16", 4, 20, 40, reverse, persistent, 1e-2);
     }
   }
   if (which == "all" || which == "bf16") {
     run_cell<__nv_bfloat16, 64>("bf16", 20, 72, 40, 1e-2);
-    run_layer<__nv_bfloat16, 16, 2>("bf16", 5, 3, 40, true, true, 1e-2);
-    run_layer<__nv_bfloat16, 64, 1>("bf16", 4, 20, 37, false, false, 1e-2);
+    run_layer<__nv_bfloat16, 16>("bf16", 5, 3, 40, true, true, 1e-2);
+    run_layer<__nv_bfloat16, 64>("bf16", 4, 20, 37, false, false, 1e-2);
   }
   if (which == "all" || which == "ragged") {
     for (bool reverse : {false, true}) for (bool persistent : {true, false}) {
-      run_layer<float, 16, 2>("fp32", 6, 4, 37, reverse, persistent, 1e-5, {6, 1, 0, 4});
-      run_layer<__half, 64, 1>("fp16", 5, 18, 40, reverse, persistent, 1e-2,
+      run_layer<float, 16>("fp32", 6, 4, 37, reverse, persistent, 1e-5, {6, 1, 0, 4});
+      run_layer<__half, 64>("fp16", 5, 18, 40, reverse, persistent, 1e-2,
                                {5, 1, 0, 4, 2, 3, 5, 5, 1, 2, 3, 4, 0, 5, 2, 2, 1, 3});
     }
   }
