@@ -20,7 +20,7 @@ from typing import Iterator
 
 import torch
 
-from pyattn import _triton
+from pyattn import _registry, _triton
 from pyattn._registry import (  # noqa: F401  (re-exported: the names ops and tests use)
     ASSUMABLE_TARGETS,
     AUTO,
@@ -179,7 +179,7 @@ def choose(request: Request, backend: str | None = None, *, assume: str | None =
     candidates = _candidates(request, name)
     for variant in candidates:
         if not _reasons(variant, request, target, forced):
-            return variant
+            return variant if forced else _registry.auto_form(variant)
     if not forced:
         raise BackendUnavailableError(f"no pyattn backend serves {request.describe()}:\n"
                                       + explain_request(request, assume=assume))
@@ -214,6 +214,9 @@ def explain_request(request: Request, *, assume: str | None = None, backend: str
                   "nothing (every variant has a reason above)")
     label = "auto picks" if name == AUTO else f"{name!r} (forced) runs"
     lines.append(f"  {label}: {picked}")
+    # What earlier calls of this process ran differently, decided at launch (a compiled kernel's figures, a graph
+    # capture): facts dispatch cannot see from the request.
+    lines += [f"  note: {text}" for topic in (request.op, "graphs") for text in _registry.notes(topic)]
     return "\n".join(lines)
 
 

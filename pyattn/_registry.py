@@ -169,6 +169,10 @@ class Variant:
     support: Support
     implementation: Callable = field(compare=False)
     summary: str = ""  # one line for explain: what this variant is
+    # What ``auto`` runs when it picks this variant, where that differs from a forced call: the same kernel, but a
+    # refusal only the launch can know (the compiled kernel's own figures, checked before launching) hands the call
+    # to the next variant with a note (:func:`record_note`) instead of raising. None: ``implementation``.
+    auto_implementation: Callable | None = field(default=None, compare=False)
 
     @property
     def qualified_name(self) -> str:
@@ -180,22 +184,37 @@ _VARIANTS: dict[str, list[Variant]] = {}
 
 
 def register(backend: str, op: str, support: Support, *, variant: str | None = None,
-             summary: str = "") -> Callable[[Callable], Callable]:
+             summary: str = "", auto_implementation: Callable | None = None) -> Callable[[Callable], Callable]:
     """Decorator: ``fn`` serves ``op`` on ``backend`` (as ``backend/variant``) for calls within ``support``.
 
     A backend's variants of one op are tried in the order they are registered: register the fastest first.
+    ``auto_implementation``: what runs instead of ``fn`` when ``auto`` picked the variant (see Variant).
     """
     if backend not in BACKENDS:
         raise ValueError(f"register: unknown backend {backend!r}; expected one of {list(BACKENDS)}")
 
     def decorator(fn: Callable) -> Callable:
-        entry = Variant(backend, variant, op, support, fn, summary)
+        entry = Variant(backend, variant, op, support, fn, summary, auto_implementation)
+        if auto_implementation is None:
+            _AUTO_FORMS.pop((op, entry.qualified_name), None)
+        else:
+            _AUTO_FORMS[(op, entry.qualified_name)] = Variant(backend, variant, op, support, auto_implementation,
+                                                              summary)
         variants = [v for v in _VARIANTS.get(op, []) if v.qualified_name != entry.qualified_name]
         variants.append(entry)
         _VARIANTS[op] = sorted(variants, key=lambda v: BACKENDS.index(v.backend))  # stable within a backend
         return fn
 
     return decorator
+
+
+# (op, qualified name) -> the Variant auto returns, for variants registered with an auto_implementation.
+_AUTO_FORMS: dict[tuple[str, str], Variant] = {}
+
+
+def auto_form(variant: Variant) -> Variant:
+    """The variant as ``auto`` runs it: its auto_implementation in place of its implementation, where it has one."""
+    return _AUTO_FORMS.get((variant.op, variant.qualified_name), variant)
 
 
 def variants(op: str) -> list[Variant]:
@@ -242,7 +261,7 @@ def record_note(topic: str, text: str) -> None:
 
 def notes(topic: str) -> list[str]:
     """The notes recorded under ``topic``, oldest first, each with its count when it happened more than once."""
-    return [text if count == 1 else f"{text} ({count} calls)" for text, count in _NOTES.get(topic, {}).items()]
+    return [text if count == 1 else f"{text} (recorded {count} times)" for text, count in _NOTES.get(topic, {}).items()]
 
 
 def clear_notes() -> None:

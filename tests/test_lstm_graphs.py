@@ -456,3 +456,133 @@ def test_triton_stepwise_launches_per_step_without_graphs(counted_triton_kernels
     with pyattn.use_backend(variant.qualified_name):
         forward, backward = _launches_per_call(variant.implementation.layer, counter, 3, shape, calls=1)
     assert (forward, backward) == (3, 3)
+
+
+# ------------------------------------------------- the grid kernel under auto: refused at launch -> stepwise
+
+
+class _RefusingGridKernel:
+    """A grid kernel whose compiled figures cannot be resident (10 MB of shared memory a program): the launcher's
+    pre-launch check refuses it; a launch is recorded (none may happen)."""
+
+    def __init__(self):
+        from types import SimpleNamespace
+
+        self.compiled = SimpleNamespace(n_regs=64, metadata=SimpleNamespace(shared=10_000_000, num_warps=8))
+        self.warmed, self.launched = 0, []
+
+    def warmup(self, *args, grid, **options):
+        self.warmed += 1
+        return self.compiled
+
+    def __getitem__(self, grid):
+        return lambda *args, **options: self.launched.append(grid)
+
+
+@pytest.fixture
+def refusing_grid(monkeypatch):
+    """The launcher's GPU path on CPU tensors (the stepwise kernels still run, on the interpreter), a 12-SM sm_90
+    whose dispatch-time table admits the grid kernel, and a compiled grid kernel (forward, and backward where there
+    is one) that does not fit: the case of a Triton whose registers or shared memory exceed GRID_COMPILED."""
+    from pyattn.kernels.lstm import configs, launch
+
+    monkeypatch.setattr(launch, "on_interpreter", lambda device: False)
+    monkeypatch.setattr(launch, "_sm_resources", lambda device: launch.SmResources.for_arch(90, 12))
+    padded = configs.hidden_pad(GRID_SHAPE[2])
+    monkeypatch.setitem(configs.GRID_COMPILED, (90, "fp32", padded), (64, 16384))
+    if hasattr(configs, "GRID_BACKWARD_COMPILED"):
+        monkeypatch.setitem(configs.GRID_BACKWARD_COMPILED, (90, "fp32", padded), (64, 16384))
+    kernels = {}
+    for name in ("lstm_sequence_forward_grid_kernel", "lstm_sequence_backward_grid_kernel"):
+        if hasattr(launch, name):
+            kernels[name] = _RefusingGridKernel()
+            monkeypatch.setattr(launch, name, kernels[name])
+    _registry.clear_notes()
+    yield kernels
+    _registry.clear_notes()
+
+
+GRID_SHAPE = (2, 4, 16, 0)  # batch, input size, hidden size, proj size: one grid program
+
+
+def _grid_variant():
+    return next(v for v in _registry.variants("lstm") if v.qualified_name == "triton/grid")
+
+
+@pytest.mark.interpreter
+def test_auto_grid_refused_by_its_compiled_kernel_runs_stepwise_with_a_note(refusing_grid, fake_graphs, counter,
+                                                                            counted_triton_kernels):
+    auto_form = _registry.auto_form(_grid_variant())
+    assert auto_form.implementation is not _grid_variant().implementation
+    counts = _check_launches_do_not_grow_with_steps(auto_form.implementation.layer, counter, GRID_SHAPE, "auto grid")
+    assert all(kernel.launched == [] for kernel in refusing_grid.values()), "a grid that cannot be resident launched"
+    assert refusing_grid["lstm_sequence_forward_grid_kernel"].warmed > 0, "the compiled kernel was not checked"
+    assert counts[3][0] == 1, counts  # the stepwise fallback of a seen key: one replay
+    notes = _registry.notes("lstm")
+    assert any("triton/grid: lstm_sequence_forward: recurrence='grid' cannot launch: the grid recurrence needs its "
+               "1 programs resident at once" in note and "auto ran the call on the stepwise kernels" in note
+               for note in notes), notes
+    request = _dispatch.Request(op="lstm", device=torch.device("cpu"), dtype=torch.float32,
+                                sizes=dict(batch=2, hidden_size=16))
+    text = _dispatch.explain_request(request)
+    assert "note: triton/grid: lstm_sequence_forward: recurrence='grid' cannot launch" in text, text
+
+
+@pytest.mark.interpreter
+def test_forced_grid_refused_by_its_compiled_kernel_raises(refusing_grid):
+    batch, input_size, hidden_size, proj_size = GRID_SHAPE
+    leaves = _layer_leaves(3, batch, input_size, hidden_size, proj_size)
+    arguments = [leaves[name] for name in ("input", "h0", "c0", "weight_ih", "weight_hh", "bias_ih", "bias_hh",
+                                           "weight_hr")]
+    with pyattn.use_backend("triton/grid"), pytest.raises(
+            _dispatch.BackendUnavailableError,
+            match="pyattn backend 'triton/grid' cannot serve this call: lstm_sequence_forward: recurrence='grid' "
+                  "cannot launch: the grid recurrence needs its 1 programs resident at once, but sm_90 with 12 SMs "
+                  "holds 0"):
+        _grid_variant().implementation.layer(*arguments, False, None)
+    assert refusing_grid["lstm_sequence_forward_grid_kernel"].launched == []
+    assert _registry.notes("lstm") == [], "a forced call must not fall back"
+
+
+def test_auto_gets_the_grid_variant_auto_form_and_a_forced_name_the_plain_one(monkeypatch):
+    """dispatch hands auto the variant's auto_implementation (falls back at launch) and a forced name the plain one
+    (raises at launch): the grid kernel is the only one registered with one."""
+    monkeypatch.setattr(_dispatch, "backend_unavailable_reason",
+                        lambda backend, assumed=False: "off in this test" if backend == "cuda" else None)
+    request = _dispatch.Request(op="lstm", device=torch.device("cuda"), dtype=torch.float16,
+                                sizes=dict(batch=16, hidden_size=768))
+    grid = _grid_variant()
+    chosen = _dispatch.choose(request, assume="sm_90")
+    assert chosen.qualified_name == "triton/grid", _dispatch.explain_request(request, assume="sm_90")
+    assert chosen.implementation is _registry.auto_form(grid).implementation
+    assert chosen.implementation is not grid.implementation and chosen == grid
+    with pyattn.use_backend("triton/grid"):
+        assert _dispatch.choose(request, assume="sm_90").implementation is grid.implementation
+    assert _dispatch.choose(request, "triton", assume="sm_90").implementation is grid.implementation
+    with_auto = [v.qualified_name for v in _registry.variants("lstm") if v.auto_implementation is not None]
+    assert with_auto == ["triton/grid"]
+
+
+def test_grid_is_never_chosen_without_the_occupancy_check_passing(monkeypatch):
+    """Dispatch's occupancy rule gates triton/grid on every GPU it may run on: with the SMs too few for its
+    programs, or no compiled figures for the architecture, it is refused with the reason and auto goes on."""
+    import dataclasses
+
+    from pyattn.kernels.lstm import configs
+
+    monkeypatch.setattr(_dispatch, "backend_unavailable_reason",
+                        lambda backend, assumed=False: "off in this test" if backend == "cuda" else None)
+    request = _dispatch.Request(op="lstm", device=torch.device("cuda"), dtype=torch.float16,
+                                sizes=dict(batch=16, hidden_size=768))
+    assert _dispatch.choose(request, assume="sm_90").qualified_name == "triton/grid"
+    few = dataclasses.replace(_registry.ASSUMABLE_TARGETS["sm_90"], sm_count=40)  # 48 programs needed
+    monkeypatch.setitem(_registry.ASSUMABLE_TARGETS, "sm_90", few)
+    assert _dispatch.choose(request, assume="sm_90").qualified_name == "triton/stepwise"
+    assert "resident at once" in _dispatch.explain_request(request, assume="sm_90")
+    monkeypatch.undo()
+    monkeypatch.setattr(_dispatch, "backend_unavailable_reason",
+                        lambda backend, assumed=False: "off in this test" if backend == "cuda" else None)
+    for key in [key for key in configs.GRID_COMPILED if key[0] == 90]:
+        monkeypatch.delitem(configs.GRID_COMPILED, key)
+    assert _dispatch.choose(request, assume="sm_90").qualified_name == "triton/stepwise"
+    assert "no compiled figures of the grid" in _dispatch.explain_request(request, assume="sm_90")

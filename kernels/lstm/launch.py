@@ -180,14 +180,19 @@ def _compiled_registers(compiled) -> int:
     return registers
 
 
-def _launch_grid_kernel(arguments: tuple, meta: dict, programs: int, device: torch.device) -> None:
+class GridResidencyError(RuntimeError):
+    """The compiled grid kernel's programs cannot all be resident at once; raised before anything is launched."""
+
+
+def _launch_grid_kernel(arguments: tuple, meta: dict, programs: int, device: torch.device, refused=None) -> bool:
     """Launch the grid kernel; on a GPU only after checking that the compiled kernel's programs all fit at once
-    (raises ``RuntimeError`` with the figures if not: never a launch that could hang), cooperatively where
-    this Triton can (the driver then refuses a grid it cannot co-schedule instead of starting part of it)."""
+    (never a launch that could hang), cooperatively where this Triton can (the driver then refuses a grid it cannot
+    co-schedule instead of starting part of it). True once launched. Where the compiled kernel does not fit:
+    ``refused(reason)`` and False (nothing launched), or without ``refused`` :class:`GridResidencyError`."""
     kernel = lstm_sequence_forward_grid_kernel
     if on_interpreter(device):
         kernel[(programs,)](*arguments, **meta)
-        return
+        return True
     options = dict(meta)
     if _cooperative_launch_supported():
         options["launch_cooperative_grid"] = True
@@ -195,8 +200,13 @@ def _launch_grid_kernel(arguments: tuple, meta: dict, programs: int, device: tor
     reason = grid_residency_reason(programs, _sm_resources(device), registers=_compiled_registers(compiled),
                                    shared_bytes=compiled.metadata.shared, num_warps=compiled.metadata.num_warps)
     if reason is not None:
-        raise RuntimeError(f"lstm_sequence_forward: recurrence='grid' cannot launch: {reason}")
+        reason = f"lstm_sequence_forward: recurrence='grid' cannot launch: {reason}"
+        if refused is None:
+            raise GridResidencyError(reason)
+        refused(reason)
+        return False
     kernel[(programs,)](*arguments, **options)
+    return True
 
 
 def _step_grid(batch: int, hidden_size: int, config: tuple[int, int, int, int, int]) -> tuple[int, int]:
@@ -259,7 +269,7 @@ def lstm_cell_backward(grad_hy, grad_cy, input, hx, cx, weight_ih, weight_hh, ga
 @on_input_device
 def lstm_sequence_forward(
     input, h0, c0, weight_ih, weight_hh, bias, lengths, reverse: bool, save_for_backward: bool, *, recurrence: str,
-    weight_hr=None,
+    weight_hr=None, grid_fallback=None,
 ):
     """One layer, one direction. ``bias``: b_ih + b_hh in float32 or None; ``lengths``: int64 (B,) or None;
     ``weight_hr``: the projection (P, H) or None. With it the recurrent state is r = (σ(o)·tanh(c))·W_hrᵀ:
@@ -267,7 +277,9 @@ def lstm_sequence_forward(
 
     ``recurrence``: the recurrence kernel, "persistent", "grid" or "stepwise" (a call one of them cannot run —
     :func:`persistent_unsupported_reason`, :func:`grid_unsupported_reason`; the grid kernel has no
-    projection — raises ``ValueError``).
+    projection — raises ``ValueError``). ``grid_fallback``: called with the reason where the compiled grid kernel
+    cannot be resident (decided from its own figures before launching); the stepwise kernels then serve the call.
+    Without it that raises :class:`GridResidencyError`.
     Returns (output, h_n, c_n, gates, cell_states, hidden_before); the last three are what backward
     needs (empty unless ``save_for_backward``): activated gates per iteration (T, B, 4H), the float32
     cell state before each iteration and after the last (T + 1, B, H), and h (r) before each step in
@@ -318,18 +330,21 @@ def lstm_sequence_forward(
         programs = grid_programs(hidden_size, interpreter=on_interpreter(device), steps=steps)
         padded = hidden_pad(hidden_size)
         barrier = torch.zeros((1,), dtype=torch.int32, device=device)
-        _launch_grid_kernel(
+        launched = _launch_grid_kernel(
             (projection, weight_hh, bias_arg, lengths_arg, h_state, c_state, c_slots,
              output, hidden_arg, gates_arg, barrier, batch, hidden_size, steps),
             dict(**flags, **grid_meta(padded, _grid_block_h(hidden_size, programs), dtype)), programs, device,
+            refused=grid_fallback,
         )
-    elif recurrence == "persistent":
+        if not launched:
+            recurrence = "stepwise"  # nothing ran: the per-step kernels fill the same buffers
+    if recurrence == "persistent":
         lstm_sequence_forward_persistent_kernel[(triton.cdiv(batch, PERSISTENT_BLOCK_B),)](
             projection, weight_hh, weight_hr_arg, bias_arg, lengths_arg, h_state, c_state, c_slots,
             output, hidden_arg, gates_arg, batch, hidden_size, state_size, steps,
             **flags, **persistent_meta(hidden_size, dtype, proj_size),
         )
-    else:
+    elif recurrence == "stepwise":
         config = step_config(batch, dtype, projection=proj_size > 0)
         grid = _step_grid(batch, hidden_size, config)
         # With a projection each step is two launches: the gates and m = σ(o)·tanh(c) (into cell_output),
@@ -360,13 +375,14 @@ def lstm_sequence_forward(
 @on_input_device
 def lstm_sequence_backward(
     grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, lengths, reverse: bool,
-    gates, cell_states, hidden_before, *, recurrence: str, weight_hr=None,
+    gates, cell_states, hidden_before, *, recurrence: str, weight_hr=None, grid_fallback=None,
 ):
     """Backward through time from the tensors ``lstm_sequence_forward`` saved (output gradients may be None;
     ``weight_hr`` the forward's projection or None).
 
     ``recurrence``: the recurrence kernel, "persistent" (where :func:`persistent_unsupported_reason` allows;
-    else ``ValueError``) or "stepwise". Any forward recurrence's saved tensors serve either.
+    else ``ValueError``) or "stepwise". Any forward recurrence's saved tensors serve either. ``grid_fallback``: as
+    :func:`lstm_sequence_forward`'s, for a grid backward (none yet: unused).
     Returns (grad_input, grad_h0, grad_c0, grad_weight_ih, grad_weight_hh, grad_bias, grad_weight_hr), the last
     an empty tensor without a projection.
     """

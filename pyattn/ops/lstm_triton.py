@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from pyattn._registry import Request, Support, Target, register
+from pyattn._registry import BackendUnavailableError, Request, Support, Target, record_note, register
 from pyattn.ops import graphs
 from pyattn.ops.lstm_common import (
     bias_gradients,
@@ -134,25 +134,28 @@ def triton_lstm_layer_fwd(
     save_for_backward: bool,
     recurrence: str,
     weight_hr: torch.Tensor | None = None,
+    grid_fallback: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(output, h_n, c_n, gates, cell_states, hidden_before); the last three are empty unless saving.
     ``recurrence``: the forward's kernel, "persistent", "grid" or "stepwise" (dispatch's variant).
-    ``weight_hr`` (P, H): the projection (proj_size > 0); then h0, output, h_n and hidden_before are P wide."""
+    ``weight_hr`` (P, H): the projection (proj_size > 0); then h0, output, h_n and hidden_before are P wide.
+    ``grid_fallback`` (auto picked triton/grid): where the compiled grid kernel cannot be resident the stepwise
+    kernels serve the call, with a note; without it that raises BackendUnavailableError."""
     from pyattn.kernels import lstm as kernels
 
-    def forward(input, h0, c0, bias, lengths, weight_ih, weight_hh, weight_hr):
+    def forward(input, h0, c0, bias, lengths, weight_ih, weight_hh, weight_hr, grid_fallback=None):
         return kernels.lstm_sequence_forward(input, h0, c0, weight_ih, weight_hh, bias, lengths, reverse,
-                                             save_for_backward, recurrence=recurrence, weight_hr=weight_hr)
+                                             save_for_backward, recurrence=recurrence, weight_hr=weight_hr,
+                                             grid_fallback=grid_fallback)
 
     inputs, weights = (input, h0, c0, combined_bias(bias_ih, bias_hh), lengths), (weight_ih, weight_hh, weight_hr)
-    if recurrence not in _PER_STEP_LAUNCHES:
-        return forward(*inputs, *weights)
-    return graphs.run("triton_lstm_layer_fwd", forward, inputs, weights, (reverse, save_for_backward, recurrence))
+    return _run_recurrence("triton_lstm_layer_fwd", forward, recurrence, grid_fallback, inputs, weights,
+                           (reverse, save_for_backward))
 
 
 @triton_lstm_layer_fwd.register_fake
 def _(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, lengths, reverse, save_for_backward, recurrence,
-      weight_hr=None):
+      weight_hr=None, grid_fallback=False):
     steps, batch, _ = input.shape
     hidden_size, state_size = c0.shape[1], h0.shape[1]  # state_size: P with a projection, else H
     if save_for_backward:
@@ -181,27 +184,26 @@ def triton_lstm_layer_bwd(
     reverse: bool,
     recurrence: str,
     weight_hr: torch.Tensor | None = None,
+    grid_fallback: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_input, grad_h0, grad_c0, grad_weight_ih, grad_weight_hh, grad_bias, grad_weight_hr); ``recurrence``:
     the backward's kernel, "persistent" or "stepwise"; grad_weight_hr is empty without a projection."""
     from pyattn.kernels import lstm as kernels
 
     def backward(grad_output, grad_h_n, grad_c_n, input, lengths, gates, cell_states, hidden_before, weight_ih,
-                 weight_hh, weight_hr):
+                 weight_hh, weight_hr, grid_fallback=None):
         return kernels.lstm_sequence_backward(grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, lengths,
                                               reverse, gates, cell_states, hidden_before, recurrence=recurrence,
-                                              weight_hr=weight_hr)
+                                              weight_hr=weight_hr, grid_fallback=grid_fallback)
 
     inputs = (grad_output, grad_h_n, grad_c_n, input, lengths, gates, cell_states, hidden_before)
     weights = (weight_ih, weight_hh, weight_hr)
-    if recurrence not in _PER_STEP_LAUNCHES:
-        return backward(*inputs, *weights)
-    return graphs.run("triton_lstm_layer_bwd", backward, inputs, weights, (reverse, recurrence))
+    return _run_recurrence("triton_lstm_layer_bwd", backward, recurrence, grid_fallback, inputs, weights, (reverse,))
 
 
 @triton_lstm_layer_bwd.register_fake
 def _(grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, lengths, gates, cell_states, hidden_before, reverse,
-      recurrence, weight_hr=None):
+      recurrence, weight_hr=None, grid_fallback=False):
     batch, hidden_size, state_size = input.shape[1], weight_hh.shape[0] // 4, weight_hh.shape[1]
     grad_weight_hr = weight_hh.new_empty((0,) if weight_hr is None else weight_hr.shape)
     return (
@@ -219,6 +221,7 @@ def _layer_setup_context(ctx, inputs, output):
     ctx.num_inputs = len(inputs)
     ctx.has_bias_ih, ctx.has_bias_hh = arguments["bias_ih"] is not None, arguments["bias_hh"] is not None
     ctx.reverse = arguments["reverse"]
+    ctx.grid_fallback = arguments.get("grid_fallback", False)
     ctx.recurrence = _BACKWARD_RECURRENCE[arguments["recurrence"]]
     ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not a zeros tensor
 
@@ -237,7 +240,7 @@ def _layer_backward(ctx, grad_output, grad_h_n, grad_c_n, *_grad_saved):
     require_saved(cell_states, "pyattn::triton_lstm_layer_fwd")
     grad_input, grad_h0, grad_c0, grad_weight_ih, grad_weight_hh, grad_bias, grad_weight_hr = triton_lstm_layer_bwd(
         grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, lengths,
-        gates, cell_states, hidden_before, ctx.reverse, ctx.recurrence, weight_hr,
+        gates, cell_states, hidden_before, ctx.reverse, ctx.recurrence, weight_hr, ctx.grid_fallback,
     )
     gradients = dict.fromkeys(_LAYER_FORWARD_PARAMETERS)
     gradients.update(input=grad_input, h0=grad_h0, c0=grad_c0, weight_ih=grad_weight_ih, weight_hh=grad_weight_hh)
@@ -252,6 +255,36 @@ _LAYER_FORWARD_PARAMETERS = tuple(a.name for a in torch.ops.pyattn.triton_lstm_l
 triton_lstm_layer_fwd.register_autograd(_layer_backward, setup_context=_layer_setup_context)
 
 
+def _run_recurrence(name: str, launcher, recurrence: str, grid_fallback: bool, inputs: tuple, weights: tuple,
+                    options: tuple):
+    """``launcher(*inputs, *weights)``: through the graph runner where it launches per step (the stepwise
+    recurrence, and a grid call auto picked whose compiled kernel refused it: its key's first call showed that;
+    a key whose first call launched the grid, one launch, stays eager); a grid refusal without ``grid_fallback``
+    (triton/grid forced) is BackendUnavailableError."""
+    options = (*options, recurrence, grid_fallback)
+    if recurrence in _PER_STEP_LAUNCHES:
+        return graphs.run(name, launcher, inputs, weights, options)
+    if recurrence != "grid":
+        return launcher(*inputs, *weights)
+    from pyattn.kernels.lstm.launch import GridResidencyError
+
+    if not grid_fallback:
+        try:
+            return launcher(*inputs, *weights)
+        except GridResidencyError as error:
+            raise BackendUnavailableError(f"pyattn backend 'triton/grid' cannot serve this call: {error}") from error
+    refusals = []
+
+    def fall_back(reason: str) -> None:
+        refusals.append(reason)
+        record_note("lstm", f"triton/grid: {reason}; auto ran the call on the stepwise kernels (triton/stepwise)")
+
+    def launch(*arguments):
+        return launcher(*arguments, grid_fallback=fall_back)
+
+    return graphs.run(name, launch, inputs, weights, options, stay_eager=lambda: not refusals)
+
+
 # ----------------------------------------------------------------------------- dispatch variants
 
 
@@ -264,14 +297,15 @@ def triton_lstm_cell(input, hx, cx, weight_ih, weight_hh, bias_ih=None, bias_hh=
     return hy, cy
 
 
-def _layer(recurrence: str):
+def _layer(recurrence: str, grid_fallback: bool = False):
     def triton_lstm_layer(input, h0, c0, weight_ih, weight_hh, bias_ih=None, bias_hh=None, weight_hr=None,
                           reverse=False, lengths=None):
         if lengths is not None:
             lengths = lengths.to(device=input.device, dtype=torch.int64)
         save = needs_grad(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr)
         output, h_n, c_n, *_ = triton_lstm_layer_fwd(
-            input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, lengths, reverse, save, recurrence, weight_hr
+            input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, lengths, reverse, save, recurrence, weight_hr,
+            grid_fallback,
         )
         return output, h_n, c_n
 
@@ -316,6 +350,9 @@ register("triton", "lstm", _layer_support(_check_persistent), variant="persisten
              stacked(_layer("persistent")))
 # The grid kernel has no projection: dispatch refuses proj_size > 0 there ("unsupported features: projection").
 register("triton", "lstm", _layer_support(_check_grid, projection=False), variant="grid",
-         summary="W_hh split over co-resident programs, a grid barrier per step")(stacked(_layer("grid")))
+         summary="W_hh split over co-resident programs, a grid barrier per step",
+         # auto: where the compiled kernel cannot be resident (figures the table did not foresee), stepwise serves
+         # the call with a note; forced, that raises.
+         auto_implementation=stacked(_layer("grid", grid_fallback=True)))(stacked(_layer("grid")))
 register("triton", "lstm", _layer_support(), variant="stepwise",
          summary="one fused launch per step (two with a projection)")(stacked(_layer("stepwise")))
