@@ -14,7 +14,8 @@ after, so a call costs one graph launch plus the copies in and out, whatever T i
 * **The key** is everything the captured work depends on: the call's name and option flags; every tensor
   argument's shape, strides, dtype and device; the weights' addresses (they are read where they live, not
   copied: an optimizer's in-place step is seen by the next replay, a new tensor is a new key); the values of
-  any CPU tensor (host data can steer launches); the current stream (each stream its own static buffers, so
+  any CPU tensor (a 16-byte hash: host data such as a PackedSequence's batch_sizes steers launch grids, which
+  a graph fixes); the current stream (each stream its own static buffers, so
   two streams never race on them); and the global switches that change which kernels torch picks (TF32,
   reduced-precision reductions, deterministic algorithms).
 * **Buffers.** The other tensor arguments are copied into static buffers before each replay; the outputs are
@@ -32,6 +33,7 @@ Capture failures do not raise: the key is marked eager for the rest of the proce
 from __future__ import annotations
 
 import collections
+import hashlib
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -42,7 +44,6 @@ from pyattn import _registry
 
 CACHE_SIZE = 16  # captured graphs kept per process (each about one eager call's memory: see the module doc)
 _SEEN_SIZE = 4 * CACHE_SIZE  # keys called once (eager) and waiting for their second call
-_CPU_VALUES_LIMIT = 4096  # a CPU tensor longer than this is not keyed by value: the call stays eager
 
 
 class CudaGraphs:
@@ -169,8 +170,9 @@ def _describe(tensor, device: torch.device, by_address: bool):
     described = (tuple(tensor.shape), tensor.stride(), tensor.dtype, tensor.device)
     if by_address:
         return described + (tensor.data_ptr(),)
-    if tensor.device.type == "cpu" and device.type != "cpu":
-        return described + (tuple(tensor.reshape(-1).tolist()),)  # host data steers launches: key by value
+    if tensor.device.type == "cpu" and device.type != "cpu":  # host data can steer launches: key by value
+        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        return described + (hashlib.blake2b(data, digest_size=16).digest(),)
     return described
 
 
@@ -203,9 +205,6 @@ def run(name: str, function: Callable[..., tuple], inputs: Sequence, weights: Se
     if not applies(arguments):
         return function(*arguments)
     device = _device_of(arguments)
-    if device.type != "cpu" and any(isinstance(t, torch.Tensor) and t.device.type == "cpu"
-                                    and t.numel() > _CPU_VALUES_LIMIT for t in arguments):
-        return function(*arguments)
     key = (name, options, tuple(_describe(t, device, False) for t in inputs),
            tuple(_describe(t, device, True) for t in weights), device, backend.stream(device), _global_switches())
     with _state.lock:
