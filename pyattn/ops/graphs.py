@@ -42,7 +42,7 @@ import torch
 
 from pyattn import _registry
 
-CACHE_SIZE = 16  # captured graphs kept per process (each about one eager call's memory: see the module doc)
+CACHE_SIZE = 32  # captured graphs kept per process (each about one eager call's memory: see the module doc)
 _SEEN_SIZE = 4 * CACHE_SIZE  # keys called once (eager) and waiting for their second call
 
 
