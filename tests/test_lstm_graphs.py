@@ -326,6 +326,7 @@ def _check_launches_do_not_grow_with_steps(layer, counter, shape, name):
     assert short[0] == long[0], f"{name}: forward launches per call grow with T: {counts}"
     assert short[1] == long[1], f"{name}: backward launches per call grow with T: {counts}"
     assert max(short) <= 4, f"{name}: {counts}"  # one recurrence launch (or one replay) and a few constant ones
+    assert min(short) >= 1, f"{name}: no launch counted: {counts}"  # the counters see the launches at all
     return counts
 
 
@@ -337,12 +338,15 @@ def _stand_in_kernels(counter):
     launcher launches: T step kernels per stepwise call (forward or backward), one persistent kernel otherwise."""
     from tests.test_lstm_cuda import _model_layer_bwd, _model_layer_fwd
 
+    def step_launches(steps, recurrence, weight_hr):
+        return steps * (2 if weight_hr is not None else 1) if recurrence == "stepwise" else 1
+
     def forward(*args):
-        counter.count("cuda layer forward", args[0].shape[0] if args[10] == "stepwise" else 1)
+        counter.count("cuda layer forward", step_launches(args[0].shape[0], args[10], (*args, None)[11]))
         return _model_layer_fwd(*args)
 
     def backward(*args):
-        counter.count("cuda layer backward", args[3].shape[0] if args[13] == "stepwise" else 1)
+        counter.count("cuda layer backward", step_launches(args[3].shape[0], args[13], (*args, None)[14]))
         return _model_layer_bwd(*args)
 
     return forward, backward
@@ -371,15 +375,28 @@ def _cuda_layer(variant):
     return run
 
 
-@pytest.mark.parametrize("variant_name", [v.qualified_name for v in _lstm_variants("cuda")])
-def test_cuda_variant_launches_do_not_grow_with_steps(cuda_stand_ins, fake_graphs, counter, variant_name):
+def _cases(backend: str, projection: bool = True) -> list:
+    cases = []
+    for variant in _lstm_variants(backend):
+        cases.append(pytest.param(variant.qualified_name, False, id=variant.qualified_name))
+        if projection and "projection" in variant.support.features:
+            cases.append(pytest.param(variant.qualified_name, True, id=f"{variant.qualified_name}-projection"))
+    return cases
+
+
+# The CPU stand-ins model no projection (the emulated kernels of test_lstm_cuda.py do).
+@pytest.mark.parametrize(("variant_name", "projection"), _cases("cuda", projection=False))
+def test_cuda_variant_launches_do_not_grow_with_steps(cuda_stand_ins, fake_graphs, counter, variant_name,
+                                                      projection):
     variant = next(v for v in _lstm_variants("cuda") if v.qualified_name == variant_name)
-    counts = _check_launches_do_not_grow_with_steps(_cuda_layer(variant), counter, CANDIDATE_SHAPES[0], variant_name)
-    if variant_name == "cuda/stepwise":
-        # Per step in eager mode: served by one replay, the T step launches recorded in the captured graph.
+    shape = PROJECTION_SHAPE if projection else CANDIDATE_SHAPES[0]
+    counts = _check_launches_do_not_grow_with_steps(_cuda_layer(variant), counter, shape, variant_name)
+    if variant.name == "stepwise":
+        # Per step in eager mode: served by one replay, the step launches recorded in the captured graph.
         assert counts[3] == (1, 1), counts
         assert counter.launches["graph replay"] > 0
-        assert sorted({graph.recorded for graph in fake_graphs.captured}) == sorted(set(STEPS))
+        assert sorted({graph.recorded for graph in fake_graphs.captured}) == sorted(
+            {steps * (2 if projection else 1) for steps in STEPS})
 
 
 def test_cuda_stepwise_is_eager_without_graphs(cuda_stand_ins, counter):
@@ -396,14 +413,21 @@ def test_cuda_stepwise_is_eager_without_graphs(cuda_stand_ins, counter):
 
 @pytest.fixture
 def counted_triton_kernels(monkeypatch, counter):
-    from pyattn.kernels.lstm import launch
+    """Every Triton kernel object in the namespace of every module of ``pyattn.kernels.lstm`` (the launchers
+    launch through those names: launch.py, and any other launcher module such as a packed-rows one)."""
+    import importlib
+    import pkgutil
+
+    from pyattn.kernels import lstm as package
 
     wrapped = []
-    for name, kernel in list(vars(launch).items()):
-        if name.endswith("_kernel") and hasattr(kernel, "__getitem__") and hasattr(kernel, "fn"):
-            monkeypatch.setattr(launch, name, _CountingKernel(kernel, name, counter))
-            wrapped.append(name)
-    assert "lstm_sequence_step_forward_kernel" in wrapped, wrapped
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        for name, kernel in list(vars(module).items()):
+            if name.endswith("_kernel") and hasattr(kernel, "__getitem__") and hasattr(kernel, "fn"):
+                monkeypatch.setattr(module, name, _CountingKernel(kernel, name, counter))
+                wrapped.append(f"{info.name}.{name}")
+    assert "launch.lstm_sequence_step_forward_kernel" in wrapped, wrapped
     return wrapped
 
 
@@ -424,17 +448,8 @@ class _CountingKernel:
         return getattr(self.kernel, attribute)
 
 
-def _triton_cases():
-    cases = []
-    for variant in _lstm_variants("triton"):
-        cases.append(pytest.param(variant.qualified_name, False, id=variant.qualified_name))
-        if "projection" in variant.support.features:
-            cases.append(pytest.param(variant.qualified_name, True, id=f"{variant.qualified_name}-projection"))
-    return cases
-
-
 @pytest.mark.interpreter
-@pytest.mark.parametrize(("variant_name", "projection"), _triton_cases())
+@pytest.mark.parametrize(("variant_name", "projection"), _cases("triton"))
 def test_triton_variant_launches_do_not_grow_with_steps(counted_triton_kernels, fake_graphs, counter, variant_name,
                                                         projection):
     variant = next(v for v in _lstm_variants("triton") if v.qualified_name == variant_name)
@@ -586,3 +601,61 @@ def test_grid_is_never_chosen_without_the_occupancy_check_passing(monkeypatch):
         monkeypatch.delitem(configs.GRID_COMPILED, key)
     assert _dispatch.choose(request, assume="sm_90").qualified_name == "triton/stepwise"
     assert "no compiled figures of the grid" in _dispatch.explain_request(request, assume="sm_90")
+
+
+# ------------------------------------------------------------- a ragged PackedSequence through the whole stack
+
+
+def _packed_launches_per_call(lstm, counter, steps, hidden_size, proj_size, calls=3):
+    """(forward, backward) launches of the last of ``calls`` calls of the dispatch-level ``lstm`` on a ragged
+    PackedSequence (lengths T, T - 1, 2), each on fresh inputs, checked against the reference backend."""
+    from torch.nn.utils.rnn import pack_sequence
+
+    reference_lstm = next(v for v in _registry.variants("lstm") if v.backend == "reference").implementation
+    input_size, state = 4, proj_size or hidden_size
+    weights = _layer_leaves(1, 1, input_size, hidden_size, proj_size)
+    params = [weights[name] for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+    params += [weights["weight_hr"]] if proj_size else []
+    options = dict(num_layers=1, bias=True, batch_first=False, dropout=0.0, training=False, bidirectional=False,
+                   proj_size=proj_size)
+    for call in range(calls):
+        sequences = [random_tensor(length, input_size, requires_grad=True) for length in (steps, steps - 1, 2)]
+        hx = (random_tensor(1, 3, state, requires_grad=True), random_tensor(1, 3, hidden_size, requires_grad=True))
+        leaves = [*sequences, *hx, *params]
+        for leaf in leaves:
+            leaf.grad = None
+        before = counter.total()
+        output, (h_n, c_n) = lstm(pack_sequence(sequences, enforce_sorted=False), hx, params, **options)
+        forward = counter.total() - before
+        outputs = (output.data, h_n, c_n)
+        upstream = [random_tensor(*out.shape) for out in outputs]
+        before = counter.total()
+        torch.autograd.backward(outputs, upstream)
+        backward = counter.total() - before
+
+        doubles = [leaf.detach().double().requires_grad_() for leaf in leaves]
+        ref_sequences, ref_hx, ref_params = doubles[:3], tuple(doubles[3:5]), doubles[5:]
+        ref_output, (ref_h, ref_c) = reference_lstm(pack_sequence(ref_sequences, enforce_sorted=False), ref_hx,
+                                                    ref_params, **options)
+        expected = (ref_output.data, ref_h, ref_c)
+        torch.autograd.backward(expected, [grad.double() for grad in upstream])
+        for name, out, ref in zip(("output", "h_n", "c_n"), outputs, expected):
+            assert_close(out, ref, RTOL[torch.float32], f"{name} (call {call}, T={steps})")
+        for index, (leaf, ref) in enumerate(zip(leaves, doubles)):
+            assert_close(leaf.grad, ref.grad, RTOL[torch.float32], f"grad of leaf {index} (call {call}, T={steps})")
+    return forward, backward
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize(("variant_name", "projection"), _cases("triton"))
+def test_triton_variant_on_a_ragged_packed_sequence_launches_do_not_grow_with_steps(
+        counted_triton_kernels, fake_graphs, counter, variant_name, projection):
+    """The same for a PackedSequence of unequal lengths through the whole dispatch-level ``lstm`` (whatever layout
+    the variant runs it in: padded with lengths, or packed rows)."""
+    variant = next(v for v in _lstm_variants("triton") if v.qualified_name == variant_name)
+    _, _, hidden_size, proj_size = _shape_for(variant, "cpu", torch.float32, projection)
+    with pyattn.use_backend(variant_name):
+        counts = {steps: _packed_launches_per_call(variant.implementation, counter, steps, hidden_size, proj_size)
+                  for steps in STEPS}
+    assert counts[STEPS[0]] == counts[STEPS[1]], f"{variant_name}: launches per call grow with T: {counts}"
+    assert min(counts[STEPS[0]]) >= 1, f"{variant_name}: no launch counted: {counts}"
