@@ -659,3 +659,91 @@ def test_triton_variant_on_a_ragged_packed_sequence_launches_do_not_grow_with_st
                   for steps in STEPS}
     assert counts[STEPS[0]] == counts[STEPS[1]], f"{variant_name}: launches per call grow with T: {counts}"
     assert min(counts[STEPS[0]]) >= 1, f"{variant_name}: no launch counted: {counts}"
+
+
+# ----------------------------------------------------------------------------- on a GPU: real CUDA graphs
+
+
+def _gpu_stepwise_variants() -> list:
+    names = []
+    for variant in _registry.variants("lstm"):
+        if variant.name == "stepwise" and variant.backend in KERNEL_BACKENDS:
+            names.append(variant.qualified_name)
+    return names
+
+
+@pytest.mark.requires_cuda
+class TestGPU:
+    @pytest.fixture(autouse=True)
+    def _fresh_graphs(self):
+        graphs.clear()
+        _registry.clear_notes()
+        previous = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 is held to 1e-5 against the reference
+        yield
+        torch.backends.cuda.matmul.allow_tf32 = previous
+        graphs.clear()
+
+    @pytest.mark.parametrize("variant_name", _gpu_stepwise_variants())
+    def test_stepwise_replays_one_graph_per_call(self, variant_name):
+        """Four calls of a stepwise layer, fresh inputs each: the first eager, the second captured, the last two
+        replayed; every output and gradient against the float64 reference; no capture failed."""
+        if pyattn.backend_status()[variant_name.split("/")[0]] != "available":
+            pytest.skip(pyattn.backend_status()[variant_name.split("/")[0]])
+        variant = next(v for v in _registry.variants("lstm") if v.qualified_name == variant_name)
+        steps, batch, input_size, hidden_size = 16, 4, 24, 64
+        leaves = {name: None if t is None else t.detach().cuda().requires_grad_()
+                  for name, t in _layer_leaves(steps, batch, input_size, hidden_size, 0).items()}
+        weights = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+        for call in range(4):
+            for name in ("input", "h0", "c0"):
+                leaves[name] = random_tensor(*leaves[name].shape, device="cuda", requires_grad=True)
+            for name in weights:
+                leaves[name].grad = None
+            arguments = [leaves[name] for name in ("input", "h0", "c0", *weights, "weight_hr")]
+            with pyattn.use_backend(variant_name):
+                outputs = variant.implementation.layer(*arguments, False, None)
+            upstream = [random_tensor(*out.shape, device="cuda") for out in outputs]
+            torch.autograd.backward(outputs, upstream)
+            doubles = {name: None if t is None else t.detach().double().requires_grad_() for name, t in leaves.items()}
+            expected = reference.lstm_layer(**doubles)
+            torch.autograd.backward(expected, [grad.double() for grad in upstream])
+            for name, out, ref in zip(("output", "h_n", "c_n"), outputs, expected):
+                assert_close(out, ref, RTOL[torch.float32], f"{name} (call {call})")
+            for name, leaf in leaves.items():
+                if leaf is not None:
+                    assert_close(leaf.grad, doubles[name].grad, RTOL[torch.float32], f"grad of {name} (call {call})")
+            if call == 0:
+                assert graphs.cached_graphs() == 0, "a key's first call must run eagerly"
+        assert graphs.notes() == [], graphs.notes()
+        assert graphs.cached_graphs() == 2, "the forward and the backward were not captured"
+        assert [entry.replays for entry in graphs._state.graphs.values()] == [2, 2]
+
+    def test_inside_the_callers_own_graph_the_layer_runs_eagerly(self):
+        """While the caller captures a graph (its own, or torch.compile's cudagraphs), the stepwise launches belong
+        to that graph: the runner must not capture (no nested capture) and the caller's replay must be right."""
+        if pyattn.backend_status()["triton"] != "available":
+            pytest.skip(pyattn.backend_status()["triton"])
+        variant = next(v for v in _registry.variants("lstm") if v.qualified_name == "triton/stepwise")
+        leaves = {name: None if t is None else t.detach().cuda()
+                  for name, t in _layer_leaves(8, 4, 24, 64, 0).items()}
+        arguments = [leaves[name] for name in ("input", "h0", "c0", "weight_ih", "weight_hh", "bias_ih", "bias_hh",
+                                               "weight_hr")]
+        with pyattn.use_backend("triton/stepwise"), torch.no_grad():
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):  # warm up (compile, allocate) outside the caller's capture
+                    variant.implementation.layer(*arguments, False, None)
+            torch.cuda.current_stream().wait_stream(side)
+            before = graphs.cached_graphs()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                captured = variant.implementation.layer(*arguments, False, None)
+            assert graphs.cached_graphs() == before, "the runner captured inside the caller's capture"
+            leaves["input"].copy_(torch.randn_like(leaves["input"]))
+            graph.replay()
+            torch.cuda.synchronize()
+            expected = reference.lstm_layer(**{name: None if t is None else t.double() for name, t in leaves.items()})
+        for name, out, ref in zip(("output", "h_n", "c_n"), captured, expected):
+            assert_close(out, ref, RTOL[torch.float32], f"{name} (the caller's replay)")

@@ -178,8 +178,9 @@ def _describe(tensor, device: torch.device, by_address: bool):
 
 def _global_switches() -> tuple:
     matmul = torch.backends.cuda.matmul
-    return (torch.get_float32_matmul_precision(), matmul.allow_fp16_reduced_precision_reduction,
-            matmul.allow_bf16_reduced_precision_reduction, torch.backends.cudnn.allow_tf32,
+    return (torch.get_float32_matmul_precision(), getattr(matmul, "allow_tf32", None),
+            getattr(matmul, "allow_fp16_reduced_precision_reduction", None),
+            getattr(matmul, "allow_bf16_reduced_precision_reduction", None), torch.backends.cudnn.allow_tf32,
             torch.are_deterministic_algorithms_enabled())
 
 
