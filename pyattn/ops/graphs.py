@@ -26,8 +26,8 @@ after, so a call costs one graph launch plus the copies in and out, whatever T i
   :data:`CACHE_SIZE` entries live at once (least recently used evicted first, after its last replay finished);
   :func:`clear` drops them all.
 
-Capture failures do not raise: the key is marked eager for the rest of the process and the reason kept in
-:func:`notes` (``pyattn.explain`` prints them). Tests swap :data:`backend` for a fake to run this on CPU.
+Capture failures do not raise: the key stays eager (while it is among the last ``4 * CACHE_SIZE`` such keys) and
+the reason is kept in :func:`notes` (``pyattn.explain`` prints them). Tests swap :data:`backend` for a fake to run this on CPU.
 """
 
 from __future__ import annotations
@@ -109,11 +109,20 @@ class _Entry:
 class _State:
     graphs: collections.OrderedDict = field(default_factory=collections.OrderedDict)  # key -> _Entry
     seen: collections.OrderedDict = field(default_factory=collections.OrderedDict)  # key -> None (one eager call)
-    eager: set = field(default_factory=set)  # keys whose capture failed or that asked to stay eager
+    # keys whose capture failed or that asked to stay eager (bounded: a forgotten key is just tried again)
+    eager: collections.OrderedDict = field(default_factory=collections.OrderedDict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 _state = _State()
+
+
+def _remember_eager(key) -> None:
+    """(Under the state lock.)"""
+    _state.eager[key] = None
+    _state.eager.move_to_end(key)
+    while len(_state.eager) > _SEEN_SIZE:
+        _state.eager.popitem(last=False)
 
 
 def clear() -> None:
@@ -225,7 +234,7 @@ def run(name: str, function: Callable[..., tuple], inputs: Sequence, weights: Se
         if stay_eager is not None and stay_eager():
             with _state.lock:
                 _state.seen.pop(key, None)
-                _state.eager.add(key)
+                _remember_eager(key)
         return outputs
     if entry is None:
         return _capture(name, key, function, inputs, weights, device)
@@ -251,7 +260,7 @@ def _capture(name: str, key, function, inputs, weights, device) -> tuple:
     except Exception as error:  # noqa: BLE001  (a capture failure leaves this key eager, with the reason kept)
         with _state.lock:
             _state.seen.pop(key, None)
-            _state.eager.add(key)
+            _remember_eager(key)
         _registry.record_note("graphs", f"{name}: CUDA-graph capture failed, the call runs eagerly: "
                                         f"{type(error).__name__}: {error}")
         return outputs
