@@ -187,6 +187,9 @@ def test_capture_failure_runs_eagerly_and_is_noted(fake_graphs, counter):
     [note] = graphs.notes()
     assert "affine: CUDA-graph capture failed, the call runs eagerly" in note
     assert "operation not permitted" in note
+    request = _dispatch.Request(op="lstm", device=torch.device("cpu"), dtype=torch.float32,
+                                sizes=dict(batch=2, hidden_size=8))
+    assert f"  note: {note}" in _dispatch.explain_request(request).splitlines()  # pyattn.explain shows it
 
 
 @pytest.mark.parametrize("situation", ["compiling", "capturing", "inference_mode"])
