@@ -114,6 +114,8 @@ def jit_specialization(kernel, arguments: dict) -> tuple[dict, dict, dict]:
     """(signature, constexprs, attrs) that the JIT derives when ``kernel`` is launched with ``arguments`` (every
     parameter by name: tensors — ``meta`` ones do, their data pointer carrying the storage offset —, tensor
     descriptors, ints, floats, None, constexpr values), in the form ``triton.compiler.ASTSource`` takes."""
+    # A parameter with a default (an optional feature's pointer or flag) takes it when a spec leaves it out.
+    arguments = {**{param.name: param.default for param in kernel.params if param.has_default}, **arguments}
     missing = [param.name for param in kernel.params if param.name not in arguments]
     if missing:
         raise TypeError(f"{kernel.__name__}: launch arguments lack {missing}")

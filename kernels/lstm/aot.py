@@ -6,7 +6,9 @@ launchers allocate and slice them, and their integers) run through the JIT's bin
 specialisation that launch compiles with. Each kernel × dtype × config (step tiles by batch bucket, the
 persistent kernels' padded hidden sizes, the grid kernel's) is compiled with every optional feature on
 (bias, ragged lengths, reversed, training), in the "aligned" variant (batch and hidden size multiples of 16)
-and, for ``UNALIGNED_DTYPES``, the "unaligned" one (odd batch, hidden and input sizes).
+and, for ``UNALIGNED_DTYPES``, the "unaligned" one (odd batch, hidden and input sizes). The stepwise and
+persistent layer kernels are compiled again in their packed form (``PACKED``, case suffix ",packed"), as
+``packed.py`` launches them: whole packed arrays for gates, cell states and dr, two c slots, the offsets.
 """
 
 from __future__ import annotations
@@ -62,6 +64,13 @@ def _spec(kernel_name, kernel, case, variant, arguments, num_warps, num_stages, 
                             num_warps=num_warps, num_stages=num_stages, auto_may_pick=True)
 
 
+def _packed_spec(kernel_name, kernel, case, variant, arguments, num_warps, num_stages, config, **packed_arguments):
+    """The packed-layout twin of a layer kernel's spec (``packed.py``'s launch): the offsets, PACKED, and the
+    arguments that launcher passes differently."""
+    arguments = dict(arguments, offsets_ptr=_empty(STEPS + 1, dtype=torch.int64), PACKED=True, **packed_arguments)
+    return _spec(kernel_name, kernel, f"{case},packed", variant, arguments, num_warps, num_stages, config)
+
+
 def _step_specs(dtype, bucket, variant) -> list[_aot.CompileSpec]:
     """Cell forward, stepwise layer forward, step backward (layer: with and without a next step; cell) at the
     tiles of one batch bucket, and the projected layer's step kernels (proj_size > 0) at the same tiles."""
@@ -103,6 +112,13 @@ def _step_specs(dtype, bucket, variant) -> list[_aot.CompileSpec]:
                              **FEATURES, PROJECTION=proj_size > 0, **layer_meta)
         specs.append(_spec("lstm_sequence_step_forward", lstm_sequence_step_forward_kernel, layer_case, variant,
                            layer_forward, layer_warps, layer_stages, layer_tiles))
+        # Packed: gates and c before the step (cell_saved) are whole (rows, ·) arrays, c ping-pongs in two slots.
+        two_slots = _empty(2, batch, hidden_size, dtype=torch.float32)
+        cell_saved = _empty(STEPS * batch, hidden_size, dtype=torch.float32)
+        specs.append(_packed_spec("lstm_sequence_step_forward", lstm_sequence_step_forward_kernel, layer_case, variant,
+                                  layer_forward, layer_warps, layer_stages, layer_tiles, gates_ptr=b["gates"],
+                                  c_in_ptr=two_slots[step % 2], c_out_ptr=two_slots[(step + 1) % 2],
+                                  cell_saved_ptr=cell_saved))
         if proj_size:
             projection_step = dict(cell_output_ptr=b["cell_output"], w_hr_ptr=w_hr, lengths_ptr=b["lengths"],
                                    h_in_ptr=b["h_state"][step % 2], h_out_ptr=b["h_state"][(step + 1) % 2],
@@ -111,6 +127,8 @@ def _step_specs(dtype, bucket, variant) -> list[_aot.CompileSpec]:
                                    STORE_FOR_BACKWARD=True, **layer_meta)
             specs.append(_spec("lstm_sequence_step_projection", lstm_sequence_step_projection_kernel, layer_case,
                                variant, projection_step, layer_warps, layer_stages, layer_tiles))
+            specs.append(_packed_spec("lstm_sequence_step_projection", lstm_sequence_step_projection_kernel,
+                                      layer_case, variant, projection_step, layer_warps, layer_stages, layer_tiles))
         dgates = _empty(STEPS, batch, 4 * hidden_size, dtype=dtype)
         grad_h_n = _empty(batch, state_size, dtype=dtype)
         for has_next in (True, False):  # the last step (launched first) has no successor: HAS_NEXT=False
@@ -123,6 +141,9 @@ def _step_specs(dtype, bucket, variant) -> list[_aot.CompileSpec]:
                                            HAS_LENGTHS=True, REVERSE=True, **layer_meta)
                 specs.append(_spec("lstm_step_projection_backward", lstm_step_projection_backward_kernel, suffix,
                                    variant, projection_backward, layer_warps, layer_stages, layer_tiles))
+                specs.append(_packed_spec("lstm_step_projection_backward", lstm_step_projection_backward_kernel,
+                                          suffix, variant, projection_backward, layer_warps, layer_stages,
+                                          layer_tiles, dr_ptr=b["dr"]))
                 if has_next:  # with a projection the launcher passes HAS_NEXT=False (its product is dr·W_hr)
                     continue
             layer_backward = dict(dgates_ptr=dgates, dr_ptr=b["dr"][step] if proj_size else dc, w_hh_ptr=w_hh,
@@ -133,6 +154,9 @@ def _step_specs(dtype, bucket, variant) -> list[_aot.CompileSpec]:
                                   REVERSE=True, PROJECTION=proj_size > 0, **layer_meta)
             specs.append(_spec("lstm_step_backward", lstm_step_backward_kernel, suffix, variant, layer_backward,
                                layer_warps, layer_stages, layer_tiles))
+            specs.append(_packed_spec("lstm_step_backward", lstm_step_backward_kernel, suffix, variant, layer_backward,
+                                      layer_warps, layer_stages, layer_tiles, dr_ptr=b["dr"] if proj_size else dc,
+                                      gates_ptr=b["gates"], c_prev_ptr=cell_saved))
     # The cell's backward (lstm_cell_backward): T = 1, c_prev in the input dtype, dc standing in for the absent.
     w_hh = _empty(4 * hidden_size, hidden_size, dtype=dtype)
     cell_backward = dict(dgates_ptr=_empty(batch, 4 * hidden_size, dtype=dtype), dr_ptr=dc, w_hh_ptr=w_hh,
@@ -182,10 +206,17 @@ def _persistent_specs(dtype, padded, variant, padded_proj=0) -> list[_aot.Compil
                     dc_ptr=dc, gates_ptr=b["gates"], c_state_ptr=b["c_state"], lengths_ptr=b["lengths"], B=batch,
                     H=hidden_size, P=state_size, T=STEPS, HAS_GRAD_OUTPUT=True, HAS_GRAD_H_N=True, HAS_LENGTHS=True,
                     REVERSE=True, **meta)
+    cell_saved = _empty(STEPS * batch, hidden_size, dtype=torch.float32)
     return [_spec("lstm_sequence_forward_persistent", lstm_sequence_forward_persistent_kernel, case, variant, forward,
                   num_warps, num_stages, tiles),
             _spec("lstm_sequence_backward_persistent", lstm_sequence_backward_persistent_kernel, case, variant,
-                  backward, num_warps, num_stages, tiles)]
+                  backward, num_warps, num_stages, tiles),
+            _packed_spec("lstm_sequence_forward_persistent", lstm_sequence_forward_persistent_kernel, case, variant,
+                         forward, num_warps, num_stages, tiles,
+                         c_state_ptr=_empty(2, batch, hidden_size, dtype=torch.float32), c_slots=2,
+                         cell_saved_ptr=cell_saved),
+            _packed_spec("lstm_sequence_backward_persistent", lstm_sequence_backward_persistent_kernel, case, variant,
+                         backward, num_warps, num_stages, tiles, c_state_ptr=cell_saved)]
 
 
 def _grid_spec(dtype, padded, variant) -> _aot.CompileSpec:

@@ -8,8 +8,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import (accumulate_a_w, accumulate_gates, add_bias, add_output_gradients, backward_epilogue,
-                     forward_epilogue, row_schedule)
+from .common import (accumulate_a_w, accumulate_gates, add_bias, add_output_gradients_at, backward_epilogue_at,
+                     forward_epilogue, row_schedule, time_rows)
 
 
 @triton.jit
@@ -52,6 +52,7 @@ def lstm_step_backward_kernel(
     HAS_NEXT: tl.constexpr, HAS_GRAD_OUTPUT: tl.constexpr, HAS_GRAD_H_N: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr, PROJECTION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    offsets_ptr=None, PACKED: tl.constexpr = False,
 ):
     """Iteration ``step`` of backward through time for one tile (the cell is T = 1, step 0).
 
@@ -60,23 +61,36 @@ def lstm_step_backward_kernel(
     dh is dm = dr_step · W_hr (K = P), dr_step (B × P) written by this step's
     ``lstm_step_projection_backward_kernel`` with dgates_{step+1} and the output and h_n gradients already
     in it (the launcher sets HAS_NEXT, HAS_GRAD_OUTPUT and HAS_GRAD_H_N off).
+
+    ``PACKED`` (the packed layout, common.py): B is this iteration's active count, and dgates, the output
+    gradient, dr, the saved gates and c before the step (``gates_ptr``, ``c_prev_ptr``: whole arrays, not
+    a slot) are at the packed rows; dgates_{step+1} is read only for rows active at step + 1.
     """
     offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     b_mask, h_mask = offs_b < B, offs_h < H
     mask = b_mask[:, None] & h_mask[None, :]
     length, active, time = row_schedule(step, offs_b, b_mask, lengths_ptr, T, REVERSE, HAS_LENGTHS)
+    rows = time_rows(time, offs_b, B, offsets_ptr, PACKED)
+    if PACKED:
+        saved_rows = rows
+    else:
+        saved_rows = offs_b  # gates_ptr and c_prev_ptr are this iteration's slots
     dh = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     if PROJECTION:
-        dh = accumulate_a_w(dh, dr_ptr, offs_b, b_mask, P, w_hr_ptr, H, offs_h, h_mask, BLOCK_K, DOT_PRECISION)
+        dh = accumulate_a_w(dh, dr_ptr, saved_rows, b_mask, P, w_hr_ptr, H, offs_h, h_mask, BLOCK_K, DOT_PRECISION)
     elif HAS_NEXT:
-        _, _, time_next = row_schedule(step + 1, offs_b, b_mask, lengths_ptr, T, REVERSE, HAS_LENGTHS)
-        dh = accumulate_a_w(dh, dgates_ptr, time_next * B + offs_b, b_mask, 4 * H, w_hh_ptr, H, offs_h, h_mask,
-                            BLOCK_K, DOT_PRECISION)
-    backward_epilogue(
-        dh, step, length, active, time, offs_b, offs_h, mask, B, H,
+        _, active_next, time_next = row_schedule(step + 1, offs_b, b_mask, lengths_ptr, T, REVERSE, HAS_LENGTHS)
+        if PACKED:
+            next_mask = b_mask & active_next
+        else:
+            next_mask = b_mask
+        dh = accumulate_a_w(dh, dgates_ptr, time_rows(time_next, offs_b, B, offsets_ptr, PACKED), next_mask, 4 * H,
+                            w_hh_ptr, H, offs_h, h_mask, BLOCK_K, DOT_PRECISION)
+    backward_epilogue_at(
+        dh, step, length, active, rows, saved_rows, offs_b, offs_h, mask, H,
         grad_output_ptr, grad_h_n_ptr, dc_ptr, gates_ptr, c_prev_ptr, dgates_ptr,
-        HAS_LENGTHS, HAS_GRAD_OUTPUT, HAS_GRAD_H_N,
+        HAS_LENGTHS and not PACKED, HAS_GRAD_OUTPUT, HAS_GRAD_H_N,
     )
 
 
@@ -87,20 +101,31 @@ def lstm_step_projection_backward_kernel(
     HAS_NEXT: tl.constexpr, HAS_GRAD_OUTPUT: tl.constexpr, HAS_GRAD_H_N: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    offsets_ptr=None, PACKED: tl.constexpr = False,
 ):
     """The first half of a projected LSTM's backward step, for a (BLOCK_B × BLOCK_H) tile of r's P units:
     dr = dgates_{step+1} · W_hh (W_hh 4H × P) + the output and h_n gradients, stored for iteration ``step``
-    (zero past a row's length, so that dW_hr = Σ drᵀ·m gets nothing from a frozen step)."""
+    (zero past a row's length, so that dW_hr = Σ drᵀ·m gets nothing from a frozen step). ``PACKED``: B active
+    rows, dgates, the output gradient and dr (the whole (rows, P) array) at the packed rows."""
     offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_p = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     b_mask, p_mask = offs_b < B, offs_p < P
     mask = b_mask[:, None] & p_mask[None, :]
     length, active, time = row_schedule(step, offs_b, b_mask, lengths_ptr, T, REVERSE, HAS_LENGTHS)
+    rows = time_rows(time, offs_b, B, offsets_ptr, PACKED)
     dr = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     if HAS_NEXT:
-        _, _, time_next = row_schedule(step + 1, offs_b, b_mask, lengths_ptr, T, REVERSE, HAS_LENGTHS)
-        dr = accumulate_a_w(dr, dgates_ptr, time_next * B + offs_b, b_mask, 4 * H, w_hh_ptr, P, offs_p, p_mask,
-                            BLOCK_K, DOT_PRECISION)
-    dr = add_output_gradients(dr, step, length, active, time, offs_b, offs_p, mask, B, P, grad_output_ptr,
-                              grad_h_n_ptr, HAS_GRAD_OUTPUT, HAS_GRAD_H_N)
-    tl.store(dr_ptr + offs_b[:, None] * P + offs_p[None, :], tl.where(active[:, None], dr, 0.0), mask=mask)
+        _, active_next, time_next = row_schedule(step + 1, offs_b, b_mask, lengths_ptr, T, REVERSE, HAS_LENGTHS)
+        if PACKED:
+            next_mask = b_mask & active_next
+        else:
+            next_mask = b_mask
+        dr = accumulate_a_w(dr, dgates_ptr, time_rows(time_next, offs_b, B, offsets_ptr, PACKED), next_mask, 4 * H,
+                            w_hh_ptr, P, offs_p, p_mask, BLOCK_K, DOT_PRECISION)
+    dr = add_output_gradients_at(dr, step, length, active, rows, offs_b, offs_p, mask, P, grad_output_ptr,
+                                 grad_h_n_ptr, HAS_GRAD_OUTPUT, HAS_GRAD_H_N)
+    if PACKED:
+        dr_rows = rows
+    else:
+        dr_rows = offs_b  # dr_ptr is this iteration's slot
+    tl.store(dr_ptr + dr_rows[:, None] * P + offs_p[None, :], tl.where(active[:, None], dr, 0.0), mask=mask)

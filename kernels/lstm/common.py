@@ -6,6 +6,13 @@ Layouts: gates pre-activation order (i, f, g, o) as torch; saved activated gates
 (T, B, ·). Iteration k of row b runs time step t_b(k) = k, or lengths[b]-1-k when reversed; past a
 row's length its state is frozen and it is parked at t = k, where its output and gate gradient are
 written as zeros, so every (t, b) is written exactly once.
+
+Packed layout (``PACKED``, a PackedSequence's own rows): the batch is in the PackedSequence's sorted order
+(lengths non-increasing), so iteration k's active rows are exactly b < batch_sizes[k], and every per-time
+array is (sum(lengths), ·) with (t, b) at row offsets[t] + b (offsets = exclusive cumsum of batch_sizes,
+T + 1 entries): no padded rows exist, and a row past its length is never read or written (the kernels mask
+it out), so its state is left where its last step put it. The ``*_at`` helpers take those rows
+(``time_rows``); the others keep the padded (T, B, ·) addressing.
 """
 
 from __future__ import annotations
@@ -33,6 +40,15 @@ def row_schedule(step, offs_b, b_mask, lengths_ptr, num_steps, REVERSE: tl.const
     else:
         time = tl.zeros_like(offs_b) + step
     return length, active, time.to(tl.int64)
+
+
+@triton.jit
+def time_rows(time, offs_b, B, offsets_ptr, PACKED: tl.constexpr):
+    """The row of (time[b], b) in a time-major (·, width) array: time·B + b in the padded (T, B, ·) layout,
+    offsets[time] + b in the packed one (``time`` ≤ T, so offsets' T + 1 entries cover every load)."""
+    if PACKED:
+        return tl.load(offsets_ptr + time) + offs_b
+    return time * B + offs_b
 
 
 @triton.jit
@@ -74,7 +90,13 @@ def add_bias(pre_i, pre_f, pre_g, pre_o, bias_ptr, H, offs_h, h_mask):
 @triton.jit
 def add_input_projection(pre_i, pre_f, pre_g, pre_o, projection_ptr, time, B, H, offs_b, offs_h, mask):
     """Adds x_t · W_ihᵀ, precomputed for all steps as (T, B, 4H), at each row's own time index."""
-    row = (time[:, None] * B + offs_b[:, None]) * (4 * H) + offs_h[None, :]
+    return add_input_projection_at(pre_i, pre_f, pre_g, pre_o, projection_ptr, time * B + offs_b, H, offs_h, mask)
+
+
+@triton.jit
+def add_input_projection_at(pre_i, pre_f, pre_g, pre_o, projection_ptr, rows, H, offs_h, mask):
+    """Adds x_t · W_ihᵀ, precomputed for all steps as (rows, 4H), at each batch row's own time ``rows``."""
+    row = rows[:, None] * (4 * H) + offs_h[None, :]
     pre_i += tl.load(projection_ptr + row, mask=mask, other=0.0).to(tl.float32)
     pre_f += tl.load(projection_ptr + row + H, mask=mask, other=0.0).to(tl.float32)
     pre_g += tl.load(projection_ptr + row + 2 * H, mask=mask, other=0.0).to(tl.float32)
@@ -110,12 +132,29 @@ def forward_epilogue(
     HAS_LENGTHS: tl.constexpr, HAS_OUTPUT: tl.constexpr, SAVE_HIDDEN: tl.constexpr, SAVE_GATES: tl.constexpr,
 ):
     """The LSTM update of one (batch rows × hidden units) tile and every store that follows from it."""
+    forward_epilogue_at(
+        pre_i, pre_f, pre_g, pre_o, active, time * B + offs_b, offs_b, offs_b, offs_h, mask, H,
+        h_in_ptr, c_in_ptr, h_out_ptr, c_out_ptr, output_ptr, hidden_saved_ptr, gates_ptr, c_in_ptr,
+        HAS_LENGTHS, HAS_OUTPUT, SAVE_HIDDEN, SAVE_GATES, False,
+    )
+
+
+@triton.jit
+def forward_epilogue_at(
+    pre_i, pre_f, pre_g, pre_o, active, rows, gate_rows, offs_b, offs_h, mask, H,
+    h_in_ptr, c_in_ptr, h_out_ptr, c_out_ptr, output_ptr, hidden_saved_ptr, gates_ptr, cell_saved_ptr,
+    HAS_LENGTHS: tl.constexpr, HAS_OUTPUT: tl.constexpr, SAVE_HIDDEN: tl.constexpr, SAVE_GATES: tl.constexpr,
+    SAVE_CELL: tl.constexpr,
+):
+    """``forward_epilogue`` at explicit rows: output and h before the step at ``rows`` (time order), the gates at
+    ``gate_rows`` of ``gates_ptr``; ``SAVE_CELL`` also stores c before the step at ``rows`` of ``cell_saved_ptr``
+    (the packed layout's saved cell states; the padded one keeps a slot per iteration instead)."""
     state = offs_b[:, None] * H + offs_h[None, :]
     c_prev = tl.load(c_in_ptr + state, mask=mask, other=0.0).to(tl.float32)
     input_gate, forget_gate, cell_gate, output_gate, c, h = lstm_update(pre_i, pre_f, pre_g, pre_o, c_prev)
     if HAS_LENGTHS or SAVE_HIDDEN:
         h_prev = tl.load(h_in_ptr + state, mask=mask, other=0.0)
-    at_time = (time[:, None] * B + offs_b[:, None]) * H + offs_h[None, :]
+    at_time = rows[:, None] * H + offs_h[None, :]
     if HAS_OUTPUT:
         # A row past its length outputs zeros (at its parked time index) and keeps its state.
         tl.store(output_ptr + at_time, tl.where(active[:, None], h, 0.0), mask=mask)
@@ -128,7 +167,9 @@ def forward_epilogue(
         # dW_hh = Σ_t dgates_tᵀ · h_before_t is one GEMM over time order: keep h_before there.
         tl.store(hidden_saved_ptr + at_time, h_prev, mask=mask)
     if SAVE_GATES:
-        store_gates(gates_ptr, input_gate, forget_gate, cell_gate, output_gate, offs_b, offs_h, mask, H)
+        store_gates(gates_ptr, input_gate, forget_gate, cell_gate, output_gate, gate_rows, offs_h, mask, H)
+    if SAVE_CELL:
+        tl.store(cell_saved_ptr + at_time, c_prev, mask=mask)
 
 
 @triton.jit
@@ -140,6 +181,20 @@ def projected_forward_epilogue(
     """The LSTM update of a tile when a projection follows: stores c and the gates as ``forward_epilogue``, and
     returns m = σ(o)·tanh(c) (fp32) for r = m·W_hrᵀ; ``STORE_CELL_OUTPUT`` also writes m to (B, H) for a product
     that runs in another launch. A row past its length keeps c (its r is frozen by ``projection_epilogue``)."""
+    return projected_forward_epilogue_at(
+        pre_i, pre_f, pre_g, pre_o, active, offs_b, offs_b, offs_b, offs_h, mask, H, c_in_ptr, c_out_ptr,
+        cell_output_ptr, gates_ptr, c_in_ptr, HAS_LENGTHS, STORE_CELL_OUTPUT, SAVE_GATES, False,
+    )
+
+
+@triton.jit
+def projected_forward_epilogue_at(
+    pre_i, pre_f, pre_g, pre_o, active, rows, gate_rows, offs_b, offs_h, mask, H,
+    c_in_ptr, c_out_ptr, cell_output_ptr, gates_ptr, cell_saved_ptr,
+    HAS_LENGTHS: tl.constexpr, STORE_CELL_OUTPUT: tl.constexpr, SAVE_GATES: tl.constexpr, SAVE_CELL: tl.constexpr,
+):
+    """``projected_forward_epilogue`` with the gates at ``gate_rows`` and (``SAVE_CELL``) c before the step stored
+    at ``rows`` (time order) of ``cell_saved_ptr``."""
     state = offs_b[:, None] * H + offs_h[None, :]
     c_prev = tl.load(c_in_ptr + state, mask=mask, other=0.0).to(tl.float32)
     input_gate, forget_gate, cell_gate, output_gate, c, m = lstm_update(pre_i, pre_f, pre_g, pre_o, c_prev)
@@ -149,7 +204,9 @@ def projected_forward_epilogue(
     if STORE_CELL_OUTPUT:
         tl.store(cell_output_ptr + state, m, mask=mask)
     if SAVE_GATES:
-        store_gates(gates_ptr, input_gate, forget_gate, cell_gate, output_gate, offs_b, offs_h, mask, H)
+        store_gates(gates_ptr, input_gate, forget_gate, cell_gate, output_gate, gate_rows, offs_h, mask, H)
+    if SAVE_CELL:
+        tl.store(cell_saved_ptr + rows[:, None] * H + offs_h[None, :], c_prev, mask=mask)
     return m
 
 
@@ -161,10 +218,20 @@ def projection_epilogue(
     """The stores of r = m·W_hrᵀ (B × P), the recurrent state and output of a projected LSTM, as
     ``forward_epilogue`` stores h: output (zeros past a row's length), the next state (frozen past it), and
     (training) the state before the step in time order, for dW_hh = Σ dgatesᵀ·r_{t-1}."""
+    projection_epilogue_at(r, active, time * B + offs_b, offs_b, offs_p, mask, P, h_in_ptr, h_out_ptr, output_ptr,
+                           hidden_saved_ptr, HAS_LENGTHS, SAVE_HIDDEN)
+
+
+@triton.jit
+def projection_epilogue_at(
+    r, active, rows, offs_b, offs_p, mask, P, h_in_ptr, h_out_ptr, output_ptr, hidden_saved_ptr,
+    HAS_LENGTHS: tl.constexpr, SAVE_HIDDEN: tl.constexpr,
+):
+    """``projection_epilogue`` with output and the saved state at ``rows`` (time order)."""
     state = offs_b[:, None] * P + offs_p[None, :]
     if HAS_LENGTHS or SAVE_HIDDEN:
         r_prev = tl.load(h_in_ptr + state, mask=mask, other=0.0)
-    at_time = (time[:, None] * B + offs_b[:, None]) * P + offs_p[None, :]
+    at_time = rows[:, None] * P + offs_p[None, :]
     tl.store(output_ptr + at_time, tl.where(active[:, None], r, 0.0), mask=mask)
     if HAS_LENGTHS:
         r = tl.where(active[:, None], r, r_prev.to(tl.float32))
@@ -179,13 +246,23 @@ def add_output_gradients(
     HAS_GRAD_OUTPUT: tl.constexpr, HAS_GRAD_H_N: tl.constexpr,
 ):
     """dh (B × N, the recurrent state's width) plus the gradients of the output and of h_n that reach it."""
+    return add_output_gradients_at(dh, step, length, active, time * B + offs_b, offs_b, offs_n, mask, N,
+                                   grad_output_ptr, grad_h_n_ptr, HAS_GRAD_OUTPUT, HAS_GRAD_H_N)
+
+
+@triton.jit
+def add_output_gradients_at(
+    dh, step, length, active, rows, offs_b, offs_n, mask, N, grad_output_ptr, grad_h_n_ptr,
+    HAS_GRAD_OUTPUT: tl.constexpr, HAS_GRAD_H_N: tl.constexpr,
+):
+    """``add_output_gradients`` with the output gradient read at ``rows`` (time order)."""
     if HAS_GRAD_H_N:
         # h_n is the state after a row's last active step, so its gradient enters there.
         last = (step + 1) >= length
         state = offs_b[:, None] * N + offs_n[None, :]
         dh += tl.where(last[:, None], tl.load(grad_h_n_ptr + state, mask=mask, other=0.0).to(tl.float32), 0.0)
     if HAS_GRAD_OUTPUT:
-        at_time = (time[:, None] * B + offs_b[:, None]) * N + offs_n[None, :]
+        at_time = rows[:, None] * N + offs_n[None, :]
         dh += tl.where(active[:, None], tl.load(grad_output_ptr + at_time, mask=mask, other=0.0).to(tl.float32), 0.0)
     return dh
 
@@ -197,16 +274,31 @@ def backward_epilogue(
     HAS_LENGTHS: tl.constexpr, HAS_GRAD_OUTPUT: tl.constexpr, HAS_GRAD_H_N: tl.constexpr,
 ):
     """Gate gradients of one tile from dh (its recurrent part) and the carried dc (updated in place)."""
+    backward_epilogue_at(
+        dh, step, length, active, time * B + offs_b, offs_b, offs_b, offs_h, mask, H,
+        grad_output_ptr, grad_h_n_ptr, dc_ptr, gates_ptr, c_prev_ptr, dgates_ptr,
+        HAS_LENGTHS, HAS_GRAD_OUTPUT, HAS_GRAD_H_N,
+    )
+
+
+@triton.jit
+def backward_epilogue_at(
+    dh, step, length, active, rows, saved_rows, offs_b, offs_h, mask, H,
+    grad_output_ptr, grad_h_n_ptr, dc_ptr, gates_ptr, c_prev_ptr, dgates_ptr,
+    HAS_LENGTHS: tl.constexpr, HAS_GRAD_OUTPUT: tl.constexpr, HAS_GRAD_H_N: tl.constexpr,
+):
+    """``backward_epilogue`` with the output gradient and dgates at ``rows`` (time order) and the saved gates and
+    cell state read at ``saved_rows`` of ``gates_ptr`` / ``c_prev_ptr``."""
     state = offs_b[:, None] * H + offs_h[None, :]
-    dh = add_output_gradients(dh, step, length, active, time, offs_b, offs_h, mask, B, H, grad_output_ptr,
-                              grad_h_n_ptr, HAS_GRAD_OUTPUT, HAS_GRAD_H_N)
+    dh = add_output_gradients_at(dh, step, length, active, rows, offs_b, offs_h, mask, H, grad_output_ptr,
+                                 grad_h_n_ptr, HAS_GRAD_OUTPUT, HAS_GRAD_H_N)
     dc_next = tl.load(dc_ptr + state, mask=mask, other=0.0)
-    gate = offs_b[:, None] * (4 * H) + offs_h[None, :]
+    gate = saved_rows[:, None] * (4 * H) + offs_h[None, :]
     input_gate = tl.load(gates_ptr + gate, mask=mask, other=0.0).to(tl.float32)
     forget_gate = tl.load(gates_ptr + gate + H, mask=mask, other=0.0).to(tl.float32)
     cell_gate = tl.load(gates_ptr + gate + 2 * H, mask=mask, other=0.0).to(tl.float32)
     output_gate = tl.load(gates_ptr + gate + 3 * H, mask=mask, other=0.0).to(tl.float32)
-    c_prev = tl.load(c_prev_ptr + state, mask=mask, other=0.0).to(tl.float32)
+    c_prev = tl.load(c_prev_ptr + saved_rows[:, None] * H + offs_h[None, :], mask=mask, other=0.0).to(tl.float32)
     tanh_c = tanh(forget_gate * c_prev + input_gate * cell_gate)
     dc = dc_next + dh * output_gate * (1.0 - tanh_c * tanh_c)
     d_input_gate = dc * cell_gate * input_gate * (1.0 - input_gate)
@@ -223,7 +315,7 @@ def backward_epilogue(
         d_cell_gate = tl.where(keep, d_cell_gate, 0.0)
         d_output_gate = tl.where(keep, d_output_gate, 0.0)
     tl.store(dc_ptr + state, dc_prev, mask=mask)
-    gate_at_time = (time[:, None] * B + offs_b[:, None]) * (4 * H) + offs_h[None, :]
+    gate_at_time = rows[:, None] * (4 * H) + offs_h[None, :]
     tl.store(dgates_ptr + gate_at_time, d_input_gate, mask=mask)
     tl.store(dgates_ptr + gate_at_time + H, d_forget_gate, mask=mask)
     tl.store(dgates_ptr + gate_at_time + 2 * H, d_cell_gate, mask=mask)

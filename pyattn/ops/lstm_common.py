@@ -17,6 +17,13 @@ Kernel backends implement one layer, one direction, and :func:`stacked` turns it
       -> (output (T, B, P), h_n (B, P), c_n (B, H)); lengths int64 (B,) or None (rows past their
       length keep their state and output zeros).
 
+and optionally, for a PackedSequence of unequal lengths in its own layout (no padded copy):
+
+  packed_layer(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse, batch_sizes)
+      -> (output (N, P), h_n (B, P), c_n (B, H)); input (N, I) is the packed data (N = sum(lengths),
+      time-major, step t's batch_sizes[t] rows in sorted order), batch_sizes the CPU int64 (T,), h0/c0
+      and h_n/c_n in the sorted order; output in the packed layout.
+
 Request features: "projection" (proj_size > 0), "lengths" (a PackedSequence of unequal lengths).
 Request sizes: batch, steps, input_size, hidden_size, proj_size, num_layers, directions.
 
@@ -109,17 +116,71 @@ def _packed_layout(packed: PackedSequence, device: torch.device):
 LayerFunction = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
-def stacked(layer: LayerFunction) -> Callable:
+def _run_layers(run_layer: Callable, sequence, h_0, c_0, params, *, num_layers, bias, dropout, training,
+                directions, proj_size):
+    """Every (layer, direction) of the stack: ``run_layer(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh,
+    weight_hr, reverse)``; the directions' outputs concatenated on the last axis, dropout between layers in
+    training, as torch does. Returns (last layer's output, h_n, c_n), the states stacked per (layer, direction)."""
+    per_direction = len(params) // (num_layers * directions)
+    final_h, final_c = [], []
+    layer_input = sequence
+    for index_layer in range(num_layers):
+        direction_outputs = []
+        for direction in range(directions):
+            index = index_layer * directions + direction
+            weights = params[index * per_direction:(index + 1) * per_direction]
+            bias_ih, bias_hh = (weights[2], weights[3]) if bias else (None, None)
+            weight_hr = weights[-1] if proj_size > 0 else None
+            output, h_n, c_n = run_layer(layer_input, h_0[index].contiguous(), c_0[index].contiguous(), weights[0],
+                                         weights[1], bias_ih, bias_hh, weight_hr, direction == 1)
+            direction_outputs.append(output)
+            final_h.append(h_n)
+            final_c.append(c_n)
+        layer_input = direction_outputs[0] if directions == 1 else torch.cat(direction_outputs, dim=-1)
+        if dropout > 0 and training and index_layer < num_layers - 1:
+            layer_input = F.dropout(layer_input, dropout, training=True)
+    return layer_input, torch.stack(final_h), torch.stack(final_c)
+
+
+def _lstm_on_packed_rows(layer: LayerFunction, packed_layer: LayerFunction, input: PackedSequence, hx, params,
+                         **options):
+    """A PackedSequence run in its own layout and sorted order: unequal lengths through ``packed_layer`` on the
+    packed rows (the active batch shrinks per step), equal lengths through ``layer`` on the data viewed as
+    (T, B, I) (a PackedSequence of equal lengths is that, in sorted order). hx in and h_n/c_n out are permuted
+    between the user's order and the sorted one, as torch does."""
+    batch_sizes, sorted_indices, unsorted_indices = input.batch_sizes, input.sorted_indices, input.unsorted_indices
+    steps, batch = batch_sizes.numel(), int(batch_sizes[0])
+    h_0, c_0 = hx
+    if sorted_indices is not None:
+        h_0, c_0 = h_0.index_select(1, sorted_indices), c_0.index_select(1, sorted_indices)
+    if int(batch_sizes[-1]) != batch:
+        def run_layer(sequence, *arguments):
+            return packed_layer(sequence, *arguments, batch_sizes)
+    else:
+        def run_layer(sequence, *arguments):
+            output, h_n, c_n = layer(sequence.reshape(steps, batch, sequence.size(-1)), *arguments, None)
+            return output.reshape(steps * batch, output.size(-1)), h_n, c_n
+    output, h_n, c_n = _run_layers(run_layer, input.data.contiguous(), h_0, c_0, params, **options)
+    if unsorted_indices is not None:
+        h_n, c_n = h_n.index_select(1, unsorted_indices), c_n.index_select(1, unsorted_indices)
+    return PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices), (h_n, c_n)
+
+
+def stacked(layer: LayerFunction, packed_layer: LayerFunction | None = None) -> Callable:
     """The dispatch-level ``lstm`` of a backend that implements one layer, one direction.
 
-    Packed input is laid out padded (T, B) with per-row lengths when they differ; each layer runs
-    its directions, concatenates them, and applies dropout between layers in training, as torch does.
+    Packed input goes to ``packed_layer`` in its own layout when the backend has one (see the module's
+    docstring, :func:`_lstm_on_packed_rows`); otherwise it is laid out padded (T, B) in the user's batch
+    order with per-row lengths when they differ. Each layer runs its directions, concatenates them, and
+    applies dropout between layers in training, as torch does.
     """
 
     def lstm(input, hx, params, *, num_layers, bias, batch_first, dropout, training, bidirectional, proj_size):
-        directions = 2 if bidirectional else 1
-        per_direction = len(params) // (num_layers * directions)
+        options = dict(num_layers=num_layers, bias=bias, dropout=dropout, training=training,
+                       directions=2 if bidirectional else 1, proj_size=proj_size)
         packed = isinstance(input, PackedSequence)
+        if packed and packed_layer is not None:
+            return _lstm_on_packed_rows(layer, packed_layer, input, hx, params, **options)
         lengths = None
         if packed:
             data = input.data
@@ -131,25 +192,11 @@ def stacked(layer: LayerFunction) -> Callable:
         else:
             sequence = input.transpose(0, 1) if batch_first else input
         sequence = sequence.contiguous()
-        h_0, c_0 = hx
-        final_h, final_c = [], []
-        layer_input = sequence
-        for index_layer in range(num_layers):
-            direction_outputs = []
-            for direction in range(directions):
-                index = index_layer * directions + direction
-                weights = params[index * per_direction:(index + 1) * per_direction]
-                bias_ih, bias_hh = (weights[2], weights[3]) if bias else (None, None)
-                weight_hr = weights[-1] if proj_size > 0 else None
-                output, h_n, c_n = layer(layer_input, h_0[index].contiguous(), c_0[index].contiguous(), weights[0],
-                                         weights[1], bias_ih, bias_hh, weight_hr, direction == 1, lengths)
-                direction_outputs.append(output)
-                final_h.append(h_n)
-                final_c.append(c_n)
-            layer_input = direction_outputs[0] if directions == 1 else torch.cat(direction_outputs, dim=-1)
-            if dropout > 0 and training and index_layer < num_layers - 1:
-                layer_input = F.dropout(layer_input, dropout, training=True)
-        output, h_n, c_n = layer_input, torch.stack(final_h), torch.stack(final_c)
+
+        def run_layer(*arguments):
+            return layer(*arguments, lengths)
+
+        output, h_n, c_n = _run_layers(run_layer, sequence, *hx, params, **options)
         if packed:
             output = PackedSequence(output[time_index, batch_index], input.batch_sizes, input.sorted_indices,
                                     input.unsorted_indices)
@@ -158,4 +205,5 @@ def stacked(layer: LayerFunction) -> Callable:
         return output, (h_n, c_n)
 
     lstm.layer = layer  # the one-layer function, for tests and for a backend that wants to drive it itself
+    lstm.packed_layer = packed_layer  # None where packed input is scattered to padded
     return lstm

@@ -27,6 +27,7 @@ from pyattn.ops.lstm_common import (
     require_saved,
     stacked,
 )
+from pyattn.ops.lstm_triton_packed import packed_layer
 from pyattn.reference import lstm as reference
 
 _TRITON_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
@@ -347,7 +348,7 @@ def _layer_support(*checks, projection: bool = True) -> Support:
 
 register("triton", "lstm", _layer_support(_check_persistent), variant="persistent",
          summary="one program per batch tile runs every step, W_hh (and W_hr) in registers")(
-             stacked(_layer("persistent")))
+             stacked(_layer("persistent"), packed_layer("persistent")))
 # The grid kernel has no projection: dispatch refuses proj_size > 0 there ("unsupported features: projection").
 register("triton", "lstm", _layer_support(_check_grid, projection=False), variant="grid",
          summary="W_hh split over co-resident programs, a grid barrier per step",
@@ -355,4 +356,4 @@ register("triton", "lstm", _layer_support(_check_grid, projection=False), varian
          # the call with a note; forced, that raises.
          auto_implementation=stacked(_layer("grid", grid_fallback=True)))(stacked(_layer("grid")))
 register("triton", "lstm", _layer_support(), variant="stepwise",
-         summary="one fused launch per step (two with a projection)")(stacked(_layer("stepwise")))
+         summary="one fused launch per step (two with a projection)")(stacked(_layer("stepwise"), packed_layer("stepwise")))
