@@ -25,6 +25,12 @@ namespace pyattn::lstm {
 
 constexpr int kThreads = 128;  // four warps in every CTA
 constexpr int kBlockK = 64;    // depth of one shared-memory K slice
+// The persistent kernels' recurrent operand (h_{t-1}, m_t, dgates_{t+1}, dr_t) streams through a cp.async
+// ring of K slices with all but one in flight, so a step exposes ⌈slices / (stages − 1)⌉ L2 round trips
+// instead of one per slice. 16-bit tiles of one batch fragment (the latency-bound small batch) take 8
+// slices (18 KB: H = 768 is two round trips), the rest 4 (fp32 backward at H = 768 would not fit 8).
+template <typename T, int BM>
+constexpr int kPipelineStages = BM == 16 && sizeof(T) == 2 ? 8 : 4;
 
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
 __host__ __device__ constexpr int round_up(int a, int b) { return ceil_div(a, b) * b; }
@@ -75,6 +81,8 @@ struct TileShape {
   static constexpr int kLdA = kBlockK + kRowPad<T>;
   static constexpr int kLdC = BN + 4;
   static constexpr size_t kABytes = align128(size_t(BM) * kLdA * sizeof(T));
+  static constexpr int kStages = kPipelineStages<T, BM>;
+  static constexpr size_t kRingBytes = kStages * kABytes;  // the persistent kernels' A slices
   static constexpr size_t kCBytes = align128(size_t(kSplits) * BM * kLdC * sizeof(float));
   __host__ __device__ static int w_ld(int k_size, bool resident) {
     return (resident ? round_up(k_size, kBlockK) : kBlockK) + kRowPad<T>;
@@ -136,6 +144,59 @@ __device__ __forceinline__ void load_tile(T* tile, int ld, const T* src, int64_t
     } else {
 #pragma unroll
       for (int v = 0; v < kVec; ++v) tile[r * ld + c + v] = values[v];
+    }
+  }
+}
+
+// cp.async (sm_80+): 16 bytes global -> shared without a register round trip, `.cg` (L2 only, like
+// __ldcg: the data may have been written by another SM in this kernel); commit closes a group, wait<N>
+// returns once at most N of this thread's groups are pending. The CPU emulation defers the copies to
+// the wait, so a slice read before its wait (and __syncthreads) sees stale bytes there too.
+__device__ __forceinline__ void copy_async_l2(void* shared_destination, const void* global_source) {
+#if defined(__CUDA_ARCH__)
+  const unsigned destination = static_cast<unsigned>(__cvta_generic_to_shared(shared_destination));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(destination), "l"(global_source) : "memory");
+#elif defined(PYATTN_LSTM_EMULATION)
+  emu::copy_async(shared_destination, global_source, 16);
+#endif
+}
+__device__ __forceinline__ void copy_async_commit() {
+#if defined(__CUDA_ARCH__)
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#elif defined(PYATTN_LSTM_EMULATION)
+  emu::copy_async_commit();
+#endif
+}
+template <int PENDING>
+__device__ __forceinline__ void copy_async_wait() {
+#if defined(__CUDA_ARCH__)
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING) : "memory");
+#elif defined(PYATTN_LSTM_EMULATION)
+  emu::copy_async_wait(PENDING);
+#endif
+}
+
+// load_tile for data written in this kernel (through L2 only) by cp.async: whole 16-byte chunks go
+// straight to shared memory asynchronously; ragged edges and misaligned views take the synchronous
+// zero-filling path of load_tile.
+template <typename T, int ROWS, typename RowOf>
+__device__ __forceinline__ void load_tile_async(T* tile, int ld, const T* src, int64_t src_stride, int k0, int k_size,
+                                                bool vectorized, RowOf row_of) {
+  constexpr int kVec = 16 / sizeof(T);
+  constexpr int kChunksPerRow = kBlockK / kVec;
+  for (int chunk = threadIdx.x; chunk < ROWS * kChunksPerRow; chunk += kThreads) {
+    const int r = chunk / kChunksPerRow;
+    const int c = (chunk % kChunksPerRow) * kVec;
+    const int64_t row = row_of(r);
+    const int k = k0 + c;
+    if (row >= 0 && vectorized && k + kVec <= k_size) {
+      copy_async_l2(tile + r * ld + c, src + row * src_stride + k);
+      continue;
+    }
+#pragma unroll
+    for (int v = 0; v < kVec; ++v) {
+      tile[r * ld + c + v] = row >= 0 && k + v < k_size ? Element<T>::load_l2(src + row * src_stride + k + v)
+                                                         : Element<T>::from_float(0.f);
     }
   }
 }
@@ -287,19 +348,55 @@ struct ForwardStep {
   const T* h_prev;
 };
 
+// What a thread of the epilogue keeps in registers across the persistent forward's steps when the CTA
+// has one batch tile: the next step's input-projection values (loaded before the grid barrier, so the
+// epilogue waits on nothing but the product) and its units' float32 c (carried, never reloaded).
+template <int BM, int BJ>
+struct EpilogueOperands {
+  static constexpr int kPerThread = ceil_div(BM * BJ, kThreads);
+  float pre[kPerThread][4];
+  float c[kPerThread];
+};
+
+// Loads step t's input-projection values of the thread's (row, unit) pairs into `operands`.
+template <typename T, int BM, int BJ>
+__device__ __forceinline__ void prefetch_pre_gates(EpilogueOperands<BM, BJ>& operands, const T* pre_gates, int b0,
+                                                   int j0, int batch, int hidden) {
+#pragma unroll
+  for (int i = 0; i < EpilogueOperands<BM, BJ>::kPerThread; ++i) {
+    const int index = threadIdx.x + i * kThreads;
+    const int b = b0 + index / BJ, j = j0 + index % BJ;
+    if (index >= BM * BJ || b >= batch || j >= hidden) continue;
+#pragma unroll
+    for (int gate = 0; gate < 4; ++gate) {
+      operands.pre[i][gate] = Element<T>::to_float(pre_gates[int64_t(b) * 4 * hidden + gate * hidden + j]);
+    }
+  }
+}
+
 // The cell update for the CTA's BM batch rows × BJ hidden units; the C tile holds the four gates of
-// unit jj in columns jj, BJ + jj, 2BJ + jj, 3BJ + jj.
-template <typename T, int BM, int BJ, int SPLITS>
+// unit jj in columns jj, BJ + jj, 2BJ + jj, 3BJ + jj. With `operands` (kPrefetched) the pre-gates
+// (biases folded in) and c come from registers and c' is left there for the next step; otherwise they
+// are loaded from step's pointers.
+template <typename T, int BM, int BJ, int SPLITS, bool kPrefetched = false>
 __device__ __forceinline__ void forward_epilogue(const float* c_tile, int ldc, int b0, int j0, int batch, int hidden,
-                                                 const ForwardStep<T>& step) {
+                                                 const ForwardStep<T>& step,
+                                                 EpilogueOperands<BM, BJ>* operands = nullptr) {
   using E = Element<T>;
-  for (int index = threadIdx.x; index < BM * BJ; index += kThreads) {
+#pragma unroll
+  for (int i = 0; i < EpilogueOperands<BM, BJ>::kPerThread; ++i) {
+    const int index = threadIdx.x + i * kThreads;
     const int m = index / BJ, jj = index % BJ;
     const int b = b0 + m, j = j0 + jj;
-    if (b >= batch || j >= hidden) continue;
+    if (index >= BM * BJ || b >= batch || j >= hidden) continue;
     const int64_t state = int64_t(b) * hidden + j;
     const int64_t gate_row = int64_t(b) * 4 * hidden;
-    const float c_old = step.c_prev_f32 ? step.c_prev_f32[state] : E::to_float(step.c_prev[state]);
+    float c_old;
+    if constexpr (kPrefetched) {
+      c_old = operands->c[i];
+    } else {
+      c_old = step.c_prev_f32 ? step.c_prev_f32[state] : E::to_float(step.c_prev[state]);
+    }
     if (step.lengths && step.time >= step.lengths[b]) {
       // Past this sequence's end (or, reversed, before its start): the state is frozen, and the
       // output row carries h on to the next step; the caller zeroes those rows afterwards. With a
@@ -324,15 +421,20 @@ __device__ __forceinline__ void forward_epilogue(const float* c_tile, int ldc, i
 #pragma unroll
       for (int split = 0; split < SPLITS; ++split) value += c_tile[(split * BM + m) * ldc + gate * BJ + jj];
       const int column = gate * hidden + j;
-      if (step.pre_gates) value += E::to_float(step.pre_gates[gate_row + column]);
-      if (step.bias0) value += E::to_float(step.bias0[column]);
-      if (step.bias1) value += E::to_float(step.bias1[column]);
+      if constexpr (kPrefetched) {
+        value += operands->pre[i][gate];
+      } else {
+        if (step.pre_gates) value += E::to_float(step.pre_gates[gate_row + column]);
+        if (step.bias0) value += E::to_float(step.bias0[column]);
+        if (step.bias1) value += E::to_float(step.bias1[column]);
+      }
       pre[gate] = value;
     }
     const float input_gate = sigmoid(pre[0]), forget_gate = sigmoid(pre[1]);
     const float cell_gate = tanh_fast(pre[2]), output_gate = sigmoid(pre[3]);
     const float c_new = forget_gate * c_old + input_gate * cell_gate;
     const float h_new = output_gate * tanh_fast(c_new);
+    if constexpr (kPrefetched) operands->c[i] = c_new;
     if (step.m_out) {
       step.m_out[state] = E::from_float(h_new);
     } else {
@@ -352,14 +454,46 @@ __device__ __forceinline__ void forward_epilogue(const float* c_tile, int ldc, i
 // acc += A[b0 + r, 0 .. k_size) · W[w_row(n), 0 .. k_size)ᵀ over kBlockK-deep slices; A is (batch, k_size)
 // row-major. kAFromL2: A was written in this kernel by other CTAs (read through L2 only). W is either
 // resident (staged once into w_resident with leading dimension w_ld) or streamed through w_tile.
+// With W resident (the persistent kernels: A always comes from L2 then) a_tile is a ring of
+// kStages slices (TileShape::kRingBytes) filled by cp.async kStages − 1 slices ahead of the one being
+// multiplied; otherwise one A slice (and one W slice) per __syncthreads pair.
 template <typename T, int BM, int BN, int SPLITS, bool kAFromL2, bool kResident, typename RowOf>
 __device__ __forceinline__ void accumulate_product(TileAccumulator<T, BM, BN, SPLITS>& accumulator, const T* a,
                                                    int k_size, int b0, int batch, const T* w_resident, const T* w,
                                                    RowOf w_row, int w_ld, T* w_tile, T* a_tile) {
-  constexpr int kLdA = TileShape<T, BM, BN, SPLITS>::kLdA;
+  using Shape = TileShape<T, BM, BN, SPLITS>;
+  constexpr int kLdA = Shape::kLdA;
   auto batch_row = [&](int r) -> int64_t { return b0 + r < batch ? int64_t(b0 + r) : -1; };
   const bool a_vectorized = is_vectorizable<T>(a, k_size);
-  const bool w_vectorized = kResident || is_vectorizable<T>(w, k_size);
+  if constexpr (kResident) {
+    static_assert(kAFromL2, "the resident-W (persistent) products read an operand written in the same kernel");
+    constexpr int kStages = Shape::kStages;
+    constexpr int kSliceElements = static_cast<int>(Shape::kABytes / sizeof(T));
+    const int slices = ceil_div(k_size, kBlockK);
+#pragma unroll
+    for (int i = 0; i < kStages - 1; ++i) {
+      if (i < slices) {
+        load_tile_async<T, BM>(a_tile + i * kSliceElements, kLdA, a, k_size, i * kBlockK, k_size, a_vectorized,
+                               batch_row);
+      }
+      copy_async_commit();
+    }
+    for (int i = 0; i < slices; ++i) {
+      copy_async_wait<kStages - 2>();  // this thread's copies of slice i have landed
+      __syncthreads();  // everyone's have; and everyone is done with slice i − 1, whose buffer is refilled next
+      const int next = i + kStages - 1;
+      if (next < slices) {
+        load_tile_async<T, BM>(a_tile + (next % kStages) * kSliceElements, kLdA, a, k_size, next * kBlockK,
+                               k_size, a_vectorized, batch_row);
+      }
+      copy_async_commit();
+      accumulator.accumulate(a_tile + (i % kStages) * kSliceElements, kLdA, w_resident + i * kBlockK, w_ld);
+    }
+    copy_async_wait<0>();  // only empty groups are left
+    __syncthreads();       // the ring is free for the next product
+    return;
+  }
+  const bool w_vectorized = is_vectorizable<T>(w, k_size);
   for (int k0 = 0; k0 < k_size; k0 += kBlockK) {
     load_tile<T, BM, kAFromL2>(a_tile, kLdA, a, k_size, k0, k_size, a_vectorized, batch_row);
     if constexpr (!kResident) load_tile<T, BN, false>(w_tile, w_ld, w, k_size, k0, k_size, w_vectorized, w_row);
@@ -494,7 +628,7 @@ struct PersistentForwardLayout {
     return proj > 0 ? Projection::w_bytes(hidden, true) : 0;
   }
   __host__ __device__ static size_t total_bytes(int hidden, int proj) {
-    return Gates::w_bytes(width(hidden, proj), true) + projection_bytes(hidden, proj) + Gates::kABytes + kCBytes;
+    return Gates::w_bytes(width(hidden, proj), true) + projection_bytes(hidden, proj) + Gates::kRingBytes + kCBytes;
   }
   // CTAs: BJ units each for the gates, 16 columns of r each for the projection.
   __host__ __device__ static int grid(int hidden, int proj) {
@@ -522,7 +656,7 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_persistent_forward_kernel(co
   T* w_resident = reinterpret_cast<T*>(shared);
   T* hr_resident = reinterpret_cast<T*>(shared + w_bytes);
   T* a_tile = reinterpret_cast<T*>(shared + w_bytes + hr_bytes);
-  float* c_tile = reinterpret_cast<float*>(shared + w_bytes + hr_bytes + Shape::kABytes);
+  float* c_tile = reinterpret_cast<float*>(shared + w_bytes + hr_bytes + Shape::kRingBytes);
 
   const int j0 = blockIdx.x * BJ, p0 = blockIdx.x * kProjectionColumns;
   const bool owns_units = j0 < hidden, owns_columns = proj > 0 && p0 < proj;
@@ -543,6 +677,23 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_persistent_forward_kernel(co
   const T* input_projection = static_cast<const T*>(p.input_projection);
   const int64_t state_size = int64_t(batch) * hidden, h_size = int64_t(batch) * width;
   cooperative_groups::grid_group grid = cooperative_groups::this_grid();
+  auto step_time = [&](int s) { return p.reverse ? p.steps - 1 - s : s; };
+
+  // One batch tile (batch <= BM, the latency-bound case): each thread's pre-gates and c live in
+  // registers; the next step's pre-gates are loaded before the barrier that precedes it.
+  const bool one_tile = batch <= BM;
+  EpilogueOperands<BM, BJ> operands;
+  if (one_tile && owns_units) {
+    prefetch_pre_gates<T, BM, BJ>(operands, input_projection + step_time(0) * 4 * state_size, 0, j0, batch, hidden);
+#pragma unroll
+    for (int i = 0; i < EpilogueOperands<BM, BJ>::kPerThread; ++i) {
+      const int index = threadIdx.x + i * kThreads;
+      const int b = index / BJ, j = j0 + index % BJ;
+      operands.c[i] = index < BM * BJ && b < batch && j < hidden
+                          ? Element<T>::to_float(static_cast<const T*>(p.c0)[int64_t(b) * hidden + j])
+                          : 0.f;
+    }
+  }
 
   for (int s = 0; s < p.steps; ++s) {
     const int t = p.reverse ? p.steps - 1 - s : s;
@@ -571,8 +722,17 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_persistent_forward_kernel(co
                                                           gate_row, w_ld, nullptr, a_tile);
         accumulator.store(c_tile, Shape::kLdC);
         __syncthreads();
-        forward_epilogue<T, BM, BJ, Shape::kSplits>(c_tile, Shape::kLdC, b0, j0, batch, hidden, step);
+        if (one_tile) {
+          forward_epilogue<T, BM, BJ, Shape::kSplits, true>(c_tile, Shape::kLdC, b0, j0, batch, hidden, step,
+                                                            &operands);
+        } else {
+          forward_epilogue<T, BM, BJ, Shape::kSplits>(c_tile, Shape::kLdC, b0, j0, batch, hidden, step);
+        }
         __syncthreads();
+      }
+      if (one_tile && s + 1 < p.steps) {
+        prefetch_pre_gates<T, BM, BJ>(operands, input_projection + step_time(s + 1) * 4 * state_size, 0, j0, batch,
+                                      hidden);
       }
     }
     if (proj > 0) {
@@ -749,7 +909,7 @@ struct PersistentBackwardLayout {
   using Shape = TileShape<T, BM, BJ, SPLITS>;
   __host__ __device__ static size_t projection_bytes(int proj) { return proj > 0 ? Shape::w_bytes(proj, true) : 0; }
   __host__ __device__ static size_t total_bytes(int hidden, int proj) {
-    return Shape::w_bytes(4 * hidden, true) + projection_bytes(proj) + Shape::kABytes + Shape::kCBytes;
+    return Shape::w_bytes(4 * hidden, true) + projection_bytes(proj) + Shape::kRingBytes + Shape::kCBytes;
   }
   __host__ __device__ static int grid(int hidden, int proj) { return ceil_div(hidden > proj ? hidden : proj, BJ); }
 };
@@ -769,7 +929,7 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_persistent_backward_kernel(c
   T* w_resident = reinterpret_cast<T*>(shared);
   T* hr_resident = reinterpret_cast<T*>(shared + w_bytes);
   T* a_tile = reinterpret_cast<T*>(shared + w_bytes + hr_bytes);
-  float* c_tile = reinterpret_cast<float*>(shared + w_bytes + hr_bytes + Shape::kABytes);
+  float* c_tile = reinterpret_cast<float*>(shared + w_bytes + hr_bytes + Shape::kRingBytes);
 
   const int j0 = blockIdx.x * BJ;
   const int w_rows = proj > 0 ? proj : hidden;  // rows of W_hhᵀ
@@ -839,7 +999,7 @@ __global__ void __launch_bounds__(256) lstm_cell_backward_kernel(const CellBackw
 constexpr int kPersistentForwardUnits = 8;
 constexpr int kBackwardUnits = 16;
 template <int BM>
-constexpr int kPersistentForwardSplits = BM == 16 ? 2 : 1;
+constexpr int kPersistentForwardSplits = BM == 16 ? 4 : 1;
 template <int BM>
 constexpr int kBackwardSplits = BM == 16 ? 4 : 1;
 

@@ -335,15 +335,17 @@ def persistent_footprint(batch: int, hidden: int, proj_size: int, dtype: torch.d
     bm = 16 if batch <= 16 else 64
     width = proj_size if proj_size > 0 else hidden  # the width of h: the recurrent product's K
     forward_units, backward_units, projection_columns = 8, 16, 16
-    forward_splits, backward_splits, projection_splits = (2, 4, 4) if bm == 16 else (1, 1, 1)
+    forward_splits, backward_splits, projection_splits = (4, 4, 4) if bm == 16 else (1, 1, 1)
+    stages = 8 if bm == 16 and element == 2 else 4  # kPipelineStages: the cp.async ring of A slices
+    ring = stages * _a_bytes(element, bm)
     forward = (_resident_bytes(element, 4 * forward_units, width)
                + (_resident_bytes(element, projection_columns, hidden) if proj_size > 0 else 0)
-               + _a_bytes(element, bm)
+               + ring
                + max(_c_bytes(tensor_cores, bm, 4 * forward_units, forward_splits),
                      _c_bytes(tensor_cores, bm, projection_columns, projection_splits)))
     backward = (_resident_bytes(element, backward_units, 4 * hidden)
                 + (_resident_bytes(element, backward_units, proj_size) if proj_size > 0 else 0)
-                + _a_bytes(element, bm) + _c_bytes(tensor_cores, bm, backward_units, backward_splits))
+                + ring + _c_bytes(tensor_cores, bm, backward_units, backward_splits))
     return {
         "forward": (forward, max(-(-hidden // forward_units), -(-proj_size // projection_columns))),
         "backward": (backward, -(-max(hidden, proj_size) // backward_units)),

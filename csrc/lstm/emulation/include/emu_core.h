@@ -54,5 +54,21 @@ void launch(dim3 grid, unsigned threads, size_t shared_bytes, Body body) {
 }
 }  // namespace emu
 inline void __syncthreads() { emu::cta_barrier->arrive_and_wait(); }
+// cp.async: lstm_kernels.cuh calls these under PYATTN_LSTM_EMULATION. Copies are deferred to the wait
+// that retires their group (a kernel reading a slice before waiting for it sees the old bytes).
+#define PYATTN_LSTM_EMULATION 1
+namespace emu {
+struct AsyncCopy { void* destination; const void* source; size_t bytes; };
+inline thread_local std::vector<AsyncCopy> open_group;
+inline thread_local std::vector<std::vector<AsyncCopy>> pending_groups;
+inline void copy_async(void* destination, const void* source, size_t bytes) { open_group.push_back({destination, source, bytes}); }
+inline void copy_async_commit() { pending_groups.push_back(std::move(open_group)); open_group.clear(); }
+inline void copy_async_wait(int pending) {
+  while (static_cast<int>(pending_groups.size()) > pending) {
+    for (const AsyncCopy& copy : pending_groups.front()) memcpy(copy.destination, copy.source, copy.bytes);
+    pending_groups.erase(pending_groups.begin());
+  }
+}
+}  // namespace emu
 inline float __expf(float x) { return expf(x); }
 template <class T> inline T __ldcg(const T* p) { return *p; }
