@@ -106,6 +106,7 @@ def fake_graphs(monkeypatch, counter):
     monkeypatch.setattr(graphs, "backend", fake)
     yield fake
     graphs.clear()
+    _registry.clear_notes()  # later tests read explain's last line
 
 
 # ------------------------------------------------------------------------------------ the runner itself
@@ -686,6 +687,7 @@ class TestGPU:
         yield
         torch.backends.cuda.matmul.allow_tf32 = previous
         graphs.clear()
+        _registry.clear_notes()
 
     @pytest.mark.parametrize("variant_name", _gpu_stepwise_variants())
     def test_stepwise_replays_one_graph_per_call(self, variant_name):
