@@ -58,25 +58,31 @@ def recurrence(request):
 
 
 def _record_grid_launches(monkeypatch, launch) -> list:
-    """The launch grids of every grid-barrier kernel launch from now on (so a test sees that it ran)."""
+    """(direction, launch grid) of every grid-barrier kernel launch from now on, direction "forward" or "backward"
+    (so a test sees that it ran)."""
     launched = []
-    original = launch.lstm_sequence_forward_grid_kernel
 
     class RecordingKernel:
+        def __init__(self, direction, original):
+            self.direction, self.original = direction, original
+
         def warmup(self, *args, **kwargs):  # the launcher's occupancy check compiles first (GPU only)
-            return original.warmup(*args, **kwargs)
+            return self.original.warmup(*args, **kwargs)
 
         def __getitem__(self, grid):
-            launched.append(grid)
-            return original[grid]
+            launched.append((self.direction, grid))
+            return self.original[grid]
 
-    monkeypatch.setattr(launch, "lstm_sequence_forward_grid_kernel", RecordingKernel())
+    for direction in ("forward", "backward"):
+        name = f"lstm_sequence_{direction}_grid_kernel"
+        monkeypatch.setattr(launch, name, RecordingKernel(direction, getattr(launch, name)))
     return launched
 
 
 @pytest.fixture
 def grid_recurrence(monkeypatch, launch):
-    """Forces the grid-barrier forward (dispatch's variant ``triton/grid``); returns its launch grids."""
+    """Forces the grid-barrier recurrence (dispatch's variant ``triton/grid``: the grid forward, then the grid
+    backward); returns its launches as (direction, grid)."""
     launched = _record_grid_launches(monkeypatch, launch)
     with pyattn.use_backend("triton/grid"):
         yield launched
@@ -235,11 +241,13 @@ class TestInterpreter:
     @pytest.mark.parametrize(
         "steps,batch,input_size,hidden_size,bias,lengths",
         [(1, 1, 8, 8, "both", None), (6, 3, 12, 24, "none", None), (9, 16, 20, 40, "ih", None),
-         (7, 5, 10, 24, "both", [3, 7, 1, 0, 5]), (5, 2, 16, 64, "hh", [5, 2])],
-        ids=["tiny", "dense", "full-tile", "ragged", "ragged-64"],
+         (7, 5, 10, 24, "both", [3, 7, 1, 0, 5]), (5, 2, 16, 64, "hh", [5, 2]), (4, 37, 8, 24, "both", None),
+         (6, 20, 6, 16, "both", [6, 0, 2, 5, 1, 6, 3, 0, 4, 6, 1, 2, 5, 3, 6, 0, 1, 4, 2, 6])],
+        ids=["tiny", "dense", "full-tile", "ragged", "ragged-64", "three-batch-tiles", "ragged-two-batch-tiles"],
     )
     def test_layer_grid(self, poisoned_allocations, grid_recurrence, dtype, reverse, steps, batch, input_size, hidden_size, bias, lengths):
-        """The grid-barrier forward as one program (the interpreter runs programs in turn), then the usual backward."""
+        """The grid-barrier forward and backward as one program (the interpreter runs programs in turn), batches of
+        more than 16 rows as 16-row tiles inside each step, every gradient against float64."""
         lengths = None if lengths is None else torch.tensor(lengths)
         leaves = _layer_leaves(steps, batch, input_size, hidden_size, dtype, bias=bias)
         lstm_layer = _triton_op("lstm_layer", dtype, features={"lengths"} if lengths is not None else set())
@@ -248,19 +256,22 @@ class TestInterpreter:
             lambda t: reference.lstm_layer(**t, reverse=reverse, lengths=lengths),
             leaves, dtype, ["output", "h_n", "c_n"],
         )
-        assert grid_recurrence == [(1,)] * 2, "the grid kernel did not run (once with grad, once without)"
+        assert grid_recurrence == [("forward", (1,))] * 2 + [("backward", (1,))], \
+            "the grid kernels did not run (the forward with and without grad, then the backward)"
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
     @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
     @pytest.mark.parametrize(
         "batch,input_size,hidden_size,bias,lengths",
-        [(3, 12, 40, "both", None), (16, 20, 70, "ih", None), (5, 10, 33, "both", [1, 0, 1, 1, 0]), (2, 8, 16, "none", None)],
-        ids=["odd-3-tiles", "full-batch-5-tiles", "ragged-odd", "one-tile"],
+        [(3, 12, 40, "both", None), (16, 20, 70, "ih", None), (5, 10, 33, "both", [1, 0, 1, 1, 0]), (2, 8, 16, "none", None),
+         (35, 6, 24, "both", [1, 0] * 17 + [1])],
+        ids=["odd-3-tiles", "full-batch-5-tiles", "ragged-odd", "one-tile", "ragged-three-batch-tiles"],
     )
     def test_layer_grid_tiles(self, poisoned_allocations, grid_recurrence, dtype, reverse, batch, input_size,
                               hidden_size, bias, lengths):
         """One step crosses no barrier, so the interpreter runs the GPU's tiling (a program per 16 hidden units,
-        the last one partial for odd H): every tile's gate columns, masks and stores, against float64."""
+        the last one partial for odd H), forward and backward: every tile's gate rows (forward) and W_hh columns
+        (backward), masks and stores, against float64."""
         steps = 1
         lengths = None if lengths is None else torch.tensor(lengths)
         leaves = _layer_leaves(steps, batch, input_size, hidden_size, dtype, bias=bias)
@@ -271,7 +282,8 @@ class TestInterpreter:
             leaves, dtype, ["output", "h_n", "c_n"],
         )
         programs = -(-hidden_size // 16)
-        assert grid_recurrence == [(programs,)] * 2, "the grid kernel did not run with the GPU's tiling"
+        assert grid_recurrence == [("forward", (programs,))] * 2 + [("backward", (programs,))], \
+            "the grid kernels did not run with the GPU's tiling"
 
     def test_recurrence_eligibility(self, kernels):
         """The eligibility rules are pure functions of sizes, dtype and the GPU's figures (None: the interpreter,
@@ -287,7 +299,13 @@ class TestInterpreter:
         assert kernels.grid_programs(40, interpreter=True, steps=1) == 3  # one step: no barrier, the GPU's tiling
         small = kernels.SmResources.for_arch(90, 32)
         assert "48 programs" in kernels.grid_unsupported_reason(16, 768, torch.float16, device=small)
-        assert "batch 17" in kernels.grid_unsupported_reason(17, 768, torch.float16, device=hopper)
+        assert kernels.grid_unsupported_reason(48, 768, torch.float16, device=hopper) is None  # 3 batch tiles
+        assert "input: batch 49 > 48" in kernels.grid_unsupported_reason(49, 768, torch.float16, device=hopper)
+        assert kernels.grid_backward_unsupported_reason(48, 768, torch.float16, device=hopper) is None
+        assert "input: batch 49 > 48" in kernels.grid_backward_unsupported_reason(49, 768, torch.float16, device=hopper)
+        assert "48 programs" in kernels.grid_backward_unsupported_reason(16, 768, torch.float16, device=small)
+        assert "grid backward's on-chip W_hh limit" in kernels.grid_backward_unsupported_reason(
+            1, 520, torch.float32, device=hopper)
         assert "hidden size 520" in kernels.grid_unsupported_reason(1, 520, torch.float32, device=hopper)
         turing = kernels.SmResources.for_arch(75, 40)
         assert "sm_75" in kernels.grid_unsupported_reason(16, 768, torch.float16, device=turing)
@@ -317,6 +335,7 @@ class TestInterpreter:
             for dtype in (torch.float16, torch.bfloat16, torch.float32):
                 for padded in configs.grid_hidden_sizes(dtype):
                     assert (capability, configs.element_kind(dtype), padded) in configs.GRID_COMPILED
+                    assert (capability, configs.element_kind(dtype), padded) in configs.GRID_BACKWARD_COMPILED
 
     def test_recurrence_is_required_and_checked(self, kernels):
         """The launchers take the recurrence the caller chose: no default, no environment, bad names fail."""
@@ -331,16 +350,19 @@ class TestInterpreter:
         _, _, _, gates, cell_states, hidden_before = kernels.lstm_sequence_forward(*args, recurrence="stepwise")
         backward_args = (random_tensor(2, 3, 8), None, None, leaves["input"], weight_ih, weight_hh, None, False, gates,
                          cell_states, hidden_before)
-        with pytest.raises(ValueError, match="recurrence='grid': expected one of \\['persistent', 'stepwise'\\]"):
-            kernels.lstm_sequence_backward(*backward_args, recurrence="grid")
+        for bad in ("barrier", "auto", None):
+            with pytest.raises(ValueError, match=f"recurrence={bad!r}: expected one of \\['persistent', 'grid', "
+                                                 "'stepwise'\\]"):
+                kernels.lstm_sequence_backward(*backward_args, recurrence=bad)
         stepwise = kernels.lstm_sequence_backward(*backward_args, recurrence="stepwise")
-        persistent = kernels.lstm_sequence_backward(*backward_args, recurrence="persistent")
-        for a, b in zip(stepwise, persistent):
-            assert_close(a, b.double(), RTOL[torch.float32])
+        for recurrence in ("persistent", "grid"):
+            other = kernels.lstm_sequence_backward(*backward_args, recurrence=recurrence)
+            for a, b in zip(stepwise, other):
+                assert_close(a, b.double(), RTOL[torch.float32])
 
     @pytest.mark.parametrize("forward_recurrence,backward_recurrence",
-                             [("persistent", "persistent"), ("grid", "stepwise"), ("stepwise", "stepwise"),
-                              ("stepwise", "persistent")])
+                             [("persistent", "persistent"), ("grid", "grid"), ("grid", "stepwise"), ("stepwise", "stepwise"),
+                              ("stepwise", "persistent"), ("stepwise", "grid")])
     @pytest.mark.parametrize("reverse,lengths", [(False, None), (True, [3, 7, 1, 0, 5])], ids=["dense", "ragged"])
     def test_launchers_every_recurrence(self, kernels, poisoned_allocations, forward_recurrence, backward_recurrence,
                                         reverse, lengths):
@@ -368,15 +390,60 @@ class TestInterpreter:
 
     def test_layer_grid_rejects_what_it_cannot_run(self, kernels, grid_recurrence):
         # The launcher's own safety check, called directly with recurrence="grid" ...
-        for (batch, hidden_size), message in (((17, 8), "batch 17"), ((1, 520), "weight_hh: hidden size 520")):
+        for (batch, hidden_size), message in (((49, 8), "batch 49"), ((1, 520), "weight_hh: hidden size 520")):
             leaves = {name: t.detach() for name, t in _layer_leaves(2, batch, 4, hidden_size, torch.float32).items()}
             with pytest.raises(ValueError, match=message):
                 kernels.lstm_sequence_forward(leaves["input"], leaves["h0"], leaves["c0"], leaves["weight_ih"],
                                               leaves["weight_hh"], None, None, False, False, recurrence="grid")
         # ... and dispatch, where triton/grid is forced: the same reason, before any launch.
-        with pytest.raises(BackendUnavailableError, match="batch 17"):
-            _triton_op("lstm_layer", torch.float32)(**_layer_leaves(2, 17, 4, 8, torch.float32))
+        with pytest.raises(BackendUnavailableError, match="batch 49"):
+            choose(_layer_request(torch.float32, batch=49, hidden_size=8), "triton/grid")
+        # The backward launcher's: the same limits, and no projection.
+        leaves = {name: t.detach() for name, t in _layer_leaves(2, 49, 4, 8, torch.float32).items()}
+        _, _, _, gates, cell_states, hidden_before = kernels.lstm_sequence_forward(
+            leaves["input"], leaves["h0"], leaves["c0"], leaves["weight_ih"], leaves["weight_hh"], None, None, False,
+            True, recurrence="stepwise")
+        with pytest.raises(ValueError, match="lstm_sequence_backward: recurrence='grid' cannot run this call: input: "
+                                             "batch 49 > 48"):
+            kernels.lstm_sequence_backward(random_tensor(2, 49, 8), None, None, leaves["input"], leaves["weight_ih"],
+                                           leaves["weight_hh"], None, False, gates, cell_states, hidden_before,
+                                           recurrence="grid")
         assert grid_recurrence == []
+
+    def test_grid_backward_fallback_is_decided_at_the_forward(self, kernels, grid_recurrence, monkeypatch):
+        """After a grid forward the backward's kernel comes from the grid backward's rule, asked once when the forward
+        runs (the call's batch, hidden size, dtype and device); where it refuses, the backward runs stepwise and the
+        grid backward is never launched."""
+        asked = []
+
+        def refuse(batch, hidden_size, dtype, device):
+            asked.append((batch, hidden_size, dtype, device.type))
+            return "stepwise", "weight_hh: the grid backward cannot hold its programs (test)"
+
+        monkeypatch.setattr(kernels, "backward_after_grid", refuse)
+        steps, batch, input_size, hidden_size = 5, 3, 6, 24
+        leaves = _layer_leaves(steps, batch, input_size, hidden_size, torch.float32)
+        lstm_layer = _triton_op("lstm_layer", torch.float32)
+        _check_outputs_and_gradients(lambda t: lstm_layer(**t), lambda t: reference.lstm_layer(**t), leaves,
+                                     torch.float32, ["output", "h_n", "c_n"])
+        assert asked == [(batch, hidden_size, torch.float32, "cpu")]
+        assert grid_recurrence == [("forward", (1,))] * 2, "the grid backward ran where its rule refused"
+
+    def test_backward_after_grid_uses_the_backward_kernels_figures(self, kernels, launch, monkeypatch):
+        """The grid backward has its own compiled figures: a GPU that holds the forward's grid but not the
+        backward's gets the grid forward and a stepwise backward, with the backward's occupancy reason."""
+        from pyattn.kernels.lstm import configs
+
+        device = launch.SmResources.for_arch(90, 60)  # 48 programs of H = 768 at 1 per SM: the forward fits
+        monkeypatch.setitem(configs.GRID_BACKWARD_COMPILED, (90, "16-bit", 1024), (128, 240_000))
+        assert kernels.grid_unsupported_reason(16, 768, torch.float16, device=device) is None
+        reason = kernels.grid_backward_unsupported_reason(16, 768, torch.float16, device=device)
+        assert "needs its 48 programs resident at once, but sm_90 with 60 SMs holds 0" in reason
+        monkeypatch.setattr(launch, "on_interpreter", lambda device: False)
+        monkeypatch.setattr(launch, "_sm_resources", lambda _: device)
+        assert kernels.backward_after_grid(16, 768, torch.float16, torch.device("cpu")) == ("stepwise", reason)
+        monkeypatch.undo()
+        assert kernels.backward_after_grid(16, 768, torch.float16, torch.device("cpu")) == ("grid", None)
 
     @pytest.mark.parametrize("used", ["output", "h_n", "c_n"])
     def test_layer_gradient_of_one_output(self, recurrence, used):
@@ -568,8 +635,9 @@ class TestInterpreter:
             torch.ops.pyattn.triton_lstm_cell_bwd, (None, grad_cy, input, hx, cx, weight_ih, weight_hh, gates)
         )
 
+    @pytest.mark.parametrize("recurrence_name", ["stepwise", "grid"])
     @pytest.mark.parametrize("lengths", [None, torch.tensor([2, 3])], ids=["dense", "ragged"])
-    def test_opcheck_layer_ops(self, lengths):
+    def test_opcheck_layer_ops(self, lengths, recurrence_name):
         steps, batch, input_size, hidden_size = 3, 2, 5, 16
         args = [
             random_tensor(steps, batch, input_size, requires_grad=True),
@@ -577,15 +645,16 @@ class TestInterpreter:
             random_tensor(batch, hidden_size, requires_grad=True),
             *_make_weights(input_size, hidden_size, torch.float32, "cpu", "both").values(),
         ]
-        torch.library.opcheck(torch.ops.pyattn.triton_lstm_layer_fwd, (*args, lengths, True, True, "stepwise"))
+        torch.library.opcheck(torch.ops.pyattn.triton_lstm_layer_fwd, (*args, lengths, True, True, recurrence_name))
         detached = [a.detach() for a in args]
-        torch.library.opcheck(torch.ops.pyattn.triton_lstm_layer_fwd, (*detached, lengths, False, False, "stepwise"))
+        torch.library.opcheck(torch.ops.pyattn.triton_lstm_layer_fwd,
+                              (*detached, lengths, False, False, recurrence_name))
         _, _, _, gates, cell_states, hidden_before = torch.ops.pyattn.triton_lstm_layer_fwd(
-            *detached, lengths, True, True, "stepwise"
+            *detached, lengths, True, True, recurrence_name
         )
         input, _, _, weight_ih, weight_hh, _, _ = detached
         grads = (random_tensor(steps, batch, hidden_size), random_tensor(batch, hidden_size), random_tensor(batch, hidden_size))
-        saved = (lengths, gates, cell_states, hidden_before, True, "stepwise")
+        saved = (lengths, gates, cell_states, hidden_before, True, recurrence_name)
         torch.library.opcheck(torch.ops.pyattn.triton_lstm_layer_bwd, (*grads, input, weight_ih, weight_hh, *saved))
         torch.library.opcheck(
             torch.ops.pyattn.triton_lstm_layer_bwd, (grads[0], None, None, input, weight_ih, weight_hh, *saved)
@@ -646,9 +715,10 @@ class TestGridLaunch:
         monkeypatch.setattr(launch, "on_interpreter", lambda device: False)
         monkeypatch.setattr(launch, "_sm_resources", lambda device: launch.SmResources.for_arch(90, 12))
         monkeypatch.setitem(configs.GRID_COMPILED, (90, "fp32", self.HIDDEN_SIZE), (64, 16384))
+        monkeypatch.setitem(configs.GRID_BACKWARD_COMPILED, (90, "fp32", self.HIDDEN_SIZE), (64, 16384))
 
-        def use(kernel):
-            monkeypatch.setattr(launch, "lstm_sequence_forward_grid_kernel", kernel)
+        def use(kernel, direction="forward"):
+            monkeypatch.setattr(launch, f"lstm_sequence_{direction}_grid_kernel", kernel)
             return kernel
 
         return use
@@ -657,6 +727,42 @@ class TestGridLaunch:
         leaves = {name: t.detach() for name, t in _layer_leaves(3, 4, 8, self.HIDDEN_SIZE, torch.float32).items()}
         return kernels.lstm_sequence_forward(leaves["input"], leaves["h0"], leaves["c0"], leaves["weight_ih"],
                                              leaves["weight_hh"], None, None, False, False, recurrence="grid")
+
+    def _backward(self, kernels):
+        """The grid backward launcher on stand-in saved tensors (the fake kernel computes nothing)."""
+        steps, batch, input_size, hidden_size = 3, 4, 8, self.HIDDEN_SIZE
+        leaves = {name: t.detach() for name, t in _layer_leaves(steps, batch, input_size, hidden_size,
+                                                                 torch.float32).items()}
+        gates = random_tensor(steps, batch, 4 * hidden_size)
+        cell_states, hidden_before = random_tensor(steps + 1, batch, hidden_size), random_tensor(steps, batch, hidden_size)
+        return kernels.lstm_sequence_backward(random_tensor(steps, batch, hidden_size), None, None, leaves["input"],
+                                              leaves["weight_ih"], leaves["weight_hh"], None, False, gates, cell_states,
+                                              hidden_before, recurrence="grid")
+
+    def test_backward_refuses_when_the_compiled_kernel_does_not_fit(self, kernels, gpu_path):
+        kernel = gpu_path(_FakeGridKernel(registers=255, shared_bytes=150_000, num_warps=8), "backward")
+        with pytest.raises(RuntimeError, match="lstm_sequence_backward: recurrence='grid' cannot launch: the grid "
+                                               "recurrence needs its 16 programs resident at once, but sm_90 with 12 "
+                                               "SMs holds 12"):
+            self._backward(kernels)
+        assert len(kernel.warmed) == 1 and kernel.launched == [], "the launcher launched a grid that could hang"
+
+    def test_backward_launches_cooperatively_when_it_fits(self, kernels, launch, gpu_path):
+        kernel = gpu_path(_FakeGridKernel(registers=96, shared_bytes=70_000, num_warps=8), "backward")
+        self._backward(kernels)
+        [(grid, options)] = kernel.launched
+        assert grid == (16,) and options["num_warps"] == options["K_SPLIT"] == 4  # fp32 at H_pad 256: 4 warps
+        assert options["launch_cooperative_grid"] is True
+        assert kernel.warmed == [((16,), options)], "the occupancy was not checked on the kernel that launches"
+
+    def test_backward_dispatch_table_refuses_before_compiling(self, kernels, gpu_path, launch, monkeypatch):
+        from pyattn.kernels.lstm import configs
+
+        monkeypatch.setitem(configs.GRID_BACKWARD_COMPILED, (90, "fp32", self.HIDDEN_SIZE), (64, 240_000))
+        kernel = gpu_path(_FakeGridKernel(registers=96, shared_bytes=70_000, num_warps=8), "backward")
+        with pytest.raises(ValueError, match="recurrence='grid' cannot run this call: weight_hh: hidden size 256"):
+            self._backward(kernels)
+        assert kernel.warmed == [] and kernel.launched == []
 
     def test_refuses_when_the_compiled_kernel_does_not_fit(self, kernels, gpu_path):
         # 255 registers × 8 warps fill an SM's register file: 12 SMs hold 12 programs, the grid needs 16.
@@ -799,18 +905,22 @@ class TestGPU:
             assert_close(triton_grads[name], ref_grad, rtol, f"grad of {name}")
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
-    @pytest.mark.parametrize("batch", [1, 8, 16])
+    @pytest.mark.parametrize("batch", [1, 8, 16, 40, 48])
     @pytest.mark.parametrize("hidden_size", [256, 512, 1024])
     @pytest.mark.parametrize("reverse,ragged", [(False, False), (True, True)], ids=["forward-dense", "reverse-ragged"])
     def test_layer_grid(self, kernels, launch, poisoned_allocations, grid_recurrence, dtype, batch, hidden_size, reverse,
                         ragged):
-        """The grid-barrier forward with a real multi-program grid (hidden tiles across SMs), gradients included."""
+        """The grid-barrier forward and backward with a real multi-program grid (hidden tiles across SMs), batches of
+        more than 16 rows as tiles, gradients included."""
         device, steps, input_size = "cuda", 64, 128
         programs = kernels.grid_programs(hidden_size, interpreter=False)
         if programs > torch.cuda.get_device_properties(device).multi_processor_count:
             pytest.skip(f"H={hidden_size} needs {programs} co-resident programs, more than this GPU's SMs")
         if kernels.hidden_pad(hidden_size) <= kernels.GRID_MAX_HIDDEN[dtype]:
             reason = kernels.grid_unsupported_reason(batch, hidden_size, dtype, device=launch._sm_resources(device))
+            assert reason is None, reason
+            reason = kernels.grid_backward_unsupported_reason(batch, hidden_size, dtype,
+                                                              device=launch._sm_resources(device))
             assert reason is None, reason
         lengths = torch.randint(0, steps + 1, (batch,), device=device) if ragged else None
         leaves = _layer_leaves(steps, batch, input_size, hidden_size, dtype, device)
@@ -822,12 +932,13 @@ class TestGPU:
             assert grid_recurrence == []
             return
         outputs = lstm_layer(**leaves, reverse=reverse, lengths=lengths)
-        assert grid_recurrence == [(programs,)], "the grid kernel did not run"
+        assert grid_recurrence == [("forward", (programs,))], "the grid kernel did not run"
         reference_leaves = _float64(leaves)
         reference_outputs = reference.lstm_layer(**reference_leaves, reverse=reverse, lengths=lengths)
         torch_outputs = reference.lstm_layer(**leaves, reverse=reverse, lengths=lengths)
         upstream = [random_tensor(*out.shape, dtype=torch.float64, device=device) for out in outputs]
         torch.autograd.backward(outputs, [grad.to(dtype) for grad in upstream])
+        assert grid_recurrence == [("forward", (programs,)), ("backward", (programs,))], "no grid backward"
         triton_grads = {name: leaf.grad.clone() for name, leaf in leaves.items()}
         for leaf in leaves.values():
             leaf.grad = None
@@ -842,7 +953,8 @@ class TestGPU:
 
     def test_auto_picks_grid(self, kernels, launch, monkeypatch):
         """B=16, H=768 in fp16: past the register-resident kernel, so the triton backend takes the grid kernel
-        given 48 SMs (dispatch tries persistent, grid, stepwise in that order)."""
+        given 48 SMs (dispatch tries persistent, grid, stepwise in that order); in training (B = 40: three batch
+        tiles) its backward is the grid backward."""
         device = torch.device("cuda")
         needed = kernels.grid_programs(768, interpreter=False)
         assert needed == 48
@@ -851,12 +963,18 @@ class TestGPU:
             pytest.skip(f"needs {needed} SMs")
         assert kernels.persistent_unsupported_reason(768, torch.float16) is not None
         assert kernels.grid_unsupported_reason(16, 768, torch.float16, device=gpu) is None
-        assert kernels.grid_unsupported_reason(17, 768, torch.float16, device=gpu) is not None
+        assert kernels.grid_unsupported_reason(49, 768, torch.float16, device=gpu) is not None
+        assert kernels.grid_backward_unsupported_reason(40, 768, torch.float16, device=gpu) is None
         assert kernels.persistent_unsupported_reason(128, torch.float16) is None
         launched = _record_grid_launches(monkeypatch, launch)
         leaves = _layer_leaves(8, 16, 32, 768, torch.float16, "cuda")
         with torch.no_grad():
             output, _, _ = _triton_op("lstm_layer", torch.float16, "cuda")(**leaves)
-        assert launched == [(needed,)]
+        assert launched == [("forward", (needed,))]
         reference_output, _, _ = reference.lstm_layer(**_float64(leaves))
         assert_close(output, reference_output, RTOL[torch.float16], "output")
+        launched.clear()
+        leaves = _layer_leaves(8, 40, 32, 768, torch.float16, "cuda")
+        outputs = _triton_op("lstm_layer", torch.float16, "cuda")(**leaves)
+        sum(out.float().sum() for out in outputs).backward()
+        assert launched == [("forward", (needed,)), ("backward", (needed,))]

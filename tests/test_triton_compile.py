@@ -130,7 +130,8 @@ def test_hopper_backward_uses_wgmma_on_64_row_tiles(compiled_results):
 
 
 def _grid_specs():
-    return [spec for spec in SPECS if spec.kernel_name == "lstm_sequence_forward_grid"]
+    """The grid-barrier LSTM kernels' specs, forward and backward."""
+    return [spec for spec in SPECS if spec.kernel_name in ("lstm_sequence_forward_grid", "lstm_sequence_backward_grid")]
 
 
 def _grid_spec_key(spec) -> tuple[str, int]:
@@ -143,28 +144,33 @@ def _grid_spec_key(spec) -> tuple[str, int]:
 
 @pytest.mark.parametrize("capability", CAPABILITIES, ids=[f"sm{c}" for c in CAPABILITIES])
 def test_lstm_grid_table_bounds_the_compiled_kernel(capability, compiled_results):
-    """Dispatch checks the grid kernel's occupancy from GRID_COMPILED: each entry must be at least what the compiler
-    reports (registers, shared memory) for every spec of that size, or dispatch could choose a grid the launcher
-    then refuses."""
+    """Dispatch checks the grid kernels' occupancy from GRID_COMPILED (forward) and GRID_BACKWARD_COMPILED
+    (backward): each entry must be at least what the compiler reports (registers, shared memory) for every spec of
+    that size, or dispatch could choose a grid the launcher then refuses."""
     from pyattn.kernels.lstm import configs
 
-    assert _grid_specs()
+    assert {spec.kernel_name for spec in _grid_specs()} == {"lstm_sequence_forward_grid", "lstm_sequence_backward_grid"}
     for spec in _grid_specs():
         kind, padded = _grid_spec_key(spec)
         result = compiled_results[(spec.op, spec.name, capability)]
-        registers, shared_bytes = configs.GRID_COMPILED[(capability, kind, padded)]
+        backward = spec.kernel_name == "lstm_sequence_backward_grid"
+        table_name = "GRID_BACKWARD_COMPILED" if backward else "GRID_COMPILED"
+        registers, shared_bytes = getattr(configs, table_name)[(capability, kind, padded)]
         assert result["registers"] <= registers and result["shared_bytes"] <= shared_bytes, (
             f"{spec.name} on sm_{capability}: {result['registers']} registers, {result['shared_bytes']} bytes of "
-            f"shared memory; GRID_COMPILED says {registers}, {shared_bytes}")
+            f"shared memory; {table_name} says {registers}, {shared_bytes}")
 
 
 def test_lstm_grid_kernel_computes_each_product_once(compiled_results):
-    """No warp repeats another's tensor-core work: per warp and step the 16-bit grid kernel issues exactly its share
-    of the (16 × H_pad) · (H_pad × 4·BLOCK_H) product, m16n8k16 instructions over (N / 8) · (K slice / 16)."""
+    """No warp repeats another's tensor-core work: per warp and step (and batch tile) the 16-bit grid forward issues
+    exactly its share of the (16 × H_pad) · (H_pad × 4·BLOCK_H) product, m16n8k16 instructions over (N / 8) ·
+    (K slice / 16); the grid backward its share of the (16 × 4·H_pad) · (4·H_pad × BLOCK_H) product, four gates of
+    (BLOCK_H / 8) · (K slice / 16)."""
     for spec in (spec for spec in _grid_specs() if _grid_spec_key(spec)[0] == "16-bit"):
         named = {spec.kernel.arg_names[path[0]]: value for path, value in spec.constexprs.items()}
         k_slice = named["HIDDEN"] // named["K_SPLIT"]
         assert named["K_SPLIT"] == spec.num_warps, f"{spec.name}: K slices != warps (warps would repeat a slice)"
+        # Forward: N = 4·BLOCK_H, one K slice of H_pad; backward: N = BLOCK_H, one K slice of each gate's H_pad.
         expected = (4 * named["BLOCK_H"] // 8) * (k_slice // 16) * (named["BLOCK_B"] // 16)
         for capability in CAPABILITIES:
             result = compiled_results[(spec.op, spec.name, capability)]

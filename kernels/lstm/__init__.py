@@ -15,7 +15,9 @@ Layer (sequence) path: the input projection of all steps is one torch GEMM; the 
     every batch row, and all programs meet at a global-memory barrier after each step. Valid only
     when every program is resident at once (checked from the compiled kernel's occupancy, launched
     cooperatively); one program under the interpreter.
-Backward through time runs persistent or stepwise; dW_ih, dW_hh, dx and the bias gradient are one GEMM
+Backward through time runs persistent, grid (``lstm_sequence_backward_grid_kernel``: W_hh's column slice per
+program, a grid barrier per step; after a grid forward where its own occupancy rule admits the call) or stepwise;
+dW_ih, dW_hh, dx and the bias gradient are one GEMM
 (or sum) each over the stacked gate gradients at the end. The caller chooses the recurrence
 (``recurrence=``); the ``*_unsupported_reason`` functions say which can run.
 A projection (``weight_hr``, proj_size > 0) runs in the persistent kernels (W_hh and W_hr on chip) and the
@@ -30,7 +32,9 @@ from .configs import (  # noqa: F401
     FORWARD_RECURRENCES,
     GRID_BLOCK_B,
     GRID_BLOCK_H,
+    GRID_BACKWARD_COMPILED,
     GRID_COMPILED,
+    GRID_MAX_BATCH,
     GRID_MAX_HIDDEN,
     GRID_MAX_HIDDEN_UNALIGNED,
     PERSISTENT_BLOCK_B,
@@ -42,6 +46,8 @@ from .configs import (  # noqa: F401
 )
 from .launch import (  # noqa: F401
     SmResources,
+    backward_after_grid,
+    grid_backward_unsupported_reason,
     grid_programs,
     grid_residency_reason,
     grid_unsupported_reason,

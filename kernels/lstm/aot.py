@@ -4,7 +4,7 @@
 Every spec is a launch: the arguments ``launch.py`` passes (``meta`` tensors allocated and sliced as the
 launchers allocate and slice them, and their integers) run through the JIT's binder, so the spec carries the
 specialisation that launch compiles with. Each kernel × dtype × config (step tiles by batch bucket, the
-persistent kernels' padded hidden sizes, the grid kernel's) is compiled with every optional feature on
+persistent kernels' padded hidden sizes, the grid kernels') is compiled with every optional feature on
 (bias, ragged lengths, reversed, training), in the "aligned" variant (batch and hidden size multiples of 16)
 and, for ``UNALIGNED_DTYPES``, the "unaligned" one (odd batch, hidden and input sizes). The stepwise and
 persistent layer kernels are compiled again in their packed form (``PACKED``, case suffix ",packed"), as
@@ -18,9 +18,9 @@ import torch
 from .. import _aot
 from . import configs
 from .cell import lstm_cell_forward_kernel, lstm_step_backward_kernel, lstm_step_projection_backward_kernel
-from .sequence import (lstm_sequence_backward_persistent_kernel, lstm_sequence_forward_grid_kernel,
-                       lstm_sequence_forward_persistent_kernel, lstm_sequence_step_forward_kernel,
-                       lstm_sequence_step_projection_kernel)
+from .grid import lstm_sequence_backward_grid_kernel, lstm_sequence_forward_grid_kernel
+from .sequence import (lstm_sequence_backward_persistent_kernel, lstm_sequence_forward_persistent_kernel,
+                       lstm_sequence_step_forward_kernel, lstm_sequence_step_projection_kernel)
 
 _DTYPE_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 UNALIGNED_DTYPES = (torch.float16, torch.float32)
@@ -219,20 +219,39 @@ def _persistent_specs(dtype, padded, variant, padded_proj=0) -> list[_aot.Compil
                          backward, num_warps, num_stages, tiles, c_state_ptr=cell_saved)]
 
 
-def _grid_spec(dtype, padded, variant) -> _aot.CompileSpec:
-    """The grid kernel at the GPU's tile of GRID_BLOCK_H units (BLOCK_H = HIDDEN is the interpreter's one program)."""
-    batch, hidden_size, _ = _sizes(variant, configs.GRID_BLOCK_B, padded)
-    meta = configs.grid_meta(padded, configs.GRID_BLOCK_H, dtype)
-    num_warps, num_stages = meta.pop("num_warps"), meta.pop("num_stages")
-    tiles = f"BB{meta['BLOCK_B']},BH{meta['BLOCK_H']},HIDDEN{padded},KS{meta['K_SPLIT']},w{num_warps},s{num_stages}"
+def _grid_specs(dtype, padded, variant) -> list[_aot.CompileSpec]:
+    """The grid forward and backward at the GPU's tile of GRID_BLOCK_H units (BLOCK_H = HIDDEN is the interpreter's
+    one program), for the largest batch the grid kernels take (GRID_MAX_BATCH: the tile loop is a runtime loop, so
+    every batch compiles the same kernel but B = 1)."""
+    batch, hidden_size, _ = _sizes(variant, configs.GRID_MAX_BATCH, padded)
     b = _layer_buffers(dtype, STEPS, batch, hidden_size)
-    arguments = dict(projection_ptr=b["projection"], w_hh_ptr=_empty(4 * hidden_size, hidden_size, dtype=dtype),
-                     bias_ptr=b["bias"], lengths_ptr=b["lengths"], h_state_ptr=b["h_state"], c_state_ptr=b["c_state"],
-                     c_slots=STEPS + 1, output_ptr=b["output"], hidden_saved_ptr=b["hidden_before"],
-                     gates_ptr=b["gates"], barrier_ptr=_empty(1, dtype=torch.int32), B=batch, H=hidden_size,
-                     T=STEPS, **FEATURES, **meta)
-    return _spec("lstm_sequence_forward_grid", lstm_sequence_forward_grid_kernel,
-                 f"{_DTYPE_NAME[dtype]},B{batch},H{hidden_size}", variant, arguments, num_warps, num_stages, tiles)
+    w_hh = _empty(4 * hidden_size, hidden_size, dtype=dtype)
+    barrier = _empty(1, dtype=torch.int32)
+    case = f"{_DTYPE_NAME[dtype]},B{batch},H{hidden_size}"
+    specs = []
+    for kernel_name, kernel, meta in (
+            ("lstm_sequence_forward_grid", lstm_sequence_forward_grid_kernel,
+             configs.grid_meta(padded, configs.GRID_BLOCK_H, dtype)),
+            ("lstm_sequence_backward_grid", lstm_sequence_backward_grid_kernel,
+             configs.grid_backward_meta(padded, configs.GRID_BLOCK_H, dtype))):
+        num_warps, num_stages = meta.pop("num_warps"), meta.pop("num_stages")
+        tiles = (f"BB{meta['BLOCK_B']},BH{meta['BLOCK_H']},HIDDEN{padded},KS{meta['K_SPLIT']},w{num_warps},"
+                 f"s{num_stages}")
+        if kernel is lstm_sequence_forward_grid_kernel:
+            arguments = dict(projection_ptr=b["projection"], w_hh_ptr=w_hh, bias_ptr=b["bias"],
+                             lengths_ptr=b["lengths"], h_state_ptr=b["h_state"], c_state_ptr=b["c_state"],
+                             c_slots=STEPS + 1, output_ptr=b["output"], hidden_saved_ptr=b["hidden_before"],
+                             gates_ptr=b["gates"], barrier_ptr=barrier, B=batch, H=hidden_size, T=STEPS, **FEATURES,
+                             **meta)
+        else:
+            arguments = dict(dgates_ptr=_empty(STEPS, batch, 4 * hidden_size, dtype=dtype), w_hh_ptr=w_hh,
+                             grad_output_ptr=b["output"], grad_h_n_ptr=_empty(batch, hidden_size, dtype=dtype),
+                             dc_ptr=_empty(batch, hidden_size, dtype=torch.float32), gates_ptr=b["gates"],
+                             c_state_ptr=b["c_state"], lengths_ptr=b["lengths"], barrier_ptr=barrier, B=batch,
+                             H=hidden_size, T=STEPS, HAS_GRAD_OUTPUT=True, HAS_GRAD_H_N=True, HAS_LENGTHS=True,
+                             REVERSE=True, **meta)
+        specs.append(_spec(kernel_name, kernel, case, variant, arguments, num_warps, num_stages, tiles))
+    return specs
 
 
 def aot_specs() -> list[_aot.CompileSpec]:
@@ -254,6 +273,7 @@ def aot_specs() -> list[_aot.CompileSpec]:
             for padded, padded_proj in configs.persistent_projection_sizes(dtype, aligned=variant == "aligned"):
                 specs += _persistent_specs(dtype, padded, variant, padded_proj)
             grid_limits = configs.GRID_MAX_HIDDEN if variant == "aligned" else configs.GRID_MAX_HIDDEN_UNALIGNED
-            specs += [_grid_spec(dtype, padded, variant) for padded in configs.grid_hidden_sizes(dtype)
-                      if padded <= grid_limits[dtype]]
+            for padded in configs.grid_hidden_sizes(dtype):
+                if padded <= grid_limits[dtype]:
+                    specs += _grid_specs(dtype, padded, variant)
     return specs

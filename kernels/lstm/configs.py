@@ -47,6 +47,13 @@ PERSISTENT_BLOCK_B = 16
 # 4 · GRID_BLOCK_H · H_pad of W_hh on chip (staged in shared memory): 128 KB at H_pad = 1024 in 16-bit types.
 GRID_BLOCK_B = 16
 GRID_BLOCK_H = 16
+# The grid kernels (forward and backward) run a batch of more than GRID_BLOCK_B rows as GRID_BLOCK_B-row tiles one
+# after another inside each step, against the same on-chip W_hh slice: registers and shared memory do not grow
+# with B (one compiled kernel serves every B > 1), but the step's time does: each extra tile re-reads the W slice
+# from shared memory (≈ 0.56 µs at H_pad 1024), where the stepwise kernels (on as many programs at B ≤ 64) stream it
+# once from L2 (≈ 0.8 µs) and pay a kernel boundary per step instead of the barrier. Predicted ahead up to 2 tiles,
+# even at 3, behind from 4 (docs/lstm.md, "Batches of more than 16 rows"); not yet timed.
+GRID_MAX_BATCH = 48
 # The largest padded H that compiles without spills on sm_90 and sm_80, for H a multiple of 16 and for other H
 # (masked scalar loads of the W_hh slice take more registers): H_pad 1024 odd-size 16-bit spills 24-56 bytes,
 # fp32 at 512 48-232 bytes, so those run stepwise.
@@ -60,14 +67,25 @@ GRID_WARPS = {"16-bit": {256: 8, 512: 8, 1024: 8}, "fp32": {128: 8, 256: 8}}
 # real one before the launch, where the launcher then re-checks the kernel it compiled);
 # tests/test_triton_compile.py checks that they bound what the compiler reports.
 GRID_COMPILED = {
-    (90, "16-bit", 256): (154, 41984), (90, "16-bit", 512): (200, 82944), (90, "16-bit", 1024): (154, 164864),
-    (90, "fp32", 128): (119, 41984), (90, "fp32", 256): (182, 82944),
-    (80, "16-bit", 256): (158, 40960), (80, "16-bit", 512): (255, 81920), (80, "16-bit", 1024): (158, 163840),
-    (80, "fp32", 128): (126, 40960), (80, "fp32", 256): (202, 81920),
+    (90, "16-bit", 256): (127, 41984), (90, "16-bit", 512): (176, 82944), (90, "16-bit", 1024): (136, 164864),
+    (90, "fp32", 128): (114, 41984), (90, "fp32", 256): (182, 82944),
+    (80, "16-bit", 256): (128, 40960), (80, "16-bit", 512): (255, 81920), (80, "16-bit", 1024): (128, 163840),
+    (80, "fp32", 128): (122, 40960), (80, "fp32", 256): (128, 81920),
 }
 
+# The grid backward (W_hh's column slice on chip) by the same key, from the same report as GRID_COMPILED.
+GRID_BACKWARD_COMPILED = {
+    (90, "16-bit", 256): (101, 41984), (90, "16-bit", 512): (201, 82944), (90, "16-bit", 1024): (128, 164864),
+    (90, "fp32", 128): (115, 41984), (90, "fp32", 256): (124, 82944),
+    (80, "16-bit", 256): (128, 40960), (80, "16-bit", 512): (203, 81920), (80, "16-bit", 1024): (166, 163840),
+    (80, "fp32", 128): (116, 40960), (80, "fp32", 256): (168, 81920),
+}
+# Warps (= K slices of each gate's rows) of the grid backward per padded hidden size: 8, but 4 for fp32 at H_pad 256,
+# where 8 (and 16) warps spill 8 bytes on sm_80 (ptxas holds them at 80 registers).
+GRID_BACKWARD_WARPS = {"16-bit": {256: 8, 512: 8, 1024: 8}, "fp32": {128: 8, 256: 4}}
+
 FORWARD_RECURRENCES = ("persistent", "grid", "stepwise")
-BACKWARD_RECURRENCES = ("persistent", "stepwise")
+BACKWARD_RECURRENCES = ("persistent", "grid", "stepwise")
 
 
 def element_kind(dtype: torch.dtype) -> str:
@@ -178,6 +196,15 @@ def grid_meta(padded_hidden: int, block_h: int, dtype: torch.dtype) -> dict:
     # num_stages=1 for the same reason as the persistent kernel: no load may move above the barrier.
     warps = GRID_WARPS[element_kind(dtype)].get(padded_hidden, 4)
     # One K slice per warp (a rank-3 dot gives its warps to the slice axis); slices at least 16 deep (tl.dot's K).
+    k_split = min(warps, padded_hidden // 16)
+    return dict(BLOCK_B=GRID_BLOCK_B, BLOCK_H=block_h, HIDDEN=padded_hidden, K_SPLIT=k_split,
+                DOT_PRECISION=DOT_PRECISION, num_warps=warps, num_stages=1)
+
+
+def grid_backward_meta(padded_hidden: int, block_h: int, dtype: torch.dtype) -> dict:
+    """Launch options of the grid backward (as :func:`grid_meta`): K_SPLIT slices of each gate's H_pad rows, one
+    per warp."""
+    warps = GRID_BACKWARD_WARPS[element_kind(dtype)].get(padded_hidden, 4)
     k_split = min(warps, padded_hidden // 16)
     return dict(BLOCK_B=GRID_BLOCK_B, BLOCK_H=block_h, HIDDEN=padded_hidden, K_SPLIT=k_split,
                 DOT_PRECISION=DOT_PRECISION, num_warps=warps, num_stages=1)

@@ -16,14 +16,14 @@ import triton
 from .. import _aot
 from .._launch import on_input_device, on_interpreter
 from .cell import lstm_cell_forward_kernel, lstm_step_backward_kernel, lstm_step_projection_backward_kernel
-from .configs import (BACKWARD_RECURRENCES, FORWARD_RECURRENCES, GRID_BLOCK_B, GRID_BLOCK_H, GRID_COMPILED,
-                      GRID_MAX_HIDDEN_UNALIGNED, PERSISTENT_BLOCK_B, PERSISTENT_MAX_HIDDEN, element_kind, grid_max_hidden,
-                      grid_meta, hidden_pad,
+from .configs import (BACKWARD_RECURRENCES, FORWARD_RECURRENCES, GRID_BACKWARD_COMPILED, GRID_BLOCK_B,
+                      GRID_BLOCK_H, GRID_COMPILED, GRID_MAX_BATCH, GRID_MAX_HIDDEN_UNALIGNED, PERSISTENT_BLOCK_B,
+                      PERSISTENT_MAX_HIDDEN, element_kind, grid_backward_meta, grid_max_hidden, grid_meta, hidden_pad,
                       persistent_max_hidden, persistent_meta, persistent_weight_budget, persistent_weight_elements,
                       step_config, step_meta)
-from .sequence import (lstm_sequence_backward_persistent_kernel, lstm_sequence_forward_grid_kernel,
-                       lstm_sequence_forward_persistent_kernel, lstm_sequence_step_forward_kernel,
-                       lstm_sequence_step_projection_kernel)
+from .grid import lstm_sequence_backward_grid_kernel, lstm_sequence_forward_grid_kernel
+from .sequence import (lstm_sequence_backward_persistent_kernel, lstm_sequence_forward_persistent_kernel,
+                       lstm_sequence_step_forward_kernel, lstm_sequence_step_projection_kernel)
 
 SUPPORTED_DTYPES = tuple(PERSISTENT_MAX_HIDDEN)
 
@@ -115,31 +115,56 @@ def _grid_block_h(hidden_size: int, programs: int) -> int:
 
 def grid_unsupported_reason(batch: int, hidden_size: int, dtype: torch.dtype, *,
                             device: SmResources | None) -> str | None:
-    """Why the grid-barrier forward cannot run, or None if it can: past these limits it would be wrong (batch),
-    not launch (W_hh slices past shared memory) or hang (more programs than the GPU holds at once, from the
-    compiled kernel's registers and shared memory in ``GRID_COMPILED``).
+    """Why the grid-barrier forward cannot run, or None if it can: past these limits it would be slower than the
+    stepwise kernels (batch), not launch (W_hh slices past shared memory) or hang (more programs than the GPU
+    holds at once, from the compiled kernel's registers and shared memory in ``GRID_COMPILED``).
 
     ``device``: the GPU (:class:`SmResources`, real or assumed); None for the interpreter, where the kernel
     runs as one program.
     """
+    return _grid_reason("grid recurrence", GRID_COMPILED, grid_meta, batch, hidden_size, dtype, device)
+
+
+def grid_backward_unsupported_reason(batch: int, hidden_size: int, dtype: torch.dtype, *,
+                                     device: SmResources | None) -> str | None:
+    """Why the grid-barrier backward through time cannot run, or None if it can: the forward's rule
+    (:func:`grid_unsupported_reason`) with the backward kernel's compiled figures (``GRID_BACKWARD_COMPILED``)."""
+    return _grid_reason("grid backward", GRID_BACKWARD_COMPILED, grid_backward_meta, batch, hidden_size, dtype,
+                        device)
+
+
+def backward_after_grid(batch: int, hidden_size: int, dtype: torch.dtype, device: torch.device) -> tuple[str, str | None]:
+    """The backward recurrence of a call whose forward ran the grid kernel on ``device`` (the real GPU's figures,
+    or the interpreter): ("grid", None) where :func:`grid_backward_unsupported_reason` admits it, else
+    ("stepwise", that reason). Decided from the rule before any launch, never from a failed one."""
+    reason = grid_backward_unsupported_reason(batch, hidden_size, dtype,
+                                              device=None if on_interpreter(device) else _sm_resources(device))
+    return ("grid", None) if reason is None else ("stepwise", reason)
+
+
+def _grid_reason(kernel: str, compiled: dict, meta, batch: int, hidden_size: int, dtype: torch.dtype,
+                 device: SmResources | None) -> str | None:
     if dtype not in GRID_MAX_HIDDEN_UNALIGNED:
         return f"dtype {dtype} is not supported (float16, bfloat16 and float32 are)"
-    if batch > GRID_BLOCK_B:
-        return f"input: batch {batch} > {GRID_BLOCK_B}, the grid recurrence's one batch tile"
+    if batch > GRID_MAX_BATCH:
+        return (f"input: batch {batch} > {GRID_MAX_BATCH}: the {kernel} runs the batch as {GRID_BLOCK_B}-row tiles "
+                f"one after another in each step on ⌈H/{GRID_BLOCK_H}⌉ programs; past "
+                f"{GRID_MAX_BATCH // GRID_BLOCK_B} tiles a step is predicted slower than the stepwise kernels', "
+                f"which spread the batch over the whole GPU")
     padded, limit = hidden_pad(hidden_size), grid_max_hidden(hidden_size, dtype)
     if padded > limit:
         kind = "" if hidden_size % 16 == 0 else ", for a hidden size that is not a multiple of 16"
-        return (f"weight_hh: hidden size {hidden_size} in {dtype} is past the grid recurrence's on-chip W_hh limit "
+        return (f"weight_hh: hidden size {hidden_size} in {dtype} is past the {kernel}'s on-chip W_hh limit "
                 f"(padded {limit}{kind})")
     if device is None:
         return None
     programs = grid_programs(hidden_size, interpreter=False)
-    figures = GRID_COMPILED.get((90 if device.capability >= 90 else 80, element_kind(dtype), padded))
+    figures = compiled.get((90 if device.capability >= 90 else 80, element_kind(dtype), padded))
     if device.capability < 80 or figures is None:
-        return (f"weight_hh: no compiled figures of the grid recurrence for hidden size {hidden_size} (padded "
+        return (f"weight_hh: no compiled figures of the {kernel} for hidden size {hidden_size} (padded "
                 f"{padded}) in {dtype} on sm_{device.capability}, so its occupancy cannot be checked")
     registers, shared_bytes = figures
-    num_warps = grid_meta(padded, _grid_block_h(hidden_size, programs), dtype)["num_warps"]
+    num_warps = meta(padded, _grid_block_h(hidden_size, programs), dtype)["num_warps"]
     reason = grid_residency_reason(programs, device, registers=registers, shared_bytes=shared_bytes,
                                    num_warps=num_warps)
     return None if reason is None else f"weight_hh: hidden size {hidden_size}: {reason}"
@@ -169,14 +194,14 @@ def _cooperative_launch_supported() -> bool:
     return "launch_cooperative_grid" in getattr(CUDAOptions, "__dataclass_fields__", {})
 
 
-def _compiled_registers(compiled) -> int:
+def _compiled_registers(compiled, caller: str) -> int:
     """Registers per thread of a compiled kernel (``n_regs``, known once Triton has loaded it on the device)."""
     if getattr(compiled, "n_regs", None) is None and hasattr(compiled, "_init_handles"):
         compiled._init_handles()
     registers = getattr(compiled, "n_regs", None)
     if registers is None:
-        raise RuntimeError("lstm_sequence_forward: recurrence='grid': this Triton's compiled kernel does not report "
-                           "its registers, so the grid's occupancy cannot be checked")
+        raise RuntimeError(f"{caller}: recurrence='grid': this Triton's compiled kernel does not report its "
+                           "registers, so the grid's occupancy cannot be checked")
     return registers
 
 
@@ -184,12 +209,13 @@ class GridResidencyError(RuntimeError):
     """The compiled grid kernel's programs cannot all be resident at once; raised before anything is launched."""
 
 
-def _launch_grid_kernel(arguments: tuple, meta: dict, programs: int, device: torch.device, refused=None) -> bool:
-    """Launch the grid kernel; on a GPU only after checking that the compiled kernel's programs all fit at once
-    (never a launch that could hang), cooperatively where this Triton can (the driver then refuses a grid it cannot
-    co-schedule instead of starting part of it). True once launched. Where the compiled kernel does not fit:
-    ``refused(reason)`` and False (nothing launched), or without ``refused`` :class:`GridResidencyError`."""
-    kernel = lstm_sequence_forward_grid_kernel
+def _launch_grid_kernel(kernel, caller: str, arguments: tuple, meta: dict, programs: int,
+                        device: torch.device, refused=None) -> bool:
+    """Launch a grid-barrier kernel (forward or backward); on a GPU only after checking that the compiled kernel's
+    programs all fit at once (never a launch that could hang), cooperatively where this Triton can (the driver then
+    refuses a grid it cannot co-schedule instead of starting part of it). True once launched. Where the compiled
+    kernel does not fit: ``refused(reason)`` and False (nothing launched), or without ``refused``
+    :class:`GridResidencyError` with the figures."""
     if on_interpreter(device):
         kernel[(programs,)](*arguments, **meta)
         return True
@@ -197,10 +223,10 @@ def _launch_grid_kernel(arguments: tuple, meta: dict, programs: int, device: tor
     if _cooperative_launch_supported():
         options["launch_cooperative_grid"] = True
     compiled = kernel.warmup(*arguments, grid=(programs,), **options)
-    reason = grid_residency_reason(programs, _sm_resources(device), registers=_compiled_registers(compiled),
+    reason = grid_residency_reason(programs, _sm_resources(device), registers=_compiled_registers(compiled, caller),
                                    shared_bytes=compiled.metadata.shared, num_warps=compiled.metadata.num_warps)
     if reason is not None:
-        reason = f"lstm_sequence_forward: recurrence='grid' cannot launch: {reason}"
+        reason = f"{caller}: recurrence='grid' cannot launch: {reason}"
         if refused is None:
             raise GridResidencyError(reason)
         refused(reason)
@@ -331,6 +357,7 @@ def lstm_sequence_forward(
         padded = hidden_pad(hidden_size)
         barrier = torch.zeros((1,), dtype=torch.int32, device=device)
         launched = _launch_grid_kernel(
+            lstm_sequence_forward_grid_kernel, "lstm_sequence_forward",
             (projection, weight_hh, bias_arg, lengths_arg, h_state, c_state, c_slots,
              output, hidden_arg, gates_arg, barrier, batch, hidden_size, steps),
             dict(**flags, **grid_meta(padded, _grid_block_h(hidden_size, programs), dtype)), programs, device,
@@ -381,8 +408,9 @@ def lstm_sequence_backward(
     ``weight_hr`` the forward's projection or None).
 
     ``recurrence``: the recurrence kernel, "persistent" (where :func:`persistent_unsupported_reason` allows;
-    else ``ValueError``) or "stepwise". Any forward recurrence's saved tensors serve either. ``grid_fallback``: as
-    :func:`lstm_sequence_forward`'s, for a grid backward (none yet: unused).
+    else ``ValueError``), "grid" (where :func:`grid_backward_unsupported_reason` allows, no projection; else
+    ``ValueError``) or "stepwise". Any forward recurrence's saved tensors serve any of them. ``grid_fallback``: as
+    :func:`lstm_sequence_forward`'s, for the grid backward's compiled kernel.
     Returns (grad_input, grad_h0, grad_c0, grad_weight_ih, grad_weight_hh, grad_bias, grad_weight_hr), the last
     an empty tensor without a projection.
     """
@@ -394,8 +422,15 @@ def lstm_sequence_backward(
     dtype, device = input.dtype, input.device
     if recurrence == "persistent":
         reason = persistent_unsupported_reason(hidden_size, dtype, proj_size)
-        if reason is not None:
-            raise ValueError(f"lstm_sequence_backward: recurrence='persistent' cannot run this call: {reason}")
+    elif recurrence == "grid" and proj_size:
+        reason = "weight_hr: the grid recurrence has no projection (proj_size > 0)"
+    elif recurrence == "grid":
+        reason = grid_backward_unsupported_reason(batch, hidden_size, dtype,
+                                                  device=None if on_interpreter(device) else _sm_resources(device))
+    else:
+        reason = None
+    if reason is not None:
+        raise ValueError(f"lstm_sequence_backward: recurrence={recurrence!r} cannot run this call: {reason}")
     weight_hh = weight_hh.contiguous()
     weight_hr_arg = weight_hh if weight_hr is None else weight_hr.contiguous()
     dgates = torch.empty((steps, batch, 4 * hidden_size), dtype=dtype, device=device)
@@ -413,13 +448,25 @@ def lstm_sequence_backward(
         HAS_LENGTHS=lengths is not None, REVERSE=reverse,
     )
     dr_arg = dr if proj_size else dc
+    if recurrence == "grid":
+        programs = grid_programs(hidden_size, interpreter=on_interpreter(device), steps=steps)
+        barrier = torch.zeros((1,), dtype=torch.int32, device=device)
+        meta = grid_backward_meta(hidden_pad(hidden_size), _grid_block_h(hidden_size, programs), dtype)
+        launched = _launch_grid_kernel(
+            lstm_sequence_backward_grid_kernel, "lstm_sequence_backward",
+            (dgates, weight_hh, grad_output_arg, grad_h_n_arg, dc, gates, cell_states, lengths_arg, barrier,
+             batch, hidden_size, steps),
+            dict(**flags, **meta), programs, device, refused=grid_fallback,
+        )
+        if not launched:
+            recurrence = "stepwise"  # nothing ran: the per-step kernels fill the same buffers
     if recurrence == "persistent":
         lstm_sequence_backward_persistent_kernel[(triton.cdiv(batch, PERSISTENT_BLOCK_B),)](
             dgates, dr_arg, weight_hh, weight_hr_arg, grad_output_arg, grad_h_n_arg, dc, gates, cell_states,
             lengths_arg, batch, hidden_size, state_size, steps,
             **flags, **persistent_meta(hidden_size, dtype, proj_size),
         )
-    else:
+    elif recurrence == "stepwise":
         config = step_config(batch, dtype, projection=proj_size > 0)
         grid = _step_grid(batch, hidden_size, config)
         for step in range(steps - 1, -1, -1):

@@ -1,6 +1,6 @@
 """The layer recurrence: per step (one launch per step), persistent (one launch, a batch tile per program,
-W_hh in registers), grid (one launch, a hidden tile per program, a grid barrier per step), and the persistent
-backward through time. docs/lstm.md has the designs and when each one runs."""
+W_hh in registers) and the persistent backward through time; the grid-barrier forward and backward are in
+``grid.py``. docs/lstm.md has the designs and when each one runs."""
 
 from __future__ import annotations
 
@@ -261,97 +261,6 @@ def lstm_sequence_forward_persistent_kernel(
                 B, H, HAS_BIAS, HAS_LENGTHS, STORE_FOR_BACKWARD, PACKED, DOT_PRECISION,
             )
         tl.debug_barrier()
-
-
-@triton.jit
-def _split_gates(pre, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
-    """(BLOCK_B, 4·BLOCK_H) pre-activations with gate-interleaved columns n = 4·j + q (unit j, gate q in
-    i, f, g, o order) -> the four (BLOCK_B, BLOCK_H) gate tiles."""
-    quads = tl.reshape(pre, (BLOCK_B, BLOCK_H, 2, 2))  # [b, j, q // 2, q % 2]
-    even, odd = tl.split(quads)  # q % 2 = 0 (i, g), 1 (f, o)
-    pre_i, pre_g = tl.split(even)
-    pre_f, pre_o = tl.split(odd)
-    return pre_i, pre_f, pre_g, pre_o
-
-
-@triton.jit
-def lstm_sequence_forward_grid_kernel(
-    projection_ptr, w_hh_ptr, bias_ptr, lengths_ptr, h_state_ptr, c_state_ptr, c_slots,
-    output_ptr, hidden_saved_ptr, gates_ptr, barrier_ptr,
-    B, H, T,
-    HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr, STORE_FOR_BACKWARD: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, HIDDEN: tl.constexpr, K_SPLIT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """All T steps for every batch row and one tile of BLOCK_H hidden units, its W_hh rows on chip.
-
-    The step's product is one GEMM, h_{t-1} (BLOCK_B × HIDDEN) · W_tileᵀ (HIDDEN × 4·BLOCK_H), whose columns
-    interleave the four gates of the tile's units (n = 4·j + q), so the epilogue gets i, f, g, o of a unit
-    from one accumulator. K is split K_SPLIT ways as the batch axis of a 3-D dot: Triton gives a rank-3
-    dot's warps to that axis, so with K_SPLIT = num_warps each warp multiplies its own K slice by its own
-    W slice (no warp computes another's tile, and no warp reads another's h or W), and one cross-warp sum
-    adds the partial tiles.
-
-    Step t needs all of h_{t-1}, written by every program: h ping-pongs between two global slots and the
-    programs meet at a barrier after each step but the last (a counter in global memory, zeroed before
-    launch, that reaches (t + 1) · programs once every program has stored step t). Two slots suffice: a
-    program writes slot t % 2 again only after that barrier, when every read of it has completed. A
-    program spins until all others arrive, so every program must be resident at once: the launcher checks
-    the compiled kernel's occupancy and launches cooperatively; the interpreter, which runs programs one
-    after another, gets one program (or any number for T = 1, which crosses no barrier).
-    """
-    N: tl.constexpr = 4 * BLOCK_H  # annotated: the interpreter too keeps them constants
-    K_CHUNK: tl.constexpr = HIDDEN // K_SPLIT
-    num_programs = tl.num_programs(0)
-    first_unit = tl.program_id(0) * BLOCK_H
-    offs_b = tl.arange(0, BLOCK_B)
-    offs_h = first_unit + tl.arange(0, BLOCK_H)
-    b_mask, h_mask = offs_b < B, offs_h < H
-    mask = b_mask[:, None] & h_mask[None, :]
-    # W_tileᵀ split along K: w[s, kk, n] = W_hh[q·H + unit j, s·K_CHUNK + kk] for n = 4·j + q; loaded once.
-    offs_n = tl.arange(0, N)
-    w_unit = first_unit + offs_n // 4
-    w_row = (offs_n % 4) * H + w_unit
-    k_3d = tl.arange(0, K_SPLIT)[:, None, None] * K_CHUNK + tl.arange(0, K_CHUNK)[None, :, None]
-    w_mask = (k_3d < H) & (w_unit < H)[None, None, :]
-    w = tl.load(w_hh_ptr + w_row[None, None, :] * H + k_3d, mask=w_mask, other=0.0)
-    # h_{t-1} split the same way: h[s, b, kk] = h_{t-1}[b, s·K_CHUNK + kk].
-    k_h = tl.arange(0, K_SPLIT)[:, None, None] * K_CHUNK + tl.arange(0, K_CHUNK)[None, None, :]
-    every_unit = offs_b[None, :, None] * H + k_h
-    every_unit_mask = b_mask[None, :, None] & (k_h < H)
-    state_size = B * H
-    for step in range(0, T):
-        _, active, time = row_schedule(step, offs_b, b_mask, lengths_ptr, T, REVERSE, HAS_LENGTHS)
-        h_in_ptr = h_state_ptr + (step % 2) * state_size
-        # Other SMs wrote most of h_{t-1}: read it from L2 (.cg), never from a stale L1 line.
-        h_prev = tl.load(h_in_ptr + every_unit, mask=every_unit_mask, other=0.0, cache_modifier=".cg")
-        partial = tl.dot(h_prev, w, input_precision=DOT_PRECISION)  # (K_SPLIT, BLOCK_B, N), fp32
-        pre_i, pre_f, pre_g, pre_o = _split_gates(tl.sum(partial, axis=0), BLOCK_B, BLOCK_H)
-        pre_i, pre_f, pre_g, pre_o = add_input_projection(
-            pre_i, pre_f, pre_g, pre_o, projection_ptr, time, B, H, offs_b, offs_h, mask
-        )
-        if HAS_BIAS:
-            pre_i, pre_f, pre_g, pre_o = add_bias(pre_i, pre_f, pre_g, pre_o, bias_ptr, H, offs_h, h_mask)
-        forward_epilogue(
-            pre_i, pre_f, pre_g, pre_o, active, time, offs_b, offs_h, mask, B, H,
-            h_in_ptr, c_state_ptr + tl.cast(step % c_slots, tl.int64) * state_size,
-            h_state_ptr + ((step + 1) % 2) * state_size,
-            c_state_ptr + tl.cast((step + 1) % c_slots, tl.int64) * state_size,
-            output_ptr, hidden_saved_ptr, gates_ptr + tl.cast(step, tl.int64) * (4 * state_size),
-            HAS_LENGTHS, True, STORE_FOR_BACKWARD, STORE_FOR_BACKWARD,
-        )
-        if step + 1 < T:
-            # Grid barrier (none after the last step: nothing in this launch reads h_T). The CTA barrier
-            # orders every thread's stores of h_t before the (one-thread, scalar) release increment; the
-            # acquire that sees the target orders the next step's loads.
-            tl.debug_barrier()
-            target = (step + 1) * num_programs
-            arrived = tl.atomic_add(barrier_ptr, 1, sem="acq_rel", scope="gpu") + 1
-            while arrived < target:
-                # A compare-and-swap that never swaps (the count is never negative) reads the counter
-                # atomically; an atomic add of 0 is folded away by the compiler, leaving a loop that never ends.
-                arrived = tl.atomic_cas(barrier_ptr, -1, -1, sem="acquire", scope="gpu")
-            tl.debug_barrier()
 
 
 @triton.jit

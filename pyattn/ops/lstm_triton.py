@@ -6,8 +6,9 @@ visible to torch.compile like any other output. Three variants serve ``lstm``, t
 
 * ``triton/persistent`` — one program per batch tile runs every step, W_hh in registers (small H; with a
   projection W_hr too, both within one on-chip budget);
-* ``triton/grid`` — W_hh split over co-resident programs, a grid barrier per step (B ≤ 16, larger H; only
-  where the compiled kernel's occupancy holds every program at once);
+* ``triton/grid`` — W_hh split over co-resident programs, a grid barrier per step (B ≤ 48 as 16-row tiles, larger
+  H; only where the compiled kernel's occupancy holds every program at once), forward and backward (the backward
+  stepwise where the grid backward's own rule refuses the call);
 * ``triton/stepwise`` — one fused launch per step (any size; a second, r = m·W_hrᵀ, with a projection).
 
 ``proj_size > 0`` (feature "projection") is served by ``triton/persistent`` and ``triton/stepwise``.
@@ -34,7 +35,20 @@ _TRITON_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
 # Recurrences whose launcher launches once per step (twice with a projection): on a GPU their calls run as one
 # CUDA-graph replay (pyattn.ops.graphs; docs/lstm.md, "CUDA graphs of the stepwise loops").
 _PER_STEP_LAUNCHES = frozenset({"stepwise"})
-_BACKWARD_RECURRENCE = {"persistent": "persistent", "grid": "stepwise", "stepwise": "stepwise"}
+_BACKWARD_RECURRENCE = {"persistent": "persistent", "stepwise": "stepwise"}
+
+
+def _backward_recurrence(arguments: dict) -> str:
+    """The backward's kernel, decided when the forward runs: the forward's own recurrence, except after a grid
+    forward: the grid backward where its rule (``grid_backward_unsupported_reason``, with the backward kernel's
+    compiled figures) admits the call, else stepwise — decided from that rule, never after a failed launch."""
+    if arguments["recurrence"] != "grid":
+        return _BACKWARD_RECURRENCE[arguments["recurrence"]]
+    from pyattn.kernels import lstm as kernels
+
+    input, c0 = arguments["input"], arguments["c0"]
+    recurrence, _reason = kernels.backward_after_grid(input.shape[1], c0.shape[1], input.dtype, input.device)
+    return recurrence
 
 
 @torch.library.custom_op("pyattn::triton_lstm_cell_fwd", mutates_args=())
@@ -188,7 +202,7 @@ def triton_lstm_layer_bwd(
     grid_fallback: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_input, grad_h0, grad_c0, grad_weight_ih, grad_weight_hh, grad_bias, grad_weight_hr); ``recurrence``:
-    the backward's kernel, "persistent" or "stepwise"; grad_weight_hr is empty without a projection."""
+    the backward's kernel, "persistent", "grid" or "stepwise"; grad_weight_hr is empty without a projection."""
     from pyattn.kernels import lstm as kernels
 
     def backward(grad_output, grad_h_n, grad_c_n, input, lengths, gates, cell_states, hidden_before, weight_ih,
@@ -223,7 +237,7 @@ def _layer_setup_context(ctx, inputs, output):
     ctx.has_bias_ih, ctx.has_bias_hh = arguments["bias_ih"] is not None, arguments["bias_hh"] is not None
     ctx.reverse = arguments["reverse"]
     ctx.grid_fallback = arguments.get("grid_fallback", False)
-    ctx.recurrence = _BACKWARD_RECURRENCE[arguments["recurrence"]]
+    ctx.recurrence = _backward_recurrence(arguments)
     ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not a zeros tensor
 
 
