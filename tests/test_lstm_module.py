@@ -435,6 +435,34 @@ def test_lstm_on_triton_interpreter_matches_torch(packed):
         assert_close(g, e, RTOL_TF32, name)
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize("packed", [False, True])
+def test_lstm_on_triton_grid_interpreter_matches_torch(monkeypatch, packed):
+    """A whole torch.nn.LSTM (two layers, both directions, dense and ragged-packed) on the grid-barrier forward and
+    backward kernels (one program each under the interpreter), against torch in float64."""
+    from pyattn.kernels.lstm import launch
+
+    launched = []
+
+    def recording(direction):
+        kernel = getattr(launch, f"lstm_sequence_{direction}_grid_kernel")
+
+        class Recording:
+            def __getitem__(self, grid):
+                launched.append(direction)
+                return kernel[grid]
+
+        return Recording()
+
+    for direction in ("forward", "backward"):
+        monkeypatch.setattr(launch, f"lstm_sequence_{direction}_grid_kernel", recording(direction))
+    with pyattn.use_backend("triton/grid"):
+        names, got, _, expected = _run_three_ways("cpu", torch.float32, packed, bidirectional=True)
+    for name, g, e in zip(names, got, expected, strict=True):
+        assert_close(g, e, RTOL_TF32, name)
+    assert launched == ["forward"] * 4 + ["backward"] * 4, launched  # 2 layers × 2 directions each way
+
+
 # The issue's bound for the projection on the Triton interpreter (fp32 against torch in float64).
 PROJECTION_RTOL = 1e-4
 
