@@ -138,14 +138,14 @@ def test_persistent_variant_refuses_what_cannot_be_co_resident():
 
 def test_persistent_footprint_mirrors_the_kernel_layouts():
     """The Python mirror against PersistentForwardLayout / PersistentBackwardLayout, worked by hand for
-    fp16, B <= 16, H = 40, P = 24: forward 32 rows × (64 + 8) + 16 rows × (64 + 8) halves, a ring of 8
+    fp16, B <= 16, H = 40, P = 24: forward 32 rows × (64 + 8) + 16 rows × (64 + 8) halves, a ring of 16
     A slices of 16 × 72 halves, the larger C tile (gates: 4 splits × 16 × 36 floats); backward
     16 × (192 + 8) + 16 × (64 + 8) halves, the ring, C 4 × 16 × 20 floats. fp32 B = 20 (BM 64, 4 slices
     of 64 × 65 floats, no K split), H = 40: forward 32 × 65 floats, C 64 × 36; backward 16 × 193, C 64 × 20."""
     footprint = lstm_cuda.persistent_footprint(3, 40, 24, torch.float16)
-    assert footprint["forward"] == (4608 + 2304 + 8 * 2304 + 9216, 5)
-    assert footprint["backward"] == (6400 + 2304 + 8 * 2304 + 5120, 3)
-    assert lstm_cuda.persistent_footprint(3, 40, 0, torch.float16)["forward"] == (4608 + 8 * 2304 + 9216, 5)
+    assert footprint["forward"] == (4608 + 2304 + 16 * 2304 + 9216, 5)
+    assert footprint["backward"] == (6400 + 2304 + 16 * 2304 + 5120, 3)
+    assert lstm_cuda.persistent_footprint(3, 40, 0, torch.float16)["forward"] == (4608 + 16 * 2304 + 9216, 5)
     fp32 = lstm_cuda.persistent_footprint(20, 40, 0, torch.float32)
     assert fp32["forward"] == (8320 + 4 * 16640 + 9216, 5) and fp32["backward"] == (12416 + 4 * 16640 + 5120, 3)
 

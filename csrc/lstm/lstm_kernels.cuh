@@ -25,12 +25,15 @@ namespace pyattn::lstm {
 
 constexpr int kThreads = 128;  // four warps in every CTA
 constexpr int kBlockK = 64;    // depth of one shared-memory K slice
-// The persistent kernels' recurrent operand (h_{t-1}, m_t, dgates_{t+1}, dr_t) streams through a cp.async
-// ring of K slices with all but one in flight, so a step exposes ⌈slices / (stages − 1)⌉ L2 round trips
-// instead of one per slice. 16-bit tiles of one batch fragment (the latency-bound small batch) take 8
-// slices (18 KB: H = 768 is two round trips), the rest 4 (fp32 backward at H = 768 would not fit 8).
+// The persistent kernels' recurrent operand (h_{t-1}, m_t, dgates_{t+1}, dr_t) goes to shared memory by
+// cp.async, into a ring of this many K slices. When the whole operand fits in all but one of them it is
+// fetched in one burst (one L2 round trip, one __syncthreads, then every warp runs its MMA chain over
+// all of K); otherwise the ring keeps all but one slice in flight, ⌈slices / (stages − 1)⌉ round trips
+// per step instead of one per slice. 16-bit tiles of one batch fragment (the latency-bound small batch)
+// take 16 slices (37 KB: a burst up to H = 960; the backward's K = 4H rings), the rest 4 (fp32 backward
+// at H = 768 and BM 64 at H = 1024 would not fit more).
 template <typename T, int BM>
-constexpr int kPipelineStages = BM == 16 && sizeof(T) == 2 ? 8 : 4;
+constexpr int kPipelineStages = BM == 16 && sizeof(T) == 2 ? 16 : 4;
 
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
 __host__ __device__ constexpr int round_up(int a, int b) { return ceil_div(a, b) * b; }
@@ -470,6 +473,20 @@ __device__ __forceinline__ void accumulate_product(TileAccumulator<T, BM, BN, SP
     constexpr int kStages = Shape::kStages;
     constexpr int kSliceElements = static_cast<int>(Shape::kABytes / sizeof(T));
     const int slices = ceil_div(k_size, kBlockK);
+    if (slices < kStages) {  // one burst
+      for (int i = 0; i < slices; ++i) {
+        load_tile_async<T, BM>(a_tile + i * kSliceElements, kLdA, a, k_size, i * kBlockK, k_size, a_vectorized,
+                               batch_row);
+      }
+      copy_async_commit();
+      copy_async_wait<0>();
+      __syncthreads();
+      for (int i = 0; i < slices; ++i) {
+        accumulator.accumulate(a_tile + i * kSliceElements, kLdA, w_resident + i * kBlockK, w_ld);
+      }
+      __syncthreads();  // the slices are free for the next product
+      return;
+    }
 #pragma unroll
     for (int i = 0; i < kStages - 1; ++i) {
       if (i < slices) {

@@ -336,7 +336,7 @@ def persistent_footprint(batch: int, hidden: int, proj_size: int, dtype: torch.d
     width = proj_size if proj_size > 0 else hidden  # the width of h: the recurrent product's K
     forward_units, backward_units, projection_columns = 8, 16, 16
     forward_splits, backward_splits, projection_splits = (4, 4, 4) if bm == 16 else (1, 1, 1)
-    stages = 8 if bm == 16 and element == 2 else 4  # kPipelineStages: the cp.async ring of A slices
+    stages = 16 if bm == 16 and element == 2 else 4  # kPipelineStages: the cp.async ring of A slices
     ring = stages * _a_bytes(element, bm)
     forward = (_resident_bytes(element, 4 * forward_units, width)
                + (_resident_bytes(element, projection_columns, hidden) if proj_size > 0 else 0)
