@@ -420,7 +420,10 @@ class TestInterpreter:
             asked.append((batch, hidden_size, dtype, device.type))
             return "stepwise", "weight_hh: the grid backward cannot hold its programs (test)"
 
+        from pyattn import _registry
+
         monkeypatch.setattr(kernels, "backward_after_grid", refuse)
+        monkeypatch.setattr(_registry, "_NOTES", {})  # this test's note only, gone after it
         steps, batch, input_size, hidden_size = 5, 3, 6, 24
         leaves = _layer_leaves(steps, batch, input_size, hidden_size, torch.float32)
         lstm_layer = _triton_op("lstm_layer", torch.float32)
@@ -428,6 +431,8 @@ class TestInterpreter:
                                      torch.float32, ["output", "h_n", "c_n"])
         assert asked == [(batch, hidden_size, torch.float32, "cpu")]
         assert grid_recurrence == [("forward", (1,))] * 2, "the grid backward ran where its rule refused"
+        assert ("triton/grid: the backward runs on the stepwise kernels: weight_hh: the grid backward cannot hold its "
+                "programs (test)") in _registry.notes("lstm")
 
     def test_backward_after_grid_uses_the_backward_kernels_figures(self, kernels, launch, monkeypatch):
         """The grid backward has its own compiled figures: a GPU that holds the forward's grid but not the

@@ -41,13 +41,16 @@ _BACKWARD_RECURRENCE = {"persistent": "persistent", "stepwise": "stepwise"}
 def _backward_recurrence(arguments: dict) -> str:
     """The backward's kernel, decided when the forward runs: the forward's own recurrence, except after a grid
     forward: the grid backward where its rule (``grid_backward_unsupported_reason``, with the backward kernel's
-    compiled figures) admits the call, else stepwise — decided from that rule, never after a failed launch."""
+    compiled figures) admits the call, else stepwise with a note (``pyattn.explain`` prints it) — decided from
+    that rule, never after a failed launch."""
     if arguments["recurrence"] != "grid":
         return _BACKWARD_RECURRENCE[arguments["recurrence"]]
     from pyattn.kernels import lstm as kernels
 
     input, c0 = arguments["input"], arguments["c0"]
-    recurrence, _reason = kernels.backward_after_grid(input.shape[1], c0.shape[1], input.dtype, input.device)
+    recurrence, reason = kernels.backward_after_grid(input.shape[1], c0.shape[1], input.dtype, input.device)
+    if reason is not None:
+        record_note("lstm", f"triton/grid: the backward runs on the stepwise kernels: {reason}")
     return recurrence
 
 
