@@ -41,7 +41,8 @@ def quantised_dropout_p(dropout_p: float) -> float:
 def dropout_threshold(dropout_p):
     """t = round(p · 65536) ≤ 65535: a 16-bit uniform u keeps its score iff u ≥ t, with probability 1 − t/65536.
     p · 65536 is exact in fp32 and, below 2¹⁶, so is adding ½ (p = 0 never reaches here: HAS_DROPOUT)."""
-    return tl.minimum((tl.to_tensor(dropout_p) * 65536.0 + 0.5).to(tl.uint32), 65535)
+    # tl.cast also makes a tensor of the interpreter's Python float (Triton 3.6 has no public tl.to_tensor).
+    return tl.minimum((tl.cast(dropout_p, tl.float32) * 65536.0 + 0.5).to(tl.uint32), 65535)
 
 
 @triton.jit

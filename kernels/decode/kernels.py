@@ -36,14 +36,6 @@ def _tanh(x):
 
 
 @triton.jit
-def _block_table_row(BlockTable, batch, stride_btb, PAGED: tl.constexpr):
-    """Row ``batch`` of the block table (PAGED), else the absent table itself."""
-    if PAGED:
-        return BlockTable + batch.to(tl.int64) * stride_btb
-    return BlockTable
-
-
-@triton.jit
 def _cache_row(CacheBatchIdx, batch, num_cache_rows, HAS_BATCH_IDX: tl.constexpr):
     """(row, in range) of batch row ``batch`` in a contiguous cache: cache_batch_idx[batch], else batch."""
     if HAS_BATCH_IDX:
@@ -183,7 +175,11 @@ def decode_attention_kernel(
     if HAS_ALIBI:
         slope = tl.load(AlibiSlopes + batch * stride_ab + head * stride_ah, mask=row_valid, other=0.0)
     cache_row, cache_row_ok = _cache_row(CacheBatchIdx, batch, num_cache_rows, HAS_BATCH_IDX)
-    block_table_row = _block_table_row(BlockTable, batch, stride_btb, PAGED)
+    # Row ``batch`` of the block table (PAGED), else the absent table itself. Assigned in the caller: Triton 3.6
+    # cannot compile a helper that returns None from one branch (the unpaged table).
+    block_table_row = BlockTable
+    if PAGED:
+        block_table_row = BlockTable + batch.to(tl.int64) * stride_btb
     head64 = kv_head.to(tl.int64)
     k_base = KCache + head64 * stride_kch
     v_base = VCache + head64 * stride_vch
