@@ -221,8 +221,8 @@ def _persistent_specs(dtype, padded, variant, padded_proj=0) -> list[_aot.Compil
 
 def _grid_specs(dtype, padded, variant) -> list[_aot.CompileSpec]:
     """The grid forward and backward at the GPU's tile of GRID_BLOCK_H units (BLOCK_H = HIDDEN is the interpreter's
-    one program), for the largest batch the grid kernels take (GRID_MAX_BATCH: the tile loop is a runtime loop, so
-    every batch compiles the same kernel but B = 1)."""
+    one program), for the largest batch the grid kernels take (GRID_MAX_BATCH; B and T are not specialised, so
+    this one compile serves every batch and length)."""
     batch, hidden_size, _ = _sizes(variant, configs.GRID_MAX_BATCH, padded)
     b = _layer_buffers(dtype, STEPS, batch, hidden_size)
     w_hh = _empty(4 * hidden_size, hidden_size, dtype=dtype)

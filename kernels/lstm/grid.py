@@ -38,7 +38,9 @@ def _grid_barrier(barrier_ptr, target):
     tl.debug_barrier()
 
 
-@triton.jit
+# B and T are not specialised: the JIT would compile B = 1 or T = 1 as constants, a kernel of its own (B = 1 spilled
+# 8 bytes at bf16 H_pad 512 on sm_90), and every other B is the same runtime tile loop.
+@triton.jit(do_not_specialize=["B", "T"])
 def lstm_sequence_forward_grid_kernel(
     projection_ptr, w_hh_ptr, bias_ptr, lengths_ptr, h_state_ptr, c_state_ptr, c_slots,
     output_ptr, hidden_saved_ptr, gates_ptr, barrier_ptr,
@@ -155,7 +157,9 @@ def _grid_backward_epilogue(
     tl.store(dgates_ptr + gate_at_time + 3 * H, d_output_gate, mask=mask)
 
 
-@triton.jit
+# B and T are not specialised: the JIT would compile B = 1 or T = 1 as constants, a kernel of its own (B = 1 spilled
+# 8 bytes at bf16 H_pad 512 on sm_90), and every other B is the same runtime tile loop.
+@triton.jit(do_not_specialize=["B", "T"])
 def lstm_sequence_backward_grid_kernel(
     dgates_ptr, w_hh_ptr, grad_output_ptr, grad_h_n_ptr, dc_ptr, gates_ptr, c_state_ptr, lengths_ptr, barrier_ptr,
     B, H, T,
