@@ -136,6 +136,26 @@ def test_persistent_variant_refuses_what_cannot_be_co_resident():
     assert projected is not None and projected.startswith("backward") and "W_hh and W_hr" in projected
 
 
+def test_dispatch_serves_projection_on_both_cuda_variants_and_sizes_persistent_with_it():
+    """The cuda variants take a projection request; the persistent check counts W_hr (proj_size from the
+    request) and refuses, naming both matrices, what only the projection pushes off the chip."""
+    hopper = _registry.ASSUMABLE_TARGETS["sm_90"]
+
+    def reasons(variant, dtype, batch, hidden, proj_size):
+        request = _registry.Request("lstm", torch.device("cuda"), dtype, features=frozenset({"projection"}),
+                                    sizes=dict(batch=batch, hidden_size=hidden, proj_size=proj_size))
+        return variant.support.not_supported_reasons(request, hopper, forced=True)
+
+    variants = {v.qualified_name: v for v in _registry.variants("lstm") if v.backend == "cuda"}
+    assert reasons(variants["cuda/persistent"], torch.float16, 16, 768, 256) == []
+    assert reasons(variants["cuda/stepwise"], torch.float32, 4, 1024, 512) == []
+    # fp32 H = 700: W_hhᵀ rows alone fit the backward (16 × 2817 floats + ring + C: 198.5 KB), with W_hrᵀ's
+    # P = 600 columns (16 × 641 more) they do not (239.6 KB > the 227 KiB a block may use).
+    assert lstm_cuda.persistent_unsupported_reason(4, 700, torch.float32, hopper) is None
+    (refusal,) = reasons(variants["cuda/persistent"], torch.float32, 4, 700, 600)
+    assert refusal.startswith("backward") and "W_hh and W_hr slices" in refusal
+
+
 def test_persistent_footprint_mirrors_the_kernel_layouts():
     """The Python mirror against PersistentForwardLayout / PersistentBackwardLayout, worked by hand for
     fp16, B <= 16, H = 40, P = 24: forward 32 rows × (64 + 8) + 16 rows × (64 + 8) halves, a ring of 16
