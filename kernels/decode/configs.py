@@ -22,13 +22,15 @@ DECODE_CONFIGS = {
     (64, 16): (64, 4, 3),
     (64, 64): (64, 8, 3),
     (128, 16): (64, 4, 3),
-    (128, 64): (64, 8, 3),
+    (128, 64): (64, 8, 3),  # Triton 3.6: 8 B of spill at sm_80 (paged, every option); 32 keys: 16 B with 3.8
     (256, 16): (16, 4, 3),
     (256, 64): (32, 8, 2),
 }
 # fp32 (strict IEEE dots run on FMAs and hold both operands in registers): 16-row tiles only, short key tiles. With
-# the append fused in, d64 takes 32-key tiles and d128 one stage (64 keys and two stages spilled 8-16 bytes).
-FP32_CONFIGS = {128: (32, 4, 3), 256: (16, 4, 1), 512: (16, 4, 2)}  # by width class (fp32 d64, d128, d256)
+# the append fused in, d128 takes one stage (64 keys and two stages spilled 8-16 bytes). Under Triton 3.6 d64's
+# 32-key tiles spilled 8-16 bytes on sm_90 (16 keys do not) and d128 at 4 warps 8-16 bytes of stack at 80
+# registers in the odd-shaped split launches (8 warps do not).
+FP32_CONFIGS = {128: (16, 4, 3), 256: (16, 8, 1), 512: (16, 4, 2)}  # by width class (fp32 d64, d128, d256)
 WIDTH_CLASSES = (64, 128, 256, 512)
 # Rows of a tile (group heads × seqlen_q, padded): tl.dot needs 16; a decode step of GQA groups up to 16 takes one
 # 16-row tile, anything longer (speculative decoding, chunked prefill) 64-row tiles. Compute is nearly free in
