@@ -61,10 +61,18 @@ class CompileSpec:
     auto_may_pick: bool = True  # whether autotuning/dispatch can choose this config for such a call
     min_capability: int = 80  # skip targets below this (e.g. the Hopper-only TMA path)
     table_entry: tuple | None = None  # (table name, entry key, "aligned"/"unaligned") the config was taken from
+    # capability -> {argument name: value}: constexprs the launcher passes differently on that GPU (e.g. the
+    # attention dK/dV kernel's TRANSPOSED_DQ, True from sm_90 on); compiled for that target only.
+    capability_constexprs: dict = field(default_factory=dict, repr=False)
 
     @property
     def name(self) -> str:
         return f"{self.kernel_name}[{self.case},{self.variant},{self.config}]"
+
+    def constexprs_for(self, capability: int) -> dict:
+        """The constexprs a launch on ``sm_<capability>`` compiles with."""
+        overrides = self.capability_constexprs.get(capability, {})
+        return {**self.constexprs, **{(self.kernel.arg_names.index(name),): value for name, value in overrides.items()}}
 
 
 def _binder(kernel):
@@ -155,7 +163,8 @@ def compile_spec(spec: CompileSpec, capability: int):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    source = ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs, attrs=spec.attrs)
+    source = ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs_for(capability),
+                       attrs=spec.attrs)
     return triton.compile(source, target=GPUTarget("cuda", capability, 32),
                           options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
 
@@ -264,7 +273,7 @@ def spec_key(spec: CompileSpec, capability: int) -> str:
     import triton
 
     text = json.dumps([_RESULT_FORMAT, triton.__version__, capability, spec.kernel.cache_key,
-                       sorted(spec.signature.items()), repr(sorted(spec.constexprs.items())),
+                       sorted(spec.signature.items()), repr(sorted(spec.constexprs_for(capability).items())),
                        repr(sorted(spec.attrs.items())), spec.num_warps, spec.num_stages])
     return hashlib.sha256(text.encode()).hexdigest()
 

@@ -286,6 +286,27 @@ def test_deterministic_and_atomic_backward_agree(dtype):
     assert_close(deterministic[0], ref_dq, RTOL[dtype], "deterministic dq")
 
 
+# The fused dQ term in both orientations, dS K (sm_80) and (Kᵀ dSᵀ)ᵀ (sm_90 with 16-bit inputs and a head dim of 64
+# or more; the interpreter launches as sm_90): each forced, fp32 and fp16, causal with ragged ends, GQA, a padded
+# head dim and Dv ≠ D.
+@pytest.mark.interpreter
+@pytest.mark.parametrize("transposed", [False, True], ids=["dS-K", "Kt-dSt"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_dq_orientations_match_reference(transposed, dtype, monkeypatch):
+    chosen = []
+    monkeypatch.setattr(launch, "_transposes_fused_dq", lambda *args: chosen.append(transposed) or transposed)
+    q, k, v = make_inputs(1, 4, 2, 40, 33, 80, 64, dtype)
+    check_against_reference(q, k, v, scale=0.2, window_right=0, diagonal_offset=5)
+    assert chosen == [transposed], "the dK/dV launch did not ask for the fused dQ's orientation"
+
+
+def test_fused_dq_is_transposed_on_hopper_for_16_bit_head_dims_from_64():
+    rule = launch._transposes_fused_dq
+    assert rule(torch.bfloat16, 128, (9, 0)) and rule(torch.float16, 64, (10, 0))
+    assert not rule(torch.bfloat16, 128, (8, 0)) and not rule(torch.bfloat16, 128, None)
+    assert not rule(torch.float32, 128, (9, 0)) and not rule(torch.float16, 32, (9, 0))
+
+
 # The schedule: causal query tiles (and left-window-only key tiles) run in reversed index order, longest first.
 # Each tile's arithmetic is unchanged, so the result must be bit-identical to the same band spelled with a
 # second window side that cuts nothing (which keeps ascending order): causal + a left window wider than the keys
@@ -491,10 +512,16 @@ def test_bad_input_raises_naming_the_argument(bad, error, message):
 @pytest.mark.interpreter
 def test_gpu_autotune_configs_are_pruned_per_table_entry_and_length():
     # The GPU tables, pruned as the autotuner calls the pruner: positional arguments and constexprs apart. The
-    # entry is (element kind, head-dim class, option class); any of mask, softcap, ALiBi, dropout is "features"
-    # (fp32 entries serve every option set: "any").
-    plain = dict(MASK_KIND=0, HAS_SOFTCAP=False, HAS_ALIBI=False, HAS_DROPOUT=False)
+    # entry is (element kind, head-dim class, option class); any of mask, softcap, ALiBi, dropout is "features",
+    # a window alone "band" where the table has such an entry, else "plain" (fp32 entries serve every option set:
+    # "any").
+    plain = dict(MASK_KIND=0, HAS_SOFTCAP=False, HAS_ALIBI=False, HAS_DROPOUT=False, HAS_WINDOW_LEFT=False,
+                 HAS_WINDOW_RIGHT=False)
+    causal = dict(plain, HAS_WINDOW_RIGHT=True)
     cases = [(torch.float16, 16, plain, ("16-bit", 64, "plain")),
+             (torch.bfloat16, 128, causal, ("16-bit", 128, "band")),
+             (torch.float16, 64, dict(causal, HAS_WINDOW_LEFT=True), ("16-bit", 64, "band")),
+             (torch.bfloat16, 128, dict(causal, HAS_DROPOUT=True), ("16-bit", 128, "features")),
              (torch.bfloat16, 64, dict(plain, HAS_DROPOUT=True), ("16-bit", 64, "features")),
              (torch.float16, 80, dict(plain, MASK_KIND=1), ("16-bit", 128, "features")),
              (torch.float32, 64, plain, ("fp32", 64, "any")),
@@ -511,7 +538,9 @@ def test_gpu_autotune_configs_are_pruned_per_table_entry_and_length():
                                   **options)
                 arguments = dict(Q=q, seqlen_q_bucket=4096, seqlen_k_bucket=4096, alignment=alignment)
                 chosen = prune(gpu_configs, arguments, **constexprs)
-                # Unaligned launches take the override where the tables have one.
+                # Unaligned launches take the override where the tables have one; "band" is "plain" where absent.
+                if entry not in aligned_table:
+                    entry = entry[:2] + ("plain",)
                 expected = unaligned_table.get(entry, aligned_table[entry]) if alignment == configs.UNALIGNED else (
                     aligned_table[entry])
                 assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in chosen} == set(
@@ -524,7 +553,8 @@ def test_gpu_autotune_configs_are_pruned_per_table_entry_and_length():
 def test_autotune_key_holds_every_option_that_changes_the_kernel():
     # A choice tuned on one kernel must never be reused for another: every constexpr option and the GQA group.
     for option in ("alignment", "group_size", "IS_VARLEN", "MASK_KIND", "HAS_SOFTCAP", "HAS_ALIBI", "HAS_WINDOW_LEFT",
-                   "HAS_WINDOW_RIGHT", "HAS_DROPOUT", "ALIGN_TO_END", "DOT_PRECISION", "HEAD_DIM", "HEAD_DIM_V"):
+                   "HAS_WINDOW_RIGHT", "HAS_DROPOUT", "ALIGN_TO_END", "DOT_PRECISION", "HEAD_DIM", "HEAD_DIM_V",
+                   "TRANSPOSED_DQ"):
         assert option in configs.TUNING_KEY, option
 
 

@@ -12,6 +12,8 @@ lengths, GQA: no divisibility hint at all).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from .. import _aot
@@ -38,7 +40,8 @@ OPTION_SETS = {
 
 # (dtype, head dim, option set) cases compiled for the band kernels (forward, dK/dV, fused dK/dV/dQ, dQ). Each
 # table entry (configs.table_key) is reached by at least one case in each alignment, with every config it
-# lists; "dense-all" (every dense option at once) stands for the "features" entries, being their worst case.
+# lists; "dense-all" (every dense option at once) stands for the "features" entries, being their worst case, and
+# causal for the "band" entry (windows without per-score options; tables without one serve it from "plain").
 # fp16 plain is the odd-shaped cases' (and d80's); the fp32 entries serve every option set, so their
 # worst case, dense-all, stands for them.
 CASES = (
@@ -49,14 +52,14 @@ CASES = (
 )
 # The same entries as an odd-shaped launch compiles them (the unaligned tables' overrides included).
 UNALIGNED_CASES = (
-    [(torch.float16, head_dim, "plain") for head_dim in (*HEAD_DIMS, 80)]
+    [(torch.float16, head_dim, "plain") for head_dim in (*HEAD_DIMS, 80)] + [(torch.float16, 128, "causal")]
     + [(torch.bfloat16, head_dim, "dense-all") for head_dim in HEAD_DIMS]
     + [(torch.float32, head_dim, "dense-all") for head_dim in HEAD_DIMS]
 )
 # The descriptor forward takes the aligned forward table (TMA needs aligned strides): each entry once, plus
 # odd lengths and GQA (the only unaligned launch TMA admits).
 TMA_CASES = [(torch.bfloat16, head_dim, option_set) for head_dim in HEAD_DIMS for option_set in ("plain", "dense-all")]
-TMA_CASES += [(torch.float16, 128, "plain")]
+TMA_CASES += [(torch.float16, 128, "plain"), (torch.bfloat16, 128, "causal")]  # causal: the "band" entry
 TMA_UNALIGNED_CASES = [(torch.bfloat16, 128, "plain")]
 
 
@@ -111,13 +114,18 @@ def _launch_options(call: dict) -> dict:
                 cu_seqlens_q=call.get("cu_seqlens_q"), cu_seqlens_k=call.get("cu_seqlens_k"))
 
 
+def _options(constexprs: dict) -> dict:
+    """The option-class inputs of ``configs.table_key`` from a launch's constexprs."""
+    return dict(mask_kind=constexprs["MASK_KIND"], has_softcap=constexprs["HAS_SOFTCAP"],
+                has_alibi=constexprs["HAS_ALIBI"], has_dropout=constexprs["HAS_DROPOUT"],
+                has_window=constexprs["HAS_WINDOW_LEFT"] or constexprs["HAS_WINDOW_RIGHT"])
+
+
 def _call_configs(table_name: str, dtype, positional, kernel, constexprs: dict) -> list[tuple]:
     """The configs autotuning may pick for this launch (as the pruner sees its arguments)."""
     alignment = dict(zip(kernel.arg_names, positional))["alignment"]
     return configs.table_configs(table_name, dtype, constexprs["HEAD_DIM_PADDED"], constexprs["HEAD_DIM_V_PADDED"],
-                                 alignment=alignment, mask_kind=constexprs["MASK_KIND"],
-                                 has_softcap=constexprs["HAS_SOFTCAP"], has_alibi=constexprs["HAS_ALIBI"],
-                                 has_dropout=constexprs["HAS_DROPOUT"])
+                                 alignment=alignment, **_options(constexprs))
 
 
 def _named(kernel, positional, constexprs, block_m, block_n):
@@ -139,8 +147,7 @@ def _table_entry(table_name: str, dtype, positional, kernel, constexprs: dict) -
     """(table name, entry key, alignment) of a launch: where autotuning takes its configs from."""
     alignment = dict(zip(kernel.arg_names, positional))["alignment"]
     key = configs.table_key(dtype, constexprs["HEAD_DIM_PADDED"], constexprs["HEAD_DIM_V_PADDED"],
-                            mask_kind=constexprs["MASK_KIND"], has_softcap=constexprs["HAS_SOFTCAP"],
-                            has_alibi=constexprs["HAS_ALIBI"], has_dropout=constexprs["HAS_DROPOUT"])
+                            table_name=table_name, **_options(constexprs))
     return table_name, key, "aligned" if alignment == configs.ALIGNED else "unaligned"
 
 
@@ -179,12 +186,19 @@ def _band_specs(dtype, head_dim, option_set, variant, dot_precision=None) -> lis
             dk, dv, _ = launch._dkdv_targets(dk, dv, shape, heads_per_program, varlen)
             positional, constexprs = launch._backward_arguments(table_name, grad_out, q, k, v, lse, delta, dq, dk, dv,
                                                                 shape, deterministic=deterministic,
-                                                                heads_per_program=heads_per_program, **options)
+                                                                heads_per_program=heads_per_program,
+                                                                capability=(8, 0), **options)
         constexprs = dict(constexprs, DOT_PRECISION=precision)
+        # What a launch on sm_90 passes differently: the fused dQ's orientation (launch._transposes_fused_dq).
+        hopper = {}
+        if kernel_name == "attention_backward_dkdv_fused_dq" and launch._transposes_fused_dq(
+                dtype, constexprs["HEAD_DIM_PADDED"], (9, 0)):
+            hopper = {90: {"TRANSPOSED_DQ": True}}
         entry = _table_entry(table_name, dtype, positional, kernel, constexprs)
         for config in _call_configs(table_name, dtype, positional, kernel, constexprs):
             arguments = _named(kernel, positional, constexprs, config[0], config[1])
-            specs.append(_spec(kernel_name, kernel, case, variant, arguments, config, table_entry=entry + (config,)))
+            spec = _spec(kernel_name, kernel, case, variant, arguments, config, table_entry=entry + (config,))
+            specs.append(dataclasses.replace(spec, capability_constexprs=hopper))
     return specs
 
 

@@ -50,8 +50,8 @@ def _dkdv_inner(dk, dv, k, v, q_ptr, g_ptr, dq_ptr, lse_ptr, delta_ptr, mask_ptr
                 HEAD_DIM_V_PADDED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                 HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr,
-                HAS_DROPOUT: tl.constexpr, FUSED_DQ: tl.constexpr, ON_EDGE: tl.constexpr,
-                DOT_PRECISION: tl.constexpr):
+                HAS_DROPOUT: tl.constexpr, FUSED_DQ: tl.constexpr, TRANSPOSED_DQ: tl.constexpr,
+                ON_EDGE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # Tiles are transposed, (keys, queries), so that dK and dV accumulate as plain dot products.
     cols = start_n + tl.arange(0, BLOCK_N)
     for start_m in range(row_start, row_end, BLOCK_M):
@@ -87,7 +87,12 @@ def _dkdv_inner(dk, dv, k, v, q_ptr, g_ptr, dq_ptr, lse_ptr, delta_ptr, mask_ptr
             ds_t = ds_t * (1.0 - tanh_t * tanh_t)
         ds_t = ds_t.to(q.dtype)
         dk = tl.dot(ds_t, q, dk, input_precision=DOT_PRECISION)
-        if FUSED_DQ:
+        if FUSED_DQ and TRANSPOSED_DQ:
+            # dQᵀ = Kᵀ dSᵀ: M is the head dim, so sm_90 lowers it to wgmma at any BLOCK_M (dS K has M = BLOCK_M).
+            dq_t = tl.dot(tl.trans(k), ds_t, input_precision=DOT_PRECISION) * scale
+            tl.atomic_add(dq_ptr + element_offsets(offs_dk[:, None], stride_dqd, rows[None, :], stride_dqm), dq_t,
+                          mask=(offs_dk[:, None] < HEAD_DIM) & (rows[None, :] < seqlen_q), sem="relaxed")
+        elif FUSED_DQ:
             dq = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION) * scale
             tl.atomic_add(dq_ptr + element_offsets(rows[:, None], stride_dqm, offs_dk[None, :], stride_dqd), dq,
                           mask=(rows[:, None] < seqlen_q) & (offs_dk[None, :] < HEAD_DIM), sem="relaxed")
@@ -113,13 +118,14 @@ def attention_backward_dkdv_kernel(
     IS_VARLEN: tl.constexpr, MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_WINDOW_LEFT: tl.constexpr, HAS_WINDOW_RIGHT: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     ALIGN_TO_END: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    FUSED_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    FUSED_DQ: tl.constexpr, TRANSPOSED_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One key tile of one kv head and ``heads_per_program`` query heads of its GQA group: their dK, dV summed in
     registers, no atomics. Program (tile, kv_head · splits + split, batch) takes the group's heads
     [split · heads_per_program, …) and writes slot kv_head · splits + split of DK/DV: the kv head itself when one
     program takes the whole group (splits = 1), else an fp32 partial the launcher sums over the splits.
-    With FUSED_DQ it also adds each (query tile, key tile) term of dQ into the fp32 buffer DQ."""
+    With FUSED_DQ it also adds each (query tile, key tile) term of dQ into the fp32 buffer DQ, formed as
+    (Kᵀ dSᵀ)ᵀ with TRANSPOSED_DQ (the launcher's choice for sm_90, see ``launch._transposes_fused_dq``)."""
     key_tile = tl.program_id(0)
     if HAS_WINDOW_LEFT and not HAS_WINDOW_RIGHT:
         # A left window alone: a key tile's band of queries grows with its index, so the heaviest start first
@@ -176,21 +182,21 @@ def attention_backward_dkdv_kernel(
             stride_lm, stride_lm, stride_mm, stride_mn, scale, softcap, slope, window_left, window_right,
             diagonal_offset, dropout_p, seed, batch_head, HEAD_DIM, HEAD_DIM_PADDED, HEAD_DIM_V, HEAD_DIM_V_PADDED,
             BLOCK_M, BLOCK_N, MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_DROPOUT,
-            FUSED_DQ, ON_EDGE=True, DOT_PRECISION=DOT_PRECISION)
+            FUSED_DQ, TRANSPOSED_DQ, ON_EDGE=True, DOT_PRECISION=DOT_PRECISION)
         dk, dv = _dkdv_inner(
             dk, dv, k, v, q_ptr, g_ptr, dq_ptr, lse_ptr, delta_ptr, mask_ptr, interior_lo, interior_hi, start_n,
             offs_dk, offs_dv, seqlen_q_b, seqlen_k_b, stride_qm, stride_qd, stride_gm, stride_gd, stride_dqm,
             stride_dqd, stride_lm, stride_lm, stride_mm, stride_mn, scale, softcap, slope, window_left,
             window_right, diagonal_offset, dropout_p, seed, batch_head, HEAD_DIM, HEAD_DIM_PADDED, HEAD_DIM_V,
             HEAD_DIM_V_PADDED, BLOCK_M, BLOCK_N, MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
-            HAS_DROPOUT, FUSED_DQ, ON_EDGE=False, DOT_PRECISION=DOT_PRECISION)
+            HAS_DROPOUT, FUSED_DQ, TRANSPOSED_DQ, ON_EDGE=False, DOT_PRECISION=DOT_PRECISION)
         dk, dv = _dkdv_inner(
             dk, dv, k, v, q_ptr, g_ptr, dq_ptr, lse_ptr, delta_ptr, mask_ptr, interior_hi, hi, start_n, offs_dk,
             offs_dv, seqlen_q_b, seqlen_k_b, stride_qm, stride_qd, stride_gm, stride_gd, stride_dqm, stride_dqd,
             stride_lm, stride_lm, stride_mm, stride_mn, scale, softcap, slope, window_left, window_right,
             diagonal_offset, dropout_p, seed, batch_head, HEAD_DIM, HEAD_DIM_PADDED, HEAD_DIM_V, HEAD_DIM_V_PADDED,
             BLOCK_M, BLOCK_N, MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT, HAS_DROPOUT,
-            FUSED_DQ, ON_EDGE=True, DOT_PRECISION=DOT_PRECISION)
+            FUSED_DQ, TRANSPOSED_DQ, ON_EDGE=True, DOT_PRECISION=DOT_PRECISION)
 
     slot64 = slot.to(tl.int64)
     dk_ptr = DK + batch64 * stride_dkb + slot64 * stride_dkh + k_start64 * stride_dkn

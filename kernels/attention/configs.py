@@ -17,6 +17,8 @@ import triton
 FORWARD_CONFIGS = {
     ("16-bit", 64, "plain"): [(128, 128, 8, 2), (128, 64, 8, 3)],
     ("16-bit", 128, "plain"): [(128, 64, 8, 3), (64, 64, 4, 3)],
+    # Triton 3.6: causal 128x64 spills 8 B at sm_80 (3 stages and 2; 210 registers with 3.8), 128x32 does not.
+    ("16-bit", 128, "band"): [(128, 32, 8, 3), (64, 64, 4, 3)],
     ("16-bit", 256, "plain"): [(64, 32, 4, 2)],  # (32, 32, 4, 2) spills 8 bytes in the TMA forward
     ("16-bit", 64, "features"): [(128, 64, 8, 3)],
     ("16-bit", 128, "features"): [(128, 32, 8, 1)],  # 2 stages: 8 B of spill at sm_80 (dense-all)
@@ -25,10 +27,14 @@ FORWARD_CONFIGS = {
     ("fp32", 128, "any"): [(32, 16, 4, 2)],
     ("fp32", 256, "any"): [(32, 16, 8, 2)],
 }
-# dK/dV holds a key tile and loops over query tiles: long key tiles, short query tiles.
+# dK/dV holds a key tile and loops over query tiles: long key tiles, short query tiles. On sm_90 its products
+# with M = BLOCK_N and the fused dQ, formed as Kᵀ dSᵀ (M = head dim), are wgmma whatever BLOCK_M; 64-row query
+# tiles fit d128 plain only: causal (the "band" entry) spills 16-32 B at 64×64 on sm_90, d64 spills 8-32 B in the
+# deterministic kernel on sm_80 with any 64-row query tile.
 DKDV_CONFIGS = {
     ("16-bit", 64, "plain"): [(32, 128, 8, 2), (32, 64, 4, 3)],
-    ("16-bit", 128, "plain"): [(32, 64, 8, 2), (32, 32, 8, 2)],
+    ("16-bit", 128, "plain"): [(64, 64, 8, 2), (32, 64, 8, 2)],
+    ("16-bit", 128, "band"): [(32, 64, 8, 2), (32, 32, 8, 2)],
     ("16-bit", 256, "plain"): [(32, 32, 8, 2), (16, 16, 4, 2)],
     ("16-bit", 64, "features"): [(64, 32, 8, 2)],
     ("16-bit", 128, "features"): [(32, 32, 8, 2)],
@@ -56,7 +62,8 @@ DQ_CONFIGS = {
 # thread remain at 16x16 tiles): tests/test_triton_compile.py bounds them, docs/attention.md lists them.
 FORWARD_UNALIGNED_CONFIGS = {
     ("16-bit", 64, "plain"): [(128, 128, 8, 2)],
-    ("16-bit", 128, "plain"): [(64, 32, 4, 2)],
+    ("16-bit", 128, "plain"): [(64, 32, 8, 2)],  # 4 warps: 255 registers, 8 B of spill at sm_80 with Triton 3.6
+    ("16-bit", 128, "band"): [(64, 32, 8, 2)],
     ("16-bit", 256, "plain"): [(32, 32, 4, 2)],
     ("16-bit", 64, "features"): [(32, 32, 4, 2)],
     ("16-bit", 128, "features"): [(32, 32, 4, 2)],
@@ -68,6 +75,7 @@ FORWARD_UNALIGNED_CONFIGS = {
 DKDV_UNALIGNED_CONFIGS = {
     ("16-bit", 64, "plain"): [(16, 16, 4, 2)],
     ("16-bit", 128, "plain"): [(16, 16, 4, 2)],
+    ("16-bit", 128, "band"): [(16, 16, 4, 1)],  # plain's 2 stages: 16 B of spill (dK/dV at sm_90, Triton 3.6)
     ("16-bit", 256, "plain"): [(16, 16, 8, 2)],
     ("16-bit", 64, "features"): [(32, 32, 8, 2)],
     ("16-bit", 128, "features"): [(16, 16, 8, 2)],
@@ -100,10 +108,10 @@ INTERPRETER_KEEP_MASK_BLOCK = 16
 # nearly every step, and lengths within a bucket prune to the same configs.
 TUNING_KEY = ["seqlen_q_bucket", "seqlen_k_bucket", "alignment", "group_size", "HEAD_DIM", "HEAD_DIM_V", "IS_VARLEN",
               "MASK_KIND", "HAS_SOFTCAP", "HAS_ALIBI", "HAS_WINDOW_LEFT", "HAS_WINDOW_RIGHT", "HAS_DROPOUT",
-              "ALIGN_TO_END", "DOT_PRECISION", "FOLD_SCALE"]
+              "ALIGN_TO_END", "DOT_PRECISION", "FOLD_SCALE", "TRANSPOSED_DQ"]
 # Everything that changes the compiled kernel is in the key (the dtypes enter through the tensors), so a
 # tuned choice is never reused for a kernel it was not measured on; the GQA group changes dK/dV's loop. Names a
-# kernel lacks (FOLD_SCALE: the forward's) are skipped by the autotuner.
+# kernel lacks (FOLD_SCALE: the forward's; TRANSPOSED_DQ: dK/dV's) are skipped by the autotuner.
 
 HEAD_DIM_CLASSES = (64, 128, 256)
 
@@ -141,28 +149,37 @@ def head_dim_class(head_dim_padded: int, head_dim_v_padded: int) -> int:
     return next(limit for limit in HEAD_DIM_CLASSES if width <= limit)
 
 
-def option_class(*, mask_kind: int, has_softcap: bool, has_alibi: bool, has_dropout: bool) -> str:
-    """"features" when a call adds per-score work (mask loads, softcap's tanh, ALiBi, Philox), else "plain".
-    Causal and sliding windows only move loop bounds and the edge tiles' compare, so they stay "plain"."""
-    return "features" if mask_kind or has_softcap or has_alibi or has_dropout else "plain"
+def option_class(*, mask_kind: int, has_softcap: bool, has_alibi: bool, has_dropout: bool,
+                 has_window: bool = False) -> str:
+    """"features" when a call adds per-score work (mask loads, softcap's tanh, ALiBi, Philox); else "band" for
+    causal and sliding windows, which only move loop bounds and add the edge tiles' compare (a table without a
+    "band" entry serves them from "plain": ``table_key``); else "plain"."""
+    if mask_kind or has_softcap or has_alibi or has_dropout:
+        return "features"
+    return "band" if has_window else "plain"
 
 
-def table_key(dtype: torch.dtype, head_dim_padded: int, head_dim_v_padded: int, **options) -> tuple[str, int, str]:
+def table_key(dtype: torch.dtype, head_dim_padded: int, head_dim_v_padded: int, *, table_name: str | None = None,
+              **options) -> tuple[str, int, str]:
     """(element kind, head-dim class, option class); fp32 entries serve every option set ("any"): their tiles
-    are already the smallest, and the same with every option on."""
+    are already the smallest, and the same with every option on. With ``table_name``: the entry of that table
+    that serves the call ("band" falls back to "plain" where the table has no "band" entry)."""
     kind = element_kind(dtype)
     options_class = "any" if kind == "fp32" else option_class(**options)
-    return kind, head_dim_class(head_dim_padded, head_dim_v_padded), options_class
+    key = kind, head_dim_class(head_dim_padded, head_dim_v_padded), options_class
+    if table_name is not None and options_class == "band" and key not in TABLES[table_name][0]:
+        key = kind, key[1], "plain"
+    return key
 
 
 def table_configs(table_name: str, dtype: torch.dtype, head_dim_padded: int, head_dim_v_padded: int, *,
                   alignment: int, mask_kind: int, has_softcap: bool, has_alibi: bool,
-                  has_dropout: bool) -> list[tuple]:
+                  has_dropout: bool, has_window: bool) -> list[tuple]:
     """The configs autotuning may choose among for a call (before the length filter): its entry of the
     ``table_name`` ("forward", "dkdv", "dq") tables, the unaligned override where ``alignment`` is not 16."""
     aligned_table, unaligned_table = TABLES[table_name]
-    key = table_key(dtype, head_dim_padded, head_dim_v_padded, mask_kind=mask_kind, has_softcap=has_softcap,
-                    has_alibi=has_alibi, has_dropout=has_dropout)
+    key = table_key(dtype, head_dim_padded, head_dim_v_padded, table_name=table_name, mask_kind=mask_kind,
+                    has_softcap=has_softcap, has_alibi=has_alibi, has_dropout=has_dropout, has_window=has_window)
     if alignment != ALIGNED and key in unaligned_table:
         return list(unaligned_table[key])
     return list(aligned_table[key])
@@ -190,7 +207,8 @@ def config_pruner(table_name: str):
         wanted = set(table_configs(table_name, _argument_dtype(arguments["Q"]), arguments["HEAD_DIM_PADDED"],
                                    arguments["HEAD_DIM_V_PADDED"], alignment=arguments["alignment"],
                                    mask_kind=arguments["MASK_KIND"], has_softcap=arguments["HAS_SOFTCAP"],
-                                   has_alibi=arguments["HAS_ALIBI"], has_dropout=arguments["HAS_DROPOUT"]))
+                                   has_alibi=arguments["HAS_ALIBI"], has_dropout=arguments["HAS_DROPOUT"],
+                                   has_window=arguments["HAS_WINDOW_LEFT"] or arguments["HAS_WINDOW_RIGHT"]))
         chosen = [c for c in configs if _entry(c) in wanted]
         longest_q, longest_k = arguments["seqlen_q_bucket"], arguments["seqlen_k_bucket"]
         fitting = [c for c in chosen if c.kwargs["BLOCK_M"] <= longest_q and c.kwargs["BLOCK_N"] <= longest_k]

@@ -394,11 +394,21 @@ def _dkdv_targets(dk, dv, shape, heads_per_program, varlen):
     return flat[0], flat[1], partials
 
 
+def _transposes_fused_dq(dtype: torch.dtype, head_dim_padded: int, capability: tuple[int, int] | None) -> bool:
+    """Whether the fused dQ term is formed as (Kᵀ dSᵀ)ᵀ rather than dS K: on sm_90 for 16-bit inputs with a padded
+    head dim of 64 or more. wgmma needs M to be a multiple of 64: Kᵀ dSᵀ has M = head dim, dS K has M = BLOCK_M
+    (16-32 rows in most dK/dV entries: mma.sync). On sm_80 both are mma.sync and the transposed one spills (184 B
+    at bf16 d128 on 32×64 tiles), so it keeps dS K; fp32 dots are FMA (no tensor cores) on both."""
+    return (capability is not None and tuple(capability) >= (9, 0) and dtype != torch.float32
+            and head_dim_padded >= 64)
+
+
 def _backward_arguments(kernel_kind, grad_out, q, k, v, lse, delta, dq, dk, dv, shape, *, cu_seqlens_q, cu_seqlens_k,
-                        alibi_slopes, deterministic, heads_per_program=1, **options):
+                        alibi_slopes, deterministic, heads_per_program=1, capability=None, **options):
     """(positional arguments, constexprs) of the dK/dV kernel (``kernel_kind`` "dkdv") or the dQ kernel ("dq"),
     less the config's tiles. ``dq``: the deterministic dQ output, or the fused kernel's fp32 accumulator;
-    ``dk``/``dv`` and ``heads_per_program``: the dK/dV kernel's targets and GQA slice (``_dkdv_targets``)."""
+    ``dk``/``dv`` and ``heads_per_program``: the dK/dV kernel's targets and GQA slice (``_dkdv_targets``);
+    ``capability``: the GPU's compute capability (the fused dQ's orientation, ``_transposes_fused_dq``)."""
     varlen = cu_seqlens_q is not None
     mask_arg, trailing, features = _band_arguments(q, v, shape, alibi_slopes=alibi_slopes, varlen=varlen,
                                                    alignment=_alignment(q, k, v, grad_out), **options)
@@ -408,7 +418,8 @@ def _backward_arguments(kernel_kind, grad_out, q, k, v, lse, delta, dq, dk, dv, 
         positional = [q, k, v, grad_out, lse, delta, None if deterministic else dq, dk, dv, mask_arg, alibi_slopes,
                       cu_seqlens_q, cu_seqlens_k, *strides, *_bhmd_strides(dk, varlen), *_bhmd_strides(dv, varlen),
                       *trailing, heads_per_program]
-        return positional, dict(features, FUSED_DQ=not deterministic)
+        transposed = not deterministic and _transposes_fused_dq(q.dtype, features["HEAD_DIM_PADDED"], capability)
+        return positional, dict(features, FUSED_DQ=not deterministic, TRANSPOSED_DQ=transposed)
     positional = [q, k, v, grad_out, lse, delta, dq, mask_arg, alibi_slopes, cu_seqlens_q, cu_seqlens_k, *strides,
                   *trailing]
     return positional, features
@@ -455,7 +466,8 @@ def attention_backward(grad_out, q, k, v, out, lse, *, scale, mask=None, window_
     heads_per_program = _gqa_heads_per_program(shape, q.device, gqa_heads_per_program)
     dk_target, dv_target, partials = _dkdv_targets(dk, dv, shape, heads_per_program, varlen)
     positional, constexprs = _backward_arguments("dkdv", grad_out, q, k, v, lse, delta, dq, dk_target, dv_target,
-                                                 shape, heads_per_program=heads_per_program, **options)
+                                                 shape, heads_per_program=heads_per_program,
+                                                 capability=_launch_capability(q.device), **options)
     dkdv = (BACKWARD_DKDV if deterministic else BACKWARD_DKDV_FUSED_DQ).on(q.device)
     slots = kv_heads * triton.cdiv(heads // kv_heads, heads_per_program)
     dkdv[lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), slots, batch)](*positional, **constexprs)
