@@ -58,8 +58,8 @@ DQ_CONFIGS = {
 # Launches whose inputs are not all 16-byte aligned (a pointer or a row stride off the 16-element grid:
 # ``alignment`` = 1) get no vector loads and no cp.async; the tiles arrive through registers, which the
 # aligned tables' largest configs cannot spare. These entries replace the aligned ones for such launches;
-# the other entries serve both. Three dK/dV entries have no spill-free config at all (8-32 bytes per
-# thread remain at 16x16 tiles): tests/test_triton_compile.py bounds them, docs/attention.md lists them.
+# the other entries serve both. One dK/dV entry, fp32 d128, has no spill-free config (16 bytes per thread in the
+# fused dQ at sm_90 remain at 16x16 tiles): tests/test_triton_compile.py bounds it, docs/attention.md lists it.
 FORWARD_UNALIGNED_CONFIGS = {
     ("16-bit", 64, "plain"): [(128, 128, 8, 2)],
     ("16-bit", 128, "plain"): [(64, 32, 8, 2)],  # 4 warps: 255 registers, 8 B of spill at sm_80 with Triton 3.6
