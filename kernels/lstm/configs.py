@@ -41,10 +41,11 @@ PERSISTENT_WARPS = {"16-bit": {16: 4, 32: 4, 64: 8, 128: 8}, "fp32": {16: 4, 32:
 # (odd H), none with 8.
 PERSISTENT_WARPS_PROJECTION = {"16-bit": {}, "fp32": {32: 8}}
 PERSISTENT_BLOCK_B = 16
-# Grid kernel: all batch rows (≤ 16) in one tile, hidden units split GRID_BLOCK_H to a program, so a step's product
-# per program is one (16 × H_pad) · (H_pad × 4·GRID_BLOCK_H) GEMM with its K split over the warps (K_SPLIT =
-# num_warps: a warp per K slice, see the kernel). H = 1024 spreads over 64 programs. Each program keeps
-# 4 · GRID_BLOCK_H · H_pad of W_hh on chip (staged in shared memory): 128 KB at H_pad = 1024 in 16-bit types.
+# Grid kernels: every batch row in tiles of GRID_BLOCK_B, hidden units split GRID_BLOCK_H to a program, so a forward
+# step's product per program and tile is one (16 × H_pad) · (H_pad × 4·GRID_BLOCK_H) GEMM with its K split over the
+# warps (K_SPLIT = num_warps: a warp per K slice, see the kernel); the backward's is (16 × 4·H_pad) · (4·H_pad ×
+# GRID_BLOCK_H) against W_hh's columns. H = 1024 spreads over 64 programs. Each program keeps 4 · GRID_BLOCK_H · H_pad
+# of W_hh on chip (staged in shared memory): 128 KB at H_pad = 1024 in 16-bit types.
 GRID_BLOCK_B = 16
 GRID_BLOCK_H = 16
 # The grid kernels (forward and backward) run a batch of more than GRID_BLOCK_B rows as GRID_BLOCK_B-row tiles one
