@@ -207,16 +207,18 @@ def _persistent_specs(dtype, padded, variant, padded_proj=0) -> list[_aot.Compil
                     H=hidden_size, P=state_size, T=STEPS, HAS_GRAD_OUTPUT=True, HAS_GRAD_H_N=True, HAS_LENGTHS=True,
                     REVERSE=True, **meta)
     cell_saved = _empty(STEPS * batch, hidden_size, dtype=torch.float32)
+    packed_warps = configs.persistent_meta(hidden_size, dtype, proj_size, packed=True)["num_warps"]
+    packed_tiles = tiles.replace(f",w{num_warps},", f",w{packed_warps},")
     return [_spec("lstm_sequence_forward_persistent", lstm_sequence_forward_persistent_kernel, case, variant, forward,
                   num_warps, num_stages, tiles),
             _spec("lstm_sequence_backward_persistent", lstm_sequence_backward_persistent_kernel, case, variant,
                   backward, num_warps, num_stages, tiles),
             _packed_spec("lstm_sequence_forward_persistent", lstm_sequence_forward_persistent_kernel, case, variant,
-                         forward, num_warps, num_stages, tiles,
+                         forward, packed_warps, num_stages, packed_tiles,
                          c_state_ptr=_empty(2, batch, hidden_size, dtype=torch.float32), c_slots=2,
                          cell_saved_ptr=cell_saved),
             _packed_spec("lstm_sequence_backward_persistent", lstm_sequence_backward_persistent_kernel, case, variant,
-                         backward, num_warps, num_stages, tiles, c_state_ptr=cell_saved)]
+                         backward, packed_warps, num_stages, packed_tiles, c_state_ptr=cell_saved)]
 
 
 def _grid_specs(dtype, padded, variant) -> list[_aot.CompileSpec]:

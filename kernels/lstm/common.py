@@ -151,6 +151,8 @@ def forward_epilogue_at(
     (the packed layout's saved cell states; the padded one keeps a slot per iteration instead)."""
     state = offs_b[:, None] * H + offs_h[None, :]
     c_prev = tl.load(c_in_ptr + state, mask=mask, other=0.0).to(tl.float32)
+    if SAVE_CELL:  # stored at once: c_prev's registers are free after the update (no freeze in the packed layout)
+        tl.store(cell_saved_ptr + rows[:, None] * H + offs_h[None, :], c_prev, mask=mask)
     input_gate, forget_gate, cell_gate, output_gate, c, h = lstm_update(pre_i, pre_f, pre_g, pre_o, c_prev)
     if HAS_LENGTHS or SAVE_HIDDEN:
         h_prev = tl.load(h_in_ptr + state, mask=mask, other=0.0)
@@ -168,8 +170,6 @@ def forward_epilogue_at(
         tl.store(hidden_saved_ptr + at_time, h_prev, mask=mask)
     if SAVE_GATES:
         store_gates(gates_ptr, input_gate, forget_gate, cell_gate, output_gate, gate_rows, offs_h, mask, H)
-    if SAVE_CELL:
-        tl.store(cell_saved_ptr + at_time, c_prev, mask=mask)
 
 
 @triton.jit
@@ -197,6 +197,8 @@ def projected_forward_epilogue_at(
     at ``rows`` (time order) of ``cell_saved_ptr``."""
     state = offs_b[:, None] * H + offs_h[None, :]
     c_prev = tl.load(c_in_ptr + state, mask=mask, other=0.0).to(tl.float32)
+    if SAVE_CELL:  # stored at once, as forward_epilogue_at
+        tl.store(cell_saved_ptr + rows[:, None] * H + offs_h[None, :], c_prev, mask=mask)
     input_gate, forget_gate, cell_gate, output_gate, c, m = lstm_update(pre_i, pre_f, pre_g, pre_o, c_prev)
     if HAS_LENGTHS:
         c = tl.where(active[:, None], c, c_prev)
@@ -205,8 +207,6 @@ def projected_forward_epilogue_at(
         tl.store(cell_output_ptr + state, m, mask=mask)
     if SAVE_GATES:
         store_gates(gates_ptr, input_gate, forget_gate, cell_gate, output_gate, gate_rows, offs_h, mask, H)
-    if SAVE_CELL:
-        tl.store(cell_saved_ptr + rows[:, None] * H + offs_h[None, :], c_prev, mask=mask)
     return m
 
 

@@ -40,6 +40,10 @@ PERSISTENT_WARPS = {"16-bit": {16: 4, 32: 4, 64: 8, 128: 8}, "fp32": {16: 4, 32:
 # With a projection (W_hr and a second product on chip too): fp32 at H_pad 32 spills 8 bytes on sm_80 with 4 warps
 # (odd H), none with 8.
 PERSISTENT_WARPS_PROJECTION = {"16-bit": {}, "fp32": {32: 8}}
+# The packed layout's persistent kernels (PACKED: per-row offsets, c before each step stored) where the padded warps
+# spill: fp32 at H_pad 16 with 4 warps spilled 8 bytes on sm_90 (odd H: ptxas took 128 registers); 8 warps take 64
+# forward, 48 backward, none. A projection keeps its own warps (8 at H_pad 16 spilled 8 bytes there).
+PERSISTENT_WARPS_PACKED = {"16-bit": {}, "fp32": {16: 8}}
 PERSISTENT_BLOCK_B = 16
 # Grid kernels: every batch row in tiles of GRID_BLOCK_B, hidden units split GRID_BLOCK_H to a program, so a forward
 # step's product per program and tile is one (16 × H_pad) · (H_pad × 4·GRID_BLOCK_H) GEMM with its K split over the
@@ -177,19 +181,22 @@ def step_meta(config: tuple[int, int, int, int, int]) -> dict:
                 num_warps=num_warps, num_stages=num_stages)
 
 
-def persistent_meta(hidden_size: int, dtype: torch.dtype, proj_size: int = 0) -> dict:
+def persistent_meta(hidden_size: int, dtype: torch.dtype, proj_size: int = 0, packed: bool = False) -> dict:
+    """Launch options of the persistent kernels; ``packed``: of their packed-layout form (``packed.py``)."""
     padded = hidden_pad(hidden_size)
     # num_stages=1: the software pipeliner would prefetch next step's h (or dgates) before this
     # step's stores and the barrier, reading a stale state. PROJ (padded P) is unused without a projection.
     return dict(BLOCK_B=PERSISTENT_BLOCK_B, HIDDEN=padded, PROJECTION=proj_size > 0,
                 PROJ=hidden_pad(proj_size) if proj_size > 0 else 16, DOT_PRECISION=DOT_PRECISION,
-                num_warps=_persistent_warps(padded, dtype, proj_size > 0), num_stages=1)
+                num_warps=_persistent_warps(padded, dtype, proj_size > 0, packed), num_stages=1)
 
 
-def _persistent_warps(padded_hidden: int, dtype: torch.dtype, projection: bool) -> int:
+def _persistent_warps(padded_hidden: int, dtype: torch.dtype, projection: bool, packed: bool = False) -> int:
     kind = element_kind(dtype)
     if projection and padded_hidden in PERSISTENT_WARPS_PROJECTION[kind]:
         return PERSISTENT_WARPS_PROJECTION[kind][padded_hidden]
+    if packed and not projection and padded_hidden in PERSISTENT_WARPS_PACKED[kind]:
+        return PERSISTENT_WARPS_PACKED[kind][padded_hidden]
     return PERSISTENT_WARPS[kind][padded_hidden]
 
 

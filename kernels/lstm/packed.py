@@ -44,6 +44,12 @@ def packed_layout(batch_sizes: torch.Tensor, device: torch.device) -> tuple[list
     return counts, offsets.to(device), lengths.to(device)
 
 
+def _layout(batch_sizes, device, offsets, lengths):
+    if offsets is None or lengths is None:
+        return packed_layout(batch_sizes, device)
+    return batch_sizes.tolist(), offsets, lengths
+
+
 def _check(caller: str, recurrence: str, hidden_size: int, dtype: torch.dtype, proj_size: int) -> None:
     _check_recurrence(caller, recurrence, PACKED_RECURRENCES)
     if recurrence == "persistent":
@@ -55,7 +61,7 @@ def _check(caller: str, recurrence: str, hidden_size: int, dtype: torch.dtype, p
 @on_input_device
 def lstm_packed_sequence_forward(
     input, h0, c0, weight_ih, weight_hh, bias, batch_sizes, reverse: bool, save_for_backward: bool, *,
-    recurrence: str, weight_hr=None,
+    recurrence: str, weight_hr=None, offsets=None, lengths=None,
 ):
     """One layer, one direction over packed rows. ``input`` (N, I) is a PackedSequence's data (N = sum(lengths)),
     ``batch_sizes`` its CPU int64 (T,); h0 (B, P), c0 (B, H) in its sorted order; ``bias`` b_ih + b_hh in fp32 or
@@ -63,6 +69,8 @@ def lstm_packed_sequence_forward(
 
     Returns (output (N, P), h_n (B, P), c_n (B, H), gates (N, 4H), cell_states (N, H) fp32 = c before each step,
     hidden_before (N, P)); h_n/c_n in the sorted order; the last three empty unless ``save_for_backward``.
+    ``offsets``, ``lengths``: :func:`packed_layout`'s device tensors, where the caller has them (a CUDA-graph
+    capture of this call must not copy from the host); else computed here.
     """
     rows_total, input_size = input.shape
     hidden_size = c0.shape[1]
@@ -70,7 +78,7 @@ def lstm_packed_sequence_forward(
     state_size = proj_size or hidden_size
     dtype, device = input.dtype, input.device
     _check("lstm_packed_sequence_forward", recurrence, hidden_size, dtype, proj_size)
-    counts, offsets, lengths = packed_layout(batch_sizes, device)
+    counts, offsets, lengths = _layout(batch_sizes, device, offsets, lengths)
     steps, batch = len(counts), counts[0]
     # The input projection of every packed row: one GEMM over sum(lengths) rows.
     projection = torch.matmul(input, weight_ih.t())
@@ -99,7 +107,7 @@ def lstm_packed_sequence_forward(
         lstm_sequence_forward_persistent_kernel[(triton.cdiv(batch, PERSISTENT_BLOCK_B),)](
             projection, weight_hh, weight_hr_arg, bias_arg, lengths, h_state, c_state, 2,
             output, hidden_arg, gates_arg, batch, hidden_size, state_size, steps,
-            **flags, **persistent_meta(hidden_size, dtype, proj_size), cell_saved_ptr=cell_arg, **packed,
+            **flags, **persistent_meta(hidden_size, dtype, proj_size, packed=True), cell_saved_ptr=cell_arg, **packed,
         )
     else:
         config = step_config(batch, dtype, projection=proj_size > 0)
@@ -132,10 +140,11 @@ def lstm_packed_sequence_forward(
 @on_input_device
 def lstm_packed_sequence_backward(
     grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, batch_sizes, reverse: bool,
-    gates, cell_states, hidden_before, *, recurrence: str, weight_hr=None,
+    gates, cell_states, hidden_before, *, recurrence: str, weight_hr=None, offsets=None, lengths=None,
 ):
     """Backward through time from what :func:`lstm_packed_sequence_forward` saved (output gradients may be None;
-    grad_output (N, P) packed, grad_h_n/grad_c_n (B, ·) sorted). ``recurrence``: "persistent" or "stepwise".
+    grad_output (N, P) packed, grad_h_n/grad_c_n (B, ·) sorted). ``recurrence``: "persistent" or "stepwise";
+    ``offsets``, ``lengths`` as the forward's.
 
     Returns (grad_input (N, I), grad_h0, grad_c0, grad_weight_ih, grad_weight_hh, grad_bias, grad_weight_hr), the
     last empty without a projection.
@@ -146,7 +155,7 @@ def lstm_packed_sequence_backward(
     state_size = proj_size or hidden_size
     dtype, device = input.dtype, input.device
     _check("lstm_packed_sequence_backward", recurrence, hidden_size, dtype, proj_size)
-    counts, offsets, lengths = packed_layout(batch_sizes, device)
+    counts, offsets, lengths = _layout(batch_sizes, device, offsets, lengths)
     steps, batch = len(counts), counts[0]
     weight_hh = weight_hh.contiguous()
     weight_hr_arg = weight_hh if weight_hr is None else weight_hr.contiguous()
@@ -166,7 +175,7 @@ def lstm_packed_sequence_backward(
         lstm_sequence_backward_persistent_kernel[(triton.cdiv(batch, PERSISTENT_BLOCK_B),)](
             dgates, dr_arg, weight_hh, weight_hr_arg, grad_output_arg, grad_h_n_arg, dc, gates, cell_states,
             lengths, batch, hidden_size, state_size, steps,
-            **flags, **persistent_meta(hidden_size, dtype, proj_size), **packed,
+            **flags, **persistent_meta(hidden_size, dtype, proj_size, packed=True), **packed,
         )
     else:
         config = step_config(batch, dtype, projection=proj_size > 0)

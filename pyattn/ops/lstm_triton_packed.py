@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch.nn.utils.rnn import PackedSequence
 
+from pyattn.ops import graphs
 from pyattn.ops.lstm_common import (
     _packed_layout,
     bias_gradients,
@@ -20,6 +21,15 @@ from pyattn.ops.lstm_common import (
     require_saved,
 )
 from pyattn.reference import lstm as reference
+
+
+def _run(recurrence: str, name: str, launcher, inputs: tuple, weights: tuple, options: tuple):
+    """``launcher(*inputs, *weights)``; the stepwise recurrence (launches per step) through the CUDA-graph runner
+    (``pyattn.ops.graphs``: batch_sizes, a host tensor among the inputs, keys the graph by value). The layout's
+    device tensors are made before, so a capture copies nothing from the host."""
+    if recurrence == "stepwise":
+        return graphs.run(name, launcher, inputs, weights, (*options, recurrence))
+    return launcher(*inputs, *weights)
 
 
 @torch.library.custom_op("pyattn::triton_lstm_packed_layer_fwd", mutates_args=())
@@ -41,10 +51,16 @@ def triton_lstm_packed_layer_fwd(
     empty unless saving. ``recurrence``: "persistent" or "stepwise"."""
     from pyattn.kernels.lstm import packed
 
-    return packed.lstm_packed_sequence_forward(
-        input, h0, c0, weight_ih, weight_hh, combined_bias(bias_ih, bias_hh), batch_sizes, reverse,
-        save_for_backward, recurrence=recurrence, weight_hr=weight_hr,
-    )
+    def forward(input, h0, c0, bias, batch_sizes, offsets, lengths, weight_ih, weight_hh, weight_hr):
+        return packed.lstm_packed_sequence_forward(
+            input, h0, c0, weight_ih, weight_hh, bias, batch_sizes, reverse, save_for_backward,
+            recurrence=recurrence, weight_hr=weight_hr, offsets=offsets, lengths=lengths,
+        )
+
+    _, offsets, lengths = packed.packed_layout(batch_sizes, input.device)
+    inputs = (input, h0, c0, combined_bias(bias_ih, bias_hh), batch_sizes, offsets, lengths)
+    return _run(recurrence, "triton_lstm_packed_layer_fwd", forward, inputs, (weight_ih, weight_hh, weight_hr),
+                (reverse, save_for_backward))
 
 
 @triton_lstm_packed_layer_fwd.register_fake
@@ -84,10 +100,18 @@ def triton_lstm_packed_layer_bwd(
     (batch_sizes[0], for the fake kernel: a fake batch_sizes has no values)."""
     from pyattn.kernels.lstm import packed
 
-    return packed.lstm_packed_sequence_backward(
-        grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, batch_sizes, reverse, gates, cell_states,
-        hidden_before, recurrence=recurrence, weight_hr=weight_hr,
-    )
+    def backward(grad_output, grad_h_n, grad_c_n, input, batch_sizes, offsets, lengths, gates, cell_states,
+                 hidden_before, weight_ih, weight_hh, weight_hr):
+        return packed.lstm_packed_sequence_backward(
+            grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, batch_sizes, reverse, gates, cell_states,
+            hidden_before, recurrence=recurrence, weight_hr=weight_hr, offsets=offsets, lengths=lengths,
+        )
+
+    _, offsets, lengths = packed.packed_layout(batch_sizes, input.device)
+    inputs = (grad_output, grad_h_n, grad_c_n, input, batch_sizes, offsets, lengths, gates, cell_states,
+              hidden_before)
+    return _run(recurrence, "triton_lstm_packed_layer_bwd", backward, inputs, (weight_ih, weight_hh, weight_hr),
+                (reverse,))
 
 
 @triton_lstm_packed_layer_bwd.register_fake
