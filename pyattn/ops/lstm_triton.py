@@ -373,4 +373,5 @@ register("triton", "lstm", _layer_support(_check_grid, projection=False), varian
          # the call with a note; forced, that raises.
          auto_implementation=stacked(_layer("grid", grid_fallback=True)))(stacked(_layer("grid")))
 register("triton", "lstm", _layer_support(), variant="stepwise",
-         summary="one fused launch per step (two with a projection)")(stacked(_layer("stepwise"), packed_layer("stepwise")))
+         summary="one fused launch per step (two with a projection)")(
+             stacked(_layer("stepwise"), packed_layer("stepwise")))
