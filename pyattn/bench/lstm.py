@@ -135,6 +135,7 @@ class LSTMData:
         if case.cell:  # a step inside a loop receives gradients for both h' and c'
             self.douts.append(random_tensor((batch, hidden), case.dtype, device, generator))
         self.rows = torch.tensor(sorted({0, batch - 1}), device=device)
+        self.modules: dict = {}  # torch modules over ``parameters``, shared by every backend (lstm_function)
         self._reference: dict[str, torch.Tensor] | None = None
         self._bounds: dict[str, float] | None = None
 
@@ -197,7 +198,7 @@ class LSTMData:
     def _torch_errors(self) -> dict[str, float]:
         """The error of torch's own LSTM (cuDNN on a GPU) in the case's dtype, on the checked rows."""
         baseline = "torch:lstmcell" if self.case.cell else "torch:lstm"
-        function, parameters = lstm_function(baseline, self.case, self.parameters)
+        function, parameters = lstm_function(baseline, self.case, self.parameters, self.modules)
         return errors(self.run(function, parameters, True, self._checked_douts(True)), self.reference())
 
     def check(self, function, parameters: dict[str, torch.Tensor]) -> tuple[dict[str, float], bool]:
@@ -219,11 +220,15 @@ def _reference_lstm(cell: bool, weights: list[torch.Tensor]):
     return run
 
 
-def _torch_module(module_type, case: LSTMCase, parameters: dict[str, torch.Tensor]) -> torch.nn.Module:
-    module = module_type(case.input_size, case.hidden_size).to(device=parameters["weight_ih"].device, dtype=case.dtype)
-    suffix = "_l0" if module_type is torch.nn.LSTM else ""
-    module.load_state_dict({name + suffix: value for name, value in parameters.items()})
-    return module
+def _torch_module(module_type, case: LSTMCase, parameters: dict[str, torch.Tensor], modules: dict) -> torch.nn.Module:
+    """A torch module of ``module_type`` holding ``parameters`` (copied in), built once per ``modules``."""
+    if module_type not in modules:
+        module = module_type(case.input_size, case.hidden_size).to(device=parameters["weight_ih"].device,
+                                                                    dtype=case.dtype)
+        suffix = "_l0" if module_type is torch.nn.LSTM else ""
+        module.load_state_dict({name + suffix: value for name, value in parameters.items()})
+        modules[module_type] = module
+    return modules[module_type]
 
 
 def _canonical_parameters(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -231,25 +236,29 @@ def _canonical_parameters(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: named.get(name, named.get(name + "_l0")) for name in PARAMETER_NAMES}
 
 
-def lstm_function(backend: str, case: LSTMCase, parameters: dict[str, torch.Tensor]):
+def lstm_function(backend: str, case: LSTMCase, parameters: dict[str, torch.Tensor], modules: dict):
     """``(x, h0, c0) -> (output, h_n, c_n)`` on one backend (a cell step gives (h', h', c')) and the
-    module's parameters by torch's LSTMCell names."""
+    module's parameters by torch's LSTMCell names. ``modules`` caches the torch modules built over
+    ``parameters``: pyattn's module holds the very Parameters of the torch module it replaces, so the two
+    sides of a ratio run on the same memory (on a CPU, where the allocator put two copies of the weights
+    moved one step's time by up to 10%) and, on a GPU, on torch's flattened cuDNN weights."""
     kind, name = backend.split(":", 1)
     if kind == "pyattn":
-        torch_type = torch.nn.LSTMCell if case.cell else torch.nn.LSTM
-        module = (pyattn.nn.LSTMCell if case.cell else pyattn.nn.LSTM)(case.input_size, case.hidden_size)
-        module = module.to(device=parameters["weight_ih"].device, dtype=case.dtype)
-        module.load_state_dict(_torch_module(torch_type, case, parameters).state_dict())
+        torch_module = _torch_module(torch.nn.LSTMCell if case.cell else torch.nn.LSTM, case, parameters, modules)
+        module = (pyattn.nn.LSTMCell if case.cell else pyattn.nn.LSTM)(case.input_size, case.hidden_size,
+                                                                       device="meta")
+        for parameter_name, parameter in torch_module.named_parameters():
+            setattr(module, parameter_name, parameter)
         inner = _cell_call(module) if case.cell else _sequence_call(module, case)
         return on_backend(name, inner), _canonical_parameters(module)
     if name == "lstm":
-        module = _torch_module(torch.nn.LSTM, case, parameters)
+        module = _torch_module(torch.nn.LSTM, case, parameters, modules)
         return _sequence_call(module, case), _canonical_parameters(module)
     if name == "lstmcell" and case.cell:
-        module = _torch_module(torch.nn.LSTMCell, case, parameters)
+        module = _torch_module(torch.nn.LSTMCell, case, parameters, modules)
         return _cell_call(module), _canonical_parameters(module)
     if name == "lstmcell-loop" and not case.cell:
-        module = _torch_module(torch.nn.LSTMCell, case, parameters)
+        module = _torch_module(torch.nn.LSTMCell, case, parameters, modules)
 
         def run_loop(x, h0, c0):
             h, c, outputs = h0, c0, []
@@ -282,7 +291,7 @@ def _sequence_call(module, case: LSTMCase):
 
 def prepare_lstm(case: LSTMCase, backend: str, data: LSTMData) -> Workload:
     device = data.device
-    function, parameters = lstm_function(backend, case, data.parameters)
+    function, parameters = lstm_function(backend, case, data.parameters, data.modules)
     check = lambda: data.check(function, parameters)
     if case.mode != FORWARD:
         x = data.x.detach().requires_grad_()
@@ -300,7 +309,7 @@ def prepare_lstm(case: LSTMCase, backend: str, data: LSTMData) -> Workload:
     graphed = case.cell and device.type == "cuda"
     sets = [(function, data.x, data.h0, data.c0)]
     for _ in range(rotation_copies(int(case.bytes()), device) - 1 if graphed else 0):
-        copy_function, _ = lstm_function(backend, case, {n: p.clone() for n, p in data.parameters.items()})
+        copy_function, _ = lstm_function(backend, case, {n: p.clone() for n, p in data.parameters.items()}, {})
         sets.append((copy_function, data.x.clone(), data.h0.clone(), data.c0.clone()))
     rotation = itertools.cycle(sets)
 

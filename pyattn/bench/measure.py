@@ -17,10 +17,16 @@ long (at most CPU_MAX_BATCH), so it is timed with its own caches warm, as in a l
 after whichever backend ran just before it (with a rotated order, always the same one), which showed
 as a 0.86-0.91x "gap" between pyattn and the very same torch kernel. (Flushing the caches instead
 times every short call cold: then the Python around a kernel costs ten times what it costs in a loop.)
+A CPU run also keeps glibc's heap (:func:`keep_cpu_heap`): a training step that sets its gradients to
+None frees ~2 MB a call, which glibc hands back to the OS and faults in again next call (~470 page
+faults, ~1 ms in a VM, on a ~1 ms LSTM cell step), so whichever backend a fault storm hit lost a round:
+torch's own step against itself ranged 0.64-1.5x round by round.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
 import statistics
 import time
@@ -36,7 +42,7 @@ GPU_REPEAT_MS = 100
 CPU_WARMUP_CALLS = 1
 CPU_MIN_REPEATS = 5
 CPU_MAX_REPEATS = 200  # for calls of microseconds: enough of them to fill CPU_MIN_SECONDS
-CPU_MIN_SECONDS = 0.02  # per backend, at least
+CPU_MIN_SECONDS = 0.25  # per backend, at least: a sub-millisecond call gets >= 100 paired rounds, not ~15
 CPU_MAX_GROUP_SECONDS = 20.0
 CPU_ROOFLINE_REPEATS = 20  # one case's interleaved timing stops adding rounds after this long
 CPU_REWARM_BELOW_MS = 5.0  # a call shorter than this is called once more, untimed, before each timed batch
@@ -64,6 +70,31 @@ class Timing:
             "method": self.method,
             "samples": len(self.samples) or None,
         }
+
+
+# glibc's mallopt parameters (malloc.h): above the threshold a block is mmap'ed (and unmapped on free);
+# the top of the heap is returned to the OS once this much of it is free.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+CPU_HEAP_MMAP_BYTES = 32 * 2**20
+CPU_HEAP_TRIM_BYTES = 2**30
+
+
+def keep_cpu_heap() -> str:
+    """Ask glibc to keep freed memory in the process (blocks up to CPU_HEAP_MMAP_BYTES from the heap,
+    no trim below CPU_HEAP_TRIM_BYTES free) so CPU timings do not include page faults that depend on
+    which call freed last. Applies to every backend of the run alike; returns what was done, for the
+    run's environment record (a C library without mallopt is left as it is)."""
+    name = ctypes.util.find_library("c")
+    try:
+        mallopt = ctypes.CDLL(name).mallopt if name else None
+    except (OSError, AttributeError):
+        mallopt = None
+    if mallopt is None:
+        return "unchanged (no glibc mallopt)"
+    if not (mallopt(_M_MMAP_THRESHOLD, CPU_HEAP_MMAP_BYTES) and mallopt(_M_TRIM_THRESHOLD, CPU_HEAP_TRIM_BYTES)):
+        return "unchanged (mallopt refused)"
+    return f"kept: glibc M_MMAP_THRESHOLD {CPU_HEAP_MMAP_BYTES >> 20} MiB, M_TRIM_THRESHOLD {CPU_HEAP_TRIM_BYTES >> 20} MiB"
 
 
 def _clear_grads(tensors: Sequence[torch.Tensor]) -> None:

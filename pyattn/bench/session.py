@@ -14,7 +14,7 @@ import torch
 
 import pyattn
 from pyattn.bench import plots, report
-from pyattn.bench.measure import measure_roofline
+from pyattn.bench.measure import keep_cpu_heap, measure_roofline
 from pyattn.bench.registry import DTYPES, dtype_name, get_suite, suites
 from pyattn.bench.runner import AUTO, CORRECTNESS_ONLY, ERROR, Result, fill_speedups, first_line, run_group
 
@@ -142,6 +142,8 @@ class Session:
         tasks = self._tasks()
         runs = sum(len(backends) for _, backends in tasks)
         self.environment = report.environment(self.device)
+        if self.device.type == "cpu":
+            self.environment["cpu_heap"] = keep_cpu_heap()
         self._print_header(runs)
         self.roofline = measure_roofline(self.device)
         print(report.format_roofline(self.roofline), flush=True)

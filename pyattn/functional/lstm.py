@@ -127,37 +127,42 @@ def _plan_lstm_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh) -> _CellP
     return _CellPlan(batched, batch, hidden_size, autocast_dtype, request)
 
 
-def _described(tensor) -> tuple:
-    """(shape, dtype, device) of an operand; None stays None. Raises AttributeError on a non-tensor."""
-    return None if tensor is None else (tensor.shape, tensor.dtype, tensor.device)
-
-
 _TENSOR = torch.Tensor
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)  # the operands' usual types: `type(x) in` is cheaper than isinstance
 # One call answers "is autocast on for any device" (the common answer is no); torch has had it since 2.1.
 _any_autocast_enabled = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+_is_compiling = torch.compiler.is_compiling
+
+
+def _is_tensor(value) -> bool:
+    return type(value) in _PLAIN_TENSOR_TYPES or isinstance(value, _TENSOR)
 
 
 def _cell_key(input, hx, weight_ih, weight_hh, bias_ih, bias_hh) -> tuple | None:
     """What the plan of a cell step depends on: each operand's (shape, dtype, device), the autocast
     state, the forced backend and the interpreter switch. None when an operand is not a tensor (or hx
-    not a pair): planning then raises the error, so such a call is never memoised. Written as one
-    expression: it runs on every step and is most of pyattn's own cost there (≈2 µs)."""
+    not a pair): planning then raises the error, so such a call is never memoised. Every step runs it,
+    and on a CPU it is most of pyattn's own cost there (with caches cold after the step's matmuls, each
+    attribute read counts), so it reads each attribute once, calls no helper and checks types cheaply."""
     if hx is None:
         h = c = None
     elif type(hx) in (tuple, list) and len(hx) == 2:
         h, c = hx
-        if not (isinstance(h, _TENSOR) and isinstance(c, _TENSOR)):
+        if not (_is_tensor(h) and _is_tensor(c)):
             return None
     else:
         return None
-    if not (isinstance(input, _TENSOR) and isinstance(weight_ih, _TENSOR) and isinstance(weight_hh, _TENSOR)
-            and (bias_ih is None or isinstance(bias_ih, _TENSOR)) and (bias_hh is None or isinstance(bias_hh, _TENSOR))):
+    if not (_is_tensor(input) and _is_tensor(weight_ih) and _is_tensor(weight_hh)
+            and (bias_ih is None or _is_tensor(bias_ih)) and (bias_hh is None or _is_tensor(bias_hh))):
         return None
     device = input.device
     autocast = _any_autocast_enabled() and device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type)
-    return (input.shape, input.dtype, device, _described(h), _described(c), weight_ih.shape, weight_ih.dtype,
-            weight_ih.device, weight_hh.shape, weight_hh.dtype, weight_hh.device, _described(bias_ih),
-            _described(bias_hh), autocast and torch.get_autocast_dtype(device.type), _dispatch.default_backend(),
+    return (input.shape, input.dtype, device,
+            None if h is None else (h.shape, h.dtype, h.device), None if c is None else (c.shape, c.dtype, c.device),
+            weight_ih.shape, weight_ih.dtype, weight_ih.device, weight_hh.shape, weight_hh.dtype, weight_hh.device,
+            None if bias_ih is None else (bias_ih.shape, bias_ih.dtype, bias_ih.device),
+            None if bias_hh is None else (bias_hh.shape, bias_hh.dtype, bias_hh.device),
+            autocast and torch.get_autocast_dtype(device.type), _dispatch.default_backend(),
             _dispatch.triton_interpreter_enabled())
 
 
@@ -169,7 +174,7 @@ _CELL_PLANS_LIMIT = 256
 
 
 def _planned_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh) -> tuple[_CellPlan, object]:
-    key = None if torch.compiler.is_compiling() else _cell_key(input, hx, weight_ih, weight_hh, bias_ih, bias_hh)
+    key = None if _is_compiling() else _cell_key(input, hx, weight_ih, weight_hh, bias_ih, bias_hh)
     cached = None if key is None else _CELL_PLANS.get(key)
     if cached is None or _dispatch.capturing():  # explain must see the request, not a memo hit
         plan = _plan_lstm_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh)
