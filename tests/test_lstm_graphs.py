@@ -73,6 +73,9 @@ class FakeGraphs:
         self.captured: list[FakeGraph] = []
         self.capturing_now = False
         self.fail_capture = False
+        self.memory = 2**40  # the device's memory, for the cache's budget
+        self.pool_growth = 0  # what a capture adds to the allocator's reserve (beyond the outputs)
+        self.reserved = 0
 
     def applies(self, device):
         return device.type == self.device_type
@@ -90,7 +93,14 @@ class FakeGraphs:
         outputs = function()
         graph = FakeGraph(function, outputs, self.counter, self.counter.total() - before)
         self.captured.append(graph)
+        self.reserved += self.pool_growth
         return graph, outputs
+
+    def pool_bytes(self, device):
+        return self.reserved
+
+    def total_memory(self, device):
+        return self.memory
 
 
 @pytest.fixture
@@ -176,6 +186,39 @@ def test_cache_is_bounded_and_evicts_the_least_recently_used(fake_graphs, monkey
             _run_affine(torch.randn(rows, 4), torch.randn(3), weight)
     assert graphs.cached_graphs() == 2
     assert [graph.released for graph in fake_graphs.captured] == [True, False, False]
+
+
+def test_cache_holds_at_most_its_share_of_device_memory(fake_graphs, monkeypatch):
+    # Each graph holds 64 KiB of static x (+ 4 B of bias) and a 32 KiB pool (more than its 16 KiB of
+    # outputs): a budget of 200 KiB keeps two of them, not three.
+    monkeypatch.setattr(graphs, "CACHE_MEMORY_FRACTION", 0.5)
+    fake_graphs.memory, fake_graphs.pool_growth = 400 * 2**10, 32 * 2**10
+    weight = torch.randn(4096, 1)
+    for shift in range(3):
+        x = torch.randn(4, 4096)
+        for _ in range(2):
+            _run_affine(x, torch.randn(1), weight, options=(shift,))
+    assert graphs.cached_graphs() == 2 and graphs.cached_bytes() == 2 * ((64 + 32) * 2**10 + 4)
+    assert [graph.released for graph in fake_graphs.captured] == [True, False, False]
+
+
+def test_a_call_over_the_cache_budget_stays_eager_with_a_note(fake_graphs, counter):
+    fake_graphs.memory = 10 * 2**20  # budget: 1 MiB; x alone is 4 MiB
+    x, bias, weight = torch.randn(1024, 1024), torch.randn(3), torch.randn(1024, 3)
+    expected = _affine(x, bias, weight)
+    for _ in range(3):
+        torch.testing.assert_close(_run_affine(x, bias, weight), expected)
+    assert fake_graphs.captured == [] and graphs.cached_graphs() == 0
+    assert any("exceed the graph cache's budget" in note for note in graphs.notes())
+
+
+def test_a_graph_whose_pool_outgrows_the_budget_is_released(fake_graphs):
+    fake_graphs.memory, fake_graphs.pool_growth = 10 * 2**20, 2 * 2**20  # budget 1 MiB; the pool alone 2 MiB
+    x, bias, weight = torch.randn(8, 4), torch.randn(3), torch.randn(4, 3)
+    for _ in range(3):
+        torch.testing.assert_close(_run_affine(x, bias, weight), _affine(x, bias, weight))
+    assert [graph.released for graph in fake_graphs.captured] == [True] and graphs.cached_graphs() == 0
+    assert any("captured graph released" in note for note in graphs.notes())
 
 
 def test_capture_failure_runs_eagerly_and_is_noted(fake_graphs, counter):

@@ -23,8 +23,11 @@ after, so a call costs one graph launch plus the copies in and out, whatever T i
   overwrites.
 * **Memory.** An entry holds its static inputs plus the graph's private pool: every tensor the call allocates
   (outputs and intermediates alike), so about one eager call's footprint plus a copy of its inputs. At most
-  :data:`CACHE_SIZE` entries live at once (least recently used evicted first, after its last replay finished);
-  :func:`clear` drops them all.
+  :data:`CACHE_SIZE` entries live at once, holding at most :data:`CACHE_MEMORY_FRACTION` of the device's
+  memory together (least recently used evicted first, after its last replay finished): a model whose sequence
+  length varies makes a graph per length, and 32 graphs of a long sequence's activations would otherwise hold
+  many eager calls' memory. A key whose inputs and outputs alone exceed that share is not captured (it runs
+  eagerly, with a note). :func:`clear` drops them all.
 
 Capture failures do not raise: the key stays eager (while it is among the last ``4 * CACHE_SIZE`` such keys) and
 the reason is kept in :func:`notes` (``pyattn.explain`` prints them). Tests swap :data:`backend` for a fake to run this on CPU.
@@ -43,6 +46,7 @@ import torch
 from pyattn import _registry
 
 CACHE_SIZE = 32  # captured graphs kept per process (each about one eager call's memory: see the module doc)
+CACHE_MEMORY_FRACTION = 0.1  # of the device's memory, for every captured graph's inputs and pool together
 _SEEN_SIZE = 4 * CACHE_SIZE  # keys called once (eager) and waiting for their second call
 
 
@@ -78,6 +82,13 @@ class CudaGraphs:
         caller.wait_stream(side)
         return CapturedGraph(graph, device), outputs
 
+    def pool_bytes(self, device: torch.device) -> int:
+        """Memory the caching allocator holds on ``device``: its growth across a capture is the graph's pool."""
+        return torch.cuda.memory_reserved(device)
+
+    def total_memory(self, device: torch.device) -> int:
+        return torch.cuda.get_device_properties(device).total_memory
+
 
 class CapturedGraph:
     def __init__(self, graph, device: torch.device):
@@ -101,6 +112,7 @@ class _Entry:
     graph: object
     static_inputs: tuple
     static_outputs: tuple
+    bytes: int  # its static inputs and its graph's pool
     replays: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)  # copy in, replay, clone out: one call at a time
 
@@ -137,6 +149,16 @@ def clear() -> None:
 
 def cached_graphs() -> int:
     return len(_state.graphs)
+
+
+def cached_bytes() -> int:
+    """Memory the captured graphs hold (their static inputs and pools), as accounted against the budget."""
+    with _state.lock:
+        return sum(entry.bytes for entry in _state.graphs.values())
+
+
+def _tensor_bytes(tensors: Sequence) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
 def notes() -> list[str]:
@@ -254,9 +276,21 @@ def _capture(name: str, key, function, inputs, weights, device) -> tuple:
     with torch.no_grad():
         static_inputs = tuple(_static_copy(t) for t in inputs)
     outputs = function(*static_inputs, *weights)
+    budget = int(CACHE_MEMORY_FRACTION * backend.total_memory(device))
+    least = _tensor_bytes(static_inputs) + _tensor_bytes(outputs)  # a graph holds at least its inputs and outputs
+    if least > budget:
+        with _state.lock:
+            _state.seen.pop(key, None)
+            _remember_eager(key)
+        _registry.record_note("graphs", f"{name}: not captured, the call runs eagerly: its inputs and outputs "
+                                        f"({least / 2**20:.0f} MiB) exceed the graph cache's budget "
+                                        f"({budget / 2**20:.0f} MiB, {CACHE_MEMORY_FRACTION:.0%} of the device)")
+        return outputs
     try:
+        reserved = backend.pool_bytes(device)
         with torch.no_grad():
             graph, static_outputs = backend.capture(device, lambda: tuple(function(*static_inputs, *weights)))
+        pool = max(backend.pool_bytes(device) - reserved, _tensor_bytes(static_outputs))
     except Exception as error:  # noqa: BLE001  (a capture failure leaves this key eager, with the reason kept)
         with _state.lock:
             _state.seen.pop(key, None)
@@ -264,13 +298,24 @@ def _capture(name: str, key, function, inputs, weights, device) -> tuple:
         _registry.record_note("graphs", f"{name}: CUDA-graph capture failed, the call runs eagerly: "
                                         f"{type(error).__name__}: {error}")
         return outputs
-    entry = _Entry(graph, static_inputs, tuple(static_outputs))
+    entry = _Entry(graph, static_inputs, tuple(static_outputs), _tensor_bytes(static_inputs) + pool)
+    if entry.bytes > budget:  # its intermediates made it larger than the inputs and outputs promised
+        graph.release()
+        with _state.lock:
+            _state.seen.pop(key, None)
+            _remember_eager(key)
+        _registry.record_note("graphs", f"{name}: captured graph released, the call runs eagerly: it holds "
+                                        f"{entry.bytes / 2**20:.0f} MiB, over the graph cache's budget "
+                                        f"({budget / 2**20:.0f} MiB, {CACHE_MEMORY_FRACTION:.0%} of the device)")
+        return outputs
     evicted = []
     with _state.lock:
         _state.seen.pop(key, None)
         _state.graphs[key] = entry
-        while len(_state.graphs) > CACHE_SIZE:
+        held = sum(cached.bytes for cached in _state.graphs.values())
+        while len(_state.graphs) > CACHE_SIZE or held > budget:
             evicted.append(_state.graphs.popitem(last=False)[1])
+            held -= evicted[-1].bytes
     for old in evicted:
         with old.lock:
             old.graph.release()
