@@ -14,6 +14,8 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.utils.parametrize
+import torch.nn.utils.prune
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import pyattn
@@ -227,6 +229,50 @@ def test_parameters_follow_reassignment():
     got = torch.func.functional_call(ours, replacement, (x,))
     want = torch.func.functional_call(theirs, replacement, (x,))
     _assert_same_result(ours, theirs, got, want)
+
+
+@pytest.mark.parametrize("rewrite", ["functional_call", "parametrize", "prune", "assigned"])
+def test_cell_reads_its_weights_wherever_they_live(rewrite):
+    """The cell reads its weights from ``_parameters`` when they are there (cheap) and as attributes when a
+    tool moved them out (parametrize, prune), so every such rewrite gives torch's LSTMCell's result."""
+    torch.manual_seed(5)
+    theirs = torch.nn.LSTMCell(INPUT_SIZE, HIDDEN_SIZE, dtype=F64)
+    ours = pyattn.nn.LSTMCell(INPUT_SIZE, HIDDEN_SIZE, dtype=F64)
+    ours.load_state_dict(theirs.state_dict())
+    x = random_tensor(BATCH, INPUT_SIZE, dtype=F64)
+    hx = tuple(random_tensor(BATCH, HIDDEN_SIZE, dtype=F64) for _ in range(2))
+    ours(x, hx)  # a memoised plan from the untouched module must not shadow the rewrite
+    if rewrite == "functional_call":
+        replacement = {name: random_tensor(*p.shape, dtype=F64, scale=0.3) for name, p in theirs.named_parameters()}
+        got = torch.func.functional_call(ours, replacement, (x, hx))
+        want = torch.func.functional_call(theirs, replacement, (x, hx))
+    else:
+        for module in (ours, theirs):
+            torch.manual_seed(6)  # the same pruning mask for both
+            if rewrite == "parametrize":
+                torch.nn.utils.parametrize.register_parametrization(module, "weight_hh", _Halved())
+            elif rewrite == "prune":
+                torch.nn.utils.prune.random_unstructured(module, "weight_ih", amount=0.5)
+            else:
+                module.weight_hh = torch.nn.Parameter(module.weight_hh.detach() * 0.5)
+        got, want = ours(x, hx), theirs(x, hx)
+    for name, g, w in zip(("h'", "c'"), got, want):
+        assert_close(g, w, RTOL[F64], name)
+    assert not torch.allclose(got[0], _untouched_copy()(x, hx)[0])  # the rewrite took effect
+
+
+class _Halved(torch.nn.Module):
+    def forward(self, weight):
+        return weight * 0.5
+
+
+def _untouched_copy():
+    """A pyattn cell with the weights torch's module had before any rewrite (to show a rewrite took effect)."""
+    torch.manual_seed(5)
+    fresh = torch.nn.LSTMCell(INPUT_SIZE, HIDDEN_SIZE, dtype=F64)
+    copy = pyattn.nn.LSTMCell(INPUT_SIZE, HIDDEN_SIZE, dtype=F64)
+    copy.load_state_dict(fresh.state_dict())
+    return copy
 
 
 @pytest.mark.parametrize(
