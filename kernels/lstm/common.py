@@ -268,6 +268,29 @@ def add_output_gradients_at(
 
 
 @triton.jit
+def gate_gradients(
+    dh, dc_next, input_gate, forget_gate, cell_gate, output_gate, c_prev, tanh_c, active, HAS_LENGTHS: tl.constexpr,
+):
+    """The LSTM update's backward: the gradients of the four pre-activations and dc_{t-1}, from dh_t, the carried
+    dc_t (``dc_next``), the activated gates, c_{t-1} and tanh(c_t) (each caller has its own source for c_t)."""
+    dc = dc_next + dh * output_gate * (1.0 - tanh_c * tanh_c)
+    d_input_gate = dc * cell_gate * input_gate * (1.0 - input_gate)
+    d_forget_gate = dc * c_prev * forget_gate * (1.0 - forget_gate)
+    d_cell_gate = dc * input_gate * (1.0 - cell_gate * cell_gate)
+    d_output_gate = dh * tanh_c * output_gate * (1.0 - output_gate)
+    dc_prev = dc * forget_gate
+    if HAS_LENGTHS:
+        # A frozen step passes dc through and has no gate gradient.
+        keep = active[:, None]
+        dc_prev = tl.where(keep, dc_prev, dc_next)
+        d_input_gate = tl.where(keep, d_input_gate, 0.0)
+        d_forget_gate = tl.where(keep, d_forget_gate, 0.0)
+        d_cell_gate = tl.where(keep, d_cell_gate, 0.0)
+        d_output_gate = tl.where(keep, d_output_gate, 0.0)
+    return d_input_gate, d_forget_gate, d_cell_gate, d_output_gate, dc_prev
+
+
+@triton.jit
 def backward_epilogue(
     dh, step, length, active, time, offs_b, offs_h, mask, B, H,
     grad_output_ptr, grad_h_n_ptr, dc_ptr, gates_ptr, c_prev_ptr, dgates_ptr,
@@ -300,26 +323,11 @@ def backward_epilogue_at(
     output_gate = tl.load(gates_ptr + gate + 3 * H, mask=mask, other=0.0).to(tl.float32)
     c_prev = tl.load(c_prev_ptr + saved_rows[:, None] * H + offs_h[None, :], mask=mask, other=0.0).to(tl.float32)
     tanh_c = tanh(forget_gate * c_prev + input_gate * cell_gate)
-    dc = dc_next + dh * output_gate * (1.0 - tanh_c * tanh_c)
-    d_input_gate = dc * cell_gate * input_gate * (1.0 - input_gate)
-    d_forget_gate = dc * c_prev * forget_gate * (1.0 - forget_gate)
-    d_cell_gate = dc * input_gate * (1.0 - cell_gate * cell_gate)
-    d_output_gate = dh * tanh_c * output_gate * (1.0 - output_gate)
-    dc_prev = dc * forget_gate
-    if HAS_LENGTHS:
-        # A frozen step passes dc through and has no gate gradient.
-        keep = active[:, None]
-        dc_prev = tl.where(keep, dc_prev, dc_next)
-        d_input_gate = tl.where(keep, d_input_gate, 0.0)
-        d_forget_gate = tl.where(keep, d_forget_gate, 0.0)
-        d_cell_gate = tl.where(keep, d_cell_gate, 0.0)
-        d_output_gate = tl.where(keep, d_output_gate, 0.0)
+    d_input_gate, d_forget_gate, d_cell_gate, d_output_gate, dc_prev = gate_gradients(
+        dh, dc_next, input_gate, forget_gate, cell_gate, output_gate, c_prev, tanh_c, active, HAS_LENGTHS
+    )
     tl.store(dc_ptr + state, dc_prev, mask=mask)
-    gate_at_time = rows[:, None] * (4 * H) + offs_h[None, :]
-    tl.store(dgates_ptr + gate_at_time, d_input_gate, mask=mask)
-    tl.store(dgates_ptr + gate_at_time + H, d_forget_gate, mask=mask)
-    tl.store(dgates_ptr + gate_at_time + 2 * H, d_cell_gate, mask=mask)
-    tl.store(dgates_ptr + gate_at_time + 3 * H, d_output_gate, mask=mask)
+    store_gates(dgates_ptr, d_input_gate, d_forget_gate, d_cell_gate, d_output_gate, rows, offs_h, mask, H)
 
 
 @triton.jit

@@ -9,7 +9,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import add_bias, add_input_projection, add_output_gradients, forward_epilogue, row_schedule, tanh
+from .common import (add_bias, add_input_projection, add_output_gradients, forward_epilogue, gate_gradients,
+                     row_schedule, store_gates, tanh)
 
 
 @triton.jit
@@ -120,8 +121,8 @@ def _grid_backward_epilogue(
     HAS_LENGTHS: tl.constexpr, HAS_GRAD_OUTPUT: tl.constexpr, HAS_GRAD_H_N: tl.constexpr,
 ):
     """Gate gradients of one (batch tile × hidden slice) at iteration ``step`` from its recurrent dh and the
-    carried dc (updated in place): ``backward_epilogue``'s math, but tanh(c_t) from the saved fp32 c_t
-    (``c_state_ptr`` slot step + 1) rather than rebuilt from gates rounded to the input dtype."""
+    carried dc (updated in place): ``gate_gradients`` as ``backward_epilogue``, but with tanh(c_t) from the saved
+    fp32 c_t (``c_state_ptr`` slot step + 1) rather than rebuilt from gates rounded to the input dtype."""
     state_size = B * H
     state = offs_b[:, None] * H + offs_h[None, :]
     dh = add_output_gradients(dh, step, length, active, time, offs_b, offs_h, mask, B, H, grad_output_ptr,
@@ -134,27 +135,11 @@ def _grid_backward_epilogue(
     output_gate = tl.load(gates_ptr + gate + 3 * H, mask=mask, other=0.0).to(tl.float32)
     c_prev = tl.load(c_state_ptr + tl.cast(step, tl.int64) * state_size + state, mask=mask, other=0.0)
     c = tl.load(c_state_ptr + tl.cast(step + 1, tl.int64) * state_size + state, mask=mask, other=0.0)
-    tanh_c = tanh(c)
-    dc = dc_next + dh * output_gate * (1.0 - tanh_c * tanh_c)
-    d_input_gate = dc * cell_gate * input_gate * (1.0 - input_gate)
-    d_forget_gate = dc * c_prev * forget_gate * (1.0 - forget_gate)
-    d_cell_gate = dc * input_gate * (1.0 - cell_gate * cell_gate)
-    d_output_gate = dh * tanh_c * output_gate * (1.0 - output_gate)
-    dc_prev = dc * forget_gate
-    if HAS_LENGTHS:
-        # A frozen step passes dc through and has no gate gradient.
-        keep = active[:, None]
-        dc_prev = tl.where(keep, dc_prev, dc_next)
-        d_input_gate = tl.where(keep, d_input_gate, 0.0)
-        d_forget_gate = tl.where(keep, d_forget_gate, 0.0)
-        d_cell_gate = tl.where(keep, d_cell_gate, 0.0)
-        d_output_gate = tl.where(keep, d_output_gate, 0.0)
+    d_input_gate, d_forget_gate, d_cell_gate, d_output_gate, dc_prev = gate_gradients(
+        dh, dc_next, input_gate, forget_gate, cell_gate, output_gate, c_prev, tanh(c), active, HAS_LENGTHS
+    )
     tl.store(dc_ptr + state, dc_prev, mask=mask)
-    gate_at_time = (time[:, None] * B + offs_b[:, None]) * (4 * H) + offs_h[None, :]
-    tl.store(dgates_ptr + gate_at_time, d_input_gate, mask=mask)
-    tl.store(dgates_ptr + gate_at_time + H, d_forget_gate, mask=mask)
-    tl.store(dgates_ptr + gate_at_time + 2 * H, d_cell_gate, mask=mask)
-    tl.store(dgates_ptr + gate_at_time + 3 * H, d_output_gate, mask=mask)
+    store_gates(dgates_ptr, d_input_gate, d_forget_gate, d_cell_gate, d_output_gate, time * B + offs_b, offs_h, mask, H)
 
 
 # B and T are not specialised: the JIT would compile B = 1 or T = 1 as constants, a kernel of its own (B = 1 spilled
