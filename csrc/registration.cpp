@@ -35,6 +35,12 @@ TORCH_LIBRARY_FRAGMENT(pyattn, m) {
       "bool reverse, Tensor? lengths, str recurrence, Tensor? weight_hr=None) -> (Tensor grad_input, "
       "Tensor grad_h0, Tensor grad_c0, Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias, "
       "Tensor grad_weight_hr)");
+  // "" when cuda_lstm_layer_fwd/bwd with recurrence="persistent" would launch for these sizes on CUDA device
+  // device_index (proj_size 0: no projection), else why not; asks the occupancy API, launches nothing.
+  // No tensor argument to dispatch on: one kernel for every dispatch key.
+  m.def("cuda_lstm_persistent_resident(int batch, int hidden_size, int proj_size, ScalarType dtype, "
+        "int device_index) -> str",
+        &pyattn::lstm::lstm_persistent_resident);
   // Attention (csrc/attention): q (B, Hq, L, D), k/v (B, Hk, S, D), fp16/bf16, D 64 or 128; mask 4-D
   // bool or q's dtype; deterministic is the backward's (read by autograd's setup_context).
   m.def(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -168,6 +169,112 @@ def test_persistent_footprint_mirrors_the_kernel_layouts():
     assert lstm_cuda.persistent_footprint(3, 40, 0, torch.float16)["forward"] == (4608 + 16 * 2304 + 9216, 5)
     fp32 = lstm_cuda.persistent_footprint(20, 40, 0, torch.float32)
     assert fp32["forward"] == (8320 + 4 * 16640 + 9216, 5) and fp32["backward"] == (12416 + 4 * 16640 + 5120, 3)
+
+
+
+# ---- plain process: cuda/persistent asks the launchers' occupancy check before launching ----
+
+REFUSAL = "forward: 256 CTAs must be co-resident for the grid sync, the occupancy API allows 0 per SM (test)"
+
+
+def _persistent_variant():
+    return next(v for v in _registry.variants("lstm") if v.qualified_name == "cuda/persistent")
+
+
+@pytest.fixture
+def launch_check(monkeypatch):
+    """The launchers' check answers ``launch_check.refusal`` (None: launches) and lstm_layer records the recurrence it
+    is asked for, computing on the reference: no extension or GPU needed."""
+
+    class LaunchCheck:
+        refusal: str | None = REFUSAL
+        asked: list = []
+        recurrences: list = []
+
+    def refusal(input, c0, weight_hr):
+        LaunchCheck.asked.append((input.shape[1], c0.shape[1], weight_hr))
+        return LaunchCheck.refusal
+
+    def recording_layer(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse, lengths, *,
+                        recurrence):
+        LaunchCheck.recurrences.append(recurrence)
+        return reference.lstm_layer(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr=weight_hr,
+                                    reverse=reverse, lengths=lengths)
+
+    LaunchCheck.asked, LaunchCheck.recurrences = [], []
+    monkeypatch.setattr(lstm_cuda, "persistent_launch_refusal", refusal)
+    monkeypatch.setattr(lstm_cuda, "lstm_layer", recording_layer)
+    monkeypatch.setattr(_registry, "_NOTES", {})  # this test's notes only, gone after it
+    return LaunchCheck
+
+
+def test_auto_persistent_refused_by_the_launch_check_runs_stepwise_with_a_note(launch_check):
+    args = _layer_args(3, 2, 4, 16, torch.float32, "cpu")
+    auto_form = _registry.auto_form(_persistent_variant())
+    assert auto_form.implementation is not _persistent_variant().implementation
+    output, h_n, c_n = auto_form.implementation.layer(*args, None, False, None)
+    assert launch_check.asked == [(2, 16, None)] and launch_check.recurrences == ["stepwise"]
+    expected = reference.lstm_layer(*args)
+    torch.testing.assert_close(output, expected[0])
+    note = f"cuda/persistent: {REFUSAL}; auto ran the call on the stepwise kernels (cuda/stepwise)"
+    assert _registry.notes("lstm") == [note]
+    request = _dispatch.Request(op="lstm", device=torch.device("cuda"), dtype=torch.float32,
+                                sizes=dict(batch=2, hidden_size=16))
+    text = _dispatch.explain_request(request, assume="sm_90")
+    assert f"note: {note}" in text, text
+
+
+def test_auto_persistent_the_launch_check_admits_runs_persistent_without_a_note(launch_check):
+    launch_check.refusal = None
+    args = _layer_args(3, 2, 4, 16, torch.float32, "cpu")
+    _registry.auto_form(_persistent_variant()).implementation.layer(*args, None, False, None)
+    assert launch_check.recurrences == ["persistent"]
+    assert _registry.notes("lstm") == []
+
+
+def test_forced_persistent_refused_by_the_launch_check_raises(launch_check):
+    args = _layer_args(3, 2, 4, 16, torch.float32, "cpu")
+    with pytest.raises(_registry.BackendUnavailableError,
+                       match=re.escape(f"pyattn backend 'cuda/persistent' cannot serve this call: {REFUSAL}")):
+        _persistent_variant().implementation.layer(*args, None, False, None)
+    assert launch_check.recurrences == []
+    assert _registry.notes("lstm") == [], "a forced call must not fall back"
+
+
+def test_auto_gets_the_persistent_variant_auto_form_and_a_forced_name_the_plain_one(monkeypatch):
+    monkeypatch.setattr(_dispatch, "backend_unavailable_reason", lambda backend, assumed=False: None)
+    request = _dispatch.Request(op="lstm", device=torch.device("cuda"), dtype=torch.float16,
+                                sizes=dict(batch=16, hidden_size=256))
+    persistent = _persistent_variant()
+    chosen = _dispatch.choose(request, assume="sm_90")
+    assert chosen == persistent, _dispatch.explain_request(request, assume="sm_90")
+    assert chosen.implementation is _registry.auto_form(persistent).implementation is not persistent.implementation
+    with pyattn.use_backend("cuda/persistent"):
+        assert _dispatch.choose(request, assume="sm_90").implementation is persistent.implementation
+
+
+def test_launch_check_asks_the_extension_query_once_per_layer_shape(monkeypatch):
+    """The query gets the layer's batch, hidden and proj size, dtype and device index; its answer is kept ("" is
+    no refusal). Without the query in the extension (an older build) nothing is asked."""
+    asked = []
+
+    def query(batch, hidden, proj_size, dtype, device_index):
+        asked.append((batch, hidden, proj_size, dtype, device_index))
+        return "" if hidden < 100 else "backward: a CTA needs 262144 B of shared memory (test)"
+
+    monkeypatch.setattr(torch.ops.pyattn, "cuda_lstm_persistent_resident", query, raising=False)
+    monkeypatch.setattr(lstm_cuda, "_PERSISTENT_REFUSALS", {})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    input, c0 = torch.empty(5, 2, 7, device="meta", dtype=torch.float16), torch.empty(2, 40, device="meta")
+    weight_hr = torch.empty(24, 40, device="meta")
+    monkeypatch.setattr(lstm_cuda, "_RESIDENCY_QUERY_LOADED", False)
+    assert lstm_cuda.persistent_launch_refusal(input, c0, weight_hr) is None and asked == []
+    monkeypatch.setattr(lstm_cuda, "_RESIDENCY_QUERY_LOADED", True)
+    for _ in range(2):
+        assert lstm_cuda.persistent_launch_refusal(input, c0, weight_hr) is None
+    big = torch.empty(2, 400, device="meta")
+    assert lstm_cuda.persistent_launch_refusal(input, big, None).startswith("backward: a CTA needs")
+    assert asked == [(2, 40, 24, torch.float16, 3), (2, 400, 0, torch.float16, 3)]
 
 
 def _cell_args(batch, input_size, hidden, dtype, device, bias=True, requires_grad=False):
@@ -432,6 +539,30 @@ def test_layer_compiles_fullgraph_on_cpu_model(cpu_model_kernels):
     lstm_cuda.lstm_layer(*args, reverse=True, recurrence="stepwise")[0].square().sum().backward()
     for name, compiled_grad, eager_grad in zip(LAYER_GRAD_NAMES, compiled_grads, _grads(args)):
         assert_close(compiled_grad, eager_grad, 1e-6, f"compiled grad {name}")
+
+
+
+def test_auto_persistent_fallback_compiles_fullgraph_on_cpu_model(cpu_model_kernels, monkeypatch):
+    """Under torch.compile the launch check is a constant asked once while tracing (static sizes): the refusal runs
+    stepwise and records its note, without a graph break."""
+    asked = []
+
+    def query(batch, hidden, proj_size, dtype, device_index):
+        asked.append((batch, hidden, proj_size, dtype, device_index))
+        return "forward: refused (test)"
+
+    monkeypatch.setattr(torch.ops.pyattn, "cuda_lstm_persistent_resident", query, raising=False)
+    monkeypatch.setattr(lstm_cuda, "_RESIDENCY_QUERY_LOADED", True)
+    monkeypatch.setattr(lstm_cuda, "_PERSISTENT_REFUSALS", {})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)  # the CPU stand-ins' tensors have no CUDA index
+    monkeypatch.setattr(_registry, "_NOTES", {})
+    layer = _registry.auto_form(_persistent_variant()).implementation.layer
+    args = _layer_args(4, 2, 3, 5, torch.float32, "cpu")
+    compiled = torch.compile(lambda *a: layer(*a, None, False, None)[0], fullgraph=True, backend="aot_eager")
+    assert_close(compiled(*args), lstm_cuda.lstm_layer(*args, recurrence="stepwise")[0], 1e-6, "output")
+    assert asked == [(2, 5, 0, torch.float32, 0)]
+    assert _registry.notes("lstm") == [
+        "cuda/persistent: forward: refused (test); auto ran the call on the stepwise kernels (cuda/stepwise)"]
 
 
 # ---- plain process: the kernels themselves, emulated on the CPU ----
@@ -924,6 +1055,42 @@ def test_persistent_recurrence_that_does_not_fit_raises_and_dispatch_takes_stepw
         output, h_n, c_n = lstm_cuda.lstm_layer(*args, recurrence="stepwise")
     assert_close(output, expected[0], RTOL[torch.float16], "output")
     assert_close(c_n, expected[2], RTOL[torch.float16], "c_n")
+
+
+
+@pytest.mark.requires_cuda
+def test_launch_check_on_the_device_admits_what_launches_and_refuses_with_figures():
+    """The extension's query (the launchers' own occupancy computation) on the real device: a small layer fits;
+    fp16 H = 2048 cannot be co-resident; fp32 H = 1024's backward needs more shared memory than a block may use."""
+    assert lstm_cuda._RESIDENCY_QUERY_LOADED, "the extension has no cuda_lstm_persistent_resident: rebuild it"
+    index = torch.cuda.current_device()
+    query = torch.ops.pyattn.cuda_lstm_persistent_resident
+    assert query(16, 256, 0, torch.float16, index) == ""
+    assert query(0, 4096, 0, torch.float32, index) == "", "an empty batch launches nothing"
+    co_resident = query(2, 2048, 0, torch.float16, index)
+    assert co_resident.startswith("forward: 256 CTAs must be co-resident for the grid sync"), co_resident
+    assert "registers per thread" in co_resident
+    shared = query(4, 1024, 0, torch.float32, index)
+    assert shared.startswith("backward: a CTA needs") and "B a block may use" in shared, shared
+    args = _layer_args(3, 16, 32, 256, torch.float16, "cuda")
+    assert lstm_cuda.persistent_launch_refusal(args[0], args[2], None) is None
+
+
+@pytest.mark.requires_cuda
+def test_auto_persistent_on_the_device_falls_back_where_the_launch_check_refuses(monkeypatch):
+    """fp16 H = 2048 through cuda/persistent's auto form: stepwise runs it with the query's reason as a note, matching
+    the reference; forced, the same call raises with that reason."""
+    monkeypatch.setattr(_registry, "_NOTES", {})
+    args = _layer_args(3, 2, 16, 2048, torch.float16, "cuda")
+    with torch.no_grad():
+        output, _h_n, c_n = _registry.auto_form(_persistent_variant()).implementation.layer(*args, None, False, None)
+    expected = reference.lstm_layer(*_float64(args))
+    assert_close(output, expected[0], RTOL[torch.float16], "output")
+    assert_close(c_n, expected[2], RTOL[torch.float16], "c_n")
+    [note] = _registry.notes("lstm")
+    assert note.startswith("cuda/persistent: forward: 256 CTAs must be co-resident") and "(cuda/stepwise)" in note
+    with torch.no_grad(), pytest.raises(_registry.BackendUnavailableError, match="256 CTAs must be co-resident"):
+        _persistent_variant().implementation.layer(*args, None, False, None)
 
 
 @pytest.mark.requires_cuda

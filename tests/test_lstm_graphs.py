@@ -608,7 +608,7 @@ def test_forced_grid_refused_by_its_compiled_kernel_raises(refusing_grid):
 
 def test_auto_gets_the_grid_variant_auto_form_and_a_forced_name_the_plain_one(monkeypatch):
     """dispatch hands auto the variant's auto_implementation (falls back at launch) and a forced name the plain one
-    (raises at launch): the grid kernel is the only one registered with one."""
+    (raises at launch): the grid kernel and the CUDA persistent kernels are the ones registered with one."""
     monkeypatch.setattr(_dispatch, "backend_unavailable_reason",
                         lambda backend, assumed=False: "off in this test" if backend == "cuda" else None)
     request = _dispatch.Request(op="lstm", device=torch.device("cuda"), dtype=torch.float16,
@@ -622,7 +622,7 @@ def test_auto_gets_the_grid_variant_auto_form_and_a_forced_name_the_plain_one(mo
         assert _dispatch.choose(request, assume="sm_90").implementation is grid.implementation
     assert _dispatch.choose(request, "triton", assume="sm_90").implementation is grid.implementation
     with_auto = [v.qualified_name for v in _registry.variants("lstm") if v.auto_implementation is not None]
-    assert with_auto == ["triton/grid"]
+    assert with_auto == ["cuda/persistent", "triton/grid"]
 
 
 def test_grid_is_never_chosen_without_the_occupancy_check_passing(monkeypatch):

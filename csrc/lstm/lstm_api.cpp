@@ -22,6 +22,8 @@
 
 #include <climits>
 #include <initializer_list>
+#include <sstream>
+#include <string>
 
 #include "lstm/lstm_launch.h"
 
@@ -161,7 +163,48 @@ Recurrence checked_recurrence(c10::string_view recurrence) {
   return Recurrence::kStepwise;
 }
 
+// Why `residency` refuses a cooperative launch of the `direction` kernel, with its figures; "" when it fits.
+std::string residency_refusal(const char* direction, const PersistentResidency& residency) {
+  if (residency.fits()) return "";
+  std::ostringstream reason;
+  reason << direction << ": ";
+  if (!residency.cooperative) {
+    reason << "the device does not support cooperative launches";
+  } else if (residency.shared_bytes > static_cast<size_t>(residency.shared_limit)) {
+    reason << "a CTA needs " << residency.shared_bytes << " B of shared memory, over the " << residency.shared_limit
+           << " B a block may use";
+  } else {
+    reason << residency.grid << " CTAs must be co-resident for the grid sync, the occupancy API allows "
+           << residency.per_multiprocessor << " per SM on " << residency.multiprocessors << " SMs ("
+           << residency.shared_bytes << " B of shared memory and " << residency.registers << " registers per thread, "
+           << residency.threads << " threads per CTA)";
+  }
+  return reason.str();
+}
+
 }  // namespace
+
+std::string lstm_persistent_resident(int64_t batch, int64_t hidden_size, int64_t proj_size, at::ScalarType dtype,
+                                     int64_t device_index) {
+  TORCH_CHECK(batch >= 0 && batch <= INT_MAX, "batch must be in [0, ", INT_MAX, "], got ", batch);
+  TORCH_CHECK(hidden_size >= 0 && hidden_size <= INT_MAX, "hidden_size must be in [0, ", INT_MAX, "], got ",
+              hidden_size);
+  TORCH_CHECK(proj_size >= 0 && proj_size <= INT_MAX, "proj_size must be in [0, ", INT_MAX, "], got ", proj_size);
+  TORCH_CHECK(device_index >= 0, "device_index must be a CUDA device index, got ", device_index);
+  if (batch == 0 || hidden_size == 0) return "";  // the layer ops return before launching anything
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_index));
+  std::string reason;
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const int b = static_cast<int>(batch), h = static_cast<int>(hidden_size), p = static_cast<int>(proj_size);
+    PersistentResidency forward, backward;
+    C10_CUDA_CHECK(persistent_forward_residency<T>(b, h, p, forward));
+    C10_CUDA_CHECK(persistent_backward_residency<T>(b, h, p, backward));
+    reason = residency_refusal("forward", forward);
+    if (reason.empty()) reason = residency_refusal("backward", backward);
+  });
+  return reason;
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_cell_forward(
     const at::Tensor& input, const at::Tensor& hx, const at::Tensor& cx, const at::Tensor& weight_ih,

@@ -6,7 +6,9 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/string_view.h>
 
+#include <cstdint>
 #include <optional>
+#include <string>
 #include <tuple>
 
 namespace pyattn::lstm {
@@ -45,5 +47,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cell_states, bool reverse,
     const std::optional<at::Tensor>& lengths, c10::string_view recurrence, const std::optional<at::Tensor>& weight_hr);
+
+// Whether recurrence="persistent" would launch for a layer of these sizes on CUDA device `device_index`
+// (proj_size 0: no projection): "" when the cooperative grids of both the persistent forward and backward
+// can be resident, else why not, with the figures. The same occupancy computation the launchers run before
+// launching (registers as compiled included); nothing is launched.
+std::string lstm_persistent_resident(int64_t batch, int64_t hidden_size, int64_t proj_size, at::ScalarType dtype,
+                                     int64_t device_index);
 
 }  // namespace pyattn::lstm

@@ -1,8 +1,9 @@
-// bf16 instantiations of the LSTM backward launchers (one small file per dtype: parallel builds).
+// bf16 instantiations of the LSTM backward launchers and residency queries (one small file per dtype: parallel builds).
 #include "lstm/lstm_kernels.cuh"
 
 namespace pyattn::lstm {
 template cudaError_t launch_step_backward<__nv_bfloat16>(const LayerBackwardParams&, int, cudaStream_t);
 template cudaError_t launch_persistent_backward<__nv_bfloat16>(const LayerBackwardParams&, cudaStream_t, bool&);
+template cudaError_t persistent_backward_residency<__nv_bfloat16>(int, int, int, PersistentResidency&);
 template cudaError_t launch_cell_backward<__nv_bfloat16>(const CellBackwardParams&, cudaStream_t);
 }  // namespace pyattn::lstm

@@ -1028,22 +1028,30 @@ cudaError_t set_shared_memory(Kernel kernel, size_t bytes) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
 }
 
-// Whether `grid` CTAs of `kernel` can all be resident at once (what a cooperative launch needs).
+// The device's figures and `kernel`'s occupancy for residency.grid CTAs of residency.shared_bytes each
+// (what a cooperative launch needs: every CTA resident at once).
 template <typename Kernel>
-cudaError_t fits_on_chip(Kernel kernel, size_t shared_bytes, int grid, bool& fits) {
-  fits = false;
-  int device = 0, cooperative = 0, multiprocessors = 0, shared_limit = 0;
+cudaError_t measure_residency(Kernel kernel, PersistentResidency& residency) {
+  residency.threads = kThreads;
+  int device = 0, cooperative = 0;
   cudaError_t error = cudaGetDevice(&device);
   if (error == cudaSuccess) error = cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device);
-  if (error == cudaSuccess) error = cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device);
   if (error == cudaSuccess)
-    error = cudaDeviceGetAttribute(&shared_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  if (error != cudaSuccess || !cooperative || shared_bytes > static_cast<size_t>(shared_limit)) return error;
-  error = set_shared_memory(kernel, shared_bytes);
-  int per_multiprocessor = 0;
+    error = cudaDeviceGetAttribute(&residency.multiprocessors, cudaDevAttrMultiProcessorCount, device);
   if (error == cudaSuccess)
-    error = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_multiprocessor, kernel, kThreads, shared_bytes);
-  fits = error == cudaSuccess && per_multiprocessor * multiprocessors >= grid;
+    error = cudaDeviceGetAttribute(&residency.shared_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  residency.cooperative = cooperative != 0;
+  cudaFuncAttributes attributes{};
+  if (error == cudaSuccess) error = cudaFuncGetAttributes(&attributes, kernel);
+  residency.registers = attributes.numRegs;
+  if (error != cudaSuccess || !residency.cooperative ||
+      residency.shared_bytes > static_cast<size_t>(residency.shared_limit))
+    return error;
+  // The occupancy API counts dynamic shared memory only up to the kernel's opt-in attribute.
+  error = set_shared_memory(kernel, residency.shared_bytes);
+  if (error == cudaSuccess)
+    error = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&residency.per_multiprocessor, kernel, residency.threads,
+                                                          residency.shared_bytes);
   return error;
 }
 
@@ -1079,18 +1087,31 @@ cudaError_t launch_projection_forward(const ProjectionForwardParams& p, cudaStre
 }
 
 template <typename T, int BM>
-cudaError_t launch_persistent_forward_tiles(const LayerForwardParams& p, cudaStream_t stream, bool& fits) {
+cudaError_t persistent_forward_residency_tiles(int hidden, int proj_size, PersistentResidency& residency) {
   constexpr int BJ = kPersistentForwardUnits, SPLITS = kPersistentForwardSplits<BM>;
   using Layout = PersistentForwardLayout<T, BM, BJ, SPLITS>;
-  const size_t shared_bytes = Layout::total_bytes(p.hidden, p.proj_size);
-  auto kernel = lstm_persistent_forward_kernel<T, BM, BJ, SPLITS>;
-  const int grid = Layout::grid(p.hidden, p.proj_size);
-  cudaError_t error = fits_on_chip(kernel, shared_bytes, grid, fits);
-  if (error != cudaSuccess || !fits) return error;
+  residency.shared_bytes = Layout::total_bytes(hidden, proj_size);
+  residency.grid = Layout::grid(hidden, proj_size);
+  return measure_residency(lstm_persistent_forward_kernel<T, BM, BJ, SPLITS>, residency);
+}
+
+template <typename T>
+cudaError_t persistent_forward_residency(int batch, int hidden, int proj_size, PersistentResidency& residency) {
+  return batch <= 16 ? persistent_forward_residency_tiles<T, 16>(hidden, proj_size, residency)
+                     : persistent_forward_residency_tiles<T, 64>(hidden, proj_size, residency);
+}
+
+template <typename T, int BM>
+cudaError_t launch_persistent_forward_tiles(const LayerForwardParams& p, cudaStream_t stream, bool& fits) {
+  PersistentResidency residency;
+  cudaError_t error = persistent_forward_residency_tiles<T, BM>(p.hidden, p.proj_size, residency);
+  fits = error == cudaSuccess && residency.fits();
+  if (!fits) return error;
+  auto kernel = lstm_persistent_forward_kernel<T, BM, kPersistentForwardUnits, kPersistentForwardSplits<BM>>;
   LayerForwardParams params = p;
   void* arguments[] = {&params};
-  return cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(grid), dim3(kThreads), arguments,
-                                     shared_bytes, stream);
+  return cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(residency.grid), dim3(kThreads),
+                                     arguments, residency.shared_bytes, stream);
 }
 
 template <typename T>
@@ -1126,18 +1147,31 @@ cudaError_t launch_step_backward(const LayerBackwardParams& p, int s, cudaStream
 }
 
 template <typename T, int BM>
-cudaError_t launch_persistent_backward_tiles(const LayerBackwardParams& p, cudaStream_t stream, bool& fits) {
+cudaError_t persistent_backward_residency_tiles(int hidden, int proj_size, PersistentResidency& residency) {
   constexpr int BJ = kBackwardUnits, SPLITS = kBackwardSplits<BM>;
   using Layout = PersistentBackwardLayout<T, BM, BJ, SPLITS>;
-  const size_t shared_bytes = Layout::total_bytes(p.hidden, p.proj_size);
-  auto kernel = lstm_persistent_backward_kernel<T, BM, BJ, SPLITS>;
-  const int grid = Layout::grid(p.hidden, p.proj_size);
-  cudaError_t error = fits_on_chip(kernel, shared_bytes, grid, fits);
-  if (error != cudaSuccess || !fits) return error;
+  residency.shared_bytes = Layout::total_bytes(hidden, proj_size);
+  residency.grid = Layout::grid(hidden, proj_size);
+  return measure_residency(lstm_persistent_backward_kernel<T, BM, BJ, SPLITS>, residency);
+}
+
+template <typename T>
+cudaError_t persistent_backward_residency(int batch, int hidden, int proj_size, PersistentResidency& residency) {
+  return batch <= 16 ? persistent_backward_residency_tiles<T, 16>(hidden, proj_size, residency)
+                     : persistent_backward_residency_tiles<T, 64>(hidden, proj_size, residency);
+}
+
+template <typename T, int BM>
+cudaError_t launch_persistent_backward_tiles(const LayerBackwardParams& p, cudaStream_t stream, bool& fits) {
+  PersistentResidency residency;
+  cudaError_t error = persistent_backward_residency_tiles<T, BM>(p.hidden, p.proj_size, residency);
+  fits = error == cudaSuccess && residency.fits();
+  if (!fits) return error;
+  auto kernel = lstm_persistent_backward_kernel<T, BM, kBackwardUnits, kBackwardSplits<BM>>;
   LayerBackwardParams params = p;
   void* arguments[] = {&params};
-  return cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(grid), dim3(kThreads), arguments,
-                                     shared_bytes, stream);
+  return cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(residency.grid), dim3(kThreads),
+                                     arguments, residency.shared_bytes, stream);
 }
 
 template <typename T>

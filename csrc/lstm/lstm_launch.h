@@ -7,6 +7,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cstddef>
 #include <cstdint>
 
 namespace pyattn::lstm {
@@ -119,11 +120,36 @@ struct CellBackwardParams {
   int hidden;
 };
 
+// Whether a persistent kernel's cooperative grid can be resident on the current device, with the figures
+// that decide it: the launchers check it before launching, and lstm_persistent_resident (lstm_api.cpp)
+// answers dispatch with it without launching anything, so the two can never disagree.
+struct PersistentResidency {
+  int grid = 0;                // CTAs that must be co-resident for the grid sync
+  int threads = 0;             // per CTA
+  size_t shared_bytes = 0;     // dynamic shared memory per CTA
+  int shared_limit = 0;        // opt-in maximum per block on this device
+  bool cooperative = false;    // the device supports cooperative launches
+  int multiprocessors = 0;
+  int registers = 0;           // per thread, as compiled
+  int per_multiprocessor = 0;  // CTAs per SM the occupancy API allows (registers, shared memory, threads)
+  bool fits() const {
+    return cooperative && shared_bytes <= static_cast<size_t>(shared_limit) &&
+           per_multiprocessor * multiprocessors >= grid;
+  }
+};
+
+// The residency of the persistent forward / backward kernel for a layer of these sizes (proj_size 0: none).
+template <typename T>
+cudaError_t persistent_forward_residency(int batch, int hidden, int proj_size, PersistentResidency& residency);
+
+template <typename T>
+cudaError_t persistent_backward_residency(int batch, int hidden, int proj_size, PersistentResidency& residency);
+
 template <typename T>
 cudaError_t launch_step_forward(const StepForwardParams& params, cudaStream_t stream);
 
-// `fits` is set false (and nothing launched) when the layer does not fit on chip; the caller
-// then runs the per-step kernels instead.
+// `fits` is set false (and nothing launched) when the layer does not fit on chip
+// (persistent_forward_residency); the caller then runs the per-step kernels or raises.
 template <typename T>
 cudaError_t launch_persistent_forward(const LayerForwardParams& params, cudaStream_t stream, bool& fits);
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from pyattn._registry import Request, Support, Target, register
+from pyattn._registry import BackendUnavailableError, Request, Support, Target, record_note, register
 from pyattn.ops import graphs
 from pyattn.ops.lstm_common import bias_gradients, differentiable_gradients, needs_grad, stacked
 from pyattn.reference import lstm as reference
@@ -303,9 +303,61 @@ def _layer(recurrence: str):
     return cuda_lstm_layer
 
 
+# ---- the persistent kernels' launch check, asked before launching ----
+
+# (batch, hidden, proj_size, dtype, device index) -> the launchers' refusal ("" when they launch): the occupancy
+# API's answer for one device never changes. A plain dict, so torch.compile traces a hit quietly.
+_PERSISTENT_REFUSALS: dict[tuple, str] = {}
+
+
+@torch.compiler.assume_constant_result  # a device fact: torch.compile asks it once while tracing
+def _persistent_refusal(batch: int, hidden: int, proj_size: int, dtype: torch.dtype, device_index: int) -> str:
+    key = (batch, hidden, proj_size, dtype, device_index)
+    refusal = _PERSISTENT_REFUSALS.get(key)
+    if refusal is None:
+        refusal = torch.ops.pyattn.cuda_lstm_persistent_resident(batch, hidden, proj_size, dtype, device_index)
+        _PERSISTENT_REFUSALS[key] = refusal
+    return refusal
+
+
+def persistent_launch_refusal(input: torch.Tensor, c0: torch.Tensor, weight_hr) -> str | None:
+    """Why ``cuda_lstm_layer_fwd``/``_bwd`` with recurrence "persistent" would refuse this layer: the launchers'
+    own check (the occupancy API with the kernels' registers as compiled, shared memory, SMs), asked without
+    launching; None when both kernels launch. None also where the check cannot be asked: an extension built
+    before it had the query (the launch then raises as it always did), or sizes torch.compile keeps symbolic."""
+    if not _RESIDENCY_QUERY_LOADED:
+        return None
+    batch, hidden = input.shape[1], c0.shape[1]
+    proj_size = 0 if weight_hr is None else weight_hr.shape[0]
+    if not all(type(size) is int for size in (batch, hidden, proj_size)):
+        return None
+    device = input.device
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _persistent_refusal(batch, hidden, proj_size, input.dtype, index) or None
+
+
+def _checked_persistent_layer(fallback: bool):
+    """cuda/persistent with the launchers' check asked first. ``fallback`` (auto picked the variant): a refusal runs
+    the layer on the stepwise kernels with a note; otherwise (cuda/persistent forced) it raises
+    BackendUnavailableError with the reason."""
+    persistent, stepwise = _layer("persistent"), _layer("stepwise")
+
+    def cuda_lstm_layer(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse, lengths):
+        refusal = persistent_launch_refusal(input, c0, weight_hr)
+        if refusal is None:
+            return persistent(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse, lengths)
+        if not fallback:
+            raise BackendUnavailableError(f"pyattn backend 'cuda/persistent' cannot serve this call: {refusal}")
+        record_note("lstm", f"cuda/persistent: {refusal}; auto ran the call on the stepwise kernels (cuda/stepwise)")
+        return stepwise(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse, lengths)
+
+    return cuda_lstm_layer
+
+
 # The persistent kernels' on-chip footprint, mirrored from csrc/lstm/lstm_kernels.cuh (TileShape and
-# the launch_persistent_* tile choices); the C++ side re-checks with the occupancy API and raises if
-# this estimate was optimistic, so a wrong mirror is an error, never a silent switch.
+# the launch_persistent_* tile choices), for dispatch (and explain's assumed GPUs). The launchers re-check
+# with the occupancy API, which also counts registers: before launching, the variant asks that check
+# (persistent_launch_refusal); auto then runs stepwise with a note, forced raises.
 _BLOCK_K, _THREADS = 64, 128
 
 
@@ -388,11 +440,17 @@ def _layer_support(*checks) -> Support:
 
 register("cuda", "lstm_cell", _CELL_SUPPORT, summary="WMMA fused cell")(lstm_cell)
 register("cuda", "lstm", _layer_support(_check_persistent), variant="persistent",
-         summary="cooperative kernel, W_hh in shared memory, grid sync per step")(stacked(_layer("persistent")))
+         summary="cooperative kernel, W_hh in shared memory, grid sync per step",
+         # auto: where the launchers' occupancy check refuses what the footprint above admitted (registers, a
+         # device the mirror did not foresee), stepwise serves the call with a note; forced, that raises.
+         auto_implementation=stacked(_checked_persistent_layer(fallback=True)))(
+             stacked(_checked_persistent_layer(fallback=False)))
 register("cuda", "lstm", _layer_support(), variant="stepwise",
          summary="one launch per step")(stacked(_layer("stepwise")))
 
 EXTENSION_OPS_LOADED = _extension_ops_loaded()
+# An extension built before the query existed has the layer ops without it: the launch alone then decides.
+_RESIDENCY_QUERY_LOADED = EXTENSION_OPS_LOADED and hasattr(torch.ops.pyattn, "cuda_lstm_persistent_resident")
 
 if EXTENSION_OPS_LOADED:
     for _op in ("cuda_lstm_cell_fwd", "cuda_lstm_layer_fwd"):
