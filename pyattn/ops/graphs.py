@@ -131,10 +131,23 @@ _state = _State()
 
 def _remember_eager(key) -> None:
     """(Under the state lock.)"""
+    _state.seen.pop(key, None)
     _state.eager[key] = None
     _state.eager.move_to_end(key)
     while len(_state.eager) > _SEEN_SIZE:
         _state.eager.popitem(last=False)
+
+
+def _keep_eager(key, name: str, why: str) -> None:
+    """The key runs eagerly from now on; ``why`` goes to the notes ``pyattn.explain`` prints."""
+    with _state.lock:
+        _remember_eager(key)
+    _registry.record_note("graphs", f"{name}: {why}")
+
+
+def _over_budget(what: str, size: int, budget: int) -> str:
+    return (f"{what} ({size / 2**20:.0f} MiB) exceeds the graph cache's budget ({budget / 2**20:.0f} MiB, "
+            f"{CACHE_MEMORY_FRACTION:.0%} of the device)")
 
 
 def clear() -> None:
@@ -255,7 +268,6 @@ def run(name: str, function: Callable[..., tuple], inputs: Sequence, weights: Se
         outputs = function(*arguments)
         if stay_eager is not None and stay_eager():
             with _state.lock:
-                _state.seen.pop(key, None)
                 _remember_eager(key)
         return outputs
     if entry is None:
@@ -279,12 +291,8 @@ def _capture(name: str, key, function, inputs, weights, device) -> tuple:
     budget = int(CACHE_MEMORY_FRACTION * backend.total_memory(device))
     least = _tensor_bytes(static_inputs) + _tensor_bytes(outputs)  # a graph holds at least its inputs and outputs
     if least > budget:
-        with _state.lock:
-            _state.seen.pop(key, None)
-            _remember_eager(key)
-        _registry.record_note("graphs", f"{name}: not captured, the call runs eagerly: its inputs and outputs "
-                                        f"({least / 2**20:.0f} MiB) exceed the graph cache's budget "
-                                        f"({budget / 2**20:.0f} MiB, {CACHE_MEMORY_FRACTION:.0%} of the device)")
+        _keep_eager(key, name, "not captured, the call runs eagerly: "
+                    + _over_budget("what its inputs and outputs hold", least, budget))
         return outputs
     try:
         reserved = backend.pool_bytes(device)
@@ -292,21 +300,13 @@ def _capture(name: str, key, function, inputs, weights, device) -> tuple:
             graph, static_outputs = backend.capture(device, lambda: tuple(function(*static_inputs, *weights)))
         pool = max(backend.pool_bytes(device) - reserved, _tensor_bytes(static_outputs))
     except Exception as error:  # noqa: BLE001  (a capture failure leaves this key eager, with the reason kept)
-        with _state.lock:
-            _state.seen.pop(key, None)
-            _remember_eager(key)
-        _registry.record_note("graphs", f"{name}: CUDA-graph capture failed, the call runs eagerly: "
-                                        f"{type(error).__name__}: {error}")
+        _keep_eager(key, name, f"CUDA-graph capture failed, the call runs eagerly: {type(error).__name__}: {error}")
         return outputs
     entry = _Entry(graph, static_inputs, tuple(static_outputs), _tensor_bytes(static_inputs) + pool)
     if entry.bytes > budget:  # its intermediates made it larger than the inputs and outputs promised
         graph.release()
-        with _state.lock:
-            _state.seen.pop(key, None)
-            _remember_eager(key)
-        _registry.record_note("graphs", f"{name}: captured graph released, the call runs eagerly: it holds "
-                                        f"{entry.bytes / 2**20:.0f} MiB, over the graph cache's budget "
-                                        f"({budget / 2**20:.0f} MiB, {CACHE_MEMORY_FRACTION:.0%} of the device)")
+        _keep_eager(key, name, "captured graph released, the call runs eagerly: "
+                    + _over_budget("what it holds", entry.bytes, budget))
         return outputs
     evicted = []
     with _state.lock:
