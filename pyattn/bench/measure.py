@@ -94,7 +94,8 @@ def keep_cpu_heap() -> str:
         return "unchanged (no glibc mallopt)"
     if not (mallopt(_M_MMAP_THRESHOLD, CPU_HEAP_MMAP_BYTES) and mallopt(_M_TRIM_THRESHOLD, CPU_HEAP_TRIM_BYTES)):
         return "unchanged (mallopt refused)"
-    return f"kept: glibc M_MMAP_THRESHOLD {CPU_HEAP_MMAP_BYTES >> 20} MiB, M_TRIM_THRESHOLD {CPU_HEAP_TRIM_BYTES >> 20} MiB"
+    return (f"kept: glibc M_MMAP_THRESHOLD {CPU_HEAP_MMAP_BYTES >> 20} MiB, "
+            f"M_TRIM_THRESHOLD {CPU_HEAP_TRIM_BYTES >> 20} MiB")
 
 
 def _clear_grads(tensors: Sequence[torch.Tensor]) -> None:
