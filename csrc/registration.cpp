@@ -21,7 +21,8 @@ TORCH_LIBRARY_FRAGMENT(pyattn, m) {
       "cuda_lstm_cell_bwd(Tensor grad_hy, Tensor grad_cy, Tensor input, Tensor hx, Tensor cx, Tensor weight_ih, "
       "Tensor weight_hh, Tensor cy, Tensor workspace) -> (Tensor grad_input, Tensor grad_hx, Tensor grad_cx, "
       "Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias)");
-  // recurrence: "persistent" (raises when the layer does not fit on chip) or "stepwise".
+  // recurrence: "persistent" (raises when the layer does not fit on chip), "stepwise", or
+  // "persistent_or_stepwise" (persistent where the residency check admits it, else stepwise).
   // lengths: int64 (batch,) ragged batch, or None. weight_hr: (proj_size, hidden_size) projection, or
   // None; with it h0, output, h_n (and their gradients) are proj_size wide; grad_weight_hr is empty
   // without it.

@@ -408,9 +408,13 @@ def _model_cell_bwd(grad_hy, grad_cy, input, hx, cx, weight_ih, weight_hh, cy, w
             grad_gates.t() @ hx, grad_gates.float().sum(0).to(input.dtype))
 
 
+MODEL_RECURRENCES: list[str] = []  # the recurrence argument of every layer op the CPU model ran
+
+
 def _model_layer_fwd(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, reverse, lengths, save_for_backward, recurrence,
                      weight_hr=None):
     assert weight_hr is None, "the CPU model has no projection (the emulated kernels below do)"
+    MODEL_RECURRENCES.append(recurrence)
     steps, batch, hidden = input.shape[0], input.shape[1], h0.shape[1]
     output = input.new_empty(steps, batch, hidden)
     gates = input.new_empty(steps, batch, 4 * hidden)
@@ -434,6 +438,7 @@ def _model_layer_fwd(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, reve
 
 def _model_layer_bwd(grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih, weight_hh, output, gates, cell_states,
                      reverse, lengths, recurrence, weight_hr=None):
+    MODEL_RECURRENCES.append(recurrence)
     steps, batch, hidden = input.shape[0], input.shape[1], h0.shape[1]
     lengths_or_all = lengths if lengths is not None else torch.full((batch,), steps)
     last_valid = torch.zeros(batch, dtype=torch.int64) if reverse else lengths_or_all.clamp(max=steps) - 1
@@ -542,27 +547,33 @@ def test_layer_compiles_fullgraph_on_cpu_model(cpu_model_kernels):
 
 
 
-def test_auto_persistent_fallback_compiles_fullgraph_on_cpu_model(cpu_model_kernels, monkeypatch):
-    """Under torch.compile the launch check is a constant asked once while tracing (static sizes): the refusal runs
-    stepwise and records its note, without a graph break."""
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_auto_persistent_under_compile_leaves_the_check_to_the_launchers_on_cpu_model(cpu_model_kernels, monkeypatch,
+                                                                                      dynamic):
+    """While torch.compile traces, sizes may be symbols (dynamic shapes, or the automatic dynamic of a recompile),
+    and a launch check asked then would hold for the traced sizes only: auto passes recurrence
+    "persistent_or_stepwise", and the launchers check each call's own sizes (stepwise where the persistent kernel
+    would not be resident), forward and backward, without a graph break and without asking while tracing."""
     asked = []
-
-    def query(batch, hidden, proj_size, dtype, device_index):
-        asked.append((batch, hidden, proj_size, dtype, device_index))
-        return "forward: refused (test)"
-
-    monkeypatch.setattr(torch.ops.pyattn, "cuda_lstm_persistent_resident", query, raising=False)
+    monkeypatch.setattr(torch.ops.pyattn, "cuda_lstm_persistent_resident", lambda *a: asked.append(a) or "",
+                        raising=False)
     monkeypatch.setattr(lstm_cuda, "_RESIDENCY_QUERY_LOADED", True)
     monkeypatch.setattr(lstm_cuda, "_PERSISTENT_REFUSALS", {})
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)  # the CPU stand-ins' tensors have no CUDA index
-    monkeypatch.setattr(_registry, "_NOTES", {})
     layer = _registry.auto_form(_persistent_variant()).implementation.layer
-    args = _layer_args(4, 2, 3, 5, torch.float32, "cpu")
-    compiled = torch.compile(lambda *a: layer(*a, None, False, None)[0], fullgraph=True, backend="aot_eager")
-    assert_close(compiled(*args), lstm_cuda.lstm_layer(*args, recurrence="stepwise")[0], 1e-6, "output")
-    assert asked == [(2, 5, 0, torch.float32, 0)]
-    assert _registry.notes("lstm") == [
-        "cuda/persistent: forward: refused (test); auto ran the call on the stepwise kernels (cuda/stepwise)"]
+    compiled = torch.compile(lambda *a: layer(*a, None, False, None)[0].square().sum(), dynamic=dynamic,
+                             fullgraph=True, backend="aot_eager")
+    for batch in (2, 3):
+        args = _layer_args(4, batch, 3, 5, torch.float32, "cpu", requires_grad=True)
+        MODEL_RECURRENCES.clear()
+        compiled(*args).backward()
+        assert MODEL_RECURRENCES == ["persistent_or_stepwise"] * 2, batch  # forward, backward
+        compiled_grads = [t.grad.clone() for t in args]
+        for t in args:
+            t.grad = None
+        lstm_cuda.lstm_layer(*args, recurrence="stepwise")[0].square().sum().backward()
+        for name, compiled_grad, eager_grad in zip(LAYER_GRAD_NAMES, compiled_grads, _grads(args)):
+            assert_close(compiled_grad, eager_grad, 1e-6, f"compiled grad {name}")
+    assert asked == []
 
 
 # ---- plain process: the kernels themselves, emulated on the CPU ----
@@ -638,6 +649,7 @@ def emulation_library(tmp_path_factory):
     library = ctypes.CDLL(str(_build_emulation(tmp_path_factory, "lstm_emulation_api.cc", "liblstm_emulation.so",
                                                "-shared", "-fPIC")))
     library.emu_layer_forward.restype = library.emu_layer_backward.restype = ctypes.c_int
+    library.emu_products_counted.restype = ctypes.c_long
     return library
 
 
@@ -744,6 +756,10 @@ EMULATED_MODULE_CASES = [
     (8, 24, 16, 2, True, 3, [4, 5, 2]),
     (6, 20, 0, 1, True, 3, [5, 2, 4]),
     (5, 16, 9, 1, False, 18, None),
+    # Two BM = 64 tiles, rows sorted by length: the second tile's rows end after one step, so the
+    # kernels skip its products from then on (tile_frozen), with and without a projection.
+    (5, 16, 0, 1, True, 70, [5 - i % 5 for i in range(70)]),
+    (4, 16, 7, 1, False, 70, [5 - i % 5 for i in range(70)]),
 ]
 
 
@@ -775,7 +791,7 @@ def test_module_with_projection_on_emulated_kernels_matches_torch_lstm(emulated_
                                                                                 enforce_sorted=False)
 
     layer = lstm_cuda._layer(recurrence)
-    run = lstm_cuda.stacked(layer)
+    run = lstm_cuda.cuda_lstm(layer)
     output, (h_n, c_n) = run(packed(leaves[0]), (leaves[1], leaves[2]), module._flat_weights, num_layers=layers,
                              bias=True, batch_first=False, dropout=0.0, training=False, bidirectional=bidirectional,
                              proj_size=proj)
@@ -793,6 +809,40 @@ def test_module_with_projection_on_emulated_kernels_matches_torch_lstm(emulated_
         assert_close(got.grad, want.grad, bound, f"grad {name}")
     for name in module._flat_weights_names:
         assert_close(getattr(module, name).grad, getattr(module64, name).grad, bound, f"grad {name}")
+
+
+def _active_tile_steps(lengths, steps, tile_rows, skipped_time=None):
+    """Σ over times t (but ``skipped_time``) of the batch tiles with a row still running at t (t < length)."""
+    tiles = [lengths[start:start + tile_rows] for start in range(0, len(lengths), tile_rows)]
+    return sum(any(t < length for length in tile) for t in range(steps) if t != skipped_time for tile in tiles)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_frozen_batch_tiles_skip_their_products_in_emulation(emulated_kernels, emulation_library, recurrence,
+                                                             reverse):
+    """cuda_lstm's packed layer runs a PackedSequence in sorted order, so the rows that have ended fill the last
+    tiles, whose products the kernels skip: the emulation counts accumulate_product calls (one per CTA), and a
+    ragged batch runs exactly its active tile-steps' share of the products the same batch runs at full length."""
+    steps, batch, input_size, hidden, tile_rows = 5, 70, 3, 16, 64  # BM = 64 above 16 rows
+    ragged = sorted((5 - i % 5 for i in range(batch)), reverse=True)
+    packed_layer = lstm_cuda.cuda_lstm(lstm_cuda._layer(recurrence)).packed_layer
+    weights = torch.nn.LSTM(input_size, hidden)._flat_weights
+    counts = {}
+    for name, lengths in (("full", [steps] * batch), ("ragged", ragged)):
+        packed = torch.nn.utils.rnn.pack_padded_sequence(random_tensor(steps, batch, input_size), torch.tensor(lengths))
+        data = packed.data.requires_grad_()
+        h0, c0 = random_tensor(batch, hidden), random_tensor(batch, hidden)
+        emulation_library.emu_products_counted(1)
+        output, h_n, c_n = packed_layer(data, h0, c0, *weights, None, reverse, packed.batch_sizes)
+        forward_products = emulation_library.emu_products_counted(1)
+        torch.autograd.backward((output, h_n, c_n), [random_tensor(*t.shape) for t in (output, h_n, c_n)])
+        counts[name] = forward_products, emulation_library.emu_products_counted(1)
+    # The backward's first processed time (T − 1, or 0 reversed) has no incoming dgates, hence no product.
+    for index, skipped_time in ((0, None), (1, 0 if reverse else steps - 1)):
+        full = counts["full"][index]
+        expected = full * _active_tile_steps(ragged, steps, tile_rows, skipped_time) // _active_tile_steps(
+            [steps] * batch, steps, tile_rows, skipped_time)
+        assert full > 0 and counts["ragged"][index] == expected, (("forward", "backward")[index], counts)
 
 
 # ---- GPU: accuracy against the float64 reference ----

@@ -154,11 +154,16 @@ at::Tensor steps_past_length(const at::Tensor& lengths, int64_t steps) {
   return at::arange(steps, lengths.options()).unsqueeze(1).ge(lengths.unsqueeze(0));
 }
 
-enum class Recurrence { kPersistent, kStepwise };
+// kPersistentOrStepwise: the persistent kernel where the launchers' residency check admits it, else the
+// per-step loop. Dispatch asks that check before it calls the op; this mode serves the calls where it
+// cannot (torch.compile with dynamic shapes: the sizes are symbolic while tracing).
+enum class Recurrence { kPersistent, kStepwise, kPersistentOrStepwise };
 
 Recurrence checked_recurrence(c10::string_view recurrence) {
   if (recurrence == "persistent") return Recurrence::kPersistent;
-  TORCH_CHECK(recurrence == "stepwise", "recurrence must be \"persistent\" or \"stepwise\", got \"",
+  if (recurrence == "persistent_or_stepwise") return Recurrence::kPersistentOrStepwise;
+  TORCH_CHECK(recurrence == "stepwise",
+              "recurrence must be \"persistent\", \"stepwise\" or \"persistent_or_stepwise\", got \"",
               std::string(recurrence), "\"");
   return Recurrence::kStepwise;
 }
@@ -345,8 +350,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
   dispatch_dtype(input.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     bool fits = false;
-    if (mode == Recurrence::kPersistent) C10_CUDA_CHECK(launch_persistent_forward<T>(layer, stream, fits));
-    TORCH_CHECK(fits || mode == Recurrence::kStepwise, "recurrence=persistent: hidden_size ", hidden,
+    if (mode != Recurrence::kStepwise) C10_CUDA_CHECK(launch_persistent_forward<T>(layer, stream, fits));
+    TORCH_CHECK(fits || mode != Recurrence::kPersistent, "recurrence=persistent: hidden_size ", hidden,
                 " with this dtype and batch does not fit on chip (W_hh slices in shared memory, all CTAs "
                 "co-resident); the cuda/stepwise variant serves it");
     if (fits) return;
@@ -449,8 +454,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     bool fits = false;
-    if (mode == Recurrence::kPersistent) C10_CUDA_CHECK(launch_persistent_backward<T>(layer, stream, fits));
-    TORCH_CHECK(fits || mode == Recurrence::kStepwise, "recurrence=persistent: hidden_size ", hidden,
+    if (mode != Recurrence::kStepwise) C10_CUDA_CHECK(launch_persistent_backward<T>(layer, stream, fits));
+    TORCH_CHECK(fits || mode != Recurrence::kPersistent, "recurrence=persistent: hidden_size ", hidden,
                 " with this dtype and batch does not fit on chip for backward; the cuda/stepwise variant serves it");
     if (fits) return;
     for (int s = 0; s < layer.steps; ++s) C10_CUDA_CHECK(launch_step_backward<T>(layer, s, stream));

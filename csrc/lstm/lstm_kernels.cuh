@@ -333,6 +333,23 @@ __device__ __forceinline__ float gate_gradients(float dh, float dc, float i, flo
   return dc * f;
 }
 
+// Whether every row of the batch tile [b0, b0 + BM) is frozen at `time` (past its end, or reversed
+// before its start). A frozen tile's product would feed no update, so the kernels skip it and run only
+// the epilogue's carry: with rows sorted by length (the packed path, lstm_common.padded_packed_layer)
+// the frozen rows are the tail tiles, and each step's tensor-core work shrinks with the active batch,
+// as cuDNN's does, a tile at a time. lengths is read-only in every kernel, so all threads agree. The
+// scan stops at the first running row: in sorted order that is the tile's first row (one load).
+template <int BM>
+__device__ __forceinline__ bool tile_frozen(const int64_t* lengths, int b0, int batch, int time) {
+  if (!lengths) return false;
+  const int rows = batch - b0 < BM ? batch - b0 : BM;
+#pragma unroll 1
+  for (int r = 0; r < rows; ++r) {
+    if (time < lengths[b0 + r]) return false;
+  }
+  return true;
+}
+
 // Where one forward step's epilogue reads and writes; row strides are H (state) and 4H (gates).
 template <typename T>
 struct ForwardStep {
@@ -466,6 +483,9 @@ __device__ __forceinline__ void accumulate_product(TileAccumulator<T, BM, BN, SP
                                                    RowOf w_row, int w_ld, T* w_tile, T* a_tile) {
   using Shape = TileShape<T, BM, BN, SPLITS>;
   constexpr int kLdA = Shape::kLdA;
+#if defined(PYATTN_LSTM_EMULATION)
+  if (threadIdx.x == 0) emu::products.fetch_add(1);  // the emulation tests count products (tile_frozen skips)
+#endif
   auto batch_row = [&](int r) -> int64_t { return b0 + r < batch ? int64_t(b0 + r) : -1; };
   const bool a_vectorized = is_vectorizable<T>(a, k_size);
   if constexpr (kResident) {
@@ -547,13 +567,15 @@ __device__ __forceinline__ void projection_step(const ProjectionForwardParams& p
   using E = Element<T>;
   const int hidden = p.hidden, proj = p.proj_size;
   auto column_row = [&](int n) -> int64_t { return p0 + n < proj ? int64_t(p0 + n) : -1; };
-  ProjectionAccumulator<T, BM> accumulator;
-  accumulator.zero();
-  accumulate_product<T, BM, kProjectionColumns, kProjectionSplits<BM>, kResident, kResident>(
-      accumulator, static_cast<const T*>(p.m), hidden, b0, p.batch, w_resident, static_cast<const T*>(p.weight_hr),
-      column_row, w_ld, w_tile, a_tile);
-  accumulator.store(c_tile, Shape::kLdC);
-  __syncthreads();
+  if (!tile_frozen<BM>(p.lengths, b0, p.batch, p.time)) {
+    ProjectionAccumulator<T, BM> accumulator;
+    accumulator.zero();
+    accumulate_product<T, BM, kProjectionColumns, kProjectionSplits<BM>, kResident, kResident>(
+        accumulator, static_cast<const T*>(p.m), hidden, b0, p.batch, w_resident, static_cast<const T*>(p.weight_hr),
+        column_row, w_ld, w_tile, a_tile);
+    accumulator.store(c_tile, Shape::kLdC);
+    __syncthreads();
+  }
   const T* r_prev = static_cast<const T*>(p.r_prev);
   T* r_out = static_cast<T*>(p.r_out);
   for (int index = threadIdx.x; index < BM * kProjectionColumns; index += kThreads) {
@@ -591,18 +613,20 @@ __global__ void __launch_bounds__(kThreads) lstm_step_forward_kernel(const StepF
     return j < p.hidden ? int64_t(n / BJ) * p.hidden + j : -1;
   };
 
-  TileAccumulator<T, BM, BN, 1> accumulator;
-  accumulator.zero();
-  for (int source = 0; source < 2; ++source) {
-    const T* a = static_cast<const T*>(source == 0 ? p.a0 : p.a1);
-    const T* w = static_cast<const T*>(source == 0 ? p.w0 : p.w1);
-    const int k_size = source == 0 ? p.k0 : p.k1;
-    if (a == nullptr) continue;
-    accumulate_product<T, BM, BN, 1, false, false>(accumulator, a, k_size, b0, p.batch, nullptr, w, gate_row, w_ld,
-                                                   w_tile, a_tile);
+  if (!tile_frozen<BM>(p.lengths, b0, p.batch, p.time)) {
+    TileAccumulator<T, BM, BN, 1> accumulator;
+    accumulator.zero();
+    for (int source = 0; source < 2; ++source) {
+      const T* a = static_cast<const T*>(source == 0 ? p.a0 : p.a1);
+      const T* w = static_cast<const T*>(source == 0 ? p.w0 : p.w1);
+      const int k_size = source == 0 ? p.k0 : p.k1;
+      if (a == nullptr) continue;
+      accumulate_product<T, BM, BN, 1, false, false>(accumulator, a, k_size, b0, p.batch, nullptr, w, gate_row, w_ld,
+                                                     w_tile, a_tile);
+    }
+    accumulator.store(c_tile, Shape::kLdC);
+    __syncthreads();
   }
-  accumulator.store(c_tile, Shape::kLdC);
-  __syncthreads();
 
   ForwardStep<T> step;
   step.pre_gates = static_cast<const T*>(p.pre_gates);
@@ -733,12 +757,14 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_persistent_forward_kernel(co
       step.h_prev = h_prev;
 
       for (int b0 = 0; b0 < batch; b0 += BM) {
-        TileAccumulator<T, BM, BN, SPLITS> accumulator;
-        accumulator.zero();
-        accumulate_product<T, BM, BN, SPLITS, true, true>(accumulator, h_prev, width, b0, batch, w_resident, nullptr,
-                                                          gate_row, w_ld, nullptr, a_tile);
-        accumulator.store(c_tile, Shape::kLdC);
-        __syncthreads();
+        if (!tile_frozen<BM>(p.lengths, b0, batch, t)) {
+          TileAccumulator<T, BM, BN, SPLITS> accumulator;
+          accumulator.zero();
+          accumulate_product<T, BM, BN, SPLITS, true, true>(accumulator, h_prev, width, b0, batch, w_resident,
+                                                            nullptr, gate_row, w_ld, nullptr, a_tile);
+          accumulator.store(c_tile, Shape::kLdC);
+          __syncthreads();
+        }
         if (one_tile) {
           forward_epilogue<T, BM, BJ, Shape::kSplits, true>(c_tile, Shape::kLdC, b0, j0, batch, hidden, step,
                                                             &operands);
@@ -796,16 +822,18 @@ __device__ __forceinline__ void backward_recurrent_step(const LayerBackwardParam
   const int t = p.reverse ? s : p.steps - 1 - s;
   const int t_next = p.reverse ? t - 1 : t + 1;
   const T* grad_gates = static_cast<const T*>(p.grad_gates);
-  TileAccumulator<T, BM, BJ, SPLITS> accumulator;
-  accumulator.zero();
-  if (s != 0) {
-    auto column_row = [&](int n) -> int64_t { return p0 + n < proj ? int64_t(p0 + n) : -1; };
-    accumulate_product<T, BM, BJ, SPLITS, kResident, kResident>(
-        accumulator, grad_gates + t_next * 4 * state_size, gates_width, b0, batch, w_resident,
-        static_cast<const T*>(p.weight_hh_t), column_row, w_ld, w_tile, a_tile);
+  if (!tile_frozen<BM>(p.lengths, b0, batch, t)) {
+    TileAccumulator<T, BM, BJ, SPLITS> accumulator;
+    accumulator.zero();
+    if (s != 0) {
+      auto column_row = [&](int n) -> int64_t { return p0 + n < proj ? int64_t(p0 + n) : -1; };
+      accumulate_product<T, BM, BJ, SPLITS, kResident, kResident>(
+          accumulator, grad_gates + t_next * 4 * state_size, gates_width, b0, batch, w_resident,
+          static_cast<const T*>(p.weight_hh_t), column_row, w_ld, w_tile, a_tile);
+    }
+    accumulator.store(c_tile, Shape::kLdC);
+    __syncthreads();
   }
-  accumulator.store(c_tile, Shape::kLdC);
-  __syncthreads();
   const T* grad_output = static_cast<const T*>(p.grad_output) + t * r_size;
   T* grad_recurrent = static_cast<T*>(p.grad_recurrent) + t * r_size;
   for (int index = threadIdx.x; index < BM * BJ; index += kThreads) {
@@ -845,19 +873,21 @@ __device__ __forceinline__ void backward_step(const LayerBackwardParams& p, int 
   T* grad_gates = static_cast<T*>(p.grad_gates);
 
   auto unit_row = [&](int n) -> int64_t { return j0 + n < hidden ? int64_t(j0 + n) : -1; };
-  TileAccumulator<T, BM, BJ, SPLITS> accumulator;
-  accumulator.zero();
-  if (proj > 0) {
-    accumulate_product<T, BM, BJ, SPLITS, kResident, kResident>(
-        accumulator, static_cast<const T*>(p.grad_recurrent) + t * int64_t(batch) * proj, proj, b0, batch, w_resident,
-        static_cast<const T*>(p.weight_hr_t), unit_row, w_ld, w_tile, a_tile);
-  } else if (!first) {
-    accumulate_product<T, BM, BJ, SPLITS, kResident, kResident>(
-        accumulator, grad_gates + t_next * 4 * state_size, gates_width, b0, batch, w_resident,
-        static_cast<const T*>(p.weight_hh_t), unit_row, w_ld, w_tile, a_tile);
+  if (!tile_frozen<BM>(p.lengths, b0, batch, t)) {
+    TileAccumulator<T, BM, BJ, SPLITS> accumulator;
+    accumulator.zero();
+    if (proj > 0) {
+      accumulate_product<T, BM, BJ, SPLITS, kResident, kResident>(
+          accumulator, static_cast<const T*>(p.grad_recurrent) + t * int64_t(batch) * proj, proj, b0, batch,
+          w_resident, static_cast<const T*>(p.weight_hr_t), unit_row, w_ld, w_tile, a_tile);
+    } else if (!first) {
+      accumulate_product<T, BM, BJ, SPLITS, kResident, kResident>(
+          accumulator, grad_gates + t_next * 4 * state_size, gates_width, b0, batch, w_resident,
+          static_cast<const T*>(p.weight_hh_t), unit_row, w_ld, w_tile, a_tile);
+    }
+    accumulator.store(c_tile, Shape::kLdC);
+    __syncthreads();
   }
-  accumulator.store(c_tile, Shape::kLdC);
-  __syncthreads();
 
   const T* grad_output = static_cast<const T*>(p.grad_output) + t * state_size;
   const T* gates = static_cast<const T*>(p.gates) + t * 4 * state_size;

@@ -166,6 +166,26 @@ def _lstm_on_packed_rows(layer: LayerFunction, packed_layer: LayerFunction, inpu
     return PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices), (h_n, c_n)
 
 
+def padded_packed_layer(layer: LayerFunction) -> LayerFunction:
+    """``stacked``'s packed_layer for a backend whose kernels take the padded (T, B) layout with lengths.
+
+    The packed rows are laid out padded in the PackedSequence's sorted order, so lengths are non-increasing
+    and the rows that have ended at a step are the last ones: kernels that skip a batch tile whose rows are
+    all frozen (the CUDA kernels' ``tile_frozen``) shrink each step's work with the active batch, a tile at
+    a time, as cuDNN's do. The output is gathered back to the packed rows. (The padded rows are zeros: the
+    input projection before the recurrence still runs over all T·B rows.)
+    """
+
+    def layer_on_sorted_rows(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse, batch_sizes):
+        steps, batch = batch_sizes.numel(), int(batch_sizes[0])
+        time_index, position, lengths = _packed_layout(PackedSequence(input, batch_sizes), input.device)
+        padded = input.new_zeros(steps, batch, input.size(-1)).index_put((time_index, position), input)
+        output, h_n, c_n = layer(padded, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse, lengths)
+        return output[time_index, position], h_n, c_n
+
+    return layer_on_sorted_rows
+
+
 def stacked(layer: LayerFunction, packed_layer: LayerFunction | None = None) -> Callable:
     """The dispatch-level ``lstm`` of a backend that implements one layer, one direction.
 

@@ -18,9 +18,13 @@ what backward needs when ``save_for_backward`` is set (empty tensors otherwise):
 P = proj_size with ``weight_hr`` (P, H) (h_t = W_hr·(σ(o)·tanh(c_t)); h0, weight_hh's columns, output and
 h_n are P wide), else P = H.
 
+A PackedSequence of unequal lengths reaches the layer ops padded in its sorted order (``cuda_lstm``,
+``lstm_common.padded_packed_layer``), so the kernels' ``tile_frozen`` skips the batch tiles that have ended.
+
 ``recurrence`` is the variant's kernel: "persistent" (one cooperative kernel, W_hh slices resident in
-shared memory, a grid-wide sync per step; raises when the layer does not fit on chip) or
-"stepwise" (one launch per step). ``lengths`` (int64, (B,)) is served: rows past their length keep
+shared memory, a grid-wide sync per step; raises when the layer does not fit on chip),
+"stepwise" (one launch per step), or "persistent_or_stepwise" (the launchers decide by their residency
+check: auto's choice where dispatch cannot ask that check first, under torch.compile's dynamic shapes). ``lengths`` (int64, (B,)) is served: rows past their length keep
 their state and output zeros. Projection (``weight_hr``, feature "projection") is served by both
 recurrences: the persistent kernels keep W_hr's rows on chip too and cross a second grid barrier per
 step (m_t forward, dr_t backward); stepwise runs two launches per step.
@@ -34,7 +38,7 @@ import torch
 
 from pyattn._registry import BackendUnavailableError, Request, Support, Target, record_note, register
 from pyattn.ops import graphs
-from pyattn.ops.lstm_common import bias_gradients, differentiable_gradients, needs_grad, stacked
+from pyattn.ops.lstm_common import bias_gradients, differentiable_gradients, needs_grad, padded_packed_layer, stacked
 from pyattn.reference import lstm as reference
 
 _DEVICES = frozenset({"cuda"})
@@ -277,7 +281,7 @@ def lstm_layer(input, h0, c0, weight_ih, weight_hh, bias_ih=None, bias_hh=None, 
     """One LSTM layer, one direction, on the CUDA kernels: input (T, B, I) -> output (T, B, P), h_n (B, P),
     c_n (B, H); P = proj_size with ``weight_hr`` (P, H), else H.
 
-    ``recurrence``: "persistent" or "stepwise" (the variant's kernel; dispatch passes it).
+    ``recurrence``: "persistent", "stepwise" or "persistent_or_stepwise" (the variant's kernel; dispatch passes it).
     """
     save_for_backward = needs_grad(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr)
     arguments = (
@@ -306,11 +310,10 @@ def _layer(recurrence: str):
 # ---- the persistent kernels' launch check, asked before launching ----
 
 # (batch, hidden, proj_size, dtype, device index) -> the launchers' refusal ("" when they launch): the occupancy
-# API's answer for one device never changes. A plain dict, so torch.compile traces a hit quietly.
+# API's answer for one device never changes. Asked eagerly only (see _checked_persistent_layer for compile).
 _PERSISTENT_REFUSALS: dict[tuple, str] = {}
 
 
-@torch.compiler.assume_constant_result  # a device fact: torch.compile asks it once while tracing
 def _persistent_refusal(batch: int, hidden: int, proj_size: int, dtype: torch.dtype, device_index: int) -> str:
     key = (batch, hidden, proj_size, dtype, device_index)
     refusal = _PERSISTENT_REFUSALS.get(key)
@@ -324,13 +327,11 @@ def persistent_launch_refusal(input: torch.Tensor, c0: torch.Tensor, weight_hr) 
     """Why ``cuda_lstm_layer_fwd``/``_bwd`` with recurrence "persistent" would refuse this layer: the launchers'
     own check (the occupancy API with the kernels' registers as compiled, shared memory, SMs), asked without
     launching; None when both kernels launch. None also where the check cannot be asked: an extension built
-    before it had the query (the launch then raises as it always did), or sizes torch.compile keeps symbolic."""
+    before it had the query (the launch then raises as it always did)."""
     if not _RESIDENCY_QUERY_LOADED:
         return None
     batch, hidden = input.shape[1], c0.shape[1]
     proj_size = 0 if weight_hr is None else weight_hr.shape[0]
-    if not all(type(size) is int for size in (batch, hidden, proj_size)):
-        return None
     device = input.device
     index = device.index if device.index is not None else torch.cuda.current_device()
     return _persistent_refusal(batch, hidden, proj_size, input.dtype, index) or None
@@ -341,8 +342,15 @@ def _checked_persistent_layer(fallback: bool):
     the layer on the stepwise kernels with a note; otherwise (cuda/persistent forced) it raises
     BackendUnavailableError with the reason."""
     persistent, stepwise = _layer("persistent"), _layer("stepwise")
+    decided_at_launch = _layer("persistent_or_stepwise")
 
     def cuda_lstm_layer(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse, lengths):
+        if torch.compiler.is_compiling() and _RESIDENCY_QUERY_LOADED:
+            # While tracing, sizes may be symbols (dynamic shapes; dynamo shows them as ints), and an answer asked
+            # then would be baked into a graph that serves other sizes: the launchers check each call's own sizes
+            # instead, auto's falling back to stepwise, a forced one raising at launch.
+            chosen = decided_at_launch if fallback else persistent
+            return chosen(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse, lengths)
         refusal = persistent_launch_refusal(input, c0, weight_hr)
         if refusal is None:
             return persistent(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse, lengths)
@@ -439,14 +447,20 @@ def _layer_support(*checks) -> Support:
 
 
 register("cuda", "lstm_cell", _CELL_SUPPORT, summary="WMMA fused cell")(lstm_cell)
+def cuda_lstm(layer):
+    """A variant's dispatch-level lstm: packed input of unequal lengths padded in its sorted order, so that the
+    kernels skip the batch tiles that have ended (lstm_common.padded_packed_layer)."""
+    return stacked(layer, padded_packed_layer(layer))
+
+
 register("cuda", "lstm", _layer_support(_check_persistent), variant="persistent",
          summary="cooperative kernel, W_hh in shared memory, grid sync per step",
          # auto: where the launchers' occupancy check refuses what the footprint above admitted (registers, a
          # device the mirror did not foresee), stepwise serves the call with a note; forced, that raises.
-         auto_implementation=stacked(_checked_persistent_layer(fallback=True)))(
-             stacked(_checked_persistent_layer(fallback=False)))
+         auto_implementation=cuda_lstm(_checked_persistent_layer(fallback=True)))(
+             cuda_lstm(_checked_persistent_layer(fallback=False)))
 register("cuda", "lstm", _layer_support(), variant="stepwise",
-         summary="one launch per step")(stacked(_layer("stepwise")))
+         summary="one launch per step")(cuda_lstm(_layer("stepwise")))
 
 EXTENSION_OPS_LOADED = _extension_ops_loaded()
 # An extension built before the query existed has the layer ops without it: the launch alone then decides.

@@ -161,4 +161,7 @@ int emu_layer_backward(int dtype, int persistent, const void* weight_hh_t, const
   return by_dtype<Backward>(dtype, persistent != 0, p);
 }
 
+// accumulate_product calls since the last reset (one per CTA and product): frozen tiles skip theirs.
+long emu_products_counted(int reset) { return reset ? emu::products.exchange(0) : emu::products.load(); }
+
 }  // extern "C"

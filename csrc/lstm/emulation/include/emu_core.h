@@ -4,6 +4,7 @@
 // on the include path of the emulation build, never of the extension.
 #pragma once
 #include <math.h>
+#include <atomic>
 #include <barrier>
 #include <cstdint>
 #include <cstring>
@@ -69,6 +70,10 @@ inline void copy_async_wait(int pending) {
     pending_groups.erase(pending_groups.begin());
   }
 }
+}  // namespace emu
+namespace emu {
+// accumulate_product calls, one per CTA: the tests count them to see that frozen batch tiles skip theirs.
+inline std::atomic<long> products{0};
 }  // namespace emu
 inline float __expf(float x) { return expf(x); }
 template <class T> inline T __ldcg(const T* p) { return *p; }
