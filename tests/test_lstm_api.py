@@ -6,6 +6,8 @@ test_lstm_module.py (modules) and test_lstm_reference.py (the reference itself).
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
@@ -98,6 +100,41 @@ def test_cell_memo_is_keyed_on_every_operand(monkeypatch):
     if not torch.cuda.is_available():
         with pyattn.use_backend("triton"), pytest.raises(pyattn.BackendUnavailableError, match="'triton' cannot serve"):
             cell(x, (h, c))
+
+def test_cpu_step_torch_serves_skips_planning_but_not_the_checks(monkeypatch):
+    """Once auto has chosen torch's kernel for a batched CPU step of a dtype, later steps go straight to it (no
+    plan: its Python would cost 5% of a B16 H256 step); torch's kernel checks the sizes, and a call it rejects,
+    or a bias it would broadcast, still gets pyattn's error. A forced backend and explain plan as before."""
+    functional_lstm = sys.modules["pyattn.functional.lstm"]  # the module (pyattn.functional.lstm is the function)
+    with pyattn.use_backend("auto"):  # this file forces reference elsewhere
+        _check_cpu_step_fast_path(functional_lstm, monkeypatch)
+
+
+def _check_cpu_step_fast_path(functional_lstm, monkeypatch):
+
+    cell = pyattn.nn.LSTMCell(INPUT_SIZE, HIDDEN_SIZE, dtype=F64)
+    torch_cell = torch.nn.LSTMCell(INPUT_SIZE, HIDDEN_SIZE, dtype=F64)
+    torch_cell.load_state_dict(cell.state_dict())
+    x = random_tensor(BATCH, INPUT_SIZE, dtype=F64)
+    h, c = random_tensor(BATCH, HIDDEN_SIZE, dtype=F64), random_tensor(BATCH, HIDDEN_SIZE, dtype=F64)
+    cell(x, (h, c))  # planned: auto chose torch's kernel
+    planned = []
+    real_plan = functional_lstm._plan_lstm_cell
+    monkeypatch.setattr(functional_lstm, "_plan_lstm_cell", lambda *a: planned.append(a) or real_plan(*a))
+    functional_lstm._CELL_PLANS.clear()
+    got = cell(x, (h, c))
+    assert planned == []  # served without planning
+    torch.testing.assert_close(got, torch_cell(x, (h, c)), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match=r"hx\[0\] \(h\) must have shape .* = \(3, 6\), got \(3, 7\)"):
+        cell(x, (random_tensor(BATCH, HIDDEN_SIZE + 1, dtype=F64), c))
+    # torch's kernel would broadcast a (1,) bias: pyattn's check runs first.
+    with pytest.raises(RuntimeError, match=r"bias_hh must have shape .* = \(24,\), got \(1,\)"):
+        pyattn.functional.lstm_cell(x, (h, c), cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh[:1])
+    planned.clear()
+    with pyattn.use_backend("reference"):
+        cell(x, (h, c))
+    assert len(planned) == 1
+
 
 @pytest.mark.parametrize("make_module", ["lstm", "cell"])
 def test_forcing_triton_without_a_gpu_or_interpreter_raises(make_module, monkeypatch):

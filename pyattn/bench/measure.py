@@ -9,12 +9,13 @@ Min / median / max come from the same samples (quantiles 0, ½, 1).
 
 CPU: ``time.perf_counter`` around each call; memory is not measured (null). A CPU figure is as steady
 as the machine: min / median / max are all kept, and the backends of one case are timed interleaved
-(:func:`time_interleaved`: round r calls each backend once, in an order rotated every round), so load
-that comes and goes hits them alike and their ratio is taken round by round. A short call (under
+(:func:`time_interleaved`: round r calls each backend once, in an order that changes every round so that
+each backend follows each other equally often, :func:`round_order`), so load that comes and goes hits
+them alike and their ratio is taken round by round. A short call (under
 CPU_REWARM_BELOW_MS: an LSTM cell step, ~0.5 ms on 1 MiB of weights) is called once, untimed, right
 before each timed sample, and a sample is the mean of a batch of back-to-back calls filling about that
 long (at most CPU_MAX_BATCH), so it is timed with its own caches warm, as in a loop: otherwise it is timed
-after whichever backend ran just before it (with a rotated order, always the same one), which showed
+after whichever backend ran just before it, which showed
 as a 0.86-0.91x "gap" between pyattn and the very same torch kernel. (Flushing the caches instead
 times every short call cold: then the Python around a kernel costs ten times what it costs in a loop.)
 A CPU run also keeps glibc's heap (:func:`keep_cpu_heap`): a training step that sets its gradients to
@@ -206,10 +207,30 @@ def time_interleaved(
     ]
 
 
-def _rotated(items: Sequence, shift: int) -> list:
+def round_order(count: int, round_index: int) -> list[int]:
+    """The order of ``count`` calls in round ``round_index``: a Williams design, balanced for carryover.
+
+    A call is timed after whatever ran before it (its caches and the heap as that call left them): with the
+    order merely rotated every round, each call always follows the same one, so with three backends the
+    first was always timed after the third (a cell step after a whole nn.LSTM: 7-9% slower than the very
+    same torch kernel timed after the cell). Here every call follows every other equally often over each
+    ``count`` rounds (``2 · count`` for an odd count), and each position is held equally often too."""
+    first, low, high = [0], 1, count - 1
+    while low <= high:  # 0, 1, n-1, 2, n-2, ...: the successive differences take every value once
+        first.append(low)
+        low += 1
+        if low <= high:
+            first.append(high)
+            high -= 1
+    cycle = count if count % 2 == 0 else 2 * count
+    row = round_index % cycle
+    order = [(index + row) % count for index in first[:count]]
+    return order[::-1] if row >= count else order  # odd count: the mirrored square balances the rest
+
+
+def _rotated(items: Sequence, round_index: int) -> list:
     items = list(items)
-    shift %= len(items)
-    return items[shift:] + items[:shift]
+    return [items[index] for index in round_order(len(items), round_index)]
 
 
 def time_call(

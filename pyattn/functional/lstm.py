@@ -179,12 +179,47 @@ def _planned_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh) -> tuple[_C
     cached = None if key is None else _CELL_PLANS.get(key)
     if cached is None or _dispatch.capturing():  # explain must see the request, not a memo hit
         plan = _plan_lstm_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh)
-        cached = plan, _dispatch.choose(plan.request).implementation
+        variant = _dispatch.choose(plan.request)
+        cached = plan, variant.implementation
         if key is not None:
             if len(_CELL_PLANS) >= _CELL_PLANS_LIMIT:
                 _CELL_PLANS.clear()
             _CELL_PLANS[key] = cached
+            _remember_torch_cpu_step(plan, variant)
     return cached
+
+
+# The CPU step that torch's own kernel serves, by dtype. Once the full path above has chosen the torch
+# backend for a batched CPU step of a dtype under plain auto, later such steps skip pyattn's planning and
+# go straight to that implementation: on a CPU the choice depends on the dtype alone (the torch and
+# reference backends have no size checks), and torch's kernel checks the sizes, dtypes and devices itself,
+# in C++. Planning's Python costs ≈ 7 µs a step warm, but 20–30 µs after a B16 H256 step's GEMMs have
+# evicted the interpreter's working set: 5% of such a step, which pyattn.nn.LSTMCell must not add to
+# torch.nn.LSTMCell. A call torch's kernel rejects runs the full path, which raises pyattn's error.
+_TORCH_CPU_STEPS: dict[torch.dtype, object] = {}
+
+
+def _remember_torch_cpu_step(plan: _CellPlan, variant) -> None:
+    request = plan.request
+    if (variant.backend == "torch" and request.device.type == "cpu" and plan.batched and plan.autocast_dtype is None
+            and _dispatch.default_backend() == _dispatch.AUTO and not _dispatch.triton_interpreter_enabled()):
+        _TORCH_CPU_STEPS[request.dtype] = variant.implementation
+
+
+def _torch_cpu_step(input, hx, weight_ih, bias_ih, bias_hh):
+    """The implementation of ``_TORCH_CPU_STEPS`` for this call, or None where the full path must run: not a
+    plain batched CPU tensor step with (h, c), a forced backend, explain, torch.compile or autocast on, or a
+    bias torch's kernel would broadcast (it checks every other size)."""
+    if type(input) not in _PLAIN_TENSOR_TYPES or type(hx) is not tuple or len(hx) != 2:
+        return None
+    implementation = _TORCH_CPU_STEPS.get(input.dtype)
+    if (implementation is None or not input.is_cpu or input.dim() != 2 or _dispatch.capturing() or _is_compiling()
+            or _any_autocast_enabled() or _dispatch.default_backend() != _dispatch.AUTO):
+        return None
+    rows = weight_ih.shape[:1]
+    if (bias_ih is not None and bias_ih.shape != rows) or (bias_hh is not None and bias_hh.shape != rows):
+        return None
+    return implementation
 
 
 def lstm_cell_request(input, hx, weight_ih, weight_hh, bias_ih=None, bias_hh=None) -> _dispatch.Request:
@@ -211,6 +246,12 @@ def lstm_cell(
         ``(h', c')`` each (B, H) (or (H,)), in the input dtype; fp16/bf16 gate math runs in fp32.
         Under autocast on CUDA the step runs in the autocast dtype, as torch's does.
     """
+    implementation = _torch_cpu_step(input, hx, weight_ih, bias_ih, bias_hh) if _TORCH_CPU_STEPS else None
+    if implementation is not None:
+        try:
+            return implementation(input, hx[0], hx[1], weight_ih, weight_hh, bias_ih, bias_hh)
+        except (RuntimeError, TypeError):
+            pass  # the full path raises pyattn's message for what torch's kernel rejected
     shape, implementation = _planned_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh)
     if shape.batched and hx is not None and shape.autocast_dtype is None:  # the common step: nothing to adapt
         return implementation(input, hx[0], hx[1], weight_ih, weight_hh, bias_ih, bias_hh)

@@ -24,7 +24,8 @@ A PackedSequence of unequal lengths reaches the layer ops padded in its sorted o
 ``recurrence`` is the variant's kernel: "persistent" (one cooperative kernel, W_hh slices resident in
 shared memory, a grid-wide sync per step; raises when the layer does not fit on chip),
 "stepwise" (one launch per step), or "persistent_or_stepwise" (the launchers decide by their residency
-check: auto's choice where dispatch cannot ask that check first, under torch.compile's dynamic shapes). ``lengths`` (int64, (B,)) is served: rows past their length keep
+check: auto's choice where dispatch cannot ask that check first, under torch.compile).
+``lengths`` (int64, (B,)) is served: rows past their length keep
 their state and output zeros. Projection (``weight_hr``, feature "projection") is served by both
 recurrences: the persistent kernels keep W_hr's rows on chip too and cross a second grid barrier per
 step (m_t forward, dr_t backward); stepwise runs two launches per step.
