@@ -1085,6 +1085,20 @@ cudaError_t measure_residency(Kernel kernel, PersistentResidency& residency) {
   return error;
 }
 
+// A persistent kernel's cooperative launch over residency.grid CTAs, after its residency was measured (with
+// `measured`, that measurement's error): `fits` is false, and nothing launched, when the grid cannot be
+// co-resident; the caller then runs the per-step kernels or raises.
+template <typename Kernel, typename Params>
+cudaError_t launch_cooperative(Kernel kernel, const Params& p, const PersistentResidency& residency,
+                               cudaError_t measured, cudaStream_t stream, bool& fits) {
+  fits = measured == cudaSuccess && residency.fits();
+  if (!fits) return measured;
+  Params params = p;
+  void* arguments[] = {&params};
+  return cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(residency.grid), dim3(kThreads),
+                                     arguments, residency.shared_bytes, stream);
+}
+
 template <typename T, int BM, int BJ>
 cudaError_t launch_step_forward_tiles(const StepForwardParams& p, cudaStream_t stream) {
   const size_t shared_bytes = TileShape<T, BM, 4 * BJ, 1>::total_bytes(0, false);
@@ -1135,13 +1149,8 @@ template <typename T, int BM>
 cudaError_t launch_persistent_forward_tiles(const LayerForwardParams& p, cudaStream_t stream, bool& fits) {
   PersistentResidency residency;
   cudaError_t error = persistent_forward_residency_tiles<T, BM>(p.hidden, p.proj_size, residency);
-  fits = error == cudaSuccess && residency.fits();
-  if (!fits) return error;
   auto kernel = lstm_persistent_forward_kernel<T, BM, kPersistentForwardUnits, kPersistentForwardSplits<BM>>;
-  LayerForwardParams params = p;
-  void* arguments[] = {&params};
-  return cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(residency.grid), dim3(kThreads),
-                                     arguments, residency.shared_bytes, stream);
+  return launch_cooperative(kernel, p, residency, error, stream, fits);
 }
 
 template <typename T>
@@ -1195,13 +1204,8 @@ template <typename T, int BM>
 cudaError_t launch_persistent_backward_tiles(const LayerBackwardParams& p, cudaStream_t stream, bool& fits) {
   PersistentResidency residency;
   cudaError_t error = persistent_backward_residency_tiles<T, BM>(p.hidden, p.proj_size, residency);
-  fits = error == cudaSuccess && residency.fits();
-  if (!fits) return error;
   auto kernel = lstm_persistent_backward_kernel<T, BM, kBackwardUnits, kBackwardSplits<BM>>;
-  LayerBackwardParams params = p;
-  void* arguments[] = {&params};
-  return cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(residency.grid), dim3(kThreads),
-                                     arguments, residency.shared_bytes, stream);
+  return launch_cooperative(kernel, p, residency, error, stream, fits);
 }
 
 template <typename T>
