@@ -127,7 +127,11 @@ def _check_cpu_step_fast_path(functional_lstm, monkeypatch):
     torch.testing.assert_close(got, torch_cell(x, (h, c)), rtol=0, atol=0)
     with pytest.raises(RuntimeError, match=r"hx\[0\] \(h\) must have shape .* = \(3, 6\), got \(3, 7\)"):
         cell(x, (random_tensor(BATCH, HIDDEN_SIZE + 1, dtype=F64), c))
-    # torch's kernel would broadcast a (1,) bias: pyattn's check runs first.
+    # torch's kernel would promote an fp32 c and broadcast a (1, H) c or a (1,) bias: pyattn's checks run first.
+    with pytest.raises(ValueError, match=r"hx\[1\] dtype \(torch.float32\) does not match input dtype"):
+        cell(x, (h, c.float()))
+    with pytest.raises(RuntimeError, match=r"hx\[1\] \(c\) must have shape .* = \(3, 6\), got \(1, 6\)"):
+        cell(x, (h, c[:1]))
     with pytest.raises(RuntimeError, match=r"bias_hh must have shape .* = \(24,\), got \(1,\)"):
         pyattn.functional.lstm_cell(x, (h, c), cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh[:1])
     planned.clear()

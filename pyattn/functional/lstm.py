@@ -208,17 +208,22 @@ def _remember_torch_cpu_step(plan: _CellPlan, variant) -> None:
 
 def _torch_cpu_step(input, hx, weight_ih, bias_ih, bias_hh):
     """The implementation of ``_TORCH_CPU_STEPS`` for this call, or None where the full path must run: not a
-    plain batched CPU tensor step with (h, c), a forced backend, explain, torch.compile or autocast on, or a
-    bias torch's kernel would broadcast (it checks every other size)."""
+    plain batched CPU tensor step with (h, c), a forced backend, explain, torch.compile or autocast on, or an
+    operand torch's kernel would broadcast or promote instead of rejecting (it checks the other sizes)."""
     if type(input) not in _PLAIN_TENSOR_TYPES or type(hx) is not tuple or len(hx) != 2:
         return None
     implementation = _TORCH_CPU_STEPS.get(input.dtype)
     if (implementation is None or not input.is_cpu or input.dim() != 2 or _dispatch.capturing() or _is_compiling()
             or _any_autocast_enabled() or _dispatch.default_backend() != _dispatch.AUTO):
         return None
-    rows = weight_ih.shape[:1]
-    if (bias_ih is not None and bias_ih.shape != rows) or (bias_hh is not None and bias_hh.shape != rows):
+    # What torch's kernel would not reject: a bias it broadcasts, c it broadcasts or promotes to another dtype.
+    h, c = hx
+    dtype, rows = input.dtype, weight_ih.shape[:1]
+    if type(c) not in _PLAIN_TENSOR_TYPES or c.dtype != dtype or c.shape != h.shape or h.dtype != dtype:
         return None
+    for bias in (bias_ih, bias_hh):
+        if bias is not None and (bias.shape != rows or bias.dtype != dtype):
+            return None
     return implementation
 
 
