@@ -90,22 +90,31 @@ def _unpack(buffer: Tensor, shapes: tuple[torch.Size, ...]) -> list[Tensor]:
 _KV_TAG, _GRADIENT_TAG = 0, 1
 
 
-def _exchange(config: _RingConfig, send: Tensor, receive: Tensor, tag: int = _KV_TAG) -> list:
-    """Start sending ``send`` to the next rank and receiving into ``receive`` from the previous one."""
+def _peer_failed(config: _RingConfig, what: str, step: int, error: RuntimeError) -> RuntimeError:
+    """A peer that failed or exited: say so here rather than only in its log."""
+    return RuntimeError(
+        f"{_NAME}: rank {config.rank} of {config.world_size}: passing {what} around the ring at step {step} "
+        f"(to rank {config.next_rank}, from rank {config.previous_rank}) failed; a peer rank has probably "
+        f"failed or exited (its own error says why): {error}")
+
+
+def _exchange(config: _RingConfig, send: Tensor, receive: Tensor, what: str, step: int, tag: int = _KV_TAG) -> list:
+    """Start sending ``send`` to the next rank and receiving into ``receive`` from the previous one. A peer that
+    is already gone can fail the send at once (gloo: "Connection closed by peer") as well as at the wait."""
     operations = [dist.P2POp(dist.isend, send, config.next_rank, config.group, tag),
                   dist.P2POp(dist.irecv, receive, config.previous_rank, config.group, tag)]
-    return dist.batch_isend_irecv(operations)
+    try:
+        return dist.batch_isend_irecv(operations)
+    except RuntimeError as error:
+        raise _peer_failed(config, what, step, error) from error
 
 
 def _wait(config: _RingConfig, works: list, what: str, step: int) -> None:
     try:
         for work in works:
             work.wait()
-    except RuntimeError as error:  # a peer that failed or exited: say so here rather than only in its log
-        raise RuntimeError(
-            f"{_NAME}: rank {config.rank} of {config.world_size}: passing {what} around the ring at step {step} "
-            f"(to rank {config.next_rank}, from rank {config.previous_rank}) failed; a peer rank has probably "
-            f"failed or exited (its own error says why): {error}") from error
+    except RuntimeError as error:
+        raise _peer_failed(config, what, step, error) from error
 
 
 # ------------------------------------------------------------------------------------------------ forward
@@ -145,7 +154,7 @@ def _ring_forward(q: Tensor, k: Tensor, v: Tensor, config: _RingConfig) -> tuple
         works = []
         if step + 1 < config.world_size:  # the next K/V travels while this one is used
             incoming = torch.empty_like(buffer)
-            works = _exchange(config, buffer, incoming)
+            works = _exchange(config, buffer, incoming, "K/V", step)
         keys, values = _unpack(buffer, shapes)
         for block in plan_step(query_spans, config.spans(config.source(step), shard_length), config.window_left,
                                config.window_right):
@@ -175,7 +184,7 @@ def _ring_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
         works = []
         if step + 1 < config.world_size:
             incoming = torch.empty_like(buffer)
-            works = _exchange(config, buffer, incoming)
+            works = _exchange(config, buffer, incoming, "K/V", step)
         keys, values = _unpack(buffer, shapes)
         # This rank's share of the gradient of the K/V shard it holds, into a fresh buffer: the running
         # sum for that shard is still on its way from the previous rank.
@@ -199,7 +208,7 @@ def _ring_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
             gradient_incoming = share
         else:
             gradient_incoming = torch.empty_like(share)
-            gradient_works = _exchange(config, share, gradient_incoming, tag=_GRADIENT_TAG)
+            gradient_works = _exchange(config, share, gradient_incoming, "dK/dV", step, tag=_GRADIENT_TAG)
         if works:
             _wait(config, works, "K/V", step)
             buffer = incoming
