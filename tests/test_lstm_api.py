@@ -127,6 +127,13 @@ def _check_cpu_step_fast_path(functional_lstm, monkeypatch):
     torch.testing.assert_close(got, torch_cell(x, (h, c)), rtol=0, atol=0)
     with pytest.raises(RuntimeError, match=r"hx\[0\] \(h\) must have shape .* = \(3, 6\), got \(3, 7\)"):
         cell(x, (random_tensor(BATCH, HIDDEN_SIZE + 1, dtype=F64), c))
+    wide = random_tensor(BATCH, HIDDEN_SIZE + 1, dtype=F64)  # h and c agree: torch's kernel itself rejects them
+    with pytest.raises(RuntimeError, match=r"hx\[0\] \(h\) must have shape .* = \(3, 6\), got \(3, 7\)"):
+        cell(x, (wide, wide))
+    with pytest.raises(TypeError, match=r"hx\[0\] must be a Tensor"):
+        cell(x, (None, c))
+    with pytest.raises(RuntimeError, match=r"weight_hh must have shape"):  # 4 gate rows for H = 6: never run
+        pyattn.functional.lstm_cell(x, (h, c), cell.weight_ih[:4], cell.weight_hh[:4])
     # torch's kernel would promote an fp32 c and broadcast a (1, H) c or a (1,) bias: pyattn's checks run first.
     with pytest.raises(ValueError, match=r"hx\[1\] dtype \(torch.float32\) does not match input dtype"):
         cell(x, (h, c.float()))

@@ -206,23 +206,30 @@ def _remember_torch_cpu_step(plan: _CellPlan, variant) -> None:
         _TORCH_CPU_STEPS[request.dtype] = variant.implementation
 
 
-def _torch_cpu_step(input, hx, weight_ih, bias_ih, bias_hh):
+def _torch_cpu_step(input, hx, weight_ih, weight_hh, bias_ih, bias_hh):
     """The implementation of ``_TORCH_CPU_STEPS`` for this call, or None where the full path must run: not a
-    plain batched CPU tensor step with (h, c), a forced backend, explain, torch.compile or autocast on, or an
-    operand torch's kernel would broadcast or promote instead of rejecting (it checks the other sizes)."""
+    plain batched CPU tensor step with (h, c), a forced backend, explain or autocast on, or operands whose
+    types, dtypes and sizes do not all agree (torch's kernel checks the batch and the input size)."""
     if type(input) not in _PLAIN_TENSOR_TYPES or type(hx) is not tuple or len(hx) != 2:
         return None
     implementation = _TORCH_CPU_STEPS.get(input.dtype)
-    if (implementation is None or not input.is_cpu or input.dim() != 2 or _dispatch.capturing() or _is_compiling()
+    if (implementation is None or not input.is_cpu or input.dim() != 2 or _dispatch.capturing()
             or _any_autocast_enabled() or _dispatch.default_backend() != _dispatch.AUTO):
         return None
-    # What torch's kernel would not reject: a bias it broadcasts, c it broadcasts or promotes to another dtype.
+    # Only plain 2-D operands of the input's dtype whose gate sizes agree: what torch's kernel might broadcast,
+    # promote (c), or (before torch 2.10) not check at all, takes the full path and its error.
     h, c = hx
-    dtype, rows = input.dtype, weight_ih.shape[:1]
-    if type(c) not in _PLAIN_TENSOR_TYPES or c.dtype != dtype or c.shape != h.shape or h.dtype != dtype:
+    plain = _PLAIN_TENSOR_TYPES
+    if type(h) not in plain or type(c) not in plain or type(weight_ih) not in plain or type(weight_hh) not in plain:
+        return None
+    dtype = input.dtype
+    if h.dtype != dtype or c.dtype != dtype or h.dim() != 2 or c.shape != h.shape or weight_ih.dim() != 2:
+        return None
+    gates, hidden = weight_ih.shape[0], h.shape[1]
+    if weight_hh.shape != (gates, hidden) or gates != 4 * hidden or weight_ih.shape[1] != input.shape[1]:
         return None
     for bias in (bias_ih, bias_hh):
-        if bias is not None and (bias.shape != rows or bias.dtype != dtype):
+        if bias is not None and (type(bias) not in plain or bias.shape != (gates,) or bias.dtype != dtype):
             return None
     return implementation
 
@@ -251,11 +258,13 @@ def lstm_cell(
         ``(h', c')`` each (B, H) (or (H,)), in the input dtype; fp16/bf16 gate math runs in fp32.
         Under autocast on CUDA the step runs in the autocast dtype, as torch's does.
     """
-    implementation = _torch_cpu_step(input, hx, weight_ih, bias_ih, bias_hh) if _TORCH_CPU_STEPS else None
+    implementation = None  # torch.compile asked first: tracing must not guard on _TORCH_CPU_STEPS
+    if not _is_compiling() and _TORCH_CPU_STEPS:
+        implementation = _torch_cpu_step(input, hx, weight_ih, weight_hh, bias_ih, bias_hh)
     if implementation is not None:
         try:
             return implementation(input, hx[0], hx[1], weight_ih, weight_hh, bias_ih, bias_hh)
-        except (RuntimeError, TypeError):
+        except (RuntimeError, TypeError, IndexError):
             pass  # the full path raises pyattn's message for what torch's kernel rejected
     shape, implementation = _planned_cell(input, hx, weight_ih, weight_hh, bias_ih, bias_hh)
     if shape.batched and hx is not None and shape.autocast_dtype is None:  # the common step: nothing to adapt
