@@ -448,6 +448,8 @@ def _layer_support(*checks) -> Support:
 
 
 register("cuda", "lstm_cell", _CELL_SUPPORT, summary="WMMA fused cell")(lstm_cell)
+
+
 def cuda_lstm(layer):
     """A variant's dispatch-level lstm: packed input of unequal lengths padded in its sorted order, so that the
     kernels skip the batch tiles that have ended (lstm_common.padded_packed_layer)."""
