@@ -26,14 +26,16 @@ namespace pyattn::lstm {
 constexpr int kThreads = 128;  // four warps in every CTA
 constexpr int kBlockK = 64;    // depth of one shared-memory K slice
 // The persistent kernels' recurrent operand (h_{t-1}, m_t, dgates_{t+1}, dr_t) goes to shared memory by
-// cp.async, into a ring of this many K slices. When the whole operand fits in all but one of them it is
-// fetched in one burst (one L2 round trip, one __syncthreads, then every warp runs its MMA chain over
-// all of K); otherwise the ring keeps all but one slice in flight, ⌈slices / (stages − 1)⌉ round trips
-// per step instead of one per slice. 16-bit tiles of one batch fragment (the latency-bound small batch)
-// take 16 slices (37 KB: a burst up to H = 960; the backward's K = 4H rings), the rest 4 (fp32 backward
-// at H = 768 and BM 64 at H = 1024 would not fit more).
+// cp.async, into a ring of K slices at the end of the CTA's shared memory. The launcher gives the ring
+// whatever the CTA's budget leaves (LayerForwardParams::ring_slices), at least kPipelineStages slices:
+// 16-bit tiles of one batch fragment (the latency-bound small batch) 16 (37 KB), the rest 4 (fp32
+// backward at H = 768 and BM 64 at H = 1024 would not fit more). A product issues as much of its
+// operand as the ring holds at once (one pass; the whole operand whenever it fits), in kBurstGroups
+// commit groups, and multiplies each group as soon as it has landed: one L2 round trip and
+// kBurstGroups barriers per pass instead of a wait and a barrier per slice.
 template <typename T, int BM>
 constexpr int kPipelineStages = BM == 16 && sizeof(T) == 2 ? 16 : 4;
+constexpr int kBurstGroups = 4;
 
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
 __host__ __device__ constexpr int round_up(int a, int b) { return ceil_div(a, b) * b; }
@@ -85,7 +87,6 @@ struct TileShape {
   static constexpr int kLdC = BN + 4;
   static constexpr size_t kABytes = align128(size_t(BM) * kLdA * sizeof(T));
   static constexpr int kStages = kPipelineStages<T, BM>;
-  static constexpr size_t kRingBytes = kStages * kABytes;  // the persistent kernels' A slices
   static constexpr size_t kCBytes = align128(size_t(kSplits) * BM * kLdC * sizeof(float));
   __host__ __device__ static int w_ld(int k_size, bool resident) {
     return (resident ? round_up(k_size, kBlockK) : kBlockK) + kRowPad<T>;
@@ -177,6 +178,18 @@ __device__ __forceinline__ void copy_async_wait() {
 #elif defined(PYATTN_LSTM_EMULATION)
   emu::copy_async_wait(PENDING);
 #endif
+}
+
+// Waits until this thread's groups of a burst up to `group` have landed (kBurstGroups − 1 − group may
+// still be pending): wait_group takes an immediate, so the unrolled burst loop's group picks the case.
+__device__ __forceinline__ void copy_async_wait_burst_group(int group) {
+  static_assert(kBurstGroups == 4, "one case per burst group");
+  switch (group) {
+    case 0: copy_async_wait<3>(); break;
+    case 1: copy_async_wait<2>(); break;
+    case 2: copy_async_wait<1>(); break;
+    default: copy_async_wait<0>(); break;
+  }
 }
 
 // load_tile for data written in this kernel (through L2 only) by cp.async: whole 16-byte chunks go
@@ -472,15 +485,18 @@ __device__ __forceinline__ void forward_epilogue(const float* c_tile, int ldc, i
 }
 
 // acc += A[b0 + r, 0 .. k_size) · W[w_row(n), 0 .. k_size)ᵀ over kBlockK-deep slices; A is (batch, k_size)
-// row-major. kAFromL2: A was written in this kernel by other CTAs (read through L2 only). W is either
-// resident (staged once into w_resident with leading dimension w_ld) or streamed through w_tile.
-// With W resident (the persistent kernels: A always comes from L2 then) a_tile is a ring of
-// kStages slices (TileShape::kRingBytes) filled by cp.async kStages − 1 slices ahead of the one being
-// multiplied; otherwise one A slice (and one W slice) per __syncthreads pair.
+// row-major. kAFromL2: A was written in this kernel by other CTAs (read through L2
+// only). W is either resident (staged once into w_resident with leading dimension w_ld) or streamed
+// through w_tile. With W resident (the persistent kernels: A always comes from L2 then) a_tile is a ring
+// of ring_slices slices (at least kPipelineStages): a pass issues as many slices as it holds at once, in
+// kBurstGroups cp.async groups, then multiplies each group once it has landed (the later groups still in
+// flight); an operand longer than the ring takes ⌈slices / ring_slices⌉ passes. Otherwise one A slice
+// (and one W slice) per __syncthreads pair.
 template <typename T, int BM, int BN, int SPLITS, bool kAFromL2, bool kResident, typename RowOf>
 __device__ __forceinline__ void accumulate_product(TileAccumulator<T, BM, BN, SPLITS>& accumulator, const T* a,
-                                                   int k_size, int b0, int batch, const T* w_resident, const T* w,
-                                                   RowOf w_row, int w_ld, T* w_tile, T* a_tile) {
+                                                   int k_size, int b0, int batch,
+                                                   const T* w_resident, const T* w, RowOf w_row, int w_ld, T* w_tile,
+                                                   T* a_tile, int ring_slices = 0) {
   using Shape = TileShape<T, BM, BN, SPLITS>;
   constexpr int kLdA = Shape::kLdA;
 #if defined(PYATTN_LSTM_EMULATION)
@@ -490,44 +506,32 @@ __device__ __forceinline__ void accumulate_product(TileAccumulator<T, BM, BN, SP
   const bool a_vectorized = is_vectorizable<T>(a, k_size);
   if constexpr (kResident) {
     static_assert(kAFromL2, "the resident-W (persistent) products read an operand written in the same kernel");
-    constexpr int kStages = Shape::kStages;
     constexpr int kSliceElements = static_cast<int>(Shape::kABytes / sizeof(T));
     const int slices = ceil_div(k_size, kBlockK);
-    if (slices < kStages) {  // one burst
-      for (int i = 0; i < slices; ++i) {
-        load_tile_async<T, BM>(a_tile + i * kSliceElements, kLdA, a, k_size, i * kBlockK, k_size, a_vectorized,
-                               batch_row);
-      }
-      copy_async_commit();
-      copy_async_wait<0>();
-      __syncthreads();
-      for (int i = 0; i < slices; ++i) {
-        accumulator.accumulate(a_tile + i * kSliceElements, kLdA, w_resident + i * kBlockK, w_ld);
-      }
-      __syncthreads();  // the slices are free for the next product
-      return;
-    }
+    const int capacity = ring_slices > Shape::kStages ? ring_slices : Shape::kStages;
+    for (int first = 0; first < slices; first += capacity) {
+      const int count = slices - first < capacity ? slices - first : capacity;
+      const int per_group = ceil_div(count, kBurstGroups);
 #pragma unroll
-    for (int i = 0; i < kStages - 1; ++i) {
-      if (i < slices) {
-        load_tile_async<T, BM>(a_tile + i * kSliceElements, kLdA, a, k_size, i * kBlockK, k_size, a_vectorized,
-                               batch_row);
+      for (int group = 0; group < kBurstGroups; ++group) {
+        const int end = (group + 1) * per_group < count ? (group + 1) * per_group : count;
+        for (int i = group * per_group; i < end; ++i) {
+          load_tile_async<T, BM>(a_tile + i * kSliceElements, kLdA, a, k_size, (first + i) * kBlockK, k_size,
+                                 a_vectorized, batch_row);
+        }
+        copy_async_commit();  // possibly empty: the waits below count kBurstGroups groups
       }
-      copy_async_commit();
-    }
-    for (int i = 0; i < slices; ++i) {
-      copy_async_wait<kStages - 2>();  // this thread's copies of slice i have landed
-      __syncthreads();  // everyone's have; and everyone is done with slice i − 1, whose buffer is refilled next
-      const int next = i + kStages - 1;
-      if (next < slices) {
-        load_tile_async<T, BM>(a_tile + (next % kStages) * kSliceElements, kLdA, a, k_size, next * kBlockK,
-                               k_size, a_vectorized, batch_row);
+#pragma unroll
+      for (int group = 0; group < kBurstGroups; ++group) {
+        copy_async_wait_burst_group(group);  // this thread's copies of the group have landed
+        __syncthreads();                     // everyone's have
+        const int end = (group + 1) * per_group < count ? (group + 1) * per_group : count;
+        for (int i = group * per_group; i < end; ++i) {
+          accumulator.accumulate(a_tile + i * kSliceElements, kLdA, w_resident + (first + i) * kBlockK, w_ld);
+        }
       }
-      copy_async_commit();
-      accumulator.accumulate(a_tile + (i % kStages) * kSliceElements, kLdA, w_resident + i * kBlockK, w_ld);
+      __syncthreads();  // every warp is done with the ring before the next pass (or product) refills it
     }
-    copy_async_wait<0>();  // only empty groups are left
-    __syncthreads();       // the ring is free for the next product
     return;
   }
   const bool w_vectorized = is_vectorizable<T>(w, k_size);
@@ -562,7 +566,7 @@ using ProjectionAccumulator = TileAccumulator<T, BM, kProjectionColumns, kProjec
 // r[b0.., p0..p0 + 16) = m · W_hr[p0.., :]ᵀ for one batch tile; rows past their end keep r_prev.
 template <typename T, int BM, bool kResident>
 __device__ __forceinline__ void projection_step(const ProjectionForwardParams& p, int b0, int p0, const T* w_resident,
-                                                int w_ld, T* w_tile, T* a_tile, float* c_tile) {
+                                                int w_ld, T* w_tile, T* a_tile, float* c_tile, int ring_slices = 0) {
   using Shape = ProjectionShape<T, BM>;
   using E = Element<T>;
   const int hidden = p.hidden, proj = p.proj_size;
@@ -572,7 +576,7 @@ __device__ __forceinline__ void projection_step(const ProjectionForwardParams& p
     accumulator.zero();
     accumulate_product<T, BM, kProjectionColumns, kProjectionSplits<BM>, kResident, kResident>(
         accumulator, static_cast<const T*>(p.m), hidden, b0, p.batch, w_resident, static_cast<const T*>(p.weight_hr),
-        column_row, w_ld, w_tile, a_tile);
+        column_row, w_ld, w_tile, a_tile, ring_slices);
     accumulator.store(c_tile, Shape::kLdC);
     __syncthreads();
   }
@@ -658,7 +662,8 @@ __global__ void __launch_bounds__(kThreads) lstm_projection_forward_kernel(const
 }
 
 // Shared memory of the persistent forward: W_hh's 4·BJ rows (K = W, the width of h), W_hr's 16 rows
-// (K = H) with a projection, the A slice, and one C tile big enough for either product.
+// (K = H) with a projection, one C tile big enough for either product, then the ring of A slices
+// (ring_slices of them: at least kPipelineStages, at most what the longer product's K needs).
 template <typename T, int BM, int BJ, int SPLITS>
 struct PersistentForwardLayout {
   using Gates = TileShape<T, BM, 4 * BJ, SPLITS>;
@@ -668,8 +673,15 @@ struct PersistentForwardLayout {
   __host__ __device__ static size_t projection_bytes(int hidden, int proj) {
     return proj > 0 ? Projection::w_bytes(hidden, true) : 0;
   }
-  __host__ __device__ static size_t total_bytes(int hidden, int proj) {
-    return Gates::w_bytes(width(hidden, proj), true) + projection_bytes(hidden, proj) + Gates::kRingBytes + kCBytes;
+  __host__ __device__ static size_t fixed_bytes(int hidden, int proj) {
+    return Gates::w_bytes(width(hidden, proj), true) + projection_bytes(hidden, proj) + kCBytes;
+  }
+  __host__ __device__ static int needed_slices(int hidden, int proj) {
+    const int gates = ceil_div(width(hidden, proj), kBlockK), projection = proj > 0 ? ceil_div(hidden, kBlockK) : 0;
+    return gates > projection ? gates : projection;
+  }
+  __host__ __device__ static size_t total_bytes(int hidden, int proj, int ring_slices = Gates::kStages) {
+    return fixed_bytes(hidden, proj) + size_t(ring_slices) * Gates::kABytes;
   }
   // CTAs: BJ units each for the gates, 16 columns of r each for the projection.
   __host__ __device__ static int grid(int hidden, int proj) {
@@ -696,8 +708,8 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_persistent_forward_kernel(co
   const size_t w_bytes = Shape::w_bytes(width, true), hr_bytes = Layout::projection_bytes(hidden, proj);
   T* w_resident = reinterpret_cast<T*>(shared);
   T* hr_resident = reinterpret_cast<T*>(shared + w_bytes);
-  T* a_tile = reinterpret_cast<T*>(shared + w_bytes + hr_bytes);
-  float* c_tile = reinterpret_cast<float*>(shared + w_bytes + hr_bytes + Shape::kRingBytes);
+  float* c_tile = reinterpret_cast<float*>(shared + w_bytes + hr_bytes);
+  T* a_tile = reinterpret_cast<T*>(shared + w_bytes + hr_bytes + Layout::kCBytes);
 
   const int j0 = blockIdx.x * BJ, p0 = blockIdx.x * kProjectionColumns;
   const bool owns_units = j0 < hidden, owns_columns = proj > 0 && p0 < proj;
@@ -761,7 +773,7 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_persistent_forward_kernel(co
           TileAccumulator<T, BM, BN, SPLITS> accumulator;
           accumulator.zero();
           accumulate_product<T, BM, BN, SPLITS, true, true>(accumulator, h_prev, width, b0, batch, w_resident,
-                                                            nullptr, gate_row, w_ld, nullptr, a_tile);
+                                                            nullptr, gate_row, w_ld, nullptr, a_tile, p.ring_slices);
           accumulator.store(c_tile, Shape::kLdC);
           __syncthreads();
         }
@@ -792,7 +804,8 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_persistent_forward_kernel(co
         projection.hidden = hidden;
         projection.proj_size = proj;
         for (int b0 = 0; b0 < batch; b0 += BM) {
-          projection_step<T, BM, true>(projection, b0, p0, hr_resident, hr_ld, nullptr, a_tile, c_tile);
+          projection_step<T, BM, true>(projection, b0, p0, hr_resident, hr_ld, nullptr, a_tile, c_tile,
+                                       p.ring_slices);
         }
       }
     }
@@ -829,7 +842,7 @@ __device__ __forceinline__ void backward_recurrent_step(const LayerBackwardParam
       auto column_row = [&](int n) -> int64_t { return p0 + n < proj ? int64_t(p0 + n) : -1; };
       accumulate_product<T, BM, BJ, SPLITS, kResident, kResident>(
           accumulator, grad_gates + t_next * 4 * state_size, gates_width, b0, batch, w_resident,
-          static_cast<const T*>(p.weight_hh_t), column_row, w_ld, w_tile, a_tile);
+          static_cast<const T*>(p.weight_hh_t), column_row, w_ld, w_tile, a_tile, p.ring_slices);
     }
     accumulator.store(c_tile, Shape::kLdC);
     __syncthreads();
@@ -879,11 +892,11 @@ __device__ __forceinline__ void backward_step(const LayerBackwardParams& p, int 
     if (proj > 0) {
       accumulate_product<T, BM, BJ, SPLITS, kResident, kResident>(
           accumulator, static_cast<const T*>(p.grad_recurrent) + t * int64_t(batch) * proj, proj, b0, batch,
-          w_resident, static_cast<const T*>(p.weight_hr_t), unit_row, w_ld, w_tile, a_tile);
+          w_resident, static_cast<const T*>(p.weight_hr_t), unit_row, w_ld, w_tile, a_tile, p.ring_slices);
     } else if (!first) {
       accumulate_product<T, BM, BJ, SPLITS, kResident, kResident>(
           accumulator, grad_gates + t_next * 4 * state_size, gates_width, b0, batch, w_resident,
-          static_cast<const T*>(p.weight_hh_t), unit_row, w_ld, w_tile, a_tile);
+          static_cast<const T*>(p.weight_hh_t), unit_row, w_ld, w_tile, a_tile, p.ring_slices);
     }
     accumulator.store(c_tile, Shape::kLdC);
     __syncthreads();
@@ -950,13 +963,20 @@ __global__ void __launch_bounds__(kThreads) lstm_step_recurrent_backward_kernel(
 }
 
 // Shared memory of the persistent backward: W_hhᵀ's BJ rows (K = 4H) for the dh (or dr) product,
-// W_hrᵀ's BJ rows (K = P) with a projection, the A slice and the C tile.
+// W_hrᵀ's BJ rows (K = P) with a projection, the C tile, then the ring of A slices (as forward's).
 template <typename T, int BM, int BJ, int SPLITS>
 struct PersistentBackwardLayout {
   using Shape = TileShape<T, BM, BJ, SPLITS>;
   __host__ __device__ static size_t projection_bytes(int proj) { return proj > 0 ? Shape::w_bytes(proj, true) : 0; }
-  __host__ __device__ static size_t total_bytes(int hidden, int proj) {
-    return Shape::w_bytes(4 * hidden, true) + projection_bytes(proj) + Shape::kRingBytes + Shape::kCBytes;
+  __host__ __device__ static size_t fixed_bytes(int hidden, int proj) {
+    return Shape::w_bytes(4 * hidden, true) + projection_bytes(proj) + Shape::kCBytes;
+  }
+  __host__ __device__ static int needed_slices(int hidden, int proj) {
+    const int gates = ceil_div(4 * hidden, kBlockK), projection = ceil_div(proj, kBlockK);
+    return gates > projection ? gates : projection;
+  }
+  __host__ __device__ static size_t total_bytes(int hidden, int proj, int ring_slices = Shape::kStages) {
+    return fixed_bytes(hidden, proj) + size_t(ring_slices) * Shape::kABytes;
   }
   __host__ __device__ static int grid(int hidden, int proj) { return ceil_div(hidden > proj ? hidden : proj, BJ); }
 };
@@ -975,8 +995,8 @@ __global__ void __launch_bounds__(kThreads, 1) lstm_persistent_backward_kernel(c
   const size_t w_bytes = Shape::w_bytes(gates_width, true), hr_bytes = Layout::projection_bytes(proj);
   T* w_resident = reinterpret_cast<T*>(shared);
   T* hr_resident = reinterpret_cast<T*>(shared + w_bytes);
-  T* a_tile = reinterpret_cast<T*>(shared + w_bytes + hr_bytes);
-  float* c_tile = reinterpret_cast<float*>(shared + w_bytes + hr_bytes + Shape::kRingBytes);
+  float* c_tile = reinterpret_cast<float*>(shared + w_bytes + hr_bytes);
+  T* a_tile = reinterpret_cast<T*>(shared + w_bytes + hr_bytes + Shape::kCBytes);
 
   const int j0 = blockIdx.x * BJ;
   const int w_rows = proj > 0 ? proj : hidden;  // rows of W_hhᵀ
@@ -1050,6 +1070,31 @@ constexpr int kPersistentForwardSplits = BM == 16 ? 4 : 1;
 template <int BM>
 constexpr int kBackwardSplits = BM == 16 ? 4 : 1;
 
+// The ring a persistent CTA gets (shared by the launchers and the CPU emulation): the least ring, grown
+// into the shared memory left after `fixed_bytes` (resident weights and C tile) when ⌈grid / SMs⌉ CTAs
+// share an SM — each gets its share of the SM less the driver's reservation per block, at most the
+// per-block limit — up to the `needed_slices` of the longest product (then every product is one pass).
+struct SharedMemoryFigures {
+  size_t per_block_limit;          // cudaDevAttrMaxSharedMemoryPerBlockOptin
+  size_t per_multiprocessor;       // cudaDevAttrMaxSharedMemoryPerMultiprocessor
+  size_t reserved_per_block;       // cudaDevAttrReservedSharedMemoryPerBlock
+  int multiprocessors;
+};
+// An H100 SXM's figures: the CPU emulation sizes its rings as the launchers would there.
+constexpr SharedMemoryFigures kH100SharedMemory{232448, 233472, 1024, 132};
+__host__ __device__ inline int grown_ring_slices(const SharedMemoryFigures& device, int grid, size_t fixed_bytes,
+                                                 size_t slice_bytes, int least_slices, int needed_slices) {
+  if (grid <= 0 || device.multiprocessors <= 0 || needed_slices <= least_slices) return least_slices;
+  const size_t sharing = static_cast<size_t>(ceil_div(grid, device.multiprocessors));
+  size_t budget = device.per_multiprocessor / sharing;
+  budget = budget > device.reserved_per_block ? budget - device.reserved_per_block : 0;
+  if (budget > device.per_block_limit) budget = device.per_block_limit;
+  if (budget <= fixed_bytes) return least_slices;
+  const size_t slices = (budget - fixed_bytes) / slice_bytes;
+  if (slices <= static_cast<size_t>(least_slices)) return least_slices;
+  return slices < static_cast<size_t>(needed_slices) ? static_cast<int>(slices) : needed_slices;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Launchers.
 
@@ -1058,18 +1103,26 @@ cudaError_t set_shared_memory(Kernel kernel, size_t bytes) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
 }
 
-// The device's figures and `kernel`'s occupancy for residency.grid CTAs of residency.shared_bytes each
-// (what a cooperative launch needs: every CTA resident at once).
+// The device's figures and `kernel`'s occupancy for residency.grid CTAs of `fixed_bytes` plus the least ring
+// each (what a cooperative launch needs: every CTA resident at once, so the least ring decides whether the
+// kernel fits); where it fits, the ring grows into what is left (grown_ring_slices) unless that would cost
+// residency.
 template <typename Kernel>
-cudaError_t measure_residency(Kernel kernel, PersistentResidency& residency) {
+cudaError_t measure_residency(Kernel kernel, size_t fixed_bytes, size_t slice_bytes, int least_slices,
+                              int needed_slices, PersistentResidency& residency) {
   residency.threads = kThreads;
-  int device = 0, cooperative = 0;
+  residency.ring_slices = least_slices;
+  residency.shared_bytes = fixed_bytes + size_t(least_slices) * slice_bytes;
+  int device = 0, cooperative = 0, per_multiprocessor = 0, reserved = 0;
   cudaError_t error = cudaGetDevice(&device);
   if (error == cudaSuccess) error = cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device);
   if (error == cudaSuccess)
     error = cudaDeviceGetAttribute(&residency.multiprocessors, cudaDevAttrMultiProcessorCount, device);
   if (error == cudaSuccess)
     error = cudaDeviceGetAttribute(&residency.shared_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (error == cudaSuccess)
+    error = cudaDeviceGetAttribute(&per_multiprocessor, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
+  if (error == cudaSuccess) error = cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, device);
   residency.cooperative = cooperative != 0;
   cudaFuncAttributes attributes{};
   if (error == cudaSuccess) error = cudaFuncGetAttributes(&attributes, kernel);
@@ -1082,7 +1135,25 @@ cudaError_t measure_residency(Kernel kernel, PersistentResidency& residency) {
   if (error == cudaSuccess)
     error = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&residency.per_multiprocessor, kernel, residency.threads,
                                                           residency.shared_bytes);
-  return error;
+  if (error != cudaSuccess || !residency.fits()) return error;
+  const SharedMemoryFigures figures{static_cast<size_t>(residency.shared_limit), static_cast<size_t>(per_multiprocessor),
+                                    static_cast<size_t>(reserved), residency.multiprocessors};
+  const int ring_slices =
+      grown_ring_slices(figures, residency.grid, fixed_bytes, slice_bytes, least_slices, needed_slices);
+  if (ring_slices == least_slices) return cudaSuccess;
+  const size_t grown_bytes = fixed_bytes + size_t(ring_slices) * slice_bytes;
+  int grown_per_multiprocessor = 0;
+  error = set_shared_memory(kernel, grown_bytes);
+  if (error == cudaSuccess)
+    error = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&grown_per_multiprocessor, kernel, residency.threads,
+                                                          grown_bytes);
+  if (error != cudaSuccess) return error;
+  if (grown_per_multiprocessor * residency.multiprocessors >= residency.grid) {
+    residency.ring_slices = ring_slices;
+    residency.shared_bytes = grown_bytes;
+    residency.per_multiprocessor = grown_per_multiprocessor;
+  }
+  return cudaSuccess;
 }
 
 // A persistent kernel's cooperative launch over residency.grid CTAs, after its residency was measured (with
@@ -1094,6 +1165,7 @@ cudaError_t launch_cooperative(Kernel kernel, const Params& p, const PersistentR
   fits = measured == cudaSuccess && residency.fits();
   if (!fits) return measured;
   Params params = p;
+  params.ring_slices = residency.ring_slices;
   void* arguments[] = {&params};
   return cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(residency.grid), dim3(kThreads),
                                      arguments, residency.shared_bytes, stream);
@@ -1134,9 +1206,10 @@ template <typename T, int BM>
 cudaError_t persistent_forward_residency_tiles(int hidden, int proj_size, PersistentResidency& residency) {
   constexpr int BJ = kPersistentForwardUnits, SPLITS = kPersistentForwardSplits<BM>;
   using Layout = PersistentForwardLayout<T, BM, BJ, SPLITS>;
-  residency.shared_bytes = Layout::total_bytes(hidden, proj_size);
   residency.grid = Layout::grid(hidden, proj_size);
-  return measure_residency(lstm_persistent_forward_kernel<T, BM, BJ, SPLITS>, residency);
+  return measure_residency(lstm_persistent_forward_kernel<T, BM, BJ, SPLITS>, Layout::fixed_bytes(hidden, proj_size),
+                           Layout::Gates::kABytes, Layout::Gates::kStages, Layout::needed_slices(hidden, proj_size),
+                           residency);
 }
 
 template <typename T>
@@ -1189,9 +1262,10 @@ template <typename T, int BM>
 cudaError_t persistent_backward_residency_tiles(int hidden, int proj_size, PersistentResidency& residency) {
   constexpr int BJ = kBackwardUnits, SPLITS = kBackwardSplits<BM>;
   using Layout = PersistentBackwardLayout<T, BM, BJ, SPLITS>;
-  residency.shared_bytes = Layout::total_bytes(hidden, proj_size);
   residency.grid = Layout::grid(hidden, proj_size);
-  return measure_residency(lstm_persistent_backward_kernel<T, BM, BJ, SPLITS>, residency);
+  return measure_residency(lstm_persistent_backward_kernel<T, BM, BJ, SPLITS>, Layout::fixed_bytes(hidden, proj_size),
+                           Layout::Shape::kABytes, Layout::Shape::kStages, Layout::needed_slices(hidden, proj_size),
+                           residency);
 }
 
 template <typename T>

@@ -80,6 +80,9 @@ struct LayerForwardParams {
   int batch;
   int hidden;
   bool reverse;
+  // K slices the CTA's cp.async ring of the recurrent operand holds: set by the launcher from the shared
+  // memory left after the resident weights (lstm_kernels.cuh, kPipelineStages); below the least ring, that.
+  int ring_slices;
 };
 
 // Backward through time of one layer. Processing runs opposite to the forward's order; at each
@@ -105,6 +108,7 @@ struct LayerBackwardParams {
   int batch;
   int hidden;
   bool reverse;
+  int ring_slices;            // set by the launcher, as LayerForwardParams::ring_slices
 };
 
 // lstm_cell backward: pointwise gate gradients of one step (the GEMMs are done by the caller).
@@ -132,6 +136,9 @@ struct PersistentResidency {
   int multiprocessors = 0;
   int registers = 0;           // per thread, as compiled
   int per_multiprocessor = 0;  // CTAs per SM the occupancy API allows (registers, shared memory, threads)
+  // K slices of the recurrent operand's ring in shared_bytes: the least ring, grown into what the CTAs that
+  // must share an SM leave of its shared memory (up to the whole operand: one pass per product).
+  int ring_slices = 0;
   bool fits() const {
     return cooperative && shared_bytes <= static_cast<size_t>(shared_limit) &&
            per_multiprocessor * multiprocessors >= grid;

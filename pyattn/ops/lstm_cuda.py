@@ -389,15 +389,17 @@ def _resident_bytes(element: int, rows: int, k_size: int) -> int:
 
 
 def persistent_footprint(batch: int, hidden: int, proj_size: int, dtype: torch.dtype) -> dict[str, tuple[int, int]]:
-    """(shared bytes per CTA, CTAs) of the persistent forward and backward kernels, as the launchers size
-    them (PersistentForwardLayout / PersistentBackwardLayout and the tile constants of lstm_kernels.cuh)."""
+    """(shared bytes per CTA, CTAs) of the persistent forward and backward kernels with the least cp.async
+    ring, as the launchers size them to decide residency (PersistentForwardLayout / PersistentBackwardLayout
+    and the tile constants of lstm_kernels.cuh); where that fits, the launchers grow the ring into the
+    shared memory left over (grown_ring_slices), which never costs residency."""
     element = torch.finfo(dtype).bits // 8
     tensor_cores = element == 2
     bm = 16 if batch <= 16 else 64
     width = proj_size if proj_size > 0 else hidden  # the width of h: the recurrent product's K
     forward_units, backward_units, projection_columns = 8, 16, 16
     forward_splits, backward_splits, projection_splits = (4, 4, 4) if bm == 16 else (1, 1, 1)
-    stages = 16 if bm == 16 and element == 2 else 4  # kPipelineStages: the cp.async ring of A slices
+    stages = 16 if bm == 16 and element == 2 else 4  # kPipelineStages: the least cp.async ring of A slices
     ring = stages * _a_bytes(element, bm)
     forward = (_resident_bytes(element, 4 * forward_units, width)
                + (_resident_bytes(element, projection_columns, hidden) if proj_size > 0 else 0)

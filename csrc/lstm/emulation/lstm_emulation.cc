@@ -109,13 +109,23 @@ Model model(int steps, int batch, int hidden, bool reverse, const std::vector<in
   return m;
 }
 
+// The ring of a persistent kernel's CTA: `ring` slices (0: the least ring, so long operands take several
+// passes), or with kH100Ring what the launcher would grow on an H100.
+constexpr int kH100Ring = -1;
+template <class Layout>
+int ring_slices(int ring, int grid, int H, size_t slice_bytes, int least) {
+  if (ring >= 0) return ring > least ? ring : least;
+  return grown_ring_slices(kH100SharedMemory, grid, Layout::fixed_bytes(H, 0), slice_bytes, least,
+                           Layout::needed_slices(H, 0));
+}
+
 // The layer forward as lstm_api.cpp drives it (persistent kernel, or one launch per step), then
 // the rows past each sequence's end zeroed; returns h_n as taken before the zeroing.
 template <class T, int BM>
 std::vector<T> layer_forward(bool persistent, int steps, int batch, int H, bool reverse, const int64_t* lengths,
                              const std::vector<T>& proj, const std::vector<T>& whh, const std::vector<T>& h0,
                              const std::vector<T>& c0, std::vector<T>& output, std::vector<float>& cells, bool save_all,
-                             T* gates) {
+                             T* gates, int ring) {
   const size_t state = size_t(batch) * H;
   if (persistent) {
     LayerForwardParams p{};
@@ -123,7 +133,9 @@ std::vector<T> layer_forward(bool persistent, int steps, int batch, int H, bool 
     p.output = output.data(); p.cell_states = cells.data(); p.save_all_cell_states = save_all; p.gates = gates;
     p.lengths = lengths; p.steps = steps; p.batch = batch; p.hidden = H; p.reverse = reverse;
     constexpr int BJ = kPersistentForwardUnits, S = kPersistentForwardSplits<BM>;  // the launcher's tiles
-    emu::launch(dim3(ceil_div(H, BJ)), kThreads, PersistentForwardLayout<T, BM, BJ, S>::total_bytes(H, 0),
+    using Layout = PersistentForwardLayout<T, BM, BJ, S>;
+    p.ring_slices = ring_slices<Layout>(ring, Layout::grid(H, 0), H, Layout::Gates::kABytes, Layout::Gates::kStages);
+    emu::launch(dim3(Layout::grid(H, 0)), kThreads, Layout::total_bytes(H, 0, p.ring_slices),
                 [&] { lstm_persistent_forward_kernel<T, BM, BJ, S>(p); });
   } else {
     for (int s = 0; s < steps; ++s) {
@@ -154,9 +166,10 @@ std::vector<T> layer_forward(bool persistent, int steps, int batch, int H, bool 
 
 template <class T, int BM>
 void run_layer(const char* dtype, int steps, int batch, int hidden, bool reverse, bool persistent, double tol,
-               std::vector<int64_t> lengths = {}) {
-  printf("layer %s T=%d B=%d H=%d reverse=%d %s%s\n", dtype, steps, batch, hidden, reverse, persistent ? "persistent" : "stepwise",
-         lengths.empty() ? "" : " ragged");
+               std::vector<int64_t> lengths = {}, int ring = kH100Ring) {
+  printf("layer %s T=%d B=%d H=%d reverse=%d %s%s%s\n", dtype, steps, batch, hidden, reverse,
+         persistent ? "persistent" : "stepwise", lengths.empty() ? "" : " ragged",
+         persistent && ring == 0 ? " least ring" : "");
   const int H = hidden, G = 4 * H;
   const size_t state = size_t(batch) * H;
   const int64_t* length_data = lengths.empty() ? nullptr : lengths.data();
@@ -170,7 +183,7 @@ void run_layer(const char* dtype, int steps, int batch, int hidden, bool reverse
   std::vector<float> cells(steps * state, NAN);
   auto gates = poisoned<T>(steps * state * 4);
   auto h_n = layer_forward<T, BM>(persistent, steps, batch, H, reverse, length_data, proj, whh, h0, c0, output, cells,
-                                     true, gates.data());
+                                     true, gates.data(), ring);
   check("output", output, want.output, tol);
   check("h_n", h_n, want.h_n, tol);
   check("cell states", cells, want.cells, tol);
@@ -180,7 +193,7 @@ void run_layer(const char* dtype, int steps, int batch, int hidden, bool reverse
   auto output_inference = poisoned<T>(steps * state);
   std::vector<float> cell_slot(state, NAN);
   layer_forward<T, BM>(persistent, steps, batch, H, reverse, length_data, proj, whh, h0, c0, output_inference,
-                          cell_slot, false, nullptr);
+                          cell_slot, false, nullptr, ring);
   const int last = reverse ? 0 : steps - 1;
   check("inference output", output_inference, want.output, tol);
   check("inference c_n", cell_slot,
@@ -201,7 +214,9 @@ void run_layer(const char* dtype, int steps, int batch, int hidden, bool reverse
   constexpr int BJB = kBackwardUnits;
   constexpr int SB = kBackwardSplits<BM>;
   if (persistent) {
-    emu::launch(dim3(ceil_div(H, BJB)), kThreads, PersistentBackwardLayout<T, BM, BJB, SB>::total_bytes(H, 0),
+    using Layout = PersistentBackwardLayout<T, BM, BJB, SB>;
+    b.ring_slices = ring_slices<Layout>(ring, Layout::grid(H, 0), H, Layout::Shape::kABytes, Layout::Shape::kStages);
+    emu::launch(dim3(Layout::grid(H, 0)), kThreads, Layout::total_bytes(H, 0, b.ring_slices),
                 [&] { lstm_persistent_backward_kernel<T, BM, BJB, SB>(b); });
   } else {
     for (int s = 0; s < steps; ++s)
@@ -210,6 +225,38 @@ void run_layer(const char* dtype, int steps, int batch, int hidden, bool reverse
   }
   check("grad gates", grad_gates, want.grad_gates, tol);
   check("grad c0", grad_cell, want.grad_cell, tol);
+}
+
+// The ring the launchers grow (grown_ring_slices), on an H100's figures and on an A100's (164 KB an SM,
+// 163 KB a block, 108 SMs), against the slice counts docs/lstm.md works out.
+void check_ring_sizes() {
+  printf("ring sizes\n");
+  using Backward = PersistentBackwardLayout<__half, 16, kBackwardUnits, kBackwardSplits<16>>;
+  using Forward = PersistentForwardLayout<__half, 16, kPersistentForwardUnits, kPersistentForwardSplits<16>>;
+  using Forward64 = PersistentForwardLayout<__half, 64, kPersistentForwardUnits, kPersistentForwardSplits<64>>;
+  constexpr SharedMemoryFigures a100{166912, 167936, 1024, 108};
+  auto ring = [](const SharedMemoryFigures& device, auto layout, int hidden, size_t slice, int least) {
+    using Layout = decltype(layout);
+    return grown_ring_slices(device, Layout::grid(hidden, 0), Layout::fixed_bytes(hidden, 0), slice, least,
+                             Layout::needed_slices(hidden, 0));
+  };
+  const size_t slice16 = Backward::Shape::kABytes, slice64 = Forward64::Gates::kABytes;
+  const struct { const char* what; int got, want; } cases[] = {
+      // H = 768: the whole 48-slice operand (55 would fit); H = 1024: 41 of 64 (two passes).
+      {"H100 fp16 backward H=768", ring(kH100SharedMemory, Backward{}, 768, slice16, 16), 48},
+      {"H100 fp16 backward H=1024", ring(kH100SharedMemory, Backward{}, 1024, slice16, 16), 41},
+      {"H100 fp16 forward H=1024", ring(kH100SharedMemory, Forward{}, 1024, slice16, 16), 16},
+      {"H100 fp16 forward H=40", ring(kH100SharedMemory, Forward{}, 40, slice16, 16), 16},  // 1 slice: least
+      {"H100 fp16 BM64 forward H=1024", ring(kH100SharedMemory, Forward64{}, 1024, slice64, 4), 16},
+      // 128 CTAs on 108 SMs share SMs two by two: 81 KB each, less than the weights and C (75 KB) + one slice.
+      {"A100 fp16 BM64 forward H=1024", ring(a100, Forward64{}, 1024, slice64, 4), 4},
+      {"A100 fp16 backward H=768", ring(a100, Backward{}, 768, slice16, 16), 27},
+  };
+  for (const auto& c : cases) {
+    const bool ok = c.got == c.want;
+    failures += !ok;
+    printf("  %-40s %d slices (want %d) %s\n", c.what, c.got, c.want, ok ? "ok" : "FAIL");
+  }
 }
 
 template <class T, int BM>
@@ -286,12 +333,17 @@ int main(int argc, char** argv) {
     }
   }
   if (which == "all" || which == "pipeline") {
-    // More K slices than the persistent kernels' cp.async ring holds (4 for fp32, 16 for 16-bit at
-    // BM 16), so the ring wraps: forward K = H (fp32), backward K = 4H; fp16 H = 520 forward is one
-    // 9-slice burst. (The small sizes of the other suites are bursts.)
-    run_layer<float, 16>("fp32", 3, 3, 300, false, true, 1e-5);
-    run_layer<__half, 16>("fp16", 2, 2, 520, true, true, 1e-2);
-    run_layer<float, 64>("fp32", 2, 17, 264, false, true, 1e-5);
+    // More K slices than the persistent kernels' least cp.async ring holds (4 for fp32, 16 for 16-bit at
+    // BM 16): with the least ring a product takes several passes (forward K = H in fp32: 5 slices, 4 + 1;
+    // backward K = 4H: 19 = 4 + 4 + 4 + 4 + 3, fp16 33 = 16 + 16 + 1, fp32 BM 64 17 = 4 · 4 + 1); with the
+    // ring an H100 launcher grows, one pass each (fp16 H = 520 forward is 9 slices either way). The small
+    // sizes of the other suites are single passes, most with empty commit groups (fewer slices than groups).
+    check_ring_sizes();
+    for (int ring : {0, kH100Ring}) {
+      run_layer<float, 16>("fp32", 3, 3, 300, false, true, 1e-5, {}, ring);
+      run_layer<__half, 16>("fp16", 2, 2, 520, true, true, 1e-2, {}, ring);
+      run_layer<float, 64>("fp32", 2, 17, 264, false, true, 1e-5, {}, ring);
+    }
   }
   printf("%d failure(s)\n", failures);
   return failures != 0;

@@ -6,7 +6,7 @@
 //
 // Each entry runs what lstm_api.cpp launches for one layer: the persistent kernel, or the stepwise
 // loop (with a projection two launches per step forward and backward), with the launchers' tile
-// choices (BM 16 up to 16 batch rows, else 64). dtype: 0 float32, 1 float16, 2 bfloat16; pointers
+// choices (BM 16 up to 16 batch rows, else 64) and the ring an H100 launcher would give a persistent CTA. dtype: 0 float32, 1 float16, 2 bfloat16; pointers
 // are contiguous host tensors of that dtype (cell states and the carried dc are float32).
 #include "lstm_kernels_emulated.cuh"
 
@@ -21,8 +21,11 @@ void layer_forward(bool persistent, const LayerForwardParams& p) {
   if (persistent) {
     constexpr int BJ = kPersistentForwardUnits, S = kPersistentForwardSplits<BM>;
     using Layout = PersistentForwardLayout<T, BM, BJ, S>;
-    emu::launch(dim3(Layout::grid(hidden, proj)), kThreads, Layout::total_bytes(hidden, proj),
-                [&] { lstm_persistent_forward_kernel<T, BM, BJ, S>(p); });
+    LayerForwardParams q = p;  // the ring the launcher would give the CTAs on an H100
+    q.ring_slices = grown_ring_slices(kH100SharedMemory, Layout::grid(hidden, proj), Layout::fixed_bytes(hidden, proj),
+                                      Layout::Gates::kABytes, Layout::Gates::kStages, Layout::needed_slices(hidden, proj));
+    emu::launch(dim3(Layout::grid(hidden, proj)), kThreads, Layout::total_bytes(hidden, proj, q.ring_slices),
+                [&] { lstm_persistent_forward_kernel<T, BM, BJ, S>(q); });
     return;
   }
   const size_t state = size_t(batch) * hidden, h_size = size_t(batch) * width;
@@ -69,8 +72,13 @@ void layer_backward(bool persistent, const LayerBackwardParams& p) {
   constexpr int BJ = kBackwardUnits, S = kBackwardSplits<BM>;
   if (persistent) {
     using Layout = PersistentBackwardLayout<T, BM, BJ, S>;
-    emu::launch(dim3(Layout::grid(p.hidden, p.proj_size)), kThreads, Layout::total_bytes(p.hidden, p.proj_size),
-                [&] { lstm_persistent_backward_kernel<T, BM, BJ, S>(p); });
+    LayerBackwardParams q = p;  // as forward
+    q.ring_slices =
+        grown_ring_slices(kH100SharedMemory, Layout::grid(p.hidden, p.proj_size), Layout::fixed_bytes(p.hidden, p.proj_size),
+                          Layout::Shape::kABytes, Layout::Shape::kStages, Layout::needed_slices(p.hidden, p.proj_size));
+    emu::launch(dim3(Layout::grid(p.hidden, p.proj_size)), kThreads,
+                Layout::total_bytes(p.hidden, p.proj_size, q.ring_slices),
+                [&] { lstm_persistent_backward_kernel<T, BM, BJ, S>(q); });
     return;
   }
   const size_t shared_bytes = TileShape<T, BM, BJ, S>::total_bytes(0, false);
