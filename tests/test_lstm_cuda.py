@@ -817,32 +817,51 @@ def _active_tile_steps(lengths, steps, tile_rows, skipped_time=None):
     return sum(any(t < length for length in tile) for t in range(steps) if t != skipped_time for tile in tiles)
 
 
-@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def _expected_products(lengths, steps, tile_rows, recurrence, hidden, proj, reverse):
+    """accumulate_product calls of one direction, (forward, backward), from the launchers' tiles: per active
+    tile-step, forward the gates' CTAs (8 units each persistent, 16 stepwise) and the projection's (16 columns
+    of r), backward dr's CTAs (16 columns; none on the first processed step, which has no incoming dgates) and
+    dh's or dm's (16 units; dh has none on the first processed step either, dm does)."""
+    def ceil(a, b):
+        return -(-a // b)
+
+    first_processed = 0 if reverse else steps - 1
+    every_step = _active_tile_steps(lengths, steps, tile_rows)
+    but_first = _active_tile_steps(lengths, steps, tile_rows, first_processed)
+    gate_units = 8 if recurrence == "persistent" else 16
+    forward = every_step * (ceil(hidden, gate_units) + (ceil(proj, 16) if proj else 0))
+    backward = ceil(proj, 16) * but_first + ceil(hidden, 16) * (every_step if proj else but_first)
+    return forward, backward
+
+
+@pytest.mark.parametrize("proj", [0, 7], ids=["no_projection", "projection"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
 def test_frozen_batch_tiles_skip_their_products_in_emulation(emulated_kernels, emulation_library, recurrence,
-                                                             reverse):
-    """cuda_lstm's packed layer runs a PackedSequence in sorted order, so the rows that have ended fill the last
-    tiles, whose products the kernels skip: the emulation counts accumulate_product calls (one per CTA), and a
-    ragged batch runs exactly its active tile-steps' share of the products the same batch runs at full length."""
+                                                             bidirectional, proj):
+    """cuda_lstm lays a PackedSequence out padded in its sorted order, so the rows that have ended fill the last
+    tiles, whose products the kernels skip: the emulation counts accumulate_product calls (one per CTA and
+    product), and a ragged batch runs exactly the products of its active tile-steps, the projection's too,
+    as does the same batch at full length."""
     steps, batch, input_size, hidden, tile_rows = 5, 70, 3, 16, 64  # BM = 64 above 16 rows
-    ragged = sorted((5 - i % 5 for i in range(batch)), reverse=True)
-    packed_layer = lstm_cuda.cuda_lstm(lstm_cuda._layer(recurrence)).packed_layer
-    weights = torch.nn.LSTM(input_size, hidden)._flat_weights
-    counts = {}
-    for name, lengths in (("full", [steps] * batch), ("ragged", ragged)):
-        packed = torch.nn.utils.rnn.pack_padded_sequence(random_tensor(steps, batch, input_size), torch.tensor(lengths))
-        data = packed.data.requires_grad_()
-        h0, c0 = random_tensor(batch, hidden), random_tensor(batch, hidden)
+    ragged = [5 - i % 5 for i in range(batch)]  # in user order; sorted, the second tile's rows end after a step
+    run = lstm_cuda.cuda_lstm(lstm_cuda._layer(recurrence))
+    weights = torch.nn.LSTM(input_size, hidden, bidirectional=bidirectional, proj_size=proj)._flat_weights
+    directions, width = 1 + bidirectional, proj or hidden
+    for lengths in ([steps] * batch, ragged):
+        packed = torch.nn.utils.rnn.pack_padded_sequence(random_tensor(steps, batch, input_size, requires_grad=True),
+                                                         torch.tensor(lengths), enforce_sorted=False)
+        hx = (random_tensor(directions, batch, width), random_tensor(directions, batch, hidden))
         emulation_library.emu_products_counted(1)
-        output, h_n, c_n = packed_layer(data, h0, c0, *weights, None, reverse, packed.batch_sizes)
+        output, (h_n, c_n) = run(packed, hx, weights, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+                                 training=True, bidirectional=bidirectional, proj_size=proj)
         forward_products = emulation_library.emu_products_counted(1)
-        torch.autograd.backward((output, h_n, c_n), [random_tensor(*t.shape) for t in (output, h_n, c_n)])
-        counts[name] = forward_products, emulation_library.emu_products_counted(1)
-    # The backward's first processed time (T − 1, or 0 reversed) has no incoming dgates, hence no product.
-    for index, skipped_time in ((0, None), (1, 0 if reverse else steps - 1)):
-        full = counts["full"][index]
-        expected = full * _active_tile_steps(ragged, steps, tile_rows, skipped_time) // _active_tile_steps(
-            [steps] * batch, steps, tile_rows, skipped_time)
-        assert full > 0 and counts["ragged"][index] == expected, (("forward", "backward")[index], counts)
+        torch.autograd.backward((output.data, h_n, c_n), [random_tensor(*t.shape) for t in (output.data, h_n, c_n)])
+        counted = forward_products, emulation_library.emu_products_counted(1)
+        in_sorted_order = sorted(lengths, reverse=True)
+        expected = [sum(pair) for pair in zip(*(
+            _expected_products(in_sorted_order, steps, tile_rows, recurrence, hidden, proj, reverse)
+            for reverse in (False, True)[:directions]))]
+        assert counted == tuple(expected), (lengths is ragged, counted, expected)
 
 
 # ---- GPU: accuracy against the float64 reference ----
@@ -1106,6 +1125,28 @@ def test_persistent_recurrence_that_does_not_fit_raises_and_dispatch_takes_stepw
     assert_close(output, expected[0], RTOL[torch.float16], "output")
     assert_close(c_n, expected[2], RTOL[torch.float16], "c_n")
 
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize(("hidden", "fits"), [(64, True), (2048, False)], ids=["fits", "does_not_fit"])
+def test_persistent_or_stepwise_decides_at_launch_and_matches_reference(hidden, fits):
+    """recurrence="persistent_or_stepwise" (what auto passes under torch.compile): the launchers' residency check
+    on each call's own sizes picks the persistent kernel where it fits and the per-step loop where it does not
+    (fp16 H = 2048: 256 CTAs of 130 KiB), forward and backward, both equal to the reference."""
+    args = _layer_args(3, 2, 16, hidden, torch.float16, "cuda")
+    assert (lstm_cuda.persistent_launch_refusal(args[0], args[2], None) is None) == fits
+    inputs = [t.detach().requires_grad_() if t is not None and t.is_floating_point() else t for t in args]
+    output, h_n, c_n = lstm_cuda.lstm_layer(*inputs, recurrence="persistent_or_stepwise")
+    inputs64 = _float64(inputs)
+    expected = reference.lstm_layer(*inputs64)
+    for name, got, want in zip(("output", "h_n", "c_n"), (output, h_n, c_n), expected):
+        assert_close(got, want, RTOL[torch.float16], name)
+    upstream = [random_tensor(*t.shape, dtype=t.dtype, device=t.device) for t in (output, h_n, c_n)]
+    torch.autograd.backward((output, h_n, c_n), upstream)
+    torch.autograd.backward(expected, [g.double() for g in upstream])
+    for index, (got, want) in enumerate(zip(inputs, inputs64)):
+        if isinstance(got, torch.Tensor) and got.requires_grad:
+            assert_close(got.grad, want.grad, RTOL[torch.float16], f"grad of argument {index}")
 
 
 @pytest.mark.requires_cuda

@@ -348,19 +348,18 @@ __device__ __forceinline__ float gate_gradients(float dh, float dc, float i, flo
 
 // Whether every row of the batch tile [b0, b0 + BM) is frozen at `time` (past its end, or reversed
 // before its start). A frozen tile's product would feed no update, so the kernels skip it and run only
-// the epilogue's carry: with rows sorted by length (the packed path, lstm_common.padded_packed_layer)
-// the frozen rows are the tail tiles, and each step's tensor-core work shrinks with the active batch,
-// as cuDNN's does, a tile at a time. lengths is read-only in every kernel, so all threads agree. The
-// scan stops at the first running row: in sorted order that is the tile's first row (one load).
+// the epilogue's carry: with rows sorted by length (the packed path, lstm_common.stacked's sorted
+// padding) the frozen rows are the tail tiles, and each step's tensor-core work shrinks with the active
+// batch, as cuDNN's does, a tile at a time. Thread r loads row r's length and one __syncthreads_or votes
+// (one load and one barrier per tile and step, in any row order); every thread of the CTA calls it at the
+// same point, and all get the same answer.
 template <int BM>
 __device__ __forceinline__ bool tile_frozen(const int64_t* lengths, int b0, int batch, int time) {
-  if (!lengths) return false;
-  const int rows = batch - b0 < BM ? batch - b0 : BM;
-#pragma unroll 1
-  for (int r = 0; r < rows; ++r) {
-    if (time < lengths[b0 + r]) return false;
-  }
-  return true;
+  static_assert(BM <= kThreads, "one row per thread");
+  if (!lengths) return false;  // a kernel argument: the same branch in every thread
+  const int row = b0 + static_cast<int>(threadIdx.x);
+  const bool running = threadIdx.x < BM && row < batch && time < lengths[row];
+  return __syncthreads_or(running) == 0;
 }
 
 // Where one forward step's epilogue reads and writes; row strides are H (state) and 4H (gates).

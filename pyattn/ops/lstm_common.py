@@ -17,12 +17,16 @@ Kernel backends implement one layer, one direction, and :func:`stacked` turns it
       -> (output (T, B, P), h_n (B, P), c_n (B, H)); lengths int64 (B,) or None (rows past their
       length keep their state and output zeros).
 
-and optionally, for a PackedSequence of unequal lengths in its own layout (no padded copy):
+and optionally either, for a PackedSequence of unequal lengths in its own layout (no padded copy):
 
   packed_layer(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse, batch_sizes)
       -> (output (N, P), h_n (B, P), c_n (B, H)); input (N, I) is the packed data (N = sum(lengths),
       time-major, step t's batch_sizes[t] rows in sorted order), batch_sizes the CPU int64 (T,), h0/c0
-      and h_n/c_n in the sorted order; output in the packed layout.
+      and h_n/c_n in the sorted order; output in the packed layout;
+
+or ``sorted_padding=True``: the packed rows are laid out padded (T, B) once for the whole stack, in the
+PackedSequence's sorted order (lengths non-increasing, so the rows that have ended at a step are the last
+ones), and ``layer`` runs on that with the sorted lengths; the output is gathered back to the packed rows.
 
 Request features: "projection" (proj_size > 0), "lengths" (a PackedSequence of unequal lengths).
 Request sizes: batch, steps, input_size, hidden_size, proj_size, num_layers, directions.
@@ -150,9 +154,7 @@ def _lstm_on_packed_rows(layer: LayerFunction, packed_layer: LayerFunction, inpu
     between the user's order and the sorted one, as torch does."""
     batch_sizes, sorted_indices, unsorted_indices = input.batch_sizes, input.sorted_indices, input.unsorted_indices
     steps, batch = batch_sizes.numel(), int(batch_sizes[0])
-    h_0, c_0 = hx
-    if sorted_indices is not None:
-        h_0, c_0 = h_0.index_select(1, sorted_indices), c_0.index_select(1, sorted_indices)
+    h_0, c_0 = _sorted_order(hx, sorted_indices)
     if int(batch_sizes[-1]) != batch:
         def run_layer(sequence, *arguments):
             return packed_layer(sequence, *arguments, batch_sizes)
@@ -166,14 +168,40 @@ def _lstm_on_packed_rows(layer: LayerFunction, packed_layer: LayerFunction, inpu
     return PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices), (h_n, c_n)
 
 
-def padded_packed_layer(layer: LayerFunction) -> LayerFunction:
-    """``stacked``'s packed_layer for a backend whose kernels take the padded (T, B) layout with lengths.
+def _sorted_order(hx, sorted_indices):
+    h_0, c_0 = hx
+    if sorted_indices is None:
+        return h_0, c_0
+    return h_0.index_select(1, sorted_indices), c_0.index_select(1, sorted_indices)
 
-    The packed rows are laid out padded in the PackedSequence's sorted order, so lengths are non-increasing
-    and the rows that have ended at a step are the last ones: kernels that skip a batch tile whose rows are
-    all frozen (the CUDA kernels' ``tile_frozen``) shrink each step's work with the active batch, a tile at
-    a time, as cuDNN's do. The output is gathered back to the packed rows. (The padded rows are zeros: the
-    input projection before the recurrence still runs over all T·B rows.)
+
+def _lstm_on_sorted_padding(layer: LayerFunction, input: PackedSequence, hx, params, **options):
+    """A PackedSequence laid out padded (T, B) in its sorted order, once for the whole stack: each layer's
+    output is already in that layout (rows past their length are zeros) and feeds the next as it is. The
+    padded rows still cost the input projection; the recurrence skips what the kernels skip. hx in and
+    h_n/c_n out are permuted between the user's order and the sorted one, as torch does."""
+    batch_sizes, sorted_indices, unsorted_indices = input.batch_sizes, input.sorted_indices, input.unsorted_indices
+    steps, batch = batch_sizes.numel(), int(batch_sizes[0])
+    data = input.data
+    time_index, position, lengths = _packed_layout(PackedSequence(data, batch_sizes), data.device)
+    sequence = data.new_zeros(steps, batch, data.size(-1)).index_put((time_index, position), data)
+    if int(batch_sizes[-1]) == batch:  # equal lengths need no masking
+        lengths = None
+
+    def run_layer(*arguments):
+        return layer(*arguments, lengths)
+
+    output, h_n, c_n = _run_layers(run_layer, sequence, *_sorted_order(hx, sorted_indices), params, **options)
+    if unsorted_indices is not None:
+        h_n, c_n = h_n.index_select(1, unsorted_indices), c_n.index_select(1, unsorted_indices)
+    return PackedSequence(output[time_index, position], batch_sizes, sorted_indices, unsorted_indices), (h_n, c_n)
+
+
+def padded_packed_layer(layer: LayerFunction) -> LayerFunction:
+    """One layer over packed rows, from a ``layer`` that takes the padded (T, B) layout with lengths: the rows
+    laid out padded in the PackedSequence's sorted order, the output gathered back (``packed_layer``'s
+    signature). What ``stacked(layer, sorted_padding=True)`` does once for a whole stack, for one layer (the
+    reference's differentiable recomputation of a packed layer op).
     """
 
     def layer_on_sorted_rows(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse, batch_sizes):
@@ -186,14 +214,20 @@ def padded_packed_layer(layer: LayerFunction) -> LayerFunction:
     return layer_on_sorted_rows
 
 
-def stacked(layer: LayerFunction, packed_layer: LayerFunction | None = None) -> Callable:
+def stacked(layer: LayerFunction, packed_layer: LayerFunction | None = None, *,
+            sorted_padding: bool = False) -> Callable:
     """The dispatch-level ``lstm`` of a backend that implements one layer, one direction.
 
     Packed input goes to ``packed_layer`` in its own layout when the backend has one (see the module's
-    docstring, :func:`_lstm_on_packed_rows`); otherwise it is laid out padded (T, B) in the user's batch
-    order with per-row lengths when they differ. Each layer runs its directions, concatenates them, and
-    applies dropout between layers in training, as torch does.
+    docstring, :func:`_lstm_on_packed_rows`); with ``sorted_padding`` it is laid out padded once for the
+    stack in its sorted order (:func:`_lstm_on_sorted_padding`: kernels that skip a batch tile whose rows
+    have all ended, the CUDA kernels' ``tile_frozen``, then shrink each step's work with the active batch,
+    a tile at a time, as cuDNN's do); otherwise it is laid out padded (T, B) in the user's batch order
+    with per-row lengths when they differ. Each layer runs its directions, concatenates them, and applies
+    dropout between layers in training, as torch does.
     """
+    if packed_layer is not None and sorted_padding:
+        raise ValueError("stacked: a backend takes packed input either in its packed layout or padded, not both")
 
     def lstm(input, hx, params, *, num_layers, bias, batch_first, dropout, training, bidirectional, proj_size):
         options = dict(num_layers=num_layers, bias=bias, dropout=dropout, training=training,
@@ -201,6 +235,8 @@ def stacked(layer: LayerFunction, packed_layer: LayerFunction | None = None) -> 
         packed = isinstance(input, PackedSequence)
         if packed and packed_layer is not None:
             return _lstm_on_packed_rows(layer, packed_layer, input, hx, params, **options)
+        if packed and sorted_padding:
+            return _lstm_on_sorted_padding(layer, input, hx, params, **options)
         lengths = None
         if packed:
             data = input.data
@@ -226,4 +262,5 @@ def stacked(layer: LayerFunction, packed_layer: LayerFunction | None = None) -> 
 
     lstm.layer = layer  # the one-layer function, for tests and for a backend that wants to drive it itself
     lstm.packed_layer = packed_layer  # None where packed input is scattered to padded
+    lstm.sorted_padding = sorted_padding
     return lstm

@@ -18,8 +18,9 @@ what backward needs when ``save_for_backward`` is set (empty tensors otherwise):
 P = proj_size with ``weight_hr`` (P, H) (h_t = W_hr·(σ(o)·tanh(c_t)); h0, weight_hh's columns, output and
 h_n are P wide), else P = H.
 
-A PackedSequence of unequal lengths reaches the layer ops padded in its sorted order (``cuda_lstm``,
-``lstm_common.padded_packed_layer``), so the kernels' ``tile_frozen`` skips the batch tiles that have ended.
+A PackedSequence reaches the layer ops padded in its sorted order, laid out once for the whole stack
+(``cuda_lstm``: ``lstm_common.stacked(..., sorted_padding=True)``), so the kernels' ``tile_frozen`` skips the
+batch tiles that have ended.
 
 ``recurrence`` is the variant's kernel: "persistent" (one cooperative kernel, W_hh slices resident in
 shared memory, a grid-wide sync per step; raises when the layer does not fit on chip),
@@ -39,7 +40,7 @@ import torch
 
 from pyattn._registry import BackendUnavailableError, Request, Support, Target, record_note, register
 from pyattn.ops import graphs
-from pyattn.ops.lstm_common import bias_gradients, differentiable_gradients, needs_grad, padded_packed_layer, stacked
+from pyattn.ops.lstm_common import bias_gradients, differentiable_gradients, needs_grad, stacked
 from pyattn.reference import lstm as reference
 
 _DEVICES = frozenset({"cuda"})
@@ -453,9 +454,9 @@ register("cuda", "lstm_cell", _CELL_SUPPORT, summary="WMMA fused cell")(lstm_cel
 
 
 def cuda_lstm(layer):
-    """A variant's dispatch-level lstm: packed input of unequal lengths padded in its sorted order, so that the
-    kernels skip the batch tiles that have ended (lstm_common.padded_packed_layer)."""
-    return stacked(layer, padded_packed_layer(layer))
+    """A variant's dispatch-level lstm: packed input padded in its sorted order once for the stack, so that the
+    kernels skip the batch tiles that have ended (lstm_common.stacked's sorted_padding)."""
+    return stacked(layer, sorted_padding=True)
 
 
 register("cuda", "lstm", _layer_support(_check_persistent), variant="persistent",

@@ -9,15 +9,14 @@ h_n/c_n in its sorted order, and every step computes only its batch_sizes[t] act
 from __future__ import annotations
 
 import torch
-from torch.nn.utils.rnn import PackedSequence
 
 from pyattn.ops import graphs
 from pyattn.ops.lstm_common import (
-    _packed_layout,
     bias_gradients,
     combined_bias,
     differentiable_gradients,
     needs_grad,
+    padded_packed_layer,
     require_saved,
 )
 from pyattn.reference import lstm as reference
@@ -127,14 +126,10 @@ def _(grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, weight_hr, b
 
 
 def _reference_packed_layer(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, batch_sizes, reverse):
-    """The reference's layer over packed rows (scattered to padded in sorted order and gathered back): the
-    differentiable recomputation a double backward uses."""
-    time_index, position, lengths = _packed_layout(PackedSequence(input, batch_sizes), input.device)
-    steps, batch = batch_sizes.numel(), int(batch_sizes[0])
-    padded = input.new_zeros(steps, batch, input.size(-1)).index_put((time_index, position), input)
-    output, h_n, c_n = reference.lstm_layer(padded, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
-                                            reverse=reverse, lengths=lengths)
-    return output[time_index, position], h_n, c_n
+    """The reference's layer over packed rows (padded in sorted order and gathered back): the differentiable
+    recomputation a double backward uses (named like the op's inputs: differentiable_gradients passes them so)."""
+    return padded_packed_layer(reference.lstm_layer)(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
+                                                     reverse, batch_sizes)
 
 
 _FORWARD_PARAMETERS = ("input", "h0", "c0", "weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr",

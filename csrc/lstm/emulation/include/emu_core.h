@@ -28,6 +28,10 @@ constexpr int cudaSuccess = 0;
 namespace emu {
 inline thread_local std::barrier<>* cta_barrier = nullptr;
 inline thread_local unsigned char* cta_shared = nullptr;
+// __syncthreads_or: three vote words per CTA, used in turn; a call clears the word the next one uses, which
+// every thread read two calls ago, before the barrier of the call after it (so no thread still reads it).
+inline thread_local std::atomic<int>* cta_votes = nullptr;
+inline thread_local unsigned vote_round = 0;
 inline std::barrier<>* grid_barrier = nullptr;
 template <class Body>
 void launch(dim3 grid, unsigned threads, size_t shared_bytes, Body body) {
@@ -36,7 +40,9 @@ void launch(dim3 grid, unsigned threads, size_t shared_bytes, Body body) {
   grid_barrier = &grid_sync;
   std::vector<std::unique_ptr<std::barrier<>>> barriers;
   std::vector<std::vector<unsigned char>> buffers;
+  std::vector<std::unique_ptr<std::atomic<int>[]>> votes;
   for (unsigned c = 0; c < ctas; ++c) {
+    votes.emplace_back(new std::atomic<int>[3]{0, 0, 0});
     barriers.emplace_back(new std::barrier<>(threads));
     buffers.emplace_back(shared_bytes + 256, 0xFF);  // 0xFF..: NaN-like garbage, as uninitialised smem may be
   }
@@ -47,6 +53,8 @@ void launch(dim3 grid, unsigned threads, size_t shared_bytes, Body body) {
         threadIdx.x = t; blockIdx.x = c % grid.x; blockIdx.y = c / grid.x;
         blockDim = dim3(threads); gridDim = grid;
         cta_barrier = barriers[c].get();
+        cta_votes = votes[c].get();
+        vote_round = 0;
         auto* raw = buffers[c].data();
         cta_shared = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(raw) + 127) / 128 * 128);
         body();
@@ -55,6 +63,14 @@ void launch(dim3 grid, unsigned threads, size_t shared_bytes, Body body) {
 }
 }  // namespace emu
 inline void __syncthreads() { emu::cta_barrier->arrive_and_wait(); }
+inline int __syncthreads_or(int predicate) {
+  std::atomic<int>* word = emu::cta_votes + emu::vote_round % 3;
+  if (threadIdx.x == 0) emu::cta_votes[(emu::vote_round + 1) % 3].store(0);
+  ++emu::vote_round;
+  if (predicate) word->fetch_or(1);
+  emu::cta_barrier->arrive_and_wait();
+  return word->load();
+}
 // cp.async: lstm_kernels.cuh calls these under PYATTN_LSTM_EMULATION. Copies are deferred to the wait
 // that retires their group (a kernel reading a slice before waiting for it sees the old bytes).
 #define PYATTN_LSTM_EMULATION 1
