@@ -150,8 +150,8 @@ def test_dispatch_serves_projection_on_both_cuda_variants_and_sizes_persistent_w
     variants = {v.qualified_name: v for v in _registry.variants("lstm") if v.backend == "cuda"}
     assert reasons(variants["cuda/persistent"], torch.float16, 16, 768, 256) == []
     assert reasons(variants["cuda/stepwise"], torch.float32, 4, 1024, 512) == []
-    # fp32 H = 700: W_hhᵀ rows alone fit the backward (16 × 2817 floats + ring + C: 198.5 KB), with W_hrᵀ's
-    # P = 600 columns (16 × 641 more) they do not (239.6 KB > the 227 KiB a block may use).
+    # fp32 H = 700: W_hhᵀ rows alone fit the backward (16 × 2817 floats + ring + C: 199.0 KB), with W_hrᵀ's
+    # P = 600 columns (16 × 641 more) they do not (240.1 KB > the 227 KiB a block may use).
     assert lstm_cuda.persistent_unsupported_reason(4, 700, torch.float32, hopper) is None
     (refusal,) = reasons(variants["cuda/persistent"], torch.float32, 4, 700, 600)
     assert refusal.startswith("backward") and "W_hh and W_hr slices" in refusal
@@ -162,13 +162,14 @@ def test_persistent_footprint_mirrors_the_kernel_layouts():
     fp16, B <= 16, H = 40, P = 24: forward 32 rows × (64 + 8) + 16 rows × (64 + 8) halves, a ring of 16
     A slices of 16 × 72 halves, the larger C tile (gates: 4 splits × 16 × 36 floats); backward
     16 × (192 + 8) + 16 × (64 + 8) halves, the ring, C 4 × 16 × 20 floats. fp32 B = 20 (BM 64, 4 slices
-    of 64 × 65 floats, no K split), H = 40: forward 32 × 65 floats, C 64 × 36; backward 16 × 193, C 64 × 20."""
+    of 64 × 68 floats: A rows start 16-byte aligned for cp.async, no K split), H = 40: forward 32 × 65 floats,
+    C 64 × 36; backward 16 × 193, C 64 × 20."""
     footprint = lstm_cuda.persistent_footprint(3, 40, 24, torch.float16)
     assert footprint["forward"] == (4608 + 2304 + 16 * 2304 + 9216, 5)
     assert footprint["backward"] == (6400 + 2304 + 16 * 2304 + 5120, 3)
     assert lstm_cuda.persistent_footprint(3, 40, 0, torch.float16)["forward"] == (4608 + 16 * 2304 + 9216, 5)
     fp32 = lstm_cuda.persistent_footprint(20, 40, 0, torch.float32)
-    assert fp32["forward"] == (8320 + 4 * 16640 + 9216, 5) and fp32["backward"] == (12416 + 4 * 16640 + 5120, 3)
+    assert fp32["forward"] == (8320 + 4 * 17408 + 9216, 5) and fp32["backward"] == (12416 + 4 * 17408 + 5120, 3)
 
 
 
@@ -1132,17 +1133,26 @@ def test_persistent_recurrence_that_does_not_fit_raises_and_dispatch_takes_stepw
 def test_persistent_or_stepwise_decides_at_launch_and_matches_reference(hidden, fits):
     """recurrence="persistent_or_stepwise" (what auto passes under torch.compile): the launchers' residency check
     on each call's own sizes picks the persistent kernel where it fits and the per-step loop where it does not
-    (fp16 H = 2048: 256 CTAs of 130 KiB), forward and backward, both equal to the reference."""
+    (fp16 H = 2048: 256 forward CTAs with 128.5 KiB of W_hh rows each cannot all be resident; the backward's 16
+    rows of W_hhᵀ alone are 256 KiB), forward and backward, both equal to the reference; the profiler names the
+    kernels that ran."""
     args = _layer_args(3, 2, 16, hidden, torch.float16, "cuda")
     assert (lstm_cuda.persistent_launch_refusal(args[0], args[2], None) is None) == fits
     inputs = [t.detach().requires_grad_() if t is not None and t.is_floating_point() else t for t in args]
-    output, h_n, c_n = lstm_cuda.lstm_layer(*inputs, recurrence="persistent_or_stepwise")
+    upstream = None
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        output, h_n, c_n = lstm_cuda.lstm_layer(*inputs, recurrence="persistent_or_stepwise")
+        upstream = [random_tensor(*t.shape, dtype=t.dtype, device=t.device) for t in (output, h_n, c_n)]
+        torch.autograd.backward((output, h_n, c_n), upstream)
+        torch.cuda.synchronize()
+    ran = " ".join(event.key for event in profile.key_averages())
+    for direction in ("forward", "backward"):
+        assert (f"lstm_persistent_{direction}_kernel" in ran) == fits, (direction, ran)
+        assert (f"lstm_step_{direction}_kernel" in ran) != fits, (direction, ran)
     inputs64 = _float64(inputs)
     expected = reference.lstm_layer(*inputs64)
     for name, got, want in zip(("output", "h_n", "c_n"), (output, h_n, c_n), expected):
         assert_close(got, want, RTOL[torch.float16], name)
-    upstream = [random_tensor(*t.shape, dtype=t.dtype, device=t.device) for t in (output, h_n, c_n)]
-    torch.autograd.backward((output, h_n, c_n), upstream)
     torch.autograd.backward(expected, [g.double() for g in upstream])
     for index, (got, want) in enumerate(zip(inputs, inputs64)):
         if isinstance(got, torch.Tensor) and got.requires_grad:

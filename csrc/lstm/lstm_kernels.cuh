@@ -77,13 +77,18 @@ struct Element<__nv_bfloat16> {
 // fragments starting on rows that are multiples of 16 and staggers banks between rows.
 template <typename T>
 constexpr int kRowPad = sizeof(T) == 4 ? 1 : 8;
+// The A slices' rows: cp.async writes 16 bytes to a 16-byte-aligned shared address, so every row of an A slice
+// starts on one (fp32: 64 + 4 words; a warp's FMA loop reads two A rows at a time, so no bank conflict either).
+template <typename T>
+constexpr int kARowPad = sizeof(T) == 4 ? 4 : 8;
 
 // Shared memory of one CTA: the W region (one staged slice, or all of K resident), then the A
 // slice, then the fp32 C tile (one copy per K split, summed by the epilogue).
 template <typename T, int BM, int BN, int SPLITS>
 struct TileShape {
   static constexpr int kSplits = Element<T>::kTensorCores ? SPLITS : 1;
-  static constexpr int kLdA = kBlockK + kRowPad<T>;
+  static constexpr int kLdA = kBlockK + kARowPad<T>;
+  static_assert(kLdA * sizeof(T) % 16 == 0, "A rows start 16-byte aligned (cp.async destinations)");
   static constexpr int kLdC = BN + 4;
   static constexpr size_t kABytes = align128(size_t(BM) * kLdA * sizeof(T));
   static constexpr int kStages = kPipelineStages<T, BM>;
@@ -180,14 +185,14 @@ __device__ __forceinline__ void copy_async_wait() {
 #endif
 }
 
-// Waits until this thread's groups of a burst up to `group` have landed (kBurstGroups − 1 − group may
-// still be pending): wait_group takes an immediate, so the unrolled burst loop's group picks the case.
-__device__ __forceinline__ void copy_async_wait_burst_group(int group) {
+// Waits until at most `pending` (< kBurstGroups) of this thread's cp.async groups are in flight: wait_group
+// takes an immediate, so the count picks the case (the same in every thread).
+__device__ __forceinline__ void copy_async_wait_pending(int pending) {
   static_assert(kBurstGroups == 4, "one case per burst group");
-  switch (group) {
-    case 0: copy_async_wait<3>(); break;
-    case 1: copy_async_wait<2>(); break;
-    case 2: copy_async_wait<1>(); break;
+  switch (pending) {
+    case 3: copy_async_wait<3>(); break;
+    case 2: copy_async_wait<2>(); break;
+    case 1: copy_async_wait<1>(); break;
     default: copy_async_wait<0>(); break;
   }
 }
@@ -350,13 +355,15 @@ __device__ __forceinline__ float gate_gradients(float dh, float dc, float i, flo
 // before its start). A frozen tile's product would feed no update, so the kernels skip it and run only
 // the epilogue's carry: with rows sorted by length (the packed path, lstm_common.stacked's sorted
 // padding) the frozen rows are the tail tiles, and each step's tensor-core work shrinks with the active
-// batch, as cuDNN's does, a tile at a time. Thread r loads row r's length and one __syncthreads_or votes
-// (one load and one barrier per tile and step, in any row order); every thread of the CTA calls it at the
-// same point, and all get the same answer.
+// batch, as cuDNN's does, a tile at a time. A tile whose first row runs is running (one broadcast load, no
+// barrier: in sorted order every running tile answers here); otherwise, as the rows may come in any order, thread
+// r loads row r's length and one __syncthreads_or votes. Every thread of the CTA calls it at the same point, reads
+// the same first length, and gets the same answer.
 template <int BM>
 __device__ __forceinline__ bool tile_frozen(const int64_t* lengths, int b0, int batch, int time) {
   static_assert(BM <= kThreads, "one row per thread");
   if (!lengths) return false;  // a kernel argument: the same branch in every thread
+  if (time < lengths[b0]) return false;
   const int row = b0 + static_cast<int>(threadIdx.x);
   const bool running = threadIdx.x < BM && row < batch && time < lengths[row];
   return __syncthreads_or(running) == 0;
@@ -510,22 +517,18 @@ __device__ __forceinline__ void accumulate_product(TileAccumulator<T, BM, BN, SP
     const int capacity = ring_slices > Shape::kStages ? ring_slices : Shape::kStages;
     for (int first = 0; first < slices; first += capacity) {
       const int count = slices - first < capacity ? slices - first : capacity;
-      const int per_group = ceil_div(count, kBurstGroups);
-#pragma unroll
-      for (int group = 0; group < kBurstGroups; ++group) {
-        const int end = (group + 1) * per_group < count ? (group + 1) * per_group : count;
-        for (int i = group * per_group; i < end; ++i) {
+      const int groups = count < kBurstGroups ? count : kBurstGroups;  // none empty; group g: [g·count/groups, ..)
+      for (int group = 0; group < groups; ++group) {
+        for (int i = group * count / groups; i < (group + 1) * count / groups; ++i) {
           load_tile_async<T, BM>(a_tile + i * kSliceElements, kLdA, a, k_size, (first + i) * kBlockK, k_size,
                                  a_vectorized, batch_row);
         }
-        copy_async_commit();  // possibly empty: the waits below count kBurstGroups groups
+        copy_async_commit();
       }
-#pragma unroll
-      for (int group = 0; group < kBurstGroups; ++group) {
-        copy_async_wait_burst_group(group);  // this thread's copies of the group have landed
-        __syncthreads();                     // everyone's have
-        const int end = (group + 1) * per_group < count ? (group + 1) * per_group : count;
-        for (int i = group * per_group; i < end; ++i) {
+      for (int group = 0; group < groups; ++group) {
+        copy_async_wait_pending(groups - 1 - group);  // this thread's copies of the group have landed
+        __syncthreads();                              // everyone's have
+        for (int i = group * count / groups; i < (group + 1) * count / groups; ++i) {
           accumulator.accumulate(a_tile + i * kSliceElements, kLdA, w_resident + (first + i) * kBlockK, w_ld);
         }
       }
@@ -1146,13 +1149,16 @@ cudaError_t measure_residency(Kernel kernel, size_t fixed_bytes, size_t slice_by
   if (error == cudaSuccess)
     error = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&grown_per_multiprocessor, kernel, residency.threads,
                                                           grown_bytes);
-  if (error != cudaSuccess) return error;
-  if (grown_per_multiprocessor * residency.multiprocessors >= residency.grid) {
+  if (error == cudaSuccess && grown_per_multiprocessor * residency.multiprocessors >= residency.grid) {
     residency.ring_slices = ring_slices;
     residency.shared_bytes = grown_bytes;
     residency.per_multiprocessor = grown_per_multiprocessor;
+    return cudaSuccess;
   }
-  return cudaSuccess;
+  // The least ring fits: a grown one that does not (or could not be asked about) leaves it as it was, and a
+  // failed call's error is cleared here rather than reported by a later launch's cudaGetLastError.
+  if (error != cudaSuccess) (void)cudaGetLastError();
+  return set_shared_memory(kernel, residency.shared_bytes);
 }
 
 // A persistent kernel's cooperative launch over residency.grid CTAs, after its residency was measured (with

@@ -25,6 +25,17 @@ def _split_gates(pre, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
 
 
 @triton.jit
+def _tile_running(active, HAS_LENGTHS: tl.constexpr):
+    """Whether any row of a batch tile runs at this step. A PackedSequence reaches the grid kernels padded in its
+    sorted order (``stacked(..., sorted_padding=True)``), so the rows that have ended fill the last tiles, whose
+    products the kernels skip: each step's tensor-core work shrinks with the active batch, a tile at a time."""
+    if HAS_LENGTHS:
+        return tl.max(active.to(tl.int32), axis=0) > 0
+    else:
+        return True
+
+
+@triton.jit
 def _grid_barrier(barrier_ptr, target):
     """Wait until ``target`` arrivals have reached the global counter at ``barrier_ptr`` (this program's included).
 
@@ -91,11 +102,15 @@ def lstm_sequence_forward_grid_kernel(
             b_mask = offs_b < B
             mask = b_mask[:, None] & h_mask[None, :]
             _, active, time = row_schedule(step, offs_b, b_mask, lengths_ptr, T, REVERSE, HAS_LENGTHS)
-            # Other SMs wrote most of h_{t-1}: read it from L2 (.cg), never from a stale L1 line.
-            h_prev = tl.load(h_in_ptr + offs_b[None, :, None] * H + k_h, mask=b_mask[None, :, None] & (k_h < H),
-                             other=0.0, cache_modifier=".cg")
-            partial = tl.dot(h_prev, w, input_precision=DOT_PRECISION)  # (K_SPLIT, BLOCK_B, N), fp32
-            pre_i, pre_f, pre_g, pre_o = _split_gates(tl.sum(partial, axis=0), BLOCK_B, BLOCK_H)
+            if _tile_running(active, HAS_LENGTHS):
+                # Other SMs wrote most of h_{t-1}: read it from L2 (.cg), never from a stale L1 line.
+                h_prev = tl.load(h_in_ptr + offs_b[None, :, None] * H + k_h,
+                                 mask=b_mask[None, :, None] & (k_h < H), other=0.0, cache_modifier=".cg")
+                partial = tl.dot(h_prev, w, input_precision=DOT_PRECISION)  # (K_SPLIT, BLOCK_B, N), fp32
+                recurrent = tl.sum(partial, axis=0)
+            else:  # every row of the tile has ended: no product, only the epilogue's carry
+                recurrent = tl.zeros((BLOCK_B, N), dtype=tl.float32)
+            pre_i, pre_f, pre_g, pre_o = _split_gates(recurrent, BLOCK_B, BLOCK_H)
             pre_i, pre_f, pre_g, pre_o = add_input_projection(
                 pre_i, pre_f, pre_g, pre_o, projection_ptr, time, B, H, offs_b, offs_h, mask
             )
@@ -193,16 +208,20 @@ def lstm_sequence_backward_grid_kernel(
             # Other SMs wrote most of dgates_{k+1}: read it from L2 (.cg).
             a_rows = dgates_ptr + (time_next[None, :, None] * B + offs_b[None, :, None]) * (4 * H) + k_a
             a_mask = (b_mask[None, :, None] & (k_a < H)) & (step + 1 < T)
-            partial = tl.dot(tl.load(a_rows, mask=a_mask, other=0.0, cache_modifier=".cg"), w_i,
-                             input_precision=DOT_PRECISION)  # (K_SPLIT, BLOCK_B, BLOCK_H), fp32
-            partial = tl.dot(tl.load(a_rows + H, mask=a_mask, other=0.0, cache_modifier=".cg"), w_f, partial,
-                             input_precision=DOT_PRECISION)
-            partial = tl.dot(tl.load(a_rows + 2 * H, mask=a_mask, other=0.0, cache_modifier=".cg"), w_g, partial,
-                             input_precision=DOT_PRECISION)
-            partial = tl.dot(tl.load(a_rows + 3 * H, mask=a_mask, other=0.0, cache_modifier=".cg"), w_o, partial,
-                             input_precision=DOT_PRECISION)
+            if _tile_running(active, HAS_LENGTHS):
+                partial = tl.dot(tl.load(a_rows, mask=a_mask, other=0.0, cache_modifier=".cg"), w_i,
+                                 input_precision=DOT_PRECISION)  # (K_SPLIT, BLOCK_B, BLOCK_H), fp32
+                partial = tl.dot(tl.load(a_rows + H, mask=a_mask, other=0.0, cache_modifier=".cg"), w_f, partial,
+                                 input_precision=DOT_PRECISION)
+                partial = tl.dot(tl.load(a_rows + 2 * H, mask=a_mask, other=0.0, cache_modifier=".cg"), w_g, partial,
+                                 input_precision=DOT_PRECISION)
+                partial = tl.dot(tl.load(a_rows + 3 * H, mask=a_mask, other=0.0, cache_modifier=".cg"), w_o, partial,
+                                 input_precision=DOT_PRECISION)
+                dh = tl.sum(partial, axis=0)
+            else:  # every row of the tile has ended (frozen: its dh is never used)
+                dh = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
             _grid_backward_epilogue(
-                tl.sum(partial, axis=0), step, length, active, time, offs_b, offs_h, mask, B, H, grad_output_ptr,
+                dh, step, length, active, time, offs_b, offs_h, mask, B, H, grad_output_ptr,
                 grad_h_n_ptr, dc_ptr, gates_ptr, c_state_ptr, dgates_ptr, HAS_LENGTHS, HAS_GRAD_OUTPUT, HAS_GRAD_H_N,
             )
         if step > 0:

@@ -183,18 +183,22 @@ def _lstm_on_sorted_padding(layer: LayerFunction, input: PackedSequence, hx, par
     batch_sizes, sorted_indices, unsorted_indices = input.batch_sizes, input.sorted_indices, input.unsorted_indices
     steps, batch = batch_sizes.numel(), int(batch_sizes[0])
     data = input.data
-    time_index, position, lengths = _packed_layout(PackedSequence(data, batch_sizes), data.device)
-    sequence = data.new_zeros(steps, batch, data.size(-1)).index_put((time_index, position), data)
-    if int(batch_sizes[-1]) == batch:  # equal lengths need no masking
-        lengths = None
+    if int(batch_sizes[-1]) == batch:  # equal lengths: the packed data is (T, B, ·) in sorted order, no mask
+        sequence, lengths, layout = data.reshape(steps, batch, data.size(-1)), None, None
+    else:
+        time_index, position, lengths = _packed_layout(PackedSequence(data, batch_sizes), data.device)
+        sequence, layout = data.new_zeros(steps, batch, data.size(-1)).index_put((time_index, position), data), (
+            time_index, position)
 
     def run_layer(*arguments):
         return layer(*arguments, lengths)
 
-    output, h_n, c_n = _run_layers(run_layer, sequence, *_sorted_order(hx, sorted_indices), params, **options)
+    output, h_n, c_n = _run_layers(run_layer, sequence.contiguous(), *_sorted_order(hx, sorted_indices), params,
+                                   **options)
+    output = output.reshape(steps * batch, output.size(-1)) if layout is None else output[layout]
     if unsorted_indices is not None:
         h_n, c_n = h_n.index_select(1, unsorted_indices), c_n.index_select(1, unsorted_indices)
-    return PackedSequence(output[time_index, position], batch_sizes, sorted_indices, unsorted_indices), (h_n, c_n)
+    return PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices), (h_n, c_n)
 
 
 def padded_packed_layer(layer: LayerFunction) -> LayerFunction:

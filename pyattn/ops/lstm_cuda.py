@@ -380,7 +380,8 @@ def _c_bytes(tensor_cores: bool, bm: int, bn: int, splits: int) -> int:
 
 
 def _a_bytes(element: int, bm: int) -> int:
-    return _align128(bm * (_BLOCK_K + (1 if element == 4 else 8)) * element)
+    """TileShape::kABytes: an A slice, its rows padded to start 16-byte aligned (kARowPad: 4 floats or 8 halves)."""
+    return _align128(bm * (_BLOCK_K + (4 if element == 4 else 8)) * element)
 
 
 def _resident_bytes(element: int, rows: int, k_size: int) -> int:

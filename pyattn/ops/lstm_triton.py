@@ -367,11 +367,13 @@ register("triton", "lstm", _layer_support(_check_persistent), variant="persisten
          summary="one program per batch tile runs every step, W_hh (and W_hr) in registers")(
              stacked(_layer("persistent"), packed_layer("persistent")))
 # The grid kernel has no projection: dispatch refuses proj_size > 0 there ("unsupported features: projection").
+# Packed input is padded in its sorted order, so that the kernels skip the batch tiles whose rows have all ended.
 register("triton", "lstm", _layer_support(_check_grid, projection=False), variant="grid",
          summary="W_hh split over co-resident programs, a grid barrier per step",
          # auto: where the compiled kernel cannot be resident (figures the table did not foresee), stepwise serves
          # the call with a note; forced, that raises.
-         auto_implementation=stacked(_layer("grid", grid_fallback=True)))(stacked(_layer("grid")))
+         auto_implementation=stacked(_layer("grid", grid_fallback=True), sorted_padding=True))(
+             stacked(_layer("grid"), sorted_padding=True))
 register("triton", "lstm", _layer_support(), variant="stepwise",
          summary="one fused launch per step (two with a projection)")(
              stacked(_layer("stepwise"), packed_layer("stepwise")))
