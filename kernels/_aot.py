@@ -58,6 +58,7 @@ class CompileSpec:
     attrs: dict = field(repr=False)  # path -> [["tt.divisibility", 16]] or [], as the JIT computes them
     num_warps: int = 4
     num_stages: int = 3
+    maxnreg: int | None = None  # the PTX register cap (``.maxnreg``) the config sets, if any
     auto_may_pick: bool = True  # whether autotuning/dispatch can choose this config for such a call
     min_capability: int = 80  # skip targets below this (e.g. the Hopper-only TMA path)
     table_entry: tuple | None = None  # (table name, entry key, "aligned"/"unaligned") the config was taken from
@@ -146,15 +147,15 @@ def jit_specialization(kernel, arguments: dict) -> tuple[dict, dict, dict]:
 
 def launch_spec(op: str, kernel_name: str, case: str, variant: str, kernel, arguments: dict, *, config: str,
                 num_warps: int, num_stages: int, auto_may_pick: bool, min_capability: int = 80,
-                table_entry: tuple | None = None) -> CompileSpec:
+                table_entry: tuple | None = None, maxnreg: int | None = None) -> CompileSpec:
     """The spec of ``kernel`` launched with ``arguments`` (see :func:`jit_specialization`)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     signature, constexprs, attrs = jit_specialization(kernel, arguments)
     return CompileSpec(op=op, kernel_name=kernel_name, case=case, variant=variant, config=config, kernel=kernel,
                        signature=signature, constexprs=constexprs, attrs=attrs, num_warps=num_warps,
-                       num_stages=num_stages, auto_may_pick=auto_may_pick, min_capability=min_capability,
-                       table_entry=table_entry)
+                       num_stages=num_stages, maxnreg=maxnreg, auto_may_pick=auto_may_pick,
+                       min_capability=min_capability, table_entry=table_entry)
 
 
 def compile_spec(spec: CompileSpec, capability: int):
@@ -165,8 +166,10 @@ def compile_spec(spec: CompileSpec, capability: int):
 
     source = ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs_for(capability),
                        attrs=spec.attrs)
-    return triton.compile(source, target=GPUTarget("cuda", capability, 32),
-                          options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+    options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+    if spec.maxnreg is not None:
+        options["maxnreg"] = spec.maxnreg
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
 
 
 # ----------------------------------------------------------------------------- figures of a compiled kernel
@@ -274,7 +277,8 @@ def spec_key(spec: CompileSpec, capability: int) -> str:
 
     text = json.dumps([_RESULT_FORMAT, triton.__version__, capability, spec.kernel.cache_key,
                        sorted(spec.signature.items()), repr(sorted(spec.constexprs_for(capability).items())),
-                       repr(sorted(spec.attrs.items())), spec.num_warps, spec.num_stages])
+                       repr(sorted(spec.attrs.items())), spec.num_warps, spec.num_stages]
+                      + ([spec.maxnreg] if spec.maxnreg is not None else []))  # keeps older keys valid
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -388,7 +392,8 @@ def all_jobs(ops=("attention", "lstm"), capabilities=CAPABILITIES) -> list[tuple
 def describe(spec: CompileSpec) -> dict:
     """The spec's identity as plain data (what the report prints beside the figures)."""
     return dict(op=spec.op, kernel=spec.kernel_name, case=spec.case, variant=spec.variant, config=spec.config,
-                num_warps=spec.num_warps, num_stages=spec.num_stages, auto_may_pick=spec.auto_may_pick)
+                num_warps=spec.num_warps, num_stages=spec.num_stages, maxnreg=spec.maxnreg,
+                auto_may_pick=spec.auto_may_pick)
 
 
 def progress_stream():

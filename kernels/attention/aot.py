@@ -136,10 +136,12 @@ def _named(kernel, positional, constexprs, block_m, block_n):
 
 def _spec(kernel_name, kernel, case, variant, arguments, config, *, auto_may_pick=True, min_capability=80,
           table_entry=None):
-    block_m, block_n, num_warps, num_stages = config
-    tiles = f"BM{block_m}" + (f",BN{block_n}" if block_n else "") + f",w{num_warps},s{num_stages}"
+    block_m, block_n, num_warps, num_stages, *register_cap = config
+    maxnreg = register_cap[0] if register_cap else None
+    tiles = (f"BM{block_m}" + (f",BN{block_n}" if block_n else "") + f",w{num_warps},s{num_stages}"
+             + (f",r{maxnreg}" if maxnreg else ""))
     return _aot.launch_spec("attention", kernel_name, case, variant, kernel, arguments, config=tiles,
-                            num_warps=num_warps, num_stages=num_stages, auto_may_pick=auto_may_pick,
+                            num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg, auto_may_pick=auto_may_pick,
                             min_capability=min_capability, table_entry=table_entry)
 
 

@@ -58,8 +58,8 @@ DQ_CONFIGS = {
 # Launches whose inputs are not all 16-byte aligned (a pointer or a row stride off the 16-element grid:
 # ``alignment`` = 1) get no vector loads and no cp.async; the tiles arrive through registers, which the
 # aligned tables' largest configs cannot spare. These entries replace the aligned ones for such launches;
-# the other entries serve both. One dK/dV entry, fp32 d128, has no spill-free config (16 bytes per thread in the
-# fused dQ at sm_90 remain at 16x16 tiles): tests/test_triton_compile.py bounds it, docs/attention.md lists it.
+# the other entries serve both. An optional fifth element is the PTX register cap (``.maxnreg``, Triton's
+# ``maxnreg``): without one, ptxas may aim a 256-thread kernel at two CTAs per SM (128 registers) and spill.
 FORWARD_UNALIGNED_CONFIGS = {
     ("16-bit", 64, "plain"): [(128, 128, 8, 2)],
     ("16-bit", 128, "plain"): [(64, 32, 8, 2)],  # 4 warps: 255 registers, 8 B of spill at sm_80 with Triton 3.6
@@ -81,7 +81,9 @@ DKDV_UNALIGNED_CONFIGS = {
     ("16-bit", 128, "features"): [(16, 16, 8, 2)],
     ("16-bit", 256, "features"): [(16, 16, 8, 1)],
     ("fp32", 64, "any"): [(16, 16, 8, 2)],  # 1 stage: 24 B of spill in the fused dQ at sm_90 since the GQA split
-    ("fp32", 128, "any"): [(16, 16, 8, 1)],
+    # maxnreg 255: ptxas (12.9) otherwise holds the fused dQ at 128 registers (two CTAs per SM) at sm_90 and spills
+    # three loop-invariant words (16 B); with the cap it takes ~204 and spills nothing, one CTA per SM.
+    ("fp32", 128, "any"): [(16, 16, 8, 1, 255)],
     ("fp32", 256, "any"): [(16, 16, 8, 1)],
 }
 DQ_UNALIGNED_CONFIGS = {
@@ -185,13 +187,16 @@ def table_configs(table_name: str, dtype: torch.dtype, head_dim_padded: int, hea
     return list(aligned_table[key])
 
 
-def _config(block_m: int, block_n: int, num_warps: int, num_stages: int, pre_hook=None) -> triton.Config:
+def _config(block_m: int, block_n: int, num_warps: int, num_stages: int, maxnreg: int | None = None,
+            pre_hook=None) -> triton.Config:
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages,
-                         pre_hook=pre_hook)
+                         maxnreg=maxnreg, pre_hook=pre_hook)
 
 
-def _entry(config: triton.Config) -> tuple[int, int, int, int]:
-    return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
+def config_entry(config: triton.Config) -> tuple[int, ...]:
+    """The table entry of ``config``: (BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg])."""
+    tiles = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
+    return tiles if config.maxnreg is None else tiles + (config.maxnreg,)
 
 
 def _argument_dtype(arg) -> torch.dtype:
@@ -209,7 +214,7 @@ def config_pruner(table_name: str):
                                    mask_kind=arguments["MASK_KIND"], has_softcap=arguments["HAS_SOFTCAP"],
                                    has_alibi=arguments["HAS_ALIBI"], has_dropout=arguments["HAS_DROPOUT"],
                                    has_window=arguments["HAS_WINDOW_LEFT"] or arguments["HAS_WINDOW_RIGHT"]))
-        chosen = [c for c in configs if _entry(c) in wanted]
+        chosen = [c for c in configs if config_entry(c) in wanted]
         longest_q, longest_k = arguments["seqlen_q_bucket"], arguments["seqlen_k_bucket"]
         fitting = [c for c in chosen if c.kwargs["BLOCK_M"] <= longest_q and c.kwargs["BLOCK_N"] <= longest_k]
         # A short sequence may fit no config: then the smallest tiles of the entry still run correctly.
