@@ -392,6 +392,46 @@ class TestInterpreter:
         for name, grad in zip(("input", "h0", "c0", "weight_ih", "weight_hh", "bias_ih"), grads):
             assert_close(grad, reference_leaves[name].grad, RTOL[torch.float32], f"grad of {name}")
 
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+    def test_step_backward_launches_carry_the_register_cap_of_their_specs(self, kernels, launch, monkeypatch, dtype):
+        """Every launch of the step backward (layer, packed layer, cell) passes the element kind's register cap
+        (``maxnreg``, a compile option the interpreter ignores); tests/test_triton_compile.py checks that the AOT
+        specs carry the same cap, so the spill-free kernel the report shows is the one that runs."""
+        from pyattn.kernels.lstm import configs, packed
+
+        caps = []
+
+        class RecordingKernel:
+            def __init__(self, original):
+                self.original = original
+
+            def __getitem__(self, grid):
+                def run(*args, **kwargs):
+                    caps.append(kwargs.get("maxnreg"))
+                    return self.original[grid](*args, **kwargs)
+
+                return run
+
+        for module in (launch, packed):
+            monkeypatch.setattr(module, "lstm_step_backward_kernel",
+                                RecordingKernel(module.lstm_step_backward_kernel))
+        expected = configs.STEP_BACKWARD_MAXNREG.get(configs.element_kind(dtype))
+        steps, batch, input_size, hidden_size = 3, 4, 6, 16
+        lstm = pyattn.nn.LSTM(input_size, hidden_size, dtype=dtype)
+        inputs = random_tensor(steps, batch, input_size, dtype=dtype, requires_grad=True)
+        sequences = torch.nn.utils.rnn.pack_padded_sequence(inputs, torch.tensor([3, 3, 2, 1]))
+        cell = pyattn.nn.LSTMCell(input_size, hidden_size, dtype=dtype)
+        with pyattn.use_backend("triton/stepwise"):
+            lstm(inputs)[0].sum().backward()
+            launched_dense = len(caps)
+            lstm(sequences)[0].data.sum().backward()
+            launched_packed = len(caps) - launched_dense
+        with pyattn.use_backend("triton"):
+            launched_before_cell = len(caps)
+            sum(cell(inputs[0])).sum().backward()
+        assert launched_dense == steps and launched_packed == steps and len(caps) == launched_before_cell + 1, caps
+        assert caps == [expected] * len(caps)
+
     def test_layer_grid_rejects_what_it_cannot_run(self, kernels, grid_recurrence):
         # The launcher's own safety check, called directly with recurrence="grid" ...
         for (batch, hidden_size), message in (((49, 8), "batch 49"), ((1, 520), "weight_hh: hidden size 520")):

@@ -174,6 +174,26 @@ def test_lstm_grid_kernel_computes_each_product_once(compiled_results):
                 f"{spec.name} on sm_{capability}: {result.get('mma_instructions')} mma per warp, expected {expected}")
 
 
+def test_register_caps_reach_the_specs():
+    """A register cap in a table (attention: an entry's fifth element; LSTM: the step backward's per element kind)
+    is compiled into every spec of that config, and only there: the report's figures are the capped kernel's."""
+    from pyattn.kernels.lstm import configs as lstm_configs
+
+    attention = [spec for spec in SPECS if spec.op == "attention" and spec.table_entry is not None]
+    for spec in attention:
+        entry = spec.table_entry[-1]
+        expected = entry[4] if len(entry) > 4 else None
+        assert spec.maxnreg == expected and (f",r{expected}" in spec.config) == bool(expected), spec.name
+    assert any(spec.maxnreg for spec in attention)
+    step_backward = [spec for spec in SPECS if spec.kernel_name == "lstm_step_backward"]
+    for spec in step_backward:
+        kind = "fp32" if spec.case.startswith("fp32,") else "16-bit"
+        expected = lstm_configs.STEP_BACKWARD_MAXNREG.get(kind)
+        assert spec.maxnreg == expected and (f",r{expected}" in spec.config) == bool(expected), spec.name
+    assert any(spec.maxnreg for spec in step_backward)
+    assert all(spec.maxnreg is None for spec in SPECS if spec.op == "lstm" and spec.kernel_name != "lstm_step_backward")
+
+
 def test_specs_carry_the_jit_specialisation():
     """The aligned forward's pointers and strides carry tt.divisibility=16 and its unit strides are constants, as
     a launch with contiguous tensors compiles them; the unaligned one carries no divisibility hint."""

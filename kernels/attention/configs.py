@@ -70,7 +70,8 @@ FORWARD_UNALIGNED_CONFIGS = {
     ("16-bit", 256, "features"): [(32, 32, 4, 2)],
     ("fp32", 64, "any"): [(16, 16, 4, 2)],
     ("fp32", 128, "any"): [(16, 16, 4, 2)],
-    ("fp32", 256, "any"): [(16, 16, 4, 2)],
+    # 4 warps spill 8 B at sm_90 under Triton 3.6 (168 registers; with maxnreg 255: 255 registers and 8 B).
+    ("fp32", 256, "any"): [(16, 16, 8, 2)],
 }
 DKDV_UNALIGNED_CONFIGS = {
     ("16-bit", 64, "plain"): [(16, 16, 4, 2)],
@@ -80,11 +81,12 @@ DKDV_UNALIGNED_CONFIGS = {
     ("16-bit", 64, "features"): [(32, 32, 8, 2)],
     ("16-bit", 128, "features"): [(16, 16, 8, 2)],
     ("16-bit", 256, "features"): [(16, 16, 8, 1)],
-    ("fp32", 64, "any"): [(16, 16, 8, 2)],  # 1 stage: 24 B of spill in the fused dQ at sm_90 since the GQA split
-    # maxnreg 255: ptxas (12.9) otherwise holds the fused dQ at 128 registers (two CTAs per SM) at sm_90 and spills
-    # three loop-invariant words (16 B); with the cap it takes ~204 and spills nothing, one CTA per SM.
+    # maxnreg 255: ptxas otherwise holds these 8-warp kernels at 128 registers (two CTAs per SM) at sm_90 and spills a
+    # few loop-invariant words: d128's fused dQ 16 B (Triton 3.8 and 3.6), d64's 8 B and d256's dK/dV 8 B (3.6);
+    # with the cap they take what they need (d128 fused: 204) and spill nothing, one CTA per SM.
+    ("fp32", 64, "any"): [(16, 16, 8, 2, 255)],  # 1 stage: 24 B of spill in the fused dQ at sm_90 since the GQA split
     ("fp32", 128, "any"): [(16, 16, 8, 1, 255)],
-    ("fp32", 256, "any"): [(16, 16, 8, 1)],
+    ("fp32", 256, "any"): [(16, 16, 8, 1, 255)],
 }
 DQ_UNALIGNED_CONFIGS = {
     ("16-bit", 64, "plain"): [(64, 32, 8, 2)],  # 4 warps: 8 B of spill at sm_80

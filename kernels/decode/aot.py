@@ -68,7 +68,8 @@ def _attention_spec(dtype, head_dim, block_m, *, paged, split, features=False, b
         k = _tensor((_BATCH, seqlen_q, _HEADS_K, head_dim), dtype, aligned=aligned)
         v = _tensor((_BATCH, seqlen_q, _HEADS_K, head_dim), dtype, aligned=aligned)
     k_cache, v_cache, block_table = _cache(dtype, head_dim, paged=paged)
-    block_n, num_warps, num_stages = configs.decode_config(dtype, head_dim, head_dim, block_m, interpreter=False)
+    block_n, num_warps, num_stages, maxnreg = configs.decode_config(dtype, head_dim, head_dim, block_m,
+                                                                    interpreter=False)
     splits = 4 if split else 1
     heads_q = q.shape[2]
     if split:
@@ -92,8 +93,10 @@ def _attention_spec(dtype, head_dim, block_m, *, paged, split, features=False, b
     case = (f"{dtype_name},d{head_dim},{layout},{'split' if split else 'direct'}" + (",all" if features else "")
             + ("" if append else ",no-append"))
     return launch_spec("decode", "decode_attention", case, "aligned" if aligned else "unaligned",
-                       decode_attention_kernel, arguments, config=f"BM{block_m},BN{block_n},BNEW{configs.APPEND_BLOCK_N},w{num_warps},s{num_stages}",
-                       num_warps=num_warps, num_stages=num_stages, auto_may_pick=True)
+                       decode_attention_kernel, arguments,
+                       config=(f"BM{block_m},BN{block_n},BNEW{configs.APPEND_BLOCK_N},w{num_warps},s{num_stages}"
+                               + (f",r{maxnreg}" if maxnreg else "")),
+                       num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg, auto_may_pick=True)
 
 
 def _combine_spec(dtype, head_dim, splits) -> CompileSpec:

@@ -13,7 +13,8 @@ import math
 import torch
 import triton
 
-# (BLOCK_N, num_warps, num_stages) per (tile-width class, BLOCK_M). The class is the larger padded head dim of K
+# (BLOCK_N, num_warps, num_stages[, maxnreg]) per (tile-width class, BLOCK_M); maxnreg is the PTX register cap
+# (.maxnreg), for configs where ptxas would otherwise pick a low register count of its own and spill. The class is the larger padded head dim of K
 # and V in 16-bit units (fp32 counts double). Each stage buffers a K and a V tile: 64 × 128 × 2 B × 2 = 32 KB at
 # d128 in 16 bits. 64-row tiles take 8 warps and wide classes shorter key tiles, so that no spec spills
 # registers on sm_90 or sm_80 (d256 with 16-row tiles: 32 keys spilled 8 bytes on sm_80 once the offsets
@@ -22,7 +23,9 @@ DECODE_CONFIGS = {
     (64, 16): (64, 4, 3),
     (64, 64): (64, 8, 3),
     (128, 16): (64, 4, 3),
-    (128, 64): (64, 8, 3),  # Triton 3.6: 8 B of spill at sm_80 (paged, every option); 32 keys: 16 B with 3.8
+    # 64 keys: 8 B of spill at sm_80 under Triton 3.6 (255 registers, paged split, every option); 32 keys without a
+    # cap: 16 B at sm_80 under 3.8 (ptxas held the paged direct launch at 128 registers); 32 keys capped: none.
+    (128, 64): (32, 8, 3, 255),
     (256, 16): (16, 4, 3),
     (256, 64): (32, 8, 2),
 }
@@ -59,14 +62,13 @@ def tile_width_class(dtype: torch.dtype, head_dim: int, head_dim_v: int) -> int:
 
 
 def decode_config(dtype: torch.dtype, head_dim: int, head_dim_v: int, block_m: int, *,
-                  interpreter: bool) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages) of a call whose tiles have ``block_m`` rows."""
+                  interpreter: bool) -> tuple[int, int, int, int | None]:
+    """(BLOCK_N, num_warps, num_stages, maxnreg or None) of a call whose tiles have ``block_m`` rows."""
     if interpreter:
-        return INTERPRETER_BLOCK_N, 1, 1
+        return INTERPRETER_BLOCK_N, 1, 1, None
     width = tile_width_class(dtype, head_dim, head_dim_v)
-    if dtype == torch.float32:
-        return FP32_CONFIGS[width]
-    return DECODE_CONFIGS[(width, block_m)]
+    config = FP32_CONFIGS[width] if dtype == torch.float32 else DECODE_CONFIGS[(width, block_m)]
+    return (*config, None) if len(config) == 3 else config
 
 
 def block_m_choices(dtype: torch.dtype) -> tuple[int, ...]:

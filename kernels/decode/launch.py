@@ -69,8 +69,8 @@ def plan(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_ta
     interpreter = q.device.type == "cpu"
     rows_per_head = seqlen_q * (heads_q // heads_k)
     block_m = configs.block_m_for(rows_per_head, q.dtype)
-    block_n, num_warps, num_stages = configs.decode_config(q.dtype, head_dim, v_cache.shape[-1], block_m,
-                                                           interpreter=interpreter)
+    block_n, num_warps, num_stages, maxnreg = configs.decode_config(q.dtype, head_dim, v_cache.shape[-1], block_m,
+                                                                    interpreter=interpreter)
     row_tiles = max(1, triton.cdiv(rows_per_head, block_m))
     capacity = cache_capacity(k_cache, block_table)
     key_tiles = max(1, triton.cdiv(capacity, block_n))
@@ -81,7 +81,7 @@ def plan(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_ta
     splits = max(1, min(splits, key_tiles, MAX_SPLITS))
     block_new = configs.INTERPRETER_APPEND_BLOCK_N if interpreter else configs.APPEND_BLOCK_N
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_NEW=block_new, num_warps=num_warps, num_stages=num_stages,
-                row_tiles=row_tiles, num_splits=splits)
+                maxnreg=maxnreg, row_tiles=row_tiles, num_splits=splits)
 
 
 def attention_arguments(q, k_cache, v_cache, k, v, out, lse, *, cache_seqlens, block_table, cache_batch_idx,
@@ -187,7 +187,7 @@ def attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens
         cache_batch_idx=cache_batch_idx, alibi_slopes=alibi_slopes, scale=scale, window_left=window_left,
         window_right=window_right, softcap=softcap, launch=launch)
     decode_attention_kernel[(launch["row_tiles"] * heads_k, splits, batch)](
-        **arguments, num_warps=launch["num_warps"], num_stages=launch["num_stages"])
+        **arguments, num_warps=launch["num_warps"], num_stages=launch["num_stages"], maxnreg=launch["maxnreg"])
     if splits > 1:
         num_warps, num_stages = _merge_launch(q.device)
         combine_splits_kernel[(seqlen_q * heads_q, batch)](

@@ -60,8 +60,18 @@ def _layer_buffers(dtype, steps, batch, hidden_size, proj_size=0):
 
 
 def _spec(kernel_name, kernel, case, variant, arguments, num_warps, num_stages, config):
+    # A register cap travels in the arguments as the launcher passes it (step_backward_meta): a launch option.
+    arguments = dict(arguments)
+    maxnreg = arguments.pop("maxnreg", None)
+    config = config + (f",r{maxnreg}" if maxnreg else "")
     return _aot.launch_spec("lstm", kernel_name, case, variant, kernel, arguments, config=config,
-                            num_warps=num_warps, num_stages=num_stages, auto_may_pick=True)
+                            num_warps=num_warps, num_stages=num_stages, auto_may_pick=True, maxnreg=maxnreg)
+
+
+def _kernel_meta(meta: dict) -> dict:
+    """A launcher's meta less its warps and stages, which the spec takes apart (a register cap stays: _spec
+    takes it out)."""
+    return {key: value for key, value in meta.items() if key not in ("num_warps", "num_stages")}
 
 
 def _packed_spec(kernel_name, kernel, case, variant, arguments, num_warps, num_stages, config, **packed_arguments):
@@ -97,6 +107,7 @@ def _step_specs(dtype, bucket, variant) -> list[_aot.CompileSpec]:
         layer_config = configs.step_config(bucket, dtype, projection=proj_size > 0)
         layer_meta = configs.step_meta(layer_config)
         layer_warps, layer_stages = layer_meta.pop("num_warps"), layer_meta.pop("num_stages")
+        backward_meta = _kernel_meta(configs.step_backward_meta(layer_config, dtype))
         layer_tiles = "BB{},BH{},BK{},w{},s{}".format(*layer_config)
         layer_case = case + (f",P{proj_size}" if proj_size else "")
         b = _layer_buffers(dtype, STEPS, batch, hidden_size, proj_size)
@@ -151,7 +162,7 @@ def _step_specs(dtype, bucket, variant) -> list[_aot.CompileSpec]:
                                   gates_ptr=b["gates"][step], c_prev_ptr=b["c_state"][step], lengths_ptr=b["lengths"],
                                   step=step, B=batch, H=hidden_size, P=state_size, T=STEPS, HAS_NEXT=has_next,
                                   HAS_GRAD_OUTPUT=not proj_size, HAS_GRAD_H_N=not proj_size, HAS_LENGTHS=True,
-                                  REVERSE=True, PROJECTION=proj_size > 0, **layer_meta)
+                                  REVERSE=True, PROJECTION=proj_size > 0, **backward_meta)
             specs.append(_spec("lstm_step_backward", lstm_step_backward_kernel, suffix, variant, layer_backward,
                                layer_warps, layer_stages, layer_tiles))
             specs.append(_packed_spec("lstm_step_backward", lstm_step_backward_kernel, suffix, variant, layer_backward,
@@ -163,7 +174,8 @@ def _step_specs(dtype, bucket, variant) -> list[_aot.CompileSpec]:
                          w_hr_ptr=w_hh, grad_output_ptr=dc, grad_h_n_ptr=state, dc_ptr=dc,
                          gates_ptr=_empty(batch, 4 * hidden_size, dtype=dtype), c_prev_ptr=state, lengths_ptr=dc,
                          step=0, B=batch, H=hidden_size, P=hidden_size, T=1, HAS_NEXT=False, HAS_GRAD_OUTPUT=False,
-                         HAS_GRAD_H_N=True, HAS_LENGTHS=False, REVERSE=False, PROJECTION=False, **meta)
+                         HAS_GRAD_H_N=True, HAS_LENGTHS=False, REVERSE=False, PROJECTION=False,
+                         **_kernel_meta(configs.step_backward_meta(config, dtype)))
     specs.append(_spec("lstm_step_backward", lstm_step_backward_kernel, f"{case},cell", variant, cell_backward,
                        num_warps, num_stages, tiles))
     return specs

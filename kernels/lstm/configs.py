@@ -24,6 +24,11 @@ STEP_CONFIGS = {
     ("fp32", 64): (32, 16, 32, 4, 2),
 }
 BATCH_BUCKETS = (16, 32, 64)
+# The step backward's register cap (PTX .maxnreg, Triton's ``maxnreg``) per element kind. Without one, ptxas 12.8
+# (Triton 3.6's) caps some 16-bit configs at a register count of its own choosing and spills a word or two (8 B at
+# 56 registers on sm_80: B 16, packed, with a projection; 8 B at 96 on sm_90: B 32, odd H); capped at 255 it takes
+# 68 and 118 registers and spills nothing (docs/lstm.md, "Triton 3.6").
+STEP_BACKWARD_MAXNREG = {"16-bit": 255}
 # A projected LSTM's step kernels (proj_size > 0) where the bucket's tiles spill: fp32 at 32 × 16 × 32 spills
 # 8 bytes on sm_80 in the gate launch (K = P); 16-deep K slices do not (80 registers).
 STEP_CONFIGS_PROJECTION = {
@@ -180,6 +185,12 @@ def step_meta(config: tuple[int, int, int, int, int]) -> dict:
     block_b, block_h, block_k, num_warps, num_stages = config
     return dict(BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k, DOT_PRECISION=DOT_PRECISION,
                 num_warps=num_warps, num_stages=num_stages)
+
+
+def step_backward_meta(config: tuple[int, int, int, int, int], dtype: torch.dtype) -> dict:
+    """step_meta for lstm_step_backward_kernel: the tiles and the element kind's register cap, if any."""
+    cap = STEP_BACKWARD_MAXNREG.get(element_kind(dtype))
+    return step_meta(config) | ({"maxnreg": cap} if cap else {})
 
 
 def persistent_meta(hidden_size: int, dtype: torch.dtype, proj_size: int = 0, packed: bool = False) -> dict:

@@ -20,7 +20,7 @@ from .configs import (BACKWARD_RECURRENCES, FORWARD_RECURRENCES, GRID_BACKWARD_C
                       GRID_BLOCK_H, GRID_COMPILED, GRID_MAX_BATCH, GRID_MAX_HIDDEN_UNALIGNED, PERSISTENT_BLOCK_B,
                       PERSISTENT_MAX_HIDDEN, element_kind, grid_backward_meta, grid_max_hidden, grid_meta, hidden_pad,
                       persistent_max_hidden, persistent_meta, persistent_weight_budget, persistent_weight_elements,
-                      step_config, step_meta)
+                      step_backward_meta, step_config, step_meta)
 from .grid import lstm_sequence_backward_grid_kernel, lstm_sequence_forward_grid_kernel
 from .sequence import (lstm_sequence_backward_persistent_kernel, lstm_sequence_forward_persistent_kernel,
                        lstm_sequence_step_forward_kernel, lstm_sequence_step_projection_kernel)
@@ -283,7 +283,7 @@ def lstm_cell_backward(grad_hy, grad_cy, input, hx, cx, weight_ih, weight_hh, ga
         cx.contiguous(), dc,
         0, batch, hidden_size, hidden_size, 1,
         HAS_NEXT=False, HAS_GRAD_OUTPUT=False, HAS_GRAD_H_N=grad_hy is not None, HAS_LENGTHS=False, REVERSE=False,
-        PROJECTION=False, **step_meta(config),
+        PROJECTION=False, **step_backward_meta(config, input.dtype),
     )
     grad_bias = dgates.sum(0, dtype=torch.float32).to(input.dtype)
     return (
@@ -485,7 +485,7 @@ def lstm_sequence_backward(
                 dgates, dr[step] if proj_size else dr_arg, weight_hh, weight_hr_arg, grad_output_arg, grad_h_n_arg, dc,
                 gates[step], cell_states[step], lengths_arg,
                 step, batch, hidden_size, state_size, steps,
-                PROJECTION=proj_size > 0, **step_flags, **step_meta(config),
+                PROJECTION=proj_size > 0, **step_flags, **step_backward_meta(config, dtype),
             )
     # Every weight gradient is one GEMM over all steps of the stacked gate gradients.
     flat_dgates = dgates.view(steps * batch, 4 * hidden_size)

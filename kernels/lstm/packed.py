@@ -24,7 +24,7 @@ import triton
 
 from .._launch import on_input_device
 from .cell import lstm_step_backward_kernel, lstm_step_projection_backward_kernel
-from .configs import PERSISTENT_BLOCK_B, persistent_meta, step_config, step_meta
+from .configs import PERSISTENT_BLOCK_B, persistent_meta, step_backward_meta, step_config, step_meta
 from .launch import _check_recurrence, _step_grid, persistent_unsupported_reason
 from .sequence import (lstm_sequence_backward_persistent_kernel, lstm_sequence_forward_persistent_kernel,
                        lstm_sequence_step_forward_kernel, lstm_sequence_step_projection_kernel)
@@ -194,7 +194,7 @@ def lstm_packed_sequence_backward(
                 dgates, dr_arg, weight_hh, weight_hr_arg, grad_output_arg, grad_h_n_arg, dc,
                 gates, cell_states, lengths,
                 step, active, hidden_size, state_size, steps,
-                PROJECTION=proj_size > 0, **step_flags, **step_meta(config), **packed,
+                PROJECTION=proj_size > 0, **step_flags, **step_backward_meta(config, dtype), **packed,
             )
     # Every weight gradient is one GEMM over the sum(lengths) packed rows.
     grad_input = torch.matmul(dgates, weight_ih)
