@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 import triton
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg: the PTX register cap]) per (element kind, head-dim class, option class) — see
-# ``table_key``. Found by compiling candidates, largest first, for sm_90 and sm_80 with the specialisation
+# (BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg: the PTX register cap]) per (element kind, head-dim
+# class, option class) — see ``table_key``. Found by compiling candidates, largest first, for sm_90 and sm_80 with the specialisation
 # real launches get (every case of the entry: plain and causal, or every per-score option at once) and
 # keeping the first that neither spill registers nor overflow the shared memory of H100 (227 KB) or A100
 # (163 KB); ``python -m pyattn.kernels.report`` shows each config's figures, docs/attention.md the log. 16-bit: BLOCK_M 128 with 8 warps gives each of two warpgroups wgmma's 64 rows; "features" calls
