@@ -148,10 +148,12 @@ def jit_specialization(kernel, arguments: dict) -> tuple[dict, dict, dict]:
 def launch_spec(op: str, kernel_name: str, case: str, variant: str, kernel, arguments: dict, *, config: str,
                 num_warps: int, num_stages: int, auto_may_pick: bool, min_capability: int = 80,
                 table_entry: tuple | None = None, maxnreg: int | None = None) -> CompileSpec:
-    """The spec of ``kernel`` launched with ``arguments`` (see :func:`jit_specialization`)."""
+    """The spec of ``kernel`` launched with ``arguments`` (see :func:`jit_specialization`); a register cap
+    (``maxnreg``) is a launch option and shows in the config's name as ``,r<cap>``."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     signature, constexprs, attrs = jit_specialization(kernel, arguments)
+    config = config + (f",r{maxnreg}" if maxnreg is not None else "")
     return CompileSpec(op=op, kernel_name=kernel_name, case=case, variant=variant, config=config, kernel=kernel,
                        signature=signature, constexprs=constexprs, attrs=attrs, num_warps=num_warps,
                        num_stages=num_stages, maxnreg=maxnreg, auto_may_pick=auto_may_pick,

@@ -1139,7 +1139,6 @@ def test_persistent_or_stepwise_decides_at_launch_and_matches_reference(hidden, 
     args = _layer_args(3, 2, 16, hidden, torch.float16, "cuda")
     assert (lstm_cuda.persistent_launch_refusal(args[0], args[2], None) is None) == fits
     inputs = [t.detach().requires_grad_() if t is not None and t.is_floating_point() else t for t in args]
-    upstream = None
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
         output, h_n, c_n = lstm_cuda.lstm_layer(*inputs, recurrence="persistent_or_stepwise")
         upstream = [random_tensor(*t.shape, dtype=t.dtype, device=t.device) for t in (output, h_n, c_n)]

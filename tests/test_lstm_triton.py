@@ -57,25 +57,31 @@ def recurrence(request):
         yield request.param
 
 
+class _RecordingKernel:
+    """Wraps a JIT kernel: ``record(grid, launch keyword arguments)`` at every launch, then launches it."""
+
+    def __init__(self, original, record):
+        self.original, self.record = original, record
+
+    def warmup(self, *args, **kwargs):  # the grid launcher's occupancy check compiles first (GPU only)
+        return self.original.warmup(*args, **kwargs)
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.record(grid, kwargs)
+            return self.original[grid](*args, **kwargs)
+
+        return launch
+
+
 def _record_grid_launches(monkeypatch, launch) -> list:
     """(direction, launch grid) of every grid-barrier kernel launch from now on, direction "forward" or "backward"
     (so a test sees that it ran)."""
     launched = []
-
-    class RecordingKernel:
-        def __init__(self, direction, original):
-            self.direction, self.original = direction, original
-
-        def warmup(self, *args, **kwargs):  # the launcher's occupancy check compiles first (GPU only)
-            return self.original.warmup(*args, **kwargs)
-
-        def __getitem__(self, grid):
-            launched.append((self.direction, grid))
-            return self.original[grid]
-
     for direction in ("forward", "backward"):
         name = f"lstm_sequence_{direction}_grid_kernel"
-        monkeypatch.setattr(launch, name, RecordingKernel(direction, getattr(launch, name)))
+        monkeypatch.setattr(launch, name, _RecordingKernel(
+            getattr(launch, name), lambda grid, _, direction=direction: launched.append((direction, grid))))
     return launched
 
 
@@ -400,21 +406,9 @@ class TestInterpreter:
         from pyattn.kernels.lstm import configs, packed
 
         caps = []
-
-        class RecordingKernel:
-            def __init__(self, original):
-                self.original = original
-
-            def __getitem__(self, grid):
-                def run(*args, **kwargs):
-                    caps.append(kwargs.get("maxnreg"))
-                    return self.original[grid](*args, **kwargs)
-
-                return run
-
         for module in (launch, packed):
-            monkeypatch.setattr(module, "lstm_step_backward_kernel",
-                                RecordingKernel(module.lstm_step_backward_kernel))
+            monkeypatch.setattr(module, "lstm_step_backward_kernel", _RecordingKernel(
+                module.lstm_step_backward_kernel, lambda grid, kwargs: caps.append(kwargs.get("maxnreg"))))
         expected = configs.STEP_BACKWARD_MAXNREG.get(configs.element_kind(dtype))
         steps, batch, input_size, hidden_size = 3, 4, 6, 16
         lstm = pyattn.nn.LSTM(input_size, hidden_size, dtype=dtype)

@@ -138,8 +138,7 @@ def _spec(kernel_name, kernel, case, variant, arguments, config, *, auto_may_pic
           table_entry=None):
     block_m, block_n, num_warps, num_stages, *register_cap = config
     maxnreg = register_cap[0] if register_cap else None
-    tiles = (f"BM{block_m}" + (f",BN{block_n}" if block_n else "") + f",w{num_warps},s{num_stages}"
-             + (f",r{maxnreg}" if maxnreg else ""))
+    tiles = f"BM{block_m}" + (f",BN{block_n}" if block_n else "") + f",w{num_warps},s{num_stages}"
     return _aot.launch_spec("attention", kernel_name, case, variant, kernel, arguments, config=tiles,
                             num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg, auto_may_pick=auto_may_pick,
                             min_capability=min_capability, table_entry=table_entry)

@@ -94,8 +94,7 @@ def _attention_spec(dtype, head_dim, block_m, *, paged, split, features=False, b
             + ("" if append else ",no-append"))
     return launch_spec("decode", "decode_attention", case, "aligned" if aligned else "unaligned",
                        decode_attention_kernel, arguments,
-                       config=(f"BM{block_m},BN{block_n},BNEW{configs.APPEND_BLOCK_N},w{num_warps},s{num_stages}"
-                               + (f",r{maxnreg}" if maxnreg else "")),
+                       config=f"BM{block_m},BN{block_n},BNEW{configs.APPEND_BLOCK_N},w{num_warps},s{num_stages}",
                        num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg, auto_may_pick=True)
 
 

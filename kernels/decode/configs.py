@@ -14,8 +14,8 @@ import torch
 import triton
 
 # (BLOCK_N, num_warps, num_stages[, maxnreg]) per (tile-width class, BLOCK_M); maxnreg is the PTX register cap
-# (.maxnreg), for configs where ptxas would otherwise pick a low register count of its own and spill. The class is the larger padded head dim of K
-# and V in 16-bit units (fp32 counts double). Each stage buffers a K and a V tile: 64 × 128 × 2 B × 2 = 32 KB at
+# (.maxnreg), for configs where ptxas would otherwise pick a low register count of its own and spill. The class
+# is the larger padded head dim of K and V in 16-bit units (fp32 counts double). Each stage buffers a K and a V tile: 64 × 128 × 2 B × 2 = 32 KB at
 # d128 in 16 bits. 64-row tiles take 8 warps and wide classes shorter key tiles, so that no spec spills
 # registers on sm_90 or sm_80 (d256 with 16-row tiles: 32 keys spilled 8 bytes on sm_80 once the offsets
 # became int64, and 8 warps spilled 8-24; 16 keys with 4 warps do not).

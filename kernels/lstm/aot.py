@@ -63,7 +63,6 @@ def _spec(kernel_name, kernel, case, variant, arguments, num_warps, num_stages, 
     # A register cap travels in the arguments as the launcher passes it (step_backward_meta): a launch option.
     arguments = dict(arguments)
     maxnreg = arguments.pop("maxnreg", None)
-    config = config + (f",r{maxnreg}" if maxnreg else "")
     return _aot.launch_spec("lstm", kernel_name, case, variant, kernel, arguments, config=config,
                             num_warps=num_warps, num_stages=num_stages, auto_may_pick=True, maxnreg=maxnreg)
 

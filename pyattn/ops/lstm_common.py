@@ -184,11 +184,12 @@ def _lstm_on_sorted_padding(layer: LayerFunction, input: PackedSequence, hx, par
     steps, batch = batch_sizes.numel(), int(batch_sizes[0])
     data = input.data
     if int(batch_sizes[-1]) == batch:  # equal lengths: the packed data is (T, B, ·) in sorted order, no mask
-        sequence, lengths, layout = data.reshape(steps, batch, data.size(-1)), None, None
+        layout, lengths = None, None
+        sequence = data.reshape(steps, batch, data.size(-1))
     else:
         time_index, position, lengths = _packed_layout(PackedSequence(data, batch_sizes), data.device)
-        sequence, layout = data.new_zeros(steps, batch, data.size(-1)).index_put((time_index, position), data), (
-            time_index, position)
+        layout = (time_index, position)
+        sequence = data.new_zeros(steps, batch, data.size(-1)).index_put(layout, data)
 
     def run_layer(*arguments):
         return layer(*arguments, lengths)

@@ -3,7 +3,8 @@
 A PackedSequence of unequal lengths runs in its own layout (``lstm_common.stacked``'s ``packed_layer``): the
 input is the packed data (N, I), N = sum(lengths), batch_sizes the PackedSequence's (CPU int64), h0/c0 and
 h_n/c_n in its sorted order, and every step computes only its batch_sizes[t] active rows (docs/lstm.md,
-"PackedSequence"). Served by ``triton/persistent`` and ``triton/stepwise``; ``triton/grid`` takes it padded in its sorted order.
+"PackedSequence"). Served by ``triton/persistent`` and ``triton/stepwise``; ``triton/grid`` takes it padded, in
+its sorted order.
 """
 
 from __future__ import annotations
