@@ -106,6 +106,62 @@ def test_matches_reference(shape, dtype):
     check_against_reference(q, k, v, scale=shape[5] ** -0.5)
 
 
+# Head dims the forward covers with two column blocks (``launch.head_blocks``): q/k and v split apart or together,
+# tails padded (40 -> 32 + 16, 48 -> 32 + 16) and exact (96 -> 64 + 32, 192 -> 128 + 64, 160 -> 128 + 32).
+SPLIT_SHAPES = [
+    (1, 2, 1, 33, 47, 40, 40),
+    (1, 2, 2, 17, 40, 96, 48),
+    (1, 1, 1, 20, 33, 48, 64),
+    (1, 1, 1, 20, 33, 64, 96),
+    (1, 1, 1, 17, 20, 192, 160),
+]
+SPLIT_OPTIONS = {
+    "plain": dict(scale=0.3),
+    "causal-bottom-right": dict(scale=0.3, window_right=0, diagonal_offset=13),
+    "softcap-alibi-window": dict(scale=0.3, softcap=2.0, alibi_slopes=torch.tensor([0.25, 0.125]), window_left=8,
+                                 window_right=8),
+}
+
+
+def test_head_blocks_split_only_where_two_blocks_are_narrower():
+    assert [launch.head_blocks(d) for d in (16, 24, 40, 64, 80, 96, 112, 128, 160, 192, 200, 256)] == [
+        (16, 0), (32, 0), (32, 16), (64, 0), (64, 16), (64, 32), (128, 0), (128, 0), (128, 32), (128, 64), (256, 0),
+        (256, 0)]
+
+
+@pytest.mark.parametrize("head_dim, head_dim_v", [(96, 48), (64, 96), (128, 128)])
+def test_forward_launch_passes_the_head_blocks(head_dim, head_dim_v):
+    q, k, v = (torch.empty(1, 2, 64, d, dtype=torch.float16, device="meta") for d in (head_dim, head_dim, head_dim_v))
+    shape = launch._check_inputs("test", q, k, v, None, None, None, None, 0, 0, 0.0, 0.0, 0)
+    out, lse = launch._forward_outputs(q, v, shape, False)
+    _, constexprs = launch._forward_arguments([q, k, v], out, lse, shape, q=q, v=v, use_tma=False, scale=0.1,
+                                              mask=None, window_left=-1, window_right=-1, diagonal_offset=0,
+                                              align_to_end=False, softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=0,
+                                              cu_seqlens_q=None, cu_seqlens_k=None)
+    assert (constexprs["HEAD_BLOCK"], constexprs["HEAD_TAIL"]) == launch.head_blocks(head_dim)
+    assert (constexprs["HEAD_BLOCK_V"], constexprs["HEAD_TAIL_V"]) == launch.head_blocks(head_dim_v)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", SPLIT_OPTIONS)
+@pytest.mark.parametrize("shape", SPLIT_SHAPES, ids=lambda s: "B{}_H{}_Hk{}_L{}_S{}_D{}_Dv{}".format(*s))
+def test_split_head_dims_match_reference(shape, name, dtype):
+    q, k, v = make_inputs(*shape, dtype)
+    options = dict(SPLIT_OPTIONS[name])
+    if "alibi_slopes" in options:
+        options["alibi_slopes"] = options["alibi_slopes"][:shape[1]]
+    check_against_reference(q, k, v, **options)
+
+
+@pytest.mark.interpreter
+def test_split_head_dims_with_mask_and_dropout_match_reference():
+    q, k, v = make_inputs(2, 2, 1, 33, 47, 96, 80, torch.float32)
+    mask = torch.rand(2, 1, 33, 47) > 0.3
+    keep = kernels.attention_dropout_keep_mask(2, 2, 33, 47, **DROPOUT, device="cpu")
+    check_against_reference(q, k, v, scale=0.3, mask=mask.expand(2, 2, 33, 47), dropout_keep_mask=keep, **DROPOUT)
+
+
 # Alignment and band options on L ≠ S, with the band's edge tiles, interiors and ragged ends.
 OPTIONS = {
     "causal-top-left": dict(window_right=0),

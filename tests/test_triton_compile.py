@@ -22,17 +22,20 @@ pytestmark = pytest.mark.skipif(INTERPRET, reason="compiles for GPU targets; the
 
 OPS = ["attention", "lstm"]
 CAPABILITIES = [90, 80]
-# The only spills allowed in configs that may be picked, each bounded (bytes per thread, either arch) so that a
-# regression still fails: (kernel name prefix, case prefix, variant, config substring) -> bound. Empty: the last
-# one (fp32 d128 odd-shaped dK/dV, 16 B in the fused dQ at sm_90) went with the entry's register cap
-# (kernels/attention/configs.py, maxnreg 255). An entry here needs its reason in docs/attention.md.
-KNOWN_SPILLS: dict[tuple[str, str, str, str], int] = {}
+# The only spills allowed in configs that may be picked, each bounded (bytes per thread) so that a regression
+# still fails: (kernel name prefix, case prefix, variant, config substring, arch) -> bound. An entry here needs its
+# reason in docs/attention.md ("Head dims that are not powers of two"): the two left are odd-shaped d192
+# backwards at sm_80 (192 padded to 256 with masked columns, on the smallest tiles); at sm_90 nothing spills.
+KNOWN_SPILLS: dict[tuple[str, str, str, str, int], int] = {
+    ("attention_backward_dkdv_fused_dq", "bf16,d192,", "unaligned", "BM16,BN16,w8,s1,", 80): 16,
+    ("attention_backward_dq", "fp32-ieee,d192,", "unaligned", "BM16,BN16,w4,s2,", 80): 16,
+}
 
 
-def _allowed_spill(spec) -> int:
-    for (kernel_name, case, variant, config), bound in KNOWN_SPILLS.items():
-        if (spec.kernel_name.startswith(kernel_name) and spec.case.startswith(case)
-                and variant in ("", spec.variant) and config in spec.config + ","):
+def _allowed_spill(spec, capability) -> int:
+    for (kernel_name, case, variant, config, arch), bound in KNOWN_SPILLS.items():
+        if (spec.kernel_name.startswith(kernel_name) and spec.case.startswith(case) and variant == spec.variant
+                and config in spec.config + "," and arch == capability):
             return bound
     return 0
 
@@ -77,7 +80,7 @@ def test_kernel_compiles_for_gpu(spec, capability, compiled_results):
     )
     if spec.auto_may_pick:
         assert result["spill_bytes"] is not None, f"{spec.name}: no register figures (is cuobjdump missing?)"
-        allowed = _allowed_spill(spec)
+        allowed = _allowed_spill(spec, capability)
         assert result["spill_bytes"] <= allowed, (
             f"{spec.name}: autotuning may pick this config, but it spills {result['spill_bytes']} bytes per thread "
             f"on sm_{capability} ({result['registers']} registers; allowed {allowed})"

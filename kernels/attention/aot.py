@@ -43,18 +43,24 @@ OPTION_SETS = {
 # lists; "dense-all" (every dense option at once) stands for the "features" entries, being their worst case, and
 # causal for the "band" entry (windows without per-score options; tables without one serve it from "plain").
 # fp16 plain is the odd-shaped cases' (and d80's); the fp32 entries serve every option set, so their
-# worst case, dense-all, stands for them.
+# worst case, dense-all, stands for them. The head dims the forward splits into two column blocks
+# (``launch.head_blocks``: 80 -> 64 + 16, 96 -> 64 + 32, 192 -> 128 + 64) take their padded width's entries
+# (80 and 96: d128's, 192: d256's) with a different forward; the backward runs them padded, with masked columns.
+SPLIT_HEAD_DIMS = (80, 96, 192)
 CASES = (
     [(torch.bfloat16, head_dim, "plain") for head_dim in HEAD_DIMS]
     + [(dtype, head_dim, "dense-all") for dtype in (torch.bfloat16, torch.float32) for head_dim in HEAD_DIMS]
-    + [(torch.bfloat16, 128, "causal"), (torch.float16, 128, "additive-mask-all"), (torch.bfloat16, 128, "varlen-all"),
-       (torch.float16, 80, "plain")]  # 80: a head dim padded to 128 with masked loads and stores
+    + [(torch.bfloat16, 128, "causal"), (torch.float16, 128, "additive-mask-all"), (torch.bfloat16, 128, "varlen-all")]
+    + [(torch.float16, head_dim, "plain") for head_dim in SPLIT_HEAD_DIMS]
+    + [(torch.bfloat16, head_dim, option_set) for head_dim in (96, 192) for option_set in ("causal", "dense-all")]
+    + [(torch.float32, head_dim, "dense-all") for head_dim in (96, 192)]
 )
 # The same entries as an odd-shaped launch compiles them (the unaligned tables' overrides included).
 UNALIGNED_CASES = (
-    [(torch.float16, head_dim, "plain") for head_dim in (*HEAD_DIMS, 80)] + [(torch.float16, 128, "causal")]
-    + [(torch.bfloat16, head_dim, "dense-all") for head_dim in HEAD_DIMS]
-    + [(torch.float32, head_dim, "dense-all") for head_dim in HEAD_DIMS]
+    [(torch.float16, head_dim, "plain") for head_dim in (*HEAD_DIMS, *SPLIT_HEAD_DIMS)]
+    + [(torch.float16, 128, "causal")]
+    + [(torch.bfloat16, head_dim, "dense-all") for head_dim in (*HEAD_DIMS, 96, 192)]
+    + [(torch.float32, head_dim, "dense-all") for head_dim in (*HEAD_DIMS, 96, 192)]
 )
 # The descriptor forward takes the aligned forward table (TMA needs aligned strides): each entry once, plus
 # odd lengths and GQA (the only unaligned launch TMA admits).

@@ -160,14 +160,15 @@ def load_tile(ptrs, rows, num_rows, cols, NUM_COLS: tl.constexpr, CHECK_ROWS: tl
 def load_kv_tile(base, batch, kv_head, start_n, offs_n, seqlen_k, offs_d, stride_n, stride_d, HEAD_DIM: tl.constexpr,
                  HEAD_DIM_PADDED: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
                  ON_EDGE: tl.constexpr):
-    """A (BLOCK_N, HEAD_DIM_PADDED) key or value tile. With USE_TMA ``base`` is the (B, H, S, D) tensor
+    """A (BLOCK_N, len(offs_d)) key or value tile. With USE_TMA ``base`` is the (B, H, S, D) tensor
     descriptor (one bulk copy; keys past the sequence are zero-filled, as the masked load fills them),
-    else the pointer to this (batch, kv head)'s first row."""
+    else the pointer to this (batch, kv head)'s first row. ``HEAD_DIM_PADDED`` is the end of the tile's
+    columns (past the head dim when the tile is padded: those columns are masked, and read as 0)."""
     if USE_TMA:
         tile = base.load([batch, kv_head, start_n, 0]).reshape(BLOCK_N, HEAD_DIM_PADDED)
     else:
         tile = load_tile(base + element_offsets(offs_n[:, None], stride_n, offs_d[None, :], stride_d), offs_n, seqlen_k,
-                         offs_d, HEAD_DIM, ON_EDGE, HEAD_DIM != HEAD_DIM_PADDED)
+                         offs_d, HEAD_DIM, ON_EDGE, HEAD_DIM < HEAD_DIM_PADDED)
     return tile
 
 

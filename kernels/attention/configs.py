@@ -38,7 +38,8 @@ DKDV_CONFIGS = {
     ("16-bit", 256, "plain"): [(32, 32, 8, 2), (16, 16, 4, 2)],
     ("16-bit", 64, "features"): [(64, 32, 8, 2)],
     ("16-bit", 128, "features"): [(32, 32, 8, 2)],
-    ("16-bit", 256, "features"): [(16, 16, 4, 2)],
+    # 4 warps: 8 B of spill in the fused dQ at d192 (padded to 256, masked columns) at sm_80.
+    ("16-bit", 256, "features"): [(16, 16, 8, 1)],
     ("fp32", 64, "any"): [(16, 16, 4, 1)],
     ("fp32", 128, "any"): [(16, 16, 4, 2)],
     ("fp32", 256, "any"): [(16, 16, 8, 1)],
@@ -85,7 +86,8 @@ DKDV_UNALIGNED_CONFIGS = {
     # few loop-invariant words: d128's fused dQ 16 B (Triton 3.8 and 3.6), d64's 8 B and d256's dK/dV 8 B (3.6);
     # with the cap they take what they need (d128 fused: 204) and spill nothing, one CTA per SM.
     ("fp32", 64, "any"): [(16, 16, 8, 2, 255)],  # 1 stage: 24 B of spill in the fused dQ at sm_90 since the GQA split
-    ("fp32", 128, "any"): [(16, 16, 8, 1, 255)],
+    # 8 warps: 8 B of spill in d96's fused dQ at sm_90 (the column masks of a head dim padded to 128).
+    ("fp32", 128, "any"): [(16, 16, 4, 1, 255)],
     ("fp32", 256, "any"): [(16, 16, 8, 1, 255)],
 }
 DQ_UNALIGNED_CONFIGS = {
@@ -93,6 +95,8 @@ DQ_UNALIGNED_CONFIGS = {
     ("16-bit", 128, "plain"): [(32, 32, 4, 2)],
     ("16-bit", 256, "plain"): [(32, 32, 4, 2)],
     ("16-bit", 64, "features"): [(64, 32, 4, 2)],
+    # The aligned (16, 16, 4, 2): d96 spills 16 B (128 registers, sm_90 and sm_80); 8 warps with the cap: none.
+    ("fp32", 128, "any"): [(16, 16, 8, 2, 255)],
 }
 TABLES = {"forward": (FORWARD_CONFIGS, FORWARD_UNALIGNED_CONFIGS), "dkdv": (DKDV_CONFIGS, DKDV_UNALIGNED_CONFIGS),
           "dq": (DQ_CONFIGS, DQ_UNALIGNED_CONFIGS)}

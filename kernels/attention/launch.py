@@ -269,6 +269,17 @@ def _band_arguments(q, v, shape, *, scale, mask, window_left, window_right, diag
     return mask_arg, (*mask_strides, *_alibi_strides(alibi_slopes), *scalars), features
 
 
+def head_blocks(head_dim: int) -> tuple[int, int]:
+    """(first, tail): the power-of-two column blocks (each >= 16, tail 0 for one) the forward covers a head dim
+    with. Two where they are narrower than one padded block, which the tensor cores would multiply in full:
+    96 -> 64 + 32 (not 128), 80 -> 64 + 16, 192 -> 128 + 64; 112 stays one block of 128 (64 + 64 is no
+    narrower), as do the powers of two (docs/attention.md, "Head dims that are not powers of two")."""
+    padded = max(16, triton.next_power_of_2(head_dim))
+    first = padded // 2
+    tail = max(16, triton.next_power_of_2(max(head_dim - first, 1)))
+    return (first, tail) if first >= 16 and first + tail < padded else (padded, 0)
+
+
 def _forward_arguments(tiles, out, lse, shape, *, q, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, use_tma, **options):
     """(positional arguments, constexprs) of ``attention_forward_kernel`` for a launch, less the config's tiles.
     ``tiles``: q, k, v, or their descriptors with ``use_tma``. ``aot.py`` builds its specs from the same."""
@@ -279,7 +290,10 @@ def _forward_arguments(tiles, out, lse, shape, *, q, v, cu_seqlens_q, cu_seqlens
     positional = [*tiles, out, lse, mask_arg, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
                   *_bhmd_strides(q_, varlen), *_bhmd_strides(k_, varlen), *_bhmd_strides(v_, varlen),
                   *_bhmd_strides(out, varlen), *_row_stat_strides(lse, varlen), *trailing]
-    return positional, dict(features, FOLD_SCALE=_folds_scale(options["scale"], features), USE_TMA=use_tma)
+    (head_block, head_tail), (head_block_v, head_tail_v) = head_blocks(q.shape[-1]), head_blocks(v.shape[-1])
+    return positional, dict(features, HEAD_BLOCK=head_block, HEAD_TAIL=head_tail, HEAD_BLOCK_V=head_block_v,
+                            HEAD_TAIL_V=head_tail_v, FOLD_SCALE=_folds_scale(options["scale"], features),
+                            USE_TMA=use_tma)
 
 
 def _folds_scale(scale: float, features: dict) -> bool:

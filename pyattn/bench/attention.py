@@ -80,7 +80,7 @@ class AttentionCase:
 
 
 def attention_cases(shapes: str, dtypes: list[torch.dtype], modes: list[str]) -> list[AttentionCase]:
-    """Head dims 64 and 128 over lengths, with batch·seq_len = 16k tokens and heads·head_dim = 2048
+    """Head dims 64 and 128 over lengths (and d96 at one length in ``default``), with batch·seq_len = 16k tokens and heads·head_dim = 2048
     (flash-attention's benchmark convention: every length does the same work per token). ``small`` is
     the CPU set: one realistic shape, causal, not, and with a key-padding mask."""
     if shapes == "tiny":
@@ -98,6 +98,8 @@ def attention_cases(shapes: str, dtypes: list[torch.dtype], modes: list[str]) ->
         ]
         if shapes == "default":
             geometry += [(4, 16, 4096, 128, causal, True) for causal in (False, True)]
+            # A head dim the forward splits into two column blocks (64 + 32), beside d128 at the same shape.
+            geometry += [(4, 16, 4096, 96, causal, False) for causal in (False, True)]
     return [AttentionCase(*g, dtype=dtype, mode=mode) for dtype in dtypes for g in geometry for mode in modes]
 
 
