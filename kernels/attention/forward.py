@@ -17,10 +17,9 @@ def _forward_inner(acc, acc_tail, row_sum, row_max, q, q_tail, k_ptr, v_ptr, mas
                    offs_dk, offs_dk_tail, offs_dv, offs_dv_tail, seqlen_q, seqlen_k, stride_kn, stride_kd, stride_vn,
                    stride_vd, stride_mm, stride_mn, scale, softcap, slope, window_left, window_right,
                    diagonal_offset, dropout_p, seed, batch, kv_head, batch_head,
-                   HEAD_DIM: tl.constexpr, HEAD_DIM_PADDED: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-                   HEAD_DIM_V_PADDED: tl.constexpr, HEAD_BLOCK: tl.constexpr, HEAD_TAIL: tl.constexpr,
-                   HEAD_BLOCK_V: tl.constexpr, HEAD_TAIL_V: tl.constexpr, BLOCK_N: tl.constexpr,
-                   MASK_KIND: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_BLOCK: tl.constexpr,
+                   HEAD_TAIL: tl.constexpr, HEAD_BLOCK_V: tl.constexpr, HEAD_TAIL_V: tl.constexpr,
+                   BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
                    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_WINDOW_LEFT: tl.constexpr,
                    HAS_WINDOW_RIGHT: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr,
                    ON_EDGE: tl.constexpr, DOT_PRECISION: tl.constexpr, FOLD_SCALE: tl.constexpr):
@@ -71,6 +70,17 @@ def _forward_inner(acc, acc_tail, row_sum, row_max, q, q_tail, k_ptr, v_ptr, mas
             acc_tail = tl.dot(p.to(v_tail.dtype), v_tail, acc_tail, input_precision=DOT_PRECISION)
         row_max = new_max
     return acc, acc_tail, row_sum, row_max
+
+
+@triton.jit
+def _store_output(o_ptr, acc, safe_sum, rows, seqlen_q, cols, stride_om, stride_od, dropout_p,
+                  HEAD_DIM_V: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+    """One column block of the output: the accumulator over the softmax denominator (and dropout's rescale)."""
+    out = acc / safe_sum[:, None]
+    if HAS_DROPOUT:
+        out = out * dropout_scale(dropout_p)
+    tl.store(o_ptr + element_offsets(rows[:, None], stride_om, cols[None, :], stride_od),
+             out.to(o_ptr.dtype.element_ty), mask=(rows[:, None] < seqlen_q) & (cols[None, :] < HEAD_DIM_V))
 
 
 @triton.jit(do_not_specialize=["seed"])  # a fresh random seed per call: one compiled kernel
@@ -167,41 +177,34 @@ def attention_forward_kernel(
         acc, acc_tail, row_sum, row_max, q, q_tail, k_ptr, v_ptr, mask_ptr, lo, interior_lo, rows, offs_dk,
         offs_dk_tail, offs_dv, offs_dv_tail, seqlen_q_b, seqlen_k_b, stride_kn, stride_kd, stride_vn, stride_vd,
         stride_mm, stride_mn, scale, softcap, slope, window_left, window_right, diagonal_offset, dropout_p, seed, batch,
-        kv_head, batch_head, HEAD_DIM, HEAD_DIM_PADDED, HEAD_DIM_V, HEAD_DIM_V_PADDED, HEAD_BLOCK, HEAD_TAIL,
+        kv_head, batch_head, HEAD_DIM, HEAD_DIM_V, HEAD_BLOCK, HEAD_TAIL,
         HEAD_BLOCK_V, HEAD_TAIL_V, BLOCK_N, MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
         HAS_DROPOUT, USE_TMA, ON_EDGE=True, DOT_PRECISION=DOT_PRECISION, FOLD_SCALE=FOLD_SCALE)
     acc, acc_tail, row_sum, row_max = _forward_inner(
         acc, acc_tail, row_sum, row_max, q, q_tail, k_ptr, v_ptr, mask_ptr, interior_lo, interior_hi, rows, offs_dk,
         offs_dk_tail, offs_dv, offs_dv_tail, seqlen_q_b, seqlen_k_b, stride_kn, stride_kd, stride_vn, stride_vd,
         stride_mm, stride_mn, scale, softcap, slope, window_left, window_right, diagonal_offset, dropout_p, seed, batch,
-        kv_head, batch_head, HEAD_DIM, HEAD_DIM_PADDED, HEAD_DIM_V, HEAD_DIM_V_PADDED, HEAD_BLOCK, HEAD_TAIL,
+        kv_head, batch_head, HEAD_DIM, HEAD_DIM_V, HEAD_BLOCK, HEAD_TAIL,
         HEAD_BLOCK_V, HEAD_TAIL_V, BLOCK_N, MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
         HAS_DROPOUT, USE_TMA, ON_EDGE=False, DOT_PRECISION=DOT_PRECISION, FOLD_SCALE=FOLD_SCALE)
     acc, acc_tail, row_sum, row_max = _forward_inner(
         acc, acc_tail, row_sum, row_max, q, q_tail, k_ptr, v_ptr, mask_ptr, interior_hi, hi, rows, offs_dk,
         offs_dk_tail, offs_dv, offs_dv_tail, seqlen_q_b, seqlen_k_b, stride_kn, stride_kd, stride_vn, stride_vd,
         stride_mm, stride_mn, scale, softcap, slope, window_left, window_right, diagonal_offset, dropout_p, seed, batch,
-        kv_head, batch_head, HEAD_DIM, HEAD_DIM_PADDED, HEAD_DIM_V, HEAD_DIM_V_PADDED, HEAD_BLOCK, HEAD_TAIL,
+        kv_head, batch_head, HEAD_DIM, HEAD_DIM_V, HEAD_BLOCK, HEAD_TAIL,
         HEAD_BLOCK_V, HEAD_TAIL_V, BLOCK_N, MASK_KIND, HAS_SOFTCAP, HAS_ALIBI, HAS_WINDOW_LEFT, HAS_WINDOW_RIGHT,
         HAS_DROPOUT, USE_TMA, ON_EDGE=True, DOT_PRECISION=DOT_PRECISION, FOLD_SCALE=FOLD_SCALE)
 
     # A row with no visible key has row_sum = 0: output 0 and lse = −inf, never 0/0.
     has_keys = row_sum > 0
     safe_sum = tl.where(has_keys, row_sum, 1.0)
-    out = acc / safe_sum[:, None]
-    if HAS_DROPOUT:
-        out = out * dropout_scale(dropout_p)
     lse = tl.where(has_keys, (row_max + tl.log2(safe_sum)) * LN2, float("-inf"))
     o_ptr = Out + batch64 * stride_ob + head64 * stride_oh + q_start.to(tl.int64) * stride_om
-    tl.store(o_ptr + element_offsets(rows[:, None], stride_om, offs_dv[None, :], stride_od),
-             out.to(Out.dtype.element_ty), mask=(rows[:, None] < seqlen_q_b) & (offs_dv[None, :] < HEAD_DIM_V))
+    _store_output(o_ptr, acc, safe_sum, rows, seqlen_q_b, offs_dv, stride_om, stride_od, dropout_p, HEAD_DIM_V,
+                  HAS_DROPOUT)
     if HEAD_TAIL_V > 0:
-        out_tail = acc_tail / safe_sum[:, None]
-        if HAS_DROPOUT:
-            out_tail = out_tail * dropout_scale(dropout_p)
-        tl.store(o_ptr + element_offsets(rows[:, None], stride_om, offs_dv_tail[None, :], stride_od),
-                 out_tail.to(Out.dtype.element_ty),
-                 mask=(rows[:, None] < seqlen_q_b) & (offs_dv_tail[None, :] < HEAD_DIM_V))
+        _store_output(o_ptr, acc_tail, safe_sum, rows, seqlen_q_b, offs_dv_tail, stride_om, stride_od, dropout_p,
+                      HEAD_DIM_V, HAS_DROPOUT)
     lse_ptr = Lse + batch64 * stride_lb + head64 * stride_lh + q_start.to(tl.int64) * stride_lm
     tl.store(lse_ptr + rows * stride_lm, lse, mask=rows < seqlen_q_b)
 
