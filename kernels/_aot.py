@@ -42,7 +42,7 @@ CAPABILITIES = (90, 80)
 VARIANTS = ("aligned", "unaligned")
 
 # Bump when the figures kept per compile change meaning.
-_RESULT_FORMAT = 1
+_RESULT_FORMAT = 2  # 2: warp_specialized
 
 
 @dataclass(frozen=True)
@@ -232,6 +232,8 @@ def kernel_figures(compiled, capability: int, num_warps: int) -> dict:
     cubin = compiled.asm.get("cubin")
     ptx = compiled.asm.get("ptx", "")
     figures = dict(has_cubin=bool(cubin), wgmma="wgmma" in ptx, tma="cp.async.bulk.tensor" in ptx,
+                   # Triton's warp specialisation: partitions with their register budgets set by setmaxnreg.
+                   warp_specialized="setmaxnreg" in ptx,
                    cp_async=re.search(r"cp\.async\.c[ag]\.", ptx) is not None,
                    # Static count of tensor-core MMA instructions (per warp; per iteration where the loop that
                    # holds them is not unrolled, as the LSTM grid kernel's time loop). Absent from older caches.
@@ -250,6 +252,9 @@ def kernel_figures(compiled, capability: int, num_warps: int) -> dict:
     if registers is None:  # no cuobjdump: what the compiled kernel knows (set only once loaded on a GPU)
         registers, stack, static_shared, local = getattr(compiled, "n_regs", None), None, 0, None
     shared = compiled.metadata.shared + (static_shared or 0)
+    # A warp-specialised kernel runs more warps than its config asks for (its producer partition's and the
+    # consumers'): the compiled kernel's own count decides residency.
+    num_warps = max(num_warps, getattr(compiled.metadata, "num_warps", num_warps))
     figures.update(registers=registers, spill_bytes=None if stack is None else stack + (local or 0),
                    shared_bytes=shared,
                    ctas_per_sm=None if registers is None else blocks_per_sm(capability, registers, shared, num_warps))

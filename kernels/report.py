@@ -29,7 +29,7 @@ from . import _aot
 
 ARCHS = {"sm_90": 90, "sm_80": 80}
 COLUMNS = ["op", "kernel", "case", "variant", "config", "arch", "registers", "spill_bytes", "shared_bytes",
-           "ctas_per_sm", "mma_instructions", "wgmma", "tma", "cp_async", "auto_may_pick"]
+           "ctas_per_sm", "mma_instructions", "wgmma", "tma", "cp_async", "warp_specialized", "auto_may_pick"]
 # Every CUDA kernel of the extension runs 128 threads per block (csrc/lstm: 4 warps everywhere).
 CUDA_WARPS = 4
 
@@ -44,7 +44,7 @@ def triton_rows(ops, capabilities, *, progress=None) -> list[dict]:
         row = dict(op=op, kernel=spec.kernel_name, case=spec.case, variant=spec.variant, config=spec.config,
                    arch=f"sm_{capability}", auto_may_pick=spec.auto_may_pick, error=result.get("error"))
         for key in ("registers", "spill_bytes", "shared_bytes", "ctas_per_sm", "mma_instructions", "wgmma", "tma",
-                    "cp_async"):
+                    "cp_async", "warp_specialized"):
             row[key] = result.get(key)
         rows.append(row)
     return rows
@@ -127,7 +127,7 @@ def cuda_rows(ops, capabilities) -> tuple[list[dict], str | None]:
                          shared_bytes=None,  # dynamic, sized by the launcher
                          ctas_per_sm=_aot.blocks_per_sm(capability, entry["registers"], None, CUDA_WARPS),
                          mma_instructions=flags.get("mma_instructions"), wgmma=flags.get("wgmma"),
-                         tma=flags.get("tma"), cp_async=flags.get("cp_async"),
+                         tma=flags.get("tma"), cp_async=flags.get("cp_async"), warp_specialized=False,
                          auto_may_pick=True, error=None))  # every instantiated template is reachable
     return rows, None
 
@@ -142,9 +142,9 @@ def _cell(value) -> str:
 
 def format_table(rows: list[dict]) -> str:
     headers = ["op", "kernel", "case", "variant", "config", "arch", "regs", "spill", "shared", "ctas/SM", "mma",
-               "wgmma", "tma", "cp.async", "auto"]
+               "wgmma", "tma", "cp.async", "ws", "auto"]
     keys = ["op", "kernel", "case", "variant", "config", "arch", "registers", "spill_bytes", "shared_bytes",
-            "ctas_per_sm", "mma_instructions", "wgmma", "tma", "cp_async", "auto_may_pick"]
+            "ctas_per_sm", "mma_instructions", "wgmma", "tma", "cp_async", "warp_specialized", "auto_may_pick"]
     table = [headers] + [[_cell(row[key]) if not row.get("error") or key in keys[:6] else "ERROR" for key in keys]
                          for row in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(headers))]

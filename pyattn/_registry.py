@@ -121,6 +121,8 @@ class Support:
     # the Triton interpreter runs kernels on CPU tensors, far slower than PyTorch's own CPU kernels).
     interpreter_devices: frozenset[str] = frozenset()
     checks: tuple[Check, ...] = ()
+    # Set (to the reason) for a variant that serves a call only when forced by name: ``auto`` passes it over.
+    forced_only: str | None = None
 
     def not_supported_reasons(self, request: Request, target: Target, *, forced: bool) -> list[str]:
         reasons = []
@@ -153,6 +155,8 @@ class Support:
                 reason = check(request, target)
                 if reason is not None:
                     reasons.append(reason)
+        if self.forced_only is not None and not forced:
+            reasons.append(f"served only when forced by name: {self.forced_only}")
         return reasons
 
 

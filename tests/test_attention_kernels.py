@@ -55,10 +55,10 @@ def reference_with_grads(q, k, v, grad_out, **options):
 
 
 def check_against_reference(q, k, v, *, deterministic=False, dropout_keep_mask=None, use_tma=False,
-                            gqa_heads_per_program=None, **options):
+                            warp_specialize=False, gqa_heads_per_program=None, **options):
     """Runs forward + backward through the launchers and compares all five results with the reference."""
     rtol = RTOL[q.dtype]
-    out, lse = kernels.attention_forward(q, k, v, use_tma=use_tma, **options)
+    out, lse = kernels.attention_forward(q, k, v, use_tma=use_tma, warp_specialize=warp_specialize, **options)
     grad_out = random_tensor(*out.shape, dtype=q.dtype)
     dq, dk, dv = kernels.attention_backward(grad_out, q, k, v, out, lse, deterministic=deterministic,
                                             gqa_heads_per_program=gqa_heads_per_program, **options)

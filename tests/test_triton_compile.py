@@ -111,6 +111,24 @@ def test_hopper_forward_uses_wgmma(compiled_results):
         assert compiled_results[(spec.op, spec.name, 90)]["tma"], f"{spec.name}: no cp.async.bulk.tensor"
 
 
+def test_warp_specialized_forward_is_specialised_at_every_config(compiled_results):
+    """Every config of the warp-specialised forward compiles at sm_90 into partitions (setmaxnreg: Triton's
+    Hopper pass ran, rather than silently leaving one warp group), with wgmma and TMA; and every config of its
+    table is compiled, aligned and with odd lengths."""
+    from pyattn.kernels.attention import configs
+
+    specs = [spec for spec in SPECS if spec.kernel_name == "attention_forward_ws"]
+    for spec in specs:
+        result = compiled_results[(spec.op, spec.name, 90)]
+        for figure in ("warp_specialized", "wgmma", "tma"):
+            assert result[figure], f"{spec.name}: no {figure} in the sm_90 PTX"
+    covered = {spec.table_entry for spec in specs}
+    for key, entries in configs.FORWARD_WS_CONFIGS.items():
+        for variant in ("aligned", "unaligned"):
+            for config in entries:
+                assert ("forward_ws", key, variant, config) in covered, (key, variant, config)
+
+
 def test_hopper_backward_uses_wgmma_on_64_row_tiles(compiled_results):
     """Where the tables give the sm_90 16-bit backward 64-row tiles (dQ kernel: BLOCK_M; dK/dV: BLOCK_N, the M of
     its products but the fused dQ), those kernels must use wgmma (docs/attention.md, "Schedule v3")."""

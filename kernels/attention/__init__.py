@@ -8,6 +8,9 @@ The algorithm and its invariants are in docs/attention.md; the option semantics 
 * with ``use_tma=True`` (Hopper; dense layout, fp16/bf16, power-of-two head dims, 16-byte-aligned
   strides: :func:`tma_unsupported_reason`) the same forward kernel loads its Q/K/V tiles through TMA
   tensor descriptors;
+* with ``warp_specialize=True`` (Hopper; the TMA rule, head dims 64/128/256, plain or causal calls only:
+  :func:`warp_specialized_unsupported_reason`) ``forward_ws.py`` runs instead: device-side descriptors and
+  Triton's Hopper warp specialisation (a TMA producer warp group, two wgmma/softmax consumer groups);
 * the key tiles a query tile can see are cut to the causal/sliding-window band before the loop;
   tiles wholly inside the band and the sequence run without any visibility arithmetic, only the
   band's edge tiles and the ragged last tile compute it;
@@ -20,7 +23,7 @@ The algorithm and its invariants are in docs/attention.md; the option semantics 
 * dropout draws Philox numbers whose counter is (j, i, batch·heads + head): a pure function of the
   element, so the backward and :func:`attention_dropout_keep_mask` regenerate the forward's pattern.
 
-Modules: ``common`` (jit helpers), ``forward``, ``backward`` (kernels), ``configs`` (tile tables, autotune
+Modules: ``common`` (jit helpers), ``forward``, ``forward_ws``, ``backward`` (kernels), ``configs`` (tile tables, autotune
 key, pruning), ``launch`` (checks, launchers, TMA eligibility), ``aot`` (ahead-of-time compile specs).
 """
 
@@ -34,4 +37,5 @@ from .launch import (  # noqa: F401
     attention_dropout_keep_mask,
     attention_forward,
     tma_unsupported_reason,
+    warp_specialized_unsupported_reason,
 )

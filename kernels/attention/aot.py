@@ -21,6 +21,7 @@ from . import configs, launch
 from .backward import attention_backward_dkdv_kernel, attention_backward_dq_kernel, attention_backward_preprocess_kernel
 from .common import attention_dropout_keep_mask_kernel
 from .forward import attention_forward_kernel
+from .forward_ws import attention_forward_ws_kernel
 
 _DTYPE_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 HEAD_DIMS = (64, 128, 256)
@@ -67,6 +68,11 @@ UNALIGNED_CASES = (
 TMA_CASES = [(torch.bfloat16, head_dim, option_set) for head_dim in HEAD_DIMS for option_set in ("plain", "dense-all")]
 TMA_CASES += [(torch.float16, 128, "plain"), (torch.bfloat16, 128, "causal")]  # causal: the "band" entry
 TMA_UNALIGNED_CASES = [(torch.bfloat16, 128, "plain")]
+# The warp-specialised forward: every head-dim entry plain and causal; odd lengths (MASK_KEYS) and GQA as the
+# unaligned launch (its strides stay aligned: the descriptor rule).
+WS_CASES = [(torch.bfloat16, head_dim, option_set) for head_dim in HEAD_DIMS for option_set in ("plain", "causal")]
+WS_CASES += [(torch.float16, 128, "plain")]
+WS_UNALIGNED_CASES = [(torch.bfloat16, head_dim, "causal") for head_dim in HEAD_DIMS]
 
 
 def _inputs(dtype, head_dim, variant, varlen):
@@ -234,6 +240,28 @@ def _tma_specs(dtype, head_dim, option_set, variant) -> list[_aot.CompileSpec]:
     return specs
 
 
+def _ws_specs(dtype, head_dim, option_set, variant) -> list[_aot.CompileSpec]:
+    """The warp-specialised forward (Hopper only), every config of its head-dim entry."""
+    q, k, v, call = _call(dtype, head_dim, option_set, variant)
+    if variant == "unaligned":  # descriptors need 16-byte aligned strides: only the lengths and the GQA group stay odd
+        q, k, v = (x.contiguous() for x in (q, k, v))
+    reason = launch.warp_specialized_unsupported_reason(q, k, v, varlen=False, capability=(9, 0), scale=call["scale"])
+    assert reason is None, reason
+    shape = launch._check_inputs("aot", q, k, v, None, None, None, None, 0, 0, 0.0, 0.0, 0)
+    out, lse = launch._forward_outputs(q, v, shape, False)
+    positional, constexprs = launch._forward_ws_arguments(q, k, v, out, lse, shape, scale=call["scale"],
+                                                          window_right=call.get("window_right", -1),
+                                                          diagonal_offset=call.get("diagonal_offset", 0))
+    key = configs.head_dim_class(head_dim, head_dim)
+    specs = []
+    for config in configs.forward_ws_configs(head_dim, head_dim):
+        arguments = _named(attention_forward_ws_kernel, positional, constexprs, config[0], config[1])
+        specs.append(_spec("attention_forward_ws", attention_forward_ws_kernel, _case_name(dtype, head_dim, option_set),
+                           variant, arguments, config, min_capability=90,
+                           table_entry=("forward_ws", key, variant, config)))
+    return specs
+
+
 def _preprocess_specs(dtype, head_dim, option_set, variant) -> list[_aot.CompileSpec]:
     q, k, v, call = _call(dtype, head_dim, option_set, variant)
     varlen = "cu_seqlens_q" in call
@@ -275,6 +303,10 @@ def aot_specs() -> list[_aot.CompileSpec]:
         specs += _tma_specs(dtype, head_dim, option_set, "aligned")
     for dtype, head_dim, option_set in TMA_UNALIGNED_CASES:
         specs += _tma_specs(dtype, head_dim, option_set, "unaligned")
+    for dtype, head_dim, option_set in WS_CASES:
+        specs += _ws_specs(dtype, head_dim, option_set, "aligned")
+    for dtype, head_dim, option_set in WS_UNALIGNED_CASES:
+        specs += _ws_specs(dtype, head_dim, option_set, "unaligned")
     for dtype in _DTYPE_NAME:
         for head_dim in (*HEAD_DIMS, 80):
             specs += _preprocess_specs(dtype, head_dim, "plain", "aligned")

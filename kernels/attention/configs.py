@@ -99,6 +99,45 @@ DQ_UNALIGNED_CONFIGS = {
     # The aligned (16, 16, 4, 2): d96 spills 16 B (128 registers, sm_90 and sm_80); 8 warps with the cap: none.
     ("fp32", 128, "any"): [(16, 16, 8, 2, 255)],
 }
+# The warp-specialised forward (forward_ws.py, Hopper, 16-bit, power-of-two head dims, no per-score options): per
+# head-dim class, (BLOCK_M, BLOCK_N, num_warps, num_stages) with num_warps per partition (Triton's Hopper pass
+# specialises 4-warp partitions only: a producer and two consumer warp groups, 12 warps in all). Compiled for
+# sm_90 under Triton 3.8 and 3.6: no spill, each partition's registers set by setmaxnreg; shared memory 67-198 KB.
+# d256 keeps 64x64: 230.9 KB, within an H100's 232,448-byte opt-in; 128x64 needs 264 KB and 128x128 spills.
+FORWARD_WS_CONFIGS = {
+    64: [(128, 128, 4, 3), (128, 64, 4, 3)],
+    128: [(128, 64, 4, 2), (128, 128, 4, 2), (128, 64, 4, 3)],
+    256: [(64, 64, 4, 2)],
+}
+WS_TUNING_KEY = ["seqlen_q_bucket", "seqlen_k_bucket", "group_size", "HEAD_DIM", "HEAD_DIM_V", "HAS_WINDOW_RIGHT",
+                 "MASK_KEYS"]
+
+
+def forward_ws_configs(head_dim: int, head_dim_v: int) -> list[tuple]:
+    """The warp-specialised forward's configs for a call's head dims (powers of two in 64..256)."""
+    return list(FORWARD_WS_CONFIGS[head_dim_class(head_dim, head_dim_v)])
+
+
+def _ws_pruner(configs, named_args, **kwargs):
+    arguments = {**named_args, **kwargs}
+    wanted = set(forward_ws_configs(arguments["HEAD_DIM"], arguments["HEAD_DIM_V"]))
+    chosen = [c for c in configs if config_entry(c) in wanted]
+    fitting = [c for c in chosen if c.kwargs["BLOCK_M"] <= arguments["seqlen_q_bucket"]
+               and c.kwargs["BLOCK_N"] <= arguments["seqlen_k_bucket"]]
+    return fitting or [min(chosen, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+
+def autotuned_ws(kernel, *, interpreter: bool):
+    """The warp-specialised forward autotuned over FORWARD_WS_CONFIGS (a GPU) or the interpreter's config."""
+    if interpreter:
+        candidates = [_config(*INTERPRETER_CONFIG)]
+    else:
+        unique = dict.fromkeys(entry for entries in FORWARD_WS_CONFIGS.values() for entry in entries)
+        candidates = [_config(*entry) for entry in unique]
+    return triton.autotune(configs=candidates, key=WS_TUNING_KEY,
+                           prune_configs_by=None if interpreter else {"early_config_prune": _ws_pruner})(kernel)
+
+
 TABLES = {"forward": (FORWARD_CONFIGS, FORWARD_UNALIGNED_CONFIGS), "dkdv": (DKDV_CONFIGS, DKDV_UNALIGNED_CONFIGS),
           "dq": (DQ_CONFIGS, DQ_UNALIGNED_CONFIGS)}
 ALIGNED, UNALIGNED = 16, 1  # the launchers' ``alignment`` argument

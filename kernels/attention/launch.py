@@ -7,8 +7,11 @@ Interpreter-only configs are chosen per launch from the tensors' device (see ``_
 
 from __future__ import annotations
 
+import contextvars
+
 import torch
 import triton
+import triton.language as tl
 
 from .._launch import on_input_device, on_interpreter
 from .._layout import base_is_16_byte_aligned, new_attention_output
@@ -16,6 +19,7 @@ from . import configs
 from .backward import attention_backward_dkdv_kernel, attention_backward_dq_kernel, attention_backward_preprocess_kernel
 from .common import ADDITIVE_MASK, BOOL_MASK, NO_MASK, attention_dropout_keep_mask_kernel
 from .forward import attention_forward_kernel
+from .forward_ws import attention_forward_ws_kernel
 
 try:  # host-side TMA descriptors: Triton >= 3.4 (users run 3.6)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -25,6 +29,7 @@ except ImportError:
 MAX_HEAD_DIM = 256
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TMA_DTYPES = (torch.float16, torch.bfloat16)
+WARP_SPECIALIZED_HEAD_DIMS = (64, 128, 256)
 # The interpreter emulates descriptor loads on CPU tensors as the sm_90 hardware performs them (zero-filled
 # boxes included): launches on the interpreter are checked as if on this compute capability.
 INTERPRETER_CAPABILITY = (9, 0)
@@ -193,6 +198,49 @@ def tma_unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     return None
 
 
+def warp_specialized_unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, varlen: bool,
+                                        capability: tuple[int, int] | None, scale: float = 1.0, mask=None,
+                                        window_left: int = -1, softcap: float = 0.0, alibi_slopes=None,
+                                        dropout_p: float = 0.0) -> str | None:
+    """Why the warp-specialised forward (``forward_ws.py``) cannot run this call, or None if it can: the TMA
+    rule (dense, fp16/bf16, 16-byte-aligned strides, sm_90+), head dims 64, 128 or 256, and none of the
+    per-score options (mask, left window, softcap, ALiBi, dropout) nor a non-positive scale (folded into exp2).
+    Metadata only, as :func:`tma_unsupported_reason`."""
+    if not hasattr(tl, "make_tensor_descriptor"):
+        return f"Triton {triton.__version__} has no tl.make_tensor_descriptor (Triton >= 3.4 has)"
+    reason = tma_unsupported_reason(q, k, v, varlen=varlen, capability=capability)
+    if reason is not None:
+        return reason
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        if tensor.shape[-1] not in WARP_SPECIALIZED_HEAD_DIMS:
+            return (f"{name} has head dim {tensor.shape[-1]}; the warp-specialised forward serves "
+                    f"{', '.join(map(str, WARP_SPECIALIZED_HEAD_DIMS))}")
+    options = [("a mask", mask is not None), ("a left window", window_left >= 0), ("softcap", softcap > 0),
+               ("ALiBi", alibi_slopes is not None), ("dropout", dropout_p > 0),
+               (f"scale {scale} (exp2 folds a positive scale)", not float(scale) > 0)]
+    used = [name for name, on in options if on]
+    if used:
+        return f"the call uses {', '.join(used)}; the warp-specialised forward serves plain and causal calls only"
+    return None
+
+
+def _run_with_descriptor_scratch(device: torch.device, launch) -> None:
+    """Run ``launch`` with an allocator for the global scratch that device-side tensor descriptors live in.
+    Triton keeps its allocator in a ContextVar (``triton.set_allocator`` sets the current context's): set
+    in a copy of the caller's context, it serves these launches and leaves the caller's own untouched. The
+    scratch comes from torch's caching allocator on the launch's stream, so its reuse is stream-ordered."""
+
+    def allocate(size: int, alignment: int, stream):
+        del alignment, stream  # torch's blocks are 512-byte aligned; the launch runs on torch's current stream
+        return torch.empty(size, dtype=torch.int8, device=device)
+
+    def run():
+        triton.set_allocator(allocate)
+        launch()
+
+    contextvars.copy_context().run(run)
+
+
 def _launch_capability(device: torch.device) -> tuple[int, int] | None:
     """The compute capability a launch on ``device`` runs with (the interpreter: ``INTERPRETER_CAPABILITY``)."""
     if on_interpreter(device):
@@ -217,9 +265,14 @@ def _set_tma_block_shapes(arguments):
 
 class Tuners:
     """One kernel autotuned twice: over the GPU tables, and over the interpreter's single small config.
-    A launch takes the one for its tensors' device."""
+    A launch takes the one for its tensors' device. ``table_name`` None: the warp-specialised forward's own
+    table (``configs.FORWARD_WS_CONFIGS``)."""
 
-    def __init__(self, kernel, table_name: str, **options):
+    def __init__(self, kernel, table_name: str | None, **options):
+        if table_name is None:
+            self.gpu = configs.autotuned_ws(kernel, interpreter=False)
+            self.interpreter = configs.autotuned_ws(kernel, interpreter=True)
+            return
         self.gpu = configs.autotuned(kernel, table_name, interpreter=False, **options)
         self.interpreter = configs.autotuned(kernel, table_name, interpreter=True, **options)
 
@@ -230,6 +283,7 @@ class Tuners:
 FORWARD = Tuners(attention_forward_kernel, "forward")
 # The same kernel with USE_TMA: descriptors have no dtype, but Out (in the tuning key) carries it.
 FORWARD_TMA = Tuners(attention_forward_kernel, "forward", pre_hook=_set_tma_block_shapes)
+FORWARD_WS = Tuners(attention_forward_ws_kernel, None)
 BACKWARD_DKDV = Tuners(attention_backward_dkdv_kernel, "dkdv")
 # Benchmarking a config adds into DQ: zero it before each trial and before the final run.
 BACKWARD_DKDV_FUSED_DQ = Tuners(attention_backward_dkdv_kernel, "dkdv", reset_to_zero=["DQ"])
@@ -304,10 +358,25 @@ def _folds_scale(scale: float, features: dict) -> bool:
             and features["MASK_KIND"] != ADDITIVE_MASK)
 
 
+def _forward_ws_arguments(q, k, v, out, lse, shape, *, scale, window_right, diagonal_offset):
+    """(positional arguments, constexprs) of ``attention_forward_ws_kernel``, less the config's tiles. Keys are
+    masked per score (MASK_KEYS) unless the length is a multiple of 128, and so of every BLOCK_N it may run."""
+    _, heads, kv_heads, seqlen_q, seqlen_k, head_dim, head_dim_v = shape
+    if not base_is_16_byte_aligned(out) or any(stride * out.element_size() % 16 for stride in out.stride()[:-1]):
+        raise AssertionError(f"the forward's output is laid out off the 16-byte grid: strides {out.stride()}")
+    positional = [q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+                  *lse.stride()[:2], heads, heads // kv_heads, seqlen_q, seqlen_k, configs.seqlen_bucket(seqlen_q),
+                  configs.seqlen_bucket(seqlen_k), float(scale), int(window_right), int(diagonal_offset)]
+    constexprs = dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, HAS_WINDOW_RIGHT=window_right >= 0,
+                      MASK_KEYS=seqlen_k % 128 != 0, WARP_SPECIALIZE=True)
+    return positional, constexprs
+
+
 @on_input_device
 def attention_forward(q, k, v, *, scale, mask=None, window_left=-1, window_right=-1, diagonal_offset=0,
                       align_to_end=False, softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=0,
-                      cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, use_tma: bool = False):
+                      cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, use_tma: bool = False,
+                      warp_specialize: bool = False):
     """Flash-attention forward; returns ``(out, lse)``. Shapes and semantics: ``pyattn.reference.attention``.
 
     ``align_to_end``: sequence b's diagonal offset is ``diagonal_offset + S_b - L_b``, counted from its own
@@ -320,9 +389,18 @@ def attention_forward(q, k, v, *, scale, mask=None, window_left=-1, window_right
     ``use_tma=True`` loads the Q/K/V tiles through Hopper TMA descriptors (:func:`tma_unsupported_reason`
     says when a call can); a call that cannot raises ``ValueError`` with the reason, and a failing TMA launch
     raises its own error: there is no fallback to the pointer path.
+
+    ``warp_specialize=True`` runs the warp-specialised Hopper forward (``forward_ws.py``: device-side
+    descriptors, a TMA producer warp group and two wgmma/softmax consumer groups) where
+    :func:`warp_specialized_unsupported_reason` allows; otherwise ``ValueError`` with the reason, as for
+    ``use_tma`` (the two exclude each other).
     """
-    if not isinstance(use_tma, bool):
-        raise TypeError(f"attention_forward: use_tma must be a bool, got {use_tma!r}")
+    for name, flag in (("use_tma", use_tma), ("warp_specialize", warp_specialize)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"attention_forward: {name} must be a bool, got {flag!r}")
+    if use_tma and warp_specialize:
+        raise ValueError("attention_forward: use_tma and warp_specialize exclude each other (the warp-specialised "
+                         "forward builds its own descriptors)")
     shape = _check_inputs("attention_forward", q, k, v, mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                           max_seqlen_k, dropout_p, softcap, seed)
     batch, heads, _, seqlen_q, _, _, _ = shape
@@ -331,10 +409,22 @@ def attention_forward(q, k, v, *, scale, mask=None, window_left=-1, window_right
         reason = tma_unsupported_reason(q, k, v, varlen=varlen, capability=_launch_capability(q.device))
         if reason is not None:
             raise ValueError(f"attention_forward: use_tma=True, but {reason}")
+    if warp_specialize:
+        reason = warp_specialized_unsupported_reason(
+            q, k, v, varlen=varlen, capability=_launch_capability(q.device), scale=scale, mask=mask,
+            window_left=window_left, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p)
+        if reason is not None:
+            raise ValueError(f"attention_forward: warp_specialize=True, but {reason}")
     out, lse = _forward_outputs(q, v, shape, varlen)
     if out.numel() == 0:
         lse.fill_(float("-inf"))
         return out.zero_(), lse
+    if warp_specialize:
+        positional, constexprs = _forward_ws_arguments(q, k, v, out, lse, shape, scale=scale,
+                                                       window_right=window_right, diagonal_offset=diagonal_offset)
+        grid = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), heads, batch)  # noqa: E731
+        _run_with_descriptor_scratch(q.device, lambda: FORWARD_WS.on(q.device)[grid](*positional, **constexprs))
+        return out, lse
     tiles = [_tma_descriptor(x) for x in (q, k, v)] if use_tma else [q, k, v]
     positional, constexprs = _forward_arguments(
         tiles, out, lse, shape, q=q, v=v, scale=scale, mask=mask, window_left=window_left, window_right=window_right,

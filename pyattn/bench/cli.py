@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_backends,
         help="pyattn's, comma-separated: auto (what a user gets), a backend (cuda, triton, torch, reference: "
         "whichever this pyattn has), a variant (triton/tma), or none (default: auto and every backend "
-        "available here)",
+        "available here, and on a GPU the variants auto passes over until timed, such as triton/ws)",
     )
     add(
         "--baselines",

@@ -30,6 +30,18 @@ def pyattn_backend_status() -> dict[str, str]:
         return {name: f"pyattn's backends failed to load: {first_line(error)}" for name in FALLBACK_BACKENDS}
 
 
+def forced_only_variants() -> list[str]:
+    """Variants served only when forced by name (``Support.forced_only``): ``auto`` passes them over until a GPU
+    run has timed them, so the default GPU bench forces each."""
+    try:
+        from pyattn import _registry
+
+        return sorted({variant.qualified_name for op in _registry.registered_ops() for variant in
+                       _registry.variants(op) if variant.support.forced_only is not None})
+    except Exception:  # noqa: BLE001  (pyattn's ops failed to import: pyattn_backend_status reports it)
+        return []
+
+
 def pyattn_rows() -> list[str]:
     """``pyattn:auto`` (what a user gets) and ``pyattn:<name>`` for every backend this pyattn has."""
     return [AUTO] + [f"pyattn:{name}" for name in pyattn_backend_status()]
@@ -72,7 +84,9 @@ class Session:
         """``pyattn:auto`` (what a user gets) and every forced backend that can run here, in
         pyattn's priority order; or those of ``--backends``. The rest are skipped with the reason."""
         status = pyattn_backend_status()
-        names = self.args.backends if self.args.backends is not None else ["auto", *status]
+        names = self.args.backends
+        if names is None:  # on a GPU also the variants auto passes over until timed (the run that times them)
+            names = ["auto", *status, *(forced_only_variants() if self.device.type == "cuda" else [])]
         chosen = []
         for name in names:
             backend = name.split("/", 1)[0]
