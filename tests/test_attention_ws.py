@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import INTERPRET, RTOL, assert_close, poison_, random_tensor, relative_error
+from tests.conftest import INTERPRET, RTOL, assert_close, random_tensor, relative_error
 
 pytest.importorskip("triton", reason="triton is not installed")
 
@@ -18,16 +18,8 @@ import pyattn  # noqa: E402
 from pyattn.kernels import attention as kernels  # noqa: E402
 from pyattn.kernels.attention import launch  # noqa: E402
 from pyattn.reference.attention import attention as reference_attention  # noqa: E402
-from tests.test_attention_kernels import check_against_reference, make_inputs  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch):
-    def poisoned_empty(shape, dtype, device):
-        tensor = torch.empty(shape, dtype=dtype, device=device)
-        return poison_(tensor) if tensor.is_floating_point() else tensor.fill_(-7)
-
-    monkeypatch.setattr(launch, "_empty", poisoned_empty)
+# poisoned_outputs: the kernels tests' autouse fixture (NaN-filled outputs), applied here by being imported.
+from tests.test_attention_kernels import check_against_reference, make_inputs, poisoned_outputs  # noqa: E402,F401
 
 
 class _Forbidden:
