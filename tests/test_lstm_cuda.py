@@ -556,10 +556,9 @@ def test_auto_persistent_under_compile_leaves_the_check_to_the_launchers_on_cpu_
     "persistent_or_stepwise", and the launchers check each call's own sizes (stepwise where the persistent kernel
     would not be resident), forward and backward, without a graph break and without asking while tracing."""
     asked = []
-    monkeypatch.setattr(torch.ops.pyattn, "cuda_lstm_persistent_resident", lambda *a: asked.append(a) or "",
-                        raising=False)
+    # Patched in Python (a lambda in torch.ops.pyattn would break torch's walk over the namespace's ops).
+    monkeypatch.setattr(lstm_cuda, "persistent_launch_refusal", lambda *a: asked.append(a) or None)
     monkeypatch.setattr(lstm_cuda, "_RESIDENCY_QUERY_LOADED", True)
-    monkeypatch.setattr(lstm_cuda, "_PERSISTENT_REFUSALS", {})
     layer = _registry.auto_form(_persistent_variant()).implementation.layer
     compiled = torch.compile(lambda *a: layer(*a, None, False, None)[0].square().sum(), dynamic=dynamic,
                              fullgraph=True, backend="aot_eager")
@@ -575,6 +574,44 @@ def test_auto_persistent_under_compile_leaves_the_check_to_the_launchers_on_cpu_
         for name, compiled_grad, eager_grad in zip(LAYER_GRAD_NAMES, compiled_grads, _grads(args)):
             assert_close(compiled_grad, eager_grad, 1e-6, f"compiled grad {name}")
     assert asked == []
+
+
+@pytest.mark.parametrize("refused", [False, True], ids=["resident", "refused"])
+def test_forced_persistent_under_compile_checks_at_run_time_on_cpu_model(cpu_model_kernels, monkeypatch, refused):
+    """Forced cuda/persistent under torch.compile runs through pyattn::cuda_lstm_layer_fwd_checked: the launchers'
+    check is asked when the graph runs, with the call's own sizes (never while tracing), and a refusal raises
+    BackendUnavailableError naming the reason, as the eager call does, not the launch's RuntimeError."""
+    asked = []
+
+    def refusal(input, c0, weight_hr):  # the launchers' check, as persistent_launch_refusal asks it
+        asked.append((input.shape[1], c0.shape[1]))
+        return REFUSAL if refused else None
+
+    monkeypatch.setattr(lstm_cuda, "persistent_launch_refusal", refusal)
+    monkeypatch.setattr(lstm_cuda, "_RESIDENCY_QUERY_LOADED", True)
+    layer = _persistent_variant().implementation.layer
+    compiled = torch.compile(lambda *a: layer(*a, None, False, None)[0].square().sum(), fullgraph=True,
+                             backend="aot_eager")
+    args = _layer_args(4, 3, 3, 5, torch.float32, "cpu", requires_grad=True)
+    MODEL_RECURRENCES.clear()
+    if refused:
+        with pytest.raises(_registry.BackendUnavailableError,
+                           match=re.escape(f"pyattn backend 'cuda/persistent' cannot serve this call: {REFUSAL}")):
+            compiled(*args)
+        assert MODEL_RECURRENCES == [] and asked == [(3, 5)]
+        return
+    compiled(*args).backward()
+    assert MODEL_RECURRENCES == ["persistent"] * 2 and asked == [(3, 5)]  # forward and backward kernels, one check
+    # Its schema, fake kernel and autograd registration, as torch checks a custom op's.
+    input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh = args
+    torch.library.opcheck(torch.ops.pyattn.cuda_lstm_layer_fwd_checked.default,
+                          (input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, False, None, True, "persistent"))
+    compiled_grads = [t.grad.clone() for t in args]
+    for t in args:
+        t.grad = None
+    lstm_cuda.lstm_layer(*args, recurrence="stepwise")[0].square().sum().backward()
+    for name, compiled_grad, eager_grad in zip(LAYER_GRAD_NAMES, compiled_grads, _grads(args)):
+        assert_close(compiled_grad, eager_grad, 1e-6, f"compiled grad {name}")
 
 
 # ---- plain process: the kernels themselves, emulated on the CPU ----

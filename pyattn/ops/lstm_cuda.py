@@ -1,7 +1,7 @@
 """LSTM on the cuda backend: the ops of the CUDA extension (pyattn._C) — fake kernels, autograd, variants.
 
-The ops are defined in C++ (csrc/registration.cpp); forward ops return, besides their results,
-what backward needs when ``save_for_backward`` is set (empty tensors otherwise):
+The ops are defined in C++ (csrc/registration.cpp), but the one marked Python; forward ops return, besides
+their results, what backward needs when ``save_for_backward`` is set (empty tensors otherwise):
 
   pyattn::cuda_lstm_cell_fwd(input, hx, cx, weight_ih, weight_hh, bias_ih?, bias_hh?, save_for_backward)
       -> hy (B, H), cy (B, H), workspace (B, 4H) activated gates
@@ -10,6 +10,9 @@ what backward needs when ``save_for_backward`` is set (empty tensors otherwise):
   pyattn::cuda_lstm_layer_fwd(input, h0, c0, weight_ih, weight_hh, bias_ih?, bias_hh?, reverse,
                               lengths?, save_for_backward, recurrence, weight_hr?=None)
       -> output (T, B, P), h_n (B, P), c_n (B, H), gates (T, B, 4H) activated, cell_states (T, B, H) float32
+  pyattn::cuda_lstm_layer_fwd_checked(the same arguments)  (a Python custom op: the launchers' residency check at
+                              run time, BackendUnavailableError on a refusal, then cuda_lstm_layer_fwd; what a
+                              forced cuda/persistent runs under torch.compile)
   pyattn::cuda_lstm_layer_bwd(grad_output, grad_h_n, grad_c_n, input, h0, c0, weight_ih, weight_hh,
                               output, gates, cell_states, reverse, lengths?, recurrence, weight_hr?=None)
       -> grad_input, grad_h0, grad_c0, grad_weight_ih, grad_weight_hh, grad_bias (4H,),
@@ -36,7 +39,10 @@ Importing this module never fails: without the extension the variants say so in 
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+from torch import Tensor
 
 from pyattn._registry import BackendUnavailableError, Request, Support, Target, record_note, register
 from pyattn.ops import graphs
@@ -279,11 +285,14 @@ def lstm_cell(input, hx, cx, weight_ih, weight_hh, bias_ih=None, bias_hh=None):
 
 
 def lstm_layer(input, h0, c0, weight_ih, weight_hh, bias_ih=None, bias_hh=None, weight_hr=None, reverse=False,
-               lengths=None, *, recurrence: str):
+               lengths=None, *, recurrence: str, checked: bool = False):
     """One LSTM layer, one direction, on the CUDA kernels: input (T, B, I) -> output (T, B, P), h_n (B, P),
     c_n (B, H); P = proj_size with ``weight_hr`` (P, H), else H.
 
     ``recurrence``: "persistent", "stepwise" or "persistent_or_stepwise" (the variant's kernel; dispatch passes it).
+    ``checked`` (recurrence "persistent"): through ``pyattn::cuda_lstm_layer_fwd_checked``, which asks the launchers'
+    residency check at run time and raises BackendUnavailableError with its reason (forced cuda/persistent under
+    torch.compile, where the check cannot be asked while tracing).
     """
     save_for_backward = needs_grad(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr)
     arguments = (
@@ -296,6 +305,8 @@ def lstm_layer(input, h0, c0, weight_ih, weight_hh, bias_ih=None, bias_hh=None, 
         arguments += (weight_hr.contiguous(),)
     if recurrence == "stepwise" and graphs.applies(arguments):
         output, h_n, c_n, _gates, _cell_states = _GraphedStepwiseLayer.apply(*arguments)
+    elif checked:
+        output, h_n, c_n, _gates, _cell_states = cuda_lstm_layer_fwd_checked(*arguments)
     else:
         output, h_n, c_n, _gates, _cell_states = torch.ops.pyattn.cuda_lstm_layer_fwd(*arguments)
     return output, h_n, c_n
@@ -339,6 +350,29 @@ def persistent_launch_refusal(input: torch.Tensor, c0: torch.Tensor, weight_hr) 
     return _persistent_refusal(batch, hidden, proj_size, input.dtype, index) or None
 
 
+def _persistent_refusal_message(refusal: str) -> str:
+    return f"pyattn backend 'cuda/persistent' cannot serve this call: {refusal}"
+
+
+@torch.library.custom_op("pyattn::cuda_lstm_layer_fwd_checked", mutates_args=())
+def cuda_lstm_layer_fwd_checked(
+    input: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Optional[Tensor],
+    bias_hh: Optional[Tensor], reverse: bool, lengths: Optional[Tensor], save_for_backward: bool, recurrence: str,
+    weight_hr: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``cuda_lstm_layer_fwd`` (the same schema, recurrence "persistent") after the launchers' residency check for
+    these sizes, asked when the op runs: a refusal raises BackendUnavailableError naming the reason (the check
+    covers the backward's kernel too). What a forced cuda/persistent runs under torch.compile: a Python op, so the
+    check runs with each call's real sizes and the error keeps its type through the compiled graph."""
+    refusal = persistent_launch_refusal(input, c0, weight_hr)
+    if refusal is not None:
+        raise BackendUnavailableError(_persistent_refusal_message(refusal))
+    projection = () if weight_hr is None else (weight_hr,)
+    # The C++ op's outputs are fresh tensors (h_n a clone of output's last row): none aliases an input or another.
+    return tuple(torch.ops.pyattn.cuda_lstm_layer_fwd(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, reverse,
+                                                      lengths, save_for_backward, recurrence, *projection))
+
+
 def _checked_persistent_layer(fallback: bool):
     """cuda/persistent with the launchers' check asked first. ``fallback`` (auto picked the variant): a refusal runs
     the layer on the stepwise kernels with a note; otherwise (cuda/persistent forced) it raises
@@ -350,14 +384,19 @@ def _checked_persistent_layer(fallback: bool):
         if torch.compiler.is_compiling() and _RESIDENCY_QUERY_LOADED:
             # While tracing, sizes may be symbols (dynamic shapes; dynamo shows them as ints), and an answer asked
             # then would be baked into a graph that serves other sizes: the launchers check each call's own sizes
-            # instead, auto's falling back to stepwise, a forced one raising at launch.
-            chosen = decided_at_launch if fallback else persistent
-            return chosen(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse, lengths)
+            # instead, auto's falling back to stepwise.
+            # Forced, the check runs inside the graph (cuda_lstm_layer_fwd_checked), so a refusal raises
+            # BackendUnavailableError as it does eagerly, not the launch's RuntimeError.
+            if fallback:
+                return decided_at_launch(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse,
+                                         lengths)
+            return lstm_layer(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse, lengths,
+                              recurrence="persistent", checked=True)
         refusal = persistent_launch_refusal(input, c0, weight_hr)
         if refusal is None:
             return persistent(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse, lengths)
         if not fallback:
-            raise BackendUnavailableError(f"pyattn backend 'cuda/persistent' cannot serve this call: {refusal}")
+            raise BackendUnavailableError(_persistent_refusal_message(refusal))
         record_note("lstm", f"cuda/persistent: {refusal}; auto ran the call on the stepwise kernels (cuda/stepwise)")
         return stepwise(input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse, lengths)
 
@@ -482,3 +521,6 @@ if EXTENSION_OPS_LOADED:
     torch.library.register_fake("pyattn::cuda_lstm_layer_bwd")(_fake_layer_backward)
     torch.library.register_autograd("pyattn::cuda_lstm_cell_fwd", _cell_backward, setup_context=_cell_setup_context)
     torch.library.register_autograd("pyattn::cuda_lstm_layer_fwd", _layer_backward, setup_context=_layer_setup_context)
+    torch.library.register_fake("pyattn::cuda_lstm_layer_fwd_checked")(_fake_layer_forward)
+    torch.library.register_autograd("pyattn::cuda_lstm_layer_fwd_checked", _layer_backward,
+                                    setup_context=_layer_setup_context)
