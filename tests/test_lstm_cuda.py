@@ -534,17 +534,22 @@ def test_workspace_is_saved_only_when_grad_is_needed_on_cpu_model(cpu_model_kern
     assert save_flags == [False, False, True]
 
 
+def _assert_grads_match_eager_stepwise(args, reverse=False):
+    """The gradients a compiled run left on ``args`` equal an eager stepwise run's of the same loss."""
+    compiled_grads = [t.grad.clone() for t in args]
+    for t in args:
+        t.grad = None
+    lstm_cuda.lstm_layer(*args, reverse=reverse, recurrence="stepwise")[0].square().sum().backward()
+    for name, compiled_grad, eager_grad in zip(LAYER_GRAD_NAMES, compiled_grads, _grads(args)):
+        assert_close(compiled_grad, eager_grad, 1e-6, f"compiled grad {name}")
+
+
 def test_layer_compiles_fullgraph_on_cpu_model(cpu_model_kernels):
     args = _layer_args(4, 2, 3, 5, torch.float32, "cpu", requires_grad=True)
     compiled = torch.compile(lambda *a: lstm_cuda.lstm_layer(*a, reverse=True, recurrence="stepwise")[0].square().sum(),
                              fullgraph=True, backend="aot_eager")
     compiled(*args).backward()
-    compiled_grads = [t.grad.clone() for t in args]
-    for t in args:
-        t.grad = None
-    lstm_cuda.lstm_layer(*args, reverse=True, recurrence="stepwise")[0].square().sum().backward()
-    for name, compiled_grad, eager_grad in zip(LAYER_GRAD_NAMES, compiled_grads, _grads(args)):
-        assert_close(compiled_grad, eager_grad, 1e-6, f"compiled grad {name}")
+    _assert_grads_match_eager_stepwise(args, reverse=True)
 
 
 
@@ -567,12 +572,7 @@ def test_auto_persistent_under_compile_leaves_the_check_to_the_launchers_on_cpu_
         MODEL_RECURRENCES.clear()
         compiled(*args).backward()
         assert MODEL_RECURRENCES == ["persistent_or_stepwise"] * 2, batch  # forward, backward
-        compiled_grads = [t.grad.clone() for t in args]
-        for t in args:
-            t.grad = None
-        lstm_cuda.lstm_layer(*args, recurrence="stepwise")[0].square().sum().backward()
-        for name, compiled_grad, eager_grad in zip(LAYER_GRAD_NAMES, compiled_grads, _grads(args)):
-            assert_close(compiled_grad, eager_grad, 1e-6, f"compiled grad {name}")
+        _assert_grads_match_eager_stepwise(args)
     assert asked == []
 
 
@@ -606,12 +606,7 @@ def test_forced_persistent_under_compile_checks_at_run_time_on_cpu_model(cpu_mod
     input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh = args
     torch.library.opcheck(torch.ops.pyattn.cuda_lstm_layer_fwd_checked.default,
                           (input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, False, None, True, "persistent"))
-    compiled_grads = [t.grad.clone() for t in args]
-    for t in args:
-        t.grad = None
-    lstm_cuda.lstm_layer(*args, recurrence="stepwise")[0].square().sum().backward()
-    for name, compiled_grad, eager_grad in zip(LAYER_GRAD_NAMES, compiled_grads, _grads(args)):
-        assert_close(compiled_grad, eager_grad, 1e-6, f"compiled grad {name}")
+    _assert_grads_match_eager_stepwise(args)
 
 
 # ---- plain process: the kernels themselves, emulated on the CPU ----

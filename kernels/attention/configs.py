@@ -122,9 +122,7 @@ def _ws_pruner(configs, named_args, **kwargs):
     arguments = {**named_args, **kwargs}
     wanted = set(forward_ws_configs(arguments["HEAD_DIM"], arguments["HEAD_DIM_V"]))
     chosen = [c for c in configs if config_entry(c) in wanted]
-    fitting = [c for c in chosen if c.kwargs["BLOCK_M"] <= arguments["seqlen_q_bucket"]
-               and c.kwargs["BLOCK_N"] <= arguments["seqlen_k_bucket"]]
-    return fitting or [min(chosen, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    return _fitting(chosen, arguments["seqlen_q_bucket"], arguments["seqlen_k_bucket"])
 
 
 def autotuned_ws(kernel, *, interpreter: bool):
@@ -250,6 +248,13 @@ def _argument_dtype(arg) -> torch.dtype:
     return base.dtype if isinstance(base, torch.Tensor) else arg.dtype
 
 
+def _fitting(chosen: list, longest_q: int, longest_k: int) -> list:
+    """The configs whose tiles do not dwarf the sequences. A short sequence may fit none: then the smallest tiles
+    of the entry still run correctly."""
+    fitting = [c for c in chosen if c.kwargs["BLOCK_M"] <= longest_q and c.kwargs["BLOCK_N"] <= longest_k]
+    return fitting or [min(chosen, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+
 def config_pruner(table_name: str):
     """Keep the configs of the call's table entry whose tiles do not dwarf the sequences."""
 
@@ -262,9 +267,7 @@ def config_pruner(table_name: str):
                                    has_window=arguments["HAS_WINDOW_LEFT"] or arguments["HAS_WINDOW_RIGHT"]))
         chosen = [c for c in configs if config_entry(c) in wanted]
         longest_q, longest_k = arguments["seqlen_q_bucket"], arguments["seqlen_k_bucket"]
-        fitting = [c for c in chosen if c.kwargs["BLOCK_M"] <= longest_q and c.kwargs["BLOCK_N"] <= longest_k]
-        # A short sequence may fit no config: then the smallest tiles of the entry still run correctly.
-        return fitting or [min(chosen, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+        return _fitting(chosen, longest_q, longest_k)
 
     return prune
 
